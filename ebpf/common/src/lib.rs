@@ -1,0 +1,154 @@
+//! The `#[repr(C)]` types and constants that moat's eBPF programs and the daemon share.
+//!
+//! Everything a map holds is defined here once, so the kernel side and the userspace side can
+//! never disagree on a layout. With the `user` feature the types implement `aya::Pod`.
+#![no_std]
+
+/// Bumped whenever a map layout or a program's contract changes. Pins live under
+/// `<pin root>/v<SCHEMA_VERSION>/`, so a daemon never adopts maps it cannot read.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Capacity of each protected-destination trie (per address family, per policy slot).
+pub const MAX_DESTINATIONS: u32 = 65_536;
+
+/// Ring buffer size for deny events (bytes, a power of two multiple of the page size).
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+
+/// Flags stored as the value of a destination trie entry.
+pub mod dest {
+    /// Only the gateway cgroup (and its descendants) may reach this destination.
+    pub const PROTECTED: u32 = 1 << 0;
+    /// The gateway cgroup may reach this destination (pools and `egress_allow`).
+    pub const GATEWAY_EGRESS: u32 = 1 << 1;
+}
+
+/// Key of the IPv4 destination tries: the port is matched exactly (first 16 bits of the prefix),
+/// the address by longest prefix. Both are in network byte order, as the kernel hands them over.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dest4 {
+    pub port: [u8; 2],
+    pub addr: [u8; 4],
+}
+
+/// Key of the IPv6 destination tries; see [`Dest4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dest6 {
+    pub port: [u8; 2],
+    pub addr: [u8; 16],
+}
+
+/// Bits of a trie key taken by the port, which is always matched exactly.
+pub const PORT_PREFIX_BITS: u32 = 16;
+
+/// The identity and switches of one policy slot. The maps hold two slots; the daemon writes the
+/// idle one completely and then flips [`ACTIVE_SLOT`](self) so every program run sees one whole
+/// policy, never half of each.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotConfig {
+    /// cgroup id (cgroupfs inode) of the gateway cgroup; 0 means "no gateway": all protected
+    /// destinations are refused to everyone.
+    pub gateway_cgroup_id: u64,
+    /// Depth of the gateway cgroup below the cgroup2 root (root = 0).
+    pub gateway_level: u32,
+    /// [`slot_flags`] bits.
+    pub flags: u32,
+}
+
+pub mod slot_flags {
+    /// Refuse the gateway cgroup every destination without [`super::dest::GATEWAY_EGRESS`].
+    pub const EGRESS_LOCKDOWN: u32 = 1 << 0;
+}
+
+/// Which hook produced a counter or an event.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Connect4 = 0,
+    Connect6 = 1,
+    Sendmsg4 = 2,
+    Sendmsg6 = 3,
+}
+
+impl Hook {
+    pub const ALL: [Hook; 4] = [
+        Hook::Connect4,
+        Hook::Connect6,
+        Hook::Sendmsg4,
+        Hook::Sendmsg6,
+    ];
+
+    pub fn from_u8(v: u8) -> Option<Hook> {
+        Self::ALL.get(v as usize).copied()
+    }
+
+    /// The name of the program (and of its pinned link) in the eBPF object.
+    pub fn program_name(self) -> &'static str {
+        match self {
+            Hook::Connect4 => "connect4",
+            Hook::Connect6 => "connect6",
+            Hook::Sendmsg4 => "sendmsg4",
+            Hook::Sendmsg6 => "sendmsg6",
+        }
+    }
+}
+
+/// Why a hook refused a connection.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DenyReason {
+    /// A caller outside the gateway cgroup targeted a protected destination.
+    NotGateway = 0,
+    /// The gateway cgroup targeted a destination outside its pools and `egress_allow`.
+    GatewayEgress = 1,
+}
+
+impl DenyReason {
+    pub fn from_u8(v: u8) -> Option<DenyReason> {
+        match v {
+            0 => Some(DenyReason::NotGateway),
+            1 => Some(DenyReason::GatewayEgress),
+            _ => None,
+        }
+    }
+}
+
+/// Per-CPU counter slots: `hook * 2 + verdict` (verdict 0 = allowed, 1 = denied), then one
+/// slot counting deny events lost because the ring buffer was full.
+pub const COUNTERS: u32 = 9;
+pub const EVENTS_LOST_COUNTER: u32 = 8;
+
+pub fn counter_index(hook: Hook, denied: bool) -> u32 {
+    hook as u32 * 2 + denied as u32
+}
+
+/// One refused connection, sent through the events ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DenyEvent {
+    pub cgroup_id: u64,
+    pub pid: u32,
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// [`Hook`] as u8.
+    pub hook: u8,
+    /// [`DenyReason`] as u8.
+    pub reason: u8,
+    /// IP protocol (6 TCP, 17 UDP) as the socket reports it.
+    pub protocol: u32,
+    /// 4 (IPv4, address in the first 4 bytes) or 6.
+    pub family: u32,
+    /// Destination address, network byte order.
+    pub addr: [u8; 16],
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain-old-data, repr(C), no padding-dependent invariants.
+    unsafe impl aya::Pod for super::Dest4 {}
+    unsafe impl aya::Pod for super::Dest6 {}
+    unsafe impl aya::Pod for super::SlotConfig {}
+    unsafe impl aya::Pod for super::DenyEvent {}
+}

@@ -1,0 +1,1 @@
+//! cgroup v2: finding the mount, creating the gateway cgroup, reading ids, moving processes.

@@ -1,0 +1,88 @@
+//! The `moat` command line: one subcommand per operator task.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+use crate::{config::Config, logging};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "moat",
+    version,
+    about = "Security-first gateway for self-hosted AI inference"
+)]
+pub struct Cli {
+    /// Config file.
+    #[arg(long, short, global = true, env = "MOAT_CONFIG", default_value = crate::config::DEFAULT_PATH)]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon: load or adopt the kernel enforcement, then serve.
+    Serve,
+    /// Kernel segmentation: inspect or remove what moat pinned.
+    Segment {
+        #[command(subcommand)]
+        command: SegmentCommand,
+    },
+    /// Configuration helpers.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SegmentCommand {
+    /// What is attached, the protected set and the counters.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach and remove everything moat pinned (enforcement stops).
+    Uninstall,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Load and validate the config; print the protected set it derives.
+    Check,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("moat: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve => {
+            let config = Config::load(&cli.config)?;
+            crate::serve::run(config)?;
+        }
+        Command::Segment { command } => {
+            let config = Config::load(&cli.config)?;
+            let _ = &config;
+            anyhow::bail!("segment {command:?}: not built yet");
+        }
+        Command::Config {
+            command: ConfigCommand::Check,
+        } => {
+            let config = Config::load(&cli.config)?;
+            println!("{}: ok", config.path.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

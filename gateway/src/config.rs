@@ -1,0 +1,477 @@
+//! The one TOML file that drives moat: listeners, pools and models, segmentation.
+//!
+//! Loading is all-or-nothing: the file is parsed with unknown keys refused, then validated and
+//! resolved (host names to addresses, relative paths against the file's folder). Any problem is
+//! a [`ConfigError`] naming the file, the key and what is wrong; nothing is applied from a bad
+//! file.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, SocketAddr, ToSocketAddrs},
+    path::{Path, PathBuf},
+};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// Where `moat` looks for its config when `--config` and `MOAT_CONFIG` are not given.
+pub const DEFAULT_PATH: &str = "/etc/moat/moat.toml";
+
+/// A config problem: which file, which key (dotted path), and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file.display(), self.reason)
+        } else {
+            write!(
+                f,
+                "{}: key `{}`: {}",
+                self.file.display(),
+                self.key,
+                self.reason
+            )
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The file as written. Every table refuses keys it does not know.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub pools: BTreeMap<String, PoolConfig>,
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelConfig>,
+    #[serde(default)]
+    pub segmentation: SegmentationConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Data-plane listener.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Directory for the store and secrets; relative paths are taken from the config's folder.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            data_dir: default_data_dir(),
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/moat")
+}
+
+/// A set of inference hosts that serve the same models.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Provider label, used by `inference:<provider>` permissions (e.g. `local`, `external`).
+    #[serde(default = "default_provider")]
+    pub provider: String,
+    /// `host:port` entries; host names are resolved when the config loads.
+    pub hosts: Vec<String>,
+    /// Whether the kernel reserves these hosts for the gateway. Opt out for an external
+    /// provider that other services on this host also use; the gateway may still reach it.
+    #[serde(default = "yes")]
+    pub protect: bool,
+}
+
+fn default_provider() -> String {
+    "local".to_owned()
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A public model name and where it is served.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub pool: String,
+    /// The model id the upstream expects; defaults to the public name.
+    #[serde(default)]
+    pub upstream_model: Option<String>,
+}
+
+/// Whether the kernel side is required.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SegmentationMode {
+    /// Hooks must attach or the daemon refuses to start.
+    #[default]
+    Enforce,
+    /// No kernel enforcement; `/readyz` and `moat doctor` say so.
+    Off,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SegmentationConfig {
+    #[serde(default)]
+    pub mode: SegmentationMode,
+    /// The gateway's cgroup, relative to the cgroup2 mount. Created by the daemon.
+    #[serde(default = "default_gateway_cgroup")]
+    pub gateway_cgroup: PathBuf,
+    /// bpffs folder for moat's pins; the schema version is appended (`…/v1`).
+    #[serde(default = "default_pin_root")]
+    pub pin_root: PathBuf,
+    /// Destinations beyond the pools the gateway itself may reach (`addr[/prefix]:port` or
+    /// `host:port`). Empty means pools only.
+    #[serde(default)]
+    pub egress_allow: Vec<String>,
+    /// Refuse the gateway cgroup everything but its pools and `egress_allow`.
+    #[serde(default = "yes")]
+    pub egress_lockdown: bool,
+    /// Destinations to protect beyond the pools (`addr[/prefix]:port` or `host:port`).
+    #[serde(default)]
+    pub extra_protected: Vec<String>,
+}
+
+impl Default for SegmentationConfig {
+    fn default() -> Self {
+        Self {
+            mode: SegmentationMode::default(),
+            gateway_cgroup: default_gateway_cgroup(),
+            pin_root: default_pin_root(),
+            egress_allow: Vec::new(),
+            egress_lockdown: true,
+            extra_protected: Vec::new(),
+        }
+    }
+}
+
+fn default_gateway_cgroup() -> PathBuf {
+    PathBuf::from("moat.gateway")
+}
+
+fn default_pin_root() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/moat")
+}
+
+/// A destination rule: every address in `net`, on exactly `port`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DestinationRule {
+    pub net: IpNet,
+    pub port: u16,
+}
+
+impl fmt::Display for DestinationRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.net {
+            IpNet::V4(n) => write!(f, "{n}:{}", self.port),
+            IpNet::V6(n) => write!(f, "[{n}]:{}", self.port),
+        }
+    }
+}
+
+/// A pool after validation: its hosts resolved.
+#[derive(Debug, Clone)]
+pub struct Pool {
+    pub name: String,
+    pub provider: String,
+    /// As written (`host:port`), in order, for the router and for logs.
+    pub hosts: Vec<String>,
+    /// Every address each host resolved to.
+    pub addrs: Vec<SocketAddr>,
+    pub protect: bool,
+}
+
+/// A loaded, validated config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from (absolute).
+    pub path: PathBuf,
+    pub raw: RawConfig,
+    pub pools: BTreeMap<String, Pool>,
+    pub data_dir: PathBuf,
+    pub egress_allow: Vec<DestinationRule>,
+    pub extra_protected: Vec<DestinationRule>,
+}
+
+impl Config {
+    /// Reads, parses, validates and resolves `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError {
+            file: path.clone(),
+            key: String::new(),
+            reason: format!("cannot read: {e}"),
+        })?;
+        Self::from_str(&path, &text)
+    }
+
+    /// Parses and validates `text` as if it were the file `path`.
+    pub fn from_str(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let err = |key: &str, reason: String| ConfigError {
+            file: path.to_path_buf(),
+            key: key.to_owned(),
+            reason,
+        };
+        let de = toml::Deserializer::new(text);
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." { String::new() } else { key };
+            err(&key, e.into_inner().message().trim().to_owned())
+        })?;
+
+        let base = path.parent().unwrap_or(Path::new("/"));
+        let data_dir = base.join(&raw.server.data_dir);
+
+        let mut pools = BTreeMap::new();
+        for (name, pool) in &raw.pools {
+            let key = format!("pools.{name}.hosts");
+            if pool.hosts.is_empty() {
+                return Err(err(&key, "a pool needs at least one host".into()));
+            }
+            if pool.provider.is_empty() {
+                return Err(err(
+                    &format!("pools.{name}.provider"),
+                    "must not be empty".into(),
+                ));
+            }
+            let mut addrs = Vec::new();
+            for (i, host) in pool.hosts.iter().enumerate() {
+                let resolved =
+                    resolve_host_port(host).map_err(|r| err(&format!("{key}[{i}]"), r))?;
+                addrs.extend(resolved);
+            }
+            pools.insert(
+                name.clone(),
+                Pool {
+                    name: name.clone(),
+                    provider: pool.provider.clone(),
+                    hosts: pool.hosts.clone(),
+                    addrs,
+                    protect: pool.protect,
+                },
+            );
+        }
+        for (name, model) in &raw.models {
+            if !pools.contains_key(&model.pool) {
+                return Err(err(
+                    &format!("models.{name}.pool"),
+                    format!("no pool named `{}` (known: {})", model.pool, known(&pools)),
+                ));
+            }
+        }
+
+        let seg = &raw.segmentation;
+        let rules = |list: &[String], key: &str| -> Result<Vec<DestinationRule>, ConfigError> {
+            let mut out = Vec::new();
+            for (i, entry) in list.iter().enumerate() {
+                out.extend(parse_destination(entry).map_err(|r| err(&format!("{key}[{i}]"), r))?);
+            }
+            Ok(out)
+        };
+        let egress_allow = rules(&seg.egress_allow, "segmentation.egress_allow")?;
+        let extra_protected = rules(&seg.extra_protected, "segmentation.extra_protected")?;
+        validate_cgroup_path(&seg.gateway_cgroup)
+            .map_err(|r| err("segmentation.gateway_cgroup", r))?;
+        if !seg.pin_root.is_absolute() {
+            return Err(err(
+                "segmentation.pin_root",
+                "must be an absolute path on a bpffs".into(),
+            ));
+        }
+
+        Ok(Config {
+            path: path.to_path_buf(),
+            raw,
+            pools,
+            data_dir,
+            egress_allow,
+            extra_protected,
+        })
+    }
+
+    pub fn segmentation(&self) -> &SegmentationConfig {
+        &self.raw.segmentation
+    }
+}
+
+fn known<V>(map: &BTreeMap<String, V>) -> String {
+    if map.is_empty() {
+        "none".to_owned()
+    } else {
+        map.keys()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// The cgroup path must stay below the cgroup2 mount: relative, no `..`, not empty.
+fn validate_cgroup_path(p: &Path) -> Result<(), String> {
+    use std::path::Component;
+    if p.as_os_str().is_empty() {
+        return Err("must not be empty".into());
+    }
+    for c in p.components() {
+        match c {
+            Component::Normal(_) => {}
+            _ => {
+                return Err("must be a relative path below the cgroup2 mount, without `..`".into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Splits `host:port` / `[v6]:port` / `net/len:port` / `[net/len]:port` into host and port.
+fn split_port(entry: &str) -> Result<(&str, u16), String> {
+    let (host, port) = entry
+        .rsplit_once(':')
+        .ok_or_else(|| format!("`{entry}` has no port (expected host:port)"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("`{port}` is not a port number"))?;
+    if port == 0 {
+        return Err("port 0 is not a destination".into());
+    }
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() {
+        return Err(format!("`{entry}` has no host"));
+    }
+    Ok((host, port))
+}
+
+/// Resolves a pool host (`name:port`, `ip:port`, `[v6]:port`) to its socket addresses.
+pub fn resolve_host_port(entry: &str) -> Result<Vec<SocketAddr>, String> {
+    let (host, port) = split_port(entry)?;
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    let addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve `{host}`: {e}"))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!("`{host}` resolved to no address"));
+    }
+    Ok(addrs)
+}
+
+/// Parses a destination rule: `addr/len:port`, `[v6/len]:port`, `addr:port` or `host:port`.
+pub fn parse_destination(entry: &str) -> Result<Vec<DestinationRule>, String> {
+    let (host, port) = split_port(entry)?;
+    if host.contains('/') {
+        let net: IpNet = host
+            .parse()
+            .map_err(|_| format!("`{host}` is not an address prefix"))?;
+        return Ok(vec![DestinationRule {
+            net: net.trunc(),
+            port,
+        }]);
+    }
+    Ok(resolve_host_port(entry)?
+        .into_iter()
+        .map(|a| DestinationRule {
+            net: IpNet::from(a.ip()),
+            port,
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_str(Path::new("/etc/moat/test.toml"), text)
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let e = load("[segmentation]\nmode = \"enforce\"\nbogus = 1\n").unwrap_err();
+        assert_eq!(e.file, Path::new("/etc/moat/test.toml"));
+        assert_eq!(e.key, "segmentation");
+        assert!(e.reason.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let e = load("[pools.a]\nhosts = \"127.0.0.1:1\"\n").unwrap_err();
+        assert_eq!(e.key, "pools.a.hosts", "{e}");
+    }
+
+    #[test]
+    fn pools_and_models_resolve() {
+        let c = load(
+            "[pools.gpu]\nhosts = [\"127.0.0.1:8000\", \"[::1]:8001\"]\n\
+             [models.m]\npool = \"gpu\"\n",
+        )
+        .unwrap();
+        let p = &c.pools["gpu"];
+        assert_eq!(p.addrs.len(), 2);
+        assert!(p.protect);
+        assert_eq!(c.data_dir, Path::new("/var/lib/moat"));
+    }
+
+    #[test]
+    fn model_with_unknown_pool_is_refused() {
+        let e = load("[models.m]\npool = \"nope\"\n").unwrap_err();
+        assert_eq!(e.key, "models.m.pool");
+        assert!(e.reason.contains("nope"));
+    }
+
+    #[test]
+    fn host_without_port_is_refused() {
+        let e = load("[pools.gpu]\nhosts = [\"127.0.0.1\"]\n").unwrap_err();
+        assert_eq!(e.key, "pools.gpu.hosts[0]");
+    }
+
+    #[test]
+    fn destination_rules_parse() {
+        let r = parse_destination("10.0.0.0/8:443").unwrap();
+        assert_eq!(r[0].to_string(), "10.0.0.0/8:443");
+        let r = parse_destination("[2001:db8::/32]:443").unwrap();
+        assert_eq!(r[0].to_string(), "[2001:db8::/32]:443");
+        let r = parse_destination("10.1.2.3:53").unwrap();
+        assert_eq!(r[0].to_string(), "10.1.2.3/32:53");
+        assert!(parse_destination("10.0.0.0/33:1").is_err());
+        assert!(parse_destination("10.0.0.1:0").is_err());
+    }
+
+    #[test]
+    fn cgroup_path_must_stay_below_the_mount() {
+        let e = load("[segmentation]\ngateway_cgroup = \"../escape\"\n").unwrap_err();
+        assert_eq!(e.key, "segmentation.gateway_cgroup");
+        let e = load("[segmentation]\ngateway_cgroup = \"/abs\"\n").unwrap_err();
+        assert_eq!(e.key, "segmentation.gateway_cgroup");
+    }
+
+    #[test]
+    fn relative_data_dir_is_taken_from_the_config_folder() {
+        let c = load("[server]\ndata_dir = \"data\"\n").unwrap();
+        assert_eq!(c.data_dir, Path::new("/etc/moat/data"));
+    }
+}

@@ -1,0 +1,1 @@
+//! Kernel segmentation (gateway host): loads, pins, adopts and feeds moat's eBPF programs.

@@ -1,0 +1,153 @@
+//! `cargo xtask`: everything between a fresh clone and a running, tested moat.
+//!
+//! - `setup`  installs what this kind of machine lacks (idempotent, quiet when all is there)
+//! - `build`  the eBPF programs (nightly, bpfel-unknown-none) and then the `moat` binary
+//! - `test`   setup + build + fmt/clippy + the whole test suite (root tests included)
+//! - `run`    setup + build + `moat serve` with `examples/moat.toml`
+//! - `bench`  benchmarks (`segment`, …), printed as ratios measured in one run
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the toolchain pieces and system packages moat needs.
+    Setup,
+    /// Build the eBPF object and the moat binary that embeds it.
+    Build {
+        /// Debug build of the userspace side.
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Run formatting and lint checks and the whole test suite.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Run the daemon with the example config.
+    Run {
+        #[arg(long, default_value = "examples/moat.toml")]
+        config: PathBuf,
+    },
+    /// Run a benchmark and print its ratios.
+    Bench {
+        /// Which benchmark: segment.
+        name: String,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match cli.command {
+        Cmd::Setup => setup::run(),
+        Cmd::Build { debug } => {
+            setup::run()?;
+            build(!debug)
+        }
+        Cmd::Test { args } => {
+            setup::run()?;
+            test(&args)
+        }
+        Cmd::Run { config } => {
+            setup::run()?;
+            build(true)?;
+            let status = Command::new(root.join("target/release/moat"))
+                .args(["serve", "--config"])
+                .arg(&config)
+                .status()?;
+            if !status.success() {
+                bail!("moat serve exited with {status}");
+            }
+            Ok(())
+        }
+        Cmd::Bench { name } => {
+            setup::run()?;
+            build(true)?;
+            cargo(&["build", "--release", "-p", "moat-tests", "--bins"])?;
+            run(Command::new(root.join("target/release/moat-bench")).arg(&name))
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The eBPF object first (it is embedded), then the userspace binaries.
+fn build(release: bool) -> Result<()> {
+    build_ebpf()?;
+    let mut args = vec!["build", "--workspace", "--bins"];
+    if release {
+        args.push("--release");
+    }
+    cargo(&args)
+}
+
+fn build_ebpf() -> Result<()> {
+    run(Command::new("cargo").args([
+        "+nightly",
+        "build",
+        "--package",
+        "moat-ebpf",
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+    ]))
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    build_ebpf()?;
+    cargo(&["fmt", "--all", "--", "--check"])
+        .context("cargo fmt --check: run `cargo fmt --all`")?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    cargo(&["build", "--workspace", "--bins"])?;
+    let mut args = vec!["test", "--workspace"];
+    if !extra.is_empty() {
+        args.push("--");
+        args.extend(extra.iter().map(String::as_str));
+    }
+    cargo(&args)
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    run(Command::new("cargo").args(args))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
