@@ -97,11 +97,12 @@ fn remove_tree(path: &Path) -> io::Result<()> {
             remove_tree(&entry.path())?;
         }
     }
-    if let Ok(procs) = fs::read_to_string(path.join("cgroup.procs")) {
-        if let Ok(root) = cgroup2_mount() {
-            for pid in procs.lines() {
-                let _ = fs::write(root.join("cgroup.procs"), pid);
-            }
+    if let (Ok(procs), Ok(root)) = (
+        fs::read_to_string(path.join("cgroup.procs")),
+        cgroup2_mount(),
+    ) {
+        for pid in procs.lines() {
+            let _ = fs::write(root.join("cgroup.procs"), pid);
         }
     }
     fs::remove_dir(path)

@@ -96,9 +96,14 @@ impl Enforcer {
         &self.maps
     }
 
+    /// The deny-event ring buffer (one reader at a time drains it).
+    pub fn open_events(&self) -> Result<aya::maps::RingBuf<aya::maps::MapData>> {
+        maps::open_events(&self.pins)
+    }
+
     /// Logs every deny event until the task is dropped.
     pub fn spawn_event_logger(&self) -> Result<tokio::task::JoinHandle<()>> {
-        let ring = maps::open_events(&self.pins)?;
+        let ring = self.open_events()?;
         // SAFETY: the ring buffer owns its map fd, which stays open and unchanged for as long
         // as the AsyncFd owns the ring buffer.
         let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
