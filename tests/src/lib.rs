@@ -1,6 +1,7 @@
 //! Shared helpers for moat's end-to-end tests: finding the built binaries and, in
 //! [`kernel`], throw-away cgroups, pin roots and probes for the real-kernel tests.
 
+pub mod bench;
 pub mod kernel;
 
 use std::path::PathBuf;

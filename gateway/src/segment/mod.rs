@@ -11,6 +11,7 @@
 //!   [`uninstall`] removes enforcement.
 
 mod events;
+mod link;
 mod maps;
 mod pins;
 mod policy;
@@ -174,7 +175,9 @@ fn install(pins: &Pins, policy: &Policy) -> Result<()> {
 pub fn uninstall(pins: &Pins) -> Result<usize> {
     let mut removed = 0;
     for hook in Hook::ALL {
-        removed += remove_pin(&pins.link(hook))?;
+        let path = pins.link(hook);
+        link::detach_pinned(&path).with_context(|| format!("cannot detach {}", path.display()))?;
+        removed += remove_pin(&path)?;
     }
     for name in pins::ALL_MAPS {
         removed += remove_pin(&pins.map(name))?;
