@@ -2,6 +2,7 @@
 //! [`kernel`], throw-away cgroups, pin roots and probes for the real-kernel tests.
 
 pub mod bench;
+pub mod daemon;
 pub mod kernel;
 
 use std::path::PathBuf;
