@@ -324,7 +324,29 @@ fn daemon_enforcement_is_fail_static_and_uninstallable() {
     daemon.wait_log("adopted pinned kernel enforcement");
     daemon.wait_log("worker started");
     let after = status(&cfg);
-    assert_eq!(after["links"], before["links"], "same links after restart");
+    let ids = |s: &Value, field: &str| -> Vec<Value> {
+        s["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l[field].clone())
+            .collect()
+    };
+    assert_eq!(
+        ids(&after, "link_id"),
+        ids(&before, "link_id"),
+        "same links after restart"
+    );
+    assert_ne!(
+        ids(&after, "program_id"),
+        ids(&before, "program_id"),
+        "programs updated in place"
+    );
+    assert_eq!(
+        try_from(out, "tcp", &[target]),
+        [EPERM],
+        "enforced after the in-place update"
+    );
     drop(daemon);
 
     let removed = Command::new(bin("moat"))
