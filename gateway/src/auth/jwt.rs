@@ -702,13 +702,19 @@ mod tests {
         assert!(set1.verify(&old, &params(), now()).is_ok());
         let new = set1.sign(&claims());
         assert!(set1.verify(&new, &params(), now()).is_ok());
-        assert_eq!(set0.verify(&new, &params(), now()), Err(JwtError::UnknownKey));
+        assert_eq!(
+            set0.verify(&new, &params(), now()),
+            Err(JwtError::UnknownKey)
+        );
         assert_eq!(set1.jwks()["keys"].as_array().unwrap().len(), 2);
         // After the overlap the old key is gone: its kid is refused.
         assert!(f.maintain(t1 + 3_600, 86_400, 3_600));
         let set2 = f.key_set().unwrap();
         assert_eq!(f.keys.len(), 1);
-        assert_eq!(set2.verify(&old, &params(), now()), Err(JwtError::UnknownKey));
+        assert_eq!(
+            set2.verify(&old, &params(), now()),
+            Err(JwtError::UnknownKey)
+        );
     }
 
     #[test]

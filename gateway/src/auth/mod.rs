@@ -16,11 +16,13 @@ pub mod password;
 pub mod refresh;
 pub mod secrets;
 mod service;
+#[cfg(test)]
+mod service_tests;
 
 use axum::{extract::FromRequestParts, http::request::Parts};
 use serde::Serialize;
 
-pub use service::{Identity, TokenResponse};
+pub use service::{AuthError, Identity, TokenResponse};
 
 use crate::error::ApiError;
 

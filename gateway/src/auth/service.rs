@@ -5,7 +5,6 @@
 
 use std::{
     net::IpAddr,
-    path::Path,
     sync::{
         Arc,
         atomic::{AtomicI64, AtomicU64, Ordering},
@@ -596,23 +595,5 @@ impl Identity {
                 }
             }
         })
-    }
-
-    /// A service over `store` with its secrets in `dir` and EdDSA signing (tests, tools).
-    pub fn with_store_in(
-        auth: &AuthConfig,
-        store: Arc<dyn Store>,
-        dir: &Path,
-    ) -> anyhow::Result<Self> {
-        let pepper = Pepper::load_or_create(dir)?;
-        let keys = KeyRing::ed25519(
-            &secrets::secrets_dir(dir),
-            Rotation {
-                rotate_after: auth.signing_key_rotation_secs as i64,
-                overlap: auth.signing_key_overlap_secs as i64,
-            },
-            now(),
-        )?;
-        Self::with_parts(auth, store, pepper, keys)
     }
 }
