@@ -1,1 +1,3 @@
+//! Helpers for moat's integration and end-to-end tests, benchmarks and tools.
 
+pub mod moatd;

@@ -450,6 +450,10 @@ impl Identity {
     }
 
     /// `grant_type=refresh_token`: single use, rotated; a spent token revokes its family.
+    ///
+    /// Of concurrent refreshes with one token exactly one wins; the others present a spent
+    /// token, which is indistinguishable from a replay, so they also end the session (the
+    /// winner's new tokens included). Clients must serialise their refreshes.
     pub async fn grant_refresh(&self, token: &str) -> Result<TokenResponse, AuthError> {
         if !refresh::is_well_formed(token) {
             return Err(AuthError::InvalidGrant);
@@ -470,8 +474,8 @@ impl Identity {
                 )
             })
             .await?;
-        let family_id = match outcome {
-            RotateOutcome::Rotated { family_id } => family_id,
+        let session = match outcome {
+            RotateOutcome::Rotated { session } => session,
             RotateOutcome::Unknown => {
                 info!(
                     event = "auth_failed",
@@ -490,12 +494,7 @@ impl Identity {
                 return Err(AuthError::InvalidGrant);
             }
         };
-        let fid = family_id.clone();
-        let session = self.db(move |s| s.session(&fid)).await?;
-        let Some(session) = session.filter(|s| s.is_active(now())) else {
-            return Err(AuthError::InvalidGrant);
-        };
-        let access = self.issue_access(&session.user_id, &session.tenant, &family_id);
+        let access = self.issue_access(&session.user_id, &session.tenant, &session.family_id);
         Ok(self.response(access, next))
     }
 

@@ -131,13 +131,15 @@ pub struct NewRefreshToken<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RotateOutcome {
     /// The token was live: it is now spent and the new one is stored in the same family.
-    Rotated { family_id: String },
+    /// `session` is the family's state read in the same transaction (active).
+    Rotated { session: Session },
     /// No such token.
     Unknown,
     /// The token was already spent: the whole family is now revoked and a
     /// `refresh_reuse_detected` event recorded.
     Reused { family_id: String },
-    /// The token's family is revoked, or the token or family expired.
+    /// The token's family is revoked, the token or family expired, or its user or key no
+    /// longer active.
     Dead { family_id: String },
 }
 

@@ -139,6 +139,36 @@ fn key_from_row(r: &Row<'_>) -> rusqlite::Result<ApiKeyRecord> {
     })
 }
 
+fn session_in(conn: &Connection, family_id: &str, now: i64) -> StoreResult<Option<Session>> {
+    Ok(conn
+        .query_row(
+            "SELECT f.id, f.user_id, u.username, u.tenant, u.roles, u.disabled_at IS NOT NULL, \
+             f.key_id, k.roles, \
+             (k.key_id IS NOT NULL AND (k.revoked_at IS NOT NULL OR (k.expires_at IS NOT NULL AND k.expires_at <= ?2))), \
+             f.absolute_expires_at, f.revoked_at IS NOT NULL \
+             FROM refresh_families f JOIN users u ON u.id = f.user_id \
+             LEFT JOIN api_keys k ON k.key_id = f.key_id WHERE f.id = ?1",
+            params![family_id, now],
+            |r| {
+                let key_roles: Option<String> = r.get(7)?;
+                Ok(Session {
+                    family_id: r.get(0)?,
+                    user_id: r.get(1)?,
+                    username: r.get(2)?,
+                    tenant: r.get(3)?,
+                    user_roles: roles_from_json(&r.get::<_, String>(4)?)?,
+                    user_disabled: r.get(5)?,
+                    key_id: r.get(6)?,
+                    key_roles: key_roles.as_deref().map(roles_from_json).transpose()?,
+                    key_inactive: r.get(8)?,
+                    absolute_expires_at: r.get(9)?,
+                    revoked: r.get(10)?,
+                })
+            },
+        )
+        .optional()?)
+}
+
 fn record_event(
     conn: &Connection,
     now: i64,
@@ -403,6 +433,11 @@ impl Store for SqliteStore {
         if revoked || now >= idle_exp || now >= abs_exp {
             return Ok(RotateOutcome::Dead { family_id });
         }
+        // The owner's state, read under the same lock: the winner of a race gets its answer
+        // from this snapshot, whatever a concurrent loser does to the family afterwards.
+        let Some(session) = session_in(&tx, &family_id, now)?.filter(|s| s.is_active(now)) else {
+            return Ok(RotateOutcome::Dead { family_id });
+        };
         let n = tx.execute(
             "UPDATE refresh_tokens SET spent_at = ?2 WHERE token_hmac = ?1 AND spent_at IS NULL",
             params![token_hmac, now],
@@ -422,38 +457,12 @@ impl Store for SqliteStore {
             ],
         )?;
         tx.commit()?;
-        Ok(RotateOutcome::Rotated { family_id })
+        Ok(RotateOutcome::Rotated { session })
     }
 
     fn session(&self, family_id: &str) -> StoreResult<Option<Session>> {
         let conn = self.lock();
-        Ok(conn
-            .query_row(
-                "SELECT f.id, f.user_id, u.username, u.tenant, u.roles, u.disabled_at IS NOT NULL, \
-                 f.key_id, k.roles, \
-                 (k.key_id IS NOT NULL AND (k.revoked_at IS NOT NULL OR (k.expires_at IS NOT NULL AND k.expires_at <= ?2))), \
-                 f.absolute_expires_at, f.revoked_at IS NOT NULL \
-                 FROM refresh_families f JOIN users u ON u.id = f.user_id \
-                 LEFT JOIN api_keys k ON k.key_id = f.key_id WHERE f.id = ?1",
-                params![family_id, crate::auth::now()],
-                |r| {
-                    let key_roles: Option<String> = r.get(7)?;
-                    Ok(Session {
-                        family_id: r.get(0)?,
-                        user_id: r.get(1)?,
-                        username: r.get(2)?,
-                        tenant: r.get(3)?,
-                        user_roles: roles_from_json(&r.get::<_, String>(4)?)?,
-                        user_disabled: r.get(5)?,
-                        key_id: r.get(6)?,
-                        key_roles: key_roles.as_deref().map(roles_from_json).transpose()?,
-                        key_inactive: r.get(8)?,
-                        absolute_expires_at: r.get(9)?,
-                        revoked: r.get(10)?,
-                    })
-                },
-            )
-            .optional()?)
+        session_in(&conn, family_id, crate::auth::now())
     }
 
     fn family_of_refresh(&self, token_hmac: &[u8]) -> StoreResult<Option<String>> {
@@ -600,12 +609,13 @@ mod tests {
             token_hmac: h,
             idle_expires_at: 200,
         };
-        assert_eq!(
-            s.rotate_refresh(b"t1", &next(b"t2"), 20).unwrap(),
-            RotateOutcome::Rotated {
-                family_id: "f1".into()
+        match s.rotate_refresh(b"t1", &next(b"t2"), 20).unwrap() {
+            RotateOutcome::Rotated { session } => {
+                assert_eq!(session.family_id, "f1");
+                assert_eq!(session.tenant, "acme");
             }
-        );
+            other => panic!("{other:?}"),
+        }
         let epoch = s.auth_epoch().unwrap();
         // The spent token again: reuse, the family dies, the newest token with it.
         assert_eq!(
