@@ -82,7 +82,10 @@ impl Moat {
             .arg("serve")
             .arg("--config")
             .arg(&self.config)
-            .env("MOAT_LOG", "info")
+            .env(
+                "MOAT_LOG",
+                std::env::var("MOAT_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)

@@ -401,7 +401,10 @@ impl Identity {
             )
         })
         .await?;
-        info!(event = "session_opened", user_id, sid = %sid, key_id = key_id.unwrap_or(""));
+        match key_id {
+            Some(key_id) => info!(event = "session_opened", user_id, sid = %sid, key_id),
+            None => info!(event = "session_opened", user_id, sid = %sid),
+        }
         Ok(self.response(self.issue_access(user_id, tenant, &sid), rt))
     }
 
