@@ -10,20 +10,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// `target/debug/moat`, found next to the running test binary (`target/debug/deps/…`).
+/// `target/<profile>/moat`, next to the running test binary.
 pub fn moat_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps");
-    let bin = dir.join("moat");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it first (`cargo build --workspace --bins`, or `cargo xtask test`)",
-        bin.display()
-    );
-    bin
+    crate::bin("moat")
 }
 
 /// A free loopback port (bound and released; the daemon binds it right after).

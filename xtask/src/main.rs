@@ -96,7 +96,7 @@ fn workspace_root() -> PathBuf {
 /// The eBPF object first (it is embedded), then the userspace binaries.
 fn build(release: bool) -> Result<()> {
     build_ebpf()?;
-    let mut args = vec!["build", "--workspace", "--bins"];
+    let mut args = vec!["build", "--bins"];
     if release {
         args.push("--release");
     }
@@ -118,19 +118,13 @@ fn build_ebpf() -> Result<()> {
 }
 
 fn test(extra: &[String]) -> Result<()> {
+    sweep_stale_test_state();
     build_ebpf()?;
     cargo(&["fmt", "--all", "--", "--check"])
         .context("cargo fmt --check: run `cargo fmt --all`")?;
-    cargo(&[
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ])?;
-    cargo(&["build", "--workspace", "--bins"])?;
-    let mut args = vec!["test", "--workspace"];
+    cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    cargo(&["build", "--bins"])?;
+    let mut args = vec!["test"];
     if !extra.is_empty() {
         args.push("--");
         args.extend(extra.iter().map(String::as_str));
@@ -150,4 +144,42 @@ fn run(cmd: &mut Command) -> Result<()> {
         bail!("{cmd:?} failed: {status}");
     }
     Ok(())
+}
+
+/// Kernel tests clean up after themselves, even when they fail; a test process killed outright
+/// cannot. Before a run, remove what an earlier killed run may have left: its pin roots (which
+/// unpins its programs) and its empty cgroups.
+fn sweep_stale_test_state() {
+    let prefixes = ["moat-test-", "moat-bench-"];
+    let stale = |name: &std::ffi::OsStr| {
+        let name = name.to_string_lossy();
+        prefixes.iter().any(|p| name.starts_with(p))
+    };
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
+        for e in entries.flatten().filter(|e| stale(&e.file_name())) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let cgroup2 = mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+    });
+    if let Some(Ok(entries)) = cgroup2.map(std::fs::read_dir) {
+        for e in entries.flatten().filter(|e| stale(&e.file_name())) {
+            remove_cgroup_tree(&e.path());
+        }
+    }
+}
+
+/// Removes a cgroup tree depth first; cgroups that still hold processes stay.
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }
