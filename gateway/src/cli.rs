@@ -37,6 +37,21 @@ pub enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Users: add, set passwords, disable, list.
+    Users {
+        #[command(subcommand)]
+        command: crate::identity_cli::UsersCommand,
+    },
+    /// API keys: create (printed once), list, revoke.
+    Keys {
+        #[command(subcommand)]
+        command: crate::identity_cli::KeysCommand,
+    },
+    /// Tenants: add, list.
+    Tenants {
+        #[command(subcommand)]
+        command: crate::identity_cli::TenantsCommand,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -101,6 +116,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}: ok", config.path.display());
             print!("{}", segment::Policy::from_config(&config));
         }
+        Command::Users { command } => {
+            crate::identity_cli::users(&store_config(&cli.config)?, command)?
+        }
+        Command::Keys { command } => {
+            crate::identity_cli::keys(&store_config(&cli.config)?, command)?
+        }
+        Command::Tenants { command } => {
+            crate::identity_cli::tenants(&store_config(&cli.config)?, command)?
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Loads the config for a command that works on the store. Run as root, the command first
+/// becomes the service user, so every file it creates in the data directory (database, WAL,
+/// secrets) stays readable and writable by the unprivileged worker.
+fn store_config(path: &std::path::Path) -> anyhow::Result<Config> {
+    let config = Config::load(path)?;
+    if nix::unistd::geteuid().is_root() {
+        let user = crate::privdrop::ServiceUser::lookup(&config.raw.server.user)?;
+        crate::privdrop::prepare_data_dir(&config.data_dir, &user)?;
+        user.become_now()?;
+    }
+    Ok(config)
 }

@@ -3,14 +3,17 @@
 //! tests and benchmarks in `tests/` drive the same library.
 
 pub mod app;
+pub mod auth;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod identity_cli;
 pub mod logging;
 pub mod privdrop;
 pub mod segment;
 pub mod serve;
+pub mod store;
 pub mod supervisor;
 pub mod worker;

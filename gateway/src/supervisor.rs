@@ -14,8 +14,7 @@
 //! the old one in force everywhere.
 
 use std::{
-    os::{fd::AsRawFd, unix::fs::PermissionsExt},
-    path::Path,
+    os::fd::AsRawFd,
     process::Stdio,
     time::{Duration, Instant},
 };
@@ -33,7 +32,7 @@ use crate::{
     cgroup::Cgroup,
     config::{Config, SegmentationMode},
     control::{self, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SUPERVISOR_PID, FromWorker, ToWorker},
-    privdrop::{DropPlan, ServiceUser},
+    privdrop::{DropPlan, ServiceUser, prepare_data_dir},
     segment::{Enforcer, GatewayIdentity, Pins, Policy},
 };
 
@@ -106,16 +105,6 @@ fn policy(config: &Config, gateway: GatewayIdentity) -> Policy {
     }
 }
 
-/// The data directory belongs to the service user, mode 0700: the worker keeps its store and
-/// secrets there, nobody else reads them.
-fn prepare_data_dir(dir: &Path, user: &ServiceUser) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    nix::unistd::chown(dir, Some(user.uid), Some(user.gid))
-        .with_context(|| format!("cannot give {} to {}", dir.display(), user.name))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    Ok(())
-}
-
 struct Supervisor {
     config: Config,
     user: ServiceUser,
@@ -146,9 +135,13 @@ impl Supervisor {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut backoff = BACKOFF_FIRST;
+        let mut first = true;
         loop {
             let mut worker = match self.spawn_worker().await {
                 Ok(w) => w,
+                // A worker that cannot serve the config it starts with will not do better on
+                // a retry: refuse to start, with its reason.
+                Err(e) if first => return Err(e),
                 Err(e) => {
                     error!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "worker failed to start");
                     if self.sleep_or_stop(backoff, &mut term, &mut int).await {
@@ -158,6 +151,7 @@ impl Supervisor {
                     continue;
                 }
             };
+            first = false;
             loop {
                 let event = tokio::select! {
                     status = worker.child.wait() => Event::WorkerExited(status),
@@ -323,6 +317,7 @@ async fn apply(worker: &mut Worker, config: &Config) -> Result<FromWorker> {
         path: config.path.display().to_string(),
         text: config.source.clone(),
         resolved: config.resolved.clone(),
+        files: config.files.clone(),
     };
     worker
         .requests

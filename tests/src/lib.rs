@@ -1,9 +1,11 @@
-//! Shared helpers for moat's end-to-end tests: finding the built binaries and, in
-//! [`kernel`], throw-away cgroups, pin roots and probes for the real-kernel tests.
+//! Shared helpers for moat's end-to-end tests: finding the built binaries; in [`kernel`],
+//! throw-away cgroups, pin roots and probes for the real-kernel tests; in [`moatd`], a real
+//! `moat serve` with its own data dir and port, and its CLI.
 
 pub mod bench;
 pub mod daemon;
 pub mod kernel;
+pub mod moatd;
 
 use std::path::PathBuf;
 
