@@ -67,6 +67,9 @@ pub struct ServerConfig {
     /// Directory for the store and secrets; relative paths are taken from the config's folder.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
+    /// The unprivileged service user the HTTP worker runs as (the supervisor stays root).
+    #[serde(default = "default_user")]
+    pub user: String,
 }
 
 impl Default for ServerConfig {
@@ -74,8 +77,13 @@ impl Default for ServerConfig {
         Self {
             listen: default_listen(),
             data_dir: default_data_dir(),
+            user: default_user(),
         }
     }
+}
+
+fn default_user() -> String {
+    "moat".to_owned()
 }
 
 fn default_listen() -> SocketAddr {
@@ -151,6 +159,52 @@ pub struct SegmentationConfig {
     /// Destinations to protect beyond the pools (`addr[/prefix]:port` or `host:port`).
     #[serde(default)]
     pub extra_protected: Vec<String>,
+    /// Inference-host mode: the ingress guard in front of the model ports.
+    #[serde(default)]
+    pub inference: Option<InferenceGuardConfig>,
+}
+
+/// `[segmentation.inference]`: on an inference host, packets to `model_ports` pass only from
+/// `allowed_gateways`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceGuardConfig {
+    /// The ports the model servers listen on (TCP and UDP are both guarded).
+    pub model_ports: Vec<u16>,
+    /// Source prefixes (`10.0.0.1/32`, `fd00::/64`) or addresses allowed to reach the model
+    /// ports. Empty: nobody may.
+    #[serde(default)]
+    pub allowed_gateways: Vec<String>,
+    /// Where the guard hooks in.
+    #[serde(default)]
+    pub attach: GuardAttach,
+    /// Interfaces for TC ingress (`attach = "tc"` or `"both"`).
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+}
+
+/// Where the inference guard attaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuardAttach {
+    /// `cgroup_skb` ingress at the cgroup2 root: every socket on the machine, loopback
+    /// included, whatever the interface.
+    #[default]
+    CgroupSkb,
+    /// TC (tcx) ingress on `interfaces` only.
+    Tc,
+    /// Both.
+    Both,
+}
+
+/// The inference guard after validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InferenceGuard {
+    pub model_ports: Vec<u16>,
+    /// Allowed source prefixes, truncated; IPv4-mapped IPv6 prefixes turned into IPv4.
+    pub allowed: Vec<IpNet>,
+    pub attach: GuardAttach,
+    pub interfaces: Vec<String>,
 }
 
 impl Default for SegmentationConfig {
@@ -162,6 +216,7 @@ impl Default for SegmentationConfig {
             egress_allow: Vec::new(),
             egress_lockdown: true,
             extra_protected: Vec::new(),
+            inference: None,
         }
     }
 }
@@ -212,6 +267,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub egress_allow: Vec<DestinationRule>,
     pub extra_protected: Vec<DestinationRule>,
+    /// The inference-host guard, when `[segmentation.inference]` is present.
+    pub inference: Option<InferenceGuard>,
 }
 
 impl Config {
@@ -299,6 +356,13 @@ impl Config {
                 "must be an absolute path on a bpffs".into(),
             ));
         }
+        if raw.server.user.is_empty() {
+            return Err(err("server.user", "must not be empty".into()));
+        }
+        let inference = match &seg.inference {
+            Some(g) => Some(validate_guard(g).map_err(|(k, r)| err(&k, r))?),
+            None => None,
+        };
 
         Ok(Config {
             path: path.to_path_buf(),
@@ -307,12 +371,142 @@ impl Config {
             data_dir,
             egress_allow,
             extra_protected,
+            inference,
         })
     }
 
     pub fn segmentation(&self) -> &SegmentationConfig {
         &self.raw.segmentation
     }
+
+    /// Whether this host runs the gateway (data plane and connect hooks). An inference host —
+    /// a config with `[segmentation.inference]` and no pools — runs only the ingress guard.
+    pub fn runs_gateway(&self) -> bool {
+        !self.pools.is_empty() || self.inference.is_none()
+    }
+}
+
+/// Checks `[segmentation.inference]`; errors carry the dotted key and the reason.
+fn validate_guard(g: &InferenceGuardConfig) -> Result<InferenceGuard, (String, String)> {
+    const KEY: &str = "segmentation.inference";
+    let e = |k: &str, r: String| (format!("{KEY}.{k}"), r);
+    if g.model_ports.is_empty() {
+        return Err(e(
+            "model_ports",
+            "list at least one port (a guard without ports guards nothing)".into(),
+        ));
+    }
+    let mut ports = Vec::new();
+    for (i, &p) in g.model_ports.iter().enumerate() {
+        if p == 0 {
+            return Err(e(
+                &format!("model_ports[{i}]"),
+                "port 0 is not a port".into(),
+            ));
+        }
+        if ports.contains(&p) {
+            return Err(e(
+                &format!("model_ports[{i}]"),
+                format!("port {p} is listed twice"),
+            ));
+        }
+        ports.push(p);
+    }
+    if ports.len() > moat_common::guard::MAX_PORTS as usize {
+        return Err(e(
+            "model_ports",
+            format!("at most {} ports", moat_common::guard::MAX_PORTS),
+        ));
+    }
+    let mut allowed = Vec::new();
+    for (i, entry) in g.allowed_gateways.iter().enumerate() {
+        let net =
+            parse_source_prefix(entry).map_err(|r| e(&format!("allowed_gateways[{i}]"), r))?;
+        if !allowed.contains(&net) {
+            allowed.push(net);
+        }
+    }
+    if ports.len() * allowed.len() > moat_common::guard::MAX_SOURCES as usize {
+        return Err(e(
+            "allowed_gateways",
+            format!(
+                "ports × prefixes must stay within {}",
+                moat_common::guard::MAX_SOURCES
+            ),
+        ));
+    }
+    let needs_interfaces = matches!(g.attach, GuardAttach::Tc | GuardAttach::Both);
+    if needs_interfaces && g.interfaces.is_empty() {
+        return Err(e(
+            "interfaces",
+            "attach = \"tc\" or \"both\" needs at least one interface".into(),
+        ));
+    }
+    if !needs_interfaces && !g.interfaces.is_empty() {
+        return Err(e(
+            "interfaces",
+            "interfaces are only used with attach = \"tc\" or \"both\"".into(),
+        ));
+    }
+    let mut interfaces: Vec<String> = Vec::new();
+    for (i, name) in g.interfaces.iter().enumerate() {
+        // IFNAMSIZ is 16 with the NUL; a name is also a file name under the pin directory.
+        if name.is_empty()
+            || name.len() > 15
+            || name.contains(['/', ' ', ':'])
+            || name == "."
+            || name == ".."
+        {
+            return Err(e(
+                &format!("interfaces[{i}]"),
+                format!("`{name}` is not an interface name"),
+            ));
+        }
+        if interfaces.contains(name) {
+            return Err(e(
+                &format!("interfaces[{i}]"),
+                format!("`{name}` is listed twice"),
+            ));
+        }
+        interfaces.push(name.clone());
+    }
+    Ok(InferenceGuard {
+        model_ports: ports,
+        allowed,
+        attach: g.attach,
+        interfaces,
+    })
+}
+
+/// A source prefix (`10.0.0.0/8`, `fd00::/64`) or a single address. IPv4-mapped IPv6
+/// (`::ffff:10.0.0.1`) is the IPv4 host it maps, which is how the kernel side judges it.
+pub fn parse_source_prefix(entry: &str) -> Result<IpNet, String> {
+    let net: IpNet = if entry.contains('/') {
+        entry
+            .parse()
+            .map_err(|_| format!("`{entry}` is not an address prefix"))?
+    } else {
+        IpNet::from(
+            entry
+                .parse::<IpAddr>()
+                .map_err(|_| format!("`{entry}` is not an address or prefix (no host names)"))?,
+        )
+    };
+    if let IpNet::V6(v6) = net
+        && let Some(v4) = v6.addr().to_ipv4_mapped()
+    {
+        if v6.prefix_len() < 96 {
+            return Err(format!(
+                "`{entry}` spans beyond the IPv4-mapped range (use a prefix of /96 or longer)"
+            ));
+        }
+        return Ok(IpNet::V4(
+            ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .expect("valid length")
+                .trunc(),
+        ));
+    }
+    Ok(net.trunc())
 }
 
 fn known<V>(map: &BTreeMap<String, V>) -> String {

@@ -6,6 +6,7 @@ pub mod app;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod doctor;
 pub mod error;
 pub mod logging;
 pub mod segment;

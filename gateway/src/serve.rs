@@ -1,6 +1,10 @@
 //! `moat serve`: the daemon. Puts kernel enforcement in place (or adopts what is pinned), moves
 //! itself into the gateway cgroup, then serves the data plane until SIGTERM/SIGINT. SIGHUP
 //! re-reads the config and swaps the kernel policy; a bad file changes nothing.
+//!
+//! On an inference host (`[segmentation.inference]` and no pools) the daemon runs only the
+//! ingress guard: no gateway cgroup, no connect hooks, no data-plane listener — it installs or
+//! adopts the guard, logs its deny events and reloads it on SIGHUP until SIGTERM/SIGINT.
 
 use std::sync::Arc;
 
@@ -12,7 +16,7 @@ use crate::{
     app::{self, AppState},
     cgroup::Cgroup,
     config::{Config, SegmentationMode},
-    segment::{Enforcer, GatewayIdentity, Pins, Policy},
+    segment::{Enforcer, GatewayIdentity, Pins, Policy, inference::Guard},
 };
 
 pub fn run(config: Config) -> anyhow::Result<()> {
@@ -24,14 +28,32 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let segmentation = match config.segmentation().mode {
-        SegmentationMode::Enforce => Some(start_segmentation(&config)?),
-        SegmentationMode::Off => {
+    let enforce = config.segmentation().mode == SegmentationMode::Enforce;
+    // The guard first: on an inference host it is what protects the model server.
+    let guard = match (&config.inference, enforce) {
+        (Some(_), true) => Some(start_guard(&config)?),
+        (Some(_), false) => {
+            warn!("segmentation is off: the inference guard is not enforced");
+            None
+        }
+        (None, _) => None,
+    };
+    let segmentation = match (config.runs_gateway(), enforce) {
+        (true, true) => Some(start_segmentation(&config)?),
+        (true, false) => {
             warn!("segmentation is off: the kernel does not protect the inference hosts");
             None
         }
+        (false, _) => None,
     };
-    tokio::spawn(reload_on_sighup(config.path.clone(), segmentation));
+    tokio::spawn(reload_on_sighup(config.path.clone(), segmentation, guard));
+
+    if !config.runs_gateway() {
+        info!("inference host: guard only, no data plane");
+        shutdown().await;
+        info!("stopped");
+        return Ok(());
+    }
 
     let listen = config.raw.server.listen;
     let state = Arc::new(AppState { config });
@@ -81,7 +103,28 @@ fn start_segmentation(config: &Config) -> anyhow::Result<Segmentation> {
     Ok(Segmentation { enforcer, gateway })
 }
 
-async fn reload_on_sighup(path: std::path::PathBuf, mut segmentation: Option<Segmentation>) {
+/// Installs or adopts the inference guard with this config's policy and attachments, and
+/// starts logging its deny events.
+fn start_guard(config: &Config) -> anyhow::Result<Guard> {
+    let wanted = config.inference.as_ref().expect("guard configured");
+    let guard = Guard::install_or_adopt(&Pins::new(&config.segmentation().pin_root), wanted)
+        .context("the inference guard is required (segmentation.mode = \"enforce\") but failed")?;
+    guard.spawn_event_logger()?;
+    info!(
+        model_ports = ?wanted.model_ports,
+        allowed_gateways = wanted.allowed.len(),
+        attach = ?wanted.attach,
+        adopted = guard.adopted(),
+        "inference guard active"
+    );
+    Ok(guard)
+}
+
+async fn reload_on_sighup(
+    path: std::path::PathBuf,
+    mut segmentation: Option<Segmentation>,
+    mut guard: Option<Guard>,
+) {
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         return;
     };
@@ -93,6 +136,26 @@ async fn reload_on_sighup(path: std::path::PathBuf, mut segmentation: Option<Seg
                 continue;
             }
         };
+        let wanted_guard = config
+            .inference
+            .as_ref()
+            .filter(|_| config.segmentation().mode == SegmentationMode::Enforce);
+        if let Err(e) = crate::segment::inference::check_reload(guard.is_some(), wanted_guard) {
+            error!(error = %format!("{e:#}"), "config reload refused; the running config stays");
+            continue;
+        }
+        if let (Some(g), Some(wanted)) = (guard.as_mut(), wanted_guard) {
+            match g.apply(wanted) {
+                Ok(()) => info!(
+                    model_ports = ?wanted.model_ports,
+                    allowed_gateways = wanted.allowed.len(),
+                    "inference guard reloaded"
+                ),
+                Err(e) => {
+                    error!(error = %format!("{e:#}"), "inference guard reload failed; the old policy stays")
+                }
+            }
+        }
         if let Some(seg) = segmentation.as_mut() {
             let policy = Policy {
                 gateway: Some(seg.gateway),

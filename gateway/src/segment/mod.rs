@@ -11,6 +11,7 @@
 //!   [`uninstall`] removes enforcement.
 
 mod events;
+pub mod inference;
 mod maps;
 mod pins;
 mod policy;
@@ -63,11 +64,11 @@ impl Enforcer {
         if pins.any() {
             // A crash during an earlier install left part of it: start over cleanly.
             tracing::warn!(pins = %pins.dir().display(), "incomplete pinned installation; reinstalling");
-            uninstall(pins)?;
+            uninstall_gateway(pins)?;
         }
         if let Err(e) = install(pins, policy) {
             // Leave nothing half-installed behind a refused start.
-            let _ = uninstall(pins);
+            let _ = uninstall_gateway(pins);
             return Err(e);
         }
         let maps = PolicyMaps::open(pins)?;
@@ -126,14 +127,25 @@ impl Enforcer {
     }
 }
 
-fn install(pins: &Pins, policy: &Policy) -> Result<()> {
+/// The embedded eBPF object, or why there is none. Lifts RLIMIT_MEMLOCK for the loads that
+/// follow.
+pub(crate) fn object() -> Result<&'static [u8]> {
     if OBJECT.is_empty() {
         bail!(
             "this moat binary was built without its eBPF programs; build it with `cargo xtask build`"
         );
     }
     raise_memlock();
-    let mut bpf = Ebpf::load(OBJECT).context("cannot load moat's eBPF object")?;
+    Ok(OBJECT)
+}
+
+/// Size of the embedded eBPF object (0 when the binary was built without it).
+pub fn object_len() -> usize {
+    OBJECT.len()
+}
+
+fn install(pins: &Pins, policy: &Policy) -> Result<()> {
+    let mut bpf = Ebpf::load(object()?).context("cannot load moat's eBPF object")?;
     pins.create_dirs()
         .with_context(|| format!("cannot create {}", pins.dir().display()))?;
     for name in pins::ALL_MAPS {
@@ -169,9 +181,15 @@ fn install(pins: &Pins, policy: &Policy) -> Result<()> {
     Ok(())
 }
 
-/// Removes every pin of this schema version (links first, so enforcement stops before the
-/// maps go). Returns how many pins were removed.
+/// Removes every pin of this schema version — the inference guard's and the gateway side's,
+/// links first, so enforcement stops before the maps go. Returns how many pins were removed.
 pub fn uninstall(pins: &Pins) -> Result<usize> {
+    let guard = inference::uninstall(pins)?;
+    Ok(guard + uninstall_gateway(pins)?)
+}
+
+/// Removes the gateway side's pins (the inference guard's stay).
+fn uninstall_gateway(pins: &Pins) -> Result<usize> {
     let mut removed = 0;
     for hook in Hook::ALL {
         removed += remove_pin(&pins.link(hook))?;

@@ -1,0 +1,427 @@
+//! Kernel segmentation on an inference host: the ingress guard in front of the model ports.
+//!
+//! This module owns the guard's pins (`<pin root>/v<schema>/inference/{maps,progs,links}`),
+//! its policy (guarded ports and the allowed gateway prefixes, double-buffered like the
+//! gateway side), its links (one `cgroup_skb` ingress link at the cgroup2 root and/or one tcx
+//! ingress link per listed interface), its status and its deny events.
+//!
+//! Life cycle, as on the gateway side:
+//! - **install**: load the object, pin the guard's maps, write the policy, load and pin both
+//!   guard programs, then attach and pin the links the config asks for;
+//! - **adopt**: a complete pinned installation is reused (no second copy is stacked); the new
+//!   policy is swapped in and the links are reconciled with the config (new links first, then
+//!   links no longer wanted are removed, so no moment is unguarded);
+//! - **fail-static**: nothing is detached when the daemon exits or dies; only [`uninstall`]
+//!   removes the guard.
+
+mod events;
+mod maps;
+mod policy;
+mod status;
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, bail};
+use aya::{
+    Ebpf,
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SchedClassifier, TcAttachType,
+        links::FdLink,
+    },
+};
+use moat_common::guard::IngressHook;
+use tokio::io::{Interest, unix::AsyncFd};
+use tracing::info;
+
+pub use events::IngressDeny;
+pub use maps::GuardMaps;
+pub use policy::GuardPolicy;
+pub use status::{GuardStatus, status};
+
+use super::Pins;
+use crate::{
+    cgroup,
+    config::{GuardAttach, InferenceGuard},
+};
+
+/// The guard's map names in the eBPF object (see `ebpf/programs/src/guard.rs`).
+pub const MAP_ACTIVE: &str = "MOAT_IN_ACTIVE";
+pub const MAP_PORTS: [&str; 2] = ["MOAT_IN_PORTS_0", "MOAT_IN_PORTS_1"];
+pub const MAP_SRC4: [&str; 2] = ["MOAT_IN_SRC4_0", "MOAT_IN_SRC4_1"];
+pub const MAP_SRC6: [&str; 2] = ["MOAT_IN_SRC6_0", "MOAT_IN_SRC6_1"];
+pub const MAP_COUNTERS: &str = "MOAT_IN_COUNTERS";
+pub const MAP_EVENTS: &str = "MOAT_IN_EVENTS";
+
+pub const ALL_MAPS: [&str; 9] = [
+    MAP_ACTIVE,
+    MAP_PORTS[0],
+    MAP_PORTS[1],
+    MAP_SRC4[0],
+    MAP_SRC4[1],
+    MAP_SRC6[0],
+    MAP_SRC6[1],
+    MAP_COUNTERS,
+    MAP_EVENTS,
+];
+
+/// One place the guard is attached.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Attachment {
+    /// cgroup_skb ingress at the cgroup2 root.
+    CgroupRoot,
+    /// tcx ingress on an interface (of the daemon's network namespace).
+    Tc(String),
+}
+
+impl Attachment {
+    /// The file name of the link's pin.
+    pub fn pin_name(&self) -> String {
+        match self {
+            Attachment::CgroupRoot => "cgroup_skb".to_owned(),
+            Attachment::Tc(ifname) => format!("tc-{ifname}"),
+        }
+    }
+
+    fn from_pin_name(name: &str) -> Option<Attachment> {
+        if name == "cgroup_skb" {
+            Some(Attachment::CgroupRoot)
+        } else {
+            name.strip_prefix("tc-")
+                .map(|i| Attachment::Tc(i.to_owned()))
+        }
+    }
+
+    pub fn hook(&self) -> IngressHook {
+        match self {
+            Attachment::CgroupRoot => IngressHook::CgroupSkb,
+            Attachment::Tc(_) => IngressHook::Tc,
+        }
+    }
+
+    /// What the config asks for.
+    pub fn wanted(guard: &InferenceGuard) -> Vec<Attachment> {
+        let mut out = Vec::new();
+        if matches!(guard.attach, GuardAttach::CgroupSkb | GuardAttach::Both) {
+            out.push(Attachment::CgroupRoot);
+        }
+        if matches!(guard.attach, GuardAttach::Tc | GuardAttach::Both) {
+            out.extend(guard.interfaces.iter().cloned().map(Attachment::Tc));
+        }
+        out
+    }
+}
+
+impl std::fmt::Display for Attachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Attachment::CgroupRoot => write!(f, "cgroup_skb ingress at the cgroup2 root"),
+            Attachment::Tc(i) => write!(f, "tc ingress on {i}"),
+        }
+    }
+}
+
+/// Where the guard's pins live, below the gateway side's versioned directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuardPins {
+    dir: PathBuf,
+}
+
+impl GuardPins {
+    pub fn new(pins: &Pins) -> GuardPins {
+        GuardPins {
+            dir: pins.dir().join("inference"),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.dir.join("maps").join(name)
+    }
+
+    pub fn program(&self, hook: IngressHook) -> PathBuf {
+        self.dir.join("progs").join(hook.program_name())
+    }
+
+    pub fn link(&self, at: &Attachment) -> PathBuf {
+        self.dir.join("links").join(at.pin_name())
+    }
+
+    /// Every map and both programs are pinned (links are reconciled separately).
+    pub fn complete(&self) -> bool {
+        ALL_MAPS.iter().all(|m| self.map(m).exists())
+            && IngressHook::ALL.iter().all(|h| self.program(*h).exists())
+    }
+
+    pub fn any(&self) -> bool {
+        self.dir.exists()
+    }
+
+    /// The links pinned now.
+    pub fn links(&self) -> Vec<Attachment> {
+        let mut out: Vec<Attachment> = std::fs::read_dir(self.dir.join("links"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| Attachment::from_pin_name(&e.file_name().to_string_lossy()))
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn create_dirs(&self) -> std::io::Result<()> {
+        for sub in ["maps", "progs", "links"] {
+            std::fs::create_dir_all(self.dir.join(sub))?;
+        }
+        Ok(())
+    }
+}
+
+/// A live handle on the pinned guard. Dropping it changes nothing in the kernel.
+pub struct Guard {
+    pins: GuardPins,
+    maps: GuardMaps,
+    adopted: bool,
+}
+
+impl Guard {
+    /// Adopts the pinned guard under `pins` or installs a fresh one, makes `guard`'s policy
+    /// active and attaches exactly where `guard` asks.
+    pub fn install_or_adopt(pins: &Pins, guard: &InferenceGuard) -> Result<Guard> {
+        super::ensure_bpffs(pins.root())?;
+        let gpins = GuardPins::new(pins);
+        let policy = GuardPolicy::from_config(guard);
+        let wanted = Attachment::wanted(guard);
+        if gpins.complete() {
+            let mut maps = GuardMaps::open(&gpins)?;
+            maps.apply(&policy)?;
+            let mut me = Guard {
+                pins: gpins,
+                maps,
+                adopted: true,
+            };
+            me.reconcile(&wanted)?;
+            info!(pins = %me.pins.dir().display(), "adopted the pinned inference guard");
+            return Ok(me);
+        }
+        if gpins.any() {
+            tracing::warn!(pins = %gpins.dir().display(), "incomplete pinned inference guard; reinstalling");
+            uninstall(pins)?;
+        }
+        let result = install(&gpins, &policy).and_then(|()| {
+            let mut me = Guard {
+                maps: GuardMaps::open(&gpins)?,
+                pins: gpins.clone(),
+                adopted: false,
+            };
+            me.reconcile(&wanted)?;
+            Ok(me)
+        });
+        match result {
+            Ok(me) => {
+                info!(pins = %me.pins.dir().display(), "installed the inference guard");
+                Ok(me)
+            }
+            Err(e) => {
+                // Leave nothing half-installed behind a refused start.
+                let _ = uninstall(pins);
+                Err(e)
+            }
+        }
+    }
+
+    /// Applies a reloaded config: the new policy first (one atomic flip), then the links.
+    pub fn apply(&mut self, guard: &InferenceGuard) -> Result<()> {
+        self.maps.apply(&GuardPolicy::from_config(guard))?;
+        self.reconcile(&Attachment::wanted(guard))
+    }
+
+    /// Attaches what is wanted but not pinned, then removes pinned links no longer wanted.
+    fn reconcile(&mut self, wanted: &[Attachment]) -> Result<()> {
+        let pinned = self.pins.links();
+        for at in wanted {
+            if !pinned.contains(at) {
+                attach(&self.pins, at)?;
+                info!(attachment = %at, "inference guard attached");
+            }
+        }
+        for at in pinned {
+            if !wanted.contains(&at) {
+                super::remove_pin(&self.pins.link(&at))?;
+                info!(attachment = %at, "inference guard detached (no longer in the config)");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    pub fn pins(&self) -> &GuardPins {
+        &self.pins
+    }
+
+    pub fn maps(&self) -> &GuardMaps {
+        &self.maps
+    }
+
+    /// The deny-event ring buffer (one reader at a time drains it).
+    pub fn open_events(&self) -> Result<aya::maps::RingBuf<aya::maps::MapData>> {
+        maps::open_events(&self.pins)
+    }
+
+    /// Logs every ingress deny event until the task is dropped (see [`events::Limiter`]).
+    pub fn spawn_event_logger(&self) -> Result<tokio::task::JoinHandle<()>> {
+        let ring = self.open_events()?;
+        // SAFETY: the ring buffer owns its map fd, which stays open and unchanged for as long
+        // as the AsyncFd owns the ring buffer.
+        let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+            .map_err(|e| anyhow::anyhow!("cannot poll the ingress deny-event ring buffer: {e}"))?;
+        Ok(tokio::spawn(async move {
+            let mut limiter = events::Limiter::default();
+            loop {
+                let Ok(mut guard) = fd.readable_mut().await else {
+                    return;
+                };
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    match IngressDeny::decode(&item) {
+                        Some(deny) => limiter.log(&deny),
+                        None => tracing::warn!(len = item.len(), "undecodable ingress deny event"),
+                    }
+                }
+                guard.clear_ready();
+            }
+        }))
+    }
+}
+
+fn install(pins: &GuardPins, policy: &GuardPolicy) -> Result<()> {
+    let mut bpf = Ebpf::load(super::object()?).context("cannot load moat's eBPF object")?;
+    pins.create_dirs()
+        .with_context(|| format!("cannot create {}", pins.dir().display()))?;
+    for name in ALL_MAPS {
+        let map = bpf
+            .map(name)
+            .with_context(|| format!("eBPF object has no map {name}"))?;
+        map.pin(pins.map(name))
+            .with_context(|| format!("cannot pin map {name}"))?;
+    }
+    // The policy goes in before any program can run.
+    GuardMaps::open(pins)?.apply(policy)?;
+    {
+        let name = IngressHook::CgroupSkb.program_name();
+        let prog: &mut CgroupSkb = bpf
+            .program_mut(name)
+            .with_context(|| format!("eBPF object has no program {name}"))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("the kernel refused program {name}"))?;
+        prog.pin(pins.program(IngressHook::CgroupSkb))
+            .with_context(|| format!("cannot pin program {name}"))?;
+    }
+    {
+        let name = IngressHook::Tc.program_name();
+        let prog: &mut SchedClassifier = bpf
+            .program_mut(name)
+            .with_context(|| format!("eBPF object has no program {name}"))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("the kernel refused program {name}"))?;
+        prog.pin(pins.program(IngressHook::Tc))
+            .with_context(|| format!("cannot pin program {name}"))?;
+    }
+    Ok(())
+}
+
+/// Attaches the pinned program for `at` and pins the link.
+fn attach(pins: &GuardPins, at: &Attachment) -> Result<()> {
+    let link: FdLink = match at {
+        Attachment::CgroupRoot => {
+            let mut prog = CgroupSkb::from_pin(
+                pins.program(IngressHook::CgroupSkb),
+                CgroupSkbAttachType::Ingress,
+            )
+            .context("cannot open the pinned cgroup_skb guard program")?;
+            let root_path = cgroup::cgroup2_mount()?;
+            let root = File::open(&root_path)
+                .with_context(|| format!("cannot open {}", root_path.display()))?;
+            // Links always coexist with other programs; the kernel refuses BPF_F_ALLOW_MULTI
+            // on links, so the mode is `Single` (flags 0).
+            let id = prog
+                .attach(
+                    &root,
+                    CgroupSkbAttachType::Ingress,
+                    CgroupAttachMode::Single,
+                )
+                .with_context(|| {
+                    format!(
+                        "cannot attach cgroup_skb ingress at {}",
+                        root_path.display()
+                    )
+                })?;
+            FdLink::try_from(prog.take_link(id)?)
+                .context("cgroup_skb guard was not attached as a bpf link")?
+        }
+        Attachment::Tc(ifname) => {
+            let mut prog = SchedClassifier::from_pin(pins.program(IngressHook::Tc))
+                .context("cannot open the pinned tc guard program")?;
+            let id = prog
+                .attach(ifname, TcAttachType::Ingress)
+                .with_context(|| format!("cannot attach tc ingress on interface {ifname}"))?;
+            FdLink::try_from(prog.take_link(id)?).map_err(|_| {
+                anyhow::anyhow!(
+                    "tc ingress on {ifname} was attached through netlink, not as a tcx link: \
+                     the guard needs Linux 6.6 or newer for pinned TC links"
+                )
+            })?
+        }
+    };
+    let path = pins.link(at);
+    link.pin(&path)
+        .with_context(|| format!("cannot pin link {}", path.display()))?;
+    Ok(())
+}
+
+/// Removes every pin of the guard (links first, so enforcement stops before the maps go).
+/// Returns how many pins were removed.
+pub fn uninstall(pins: &Pins) -> Result<usize> {
+    let gpins = GuardPins::new(pins);
+    let mut removed = 0;
+    for at in gpins.links() {
+        removed += super::remove_pin(&gpins.link(&at))?;
+    }
+    for hook in IngressHook::ALL {
+        removed += super::remove_pin(&gpins.program(hook))?;
+    }
+    for name in ALL_MAPS {
+        removed += super::remove_pin(&gpins.map(name))?;
+    }
+    for sub in ["links", "progs", "maps"] {
+        let _ = std::fs::remove_dir(gpins.dir().join(sub));
+    }
+    let _ = std::fs::remove_dir(gpins.dir());
+    Ok(removed)
+}
+
+/// Refuses a reload that would change what `moat serve` runs: turning the guard on or off
+/// needs a restart (on) or `moat segment uninstall` (off), because only uninstall removes
+/// enforcement.
+pub fn check_reload(running: bool, new: Option<&InferenceGuard>) -> Result<()> {
+    match (running, new.is_some()) {
+        (true, false) => bail!(
+            "the new config has no [segmentation.inference] but the guard is running; \
+             remove it with `moat segment uninstall`"
+        ),
+        (false, true) => {
+            bail!("the new config adds [segmentation.inference]; restart moat to install the guard")
+        }
+        _ => Ok(()),
+    }
+}
