@@ -2,6 +2,7 @@
 //! [`kernel`], throw-away cgroups, pin roots and probes for the real-kernel tests.
 
 pub mod kernel;
+pub mod netns;
 
 use std::path::PathBuf;
 
