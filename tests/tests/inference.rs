@@ -239,6 +239,9 @@ fn tc_guard_covers_exactly_its_interfaces() {
     let links =
         |g: &Guard| -> Vec<String> { g.pins().links().iter().map(|a| a.pin_name()).collect() };
     assert_eq!(links(&guard), ["tc-from-gw", "tc-from-rogue"]);
+    for ifname in veths {
+        assert_eq!(tcx_ingress(&lab, ifname), 1, "one tcx program on {ifname}");
+    }
 
     for to in [sa(Lab::INF_GW4, port), sa(Lab::INF_GW6, port)] {
         assert_eq!(
@@ -299,9 +302,24 @@ fn tc_guard_covers_exactly_its_interfaces() {
     let cgroup = guard_config(port, &gw, "cgroup_skb", &[]);
     lab.inference.run(|| guard.apply(&cgroup)).unwrap();
     assert_eq!(links(&guard), ["cgroup_skb"]);
+    // The kernel releases an unpinned link from a work queue: wait until the tcx programs
+    // are really gone, so the drop below is the cgroup_skb hook's own.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ["lo", Lab::IF_FROM_GW, Lab::IF_FROM_ROGUE]
+        .iter()
+        .any(|i| tcx_ingress(&lab, i) > 0)
+    {
+        assert!(Instant::now() < deadline, "tcx links still attached");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let dropped_before = guard.maps().counters().unwrap()[1];
     assert_eq!(
         tcp_echo(&lab.rogue, sa(Lab::INF_ROGUE4, port), DROP_WAIT).0,
         Outcome::TimedOut
+    );
+    assert!(
+        guard.maps().counters().unwrap()[1] > dropped_before,
+        "the cgroup_skb hook dropped the rogue SYN"
     );
     assert_eq!(
         tcp_echo(&lab.gateway, sa(Lab::INF_GW4, port), OK_WAIT).0,
@@ -541,6 +559,15 @@ fn daemon_runs_the_guard_on_an_inference_host() {
         !GuardPins::new(&pins.pins).dir().exists(),
         "uninstall removes the pins"
     );
+}
+
+/// How many tcx ingress programs are attached to `ifname` in the lab's inference namespace.
+fn tcx_ingress(lab: &Lab, ifname: &str) -> usize {
+    lab.inference.run(|| {
+        aya::programs::SchedClassifier::query_tcx(ifname, aya::programs::TcAttachType::Ingress)
+            .map(|(_, progs)| progs.len())
+            .unwrap_or_else(|e| panic!("query tcx on {ifname}: {e}"))
+    })
 }
 
 fn status_links(status: &Value) -> Value {
