@@ -664,6 +664,93 @@ mod tests {
     }
 
     #[test]
+    fn inference_guard_parses_and_defaults() {
+        let c = load(
+            "[segmentation.inference]\nmodel_ports = [8000, 8001]\n\
+             allowed_gateways = [\"10.0.0.1\", \"10.9.0.0/16\", \"fd00::/64\", \"::ffff:10.1.1.1\"]\n",
+        )
+        .unwrap();
+        let g = c.inference.as_ref().unwrap();
+        assert_eq!(g.model_ports, [8000, 8001]);
+        assert_eq!(g.attach, GuardAttach::CgroupSkb);
+        let allowed: Vec<String> = g.allowed.iter().map(|n| n.to_string()).collect();
+        assert_eq!(
+            allowed,
+            ["10.0.0.1/32", "10.9.0.0/16", "fd00::/64", "10.1.1.1/32"]
+        );
+        assert!(
+            !c.runs_gateway(),
+            "an inference host without pools runs the guard only"
+        );
+        assert_eq!(c.raw.server.user, "moat");
+        let both = load(
+            "[pools.a]\nhosts = [\"127.0.0.1:1\"]\n[segmentation.inference]\nmodel_ports = [1]\n",
+        )
+        .unwrap();
+        assert!(both.runs_gateway() && both.inference.is_some());
+        assert!(load("").unwrap().runs_gateway());
+    }
+
+    #[test]
+    fn inference_guard_errors_name_the_key() {
+        let cases = [
+            ("model_ports = []\n", "segmentation.inference.model_ports"),
+            (
+                "model_ports = [0]\n",
+                "segmentation.inference.model_ports[0]",
+            ),
+            (
+                "model_ports = [1, 1]\n",
+                "segmentation.inference.model_ports[1]",
+            ),
+            (
+                "model_ports = [1]\nallowed_gateways = [\"gw.example\"]\n",
+                "segmentation.inference.allowed_gateways[0]",
+            ),
+            (
+                "model_ports = [1]\nallowed_gateways = [\"10.0.0.0/33\"]\n",
+                "segmentation.inference.allowed_gateways[0]",
+            ),
+            (
+                "model_ports = [1]\nallowed_gateways = [\"::ffff:0.0.0.0/80\"]\n",
+                "segmentation.inference.allowed_gateways[0]",
+            ),
+            (
+                "model_ports = [1]\nattach = \"tc\"\n",
+                "segmentation.inference.interfaces",
+            ),
+            (
+                "model_ports = [1]\ninterfaces = [\"eth0\"]\n",
+                "segmentation.inference.interfaces",
+            ),
+            (
+                "model_ports = [1]\nattach = \"tc\"\ninterfaces = [\"../x\"]\n",
+                "segmentation.inference.interfaces[0]",
+            ),
+            (
+                "model_ports = [1]\nattach = \"xdp\"\n",
+                "segmentation.inference.attach",
+            ),
+            (
+                "model_ports = [1]\nbogus = 1\n",
+                "segmentation.inference.bogus",
+            ),
+            (
+                "model_ports = [70000]\n",
+                "segmentation.inference.model_ports[0]",
+            ),
+        ];
+        for (body, key) in cases {
+            let e = load(&format!("[segmentation.inference]\n{body}")).unwrap_err();
+            assert_eq!(e.key, key, "{body}: {e}");
+            assert_eq!(e.file, Path::new("/etc/moat/test.toml"));
+            assert!(!e.reason.is_empty());
+        }
+        let e = load("[server]\nuser = \"\"\n").unwrap_err();
+        assert_eq!(e.key, "server.user");
+    }
+
+    #[test]
     fn relative_data_dir_is_taken_from_the_config_folder() {
         let c = load("[server]\ndata_dir = \"data\"\n").unwrap();
         assert_eq!(c.data_dir, Path::new("/etc/moat/data"));
