@@ -1,6 +1,8 @@
 //! Shared helpers for moat's end-to-end tests: finding the built binaries and, in
 //! [`kernel`], throw-away cgroups, pin roots and probes for the real-kernel tests.
 
+pub mod bench;
+pub mod daemon;
 pub mod kernel;
 pub mod netns;
 

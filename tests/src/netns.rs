@@ -151,9 +151,9 @@ impl Lab {
 
     pub fn new() -> Lab {
         let lab = Lab {
-            gateway: Netns::new("moat-gw"),
-            inference: Netns::new("moat-inf"),
-            rogue: Netns::new("moat-rogue"),
+            gateway: Netns::new("moat-test-gw"),
+            inference: Netns::new("moat-test-inf"),
+            rogue: Netns::new("moat-test-rogue"),
         };
         let link = |peer: &Netns, local: (&str, &str), inf: (&str, &str, &str)| {
             peer.ip(&[

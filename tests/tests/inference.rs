@@ -527,11 +527,22 @@ fn daemon_runs_the_guard_on_an_inference_host() {
     daemon = start_daemon(&lab, &cfg, &log2);
     wait_for_log(&log2, "adopted the pinned inference guard");
     wait_for_log(&log2, "inference guard active");
+    // The same link, switched in place to the restarted binary's program.
     let after = status(&cfg);
+    let (link_before, link_after) = (&before["inference"]["links"], &after["inference"]["links"]);
     assert_eq!(
-        after["inference"]["links"],
-        status_links(&before),
+        link_after.as_array().unwrap().len(),
+        1,
+        "no second link: {link_after}"
+    );
+    assert_eq!(link_after[0]["attachment"], "cgroup_skb");
+    assert_eq!(
+        link_after[0]["link_id"], link_before[0]["link_id"],
         "same link after restart"
+    );
+    assert_ne!(
+        link_after[0]["program_id"], link_before[0]["program_id"],
+        "program updated in place"
     );
     assert_eq!(
         tcp_echo(&lab.gateway, gw_to, DROP_WAIT).0,
@@ -568,10 +579,6 @@ fn tcx_ingress(lab: &Lab, ifname: &str) -> usize {
             .map(|(_, progs)| progs.len())
             .unwrap_or_else(|e| panic!("query tcx on {ifname}: {e}"))
     })
-}
-
-fn status_links(status: &Value) -> Value {
-    status["inference"]["links"].clone()
 }
 
 fn start_daemon(lab: &Lab, cfg: &Path, log: &Path) -> KillOnDrop {

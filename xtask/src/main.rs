@@ -118,6 +118,7 @@ fn build_ebpf() -> Result<()> {
 }
 
 fn test(extra: &[String]) -> Result<()> {
+    sweep_stale_test_state();
     build_ebpf()?;
     cargo(&["fmt", "--all", "--", "--check"])
         .context("cargo fmt --check: run `cargo fmt --all`")?;
@@ -143,4 +144,53 @@ fn run(cmd: &mut Command) -> Result<()> {
         bail!("{cmd:?} failed: {status}");
     }
     Ok(())
+}
+
+/// Kernel tests clean up after themselves, even when they fail; a test process killed outright
+/// cannot. Before a run, remove what an earlier killed run may have left: its pin roots (which
+/// unpins its programs) and its empty cgroups.
+fn sweep_stale_test_state() {
+    let prefixes = ["moat-test-", "moat-bench-"];
+    let stale = |name: &std::ffi::OsStr| {
+        let name = name.to_string_lossy();
+        prefixes.iter().any(|p| name.starts_with(p))
+    };
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
+        for e in entries.flatten().filter(|e| stale(&e.file_name())) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let cgroup2 = mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+    });
+    if let Some(Ok(entries)) = cgroup2.map(std::fs::read_dir) {
+        for e in entries.flatten().filter(|e| stale(&e.file_name())) {
+            remove_cgroup_tree(&e.path());
+        }
+    }
+    // Network namespaces of the inference tests (`moat-test-<role>-<pid>-<n>`) whose test
+    // process is gone; deleting one removes its veth pairs too.
+    if let Ok(entries) = std::fs::read_dir("/run/netns") {
+        for e in entries.flatten().filter(|e| stale(&e.file_name())) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name.rsplit('-').nth(1).unwrap_or_default();
+            if !Path::new("/proc").join(pid).exists() {
+                let _ = Command::new("ip").args(["netns", "del", &name]).status();
+            }
+        }
+    }
+}
+
+/// Removes a cgroup tree depth first; cgroups that still hold processes stay.
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }

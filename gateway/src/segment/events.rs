@@ -66,3 +66,73 @@ impl Deny {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(ev: DenyEvent) -> Vec<u8> {
+        // SAFETY: DenyEvent is plain old data without padding.
+        unsafe {
+            std::slice::from_raw_parts(
+                (&ev as *const DenyEvent).cast::<u8>(),
+                size_of::<DenyEvent>(),
+            )
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn decodes_ipv4_and_ipv6_records() {
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&[10, 0, 0, 7]);
+        let ev = DenyEvent {
+            cgroup_id: 42,
+            pid: 7,
+            port: 8000,
+            hook: 2,
+            reason: 1,
+            protocol: 17,
+            family: 4,
+            addr,
+        };
+        let d = Deny::decode(&raw(ev)).unwrap();
+        assert_eq!((d.pid, d.cgroup_id, d.port), (7, 42, 8000));
+        assert_eq!(
+            (d.hook, d.reason, d.protocol),
+            ("sendmsg4", "gateway_egress", "udp")
+        );
+        assert_eq!(d.addr.to_string(), "10.0.0.7");
+
+        let ev = DenyEvent {
+            family: 6,
+            addr: std::net::Ipv6Addr::LOCALHOST.octets(),
+            hook: 1,
+            reason: 0,
+            protocol: 6,
+            ..ev
+        };
+        let d = Deny::decode(&raw(ev)).unwrap();
+        assert_eq!(
+            (d.hook, d.reason, d.protocol),
+            ("connect6", "not_gateway", "tcp")
+        );
+        assert_eq!(d.addr.to_string(), "::1");
+    }
+
+    #[test]
+    fn refuses_short_or_unknown_records() {
+        let ev = DenyEvent {
+            cgroup_id: 1,
+            pid: 1,
+            port: 1,
+            hook: 9,
+            reason: 0,
+            protocol: 6,
+            family: 4,
+            addr: [0; 16],
+        };
+        assert_eq!(Deny::decode(&raw(ev)), None, "unknown hook");
+        assert_eq!(Deny::decode(&raw(ev)[..10]), None, "short record");
+    }
+}

@@ -66,13 +66,6 @@ impl Pins {
             && Hook::ALL.iter().all(|h| self.link(*h).exists())
     }
 
-    /// Whether any link or map of the gateway side is pinned (the inference guard keeps its
-    /// pins below `inference/` and is not counted here).
-    pub fn any(&self) -> bool {
-        ALL_MAPS.iter().any(|m| self.map(m).exists())
-            || Hook::ALL.iter().any(|h| self.link(*h).exists())
-    }
-
     pub fn create_dirs(&self) -> io::Result<()> {
         std::fs::create_dir_all(self.dir.join("maps"))?;
         std::fs::create_dir_all(self.dir.join("links"))

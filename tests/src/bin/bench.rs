@@ -1,1 +1,40 @@
-fn main() {}
+//! `moat-bench`: benchmarks run by `cargo xtask bench <name>`. Every case of one benchmark is
+//! measured in the same run, interleaved over several rounds, and reported as ratios — the
+//! machines are noisy, absolute numbers are not comparable between runs.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// connect()+close() cost of the gateway-host hooks.
+    Segment {
+        /// Round trips per measurement.
+        #[arg(long, default_value_t = 2000)]
+        connects: u32,
+        /// Interleaved rounds; the median is reported.
+        #[arg(long, default_value_t = 9)]
+        rounds: u32,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.bench {
+        Bench::Segment { connects, rounds } => moat_tests::bench::segment::run(connects, rounds),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("moat-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -9,6 +9,8 @@
 //! - `tcp ADDR…`          one TCP connect per address;
 //! - `tcp6 ADDR…`         the same from an AF_INET6 socket (v4 addresses as `::ffff:a.b.c.d`);
 //! - `udp ADDR…`          one unconnected UDP `sendto` per address;
+//! - `tfo ADDR…`          one TCP Fast Open `sendto(MSG_FASTOPEN)` per IPv4 address (a
+//!   connect without `connect()`);
 //! - `loop ADDR…`         TCP connects round-robin until stdin closes; prints per-target counts
 //!   of each errno seen.
 
@@ -42,6 +44,7 @@ enum Action {
     Tcp { targets: Vec<SocketAddr> },
     Tcp6 { targets: Vec<SocketAddr> },
     Udp { targets: Vec<SocketAddr> },
+    Tfo { targets: Vec<SocketAddr> },
     Loop { targets: Vec<SocketAddr> },
 }
 
@@ -79,6 +82,39 @@ fn udp(target: SocketAddr) -> i32 {
     )
 }
 
+fn tfo(target: SocketAddr) -> i32 {
+    let SocketAddr::V4(v4) = target else {
+        return -1;
+    };
+    let sa = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*v4.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: plain socket syscalls with valid pointers and sizes; the fd is closed below.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        let r = libc::sendto(
+            fd,
+            b"x".as_ptr().cast(),
+            1,
+            libc::MSG_FASTOPEN,
+            (&sa as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        let errno = if r < 0 {
+            io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+        } else {
+            0
+        };
+        libc::close(fd);
+        errno
+    }
+}
+
 fn main() -> io::Result<()> {
     let cli = Cli::parse();
     let pid = std::process::id();
@@ -91,6 +127,7 @@ fn main() -> io::Result<()> {
         Action::Tcp { targets } => one_each(&targets, tcp),
         Action::Tcp6 { targets } => one_each(&targets, tcp6),
         Action::Udp { targets } => one_each(&targets, udp),
+        Action::Tfo { targets } => one_each(&targets, tfo),
         Action::Loop { targets } => {
             let stop = Arc::new(AtomicBool::new(false));
             let flag = stop.clone();

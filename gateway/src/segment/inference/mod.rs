@@ -5,14 +5,19 @@
 //! gateway side), its links (one `cgroup_skb` ingress link at the cgroup2 root and/or one tcx
 //! ingress link per listed interface), its status and its deny events.
 //!
-//! Life cycle, as on the gateway side:
-//! - **install**: load the object, pin the guard's maps, write the policy, load and pin both
-//!   guard programs, then attach and pin the links the config asks for;
-//! - **adopt**: a complete pinned installation is reused (no second copy is stacked); the new
-//!   policy is swapped in and the links are reconciled with the config (new links first, then
-//!   links no longer wanted are removed, so no moment is unguarded);
-//! - **fail-static**: nothing is detached when the daemon exits or dies; only [`uninstall`]
-//!   removes the guard.
+//! Life cycle, as on the gateway side — one converging path installs and adopts:
+//! 1. the object is loaded with every guard map bound to its pin (an existing pin is reused, so
+//!    the policy and counters survive; a missing one is created and pinned);
+//! 2. the policy is written (before any new program can run);
+//! 3. both guard programs are loaded and pinned, and every pinned link is switched to this
+//!    binary's program in one atomic `BPF_LINK_UPDATE` (an upgrade has no gap and stacks no
+//!    second copy);
+//! 4. the links are reconciled with the config: missing ones attached first, then links no
+//!    longer wanted detached, so no moment is unguarded.
+//!
+//! **Fail-static**: nothing is detached when the daemon exits or dies; only [`uninstall`]
+//! removes the guard (detaching each link synchronously, not when the kernel gets round to
+//! freeing an unpinned link).
 
 mod events;
 mod maps;
@@ -21,12 +26,13 @@ mod status;
 
 use std::{
     fs::File,
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context, Result, bail};
 use aya::{
-    Ebpf,
+    EbpfLoader,
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SchedClassifier, TcAttachType,
         links::FdLink,
@@ -197,39 +203,31 @@ impl Guard {
         let gpins = GuardPins::new(pins);
         let policy = GuardPolicy::from_config(guard);
         let wanted = Attachment::wanted(guard);
-        if gpins.complete() {
-            let mut maps = GuardMaps::open(&gpins)?;
-            maps.apply(&policy)?;
-            let mut me = Guard {
-                pins: gpins,
-                maps,
-                adopted: true,
-            };
-            me.reconcile(&wanted)?;
-            info!(pins = %me.pins.dir().display(), "adopted the pinned inference guard");
-            return Ok(me);
-        }
-        if gpins.any() {
-            tracing::warn!(pins = %gpins.dir().display(), "incomplete pinned inference guard; reinstalling");
-            uninstall(pins)?;
-        }
-        let result = install(&gpins, &policy).and_then(|()| {
+        let had_links = !gpins.links().is_empty();
+        let result = converge(&gpins, &policy).and_then(|()| {
             let mut me = Guard {
                 maps: GuardMaps::open(&gpins)?,
                 pins: gpins.clone(),
-                adopted: false,
+                adopted: had_links,
             };
             me.reconcile(&wanted)?;
             Ok(me)
         });
         match result {
+            Ok(me) if had_links => {
+                info!(pins = %me.pins.dir().display(), "adopted the pinned inference guard (programs updated in place)");
+                Ok(me)
+            }
             Ok(me) => {
                 info!(pins = %me.pins.dir().display(), "installed the inference guard");
                 Ok(me)
             }
             Err(e) => {
-                // Leave nothing half-installed behind a refused start.
-                let _ = uninstall(pins);
+                // Leave nothing half-installed behind a refused start; a guard that was
+                // already enforcing stays (fail-static).
+                if !had_links {
+                    let _ = uninstall(pins);
+                }
                 Err(e)
             }
         }
@@ -252,7 +250,7 @@ impl Guard {
         }
         for at in pinned {
             if !wanted.contains(&at) {
-                super::remove_pin(&self.pins.link(&at))?;
+                detach(&self.pins, &at)?;
                 info!(attachment = %at, "inference guard detached (no longer in the config)");
             }
         }
@@ -302,42 +300,61 @@ impl Guard {
     }
 }
 
-fn install(pins: &GuardPins, policy: &GuardPolicy) -> Result<()> {
-    let mut bpf = Ebpf::load(super::object()?).context("cannot load moat's eBPF object")?;
+/// Steps 1–3 of the life cycle: maps bound to their pins, policy written, this binary's
+/// programs loaded and pinned, pinned links switched to them.
+fn converge(pins: &GuardPins, policy: &GuardPolicy) -> Result<()> {
+    let object = super::object()?;
     pins.create_dirs()
         .with_context(|| format!("cannot create {}", pins.dir().display()))?;
-    for name in ALL_MAPS {
-        let map = bpf
-            .map(name)
-            .with_context(|| format!("eBPF object has no map {name}"))?;
-        map.pin(pins.map(name))
-            .with_context(|| format!("cannot pin map {name}"))?;
+    let map_pins: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|m| (*m, pins.map(m))).collect();
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &map_pins {
+        loader.map_pin_path(name, path.as_path());
     }
-    // The policy goes in before any program can run.
+    let mut bpf = loader
+        .load(object)
+        .context("cannot load moat's eBPF object")?;
+    // The policy goes in before any program of this object can run.
     GuardMaps::open(pins)?.apply(policy)?;
-    {
-        let name = IngressHook::CgroupSkb.program_name();
-        let prog: &mut CgroupSkb = bpf
+    let links = pins.links();
+    for hook in IngressHook::ALL {
+        let name = hook.program_name();
+        let prog = bpf
             .program_mut(name)
-            .with_context(|| format!("eBPF object has no program {name}"))?
-            .try_into()?;
-        prog.load()
-            .with_context(|| format!("the kernel refused program {name}"))?;
-        prog.pin(pins.program(IngressHook::CgroupSkb))
+            .with_context(|| format!("eBPF object has no program {name}"))?;
+        match hook {
+            IngressHook::CgroupSkb => {
+                let p: &mut CgroupSkb = prog.try_into()?;
+                p.load()
+            }
+            IngressHook::Tc => {
+                let p: &mut SchedClassifier = prog.try_into()?;
+                p.load()
+            }
+        }
+        .with_context(|| format!("the kernel refused program {name}"))?;
+        let prog = bpf.program_mut(name).expect("loaded above");
+        let path = pins.program(hook);
+        super::remove_pin(&path)?;
+        prog.pin(&path)
             .with_context(|| format!("cannot pin program {name}"))?;
-    }
-    {
-        let name = IngressHook::Tc.program_name();
-        let prog: &mut SchedClassifier = bpf
-            .program_mut(name)
-            .with_context(|| format!("eBPF object has no program {name}"))?
-            .try_into()?;
-        prog.load()
-            .with_context(|| format!("the kernel refused program {name}"))?;
-        prog.pin(pins.program(IngressHook::Tc))
-            .with_context(|| format!("cannot pin program {name}"))?;
+        let fd = prog.fd()?;
+        for at in links.iter().filter(|a| a.hook() == hook) {
+            let link = pins.link(at);
+            super::link::update_pinned(&link, fd.as_fd()).with_context(|| {
+                format!("cannot switch link {} to the new program", link.display())
+            })?;
+        }
     }
     Ok(())
+}
+
+/// Detaches the link now (not when the kernel frees the unpinned link) and removes its pin.
+fn detach(pins: &GuardPins, at: &Attachment) -> Result<usize> {
+    let path = pins.link(at);
+    super::link::detach_pinned(&path)
+        .with_context(|| format!("cannot detach {}", path.display()))?;
+    super::remove_pin(&path)
 }
 
 /// Attaches the pinned program for `at` and pins the link.
@@ -395,7 +412,7 @@ pub fn uninstall(pins: &Pins) -> Result<usize> {
     let gpins = GuardPins::new(pins);
     let mut removed = 0;
     for at in gpins.links() {
-        removed += super::remove_pin(&gpins.link(&at))?;
+        removed += detach(&gpins, &at)?;
     }
     for hook in IngressHook::ALL {
         removed += super::remove_pin(&gpins.program(hook))?;
