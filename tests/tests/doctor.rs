@@ -223,3 +223,49 @@ fn doctor_says_when_segmentation_is_off_and_when_the_config_is_broken() {
     );
     assert_eq!(r["ok"], false);
 }
+
+/// The commands `dist/moat.service` runs exist and accept the unit's arguments: its
+/// `ExecStartPre=` (config check) passes on the example inference-host config, and `moat serve`
+/// takes `--config`.
+#[test]
+fn systemd_unit_commands_are_valid() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let unit = std::fs::read_to_string(root.join("dist/moat.service")).unwrap();
+    let dropin =
+        std::fs::read_to_string(root.join("dist/model-server.requires-moat.conf")).unwrap();
+    assert!(unit.contains("\nBefore=model-server.service\n"));
+    assert!(
+        dropin.contains("\nRequires=moat.service\n") && dropin.contains("\nAfter=moat.service\n")
+    );
+    let example = root.join("examples/inference-host.toml");
+    let mut seen = 0;
+    for line in unit.lines() {
+        let Some(cmd) = line
+            .strip_prefix("ExecStartPre=")
+            .or_else(|| line.strip_prefix("ExecStart="))
+        else {
+            continue;
+        };
+        let mut args: Vec<&str> = cmd.split_whitespace().collect();
+        assert_eq!(args.remove(0), "/usr/local/bin/moat", "{line}");
+        let mut c = Command::new(bin("moat"));
+        for a in &args {
+            if *a == "/etc/moat/moat.toml" {
+                c.arg(&example);
+            } else {
+                c.arg(a);
+            }
+        }
+        if args[0] == "serve" {
+            c.arg("--help");
+        }
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{line}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        seen += 1;
+    }
+    assert_eq!(seen, 2, "ExecStartPre= and ExecStart=");
+}
