@@ -24,7 +24,8 @@ use moat::{
 };
 use moat_tests::{
     bin,
-    kernel::{KillOnDrop, TestPins, require_root},
+    daemon::http_get,
+    kernel::{KillOnDrop, TestCgroup, TestPins, require_root, unique},
     netns::{Echo, Lab, Outcome, PortReservation, sa, tcp_echo, udp_echo},
 };
 use serde_json::Value;
@@ -579,6 +580,109 @@ fn tcx_ingress(lab: &Lab, ifname: &str) -> usize {
             .map(|(_, progs)| progs.len())
             .unwrap_or_else(|e| panic!("query tcx on {ifname}: {e}"))
     })
+}
+
+/// A host that is both a gateway (pools, supervisor, worker) and an inference host: one
+/// SIGHUP updates the pool set and the guard's allowlist together; a reload that would drop
+/// the gateway side is refused and changes nothing.
+#[test]
+fn gateway_and_guard_on_one_host_reload_together() {
+    require_root();
+    let model = PortReservation::new();
+    let (pool1, pool2) = (PortReservation::new(), PortReservation::new());
+    let port = model.port;
+    let lab = Lab::new();
+    let _echo = Echo::start(&lab.inference, port);
+    let base = TestCgroup::new(unique("moat-test"));
+    let _gateway_cgroup = base.child("gateway");
+    let pins = TestPins::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("moat.toml");
+    let write_cfg = |pool: Option<u16>, guard: &str| {
+        let pools = pool
+            .map(|p| format!("[pools.gpu]\nhosts = [\"127.0.0.1:{p}\"]\n"))
+            .unwrap_or_default();
+        let toml = format!(
+            "[server]\nlisten = \"127.0.0.1:8080\"\ndata_dir = \"data\"\nuser = \"nobody\"\n{pools}\
+             [segmentation]\ngateway_cgroup = \"{}/gateway\"\npin_root = \"{}\"\n{guard}",
+            base.relative.display(),
+            pins.root.display()
+        );
+        std::fs::write(&cfg, toml).unwrap();
+    };
+    let (gw4, rogue4) = (host(Lab::GW4, 32), host(Lab::ROGUE4, 32));
+    write_cfg(
+        Some(pool1.port),
+        &guard_toml(port, &[&gw4], "cgroup_skb", &[]),
+    );
+    let (gw_to, rogue_to) = (sa(Lab::INF_GW4, port), sa(Lab::INF_ROGUE4, port));
+
+    let log = dir.path().join("serve.log");
+    let daemon = start_daemon(&lab, &cfg, &log);
+    wait_for_log(&log, "inference guard active");
+    wait_for_log(&log, "worker started");
+    let health = lab
+        .inference
+        .run(|| http_get(sa("127.0.0.1", 8080), "/healthz"))
+        .unwrap();
+    assert_eq!(
+        health.0, 200,
+        "the worker serves inside the inference host's namespace"
+    );
+    let st = status(&cfg);
+    assert_eq!(st["installed"], true, "gateway side");
+    assert_eq!(st["inference"]["installed"], true, "inference guard");
+    assert_eq!(tcp_echo(&lab.gateway, gw_to, OK_WAIT).0, Outcome::Echoed);
+    assert_eq!(
+        tcp_echo(&lab.rogue, rogue_to, DROP_WAIT).0,
+        Outcome::TimedOut
+    );
+
+    // One SIGHUP: a new pool host and a new allowlist.
+    write_cfg(
+        Some(pool2.port),
+        &guard_toml(port, &[&rogue4], "cgroup_skb", &[]),
+    );
+    hup(&daemon);
+    wait_for_log(&log, "config reloaded: routing and kernel policy");
+    wait_for_log(&log, "inference guard reloaded");
+    assert_eq!(tcp_echo(&lab.rogue, rogue_to, OK_WAIT).0, Outcome::Echoed);
+    assert_eq!(
+        tcp_echo(&lab.gateway, gw_to, DROP_WAIT).0,
+        Outcome::TimedOut
+    );
+    let protected: Vec<String> = status(&cfg)["destinations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["destination"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        protected
+            .iter()
+            .any(|d| d.ends_with(&format!(":{}", pool2.port)))
+            && !protected
+                .iter()
+                .any(|d| d.ends_with(&format!(":{}", pool1.port))),
+        "{protected:?}"
+    );
+
+    // Dropping the pools would turn this gateway into an inference host: refused.
+    write_cfg(None, &guard_toml(port, &[&gw4], "cgroup_skb", &[]));
+    hup(&daemon);
+    let refused = wait_for_log(&log, "config reload refused");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("removes the gateway side"),
+        "{refused}"
+    );
+    assert_eq!(tcp_echo(&lab.rogue, rogue_to, OK_WAIT).0, Outcome::Echoed);
+    assert_eq!(
+        tcp_echo(&lab.gateway, gw_to, DROP_WAIT).0,
+        Outcome::TimedOut
+    );
 }
 
 fn start_daemon(lab: &Lab, cfg: &Path, log: &Path) -> KillOnDrop {
