@@ -149,31 +149,32 @@ fn parse_frame(skb: &SkBuff) -> Option<Packet> {
     parse_ip(skb, l3)
 }
 
-/// Parses the IP header at `off` and, for TCP/UDP, the ports.
+/// Parses the IP header at `off` and, for TCP/UDP, the ports. Each `bpf_skb_load_bytes` is a
+/// helper call, so the fixed header is read in as few of them as possible.
 #[inline(always)]
 fn parse_ip(skb: &SkBuff, off: usize) -> Option<Packet> {
-    let first: u8 = skb.load(off).ok()?;
+    let h: [u8; 20] = skb.load(off).ok()?;
     let mut pkt = Packet::unknown();
     let l4;
-    match first >> 4 {
+    match h[0] >> 4 {
         4 => {
-            let ihl = ((first & 0x0f) as usize) * 4;
+            let ihl = ((h[0] & 0x0f) as usize) * 4;
             pkt.family = 4;
-            pkt.protocol = skb.load(off + 9).ok()?;
-            let frag = u16::from_be_bytes(skb.load::<[u8; 2]>(off + 6).ok()?);
-            let src: [u8; 4] = skb.load(off + 12).ok()?;
-            let dst: [u8; 4] = skb.load(off + 16).ok()?;
-            pkt.src[..4].copy_from_slice(&src);
-            pkt.dst[..4].copy_from_slice(&dst);
-            if frag & 0x1fff != 0 {
+            pkt.protocol = h[9];
+            pkt.src[..4].copy_from_slice(&h[12..16]);
+            pkt.dst[..4].copy_from_slice(&h[16..20]);
+            // A non-first fragment carries no L4 header.
+            if u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 {
                 return Some(pkt);
             }
             l4 = off + ihl;
         }
         6 => {
-            let mut next: u8 = skb.load(off + 6).ok()?;
-            pkt.src = skb.load(off + 8).ok()?;
-            pkt.dst = skb.load(off + 24).ok()?;
+            let rest: [u8; 20] = skb.load(off + 20).ok()?;
+            let mut next = h[6];
+            pkt.src[..12].copy_from_slice(&h[8..20]);
+            pkt.src[12..].copy_from_slice(&rest[..4]);
+            pkt.dst.copy_from_slice(&rest[4..20]);
             pkt.family = 6;
             let mut at = off + 40;
             // Hop-by-hop, routing, destination options and fragment headers, at most four.
@@ -181,14 +182,14 @@ fn parse_ip(skb: &SkBuff, off: usize) -> Option<Packet> {
             while i < 4 {
                 match next {
                     0 | 43 | 60 => {
-                        let h: [u8; 2] = skb.load(at).ok()?;
-                        next = h[0];
-                        at += (h[1] as usize + 1) * 8;
+                        let e: [u8; 2] = skb.load(at).ok()?;
+                        next = e[0];
+                        at += (e[1] as usize + 1) * 8;
                     }
                     44 => {
-                        let h: [u8; 4] = skb.load(at).ok()?;
-                        next = h[0];
-                        if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
+                        let e: [u8; 4] = skb.load(at).ok()?;
+                        next = e[0];
+                        if u16::from_be_bytes([e[2], e[3]]) & 0xfff8 != 0 {
                             pkt.protocol = next;
                             return Some(pkt);
                         }
