@@ -333,6 +333,36 @@ fn tc_guard_covers_exactly_its_interfaces() {
     );
 }
 
+/// An interface that disappears (its namespace deleted) leaves a defunct tcx link behind the
+/// pin; status still reads and `uninstall` still removes everything.
+#[test]
+fn tc_guard_uninstalls_after_its_interface_is_gone() {
+    require_root();
+    let model = PortReservation::new();
+    let pins = TestPins::new();
+    let lab = Lab::new();
+    let gw = host(Lab::GW4, 32);
+    let cfg = guard_config(model.port, &[&gw], "tc", &[Lab::IF_FROM_ROGUE]);
+    let guard = lab
+        .inference
+        .run(|| Guard::install_or_adopt(&pins.pins, &cfg))
+        .unwrap();
+    assert_eq!(tcx_ingress(&lab, Lab::IF_FROM_ROGUE), 1);
+    drop(lab);
+    let status = moat::segment::status(&pins.pins).unwrap();
+    assert_eq!(
+        status.inference.links.len(),
+        1,
+        "the pin outlives the interface"
+    );
+    let removed = moat::segment::uninstall(&pins.pins).unwrap();
+    assert!(removed > 0);
+    assert!(
+        !guard.pins().dir().exists(),
+        "uninstall removes the guard's pins"
+    );
+}
+
 /// 1,000 policy flips while the gateway runs TCP round trips and the rogue host sends UDP:
 /// the gateway is allowed by both policies and must never fail; the rogue host is denied by
 /// both and must never get a datagram through.

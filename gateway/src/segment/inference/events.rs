@@ -90,8 +90,13 @@ impl Default for Limiter {
 impl Limiter {
     pub const PER_SECOND: u32 = 200;
 
-    pub fn log(&mut self, deny: &IngressDeny) {
-        if self.window.elapsed() >= Duration::from_secs(1) {
+    /// Logs `deny` unless this second's quota is spent; returns whether it was logged.
+    pub fn log(&mut self, deny: &IngressDeny) -> bool {
+        self.log_at(deny, Instant::now())
+    }
+
+    fn log_at(&mut self, deny: &IngressDeny, now: Instant) -> bool {
+        if now.duration_since(self.window) >= Duration::from_secs(1) {
             if self.suppressed > 0 {
                 tracing::warn!(
                     event = "kernel_ingress_deny_suppressed",
@@ -99,15 +104,74 @@ impl Limiter {
                     "ingress deny events not logged individually (rate limit)"
                 );
             }
-            self.window = Instant::now();
+            self.window = now;
             self.logged = 0;
             self.suppressed = 0;
         }
         if self.logged < Self::PER_SECOND {
             self.logged += 1;
             deny.log();
+            true
         } else {
             self.suppressed += 1;
+            false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(protocol: u8, family: u8) -> Vec<u8> {
+        let ev = IngressDenyEvent {
+            ifindex: 7,
+            src_port: 40000,
+            dst_port: 8000,
+            hook: IngressHook::Tc as u8,
+            protocol,
+            family,
+            _pad: 0,
+            src: [192, 0, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            dst: [192, 0, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        };
+        // SAFETY: plain old data viewed as bytes.
+        unsafe {
+            std::slice::from_raw_parts(
+                (&ev as *const IngressDenyEvent).cast::<u8>(),
+                size_of_val(&ev),
+            )
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn decodes_a_record() {
+        let d = IngressDeny::decode(&record(17, 4)).unwrap();
+        assert_eq!(d.hook, "tc");
+        assert_eq!(d.protocol, "udp");
+        assert_eq!(d.src_addr.to_string(), "192.0.2.1");
+        assert_eq!((d.src_port, d.dst_port, d.ifindex), (40000, 8000, 7));
+        assert!(
+            IngressDeny::decode(&record(6, 9)).is_none(),
+            "unknown family"
+        );
+        assert!(
+            IngressDeny::decode(&record(6, 4)[..10]).is_none(),
+            "short record"
+        );
+    }
+
+    #[test]
+    fn a_flood_is_logged_at_most_per_second_quota() {
+        let d = IngressDeny::decode(&record(6, 4)).unwrap();
+        let mut l = Limiter::default();
+        let t0 = l.window;
+        let logged = (0..500).filter(|_| l.log_at(&d, t0)).count();
+        assert_eq!(logged, Limiter::PER_SECOND as usize);
+        assert_eq!(l.suppressed, 500 - Limiter::PER_SECOND as u64);
+        // The next second starts a new quota.
+        assert!(l.log_at(&d, t0 + Duration::from_millis(1001)));
+        assert_eq!(l.suppressed, 0);
     }
 }

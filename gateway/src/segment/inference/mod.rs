@@ -290,7 +290,9 @@ impl Guard {
                 let ring = guard.get_inner_mut();
                 while let Some(item) = ring.next() {
                     match IngressDeny::decode(&item) {
-                        Some(deny) => limiter.log(&deny),
+                        Some(deny) => {
+                            limiter.log(&deny);
+                        }
                         None => tracing::warn!(len = item.len(), "undecodable ingress deny event"),
                     }
                 }
