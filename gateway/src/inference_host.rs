@@ -64,19 +64,19 @@ pub fn check_reload(guard: &Option<Guard>, old: &Config, new: &Config) -> Result
     crate::segment::inference::check_reload(guard.is_some(), wanted(new))
 }
 
-/// Applies `new`'s guard policy and attachments to the running guard (after
-/// [`check_reload`]). The policy flip is atomic; errors are logged.
-pub fn reload(guard: &mut Option<Guard>, new: &Config) {
-    if let (Some(g), Some(want)) = (guard.as_mut(), wanted(new)) {
-        match g.apply(want) {
-            Ok(()) => info!(
-                model_ports = ?want.model_ports,
-                allowed_gateways = want.allowed.len(),
-                "inference guard reloaded"
-            ),
-            Err(e) => error!(error = %format!("{e:#}"), "inference guard reload failed"),
-        }
+/// Applies `config`'s guard policy and attachments to the running guard (after
+/// [`check_reload`]), all or nothing (see [`Guard::apply`]): on an error the running guard
+/// stays as it was.
+pub fn apply(guard: &mut Option<Guard>, config: &Config) -> Result<()> {
+    if let (Some(g), Some(want)) = (guard.as_mut(), wanted(config)) {
+        g.apply(want)?;
+        info!(
+            model_ports = ?want.model_ports,
+            allowed_gateways = want.allowed.len(),
+            "inference guard reloaded"
+        );
     }
+    Ok(())
 }
 
 /// Runs an inference host: the guard alone, until SIGTERM/SIGINT.
@@ -108,7 +108,9 @@ pub fn run(config: Config) -> Result<()> {
                         error!(error = %format!("{e:#}"), "config reload refused; the running config stays");
                         continue;
                     }
-                    reload(&mut guard, &new);
+                    if let Err(e) = apply(&mut guard, &new) {
+                        error!(error = %format!("{e:#}"), "config reload refused: the inference guard does not apply; the running guard stays");
+                    }
                 }
                 _ = term.recv() => break,
                 _ = int.recv() => break,

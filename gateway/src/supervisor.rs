@@ -269,6 +269,12 @@ impl Supervisor {
             error!(error = %format!("{e:#}"), "config reload refused; the running config stays");
             return;
         }
+        // The guard first: it applies all or nothing, and is rolled back below if the rest of
+        // the reload is refused.
+        if let Err(e) = inference_host::apply(&mut self.guard, &new) {
+            error!(error = %format!("{e:#}"), "config reload refused: the inference guard does not apply; the running config stays");
+            return;
+        }
         let old_policy = policy(&self.config, self.gateway);
         let new_policy = policy(&new, self.gateway);
         if let Some(enforcer) = self.enforcer.as_mut()
@@ -276,6 +282,7 @@ impl Supervisor {
         {
             error!(error = %format!("{e:#}"), "config reload refused: the kernel policy does not apply; the old one stays");
             let _ = enforcer.apply(&old_policy);
+            self.restore_guard();
             return;
         }
         let outcome = apply(worker, &new).await;
@@ -288,20 +295,30 @@ impl Supervisor {
         }
         match outcome {
             Ok(FromWorker::Applied) => {
-                inference_host::reload(&mut self.guard, &new);
                 info!(
                     destinations = new_policy.destinations.len(),
                     "config reloaded: routing and kernel policy"
                 );
                 self.config = new;
             }
-            Ok(FromWorker::Refused { error }) => error!(
-                error,
-                "config reload refused by the worker; the running config stays"
-            ),
-            Err(e) => {
-                error!(error = %format!("{e:#}"), "config reload failed; the running config stays")
+            Ok(FromWorker::Refused { error }) => {
+                error!(
+                    error,
+                    "config reload refused by the worker; the running config stays"
+                );
+                self.restore_guard();
             }
+            Err(e) => {
+                error!(error = %format!("{e:#}"), "config reload failed; the running config stays");
+                self.restore_guard();
+            }
+        }
+    }
+
+    /// Puts the running config's guard policy back after a refused reload.
+    fn restore_guard(&mut self) {
+        if let Err(e) = inference_host::apply(&mut self.guard, &self.config) {
+            error!(error = %format!("{e:#}"), "cannot restore the inference guard after a refused reload");
         }
     }
 }

@@ -541,6 +541,25 @@ fn daemon_runs_the_guard_on_an_inference_host() {
         tcp_echo(&lab.gateway, gw_to, DROP_WAIT).0,
         Outcome::TimedOut
     );
+    // A valid file whose guard cannot attach (no such interface) changes nothing either:
+    // not the allowlist it carries, not the links.
+    let both_with_missing_if = guard_toml(port, &[&gw4], "both", &["nosuchif0"]);
+    write_cfg(&both_with_missing_if);
+    hup(&daemon);
+    let failed = wait_for_log(&log1, "the inference guard does not apply");
+    assert!(
+        failed["error"].as_str().unwrap().contains("nosuchif0"),
+        "{failed}"
+    );
+    assert_eq!(tcp_echo(&lab.rogue, rogue_to, OK_WAIT).0, Outcome::Echoed);
+    assert_eq!(
+        tcp_echo(&lab.gateway, gw_to, DROP_WAIT).0,
+        Outcome::TimedOut
+    );
+    assert_eq!(
+        status(&cfg)["inference"]["links"],
+        before["inference"]["links"]
+    );
     std::fs::write(&cfg, good).unwrap();
 
     // SIGKILL: nothing is cleaned up, the last policy holds.
@@ -712,6 +731,43 @@ fn gateway_and_guard_on_one_host_reload_together() {
     assert_eq!(
         tcp_echo(&lab.gateway, gw_to, DROP_WAIT).0,
         Outcome::TimedOut
+    );
+}
+
+/// Fail closed: a guard the config asks for that cannot attach stops `moat serve` from
+/// starting, with a message that names the cause, and leaves nothing pinned.
+#[test]
+fn daemon_refuses_to_start_when_the_guard_cannot_attach() {
+    require_root();
+    let model = PortReservation::new();
+    let lab = Lab::new();
+    let pins = TestPins::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("moat.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[segmentation]\npin_root = \"{}\"\n{}",
+            pins.root.display(),
+            guard_toml(model.port, &[], "tc", &["nosuchif0"])
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("serve.log");
+    let mut daemon = start_daemon(&lab, &cfg, &log);
+    let status = daemon.0.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !status.success(),
+        "moat serve must refuse to start:\n{text}"
+    );
+    assert!(
+        text.contains("the inference guard is required") && text.contains("nosuchif0"),
+        "{text}"
+    );
+    assert!(
+        !GuardPins::new(&pins.pins).dir().exists(),
+        "nothing half-installed is left behind"
     );
 }
 

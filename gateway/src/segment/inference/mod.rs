@@ -233,22 +233,55 @@ impl Guard {
         }
     }
 
-    /// Applies a reloaded config: the new policy first (one atomic flip), then the links.
+    /// Applies a reloaded config, all or nothing: new links are attached first (they run the
+    /// old policy until the flip), then the new policy is made active with one atomic flip,
+    /// then links no longer wanted are detached. If an attach or the policy write fails, the
+    /// links attached by this call are detached again and the old policy stays.
     pub fn apply(&mut self, guard: &InferenceGuard) -> Result<()> {
-        self.maps.apply(&GuardPolicy::from_config(guard))?;
-        self.reconcile(&Attachment::wanted(guard))
+        let wanted = Attachment::wanted(guard);
+        let added = self.attach_missing(&wanted)?;
+        if let Err(e) = self.maps.apply(&GuardPolicy::from_config(guard)) {
+            self.roll_back(&added);
+            return Err(e);
+        }
+        self.detach_unwanted(&wanted)
     }
 
     /// Attaches what is wanted but not pinned, then removes pinned links no longer wanted.
     fn reconcile(&mut self, wanted: &[Attachment]) -> Result<()> {
+        self.attach_missing(wanted)?;
+        self.detach_unwanted(wanted)
+    }
+
+    /// Attaches every wanted link that is not pinned yet; on a failure, detaches the ones this
+    /// call attached and returns the error. Returns what it attached.
+    fn attach_missing(&mut self, wanted: &[Attachment]) -> Result<Vec<Attachment>> {
         let pinned = self.pins.links();
+        let mut added = Vec::new();
         for at in wanted {
-            if !pinned.contains(at) {
-                attach(&self.pins, at)?;
-                info!(attachment = %at, "inference guard attached");
+            if pinned.contains(at) {
+                continue;
+            }
+            if let Err(e) = attach(&self.pins, at) {
+                self.roll_back(&added);
+                return Err(e);
+            }
+            info!(attachment = %at, "inference guard attached");
+            added.push(at.clone());
+        }
+        Ok(added)
+    }
+
+    fn roll_back(&mut self, added: &[Attachment]) {
+        for at in added {
+            if let Err(e) = detach(&self.pins, at) {
+                tracing::error!(attachment = %at, error = %format!("{e:#}"), "cannot roll back a guard link");
             }
         }
-        for at in pinned {
+    }
+
+    fn detach_unwanted(&mut self, wanted: &[Attachment]) -> Result<()> {
+        for at in self.pins.links() {
             if !wanted.contains(&at) {
                 detach(&self.pins, &at)?;
                 info!(attachment = %at, "inference guard detached (no longer in the config)");
