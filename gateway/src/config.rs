@@ -455,11 +455,10 @@ fn validate_guard(g: &InferenceGuardConfig) -> Result<InferenceGuard, (String, S
         }
         ports.push(p);
     }
-    if ports.len() > moat_common::guard::MAX_PORTS as usize {
-        return Err(e(
-            "model_ports",
-            format!("at most {} ports", moat_common::guard::MAX_PORTS),
-        ));
+    // One entry of the kernel's port map is the "guards something" marker.
+    let max_ports = moat_common::guard::MAX_PORTS as usize - 1;
+    if ports.len() > max_ports {
+        return Err(e("model_ports", format!("at most {max_ports} ports")));
     }
     let mut allowed = Vec::new();
     for (i, entry) in g.allowed_gateways.iter().enumerate() {

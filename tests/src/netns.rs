@@ -306,6 +306,16 @@ impl Echo {
         }
     }
 
+    /// How many UDP datagrams came from `ip` so far.
+    pub fn udp_count_from(&self, ip: IpAddr) -> usize {
+        self.udp_sources
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.ip() == ip)
+            .count()
+    }
+
     /// Source addresses of every UDP datagram received so far (IPv4 sources as IPv4).
     pub fn udp_sources(&self) -> BTreeSet<IpAddr> {
         self.udp_sources

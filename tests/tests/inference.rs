@@ -285,6 +285,30 @@ fn tc_guard_covers_exactly_its_interfaces() {
             .any(|e| e.protocol == "tcp" && e.src_addr.to_string() == Lab::ROGUE4)
     );
 
+    // IPv6 extension headers do not hide the port: a destination-options or hop-by-hop header
+    // in front of UDP is walked over, for the gateway (passes) and the rogue host (dropped).
+    for (name, opt) in [
+        ("destination options", libc::IPV6_DSTOPTS),
+        ("hop-by-hop", libc::IPV6_HOPOPTS),
+    ] {
+        assert_eq!(
+            udp_echo_with_ext(&lab.gateway, sa(Lab::INF_GW6, port), opt),
+            Outcome::Echoed,
+            "gateway UDP with a {name} header"
+        );
+        let before = guard.maps().counters().unwrap()[3];
+        assert_eq!(
+            udp_echo_with_ext(&lab.rogue, sa(Lab::INF_ROGUE6, port), opt),
+            Outcome::TimedOut,
+            "rogue UDP with a {name} header"
+        );
+        assert!(
+            guard.maps().counters().unwrap()[3] > before,
+            "the tc hook dropped it"
+        );
+    }
+    assert!(!echo.udp_sources().contains(&Lab::ROGUE6.parse().unwrap()));
+
     // Listing `lo` too brings loopback under the guard.
     let with_lo = guard_config(
         port,
@@ -361,6 +385,117 @@ fn tc_guard_uninstalls_after_its_interface_is_gone() {
         !guard.pins().dir().exists(),
         "uninstall removes the guard's pins"
     );
+}
+
+/// A UDP datagram behind five IPv6 destination-options headers — one more than the TC hook
+/// walks — would hide its port from it. The hook refuses such chains while it guards a port
+/// (the same datagram reaches the server when no guard is attached: the control).
+#[test]
+fn tc_guard_refuses_header_chains_it_cannot_walk() {
+    require_root();
+    let model = PortReservation::new();
+    let port = model.port;
+    let lab = Lab::new();
+    let echo = Echo::start(&lab.inference, port);
+    let pins = TestPins::new();
+    let rogue6: std::net::Ipv6Addr = Lab::ROGUE6.parse().unwrap();
+    let send = || {
+        let packet = udp6_behind_dstopts(rogue6, Lab::INF_ROGUE6.parse().unwrap(), port, 5);
+        lab.rogue
+            .run(|| send_raw6(&packet, Lab::INF_ROGUE6.parse().unwrap()));
+        std::thread::sleep(Duration::from_millis(300));
+        echo.udp_count_from(rogue6.into())
+    };
+    assert_eq!(send(), 1, "control: without a guard the datagram arrives");
+
+    let gw = host(Lab::GW6, 128);
+    let cfg = guard_config(port, &[&gw], "tc", &[Lab::IF_FROM_ROGUE]);
+    let guard = lab
+        .inference
+        .run(|| Guard::install_or_adopt(&pins.pins, &cfg))
+        .unwrap();
+    let dropped = guard.maps().counters().unwrap()[3];
+    assert_eq!(
+        send(),
+        1,
+        "the guarded port is not reached behind a long header chain"
+    );
+    assert!(guard.maps().counters().unwrap()[3] > dropped);
+    let events = drain(&guard);
+    let ev = events
+        .iter()
+        .find(|e| e.src_addr == std::net::IpAddr::from(rogue6))
+        .unwrap_or_else(|| panic!("no deny event in {events:?}"));
+    assert_eq!((ev.hook, ev.protocol), ("tc", "other"));
+}
+
+/// An IPv6 packet from `src` to `dst`: `n` destination-options headers (8 bytes each, PadN),
+/// then UDP to `port` with a correct checksum and the payload `ping`.
+fn udp6_behind_dstopts(
+    src: std::net::Ipv6Addr,
+    dst: std::net::Ipv6Addr,
+    port: u16,
+    n: usize,
+) -> Vec<u8> {
+    let payload = b"ping";
+    let udp_len = 8 + payload.len();
+    let mut p = vec![0x60, 0, 0, 0];
+    p.extend_from_slice(&((n * 8 + udp_len) as u16).to_be_bytes());
+    p.push(if n == 0 { 17 } else { 60 });
+    p.push(64);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    for i in 0..n {
+        p.extend_from_slice(&[if i + 1 == n { 17 } else { 60 }, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&40001u16.to_be_bytes());
+    udp.extend_from_slice(&port.to_be_bytes());
+    udp.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+    // Checksum over the pseudo-header (addresses, length, next header) and the datagram.
+    let mut sum: u32 = 0;
+    let mut add = |bytes: &[u8]| {
+        for c in bytes.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+        }
+    };
+    add(&src.octets());
+    add(&dst.octets());
+    add(&(udp_len as u32).to_be_bytes());
+    add(&[0, 0, 0, 17]);
+    add(&udp);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let check = !(sum as u16);
+    udp[6..8].copy_from_slice(&(if check == 0 { 0xffff } else { check }).to_be_bytes());
+    p.extend_from_slice(&udp);
+    p
+}
+
+/// Sends a complete IPv6 packet (header included) from the calling thread's namespace.
+fn send_raw6(packet: &[u8], to: std::net::Ipv6Addr) {
+    // SAFETY: plain socket calls with valid buffers; the fd is closed before returning.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_RAW);
+        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
+        sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+        sa.sin6_addr.s6_addr = to.octets();
+        let r = libc::sendto(
+            fd,
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            (&sa as *const libc::sockaddr_in6).cast(),
+            size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        );
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        assert_eq!(r, packet.len() as isize, "sendto: {err}");
+    }
 }
 
 /// 1,000 policy flips while the gateway runs TCP round trips and the rogue host sends UDP:
@@ -620,6 +755,44 @@ fn daemon_runs_the_guard_on_an_inference_host() {
         !GuardPins::new(&pins.pins).dir().exists(),
         "uninstall removes the pins"
     );
+}
+
+/// One UDP datagram over IPv6 carrying an extension header (`IPV6_DSTOPTS` or
+/// `IPV6_HOPOPTS`: 8 bytes, one PadN option), waiting for the echo.
+fn udp_echo_with_ext(ns: &moat_tests::netns::Netns, to: std::net::SocketAddr, opt: i32) -> Outcome {
+    use std::os::fd::AsRawFd;
+    ns.run(|| {
+        let s = std::net::UdpSocket::bind("[::]:0").unwrap();
+        // next header (set by the kernel), length 0 (= 8 bytes), PadN with 4 bytes of padding.
+        let ext: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];
+        // SAFETY: a valid socket and option buffer.
+        let r = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                opt,
+                ext.as_ptr().cast(),
+                ext.len() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "setsockopt: {}", std::io::Error::last_os_error());
+        s.set_read_timeout(Some(DROP_WAIT)).unwrap();
+        s.send_to(b"ping", to).unwrap();
+        let mut buf = [0u8; 16];
+        match s.recv_from(&mut buf) {
+            Ok((4, _)) if &buf[..4] == b"ping" => Outcome::Echoed,
+            Ok(_) => Outcome::Error(-1),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Outcome::TimedOut
+            }
+            Err(e) => Outcome::Error(e.raw_os_error().unwrap_or(-1)),
+        }
+    })
 }
 
 /// How many tcx ingress programs are attached to `ifname` in the lab's inference namespace.

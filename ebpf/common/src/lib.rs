@@ -154,8 +154,11 @@ pub mod guard {
     /// Ring buffer size for ingress deny events.
     pub const EVENTS_BYTES: u32 = 256 * 1024;
 
-    /// Value of a guarded-port entry: the port is guarded (there are no other flags yet).
+    /// Value of a guarded-port entry: the port is guarded.
     pub const PORT_GUARDED: u32 = 1;
+    /// Key 0 (never a model port) marks a slot that guards at least one port, with this value;
+    /// the TC hook refuses packets it cannot fully parse only then.
+    pub const ANY_PORT_GUARDED: u32 = 2;
 
     /// Key of the IPv4 allowed-source tries: the model port (destination, matched exactly as
     /// the first 16 bits of the prefix) and the source prefix, both in network byte order.

@@ -18,8 +18,8 @@ use aya_ebpf::{
 use moat_common::{
     PORT_PREFIX_BITS,
     guard::{
-        COUNTERS, EVENTS_BYTES, EVENTS_LOST_COUNTER, IngressDenyEvent, IngressHook, MAX_PORTS,
-        MAX_SOURCES, Source4, Source6, counter_index,
+        ANY_PORT_GUARDED, COUNTERS, EVENTS_BYTES, EVENTS_LOST_COUNTER, IngressDenyEvent,
+        IngressHook, MAX_PORTS, MAX_SOURCES, PORT_GUARDED, Source4, Source6, counter_index,
     },
 };
 
@@ -94,10 +94,16 @@ pub fn guard_tc(ctx: TcContext) -> i32 {
     let Some(pkt) = parse_frame(skb) else {
         return TC_ACT_UNSPEC;
     };
+    let slot = active_slot();
+    // An IPv6 header chain longer than the guard walks could hide a model port behind it:
+    // refused while any port is guarded (legitimate traffic does not stack that many).
+    if pkt.opaque && any_guarded(slot) {
+        deny(IngressHook::Tc, ifindex, &pkt);
+        return TC_ACT_SHOT as i32;
+    }
     if pkt.dst_port == 0 {
         return TC_ACT_UNSPEC;
     }
-    let slot = active_slot();
     if !guarded(slot, pkt.dst_port) {
         return TC_ACT_UNSPEC;
     }
@@ -110,9 +116,11 @@ pub fn guard_tc(ctx: TcContext) -> i32 {
 }
 
 /// What the guard reads from a packet. Addresses in network byte order, ports in host order
-/// (0 when not found), family 0 when the IP header could not be read.
+/// (0 when not found), family 0 when the IP header could not be read; `opaque` when the IPv6
+/// extension headers go on past the ones the guard walks.
 #[derive(Clone, Copy)]
 struct Packet {
+    opaque: bool,
     family: u8,
     protocol: u8,
     src_port: u16,
@@ -124,6 +132,7 @@ struct Packet {
 impl Packet {
     const fn unknown() -> Packet {
         Packet {
+            opaque: false,
             family: 0,
             protocol: 0,
             src_port: 0,
@@ -200,6 +209,10 @@ fn parse_ip(skb: &SkBuff, off: usize) -> Option<Packet> {
                 i += 1;
             }
             pkt.protocol = next;
+            if matches!(next, 0 | 43 | 44 | 60) {
+                pkt.opaque = true;
+                return Some(pkt);
+            }
             l4 = at;
             // `::ffff:a.b.c.d` is the IPv4 host a.b.c.d: judged by the IPv4 allowlist.
             if pkt.src[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] {
@@ -227,16 +240,29 @@ fn active_slot() -> u32 {
     }
 }
 
+/// The flags of `port` in the slot's port map (0: not there).
+#[inline(always)]
+fn port_flags(slot: u32, port: u16) -> u32 {
+    // SAFETY: the value is only read, and map values stay valid during the program run.
+    let v = unsafe {
+        if slot == 0 {
+            PORTS_0.get(&port)
+        } else {
+            PORTS_1.get(&port)
+        }
+    };
+    v.copied().unwrap_or(0)
+}
+
 #[inline(always)]
 fn guarded(slot: u32, port: u16) -> bool {
-    // SAFETY: the value is only read, and map values stay valid during the program run.
-    unsafe {
-        if slot == 0 {
-            PORTS_0.get(&port).is_some()
-        } else {
-            PORTS_1.get(&port).is_some()
-        }
-    }
+    port_flags(slot, port) == PORT_GUARDED
+}
+
+/// Whether the slot guards any port at all (key 0 is the daemon's marker).
+#[inline(always)]
+fn any_guarded(slot: u32) -> bool {
+    port_flags(slot, 0) == ANY_PORT_GUARDED
 }
 
 #[inline(always)]

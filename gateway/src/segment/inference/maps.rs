@@ -8,7 +8,7 @@ use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf, lpm
 use ipnet::IpNet;
 use moat_common::{
     PORT_PREFIX_BITS,
-    guard::{COUNTERS, PORT_GUARDED, Source4, Source6},
+    guard::{ANY_PORT_GUARDED, COUNTERS, PORT_GUARDED, Source4, Source6},
 };
 
 use super::{
@@ -71,6 +71,9 @@ impl GuardMaps {
                 .insert(port, PORT_GUARDED, 0)
                 .with_context(|| format!("cannot guard port {port}"))?;
         }
+        if !policy.ports.is_empty() {
+            self.ports[idle].insert(0, ANY_PORT_GUARDED, 0)?;
+        }
         for &(port, net) in &policy.sources {
             let len = PORT_PREFIX_BITS + u32::from(net.prefix_len());
             let port_be = port.to_be_bytes();
@@ -109,7 +112,11 @@ impl GuardMaps {
         let slot = self.active_slot()? as usize;
         let mut policy = GuardPolicy::default();
         for port in self.ports[slot].keys() {
-            policy.ports.insert(port?);
+            let port = port?;
+            // Key 0 is the "guards something" marker, not a port.
+            if port != 0 {
+                policy.ports.insert(port);
+            }
         }
         for key in self.src4[slot].keys() {
             let key = key?;
