@@ -121,7 +121,7 @@ impl Status {
             let partial = self.links.iter().any(|l| l.pinned);
             return writeln!(
                 f,
-                "enforcement: {}",
+                "gateway enforcement: {}",
                 if partial {
                     "INCOMPLETE (restart the daemon or uninstall)"
                 } else {
@@ -131,7 +131,7 @@ impl Status {
         }
         writeln!(
             f,
-            "enforcement: installed (active policy slot {})",
+            "gateway enforcement: installed (active policy slot {})",
             self.active_slot.unwrap_or(0)
         )?;
         for l in &self.links {
