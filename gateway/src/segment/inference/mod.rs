@@ -164,10 +164,6 @@ impl GuardPins {
             && IngressHook::ALL.iter().all(|h| self.program(*h).exists())
     }
 
-    pub fn any(&self) -> bool {
-        self.dir.exists()
-    }
-
     /// The links pinned now.
     pub fn links(&self) -> Vec<Attachment> {
         let mut out: Vec<Attachment> = std::fs::read_dir(self.dir.join("links"))
