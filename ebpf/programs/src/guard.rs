@@ -4,7 +4,8 @@
 //! every socket of the machine, loopback included) and `guard_tc` (TC/tcx ingress on the
 //! interfaces the operator lists). A packet to a guarded model port passes only when its source
 //! lies in an allowed gateway prefix for that port; with no prefix for a port, nothing reaches
-//! it. Packets to other ports are not looked at beyond the port.
+//! it. Packets to other ports are not looked at beyond the port — except, on TC, an IPv6
+//! header chain longer than the guard walks, which could hide a guarded port and is refused.
 //!
 //! The policy is double-buffered like the gateway side's: per slot a port map and two
 //! allowed-source tries; the daemon fills the idle slot and flips `MOAT_IN_ACTIVE`.
