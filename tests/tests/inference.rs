@@ -498,6 +498,127 @@ fn send_raw6(packet: &[u8], to: std::net::Ipv6Addr) {
     }
 }
 
+/// Gateway TCP round trips and rogue UDP datagrams to the model port, in loops on threads
+/// inside their namespaces, until [`Traffic::stop`].
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    sent: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(lab: &Lab, port: u16) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed, sent) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let gateway = {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            let to = sa(Lab::INF_GW4, port);
+            lab.gateway.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let round_trip = TcpStream::connect_timeout(&to, OK_WAIT).and_then(|mut s| {
+                        s.set_read_timeout(Some(OK_WAIT))?;
+                        s.write_all(b"ping")?;
+                        let mut buf = [0u8; 4];
+                        s.read_exact(&mut buf)
+                    });
+                    match round_trip {
+                        Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        };
+        let rogue = {
+            let (stop, sent) = (stop.clone(), sent.clone());
+            let to = sa(Lab::INF_ROGUE4, port);
+            lab.rogue.spawn(move || {
+                let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    if s.send_to(b"ping", to).is_ok() {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            })
+        };
+        Traffic {
+            stop,
+            ok,
+            failed,
+            sent,
+            threads: vec![gateway, rogue],
+        }
+    }
+
+    /// Stops the loops; returns (gateway round trips ok, failed, rogue datagrams sent).
+    fn stop(mut self) -> (u64, u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            t.join().unwrap();
+        }
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            self.sent.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// An upgrade adopts with no gap: 20 back-to-back install-or-adopt runs (each reuses the pinned
+/// maps and switches the pinned link to a freshly loaded program) while the gateway runs TCP
+/// round trips and the rogue host sends UDP: no gateway failure, no rogue datagram through,
+/// the same link throughout.
+#[test]
+fn adopting_again_and_again_leaves_no_gap() {
+    require_root();
+    let model = PortReservation::new();
+    let port = model.port;
+    let lab = Lab::new();
+    let echo = Echo::start(&lab.inference, port);
+    let pins = TestPins::new();
+    let gw = host(Lab::GW4, 32);
+    let cfg = guard_config(port, &[&gw], "cgroup_skb", &[]);
+    let first = Guard::install_or_adopt(&pins.pins, &cfg).unwrap();
+    let link_of = || {
+        let st = moat::segment::status(&pins.pins).unwrap();
+        let l = &st.inference.links[0];
+        (l.link_id.unwrap(), l.program_id.unwrap())
+    };
+    let (link, mut program) = link_of();
+    drop(first);
+
+    let traffic = Traffic::start(&lab, port);
+    std::thread::sleep(Duration::from_millis(100));
+    for _ in 0..20 {
+        let g = Guard::install_or_adopt(&pins.pins, &cfg).unwrap();
+        assert!(g.adopted());
+        let (l, p) = link_of();
+        assert_eq!(l, link, "the same link");
+        assert_ne!(p, program, "switched to the new program");
+        program = p;
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let (ok, failed, sent) = traffic.stop();
+    assert!(
+        ok > 10 && sent > 10,
+        "too little traffic: {ok} round trips, {sent} datagrams"
+    );
+    assert_eq!(
+        failed, 0,
+        "gateway round trips failed during adoption ({ok} ok)"
+    );
+    assert!(
+        !echo.udp_sources().contains(&Lab::ROGUE4.parse().unwrap()),
+        "a rogue datagram got through during adoption"
+    );
+}
+
 /// 1,000 policy flips while the gateway runs TCP round trips and the rogue host sends UDP:
 /// the gateway is allowed by both policies and must never fail; the rogue host is denied by
 /// both and must never get a datagram through.
@@ -519,43 +640,7 @@ fn guard_policy_flips_never_change_a_shared_verdict() {
     );
     let mut guard = Guard::install_or_adopt(&pins.pins, &a).unwrap();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed, sent) = (
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let gateway = {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        let to = sa(Lab::INF_GW4, port);
-        lab.gateway.spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let round_trip = TcpStream::connect_timeout(&to, OK_WAIT).and_then(|mut s| {
-                    s.set_read_timeout(Some(OK_WAIT))?;
-                    s.write_all(b"ping")?;
-                    let mut buf = [0u8; 4];
-                    s.read_exact(&mut buf)
-                });
-                match round_trip {
-                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
-                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
-                };
-            }
-        })
-    };
-    let rogue = {
-        let (stop, sent) = (stop.clone(), sent.clone());
-        let to = sa(Lab::INF_ROGUE4, port);
-        lab.rogue.spawn(move || {
-            let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-            while !stop.load(Ordering::Relaxed) {
-                if s.send_to(b"ping", to).is_ok() {
-                    sent.fetch_add(1, Ordering::Relaxed);
-                }
-                std::thread::sleep(Duration::from_micros(200));
-            }
-        })
-    };
+    let traffic = Traffic::start(&lab, port);
     // Let both loops run before the first flip.
     std::thread::sleep(Duration::from_millis(100));
     let started = Instant::now();
@@ -564,15 +649,7 @@ fn guard_policy_flips_never_change_a_shared_verdict() {
     }
     let flipping = started.elapsed();
     std::thread::sleep(Duration::from_millis(100));
-    stop.store(true, Ordering::Relaxed);
-    gateway.join().unwrap();
-    rogue.join().unwrap();
-
-    let (ok, failed, sent) = (
-        ok.load(Ordering::Relaxed),
-        failed.load(Ordering::Relaxed),
-        sent.load(Ordering::Relaxed),
-    );
+    let (ok, failed, sent) = traffic.stop();
     assert!(
         ok > 10,
         "too few gateway round trips ({ok}) during {flipping:?}"
