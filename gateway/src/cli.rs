@@ -32,6 +32,14 @@ pub enum Command {
         #[command(subcommand)]
         command: SegmentCommand,
     },
+    /// The facts of this installation: kernel, BTF, mounts, which hooks can attach, what is
+    /// attached now, versions, paths, the service user. Exits non-zero on a problem that would
+    /// stop `moat serve`.
+    Doctor {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
@@ -109,12 +117,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        Command::Doctor { json } => {
+            let report = crate::doctor::run(&cli.config);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{report}");
+            }
+            if !report.ok {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         Command::Config {
             command: ConfigCommand::Check,
         } => {
             let config = Config::load(&cli.config)?;
             println!("{}: ok", config.path.display());
-            print!("{}", segment::Policy::from_config(&config));
+            if config.runs_gateway() {
+                print!("{}", segment::Policy::from_config(&config));
+            }
+            if let Some(guard) = &config.inference {
+                println!("inference guard ({:?}):", guard.attach);
+                print!("{}", segment::inference::GuardPolicy::from_config(guard));
+            }
         }
         Command::Users { command } => {
             crate::identity_cli::users(&store_config(&cli.config)?, command)?

@@ -32,8 +32,9 @@ use crate::{
     cgroup::Cgroup,
     config::{Config, SegmentationMode},
     control::{self, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SUPERVISOR_PID, FromWorker, ToWorker},
+    inference_host,
     privdrop::{DropPlan, ServiceUser, prepare_data_dir},
-    segment::{Enforcer, GatewayIdentity, Pins, Policy},
+    segment::{Enforcer, GatewayIdentity, Pins, Policy, inference::Guard},
 };
 
 /// How long a worker gets to apply a config before the supervisor gives up on it.
@@ -45,6 +46,8 @@ const BACKOFF_CAP: Duration = Duration::from_secs(30);
 const STABLE: Duration = Duration::from_secs(60);
 
 pub fn run(config: Config) -> Result<()> {
+    // A gateway that is also an inference host guards its own model ports too.
+    let guard = inference_host::start_guard(&config)?;
     let user = ServiceUser::lookup(&config.raw.server.user)?;
     prepare_data_dir(&config.data_dir, &user)?;
     let seg = config.segmentation();
@@ -85,7 +88,11 @@ pub fn run(config: Config) -> Result<()> {
         if let Some(e) = &enforcer {
             e.spawn_event_logger()?;
         }
+        if let Some(g) = &guard {
+            g.spawn_event_logger()?;
+        }
         Supervisor {
+            guard,
             config,
             user,
             cgroup,
@@ -111,6 +118,8 @@ struct Supervisor {
     cgroup: Cgroup,
     gateway: GatewayIdentity,
     enforcer: Option<Enforcer>,
+    /// The inference guard, when this host also serves models (`[segmentation.inference]`).
+    guard: Option<Guard>,
     listener: std::net::TcpListener,
 }
 
@@ -250,6 +259,16 @@ impl Supervisor {
             );
             return;
         }
+        if let Err(e) = inference_host::check_reload(&self.guard, &self.config, &new) {
+            error!(error = %format!("{e:#}"), "config reload refused; the running config stays");
+            return;
+        }
+        // The guard first: it applies all or nothing, and is rolled back below if the rest of
+        // the reload is refused.
+        if let Err(e) = inference_host::apply(&mut self.guard, &new) {
+            error!(error = %format!("{e:#}"), "config reload refused: the inference guard does not apply; the running config stays");
+            return;
+        }
         let old_policy = policy(&self.config, self.gateway);
         let new_policy = policy(&new, self.gateway);
         if let Some(enforcer) = self.enforcer.as_mut()
@@ -257,6 +276,7 @@ impl Supervisor {
         {
             error!(error = %format!("{e:#}"), "config reload refused: the kernel policy does not apply; the old one stays");
             let _ = enforcer.apply(&old_policy);
+            self.restore_guard();
             return;
         }
         let outcome = apply(worker, &new).await;
@@ -275,13 +295,24 @@ impl Supervisor {
                 );
                 self.config = new;
             }
-            Ok(FromWorker::Refused { error }) => error!(
-                error,
-                "config reload refused by the worker; the running config stays"
-            ),
-            Err(e) => {
-                error!(error = %format!("{e:#}"), "config reload failed; the running config stays")
+            Ok(FromWorker::Refused { error }) => {
+                error!(
+                    error,
+                    "config reload refused by the worker; the running config stays"
+                );
+                self.restore_guard();
             }
+            Err(e) => {
+                error!(error = %format!("{e:#}"), "config reload failed; the running config stays");
+                self.restore_guard();
+            }
+        }
+    }
+
+    /// Puts the running config's guard policy back after a refused reload.
+    fn restore_guard(&mut self) {
+        if let Err(e) = inference_host::apply(&mut self.guard, &self.config) {
+            error!(error = %format!("{e:#}"), "cannot restore the inference guard after a refused reload");
         }
     }
 }
