@@ -67,6 +67,9 @@ pub struct ServerConfig {
     /// Directory for the store and secrets; relative paths are taken from the config's folder.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
+    /// Largest request body the data plane reads; larger ones get 413 before any parsing.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -74,8 +77,13 @@ impl Default for ServerConfig {
         Self {
             listen: default_listen(),
             data_dir: default_data_dir(),
+            max_body_bytes: default_max_body_bytes(),
         }
     }
+}
+
+fn default_max_body_bytes() -> usize {
+    1024 * 1024
 }
 
 fn default_listen() -> SocketAddr {
@@ -99,6 +107,79 @@ pub struct PoolConfig {
     /// provider that other services on this host also use; the gateway may still reach it.
     #[serde(default = "yes")]
     pub protect: bool,
+    /// Speak TLS (rustls) to the hosts; the server name is the host as written.
+    #[serde(default)]
+    pub tls: bool,
+    /// PEM bundle of the CAs that may sign the hosts' certificates (with `tls`); without it,
+    /// the webpki roots are trusted.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Environment variable holding the credential sent upstream as `Authorization: Bearer`.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// File holding that credential instead (first line; relative to the config's folder).
+    #[serde(default)]
+    pub api_key_file: Option<PathBuf>,
+    /// TCP (and TLS) connect timeout per attempt.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// From the request being sent to the response head arriving. A non-streamed completion
+    /// only answers when it is done, so this bounds a whole generation.
+    #[serde(default = "default_first_byte_timeout_ms")]
+    pub first_byte_timeout_ms: u64,
+    /// Longest silence between two chunks of a response body.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Path of the active health check (`GET`, 2xx is healthy, the pool credential is sent).
+    #[serde(default = "default_health_path")]
+    pub health_path: String,
+    #[serde(default = "default_health_interval_ms")]
+    pub health_interval_ms: u64,
+    #[serde(default = "default_health_timeout_ms")]
+    pub health_timeout_ms: u64,
+    /// Consecutive failed requests after which a host is ejected (passive health).
+    #[serde(default = "default_eject_after_failures")]
+    pub eject_after_failures: u32,
+    /// First ejection period; it doubles on each ejection in a row, up to `eject_max_ms`.
+    #[serde(default = "default_eject_base_ms")]
+    pub eject_base_ms: u64,
+    #[serde(default = "default_eject_max_ms")]
+    pub eject_max_ms: u64,
+    /// Attempts per request, each on another host. Only failures where nothing reached the
+    /// upstream (connect refused or timed out) are retried.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    2_000
+}
+fn default_first_byte_timeout_ms() -> u64 {
+    120_000
+}
+fn default_idle_timeout_ms() -> u64 {
+    60_000
+}
+fn default_health_path() -> String {
+    "/v1/models".to_owned()
+}
+fn default_health_interval_ms() -> u64 {
+    5_000
+}
+fn default_health_timeout_ms() -> u64 {
+    2_000
+}
+fn default_eject_after_failures() -> u32 {
+    3
+}
+fn default_eject_base_ms() -> u64 {
+    1_000
+}
+fn default_eject_max_ms() -> u64 {
+    30_000
+}
+fn default_max_attempts() -> u32 {
+    3
 }
 
 fn default_provider() -> String {
@@ -117,6 +198,32 @@ pub struct ModelConfig {
     /// The model id the upstream expects; defaults to the public name.
     #[serde(default)]
     pub upstream_model: Option<String>,
+    /// Most entries in `messages` a chat request may carry.
+    #[serde(default = "default_max_messages")]
+    pub max_messages: usize,
+    /// Largest `max_tokens` / `max_completion_tokens`; also injected when a request sets none,
+    /// so no request can generate without bound.
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: u64,
+    /// Largest `n` (and `best_of`): each one is a whole generation on the GPU.
+    #[serde(default = "default_max_n")]
+    pub max_n: u64,
+    /// Most items in an embeddings `input` or a completions `prompt` array.
+    #[serde(default = "default_max_inputs")]
+    pub max_inputs: usize,
+}
+
+fn default_max_messages() -> usize {
+    256
+}
+fn default_max_tokens() -> u64 {
+    4096
+}
+fn default_max_n() -> u64 {
+    1
+}
+fn default_max_inputs() -> usize {
+    256
 }
 
 /// Whether the kernel side is required.
@@ -199,7 +306,29 @@ pub struct Pool {
     pub hosts: Vec<String>,
     /// Every address each host resolved to.
     pub addrs: Vec<SocketAddr>,
+    /// The addresses of `hosts[i]`, so the upstream client never needs DNS at run time.
+    pub host_addrs: Vec<Vec<SocketAddr>>,
     pub protect: bool,
+    /// The credential injected upstream, read when the config loads.
+    pub credential: Option<Secret>,
+    /// Trusted CAs for `tls` (DER), from `tls_ca_file`; `None` means the webpki roots.
+    pub tls_roots: Option<Vec<Vec<u8>>>,
+}
+
+/// A secret read from the config's sources: never printed by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
 }
 
 /// A loaded, validated config.
@@ -256,11 +385,98 @@ impl Config {
                 ));
             }
             let mut addrs = Vec::new();
+            let mut host_addrs = Vec::new();
             for (i, host) in pool.hosts.iter().enumerate() {
+                if pool.hosts[..i].contains(host) {
+                    return Err(err(
+                        &format!("{key}[{i}]"),
+                        format!("`{host}` is listed twice"),
+                    ));
+                }
                 let resolved =
                     resolve_host_port(host).map_err(|r| err(&format!("{key}[{i}]"), r))?;
-                addrs.extend(resolved);
+                addrs.extend(resolved.iter().copied());
+                host_addrs.push(resolved);
             }
+            let pkey = |k: &str| format!("pools.{name}.{k}");
+            for (k, v) in [
+                ("connect_timeout_ms", pool.connect_timeout_ms),
+                ("first_byte_timeout_ms", pool.first_byte_timeout_ms),
+                ("idle_timeout_ms", pool.idle_timeout_ms),
+                ("health_interval_ms", pool.health_interval_ms),
+                ("health_timeout_ms", pool.health_timeout_ms),
+                ("eject_after_failures", pool.eject_after_failures.into()),
+                ("eject_base_ms", pool.eject_base_ms),
+                ("eject_max_ms", pool.eject_max_ms),
+                ("max_attempts", pool.max_attempts.into()),
+            ] {
+                if v == 0 {
+                    return Err(err(&pkey(k), "must be at least 1".into()));
+                }
+            }
+            if pool.eject_max_ms < pool.eject_base_ms {
+                return Err(err(
+                    &pkey("eject_max_ms"),
+                    "must not be below `eject_base_ms`".into(),
+                ));
+            }
+            if !pool.health_path.starts_with('/') {
+                return Err(err(&pkey("health_path"), "must start with `/`".into()));
+            }
+            let credential = match (&pool.api_key_env, &pool.api_key_file) {
+                (Some(_), Some(_)) => {
+                    return Err(err(
+                        &pkey("api_key_file"),
+                        "set either `api_key_env` or `api_key_file`, not both".into(),
+                    ));
+                }
+                (Some(var), None) => match std::env::var(var) {
+                    Ok(v) if !v.trim().is_empty() => Some(Secret(v.trim().to_owned())),
+                    _ => {
+                        return Err(err(
+                            &pkey("api_key_env"),
+                            format!("environment variable `{var}` is not set or empty"),
+                        ));
+                    }
+                },
+                (None, Some(file)) => {
+                    let file = base.join(file);
+                    let text = std::fs::read_to_string(&file).map_err(|e| {
+                        err(
+                            &pkey("api_key_file"),
+                            format!("cannot read {}: {e}", file.display()),
+                        )
+                    })?;
+                    match text.lines().next().map(str::trim) {
+                        Some(v) if !v.is_empty() => Some(Secret(v.to_owned())),
+                        _ => {
+                            return Err(err(
+                                &pkey("api_key_file"),
+                                format!("{} is empty", file.display()),
+                            ));
+                        }
+                    }
+                }
+                (None, None) => None,
+            };
+            if credential
+                .as_ref()
+                .is_some_and(|c| c.0.bytes().any(|b| b.is_ascii_control()))
+            {
+                return Err(err(
+                    &pkey("api_key_env"),
+                    "the credential contains control characters".into(),
+                ));
+            }
+            let tls_roots = match &pool.tls_ca_file {
+                None => None,
+                Some(_) if !pool.tls => {
+                    return Err(err(&pkey("tls_ca_file"), "only with `tls = true`".into()));
+                }
+                Some(file) => {
+                    Some(read_ca_file(&base.join(file)).map_err(|r| err(&pkey("tls_ca_file"), r))?)
+                }
+            };
             pools.insert(
                 name.clone(),
                 Pool {
@@ -268,7 +484,10 @@ impl Config {
                     provider: pool.provider.clone(),
                     hosts: pool.hosts.clone(),
                     addrs,
+                    host_addrs,
                     protect: pool.protect,
+                    credential,
+                    tls_roots,
                 },
             );
         }
@@ -279,6 +498,28 @@ impl Config {
                     format!("no pool named `{}` (known: {})", model.pool, known(&pools)),
                 ));
             }
+            for (k, v) in [
+                ("max_messages", model.max_messages as u64),
+                ("max_tokens", model.max_tokens),
+                ("max_n", model.max_n),
+                ("max_inputs", model.max_inputs as u64),
+            ] {
+                if v == 0 {
+                    return Err(err(
+                        &format!("models.{name}.{k}"),
+                        "must be at least 1".into(),
+                    ));
+                }
+            }
+            if model.upstream_model.as_deref() == Some("") {
+                return Err(err(
+                    &format!("models.{name}.upstream_model"),
+                    "must not be empty".into(),
+                ));
+            }
+        }
+        if raw.server.max_body_bytes == 0 {
+            return Err(err("server.max_body_bytes", "must be at least 1".into()));
         }
 
         let seg = &raw.segmentation;
@@ -313,6 +554,22 @@ impl Config {
     pub fn segmentation(&self) -> &SegmentationConfig {
         &self.raw.segmentation
     }
+}
+
+/// Reads a PEM bundle of CA certificates (DER out), refusing a file with none.
+fn read_ca_file(path: &Path) -> Result<Vec<Vec<u8>>, String> {
+    use rustls_pki_types::{CertificateDer, pem::PemObject};
+    let mut out = Vec::new();
+    for cert in CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+    {
+        let cert = cert.map_err(|e| format!("{}: bad PEM: {e}", path.display()))?;
+        out.push(cert.to_vec());
+    }
+    if out.is_empty() {
+        return Err(format!("{} holds no certificate", path.display()));
+    }
+    Ok(out)
 }
 
 fn known<V>(map: &BTreeMap<String, V>) -> String {
@@ -467,6 +724,46 @@ mod tests {
         assert_eq!(e.key, "segmentation.gateway_cgroup");
         let e = load("[segmentation]\ngateway_cgroup = \"/abs\"\n").unwrap_err();
         assert_eq!(e.key, "segmentation.gateway_cgroup");
+    }
+
+    #[test]
+    fn data_plane_defaults_and_limits() {
+        let c = load("[pools.gpu]\nhosts = [\"127.0.0.1:8000\"]\n[models.m]\npool = \"gpu\"\n")
+            .unwrap();
+        let p = &c.raw.pools["gpu"];
+        assert_eq!(p.max_attempts, 3);
+        assert_eq!(p.health_path, "/v1/models");
+        assert_eq!(c.raw.models["m"].max_n, 1);
+        assert_eq!(c.raw.server.max_body_bytes, 1024 * 1024);
+        assert!(c.pools["gpu"].credential.is_none());
+        let e =
+            load("[pools.gpu]\nhosts = [\"127.0.0.1:8000\"]\nidle_timeout_ms = 0\n").unwrap_err();
+        assert_eq!(e.key, "pools.gpu.idle_timeout_ms");
+        let e =
+            load("[pools.gpu]\nhosts = [\"127.0.0.1:8000\", \"127.0.0.1:8000\"]\n").unwrap_err();
+        assert_eq!(e.key, "pools.gpu.hosts[1]");
+        let e = load(
+            "[pools.gpu]\nhosts = [\"127.0.0.1:8000\"]\napi_key_env = \"MOAT_TEST_SURELY_UNSET\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "pools.gpu.api_key_env");
+        let e = load("[pools.gpu]\nhosts = [\"127.0.0.1:8000\"]\ntls_ca_file = \"ca.pem\"\n")
+            .unwrap_err();
+        assert_eq!(e.key, "pools.gpu.tls_ca_file");
+    }
+
+    #[test]
+    fn credential_is_read_from_a_file_and_not_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("key"), "sk-upstream\n").unwrap();
+        let c = Config::from_str(
+            &dir.path().join("moat.toml"),
+            "[pools.gpu]\nhosts = [\"127.0.0.1:8000\"]\napi_key_file = \"key\"\n",
+        )
+        .unwrap();
+        let cred = c.pools["gpu"].credential.as_ref().unwrap();
+        assert_eq!(cred.expose(), "sk-upstream");
+        assert!(!format!("{c:?}").contains("sk-upstream"));
     }
 
     #[test]

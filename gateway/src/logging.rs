@@ -11,7 +11,9 @@ pub fn init() {
     let _ = fmt()
         .json()
         .flatten_event(true)
-        .with_current_span(false)
+        // The current span carries the request id, so every line of a request names it.
+        .with_current_span(true)
+        .with_span_list(false)
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();

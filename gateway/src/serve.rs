@@ -10,6 +10,7 @@ use tracing::info;
 use crate::{
     app::{self, AppState},
     config::Config,
+    proxy,
 };
 
 pub fn run(config: Config) -> anyhow::Result<()> {
@@ -22,7 +23,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let listen = config.raw.server.listen;
-    let state = Arc::new(AppState { config });
+    let state = Arc::new(AppState::new(config).context("cannot set up the upstream pools")?);
+    // Kept alive for as long as the server runs; dropping it stops the checks.
+    let _health = proxy::health::spawn(&state.pools, &state.upstreams);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
