@@ -55,6 +55,15 @@ impl ProxyBody {
         }
     }
 
+    /// The upstream body ended cleanly: the host did its job.
+    fn finish(&mut self) {
+        self.inner = None;
+        self.ended = true;
+        if let Some(lease) = &mut self.lease {
+            lease.success();
+        }
+    }
+
     /// Ends the response after an upstream failure: the upstream connection is dropped now;
     /// an event stream gets a last error event, any other body an error (the client sees the
     /// connection cut rather than a truncated JSON document it might trust).
@@ -112,10 +121,21 @@ impl Body for ProxyBody {
                         continue;
                     };
                     this.bytes += data.len() as u64;
+                    // A body of known length is never polled past its last byte, so its end
+                    // is recognised here rather than by a final `None`.
+                    let last = this.inner.as_ref().is_some_and(|i| i.is_end_stream());
+                    if last {
+                        this.finish();
+                    }
                     let Some(pending) = &mut this.pending else {
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     };
                     pending.extend_from_slice(&data);
+                    if last {
+                        let rest = std::mem::take(pending).freeze();
+                        this.pending = None;
+                        return Poll::Ready(Some(Ok(Frame::data(rest))));
+                    }
                     if let Some(end) = last_event_end(pending) {
                         let events = pending.split_to(end).freeze();
                         return Poll::Ready(Some(Ok(Frame::data(events))));
@@ -128,11 +148,7 @@ impl Body for ProxyBody {
                     return this.fail("upstream connection lost mid-response");
                 }
                 Poll::Ready(None) => {
-                    this.inner = None;
-                    this.ended = true;
-                    if let Some(lease) = &mut this.lease {
-                        lease.success();
-                    }
+                    this.finish();
                     let rest = this.pending.take().filter(|p| !p.is_empty());
                     return Poll::Ready(rest.map(|p| Ok(Frame::data(p.freeze()))));
                 }
