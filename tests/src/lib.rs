@@ -366,3 +366,60 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A Python with the official `openai` package: a virtualenv under `target/py-venv`, made
+/// once (`python3 -m venv`, `pip install openai`) and reused; a file lock keeps concurrent
+/// test binaries from building it twice.
+pub fn python_with_openai() -> PathBuf {
+    use nix::fcntl::{Flock, FlockArg};
+    let target = bin_dir()
+        .parent()
+        .expect("target folder above the profile folder")
+        .to_path_buf();
+    let venv = target.join("py-venv");
+    let python = venv.join("bin/python");
+    let lock = std::fs::File::create(target.join("py-venv.lock")).expect("venv lock file");
+    let _lock = Flock::lock(lock, FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .expect("lock the venv");
+    let has_openai = || {
+        Command::new(&python)
+            .args(["-c", "import openai"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if has_openai() {
+        return python;
+    }
+    let run = |cmd: &mut Command, what: &str| {
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+        assert!(
+            out.status.success(),
+            "{what} failed (is python3-venv installed? `cargo xtask setup` installs it):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(
+        Command::new("python3").args(["-m", "venv"]).arg(&venv),
+        "python3 -m venv",
+    );
+    run(
+        Command::new(venv.join("bin/pip")).args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "openai",
+        ]),
+        "pip install openai",
+    );
+    assert!(has_openai(), "openai not importable after pip install");
+    python
+}
+
+/// The folder of the `tests` package (for scripts kept next to the tests).
+pub fn tests_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}

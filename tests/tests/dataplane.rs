@@ -411,7 +411,7 @@ async fn bad_input_is_refused_and_reaches_no_upstream() {
         b.to_string()
     };
     let big = "x".repeat(5000);
-    let cases: Vec<(&str, Vec<(&str, &str)>, String, u16, Option<&str>)> = vec![
+    let cases: Vec<BadCase> = vec![
         (
             "no content type",
             vec![],
@@ -560,6 +560,15 @@ async fn bad_input_is_refused_and_reaches_no_upstream() {
     assert_eq!(status, 200);
     assert_eq!(sim.requests().await, 1);
 }
+
+/// A bad request: name, headers, body, expected status, expected `param`.
+type BadCase = (
+    &'static str,
+    Vec<(&'static str, &'static str)>,
+    String,
+    u16,
+    Option<&'static str>,
+);
 
 /// POSTs `body` with chunked transfer encoding (no Content-Length); returns the status.
 async fn send_chunked(moat: &Moat, body: &str) -> u16 {
