@@ -16,7 +16,7 @@ fn main() {
         .unwrap_or_else(|_| manifest.join("../target"));
     let source = env::var("MOAT_BPF_OBJECT")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| target.join("bpfel-unknown-none/release/moat"));
+        .unwrap_or_else(|_| target.join("bpfel-unknown-none/release/moat-ebpf"));
     println!("cargo:rerun-if-changed={}", source.display());
     let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("moat.bpf.o");
     match fs::read(&source) {

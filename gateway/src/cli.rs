@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 
-use crate::{config::Config, logging};
+use crate::{config::Config, logging, segment};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -74,14 +74,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Segment { command } => {
             let config = Config::load(&cli.config)?;
-            let _ = &config;
-            anyhow::bail!("segment {command:?}: not built yet");
+            let pins = segment::Pins::new(&config.segmentation().pin_root);
+            match command {
+                SegmentCommand::Status { json } => {
+                    let status = segment::status(&pins)?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&status)?);
+                    } else {
+                        print!("{status}");
+                    }
+                }
+                SegmentCommand::Uninstall => {
+                    let removed = segment::uninstall(&pins)?;
+                    println!("removed {removed} pins under {}", pins.dir().display());
+                }
+            }
         }
         Command::Config {
             command: ConfigCommand::Check,
         } => {
             let config = Config::load(&cli.config)?;
             println!("{}: ok", config.path.display());
+            print!("{}", segment::Policy::from_config(&config));
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -670,7 +670,7 @@ mod tests {
     fn unknown_key_names_file_and_key() {
         let e = load("[segmentation]\nmode = \"enforce\"\nbogus = 1\n").unwrap_err();
         assert_eq!(e.file, Path::new("/etc/moat/test.toml"));
-        assert_eq!(e.key, "segmentation");
+        assert_eq!(e.key, "segmentation.bogus");
         assert!(e.reason.contains("bogus"), "{e}");
     }
 

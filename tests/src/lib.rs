@@ -3,6 +3,9 @@
 //!
 //! The binaries are taken from the target folder the test executable runs from
 //! (`target/debug/deps/<test>` → `target/debug/`); `cargo xtask test` builds them first.
+//! [`kernel`] holds throw-away cgroups, pin roots and probes for the real-kernel tests.
+
+pub mod kernel;
 
 use std::{
     io::{BufRead, BufReader},

@@ -96,7 +96,7 @@ fn workspace_root() -> PathBuf {
 /// The eBPF object first (it is embedded), then the userspace binaries.
 fn build(release: bool) -> Result<()> {
     build_ebpf()?;
-    let mut args = vec!["build", "--workspace", "--bins"];
+    let mut args = vec!["build", "--bins"];
     if release {
         args.push("--release");
     }
@@ -121,16 +121,9 @@ fn test(extra: &[String]) -> Result<()> {
     build_ebpf()?;
     cargo(&["fmt", "--all", "--", "--check"])
         .context("cargo fmt --check: run `cargo fmt --all`")?;
-    cargo(&[
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ])?;
-    cargo(&["build", "--workspace", "--bins"])?;
-    let mut args = vec!["test", "--workspace"];
+    cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    cargo(&["build", "--bins"])?;
+    let mut args = vec!["test"];
     if !extra.is_empty() {
         args.push("--");
         args.extend(extra.iter().map(String::as_str));

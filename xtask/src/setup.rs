@@ -79,10 +79,10 @@ fn cargo_bin(name: &str) -> PathBuf {
 
 fn bpf_linker() -> Result<()> {
     let bin = cargo_bin("bpf-linker");
-    if let Ok(v) = output(Command::new(&bin).arg("--version")) {
-        if v.contains(BPF_LINKER_VERSION) {
-            return Ok(());
-        }
+    if let Ok(v) = output(Command::new(&bin).arg("--version"))
+        && v.contains(BPF_LINKER_VERSION)
+    {
+        return Ok(());
     }
     eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against the nightly LLVM");
     let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;

@@ -1,0 +1,254 @@
+//! The kernel policy derived from the config: which destinations are protected, which the
+//! gateway may reach, and who the gateway is.
+//!
+//! Routing and segmentation read the same pools, so they cannot drift apart.
+
+use std::{collections::BTreeMap, fmt, net::IpAddr};
+
+use ipnet::IpNet;
+use moat_common::{dest, slot_flags};
+
+use crate::config::{Config, DestinationRule};
+
+/// Who the gateway is, as the kernel sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GatewayIdentity {
+    pub cgroup_id: u64,
+    pub level: u32,
+}
+
+/// One complete policy: written into the idle slot, then made active in one step.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Policy {
+    /// `None`: nobody is the gateway; every protected destination is refused to everyone.
+    pub gateway: Option<GatewayIdentity>,
+    pub egress_lockdown: bool,
+    /// Destination → [`dest`] flags, with inherited flags already folded in (see
+    /// [`Policy::insert`]).
+    pub destinations: BTreeMap<DestinationRule, u32>,
+}
+
+impl Policy {
+    /// The policy for `config`, without a gateway identity (the daemon adds it once the
+    /// gateway cgroup exists).
+    pub fn from_config(config: &Config) -> Policy {
+        let seg = config.segmentation();
+        let mut rules: Vec<(DestinationRule, u32)> = Vec::new();
+        for pool in config.pools.values() {
+            let flags = if pool.protect {
+                dest::PROTECTED | dest::GATEWAY_EGRESS
+            } else {
+                dest::GATEWAY_EGRESS
+            };
+            for addr in &pool.addrs {
+                for net in reachable_as(addr.ip()) {
+                    rules.push((
+                        DestinationRule {
+                            net,
+                            port: addr.port(),
+                        },
+                        flags,
+                    ));
+                }
+            }
+        }
+        for rule in &config.extra_protected {
+            let nets = if rule.net.prefix_len() == full_len(rule.net) {
+                reachable_as(rule.net.addr())
+            } else {
+                vec![rule.net]
+            };
+            for net in nets {
+                let rule = DestinationRule {
+                    net,
+                    port: rule.port,
+                };
+                rules.push((rule, dest::PROTECTED | dest::GATEWAY_EGRESS));
+            }
+        }
+        for rule in &config.egress_allow {
+            rules.push((*rule, dest::GATEWAY_EGRESS));
+        }
+        let mut policy = Policy {
+            gateway: None,
+            egress_lockdown: seg.egress_lockdown,
+            destinations: BTreeMap::new(),
+        };
+        for (rule, flags) in rules {
+            policy.insert(rule, flags);
+        }
+        policy.fold_inherited();
+        policy
+    }
+
+    /// Adds `flags` to the entry for `rule`.
+    pub fn insert(&mut self, rule: DestinationRule, flags: u32) {
+        *self.destinations.entry(rule).or_default() |= flags;
+    }
+
+    /// The trie answers with the longest matching prefix only, so a narrow entry must carry the
+    /// flags of every wider entry that covers it: an `egress_allow` /32 inside a protected /8
+    /// must stay protected.
+    pub fn fold_inherited(&mut self) {
+        let snapshot = self.destinations.clone();
+        for (rule, flags) in self.destinations.iter_mut() {
+            for len in 0..rule.net.prefix_len() {
+                let wider = DestinationRule {
+                    net: truncate(rule.net, len),
+                    port: rule.port,
+                };
+                if let Some(f) = snapshot.get(&wider) {
+                    *flags |= f;
+                }
+            }
+        }
+    }
+
+    pub fn slot_flags(&self) -> u32 {
+        if self.egress_lockdown {
+            slot_flags::EGRESS_LOCKDOWN
+        } else {
+            0
+        }
+    }
+
+    /// The verdict this policy gives, computed in userspace the way the kernel does — used by
+    /// tests and by `moat segment status` to explain entries.
+    pub fn flags_for(&self, ip: IpAddr, port: u16) -> u32 {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V6(v6)),
+            v4 => v4,
+        };
+        self.destinations
+            .iter()
+            .filter(|(r, _)| r.port == port && r.net.contains(&ip))
+            .max_by_key(|(r, _)| r.net.prefix_len())
+            .map(|(_, f)| *f)
+            .unwrap_or(0)
+    }
+}
+
+fn full_len(net: IpNet) -> u8 {
+    match net {
+        IpNet::V4(_) => 32,
+        IpNet::V6(_) => 128,
+    }
+}
+
+fn truncate(net: IpNet, len: u8) -> IpNet {
+    IpNet::new(net.addr(), len)
+        .expect("shorter prefix is valid")
+        .trunc()
+}
+
+/// Every address under which a host address is reachable from this machine. A loopback
+/// service is reachable through the whole loopback range and through the unspecified
+/// address (`connect(0.0.0.0)` and `connect(::)` go to the local host), so all of them are
+/// protected together.
+fn reachable_as(ip: IpAddr) -> Vec<IpNet> {
+    if ip.is_loopback() || ip.is_unspecified() {
+        vec![
+            "127.0.0.0/8".parse().unwrap(),
+            "0.0.0.0/32".parse().unwrap(),
+            "::1/128".parse().unwrap(),
+            "::/128".parse().unwrap(),
+        ]
+    } else {
+        vec![IpNet::from(ip)]
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.gateway {
+            Some(g) => writeln!(f, "gateway cgroup: id {} (level {})", g.cgroup_id, g.level)?,
+            None => writeln!(
+                f,
+                "gateway cgroup: none (protected destinations refused to all)"
+            )?,
+        }
+        writeln!(
+            f,
+            "egress lockdown: {}",
+            if self.egress_lockdown { "on" } else { "off" }
+        )?;
+        writeln!(f, "destinations ({}):", self.destinations.len())?;
+        for (rule, flags) in &self.destinations {
+            writeln!(f, "  {rule:<32} {}", describe_flags(*flags))?;
+        }
+        Ok(())
+    }
+}
+
+/// `protected, gateway-egress` style names for a flags word.
+pub fn describe_flags(flags: u32) -> String {
+    let mut names = Vec::new();
+    if flags & dest::PROTECTED != 0 {
+        names.push("protected");
+    }
+    if flags & dest::GATEWAY_EGRESS != 0 {
+        names.push("gateway-egress");
+    }
+    names.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn policy(toml: &str) -> Policy {
+        Policy::from_config(&Config::from_str(Path::new("/t.toml"), toml).unwrap())
+    }
+
+    #[test]
+    fn loopback_pool_protects_every_local_alias() {
+        let p = policy("[pools.a]\nhosts = [\"127.0.0.1:8000\"]\n");
+        let both = dest::PROTECTED | dest::GATEWAY_EGRESS;
+        for ip in [
+            "127.0.0.1",
+            "127.9.9.9",
+            "0.0.0.0",
+            "::1",
+            "::",
+            "::ffff:127.0.0.1",
+        ] {
+            assert_eq!(p.flags_for(ip.parse().unwrap(), 8000), both, "{ip}");
+        }
+        assert_eq!(p.flags_for("127.0.0.1".parse().unwrap(), 8001), 0);
+    }
+
+    #[test]
+    fn unprotected_pool_is_gateway_egress_only() {
+        let p = policy("[pools.ext]\nhosts = [\"192.0.2.10:443\"]\nprotect = false\n");
+        assert_eq!(
+            p.flags_for("192.0.2.10".parse().unwrap(), 443),
+            dest::GATEWAY_EGRESS
+        );
+    }
+
+    #[test]
+    fn narrow_allow_inside_protected_prefix_stays_protected() {
+        let p = policy(
+            "[segmentation]\nextra_protected = [\"10.0.0.0/8:8000\"]\n\
+             egress_allow = [\"10.1.2.3:8000\", \"10.1.2.3:53\"]\n",
+        );
+        let both = dest::PROTECTED | dest::GATEWAY_EGRESS;
+        assert_eq!(
+            p.destinations[&DestinationRule {
+                net: "10.1.2.3/32".parse().unwrap(),
+                port: 8000
+            }],
+            both
+        );
+        assert_eq!(
+            p.flags_for("10.1.2.3".parse().unwrap(), 53),
+            dest::GATEWAY_EGRESS
+        );
+        assert_eq!(p.flags_for("10.200.0.1".parse().unwrap(), 8000), both);
+    }
+}

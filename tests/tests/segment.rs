@@ -1,0 +1,396 @@
+//! Kernel enforcement on the gateway host, in the real kernel (root required; never skipped).
+//!
+//! Each test attaches its own programs at the cgroup2 root under its own pin root, protects
+//! only ports of listeners it opened itself, and uses cgroups of its own — so tests run in
+//! parallel and leave nothing behind, even when they fail.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::{SocketAddr, TcpListener},
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use moat::{
+    config::Config,
+    segment::{Deny, Enforcer, GatewayIdentity, Policy},
+};
+use moat_tests::{
+    bin,
+    kernel::{EPERM, KillOnDrop, TestCgroup, TestPins, probe, require_root, try_from, unique},
+};
+use serde_json::Value;
+
+/// A dual-stack listener on `[::]:0` (accepts IPv4 and IPv6) that accepts and closes every
+/// connection until the test process ends, so probes never fill its backlog.
+fn listener() -> u16 {
+    let l = TcpListener::bind("[::]:0").expect("bind dual-stack listener");
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            drop(conn);
+        }
+    });
+    port
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn config(toml: &str) -> Config {
+    Config::from_str(Path::new("/test/moat.toml"), toml).expect("test config")
+}
+
+fn policy_for(toml: &str, gateway: &TestCgroup) -> Policy {
+    let identity = GatewayIdentity {
+        cgroup_id: gateway.cgroup.id,
+        level: gateway.cgroup.level,
+    };
+    Policy {
+        gateway: Some(identity),
+        ..Policy::from_config(&config(toml))
+    }
+}
+
+#[test]
+fn protected_destinations_are_refused_to_everyone_but_the_gateway() {
+    require_root();
+    let protected = listener();
+    let open = listener();
+    let base = TestCgroup::new(unique("moat-test"));
+    let gateway = base.child("gateway");
+    let worker = gateway.child("worker");
+    let outsider = base.child("outsider");
+    let pins = TestPins::new();
+
+    let toml = format!("[pools.gpu]\nhosts = [\"127.0.0.1:{protected}\"]\n");
+    let enforcer = Enforcer::install_or_adopt(&pins.pins, &policy_for(&toml, &gateway)).unwrap();
+    assert!(!enforcer.adopted());
+
+    let v4 = addr(&format!("127.0.0.1:{protected}"));
+    let v6 = addr(&format!("[::1]:{protected}"));
+    let other_loopback = addr(&format!("127.0.0.2:{protected}"));
+    let unspecified = addr(&format!("0.0.0.0:{protected}"));
+    let unprotected = addr(&format!("127.0.0.1:{open}"));
+
+    let out = Some(outsider.path());
+    assert_eq!(
+        try_from(out, "tcp", &[v4, v6, other_loopback, unspecified]),
+        [EPERM; 4],
+        "TCP from outside"
+    );
+    assert_eq!(
+        try_from(out, "tcp6", &[v4]),
+        [EPERM],
+        "::ffff:127.0.0.1 from an AF_INET6 socket"
+    );
+    assert_eq!(
+        try_from(out, "udp", &[v4, v6]),
+        [EPERM, EPERM],
+        "unconnected UDP sendto"
+    );
+    assert_eq!(
+        try_from(out, "tcp", &[unprotected]),
+        [0],
+        "an unprotected port is unaffected"
+    );
+
+    for inside in [gateway.path(), worker.path()] {
+        assert_eq!(
+            try_from(Some(inside), "tcp", &[v4, v6]),
+            [0, 0],
+            "gateway {}",
+            inside.display()
+        );
+        assert_eq!(try_from(Some(inside), "tcp6", &[v4]), [0]);
+        // Egress lockdown: nothing outside the pools and egress_allow.
+        assert_eq!(
+            try_from(Some(inside), "tcp", &[unprotected]),
+            [EPERM],
+            "gateway egress"
+        );
+    }
+
+    // Allowing the port for the gateway's egress opens it to the gateway only.
+    let toml = format!("{toml}[segmentation]\negress_allow = [\"127.0.0.1:{open}\"]\n");
+    let mut enforcer = enforcer;
+    enforcer.apply(&policy_for(&toml, &gateway)).unwrap();
+    assert_eq!(try_from(Some(gateway.path()), "tcp", &[unprotected]), [0]);
+    assert_eq!(try_from(out, "tcp", &[v4, unprotected]), [EPERM, 0]);
+
+    // Counters saw both verdicts.
+    let counters = enforcer.maps().counters().unwrap();
+    assert!(
+        counters[0] > 0 && counters[1] > 0,
+        "connect4 allowed/denied counters: {counters:?}"
+    );
+}
+
+#[test]
+fn deny_events_carry_who_and_where() {
+    require_root();
+    let port = listener();
+    let base = TestCgroup::new(unique("moat-test"));
+    let gateway = base.child("gateway");
+    let outsider = base.child("outsider");
+    let pins = TestPins::new();
+    let toml = format!("[pools.gpu]\nhosts = [\"127.0.0.1:{port}\"]\n");
+    let enforcer = Enforcer::install_or_adopt(&pins.pins, &policy_for(&toml, &gateway)).unwrap();
+
+    let tcp = probe(Some(outsider.path()), "tcp", &[format!("127.0.0.1:{port}")]);
+    let udp = probe(Some(outsider.path()), "udp", &[format!("[::1]:{port}")]);
+    assert_eq!(tcp.errnos(), [EPERM]);
+    assert_eq!(udp.errnos(), [EPERM]);
+    assert_eq!(tcp.cgroup_id, outsider.cgroup.id);
+
+    let mut ring = enforcer.open_events().unwrap();
+    let mut events = Vec::new();
+    while let Some(item) = ring.next() {
+        events.extend(Deny::decode(&item));
+    }
+    let tcp_event = events
+        .iter()
+        .find(|e| e.pid == tcp.pid)
+        .expect("deny event for the TCP probe");
+    assert_eq!(tcp_event.cgroup_id, outsider.cgroup.id);
+    assert_eq!(tcp_event.hook, "connect4");
+    assert_eq!(tcp_event.reason, "not_gateway");
+    assert_eq!(tcp_event.protocol, "tcp");
+    assert_eq!(tcp_event.addr.to_string(), "127.0.0.1");
+    assert_eq!(tcp_event.port, port);
+    let udp_event = events
+        .iter()
+        .find(|e| e.pid == udp.pid)
+        .expect("deny event for the UDP probe");
+    assert_eq!(udp_event.hook, "sendmsg6");
+    assert_eq!(udp_event.protocol, "udp");
+    assert_eq!(udp_event.addr.to_string(), "::1");
+}
+
+/// Flips between two policies 1,000 times while probes connect from outside and inside the
+/// gateway cgroup. Destinations whose verdict is the same in both policies must never see a
+/// different answer.
+#[test]
+fn policy_flips_never_change_a_shared_verdict() {
+    require_root();
+    let [p_both, p_only_a, p_only_b, p_never] = [listener(), listener(), listener(), listener()];
+    let base = TestCgroup::new(unique("moat-test"));
+    let gateway = base.child("gateway");
+    let outsider = base.child("outsider");
+    let pins = TestPins::new();
+    let pool =
+        |a: u16, b: u16| format!("[pools.gpu]\nhosts = [\"127.0.0.1:{a}\", \"127.0.0.1:{b}\"]\n");
+    let policy_a = policy_for(&pool(p_both, p_only_a), &gateway);
+    let policy_b = policy_for(&pool(p_both, p_only_b), &gateway);
+    let mut enforcer = Enforcer::install_or_adopt(&pins.pins, &policy_a).unwrap();
+
+    let targets = [
+        format!("127.0.0.1:{p_both}"),
+        format!("127.0.0.1:{p_never}"),
+    ];
+    let start_loop = |cgroup: &Path| {
+        let mut child = Command::new(bin("moat-probe"))
+            .arg("--cgroup")
+            .arg(cgroup)
+            .arg("loop")
+            .args(&targets)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready");
+        (KillOnDrop(child), out)
+    };
+    let (mut outside, outside_out) = start_loop(outsider.path());
+    let (mut inside, inside_out) = start_loop(gateway.path());
+
+    let started = Instant::now();
+    for i in 0..1000 {
+        enforcer
+            .apply(if i % 2 == 0 { &policy_b } else { &policy_a })
+            .unwrap();
+    }
+    let flipping = started.elapsed();
+
+    let finish = |probe: &mut KillOnDrop, mut out: BufReader<std::process::ChildStdout>| -> Value {
+        drop(probe.0.stdin.take());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    };
+    let outside = finish(&mut outside, outside_out);
+    let inside = finish(&mut inside, inside_out);
+
+    // [target index] → the only errno allowed.
+    let expect = |run: &Value, who: &str, wanted: [i64; 2]| {
+        for (i, want) in wanted.iter().enumerate() {
+            let counts = run["results"][i]["counts"].as_object().unwrap();
+            let total: u64 = counts.values().map(|v| v.as_u64().unwrap()).sum();
+            assert!(
+                total > 10,
+                "{who}: too few attempts on {} during {flipping:?}",
+                targets[i]
+            );
+            assert_eq!(
+                counts.keys().cloned().collect::<Vec<_>>(),
+                vec![want.to_string()],
+                "{who} → {}: every answer must be errno {want} (seen {counts:?})",
+                targets[i]
+            );
+        }
+    };
+    expect(&outside, "outsider", [EPERM as i64, 0]);
+    expect(&inside, "gateway", [0, EPERM as i64]);
+
+    // The flips themselves took effect.
+    let out = Some(outsider.path());
+    let a = format!("127.0.0.1:{p_only_a}").parse().unwrap();
+    let b = format!("127.0.0.1:{p_only_b}").parse().unwrap();
+    assert_eq!(
+        try_from(out, "tcp", &[a, b]),
+        [EPERM, 0],
+        "policy A is active after an even count"
+    );
+}
+
+/// The daemon as an operator runs it: `moat serve` installs, survives SIGKILL with the policy
+/// in force, a restart adopts the pins instead of stacking, SIGHUP with a broken file changes
+/// nothing, and `moat segment uninstall` makes the port reachable again.
+#[test]
+fn daemon_enforcement_is_fail_static_and_uninstallable() {
+    require_root();
+    let port = listener();
+    let base = TestCgroup::new(unique("moat-test"));
+    let outsider = base.child("outsider");
+    // The daemon creates `gateway` itself; the test holds it (and a child) to remove them.
+    let gateway = base.child("gateway");
+    let worker = gateway.child("worker");
+    let pins = TestPins::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("moat.toml");
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\n\
+         [pools.gpu]\nhosts = [\"127.0.0.1:{port}\"]\n\
+         [segmentation]\ngateway_cgroup = \"{}/gateway\"\npin_root = \"{}\"\n",
+        base.relative.display(),
+        pins.root.display()
+    );
+    std::fs::write(&cfg, &toml).unwrap();
+    let target = addr(&format!("127.0.0.1:{port}"));
+    let out = Some(outsider.path());
+
+    let log1 = dir.path().join("serve1.log");
+    let mut daemon = start_daemon(&cfg, &log1);
+    wait_for_log(&log1, "data plane listening");
+    let before = status(&cfg);
+    assert_eq!(before["installed"], true);
+    assert_eq!(try_from(out, "tcp", &[target]), [EPERM]);
+    // The gateway cgroup's children are the gateway too.
+    assert_eq!(try_from(Some(worker.path()), "tcp", &[target]), [0]);
+
+    // Deny events reach the daemon's structured log with who and where.
+    let denied = probe(out, "tcp", &[target.to_string()]);
+    let event = wait_for_log(&log1, &format!("\"pid\":{}", denied.pid));
+    assert_eq!(event["event"], "kernel_deny");
+    assert_eq!(event["cgroup_id"], outsider.cgroup.id);
+    assert_eq!(event["hook"], "connect4");
+    assert_eq!(event["protocol"], "tcp");
+    assert_eq!(event["dst_addr"], "127.0.0.1");
+    assert_eq!(event["dst_port"], port);
+
+    // A broken config on SIGHUP is refused and the policy stays.
+    std::fs::write(&cfg, "[segmentation]\nbogus = true\n").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.0.id() as i32),
+        nix::sys::signal::SIGHUP,
+    )
+    .unwrap();
+    wait_for_log(&log1, "config reload refused");
+    assert_eq!(try_from(out, "tcp", &[target]), [EPERM]);
+    std::fs::write(&cfg, &toml).unwrap();
+
+    // SIGKILL: no clean-up runs, enforcement stays.
+    daemon.0.kill().unwrap();
+    daemon.0.wait().unwrap();
+    assert_eq!(
+        try_from(out, "tcp", &[target]),
+        [EPERM],
+        "enforced after SIGKILL"
+    );
+
+    // A restart adopts the pinned links rather than attaching a second copy.
+    let log2 = dir.path().join("serve2.log");
+    daemon = start_daemon(&cfg, &log2);
+    wait_for_log(&log2, "adopted pinned kernel enforcement");
+    wait_for_log(&log2, "data plane listening");
+    let after = status(&cfg);
+    assert_eq!(after["links"], before["links"], "same links after restart");
+    drop(daemon);
+
+    let removed = Command::new(bin("moat"))
+        .args(["segment", "uninstall", "-c"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        removed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&removed.stderr)
+    );
+    assert_eq!(
+        try_from(out, "tcp", &[target]),
+        [0],
+        "reachable after uninstall"
+    );
+    assert_eq!(status(&cfg)["installed"], false);
+    assert!(!pins.pins.dir().exists(), "uninstall removes the pins");
+}
+
+fn start_daemon(cfg: &Path, log: &Path) -> KillOnDrop {
+    let log = std::fs::File::create(log).unwrap();
+    KillOnDrop(
+        Command::new(bin("moat"))
+            .args(["serve", "-c"])
+            .arg(cfg)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start moat serve"),
+    )
+}
+
+fn status(cfg: &Path) -> Value {
+    let out = Command::new(bin("moat"))
+        .args(["segment", "status", "--json", "-c"])
+        .arg(cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Waits (up to 10 s) for a JSON log line containing `needle` and returns it.
+fn wait_for_log(log: &Path, needle: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+            return serde_json::from_str(line).unwrap_or(Value::String(line.to_owned()));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log line with {needle:?} in {}:\n{text}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
