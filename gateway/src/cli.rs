@@ -34,6 +34,21 @@ pub enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Users: add, set passwords, disable, list.
+    Users {
+        #[command(subcommand)]
+        command: crate::identity_cli::UsersCommand,
+    },
+    /// API keys: create (printed once), list, revoke.
+    Keys {
+        #[command(subcommand)]
+        command: crate::identity_cli::KeysCommand,
+    },
+    /// Tenants: add, list.
+    Tenants {
+        #[command(subcommand)]
+        command: crate::identity_cli::TenantsCommand,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -96,6 +111,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = Config::load(&cli.config)?;
             println!("{}: ok", config.path.display());
             print!("{}", segment::Policy::from_config(&config));
+        }
+        Command::Users { command } => {
+            crate::identity_cli::users(&Config::load(&cli.config)?, command)?
+        }
+        Command::Keys { command } => {
+            crate::identity_cli::keys(&Config::load(&cli.config)?, command)?
+        }
+        Command::Tenants { command } => {
+            crate::identity_cli::tenants(&Config::load(&cli.config)?, command)?
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -56,6 +56,8 @@ pub struct RawConfig {
     pub models: BTreeMap<String, ModelConfig>,
     #[serde(default)]
     pub segmentation: SegmentationConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -279,6 +281,208 @@ fn default_gateway_cgroup() -> PathBuf {
 
 fn default_pin_root() -> PathBuf {
     PathBuf::from("/sys/fs/bpf/moat")
+}
+
+/// `[auth]`: token lifetimes, signing, caches and password throttling. Every duration is in
+/// seconds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `iss` of the access tokens moat issues (and the only one it accepts).
+    #[serde(default = "default_issuer")]
+    pub issuer: String,
+    /// `aud` of the access tokens moat issues (and the only one it accepts).
+    #[serde(default = "default_audience")]
+    pub audience: String,
+    /// `EdDSA` (Ed25519, default; keys generated and rotated in the data directory) or `HS256`.
+    #[serde(default)]
+    pub algorithm: crate::auth::jwt::SigningAlgorithm,
+    /// HS256 only: file holding the secret (≥ 32 bytes); created with 32 random bytes if
+    /// missing. Default: `<data_dir>/secrets/jwt-hs256.key`.
+    #[serde(default)]
+    pub hs256_secret_file: Option<PathBuf>,
+    #[serde(default = "default_access_ttl")]
+    pub access_token_ttl_secs: u64,
+    /// Clock-skew allowance on `exp`/`nbf`/`iat`.
+    #[serde(default = "default_leeway")]
+    pub leeway_secs: u64,
+    /// A refresh token unused this long expires.
+    #[serde(default = "default_refresh_idle")]
+    pub refresh_idle_ttl_secs: u64,
+    /// A session ends this long after login, however often it is refreshed.
+    #[serde(default = "default_refresh_absolute")]
+    pub refresh_absolute_ttl_secs: u64,
+    /// Ed25519 only: a new signing key after this long.
+    #[serde(default = "default_rotation")]
+    pub signing_key_rotation_secs: u64,
+    /// Ed25519 only: how long a replaced key still verifies; at least the token lifetime plus
+    /// leeway, so no token in flight is cut short by a rotation.
+    #[serde(default = "default_overlap")]
+    pub signing_key_overlap_secs: u64,
+    /// How long a verified API key or a live session is trusted without a store look-up.
+    /// Revocations by this process evict at once; changes by other processes (the CLI) are
+    /// picked up within `revocation_poll_ms`.
+    #[serde(default = "default_cache_ttl")]
+    pub cache_ttl_secs: u64,
+    #[serde(default = "default_cache_capacity")]
+    pub cache_capacity: usize,
+    /// How often the store's revocation epoch is polled.
+    #[serde(default = "default_revocation_poll")]
+    pub revocation_poll_ms: u64,
+    /// Password hashes computed at once; 0 = half the CPUs (at least one).
+    #[serde(default)]
+    pub password_concurrency: usize,
+    #[serde(default = "default_failures_user")]
+    pub password_max_failures_per_user: u32,
+    #[serde(default = "default_failures_source")]
+    pub password_max_failures_per_source: u32,
+    /// How long a user or source address stays locked out after too many failures.
+    #[serde(default = "default_lockout")]
+    pub password_lockout_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            issuer: default_issuer(),
+            audience: default_audience(),
+            algorithm: Default::default(),
+            hs256_secret_file: None,
+            access_token_ttl_secs: default_access_ttl(),
+            leeway_secs: default_leeway(),
+            refresh_idle_ttl_secs: default_refresh_idle(),
+            refresh_absolute_ttl_secs: default_refresh_absolute(),
+            signing_key_rotation_secs: default_rotation(),
+            signing_key_overlap_secs: default_overlap(),
+            cache_ttl_secs: default_cache_ttl(),
+            cache_capacity: default_cache_capacity(),
+            revocation_poll_ms: default_revocation_poll(),
+            password_concurrency: 0,
+            password_max_failures_per_user: default_failures_user(),
+            password_max_failures_per_source: default_failures_source(),
+            password_lockout_secs: default_lockout(),
+        }
+    }
+}
+
+fn default_issuer() -> String {
+    "moat".to_owned()
+}
+fn default_audience() -> String {
+    "moat".to_owned()
+}
+fn default_access_ttl() -> u64 {
+    300
+}
+fn default_leeway() -> u64 {
+    5
+}
+fn default_refresh_idle() -> u64 {
+    24 * 3600
+}
+fn default_refresh_absolute() -> u64 {
+    30 * 24 * 3600
+}
+fn default_rotation() -> u64 {
+    7 * 24 * 3600
+}
+fn default_overlap() -> u64 {
+    3600
+}
+fn default_cache_ttl() -> u64 {
+    30
+}
+fn default_cache_capacity() -> usize {
+    10_000
+}
+fn default_revocation_poll() -> u64 {
+    500
+}
+fn default_failures_user() -> u32 {
+    5
+}
+fn default_failures_source() -> u32 {
+    20
+}
+fn default_lockout() -> u64 {
+    900
+}
+
+impl AuthConfig {
+    /// Checks bounds; the error is (key below `auth.`, reason).
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        use crate::auth::jwt::{MAX_LEEWAY_SECS, MAX_LIFETIME_SECS};
+        if self.issuer.is_empty() {
+            return Err(("issuer", "must not be empty".into()));
+        }
+        if self.audience.is_empty() {
+            return Err(("audience", "must not be empty".into()));
+        }
+        if !(30..=MAX_LIFETIME_SECS).contains(&self.access_token_ttl_secs) {
+            return Err((
+                "access_token_ttl_secs",
+                format!("must be between 30 and {MAX_LIFETIME_SECS} (15 minutes)"),
+            ));
+        }
+        if self.leeway_secs > MAX_LEEWAY_SECS {
+            return Err(("leeway_secs", format!("must be at most {MAX_LEEWAY_SECS}")));
+        }
+        if self.refresh_idle_ttl_secs < 60 {
+            return Err(("refresh_idle_ttl_secs", "must be at least 60".into()));
+        }
+        if self.refresh_absolute_ttl_secs < self.refresh_idle_ttl_secs {
+            return Err((
+                "refresh_absolute_ttl_secs",
+                "must not be shorter than refresh_idle_ttl_secs".into(),
+            ));
+        }
+        let min_overlap = self.access_token_ttl_secs + self.leeway_secs;
+        if self.signing_key_overlap_secs < min_overlap {
+            return Err((
+                "signing_key_overlap_secs",
+                format!(
+                    "must be at least access_token_ttl_secs + leeway_secs ({min_overlap}) so a \
+                     rotation never cuts a live token short"
+                ),
+            ));
+        }
+        if self.signing_key_rotation_secs < self.signing_key_overlap_secs {
+            return Err((
+                "signing_key_rotation_secs",
+                "must not be shorter than signing_key_overlap_secs".into(),
+            ));
+        }
+        if !(1..=300).contains(&self.cache_ttl_secs) {
+            return Err(("cache_ttl_secs", "must be between 1 and 300".into()));
+        }
+        if self.cache_capacity == 0 {
+            return Err(("cache_capacity", "must be at least 1".into()));
+        }
+        if !(50..=10_000).contains(&self.revocation_poll_ms) {
+            return Err(("revocation_poll_ms", "must be between 50 and 10000".into()));
+        }
+        if self.password_max_failures_per_user == 0 {
+            return Err((
+                "password_max_failures_per_user",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.password_max_failures_per_source == 0 {
+            return Err((
+                "password_max_failures_per_source",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.hs256_secret_file.is_some()
+            && self.algorithm != crate::auth::jwt::SigningAlgorithm::HS256
+        {
+            return Err((
+                "hs256_secret_file",
+                "only used with algorithm = \"HS256\"".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A destination rule: every address in `net`, on exactly `port`.
@@ -541,6 +745,10 @@ impl Config {
             ));
         }
 
+        raw.auth
+            .validate()
+            .map_err(|(k, r)| err(&format!("auth.{k}"), r))?;
+
         Ok(Config {
             path: path.to_path_buf(),
             raw,
@@ -553,6 +761,15 @@ impl Config {
 
     pub fn segmentation(&self) -> &SegmentationConfig {
         &self.raw.segmentation
+    }
+
+    pub fn auth(&self) -> &AuthConfig {
+        &self.raw.auth
+    }
+
+    /// A path from the config, taken relative to the config file's folder.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        self.path.parent().unwrap_or(Path::new("/")).join(p)
     }
 }
 
@@ -764,6 +981,30 @@ mod tests {
         let cred = c.pools["gpu"].credential.as_ref().unwrap();
         assert_eq!(cred.expose(), "sk-upstream");
         assert!(!format!("{c:?}").contains("sk-upstream"));
+    }
+
+    #[test]
+    fn auth_defaults_and_bounds() {
+        let c = load("").unwrap();
+        assert_eq!(c.auth().access_token_ttl_secs, 300);
+        assert_eq!(c.auth().leeway_secs, 5);
+        let e = load("[auth]\naccess_token_ttl_secs = 901\n").unwrap_err();
+        assert_eq!(e.key, "auth.access_token_ttl_secs");
+        let e = load("[auth]\nleeway_secs = 31\n").unwrap_err();
+        assert_eq!(e.key, "auth.leeway_secs");
+        let e = load("[auth]\nrefresh_idle_ttl_secs = 7200\nrefresh_absolute_ttl_secs = 3600\n")
+            .unwrap_err();
+        assert_eq!(e.key, "auth.refresh_absolute_ttl_secs");
+        let e = load("[auth]\nsigning_key_overlap_secs = 60\n").unwrap_err();
+        assert_eq!(e.key, "auth.signing_key_overlap_secs");
+        let e = load("[auth]\nalgorithm = \"RS256\"\n").unwrap_err();
+        assert_eq!(e.key, "auth.algorithm");
+        let e = load("[auth]\nhs256_secret_file = \"k\"\n").unwrap_err();
+        assert_eq!(e.key, "auth.hs256_secret_file");
+        let e = load("[auth]\nbogus = 1\n").unwrap_err();
+        assert!(e.key.starts_with("auth"), "{e}");
+        assert!(e.reason.contains("bogus"), "{e}");
+        assert!(load("[auth]\nalgorithm = \"HS256\"\nhs256_secret_file = \"k\"\n").is_ok());
     }
 
     #[test]

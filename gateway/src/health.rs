@@ -1,6 +1,6 @@
-//! `/healthz` (the process answers) and `/readyz` (it can do its job: every pool has a host
-//! that passed an active health check and is not ejected, and segmentation is in the state the
-//! config demands). Both are unauthenticated and say nothing secret: pool and host names as
+//! `/healthz` (the process answers) and `/readyz` (it can do its job: the store answers, every
+//! pool has a host that passed an active health check and is not ejected, and segmentation is
+//! in the state the config demands). Both are unauthenticated and say nothing secret: pool and host names as
 //! configured, counts, and the segmentation mode.
 
 use axum::{
@@ -18,7 +18,12 @@ pub async fn healthz() -> Response {
 }
 
 pub async fn readyz(State(state): State<SharedState>) -> Response {
-    let mut ready = true;
+    // The store: one cheap read, off the async threads (SQLite is blocking).
+    let store = state.identity.store().clone();
+    let store_ok = tokio::task::spawn_blocking(move || store.auth_epoch().is_ok())
+        .await
+        .unwrap_or(false);
+    let mut ready = store_ok;
     let mut pools = serde_json::Map::new();
     for pool in state.pools.iter() {
         let pool_ready = pool.ready();
@@ -41,6 +46,7 @@ pub async fn readyz(State(state): State<SharedState>) -> Response {
     };
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
+        "store": if store_ok { "ok" } else { "unreachable" },
         "pools": pools,
         "segmentation": segmentation,
     });

@@ -3,11 +3,13 @@
 //! tests and benchmarks in `tests/` drive the same library.
 
 pub mod app;
+pub mod auth;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod health;
+pub mod identity_cli;
 pub mod logging;
 pub mod openai;
 pub mod proxy;
@@ -15,3 +17,4 @@ pub mod request_id;
 pub mod route;
 pub mod segment;
 pub mod serve;
+pub mod store;

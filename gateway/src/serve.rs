@@ -35,14 +35,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tokio::spawn(reload_on_sighup(config.path.clone(), segmentation));
 
     let listen = config.raw.server.listen;
-    let state = Arc::new(AppState::new(config).context("cannot set up the upstream pools")?);
+    let identity =
+        crate::auth::Identity::open(&config).context("cannot open the identity store")?;
+    let _upkeep = identity.spawn_upkeep();
+    let state =
+        Arc::new(AppState::new(config, identity).context("cannot set up the upstream pools")?);
     // Kept alive for as long as the server runs; dropping it stops the checks.
     let _health = proxy::health::spawn(&state.pools, &state.upstreams);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     info!(listen = %listener.local_addr()?, "data plane listening");
-    axum::serve(listener, app::router(state))
+    // Connection info: the token endpoint throttles password attempts per source address.
+    let service = app::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, service)
         .with_graceful_shutdown(shutdown())
         .await?;
     info!("stopped");

@@ -178,11 +178,14 @@ impl Sim {
     }
 }
 
-/// A running `moat serve` with its own temp folder (config, data dir).
+/// A running `moat serve` with its own temp folder (config, data dir) and an API key made
+/// through the CLI (`moat tenants add`, `moat users add`, `moat keys create`).
 pub struct Moat {
     pub proc: Proc,
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
+    /// A valid API key (`moat_…`) of user `tester` in tenant `testing`.
+    pub key: String,
 }
 
 impl Moat {
@@ -204,6 +207,7 @@ impl Moat {
         );
         let path = dir.path().join("moat.toml");
         std::fs::write(&path, config).unwrap();
+        let key = create_key(&path);
         let mut cmd = Command::new(bin("moat"));
         cmd.arg("serve")
             .arg("--config")
@@ -215,7 +219,42 @@ impl Moat {
                 .then(|| v["listen"].as_str()?.parse().ok())
                 .flatten()
         });
-        Moat { proc, addr, dir }
+        Moat {
+            proc,
+            addr,
+            dir,
+            key,
+        }
+    }
+
+    /// `Authorization: Bearer <key>`.
+    pub fn bearer(&self) -> (&'static str, String) {
+        ("authorization", format!("Bearer {}", self.key))
+    }
+
+    /// POSTs JSON to `path` with the API key (and `extra` headers); parses the JSON answer.
+    pub async fn post(
+        &self,
+        path: &str,
+        body: &Value,
+        extra: &[(&str, &str)],
+    ) -> (StatusCode, HeaderMap, Value) {
+        let (k, v) = self.bearer();
+        let mut headers = vec![(k, v.as_str())];
+        headers.extend_from_slice(extra);
+        post_json(&self.url(path), body, &headers).await
+    }
+
+    /// POSTs JSON to `path` with the API key; the answer's body is left unread (streams).
+    pub async fn open(&self, path: &str, body: &Value) -> Response<Incoming> {
+        let (k, v) = self.bearer();
+        send(
+            "POST",
+            &self.url(path),
+            &[("content-type", "application/json"), (k, v.as_str())],
+            body.to_string(),
+        )
+        .await
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -242,6 +281,31 @@ impl Moat {
     pub fn logs(&self) -> String {
         self.proc.output()
     }
+}
+
+/// Makes tenant `testing`, user `tester` and an API key for it with the `moat` CLI on the
+/// store of the config at `config`; returns the key.
+pub fn create_key(config: &Path) -> String {
+    let moat = |args: &[&str]| {
+        let out = Command::new(bin("moat"))
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run moat");
+        assert!(
+            out.status.success(),
+            "moat {args:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    moat(&["tenants", "add", "testing"]);
+    moat(&["users", "add", "tester", "--tenant", "testing"]);
+    let out = moat(&["keys", "create", "--user", "tester", "--json"]);
+    let v: Value = serde_json::from_str(out.trim()).expect("keys create --json");
+    v["key"].as_str().expect("key").to_owned()
 }
 
 fn client() -> Client<HttpConnector, Full<Bytes>> {

@@ -6,11 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use moat_tests::{Events, Moat, Sim, eventually, fetch, get_json, post_json, send};
+use moat_tests::{Events, Moat, Sim, eventually, fetch, get_json};
 use serde_json::{Value, json};
 
-/// The client's own bearer: it must never reach an upstream.
-const CLIENT_BEARER: &str = "Bearer client-credential-never-upstream";
+const CHAT: &str = "/v1/chat/completions";
 /// The pool's credential, injected by the gateway.
 const POOL_KEY: &str = "pool-upstream-key-7f3a";
 
@@ -51,10 +50,6 @@ fn chat(content: &str, stream: bool) -> Value {
     })
 }
 
-fn auth() -> [(&'static str, &'static str); 1] {
-    [("authorization", CLIENT_BEARER)]
-}
-
 /// Collects a chat stream: the content deltas in order, arrival times, and the raw events.
 struct Collected {
     content: String,
@@ -64,13 +59,7 @@ struct Collected {
 }
 
 async fn collect(moat: &Moat, body: &Value) -> Collected {
-    let resp = send(
-        "POST",
-        &moat.url("/v1/chat/completions"),
-        &[("content-type", "application/json"), auth()[0]],
-        body.to_string(),
-    )
-    .await;
+    let resp = moat.open(CHAT, body).await;
     assert_eq!(resp.status(), 200);
     assert!(
         resp.headers()["content-type"]
@@ -141,17 +130,21 @@ async fn streamed_and_plain_answers_pass_through_intact() {
     let stats = sim.stats().await;
     let seen = &stats["last_headers"];
     assert_eq!(seen["authorization"], format!("Bearer {POOL_KEY}"));
-    assert!(seen.get("x-client-secret").is_none());
+    assert!(
+        !stats.to_string().contains(&moat.key),
+        "the client's key went upstream"
+    );
     assert_eq!(stats["last_body"]["model"], "org/chat-upstream");
     assert_eq!(stats["last_body"]["max_tokens"], 4096);
 
     // Plain JSON, with a client header that must not travel.
-    let (status, headers, answer) = post_json(
-        &moat.url("/v1/chat/completions"),
-        &chat(&prompt, false),
-        &[auth()[0], ("x-client-secret", "s3"), ("cookie", "a=b")],
-    )
-    .await;
+    let (status, headers, answer) = moat
+        .post(
+            CHAT,
+            &chat(&prompt, false),
+            &[("x-client-secret", "s3"), ("cookie", "a=b")],
+        )
+        .await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["choices"][0]["message"]["content"], prompt);
     let request_id = headers["x-request-id"].to_str().unwrap();
@@ -169,13 +162,12 @@ async fn streamed_and_plain_answers_pass_through_intact() {
     assert!(seen.get("cookie").is_none(), "{seen}");
 
     // Completions (streamed) and embeddings.
-    let resp = send(
-        "POST",
-        &moat.url("/v1/completions"),
-        &[("content-type", "application/json"), auth()[0]],
-        json!({"model": "chat", "prompt": "a b c", "stream": true}).to_string(),
-    )
-    .await;
+    let resp = moat
+        .open(
+            "/v1/completions",
+            &json!({"model": "chat", "prompt": "a b c", "stream": true}),
+        )
+        .await;
     let mut events = Events::new(resp);
     let mut text = String::new();
     while let Some(e) = events.next().await.unwrap() {
@@ -185,12 +177,13 @@ async fn streamed_and_plain_answers_pass_through_intact() {
         }
     }
     assert_eq!(text, "a b c");
-    let (status, _, emb) = post_json(
-        &moat.url("/v1/embeddings"),
-        &json!({"model": "chat", "input": ["one", "two"]}),
-        &auth(),
-    )
-    .await;
+    let (status, _, emb) = moat
+        .post(
+            "/v1/embeddings",
+            &json!({"model": "chat", "input": ["one", "two"]}),
+            &[],
+        )
+        .await;
     assert_eq!(status, 200, "{emb}");
     assert_eq!(emb["data"].as_array().unwrap().len(), 2);
     assert_eq!(emb["data"][1]["embedding"].as_array().unwrap().len(), 8);
@@ -198,7 +191,8 @@ async fn streamed_and_plain_answers_pass_through_intact() {
     // Nothing of the prompt, the answer or any credential in the gateway's log, and every
     // request line carries its id.
     let logs = moat.logs();
-    for secret in ["secretword", POOL_KEY, "client-credential", "s3"] {
+    let key_secret = &moat.key[moat.key.len() - 20..];
+    for secret in ["secretword", POOL_KEY, key_secret, "s3"] {
         assert!(!logs.contains(secret), "`{secret}` in the log:\n{logs}");
     }
     assert!(logs.contains(request_id));
@@ -214,13 +208,7 @@ async fn least_outstanding_spreads_concurrent_requests() {
     let moat = start(&[&a, &b], "", "").await;
     let mut streams = Vec::new();
     for _ in 0..4 {
-        let resp = send(
-            "POST",
-            &moat.url("/v1/chat/completions"),
-            &[("content-type", "application/json")],
-            chat("hi", true).to_string(),
-        )
-        .await;
+        let resp = moat.open(CHAT, &chat("hi", true)).await;
         assert_eq!(resp.status(), 200);
         streams.push(resp);
     }
@@ -237,9 +225,8 @@ async fn a_killed_host_fails_over_without_losing_a_request() {
     // Only the start-up health check runs, so the dead host is found by the requests
     // themselves: connect refused, retried on the other host, then ejected.
     let moat = start(&[&a, &b], "health_interval_ms = 600000", "").await;
-    let url = moat.url("/v1/chat/completions");
     for _ in 0..6 {
-        let (status, _, _) = post_json(&url, &chat("x", false), &[]).await;
+        let (status, _, _) = moat.post(CHAT, &chat("x", false), &[]).await;
         assert_eq!(status, 200);
     }
     assert!(a.requests().await > 0 && b.requests().await > 0);
@@ -247,7 +234,7 @@ async fn a_killed_host_fails_over_without_losing_a_request() {
     a.kill();
     let before = b.requests().await;
     for i in 0..20 {
-        let (status, _, body) = post_json(&url, &chat("x", false), &[]).await;
+        let (status, _, body) = moat.post(CHAT, &chat("x", false), &[]).await;
         assert_eq!(status, 200, "request {i} after the kill: {body}");
     }
     assert_eq!(b.requests().await - before, 20, "every request served once");
@@ -279,8 +266,7 @@ async fn readyz_follows_active_health_checks() {
     assert!(not_ready, "readyz still ready with every host dead");
     let (status, _) = get_json(&moat.url("/healthz")).await;
     assert_eq!(status, 200);
-    let (status, _, body) =
-        post_json(&moat.url("/v1/chat/completions"), &chat("x", false), &[]).await;
+    let (status, _, body) = moat.post(CHAT, &chat("x", false), &[]).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["type"], "server_error");
 }
@@ -295,14 +281,13 @@ async fn nothing_is_retried_once_the_request_went_upstream() {
         "",
     )
     .await;
-    let url = moat.url("/v1/chat/completions");
     let total = || async { a.requests().await + b.requests().await };
 
     // A 500 from the upstream: 502 to the client, and the other host never sees it.
     for s in [&a, &b] {
         s.fail(json!({"mode": "error500", "count": 1})).await;
     }
-    let (status, _, body) = post_json(&url, &chat("x", false), &[]).await;
+    let (status, _, body) = moat.post(CHAT, &chat("x", false), &[]).await;
     assert_eq!(status, 502, "{body}");
     assert_eq!(body["error"]["type"], "server_error");
     assert!(
@@ -342,7 +327,7 @@ async fn nothing_is_retried_once_the_request_went_upstream() {
         s.fail(json!({"mode": "hang", "count": 1})).await;
     }
     let started = Instant::now();
-    let (status, _, body) = post_json(&url, &chat("x", false), &[]).await;
+    let (status, _, body) = moat.post(CHAT, &chat("x", false), &[]).await;
     assert_eq!(status, 504, "{body}");
     assert!(started.elapsed() >= Duration::from_millis(650));
     assert!(started.elapsed() < Duration::from_secs(3));
@@ -360,13 +345,7 @@ async fn nothing_is_retried_once_the_request_went_upstream() {
 async fn client_disconnect_cancels_the_upstream_within_a_second() {
     let sim = Sim::start(&["--tokens-per-sec", "10", "--chunks", "200"]);
     let moat = start(&[&sim], "", "").await;
-    let resp = send(
-        "POST",
-        &moat.url("/v1/chat/completions"),
-        &[("content-type", "application/json")],
-        chat("go on", true).to_string(),
-    )
-    .await;
+    let resp = moat.open(CHAT, &chat("go on", true)).await;
     let mut events = Events::new(resp);
     for _ in 0..3 {
         events.next().await.unwrap().unwrap();
@@ -519,8 +498,11 @@ async fn bad_input_is_refused_and_reaches_no_upstream() {
             Some("messages"),
         ),
     ];
+    let (bk, bv) = moat.bearer();
     for (name, headers, body, status, param) in &cases {
-        let (got, h, bytes) = fetch("POST", &url, headers, body.clone()).await;
+        let mut with_key = vec![(bk, bv.as_str())];
+        with_key.extend_from_slice(headers);
+        let (got, h, bytes) = fetch("POST", &url, &with_key, body.clone()).await;
         let v: Value = serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| panic!("{name}: not JSON: {bytes:?}"));
         assert_eq!(got.as_u16(), *status, "{name}: {v}");
@@ -541,8 +523,29 @@ async fn bad_input_is_refused_and_reaches_no_upstream() {
     let chunked = send_chunked(&moat, &chat(&big, false).to_string()).await;
     assert_eq!(chunked, 413);
 
+    // No bearer, a malformed one, a well-formed unknown key: 401 before anything is parsed.
+    let unknown_key = format!("{}AAAA", &moat.key[..moat.key.len() - 4]);
+    for auth in [
+        None,
+        Some("Bearer nonsense".to_owned()),
+        Some(format!("Bearer {unknown_key}")),
+        Some(format!("Basic {}", moat.key)),
+    ] {
+        let mut headers = vec![json_ct];
+        if let Some(a) = &auth {
+            headers.push(("authorization", a.as_str()));
+        }
+        let (got, h, bytes) = fetch("POST", &url, &headers, chat("x", false).to_string()).await;
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(got, 401, "{auth:?}: {v}");
+        assert_eq!(v["error"]["type"], "authentication_error", "{v}");
+        assert!(h.contains_key("x-request-id"));
+    }
+    let (got, _, _) = fetch("POST", &url, &[("content-type", "text/plain")], "x").await;
+    assert_eq!(got, 401, "authentication comes before parsing");
+
     // Routes: only the documented ones, wrong method 405 — OpenAI-shaped as well.
-    let (status, h, body) = fetch("GET", &url, &[], "").await;
+    let (status, h, body) = fetch("GET", &url, &[(bk, bv.as_str())], "").await;
     assert_eq!(status, 405);
     assert!(h.contains_key("x-request-id"));
     assert!(serde_json::from_slice::<Value>(&body).unwrap()["error"].is_object());
@@ -556,7 +559,7 @@ async fn bad_input_is_refused_and_reaches_no_upstream() {
         "a bad request reached the upstream"
     );
     // And a good one still works.
-    let (status, _, _) = post_json(&url, &chat("x", false), &[]).await;
+    let (status, _, _) = moat.post(CHAT, &chat("x", false), &[]).await;
     assert_eq!(status, 200);
     assert_eq!(sim.requests().await, 1);
 }
@@ -574,9 +577,12 @@ type BadCase = (
 async fn send_chunked(moat: &Moat, body: &str) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(moat.addr).await.unwrap();
-    let head = "POST /v1/chat/completions HTTP/1.1\r\nhost: moat\r\n\
-                content-type: application/json\r\ntransfer-encoding: chunked\r\n\
-                connection: close\r\n\r\n";
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: moat\r\n\
+         content-type: application/json\r\ntransfer-encoding: chunked\r\n\
+         authorization: Bearer {}\r\nconnection: close\r\n\r\n",
+        moat.key
+    );
     s.write_all(head.as_bytes()).await.unwrap();
     for part in body.as_bytes().chunks(1000) {
         let chunk = format!("{:x}\r\n", part.len());

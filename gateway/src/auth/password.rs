@@ -1,0 +1,322 @@
+//! Passwords of human users: argon2id (m = 19456 KiB, t = 2, p = 1, the OWASP floor), hashed
+//! and verified on the blocking pool behind a semaphore so a flood of logins can neither starve
+//! the async workers nor take every core; and throttling per user and per source address.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+use argon2::{Algorithm, Argon2, Params, PasswordHasher, PasswordVerifier, Version};
+use tokio::sync::Semaphore;
+use zeroize::Zeroizing;
+
+pub const M_COST_KIB: u32 = 19_456;
+pub const T_COST: u32 = 2;
+pub const P_COST: u32 = 1;
+/// Shortest password `moat users add|passwd` accepts.
+pub const MIN_LEN: usize = 12;
+/// Longest password anyone may send: argon2 cost does not depend on it, but request parsing does.
+pub const MAX_LEN: usize = 1024;
+
+fn argon2() -> Argon2<'static> {
+    Argon2::new(
+        Algorithm::Argon2id,
+        Version::V0x13,
+        Params::new(M_COST_KIB, T_COST, P_COST, None).expect("valid argon2 parameters"),
+    )
+}
+
+/// Hashes a password into a PHC string (`$argon2id$v=19$m=19456,t=2,p=1$…`). CPU-heavy: call
+/// from a blocking context.
+pub fn hash(password: &str) -> String {
+    argon2()
+        .hash_password(password.as_bytes())
+        .expect("argon2 hashing with valid parameters")
+        .to_string()
+}
+
+/// A hash of a random password, verified against when the user does not exist, so an unknown
+/// user costs the same time as a wrong password.
+fn dummy_hash() -> &'static str {
+    static DUMMY: OnceLock<String> = OnceLock::new();
+    DUMMY.get_or_init(|| hash(&super::secrets::random_base62(32)))
+}
+
+/// Verifies `password` against `stored` (or against a dummy hash when `None`). CPU-heavy.
+/// A stored hash weaker than the floor is refused: it cannot have been written by moat.
+pub fn verify(password: &str, stored: Option<&str>) -> bool {
+    let Some(stored) = stored else {
+        let _ = argon2().verify_password(password.as_bytes(), dummy_hash());
+        return false;
+    };
+    if !meets_floor(stored) {
+        return false;
+    }
+    argon2()
+        .verify_password(password.as_bytes(), stored)
+        .is_ok()
+}
+
+fn meets_floor(phc: &str) -> bool {
+    let Ok(h) = argon2::PasswordHash::new(phc) else {
+        return false;
+    };
+    if h.algorithm.as_str() != "argon2id" {
+        return false;
+    }
+    let Ok(p) = Params::try_from(&h) else {
+        return false;
+    };
+    p.m_cost() >= M_COST_KIB && p.t_cost() >= T_COST && p.p_cost() >= P_COST
+}
+
+/// Checks a new password against the policy. Returns why it is refused.
+pub fn check_policy(password: &str) -> Result<(), String> {
+    let n = password.chars().count();
+    if n < MIN_LEN {
+        return Err(format!("a password needs at least {MIN_LEN} characters"));
+    }
+    if password.len() > MAX_LEN {
+        return Err(format!("a password may have at most {MAX_LEN} bytes"));
+    }
+    Ok(())
+}
+
+/// Failure counting with lock-out: after `max_failures` failures within `window`, the subject is
+/// refused until the window has passed since the first of them. A success clears it.
+pub struct Throttle {
+    max_failures: u32,
+    window: Duration,
+    entries: Mutex<HashMap<String, (Instant, u32)>>,
+}
+
+/// Subjects tracked at most; beyond it, stale entries are swept, then new subjects are not
+/// tracked (a flood of distinct names cannot grow memory without bound).
+const THROTTLE_CAPACITY: usize = 100_000;
+
+impl Throttle {
+    pub fn new(max_failures: u32, window: Duration) -> Self {
+        Self {
+            max_failures: max_failures.max(1),
+            window,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, u32)>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `Err(seconds)` while the subject is locked out.
+    pub fn check(&self, subject: &str) -> Result<(), u64> {
+        let map = self.lock();
+        match map.get(subject) {
+            Some((first, n)) if *n >= self.max_failures => {
+                let elapsed = first.elapsed();
+                if elapsed < self.window {
+                    Err((self.window - elapsed).as_secs().max(1))
+                } else {
+                    Ok(())
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn failure(&self, subject: &str) {
+        let mut map = self.lock();
+        if map.len() >= THROTTLE_CAPACITY && !map.contains_key(subject) {
+            let w = self.window;
+            map.retain(|_, (first, _)| first.elapsed() < w);
+            if map.len() >= THROTTLE_CAPACITY {
+                return;
+            }
+        }
+        let e = map.entry(subject.to_owned()).or_insert((Instant::now(), 0));
+        if e.0.elapsed() >= self.window {
+            *e = (Instant::now(), 0);
+        }
+        e.1 += 1;
+    }
+
+    pub fn success(&self, subject: &str) {
+        self.lock().remove(subject);
+    }
+}
+
+/// Why a password check did not run or did not pass.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    Invalid,
+    /// Locked out: retry after this many seconds.
+    Throttled(u64),
+    /// Every hashing slot stayed busy: retry after this many seconds.
+    Busy(u64),
+}
+
+/// The gate every password check goes through: throttles, then a hashing slot, then argon2 on
+/// the blocking pool.
+pub struct PasswordGate {
+    slots: Arc<Semaphore>,
+    queue_timeout: Duration,
+    per_user: Throttle,
+    per_source: Throttle,
+}
+
+impl PasswordGate {
+    pub fn new(
+        concurrency: usize,
+        max_failures_per_user: u32,
+        max_failures_per_source: u32,
+        lockout: Duration,
+    ) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(concurrency.max(1))),
+            queue_timeout: Duration::from_secs(2),
+            per_user: Throttle::new(max_failures_per_user, lockout),
+            per_source: Throttle::new(max_failures_per_source, lockout),
+        }
+    }
+
+    fn user_subject(username: &str) -> String {
+        username.to_lowercase()
+    }
+
+    /// Runs the check. `stored` is `None` when the user is unknown, disabled or has no password
+    /// (the hash still runs, against a dummy). `Ok(())` only when the password matches.
+    pub async fn check(
+        &self,
+        username: &str,
+        source: IpAddr,
+        password: Zeroizing<String>,
+        stored: Option<String>,
+    ) -> Result<(), Refusal> {
+        let user = Self::user_subject(username);
+        let src = source.to_string();
+        self.per_user.check(&user).map_err(Refusal::Throttled)?;
+        self.per_source.check(&src).map_err(Refusal::Throttled)?;
+        if password.len() > MAX_LEN {
+            self.per_user.failure(&user);
+            self.per_source.failure(&src);
+            return Err(Refusal::Invalid);
+        }
+        let permit =
+            tokio::time::timeout(self.queue_timeout, self.slots.clone().acquire_owned()).await;
+        let Ok(Ok(permit)) = permit else {
+            return Err(Refusal::Busy(1));
+        };
+        let ok = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            verify(&password, stored.as_deref())
+        })
+        .await
+        .unwrap_or(false);
+        if ok {
+            self.per_user.success(&user);
+            Ok(())
+        } else {
+            self.per_user.failure(&user);
+            self.per_source.failure(&src);
+            Err(Refusal::Invalid)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_is_argon2id_at_the_floor_and_verifies() {
+        let h = hash("correct horse battery");
+        assert!(h.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{h}");
+        assert!(verify("correct horse battery", Some(&h)));
+        assert!(!verify("correct horse batterY", Some(&h)));
+        assert!(!verify("anything", None));
+    }
+
+    #[test]
+    fn weaker_stored_hashes_are_refused() {
+        let weak = Argon2::new(
+            Algorithm::Argon2id,
+            Version::V0x13,
+            Params::new(1024, 1, 1, None).unwrap(),
+        )
+        .hash_password(b"pw")
+        .unwrap()
+        .to_string();
+        assert!(!verify("pw", Some(&weak)));
+        let argon2i = Argon2::new(
+            Algorithm::Argon2i,
+            Version::V0x13,
+            Params::new(M_COST_KIB, T_COST, P_COST, None).unwrap(),
+        )
+        .hash_password(b"pw")
+        .unwrap()
+        .to_string();
+        assert!(!verify("pw", Some(&argon2i)));
+    }
+
+    #[test]
+    fn policy() {
+        assert!(check_policy("short").is_err());
+        assert!(check_policy("long enough pw").is_ok());
+        assert!(check_policy(&"x".repeat(MAX_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn throttle_locks_after_max_failures_and_success_clears() {
+        let t = Throttle::new(3, Duration::from_secs(60));
+        for _ in 0..2 {
+            t.failure("a");
+        }
+        assert!(t.check("a").is_ok());
+        t.success("a");
+        for _ in 0..3 {
+            t.failure("a");
+        }
+        let secs = t.check("a").unwrap_err();
+        assert!((1..=60).contains(&secs));
+        assert!(t.check("b").is_ok());
+    }
+
+    #[tokio::test]
+    async fn gate_throttles_per_user_and_per_source() {
+        let gate = PasswordGate::new(1, 2, 3, Duration::from_secs(60));
+        let stored = hash("the right password");
+        let src: IpAddr = "192.0.2.1".parse().unwrap();
+        let pw = |s: &str| Zeroizing::new(s.to_owned());
+        for _ in 0..2 {
+            assert_eq!(
+                gate.check("alice", src, pw("wrong"), Some(stored.clone()))
+                    .await,
+                Err(Refusal::Invalid)
+            );
+        }
+        // alice is locked even with the right password.
+        assert!(matches!(
+            gate.check("Alice", src, pw("the right password"), Some(stored.clone()))
+                .await,
+            Err(Refusal::Throttled(_))
+        ));
+        // One more failure from the source (another user) reaches the source limit.
+        assert_eq!(
+            gate.check("bob", src, pw("wrong"), None).await,
+            Err(Refusal::Invalid)
+        );
+        assert!(matches!(
+            gate.check("carol", src, pw("x"), None).await,
+            Err(Refusal::Throttled(_))
+        ));
+        // Another source is unaffected.
+        let other: IpAddr = "192.0.2.2".parse().unwrap();
+        assert_eq!(
+            gate.check("dave", other, pw("the right password"), Some(stored))
+                .await,
+            Ok(())
+        );
+    }
+}

@@ -1,0 +1,208 @@
+//! Secret material: randomness from the OS CSPRNG, and the secret files in the data directory
+//! (the HMAC pepper, the JWT signing keys). Files are created with mode 0600 in a 0700 folder
+//! and their contents are never logged or printed.
+
+use std::{
+    fs::{self, OpenOptions},
+    io::{self, Read, Write},
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
+};
+
+use hmac::{KeyInit, Mac};
+use zeroize::Zeroizing;
+
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+/// The folder below the data directory that holds secret files.
+pub const SECRETS_DIR: &str = "secrets";
+/// The HMAC pepper for API-key and refresh-token hashes.
+pub const PEPPER_FILE: &str = "pepper";
+const PEPPER_LEN: usize = 32;
+
+/// Fills `buf` from the OS CSPRNG. There is no fallback: without the OS generator nothing
+/// secret can be made, so this panics rather than return something guessable.
+pub fn fill_random(buf: &mut [u8]) {
+    getrandom::fill(buf).expect("the OS random number generator failed");
+}
+
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    fill_random(&mut b);
+    b
+}
+
+pub const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// `n` characters drawn uniformly from [`BASE62`] (rejection sampling: no modulo bias).
+/// Each character carries log2(62) ≈ 5.954 bits.
+pub fn random_base62(n: usize) -> String {
+    let mut out = String::with_capacity(n);
+    let mut buf = [0u8; 64];
+    while out.len() < n {
+        fill_random(&mut buf);
+        for &b in &buf {
+            // 248 = 4 * 62: bytes at or above it would favour the first 8 characters.
+            if b < 248 && out.len() < n {
+                out.push(BASE62[(b % 62) as usize] as char);
+            }
+        }
+    }
+    out
+}
+
+/// Creates `dir` (and parents) with mode 0700 if missing.
+pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+pub fn secrets_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join(SECRETS_DIR)
+}
+
+/// Reads a secret file, refusing one that others can read or write.
+pub fn read_secret_file(path: &Path) -> io::Result<Zeroizing<Vec<u8>>> {
+    let mut f = fs::File::open(path)?;
+    let mode = f.metadata()?.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} has mode {:o}: a secret file must not be readable by group or others (chmod 600)",
+                path.display(),
+                mode & 0o777
+            ),
+        ));
+    }
+    let mut buf = Zeroizing::new(Vec::new());
+    f.read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+/// Writes `bytes` to `path` atomically (temp file + rename), mode 0600 from creation on.
+pub fn write_secret_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    ensure_private_dir(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("secret"),
+        random_base62(8)
+    ));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Reads `path`, or creates it with `make()` if it does not exist yet.
+pub fn load_or_create(
+    path: &Path,
+    make: impl FnOnce() -> Zeroizing<Vec<u8>>,
+) -> io::Result<Zeroizing<Vec<u8>>> {
+    match read_secret_file(path) {
+        Ok(b) => Ok(b),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let bytes = make();
+            write_secret_file(path, &bytes)?;
+            Ok(bytes)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The server pepper: the HMAC key under which API-key secrets and refresh tokens are stored.
+/// It lives in a file outside the database, so a stolen database alone verifies nothing.
+#[derive(Clone)]
+pub struct Pepper(Zeroizing<[u8; PEPPER_LEN]>);
+
+impl std::fmt::Debug for Pepper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pepper(…)")
+    }
+}
+
+impl Pepper {
+    /// Loads `data_dir/secrets/pepper`, creating it on first start.
+    pub fn load_or_create(data_dir: &Path) -> io::Result<Self> {
+        let path = secrets_dir(data_dir).join(PEPPER_FILE);
+        let bytes = load_or_create(&path, || {
+            Zeroizing::new(random_bytes::<PEPPER_LEN>().to_vec())
+        })?;
+        let arr: [u8; PEPPER_LEN] = bytes.as_slice().try_into().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: expected {PEPPER_LEN} bytes", path.display()),
+            )
+        })?;
+        Ok(Self(Zeroizing::new(arr)))
+    }
+
+    pub fn from_bytes(bytes: [u8; PEPPER_LEN]) -> Self {
+        Self(Zeroizing::new(bytes))
+    }
+
+    /// HMAC-SHA256 over `domain` and `parts`, each length-prefixed so no two inputs collide.
+    pub fn mac(&self, domain: &str, parts: &[&[u8]]) -> [u8; 32] {
+        let mut m = HmacSha256::new_from_slice(&self.0[..]).expect("HMAC takes any key length");
+        for p in std::iter::once(domain.as_bytes()).chain(parts.iter().copied()) {
+            m.update(&(p.len() as u64).to_be_bytes());
+            m.update(p);
+        }
+        m.finalize().into_bytes().into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base62_is_the_right_length_and_alphabet() {
+        let s = random_base62(43);
+        assert_eq!(s.len(), 43);
+        assert!(s.bytes().all(|b| BASE62.contains(&b)));
+        assert_ne!(s, random_base62(43));
+    }
+
+    #[test]
+    fn pepper_file_is_created_0600_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Pepper::load_or_create(dir.path()).unwrap();
+        let path = dir.path().join("secrets/pepper");
+        let mode = fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let dmode = fs::metadata(dir.path().join("secrets"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(dmode & 0o777, 0o700);
+        let b = Pepper::load_or_create(dir.path()).unwrap();
+        assert_eq!(a.mac("d", &[b"x"]), b.mac("d", &[b"x"]));
+        assert_ne!(a.mac("d", &[b"x"]), a.mac("e", &[b"x"]));
+        assert_ne!(a.mac("d", &[b"ab", b"c"]), a.mac("d", &[b"a", b"bc"]));
+    }
+
+    #[test]
+    fn a_world_readable_secret_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        fs::write(&path, b"x").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let e = read_secret_file(&path).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+    }
+}

@@ -1,0 +1,599 @@
+//! [`Identity`]: the authentication service. Verifies bearers (API keys and access tokens)
+//! through bounded caches, runs the three grants of the token endpoint, revokes sessions, and
+//! keeps the caches honest: local revocations evict at once, and the store's revocation epoch
+//! is polled so changes made by other processes (the CLI, other replicas) land within one poll.
+
+use std::{
+    net::IpAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicI64, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use serde::Serialize;
+use tracing::{info, warn};
+use zeroize::Zeroizing;
+
+use super::{
+    AuthMethod, Principal, api_key,
+    cache::TtlCache,
+    effective_roles,
+    jwt::{AccessClaims, KeyRing, Rotation, SigningAlgorithm, VerifyParams},
+    now,
+    password::{PasswordGate, Refusal},
+    refresh,
+    secrets::{self, Pepper, random_base62},
+};
+use crate::{
+    config::{AuthConfig, Config},
+    error::ApiError,
+    store::{
+        NewFamily, NewRefreshToken, RotateOutcome, Session, Store, StoreResult, sqlite::SqliteStore,
+    },
+};
+
+/// What the token endpoint answers.
+#[derive(Serialize)]
+pub struct TokenResponse {
+    pub access_token: String,
+    pub token_type: &'static str,
+    pub expires_in: u64,
+    pub refresh_token: Zeroizing<String>,
+}
+
+impl std::fmt::Debug for TokenResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenResponse")
+            .field("expires_in", &self.expires_in)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why authentication failed. Each maps to one fixed client answer; the variants that must not
+/// be told apart (unknown key id, wrong secret, revoked key) share one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthError {
+    MissingBearer,
+    InvalidApiKey,
+    InvalidAccessToken,
+    RefreshTokenAsBearer,
+    InvalidGrant,
+    Throttled(u64),
+    Busy(u64),
+    Unavailable,
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::MissingBearer => ApiError::unauthorized(
+                "missing bearer credential: send `Authorization: Bearer <api key or access token>`",
+            ),
+            AuthError::InvalidApiKey => ApiError::unauthorized("invalid API key"),
+            AuthError::InvalidAccessToken => {
+                ApiError::unauthorized("invalid access token").with_code("invalid_token")
+            }
+            AuthError::RefreshTokenAsBearer => ApiError::unauthorized(
+                "a refresh token is not a bearer credential: exchange it at /v1/auth/token",
+            )
+            .with_code("invalid_token"),
+            AuthError::InvalidGrant => {
+                ApiError::unauthorized("invalid grant").with_code("invalid_grant")
+            }
+            AuthError::Throttled(s) => ApiError::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "too many failed attempts; try again later",
+            )
+            .with_code("login_throttled")
+            .with_retry_after(s),
+            AuthError::Busy(s) => {
+                ApiError::unavailable("authentication is busy; try again").with_retry_after(s)
+            }
+            AuthError::Unavailable => ApiError::unavailable("identity store unavailable"),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct CachedKey {
+    secret_hmac: Vec<u8>,
+    expires_at: Option<i64>,
+    principal: Principal,
+}
+
+pub struct Identity {
+    store: Arc<dyn Store>,
+    pepper: Pepper,
+    keys: KeyRing,
+    params: VerifyParams,
+    access_ttl: u64,
+    refresh_idle: i64,
+    refresh_absolute: i64,
+    key_cache: TtlCache<String, CachedKey>,
+    session_cache: TtlCache<String, Principal>,
+    passwords: PasswordGate,
+    /// Moves on every local invalidation; a cache fill started before a move is discarded.
+    generation: AtomicU64,
+    /// The store's revocation epoch as last seen.
+    epoch: AtomicI64,
+    poll: Duration,
+    signing_check: Duration,
+}
+
+impl Identity {
+    /// Opens the configured store and secrets (creating them on first start).
+    pub fn open(config: &Config) -> anyhow::Result<Arc<Self>> {
+        let store = SqliteStore::open_in(&config.data_dir)?;
+        Ok(Arc::new(Self::new(config, Arc::new(store))?))
+    }
+
+    /// Builds the service over `store`, with secrets from the config's data directory.
+    pub fn new(config: &Config, store: Arc<dyn Store>) -> anyhow::Result<Self> {
+        let auth = config.auth();
+        let secrets_dir = secrets::secrets_dir(&config.data_dir);
+        let pepper = Pepper::load_or_create(&config.data_dir)?;
+        let keys = match auth.algorithm {
+            SigningAlgorithm::EdDSA => KeyRing::ed25519(
+                &secrets_dir,
+                Rotation {
+                    rotate_after: auth.signing_key_rotation_secs as i64,
+                    overlap: auth.signing_key_overlap_secs as i64,
+                },
+                now(),
+            )?,
+            SigningAlgorithm::HS256 => {
+                let path = match &auth.hs256_secret_file {
+                    Some(p) => config.resolve(p),
+                    None => secrets_dir.join("jwt-hs256.key"),
+                };
+                KeyRing::hs256(&path)?
+            }
+        };
+        Self::with_parts(auth, store, pepper, keys)
+    }
+
+    fn with_parts(
+        auth: &AuthConfig,
+        store: Arc<dyn Store>,
+        pepper: Pepper,
+        keys: KeyRing,
+    ) -> anyhow::Result<Self> {
+        let epoch = store.auth_epoch()?;
+        let cache_ttl = Duration::from_secs(auth.cache_ttl_secs);
+        let concurrency = match auth.password_concurrency {
+            0 => std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+            n => n,
+        };
+        Ok(Self {
+            store,
+            pepper,
+            keys,
+            params: VerifyParams {
+                issuer: auth.issuer.clone(),
+                audience: auth.audience.clone(),
+                leeway: auth.leeway_secs,
+                max_lifetime: auth.access_token_ttl_secs,
+            },
+            access_ttl: auth.access_token_ttl_secs,
+            refresh_idle: auth.refresh_idle_ttl_secs as i64,
+            refresh_absolute: auth.refresh_absolute_ttl_secs as i64,
+            key_cache: TtlCache::new(auth.cache_capacity, cache_ttl),
+            session_cache: TtlCache::new(auth.cache_capacity, cache_ttl),
+            passwords: PasswordGate::new(
+                concurrency,
+                auth.password_max_failures_per_user,
+                auth.password_max_failures_per_source,
+                Duration::from_secs(auth.password_lockout_secs),
+            ),
+            generation: AtomicU64::new(0),
+            epoch: AtomicI64::new(epoch),
+            poll: Duration::from_millis(auth.revocation_poll_ms),
+            signing_check: Duration::from_secs(60),
+        })
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn pepper(&self) -> &Pepper {
+        &self.pepper
+    }
+
+    /// Runs a store call on the blocking pool.
+    async fn db<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Store) -> StoreResult<T> + Send + 'static,
+    ) -> Result<T, AuthError> {
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || f(store.as_ref())).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                warn!(error = %e, "identity store call failed");
+                Err(AuthError::Unavailable)
+            }
+            Err(_) => Err(AuthError::Unavailable),
+        }
+    }
+
+    // ---- bearer verification -------------------------------------------------------------
+
+    /// Authenticates the token of an `Authorization: Bearer` header.
+    pub async fn authenticate(&self, bearer: &str) -> Result<Principal, AuthError> {
+        if bearer.starts_with(refresh::PREFIX) {
+            return Err(AuthError::RefreshTokenAsBearer);
+        }
+        if bearer.starts_with(api_key::PREFIX) {
+            return self.verify_api_key(bearer).await;
+        }
+        if bearer.bytes().filter(|&b| b == b'.').count() == 2 {
+            return self.verify_access_token(bearer).await;
+        }
+        Err(AuthError::InvalidApiKey)
+    }
+
+    /// Verifies an API key. A malformed key or a bad checksum is refused before any look-up.
+    pub async fn verify_api_key(&self, key: &str) -> Result<Principal, AuthError> {
+        let Some(parsed) = api_key::parse(key) else {
+            info!(
+                event = "auth_failed",
+                method = "api_key",
+                reason = "malformed"
+            );
+            return Err(AuthError::InvalidApiKey);
+        };
+        let key_id = parsed.key_id.to_owned();
+        let t = now();
+        if let Some(c) = self.key_cache.get(&key_id) {
+            if parsed.matches(&self.pepper, &c.secret_hmac) && c.expires_at.is_none_or(|e| t < e) {
+                return Ok(c.principal);
+            }
+            info!(event = "auth_failed", method = "api_key", key_id = %key_id, reason = "bad secret");
+            return Err(AuthError::InvalidApiKey);
+        }
+        let generation = self.generation.load(Ordering::Acquire);
+        let kid = key_id.clone();
+        let rec = self.db(move |s| s.api_key(&kid)).await?;
+        let Some(rec) = rec else {
+            // Same work as a wrong secret, so timing does not tell unknown ids apart.
+            let _ = parsed.matches(&self.pepper, &[0u8; 32]);
+            info!(event = "auth_failed", method = "api_key", key_id = %key_id, reason = "unknown key");
+            return Err(AuthError::InvalidApiKey);
+        };
+        if !parsed.matches(&self.pepper, &rec.secret_hmac) {
+            info!(event = "auth_failed", method = "api_key", key_id = %key_id, reason = "bad secret");
+            return Err(AuthError::InvalidApiKey);
+        }
+        if !rec.is_active(t) {
+            info!(event = "auth_failed", method = "api_key", key_id = %key_id, reason = "inactive key");
+            return Err(AuthError::InvalidApiKey);
+        }
+        let principal = Principal {
+            user_id: rec.user_id.clone(),
+            username: rec.username.clone(),
+            tenant: rec.tenant.clone(),
+            key_id: Some(rec.key_id.clone()),
+            session_id: None,
+            roles: effective_roles(&rec.user_roles, Some(&rec.roles)),
+            method: AuthMethod::ApiKey,
+        };
+        if self.generation.load(Ordering::Acquire) == generation {
+            self.key_cache.insert(
+                key_id,
+                CachedKey {
+                    secret_hmac: rec.secret_hmac,
+                    expires_at: rec.expires_at,
+                    principal: principal.clone(),
+                },
+            );
+        }
+        Ok(principal)
+    }
+
+    /// Verifies an access token and that its session still stands.
+    pub async fn verify_access_token(&self, token: &str) -> Result<Principal, AuthError> {
+        let claims = self.keys.current().verify(token, &self.params, now());
+        let claims = match claims {
+            Ok(c) => c,
+            Err(e) => {
+                info!(event = "auth_failed", method = "access_token", reason = %e);
+                return Err(AuthError::InvalidAccessToken);
+            }
+        };
+        let Some(p) = self.session_principal(&claims.sid).await? else {
+            info!(event = "auth_failed", method = "access_token", sid = %claims.sid, reason = "session ended");
+            return Err(AuthError::InvalidAccessToken);
+        };
+        if p.user_id != claims.sub || p.tenant != claims.tenant {
+            info!(event = "auth_failed", method = "access_token", sid = %claims.sid, reason = "claims do not match the session");
+            return Err(AuthError::InvalidAccessToken);
+        }
+        Ok(p)
+    }
+
+    fn principal_of(s: &Session) -> Principal {
+        Principal {
+            user_id: s.user_id.clone(),
+            username: s.username.clone(),
+            tenant: s.tenant.clone(),
+            key_id: s.key_id.clone(),
+            session_id: Some(s.family_id.clone()),
+            roles: effective_roles(&s.user_roles, s.key_roles.as_deref()),
+            method: AuthMethod::AccessToken,
+        }
+    }
+
+    /// The principal of a live session, through the cache. `None` if it ended.
+    async fn session_principal(&self, sid: &str) -> Result<Option<Principal>, AuthError> {
+        if let Some(p) = self.session_cache.get(&sid.to_owned()) {
+            return Ok(Some(p));
+        }
+        let generation = self.generation.load(Ordering::Acquire);
+        let id = sid.to_owned();
+        let Some(s) = self.db(move |st| st.session(&id)).await? else {
+            return Ok(None);
+        };
+        if !s.is_active(now()) {
+            return Ok(None);
+        }
+        let p = Self::principal_of(&s);
+        if self.generation.load(Ordering::Acquire) == generation {
+            self.session_cache.insert(sid.to_owned(), p.clone());
+        }
+        Ok(Some(p))
+    }
+
+    // ---- grants ------------------------------------------------------------------------------
+
+    fn issue_access(&self, user_id: &str, tenant: &str, sid: &str) -> String {
+        let t = now();
+        self.keys.current().sign(&AccessClaims {
+            iss: self.params.issuer.clone(),
+            aud: self.params.audience.clone(),
+            sub: user_id.to_owned(),
+            tenant: tenant.to_owned(),
+            sid: sid.to_owned(),
+            jti: random_base62(22),
+            iat: t,
+            nbf: t,
+            exp: t + self.access_ttl as i64,
+        })
+    }
+
+    fn response(&self, access_token: String, refresh_token: Zeroizing<String>) -> TokenResponse {
+        TokenResponse {
+            access_token,
+            token_type: "Bearer",
+            expires_in: self.access_ttl,
+            refresh_token,
+        }
+    }
+
+    /// Opens a session (refresh family) and returns its first tokens.
+    async fn open_session(
+        &self,
+        user_id: &str,
+        tenant: &str,
+        key_id: Option<&str>,
+    ) -> Result<TokenResponse, AuthError> {
+        let t = now();
+        let sid = random_base62(22);
+        let rt = refresh::mint();
+        let hash = refresh::hash(&self.pepper, &rt);
+        let (fid, uid, kid) = (sid.clone(), user_id.to_owned(), key_id.map(str::to_owned));
+        let (abs, idle) = (t + self.refresh_absolute, t + self.refresh_idle);
+        self.db(move |s| {
+            s.create_family(
+                &NewFamily {
+                    id: &fid,
+                    user_id: &uid,
+                    key_id: kid.as_deref(),
+                    now: t,
+                    absolute_expires_at: abs,
+                },
+                &NewRefreshToken {
+                    token_hmac: &hash,
+                    idle_expires_at: idle,
+                },
+            )
+        })
+        .await?;
+        info!(event = "session_opened", user_id, sid = %sid, key_id = key_id.unwrap_or(""));
+        Ok(self.response(self.issue_access(user_id, tenant, &sid), rt))
+    }
+
+    /// `grant_type=api_key`.
+    pub async fn grant_api_key(&self, key: &str) -> Result<TokenResponse, AuthError> {
+        let p = self.verify_api_key(key).await?;
+        self.open_session(&p.user_id, &p.tenant, p.key_id.as_deref())
+            .await
+    }
+
+    /// `grant_type=password`.
+    pub async fn grant_password(
+        &self,
+        username: &str,
+        password: Zeroizing<String>,
+        source: IpAddr,
+    ) -> Result<TokenResponse, AuthError> {
+        let user = if username.is_empty() || username.len() > 128 {
+            None
+        } else {
+            let name = username.to_owned();
+            self.db(move |s| s.user_by_name(&name)).await?
+        };
+        let stored = user
+            .as_ref()
+            .filter(|u| u.disabled_at.is_none())
+            .and_then(|u| u.password_hash.clone());
+        match self
+            .passwords
+            .check(username, source, password, stored)
+            .await
+        {
+            Ok(()) => {}
+            Err(Refusal::Invalid) => {
+                info!(event = "auth_failed", method = "password", user_id = user.as_ref().map_or("", |u| u.id.as_str()), source = %source);
+                return Err(AuthError::InvalidGrant);
+            }
+            Err(Refusal::Throttled(s)) => {
+                info!(event = "auth_throttled", method = "password", source = %source);
+                return Err(AuthError::Throttled(s));
+            }
+            Err(Refusal::Busy(s)) => return Err(AuthError::Busy(s)),
+        }
+        let user = user.expect("a password matched, so the user exists");
+        self.open_session(&user.id, &user.tenant, None).await
+    }
+
+    /// `grant_type=refresh_token`: single use, rotated; a spent token revokes its family.
+    pub async fn grant_refresh(&self, token: &str) -> Result<TokenResponse, AuthError> {
+        if !refresh::is_well_formed(token) {
+            return Err(AuthError::InvalidGrant);
+        }
+        let presented = refresh::hash(&self.pepper, token);
+        let next = refresh::mint();
+        let next_hash = refresh::hash(&self.pepper, &next);
+        let idle = now() + self.refresh_idle;
+        let outcome = self
+            .db(move |s| {
+                s.rotate_refresh(
+                    &presented,
+                    &NewRefreshToken {
+                        token_hmac: &next_hash,
+                        idle_expires_at: idle,
+                    },
+                    now(),
+                )
+            })
+            .await?;
+        let family_id = match outcome {
+            RotateOutcome::Rotated { family_id } => family_id,
+            RotateOutcome::Unknown => {
+                info!(
+                    event = "auth_failed",
+                    method = "refresh_token",
+                    reason = "unknown token"
+                );
+                return Err(AuthError::InvalidGrant);
+            }
+            RotateOutcome::Dead { family_id } => {
+                info!(event = "auth_failed", method = "refresh_token", sid = %family_id, reason = "session ended or token expired");
+                return Err(AuthError::InvalidGrant);
+            }
+            RotateOutcome::Reused { family_id } => {
+                self.evict_session(&family_id);
+                warn!(event = "refresh_reuse_detected", sid = %family_id, "a spent refresh token was presented again; the session is revoked");
+                return Err(AuthError::InvalidGrant);
+            }
+        };
+        let fid = family_id.clone();
+        let session = self.db(move |s| s.session(&fid)).await?;
+        let Some(session) = session.filter(|s| s.is_active(now())) else {
+            return Err(AuthError::InvalidGrant);
+        };
+        let access = self.issue_access(&session.user_id, &session.tenant, &family_id);
+        Ok(self.response(access, next))
+    }
+
+    /// Revokes the session a refresh token or an access token belongs to. Unknown or invalid
+    /// tokens are ignored (RFC 7009): the answer tells a caller nothing.
+    pub async fn revoke(&self, token: &str) -> Result<(), AuthError> {
+        let sid = if refresh::is_well_formed(token) {
+            let h = refresh::hash(&self.pepper, token);
+            self.db(move |s| s.family_of_refresh(&h)).await?
+        } else if token.bytes().filter(|&b| b == b'.').count() == 2 {
+            self.keys
+                .current()
+                .verify(token, &self.params, now())
+                .ok()
+                .map(|c| c.sid)
+        } else {
+            None
+        };
+        let Some(sid) = sid else {
+            return Ok(());
+        };
+        let id = sid.clone();
+        let revoked = self
+            .db(move |s| s.revoke_family(&id, "revoked_by_client", now()))
+            .await?;
+        self.evict_session(&sid);
+        if revoked {
+            info!(event = "session_revoked", sid = %sid);
+        }
+        Ok(())
+    }
+
+    pub fn jwks(&self) -> serde_json::Value {
+        self.keys.current().jwks()
+    }
+
+    // ---- invalidation ---------------------------------------------------------------------
+
+    fn bump(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn evict_session(&self, sid: &str) {
+        self.bump();
+        self.session_cache.remove(&sid.to_owned());
+    }
+
+    pub fn evict_key(&self, key_id: &str) {
+        self.bump();
+        self.key_cache.remove(&key_id.to_owned());
+        self.session_cache
+            .remove_where(|p| p.key_id.as_deref() == Some(key_id));
+    }
+
+    pub fn evict_user(&self, user_id: &str) {
+        self.bump();
+        self.key_cache
+            .remove_where(|c| c.principal.user_id == user_id);
+        self.session_cache.remove_where(|p| p.user_id == user_id);
+    }
+
+    pub fn evict_all(&self) {
+        self.bump();
+        self.key_cache.clear();
+        self.session_cache.clear();
+    }
+
+    /// Checks the store's revocation epoch once; clears the caches if it moved.
+    pub async fn poll_epoch(&self) {
+        if let Ok(e) = self.db(|s| s.auth_epoch()).await
+            && self.epoch.swap(e, Ordering::AcqRel) != e
+        {
+            self.evict_all();
+        }
+    }
+
+    /// Background upkeep: the revocation-epoch poll and signing-key rotation. Ends when the
+    /// service is dropped.
+    pub fn spawn_upkeep(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(self);
+        let (poll, signing_check) = (self.poll, self.signing_check);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(poll);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last_signing = tokio::time::Instant::now();
+            loop {
+                tick.tick().await;
+                let Some(me) = weak.upgrade() else { return };
+                me.poll_epoch().await;
+                if last_signing.elapsed() >= signing_check {
+                    last_signing = tokio::time::Instant::now();
+                    match me.keys.maintain(now()) {
+                        Ok(Some(kid)) => info!(event = "signing_key_rotated", kid = %kid),
+                        Ok(None) => {}
+                        Err(e) => warn!(error = %e, "signing key maintenance failed"),
+                    }
+                }
+            }
+        })
+    }
+}
