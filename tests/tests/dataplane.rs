@@ -373,6 +373,39 @@ async fn client_disconnect_cancels_the_upstream_within_a_second() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_before_the_answer_cancels_the_upstream() {
+    // A non-streamed request still waiting for the upstream's answer.
+    let sim = Sim::start(&["--latency-ms", "30000"]);
+    let moat = start(&[&sim], "", "").await;
+    let pending = tokio::spawn({
+        let body = chat("x", false);
+        let (k, v) = moat.bearer();
+        let url = moat.url(CHAT);
+        async move {
+            moat_tests::send(
+                "POST",
+                &url,
+                &[("content-type", "application/json"), (k, v.as_str())],
+                body.to_string(),
+            )
+            .await
+        }
+    });
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            sim.stats().await["in_flight"] == 1
+        })
+        .await
+    );
+    pending.abort();
+    let seen = eventually(Duration::from_secs(1), || async {
+        sim.stats().await["cancelled"] == 1
+    })
+    .await;
+    assert!(seen, "not cancelled upstream: {}", sim.stats().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_and_reaches_no_upstream() {
     let sim = Sim::start(&[]);
     let moat = Moat::start_with(
