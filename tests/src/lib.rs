@@ -25,14 +25,17 @@ use hyper_util::{
 };
 use serde_json::Value;
 
-/// The folder holding the workspace's binaries for this build profile.
+/// The folder holding the workspace's binaries for this build profile: the test executable's
+/// (`target/<profile>/deps/<test>` → `target/<profile>`), or a binary's own folder (the
+/// benchmarks run from `target/release`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test> → target/<profile>
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("test executable inside target/<profile>/deps")
-        .to_path_buf()
+    let dir = exe.parent().expect("executable in a folder");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("target/<profile>").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// Path of a workspace binary; panics with what to run when it was not built.

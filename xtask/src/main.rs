@@ -47,7 +47,7 @@ enum Cmd {
     },
     /// Run a benchmark and print its ratios.
     Bench {
-        /// Which benchmark: segment.
+        /// Which benchmark: segment, gateway.
         name: String,
     },
 }
@@ -85,7 +85,13 @@ fn main() -> Result<()> {
             setup::run()?;
             build(true)?;
             cargo(&["build", "--release", "-p", "moat-tests", "--bins"])?;
-            run(Command::new(root.join("target/release/moat-bench")).arg(&name))
+            match name.as_str() {
+                // The data plane against direct and nginx (wrk, nginx from `setup`).
+                "gateway" => run(&mut Command::new(
+                    root.join("target/release/moat-bench-gateway"),
+                )),
+                _ => run(Command::new(root.join("target/release/moat-bench")).arg(&name)),
+            }
         }
     }
 }
