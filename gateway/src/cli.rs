@@ -71,7 +71,7 @@ pub enum ConfigCommand {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init();
+    let _log = logging::init();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -41,7 +41,12 @@ impl RequestId {
 pub async fn layer(mut req: Request, next: Next) -> Response {
     let id = RequestId::generate();
     req.extensions_mut().insert(id.clone());
-    let span = info_span!("request", request_id = %id.as_str());
+    // `upstream` is filled in by the proxy with the host that served the request.
+    let span = info_span!(
+        "request",
+        request_id = %id.as_str(),
+        upstream = tracing::field::Empty
+    );
     let method = req.method().clone();
     // The route pattern, never the raw path or query: those are client-chosen text.
     let route = req

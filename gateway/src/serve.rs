@@ -48,6 +48,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     info!(listen = %listener.local_addr()?, "data plane listening");
     // Connection info: the token endpoint throttles password attempts per source address.
     let service = app::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    // TCP_NODELAY: stream chunks are small writes; Nagle would hold each one back until the
+    // previous was acknowledged (up to 40 ms with delayed ACKs).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, service)
         .with_graceful_shutdown(shutdown())
         .await?;

@@ -26,7 +26,7 @@ use axum::{
 };
 use bytes::Bytes;
 use http_body_util::Full;
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
 use crate::{
     config::Config,
@@ -157,7 +157,8 @@ async fn dispatch(
             }
             Ok(Ok(resp)) => {
                 let status = resp.status();
-                info!(host = %host.name, attempt, status = status.as_u16(), "upstream answered");
+                debug!(host = %host.name, attempt, status = status.as_u16(), "upstream answered");
+                tracing::Span::current().record("upstream", host.name.as_str());
                 if status.is_server_error() {
                     lease.failure();
                     return Err(ApiError::bad_gateway(format!(

@@ -190,6 +190,10 @@ fn main() -> anyhow::Result<()> {
             .route("/_sim/fail", post(fail))
             .route("/_sim/reset", post(reset))
             .with_state(sim);
+        // Small SSE frames must leave at once, as a real server's would (no Nagle).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         axum::serve(listener, app).await?;
         anyhow::Ok(())
     })
@@ -442,13 +446,11 @@ async fn generate(sim: Shared, kind: Kind, req: Request) -> Response {
     };
     let body = stream::unfold(st, |mut st| async move {
         // Pause first, so the frames before an injected failure are on the wire before it.
-        if st.sent > 0 {
-            tokio::time::sleep(st.delay.max(Duration::from_millis(if st.failure.is_some() {
-                20
-            } else {
-                0
-            })))
-            .await;
+        let floor = Duration::from_millis(if st.failure.is_some() { 20 } else { 0 });
+        let pause = st.delay.max(floor);
+        // No pause at all when none is asked for: a zero sleep still waits for a timer tick.
+        if st.sent > 0 && !pause.is_zero() {
+            tokio::time::sleep(pause).await;
         }
         if let Some(f) = &st.failure
             && st.sent == f.after_chunks
