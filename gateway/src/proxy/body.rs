@@ -4,7 +4,8 @@
 //! - Idle timeout: no frame for `idle_timeout_ms` ends the response.
 //! - Event streams are cut at event boundaries (a blank line), so a stream that breaks ends
 //!   with a whole OpenAI-shaped `data: {"error": …}` event the SDKs raise on, never with half
-//!   an event. Events arrive whole from real servers, so this adds no delay.
+//!   an event. Whatever is ready at once is sent together; nothing ready is ever held back
+//!   waiting for more (events arrive whole from real servers, so this adds no delay).
 //! - Dropping this body (the client went away) drops the upstream response at once, which
 //!   closes that upstream connection: the inference server sees the request cancelled.
 //! - It holds the host's [`Lease`]: the request counts as outstanding until the body ends, and
@@ -26,6 +27,8 @@ use crate::{error::ApiError, route::Lease};
 
 /// Largest event held back while waiting for its end.
 const MAX_EVENT_BYTES: usize = 1024 * 1024;
+/// Events already complete are sent once this much is gathered, even if more is ready.
+const FLUSH_BYTES: usize = 16 * 1024;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -33,6 +36,7 @@ pub struct ProxyBody {
     inner: Option<Incoming>,
     idle: Duration,
     deadline: Pin<Box<Sleep>>,
+    last_frame: Instant,
     /// `Some` for event streams: bytes of an event not yet complete.
     pending: Option<BytesMut>,
     lease: Option<Lease>,
@@ -47,6 +51,7 @@ impl ProxyBody {
             inner: Some(inner),
             idle,
             deadline: Box::pin(tokio::time::sleep(idle)),
+            last_frame: Instant::now(),
             pending: event_stream.then(BytesMut::new),
             lease: Some(lease),
             span: Span::current(),
@@ -80,9 +85,12 @@ impl ProxyBody {
             "{reason}"
         );
         match self.pending.take() {
-            Some(_partial) => {
+            Some(mut gathered) => {
+                // Whole events still held are sent; a trailing partial one is dropped.
+                gathered.truncate(last_event_end(&gathered).unwrap_or(0));
                 let event = format!("data: {}\n\n", ApiError::bad_gateway(reason).body());
-                Poll::Ready(Some(Ok(Frame::data(Bytes::from(event)))))
+                gathered.extend_from_slice(event.as_bytes());
+                Poll::Ready(Some(Ok(Frame::data(gathered.freeze()))))
             }
             None => Poll::Ready(Some(Err(reason.into()))),
         }
@@ -114,8 +122,9 @@ impl Body for ProxyBody {
             };
             match Pin::new(inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
-                    let deadline = Instant::now() + this.idle;
-                    this.deadline.as_mut().reset(deadline);
+                    // The idle timer is re-armed lazily (when it fires), not per frame: a
+                    // timer-wheel update per chunk is measurable on the streaming path.
+                    this.last_frame = Instant::now();
                     // Trailers are not relayed (allowlist: none).
                     let Ok(data) = frame.into_data() else {
                         continue;
@@ -136,9 +145,12 @@ impl Body for ProxyBody {
                         this.pending = None;
                         return Poll::Ready(Some(Ok(Frame::data(rest))));
                     }
-                    if let Some(end) = last_event_end(pending) {
-                        let events = pending.split_to(end).freeze();
-                        return Poll::Ready(Some(Ok(Frame::data(events))));
+                    // Take whatever else is ready too (fewer, larger writes to the client),
+                    // but never sit on a large batch.
+                    if pending.len() >= FLUSH_BYTES
+                        && let Some(end) = last_event_end(pending)
+                    {
+                        return Poll::Ready(Some(Ok(Frame::data(pending.split_to(end).freeze()))));
                     }
                     if pending.len() > MAX_EVENT_BYTES {
                         return this.fail("upstream event too large; stream ended");
@@ -153,8 +165,18 @@ impl Body for ProxyBody {
                     return Poll::Ready(rest.map(|p| Ok(Frame::data(p.freeze()))));
                 }
                 Poll::Pending => {
-                    if this.deadline.as_mut().poll(cx).is_ready() {
-                        return this.fail("upstream idle timeout; response ended");
+                    // Nothing more right now: send the complete events gathered so far.
+                    if let Some(pending) = &mut this.pending
+                        && let Some(end) = last_event_end(pending)
+                    {
+                        return Poll::Ready(Some(Ok(Frame::data(pending.split_to(end).freeze()))));
+                    }
+                    while this.deadline.as_mut().poll(cx).is_ready() {
+                        let due = this.last_frame + this.idle;
+                        if Instant::now() >= due {
+                            return this.fail("upstream idle timeout; response ended");
+                        }
+                        this.deadline.as_mut().reset(due);
                     }
                     return Poll::Pending;
                 }
