@@ -82,7 +82,7 @@ pub enum ConfigCommand {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init();
+    let _log = logging::init();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -72,6 +72,9 @@ pub struct ServerConfig {
     /// The unprivileged user the worker runs as.
     #[serde(default = "default_user")]
     pub user: String,
+    /// Largest request body the data plane reads; larger ones get 413 before any parsing.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
 }
 
 fn default_user() -> String {
@@ -84,8 +87,13 @@ impl Default for ServerConfig {
             listen: default_listen(),
             data_dir: default_data_dir(),
             user: default_user(),
+            max_body_bytes: default_max_body_bytes(),
         }
     }
+}
+
+fn default_max_body_bytes() -> usize {
+    1024 * 1024
 }
 
 fn default_listen() -> SocketAddr {
@@ -109,6 +117,79 @@ pub struct PoolConfig {
     /// provider that other services on this host also use; the gateway may still reach it.
     #[serde(default = "yes")]
     pub protect: bool,
+    /// Speak TLS (rustls) to the hosts; the server name is the host as written.
+    #[serde(default)]
+    pub tls: bool,
+    /// PEM bundle of the CAs that may sign the hosts' certificates (with `tls`); without it,
+    /// the webpki roots are trusted.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Environment variable holding the credential sent upstream as `Authorization: Bearer`.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// File holding that credential instead (first line; relative to the config's folder).
+    #[serde(default)]
+    pub api_key_file: Option<PathBuf>,
+    /// TCP (and TLS) connect timeout per attempt.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// From the request being sent to the response head arriving. A non-streamed completion
+    /// only answers when it is done, so this bounds a whole generation.
+    #[serde(default = "default_first_byte_timeout_ms")]
+    pub first_byte_timeout_ms: u64,
+    /// Longest silence between two chunks of a response body.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Path of the active health check (`GET`, 2xx is healthy, the pool credential is sent).
+    #[serde(default = "default_health_path")]
+    pub health_path: String,
+    #[serde(default = "default_health_interval_ms")]
+    pub health_interval_ms: u64,
+    #[serde(default = "default_health_timeout_ms")]
+    pub health_timeout_ms: u64,
+    /// Consecutive failed requests after which a host is ejected (passive health).
+    #[serde(default = "default_eject_after_failures")]
+    pub eject_after_failures: u32,
+    /// First ejection period; it doubles on each ejection in a row, up to `eject_max_ms`.
+    #[serde(default = "default_eject_base_ms")]
+    pub eject_base_ms: u64,
+    #[serde(default = "default_eject_max_ms")]
+    pub eject_max_ms: u64,
+    /// Attempts per request, each on another host. Only failures where nothing reached the
+    /// upstream (connect refused or timed out) are retried.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    2_000
+}
+fn default_first_byte_timeout_ms() -> u64 {
+    120_000
+}
+fn default_idle_timeout_ms() -> u64 {
+    60_000
+}
+fn default_health_path() -> String {
+    "/v1/models".to_owned()
+}
+fn default_health_interval_ms() -> u64 {
+    5_000
+}
+fn default_health_timeout_ms() -> u64 {
+    2_000
+}
+fn default_eject_after_failures() -> u32 {
+    3
+}
+fn default_eject_base_ms() -> u64 {
+    1_000
+}
+fn default_eject_max_ms() -> u64 {
+    30_000
+}
+fn default_max_attempts() -> u32 {
+    3
 }
 
 fn default_provider() -> String {
@@ -127,6 +208,32 @@ pub struct ModelConfig {
     /// The model id the upstream expects; defaults to the public name.
     #[serde(default)]
     pub upstream_model: Option<String>,
+    /// Most entries in `messages` a chat request may carry.
+    #[serde(default = "default_max_messages")]
+    pub max_messages: usize,
+    /// Largest `max_tokens` / `max_completion_tokens`; also injected when a request sets none,
+    /// so no request can generate without bound.
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: u64,
+    /// Largest `n` (and `best_of`): each one is a whole generation on the GPU.
+    #[serde(default = "default_max_n")]
+    pub max_n: u64,
+    /// Most items in an embeddings `input` or a completions `prompt` array.
+    #[serde(default = "default_max_inputs")]
+    pub max_inputs: usize,
+}
+
+fn default_max_messages() -> usize {
+    256
+}
+fn default_max_tokens() -> u64 {
+    4096
+}
+fn default_max_n() -> u64 {
+    1
+}
+fn default_max_inputs() -> usize {
+    256
 }
 
 /// Whether the kernel side is required.
@@ -458,7 +565,29 @@ pub struct Pool {
     pub hosts: Vec<String>,
     /// Every address each host resolved to.
     pub addrs: Vec<SocketAddr>,
+    /// The addresses of `hosts[i]`, so the upstream client never needs DNS at run time.
+    pub host_addrs: Vec<Vec<SocketAddr>>,
     pub protect: bool,
+    /// The credential injected upstream, read when the config loads.
+    pub credential: Option<Secret>,
+    /// Trusted CAs for `tls` (DER), from `tls_ca_file`; `None` means the webpki roots.
+    pub tls_roots: Option<Vec<Vec<u8>>>,
+}
+
+/// A secret read from the config's sources: never printed by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
 }
 
 /// A loaded, validated config.
@@ -475,52 +604,109 @@ pub struct Config {
     pub extra_protected: Vec<DestinationRule>,
     /// The inference-host guard, when `[segmentation.inference]` is present.
     pub inference: Option<InferenceGuard>,
-    /// Every `host:port` entry the load resolved, and what it resolved to. The supervisor
-    /// hands this to the worker with the file's text, so the worker (which may have no DNS
-    /// under egress lockdown) parses the same config to the same addresses.
-    pub resolved: Resolved,
-    /// Contents of the secret files the config names, read when it loads (by the supervisor,
-    /// as root) and handed to the worker, which may not be able to read them itself.
-    pub files: SecretFiles,
+    /// Everything the load read from outside the file's text (see [`Captured`]).
+    pub captured: Captured,
 }
 
-/// Secret file contents by path. Its `Debug` never shows a byte of them.
+/// What a config load read from outside its own text: the addresses of the host names, the
+/// environment variables and the files it names. The supervisor loads from the system (as
+/// root, before any lockdown) and hands the capture to the worker with the text; the worker
+/// replays it — no DNS under egress lockdown, no root-only files, no environment needed, and
+/// the same answers the supervisor got.
 #[derive(Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SecretFiles(pub BTreeMap<PathBuf, Vec<u8>>);
+pub struct Captured {
+    /// `host:port` entry → its addresses.
+    pub hosts: BTreeMap<String, Vec<SocketAddr>>,
+    /// Variable → its value (`None`: not set).
+    pub env: BTreeMap<String, Option<String>>,
+    /// Path → its contents (`None`: no such file).
+    pub files: BTreeMap<PathBuf, Option<Vec<u8>>>,
+}
 
-impl fmt::Debug for SecretFiles {
+/// Names only: environment values and file contents are credentials.
+impl fmt::Debug for Captured {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list().entries(self.0.keys()).finish()
+        f.debug_struct("Captured")
+            .field("hosts", &self.hosts)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("files", &self.files.keys().collect::<Vec<_>>())
+            .finish()
     }
 }
 
-impl SecretFiles {
-    pub fn get(&self, path: &Path) -> Option<&[u8]> {
-        self.0.get(path).map(Vec::as_slice)
+impl Captured {
+    /// The contents of a file the load read, if it existed.
+    pub fn file(&self, path: &Path) -> Option<&[u8]> {
+        self.files.get(path)?.as_deref()
     }
 }
 
-/// `host:port` entry → the addresses it resolved to.
-pub type Resolved = BTreeMap<String, Vec<SocketAddr>>;
-
-/// How a load turns host names into addresses.
+/// Where a load reads what lies outside the config's text.
 #[derive(Debug, Clone, Copy)]
-pub enum Resolver<'a> {
-    /// The system resolver (at load time only; never on the request path).
+pub enum Sources<'a> {
+    /// DNS, the environment and the file system (at load time only; never per request).
     System,
-    /// Answers an earlier load gave (see [`Config::resolved`]).
-    Table(&'a Resolved),
+    /// What an earlier load captured.
+    Replay(&'a Captured),
 }
 
-impl Resolver<'_> {
-    fn resolve(&self, entry: &str) -> Result<Vec<SocketAddr>, String> {
-        match self {
-            Resolver::System => resolve_host_port(entry),
-            Resolver::Table(t) => match t.get(entry) {
-                Some(addrs) => Ok(addrs.clone()),
-                None => resolve_literal(entry),
+/// Reads through [`Sources`] and records every answer.
+struct Reader<'a> {
+    sources: Sources<'a>,
+    captured: std::cell::RefCell<Captured>,
+}
+
+impl Reader<'_> {
+    fn host(&self, entry: &str) -> Result<Vec<SocketAddr>, String> {
+        let addrs = match self.sources {
+            Sources::System => resolve_host_port(entry)?,
+            Sources::Replay(c) => match c.hosts.get(entry) {
+                Some(addrs) => addrs.clone(),
+                None => resolve_literal(entry)?,
             },
-        }
+        };
+        self.captured
+            .borrow_mut()
+            .hosts
+            .insert(entry.to_owned(), addrs.clone());
+        Ok(addrs)
+    }
+
+    fn env(&self, name: &str) -> Option<String> {
+        let value = match self.sources {
+            Sources::System => std::env::var(name).ok(),
+            Sources::Replay(c) => c.env.get(name).cloned().flatten(),
+        };
+        self.captured
+            .borrow_mut()
+            .env
+            .insert(name.to_owned(), value.clone());
+        value
+    }
+
+    /// `Ok(None)` when the file does not exist.
+    fn file(&self, path: &Path) -> Result<Option<Vec<u8>>, String> {
+        let bytes =
+            match self.sources {
+                Sources::System => match std::fs::read(path) {
+                    Ok(b) => Some(b),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                    Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+                },
+                Sources::Replay(c) => c.files.get(path).cloned().ok_or_else(|| {
+                    format!("{} was not read when the config loaded", path.display())
+                })?,
+            };
+        self.captured
+            .borrow_mut()
+            .files
+            .insert(path.to_path_buf(), bytes.clone());
+        Ok(bytes)
+    }
+
+    fn required_file(&self, path: &Path) -> Result<Vec<u8>, String> {
+        self.file(path)?
+            .ok_or_else(|| format!("cannot read {}: no such file", path.display()))
     }
 }
 
@@ -533,55 +719,22 @@ impl Config {
             key: String::new(),
             reason: format!("cannot read: {e}"),
         })?;
-        let mut config = Self::from_str(&path, &text)?;
-        config.read_secret_files()?;
-        Ok(config)
-    }
-
-    /// Config keys that name secret files, with the path each resolves to.
-    pub fn secret_file_keys(&self) -> Vec<(&'static str, PathBuf)> {
-        let mut keys = Vec::new();
-        if let Some(p) = &self.raw.auth.hs256_secret_file {
-            keys.push(("auth.hs256_secret_file", self.resolve(p)));
-        }
-        keys
-    }
-
-    /// Reads every secret file the config names that exists (a missing one may be created by
-    /// its owner, as the HS256 secret is).
-    fn read_secret_files(&mut self) -> Result<(), ConfigError> {
-        for (key, path) in self.secret_file_keys() {
-            match std::fs::read(&path) {
-                Ok(bytes) => {
-                    self.files.0.insert(path, bytes);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(ConfigError {
-                        file: self.path.clone(),
-                        key: key.to_owned(),
-                        reason: format!("cannot read {}: {e}", path.display()),
-                    });
-                }
-            }
-        }
-        Ok(())
+        Self::from_str(&path, &text)
     }
 
     /// Parses and validates `text` as if it were the file `path`.
     pub fn from_str(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        Self::parse(path, text, Resolver::System)
+        Self::parse(path, text, Sources::System)
     }
 
-    /// Parses and validates `text` as if it were the file `path`, resolving host names with
-    /// `resolver`.
-    pub fn parse(path: &Path, text: &str, resolver: Resolver<'_>) -> Result<Config, ConfigError> {
-        let mut resolved = Resolved::new();
-        let mut resolve = |entry: &str| -> Result<Vec<SocketAddr>, String> {
-            let addrs = resolver.resolve(entry)?;
-            resolved.insert(entry.to_owned(), addrs.clone());
-            Ok(addrs)
+    /// Parses and validates `text` as if it were the file `path`, reading host names,
+    /// environment variables and files through `sources`.
+    pub fn parse(path: &Path, text: &str, sources: Sources<'_>) -> Result<Config, ConfigError> {
+        let reader = Reader {
+            sources,
+            captured: Default::default(),
         };
+        let mut resolve = |entry: &str| reader.host(entry);
         let err = |key: &str, reason: String| ConfigError {
             file: path.to_path_buf(),
             key: key.to_owned(),
@@ -610,9 +763,99 @@ impl Config {
                 ));
             }
             let mut addrs = Vec::new();
+            let mut host_addrs = Vec::new();
             for (i, host) in pool.hosts.iter().enumerate() {
-                addrs.extend(resolve(host).map_err(|r| err(&format!("{key}[{i}]"), r))?);
+                if pool.hosts[..i].contains(host) {
+                    return Err(err(
+                        &format!("{key}[{i}]"),
+                        format!("`{host}` is listed twice"),
+                    ));
+                }
+                let resolved = resolve(host).map_err(|r| err(&format!("{key}[{i}]"), r))?;
+                addrs.extend(resolved.iter().copied());
+                host_addrs.push(resolved);
             }
+            let pkey = |k: &str| format!("pools.{name}.{k}");
+            for (k, v) in [
+                ("connect_timeout_ms", pool.connect_timeout_ms),
+                ("first_byte_timeout_ms", pool.first_byte_timeout_ms),
+                ("idle_timeout_ms", pool.idle_timeout_ms),
+                ("health_interval_ms", pool.health_interval_ms),
+                ("health_timeout_ms", pool.health_timeout_ms),
+                ("eject_after_failures", pool.eject_after_failures.into()),
+                ("eject_base_ms", pool.eject_base_ms),
+                ("eject_max_ms", pool.eject_max_ms),
+                ("max_attempts", pool.max_attempts.into()),
+            ] {
+                if v == 0 {
+                    return Err(err(&pkey(k), "must be at least 1".into()));
+                }
+            }
+            if pool.eject_max_ms < pool.eject_base_ms {
+                return Err(err(
+                    &pkey("eject_max_ms"),
+                    "must not be below `eject_base_ms`".into(),
+                ));
+            }
+            if !pool.health_path.starts_with('/') {
+                return Err(err(&pkey("health_path"), "must start with `/`".into()));
+            }
+            let credential = match (&pool.api_key_env, &pool.api_key_file) {
+                (Some(_), Some(_)) => {
+                    return Err(err(
+                        &pkey("api_key_file"),
+                        "set either `api_key_env` or `api_key_file`, not both".into(),
+                    ));
+                }
+                (Some(var), None) => match reader.env(var) {
+                    Some(v) if !v.trim().is_empty() => Some(Secret(v.trim().to_owned())),
+                    _ => {
+                        return Err(err(
+                            &pkey("api_key_env"),
+                            format!("environment variable `{var}` is not set or empty"),
+                        ));
+                    }
+                },
+                (None, Some(file)) => {
+                    let file = base.join(file);
+                    let bytes = reader
+                        .required_file(&file)
+                        .map_err(|r| err(&pkey("api_key_file"), r))?;
+                    let text = String::from_utf8_lossy(&bytes);
+                    match text.lines().next().map(str::trim) {
+                        Some(v) if !v.is_empty() => Some(Secret(v.to_owned())),
+                        _ => {
+                            return Err(err(
+                                &pkey("api_key_file"),
+                                format!("{} is empty", file.display()),
+                            ));
+                        }
+                    }
+                }
+                (None, None) => None,
+            };
+            if credential
+                .as_ref()
+                .is_some_and(|c| c.0.bytes().any(|b| b.is_ascii_control()))
+            {
+                return Err(err(
+                    &pkey("api_key_env"),
+                    "the credential contains control characters".into(),
+                ));
+            }
+            let tls_roots = match &pool.tls_ca_file {
+                None => None,
+                Some(_) if !pool.tls => {
+                    return Err(err(&pkey("tls_ca_file"), "only with `tls = true`".into()));
+                }
+                Some(file) => {
+                    let file = base.join(file);
+                    let pem = reader
+                        .required_file(&file)
+                        .map_err(|r| err(&pkey("tls_ca_file"), r))?;
+                    Some(parse_ca_pem(&file, &pem).map_err(|r| err(&pkey("tls_ca_file"), r))?)
+                }
+            };
             pools.insert(
                 name.clone(),
                 Pool {
@@ -620,7 +863,10 @@ impl Config {
                     provider: pool.provider.clone(),
                     hosts: pool.hosts.clone(),
                     addrs,
+                    host_addrs,
                     protect: pool.protect,
+                    credential,
+                    tls_roots,
                 },
             );
         }
@@ -631,6 +877,28 @@ impl Config {
                     format!("no pool named `{}` (known: {})", model.pool, known(&pools)),
                 ));
             }
+            for (k, v) in [
+                ("max_messages", model.max_messages as u64),
+                ("max_tokens", model.max_tokens),
+                ("max_n", model.max_n),
+                ("max_inputs", model.max_inputs as u64),
+            ] {
+                if v == 0 {
+                    return Err(err(
+                        &format!("models.{name}.{k}"),
+                        "must be at least 1".into(),
+                    ));
+                }
+            }
+            if model.upstream_model.as_deref() == Some("") {
+                return Err(err(
+                    &format!("models.{name}.upstream_model"),
+                    "must not be empty".into(),
+                ));
+            }
+        }
+        if raw.server.max_body_bytes == 0 {
+            return Err(err("server.max_body_bytes", "must be at least 1".into()));
         }
 
         let seg = &raw.segmentation;
@@ -663,6 +931,13 @@ impl Config {
         raw.auth
             .validate()
             .map_err(|(k, r)| err(&format!("auth.{k}"), r))?;
+        // Read now, so the worker gets it even when only root can read it; a missing file is
+        // created by the identity store on first start.
+        if let Some(p) = &raw.auth.hs256_secret_file {
+            reader
+                .file(&base.join(p))
+                .map_err(|r| err("auth.hs256_secret_file", r))?;
+        }
 
         Ok(Config {
             path: path.to_path_buf(),
@@ -673,8 +948,7 @@ impl Config {
             egress_allow,
             extra_protected,
             inference,
-            resolved,
-            files: SecretFiles::default(),
+            captured: reader.captured.into_inner(),
         })
     }
 
@@ -817,6 +1091,20 @@ pub fn parse_source_prefix(entry: &str) -> Result<IpNet, String> {
         ));
     }
     Ok(net.trunc())
+}
+
+/// Parses a PEM bundle of CA certificates (DER out), refusing a file with none.
+fn parse_ca_pem(path: &Path, pem: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    use rustls_pki_types::{CertificateDer, pem::PemObject};
+    let mut out = Vec::new();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| format!("{}: bad PEM: {e}", path.display()))?;
+        out.push(cert.to_vec());
+    }
+    if out.is_empty() {
+        return Err(format!("{} holds no certificate", path.display()));
+    }
+    Ok(out)
 }
 
 fn known<V>(map: &BTreeMap<String, V>) -> String {
@@ -970,19 +1258,19 @@ mod tests {
     }
 
     #[test]
-    fn a_table_resolver_replays_an_earlier_load() {
+    fn a_replay_gives_the_answers_of_an_earlier_load() {
         let text = "[pools.gpu]\nhosts = [\"localhost:8000\", \"10.0.0.1:8000\"]\n";
         let first = load(text).unwrap();
-        assert!(first.resolved.contains_key("localhost:8000"));
+        assert!(first.captured.hosts.contains_key("localhost:8000"));
         let again = Config::parse(
             Path::new("/etc/moat/test.toml"),
             text,
-            Resolver::Table(&first.resolved),
+            Sources::Replay(&first.captured),
         )
         .unwrap();
         assert_eq!(again.pools["gpu"].addrs, first.pools["gpu"].addrs);
-        let empty = Resolved::new();
-        let e = Config::parse(Path::new("/t.toml"), text, Resolver::Table(&empty)).unwrap_err();
+        let empty = Captured::default();
+        let e = Config::parse(Path::new("/t.toml"), text, Sources::Replay(&empty)).unwrap_err();
         assert_eq!(e.key, "pools.gpu.hosts[0]");
     }
 
@@ -1004,6 +1292,46 @@ mod tests {
         assert_eq!(e.key, "segmentation.gateway_cgroup");
         let e = load("[segmentation]\ngateway_cgroup = \"/abs\"\n").unwrap_err();
         assert_eq!(e.key, "segmentation.gateway_cgroup");
+    }
+
+    #[test]
+    fn data_plane_defaults_and_limits() {
+        let c = load("[pools.gpu]\nhosts = [\"127.0.0.1:8000\"]\n[models.m]\npool = \"gpu\"\n")
+            .unwrap();
+        let p = &c.raw.pools["gpu"];
+        assert_eq!(p.max_attempts, 3);
+        assert_eq!(p.health_path, "/v1/models");
+        assert_eq!(c.raw.models["m"].max_n, 1);
+        assert_eq!(c.raw.server.max_body_bytes, 1024 * 1024);
+        assert!(c.pools["gpu"].credential.is_none());
+        let e =
+            load("[pools.gpu]\nhosts = [\"127.0.0.1:8000\"]\nidle_timeout_ms = 0\n").unwrap_err();
+        assert_eq!(e.key, "pools.gpu.idle_timeout_ms");
+        let e =
+            load("[pools.gpu]\nhosts = [\"127.0.0.1:8000\", \"127.0.0.1:8000\"]\n").unwrap_err();
+        assert_eq!(e.key, "pools.gpu.hosts[1]");
+        let e = load(
+            "[pools.gpu]\nhosts = [\"127.0.0.1:8000\"]\napi_key_env = \"MOAT_TEST_SURELY_UNSET\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "pools.gpu.api_key_env");
+        let e = load("[pools.gpu]\nhosts = [\"127.0.0.1:8000\"]\ntls_ca_file = \"ca.pem\"\n")
+            .unwrap_err();
+        assert_eq!(e.key, "pools.gpu.tls_ca_file");
+    }
+
+    #[test]
+    fn credential_is_read_from_a_file_and_not_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("key"), "sk-upstream\n").unwrap();
+        let c = Config::from_str(
+            &dir.path().join("moat.toml"),
+            "[pools.gpu]\nhosts = [\"127.0.0.1:8000\"]\napi_key_file = \"key\"\n",
+        )
+        .unwrap();
+        let cred = c.pools["gpu"].credential.as_ref().unwrap();
+        assert_eq!(cred.expose(), "sk-upstream");
+        assert!(!format!("{c:?}").contains("sk-upstream"));
     }
 
     #[test]

@@ -1,12 +1,13 @@
 //! The supervisor ↔ worker channel: newline-delimited JSON over an inherited Unix socket.
 //!
-//! The supervisor sends the config as text plus the addresses it resolved (the worker may have
-//! no DNS under egress lockdown, and may not be able to read the file); the worker answers
-//! once it serves the config, or says why it cannot.
+//! The supervisor sends the config as text plus what its load read from outside the text
+//! ([`Captured`]: addresses, environment, files — the worker may have no DNS under egress
+//! lockdown, no environment, and no right to read the files); the worker answers once it
+//! serves the config, or says why it cannot.
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Resolved, SecretFiles};
+use crate::config::Captured;
 
 /// Environment variables that carry the inherited descriptors to the worker.
 pub const ENV_LISTEN_FD: &str = "MOAT_LISTEN_FD";
@@ -20,8 +21,7 @@ pub enum ToWorker {
     Config {
         path: String,
         text: String,
-        resolved: Resolved,
-        files: SecretFiles,
+        captured: Captured,
     },
 }
 

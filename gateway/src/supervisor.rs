@@ -347,8 +347,7 @@ async fn apply(worker: &mut Worker, config: &Config) -> Result<FromWorker> {
     let msg = ToWorker::Config {
         path: config.path.display().to_string(),
         text: config.source.clone(),
-        resolved: config.resolved.clone(),
-        files: config.files.clone(),
+        captured: config.captured.clone(),
     };
     worker
         .requests

@@ -24,9 +24,9 @@ use tracing::{error, info};
 use crate::{
     app::{self, AppState},
     auth::Identity,
-    config::{Config, Resolver},
+    config::{Config, Sources},
     control::{self, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SUPERVISOR_PID, FromWorker, ToWorker},
-    privdrop,
+    privdrop, proxy,
 };
 
 /// What outlives a config reload: the identity store and its caches.
@@ -41,12 +41,24 @@ impl Shared {
     }
 
     /// Builds the data plane for one config. The one place a config becomes a router.
-    fn build(&self, config: Config) -> Router {
-        app::router(Arc::new(AppState {
-            config,
-            identity: self.identity.clone(),
-        }))
+    fn build(&self, config: Config) -> Result<Serving> {
+        let state = AppState::new(config, self.identity.clone())
+            .context("cannot set up the upstream pools")?;
+        let state = Arc::new(state);
+        let health = proxy::health::spawn(&state.pools, &state.upstreams);
+        Ok(Serving {
+            router: app::router(state),
+            _health: health,
+        })
     }
+}
+
+/// One config, served: its router and its pools' active health checks. A reload swaps in a
+/// new one; requests in flight keep the old one alive until they finish, then its health
+/// checks stop with it.
+pub struct Serving {
+    router: Router,
+    _health: proxy::health::HealthCheckers,
 }
 
 /// `moat worker`: started by the supervisor, never by hand.
@@ -81,9 +93,10 @@ pub fn run() -> Result<()> {
         // refuses to start with that reason.
         let started = config.and_then(|c| {
             let shared = Shared::open(&c).map_err(|e| format!("{e:#}"))?;
-            Ok((c, shared))
+            let serving = shared.build(c).map_err(|e| format!("{e:#}"))?;
+            Ok((serving, shared))
         });
-        let (config, shared) = match started {
+        let (serving, shared) = match started {
             Ok(started) => started,
             Err(e) => {
                 let refused = control::encode(&FromWorker::Refused { error: e.clone() });
@@ -92,22 +105,27 @@ pub fn run() -> Result<()> {
             }
         };
         let _upkeep = shared.identity.spawn_upkeep();
-        let current = Arc::new(ArcSwap::from_pointee(shared.build(config)));
+        let current = Arc::new(ArcSwap::from_pointee(serving));
         let listener = TcpListener::from_std(listener)?;
         write
             .write_all(control::encode(&FromWorker::Applied).as_bytes())
             .await?;
-        info!(pid = std::process::id(), listen = %listener.local_addr()?, "worker serving");
+        info!(pid = std::process::id(), listen = %listener.local_addr()?, "data plane listening");
 
         let reloads = current.clone();
         let supervisor_gone = async move {
             while let Some(msg) = next_config(&mut lines).await.transpose() {
                 let reply = match msg {
-                    Ok(Ok(config)) => {
-                        reloads.store(Arc::new(shared.build(config)));
-                        info!("worker applied a new config");
-                        FromWorker::Applied
-                    }
+                    Ok(Ok(config)) => match shared.build(config) {
+                        Ok(serving) => {
+                            reloads.store(Arc::new(serving));
+                            info!("worker applied a new config");
+                            FromWorker::Applied
+                        }
+                        Err(e) => FromWorker::Refused {
+                            error: format!("{e:#}"),
+                        },
+                    },
                     Ok(Err(e)) => FromWorker::Refused { error: e },
                     Err(e) => {
                         error!(error = %e, "bad control message");
@@ -138,27 +156,32 @@ async fn next_config(
     let ToWorker::Config {
         path,
         text,
-        resolved,
-        files,
+        captured,
     } = serde_json::from_str(&line).context("undecodable control message")?;
-    let parsed = Config::parse(Path::new(&path), &text, Resolver::Table(&resolved));
-    Ok(Some(
-        parsed
-            .map(|c| Config { files, ..c })
-            .map_err(|e| e.to_string()),
-    ))
+    let parsed = Config::parse(Path::new(&path), &text, Sources::Replay(&captured));
+    Ok(Some(parsed.map_err(|e| e.to_string())))
 }
 
 /// Serves `current` (swappable) until SIGTERM/SIGINT or until `until` completes.
 pub async fn serve(
     listener: TcpListener,
-    current: Arc<ArcSwap<Router>>,
+    current: Arc<ArcSwap<Serving>>,
     until: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let front = Router::new().fallback_service(tower::service_fn(move |req: Request| {
-        let router = current.load_full();
-        async move { Ok::<_, Infallible>((*router).clone().oneshot(req).await.into_response()) }
+        // The request holds its config (and that config's pools) until it is done.
+        let serving = current.load_full();
+        async move {
+            let response = serving.router.clone().oneshot(req).await;
+            Ok::<_, Infallible>(response.into_response())
+        }
     }));
+    // TCP_NODELAY: stream chunks are small writes; Nagle would hold each one back until the
+    // previous was acknowledged (up to 40 ms with delayed ACKs).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    // Connection info: the token endpoint throttles password attempts per source address.
     axum::serve(
         listener,
         front.into_make_service_with_connect_info::<std::net::SocketAddr>(),
@@ -188,19 +211,24 @@ pub async fn serve_standalone(config: Config) -> Result<()> {
     info!(listen = %listener.local_addr()?, "data plane listening (single process, no kernel enforcement)");
     let shared = Shared::open(&config)?;
     let _upkeep = shared.identity.spawn_upkeep();
-    let current = Arc::new(ArcSwap::from_pointee(shared.build(config)));
+    let current = Arc::new(ArcSwap::from_pointee(shared.build(config)?));
     let reloads = current.clone();
     tokio::spawn(async move {
         let Ok(mut hup) = signal(SignalKind::hangup()) else {
             return;
         };
         while hup.recv().await.is_some() {
-            match Config::load(&path) {
-                Ok(c) => {
-                    reloads.store(Arc::new(shared.build(c)));
+            match Config::load(&path)
+                .map_err(anyhow::Error::from)
+                .and_then(|c| shared.build(c))
+            {
+                Ok(serving) => {
+                    reloads.store(Arc::new(serving));
                     info!("config reloaded");
                 }
-                Err(e) => error!(error = %e, "config reload refused; the running config stays"),
+                Err(e) => {
+                    error!(error = %format!("{e:#}"), "config reload refused; the running config stays")
+                }
             }
         }
     });

@@ -3,7 +3,8 @@
 //! - `setup`  installs what this kind of machine lacks (idempotent, quiet when all is there)
 //! - `build`  the eBPF programs (nightly, bpfel-unknown-none) and then the `moat` binary
 //! - `test`   setup + build + fmt/clippy + the whole test suite (root tests included)
-//! - `run`    setup + build + `moat serve` with `examples/moat.toml`
+//! - `run`    setup + build + `moat serve` with `examples/moat.toml` (and `moat-sim` as its
+//!   inference host when no real one listens on 127.0.0.1:8000)
 //! - `bench`  benchmarks (`segment`, …), printed as ratios measured in one run
 
 mod setup;
@@ -46,7 +47,7 @@ enum Cmd {
     },
     /// Run a benchmark and print its ratios.
     Bench {
-        /// Which benchmark: segment.
+        /// Which benchmark: segment, gateway.
         name: String,
     },
 }
@@ -68,6 +69,9 @@ fn main() -> Result<()> {
         Cmd::Run { config } => {
             setup::run()?;
             build(true)?;
+            // Stand-in GPU: the simulator on the example config's inference host, unless a
+            // real server already listens there. Killed when the daemon exits.
+            let _sim = demo_inference_host(&root)?;
             let status = Command::new(root.join("target/release/moat"))
                 .args(["serve", "--config"])
                 .arg(&config)
@@ -81,9 +85,57 @@ fn main() -> Result<()> {
             setup::run()?;
             build(true)?;
             cargo(&["build", "--release", "-p", "moat-tests", "--bins"])?;
-            run(Command::new(root.join("target/release/moat-bench")).arg(&name))
+            match name.as_str() {
+                // The data plane against direct and nginx (wrk, nginx from `setup`).
+                "gateway" => run(&mut Command::new(
+                    root.join("target/release/moat-bench-gateway"),
+                )),
+                _ => run(Command::new(root.join("target/release/moat-bench")).arg(&name)),
+            }
         }
     }
+}
+
+/// The inference host of `examples/moat.toml`.
+const DEMO_INFERENCE_HOST: &str = "127.0.0.1:8000";
+
+/// A running `moat-sim`, killed on drop.
+struct Simulator(std::process::Child);
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `moat-sim` on [`DEMO_INFERENCE_HOST`] when nothing listens there, so the README's
+/// main command works on a machine without a GPU.
+fn demo_inference_host(root: &Path) -> Result<Option<Simulator>> {
+    use std::io::BufRead;
+    let addr: std::net::SocketAddr = DEMO_INFERENCE_HOST.parse()?;
+    // Probe by binding, not connecting: moat's pinned kernel policy may refuse this process a
+    // connect() to the protected port, but never a bind.
+    if std::net::TcpListener::bind(addr).is_err() {
+        eprintln!("run: something already listens on {addr}; using it as the inference host");
+        return Ok(None);
+    }
+    eprintln!("run: no inference server on {addr}; starting the simulator (moat-sim) there");
+    let mut child = Command::new(root.join("target/release/moat-sim"))
+        .args(["--listen", DEMO_INFERENCE_HOST, "--name", "demo-gpu"])
+        .args(["--model", "meta-llama/Llama-3.1-8B-Instruct"])
+        .args(["--echo", "--tokens-per-sec", "40"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot start target/release/moat-sim")?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let sim = Simulator(child);
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    if !line.starts_with("LISTENING") {
+        bail!("moat-sim did not start listening on {addr}");
+    }
+    Ok(Some(sim))
 }
 
 fn workspace_root() -> PathBuf {

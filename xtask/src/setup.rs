@@ -18,8 +18,15 @@ use anyhow::{Context, Result, bail};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages: tools the tests drive (ip, bpftool), benchmarks (wrk, nginx) and the
-/// virtualenv for the OpenAI SDK tests.
-const APT_PACKAGES: &[&str] = &["iproute2", "bpftool", "wrk", "nginx-light", "python3-venv"];
+/// virtualenv for the OpenAI SDK tests, openssl for the upstream TLS test certificates.
+const APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "bpftool",
+    "wrk",
+    "nginx-light",
+    "python3-venv",
+    "openssl",
+];
 
 pub fn run() -> Result<()> {
     rust_src()?;

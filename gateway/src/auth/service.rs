@@ -150,7 +150,7 @@ impl Identity {
                     None => secrets_dir.join("jwt-hs256.key"),
                 };
                 // The supervisor read an operator-named file the worker may not be able to.
-                match config.files.get(&path) {
+                match config.captured.file(&path) {
                     Some(secret) => KeyRing::hs256_from(&path, secret)?,
                     None => KeyRing::hs256(&path)?,
                 }

@@ -1,0 +1,54 @@
+//! `/healthz` (the process answers) and `/readyz` (it can do its job: the store answers, every
+//! pool has a host that passed an active health check and is not ejected, and segmentation is
+//! in the state the config demands). Both are unauthenticated and say nothing secret: pool and host names as
+//! configured, counts, and the segmentation mode.
+
+use axum::{
+    Json,
+    extract::State,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+use serde_json::json;
+
+use crate::{app::SharedState, config::SegmentationMode};
+
+pub async fn healthz() -> Response {
+    Json(json!({"status": "ok"})).into_response()
+}
+
+pub async fn readyz(State(state): State<SharedState>) -> Response {
+    // The store: one cheap read, off the async threads (SQLite is blocking).
+    let store = state.identity.store().clone();
+    let store_ok = tokio::task::spawn_blocking(move || store.auth_epoch().is_ok())
+        .await
+        .unwrap_or(false);
+    let mut ready = store_ok;
+    let mut pools = serde_json::Map::new();
+    for pool in state.pools.iter() {
+        let pool_ready = pool.ready();
+        ready &= pool_ready;
+        pools.insert(
+            pool.name.clone(),
+            json!({"ready": pool_ready, "hosts": pool.status()}),
+        );
+    }
+    // With `mode = "off"` readiness says plainly that nothing is enforced. (The attach state
+    // of the kernel side joins here once `serve` hands it over.)
+    let segmentation = match state.config.segmentation().mode {
+        SegmentationMode::Off => "off",
+        SegmentationMode::Enforce => "enforce",
+    };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "store": if store_ok { "ok" } else { "unreachable" },
+        "pools": pools,
+        "segmentation": segmentation,
+    });
+    (status, Json(body)).into_response()
+}

@@ -1,0 +1,585 @@
+//! Strict parsing of the OpenAI request bodies: what is not understood is refused, not passed
+//! on. Each endpoint has a list of the parameters it accepts, each with its type and range;
+//! an unknown parameter, a wrong type, an unknown message role, or a value above the model's
+//! caps is a 400 naming the parameter (`param`), an unknown model a 404. `null` stands for
+//! "not given" on optional parameters, as in OpenAI's API.
+//!
+//! A valid body is rewritten for the upstream: the public model name becomes the upstream's
+//! model id, and `max_tokens` is set to the model's cap when the request sets no limit.
+
+use bytes::Bytes;
+use serde_json::{Map, Value};
+
+use super::json::parse_strict;
+use crate::{
+    config::{Config, ModelConfig},
+    error::ApiError,
+};
+
+/// The inference endpoints of the data plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+}
+
+impl Endpoint {
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "/v1/chat/completions",
+            Endpoint::Completions => "/v1/completions",
+            Endpoint::Embeddings => "/v1/embeddings",
+        }
+    }
+}
+
+/// A request that passed every check, ready for its pool.
+#[derive(Debug)]
+pub struct Validated {
+    /// Public model name (as the client asked and the policy knows it).
+    pub model: String,
+    pub pool: String,
+    pub stream: bool,
+    /// The body to send upstream.
+    pub body: Bytes,
+}
+
+const ROLES: &[&str] = &[
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "function",
+];
+const MESSAGE_KEYS: &[&str] = &[
+    "role",
+    "content",
+    "name",
+    "tool_calls",
+    "tool_call_id",
+    "function_call",
+    "refusal",
+    "audio",
+];
+
+type Result<T> = std::result::Result<T, ApiError>;
+
+fn bad(param: &str, message: impl Into<String>) -> ApiError {
+    ApiError::bad_request(message).with_param(param)
+}
+
+pub fn validate(endpoint: Endpoint, bytes: &[u8], config: &Config) -> Result<Validated> {
+    let value = parse_strict(bytes)
+        .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
+    let Value::Object(mut body) = value else {
+        return Err(ApiError::bad_request("the body must be a JSON object"));
+    };
+    let model = match body.get("model") {
+        Some(Value::String(m)) => m.clone(),
+        Some(_) => return Err(bad("model", "`model` must be a string")),
+        None => return Err(bad("model", "`model` is required")),
+    };
+    let Some(model_config) = config.raw.models.get(&model) else {
+        return Err(
+            ApiError::not_found(format!("the model `{model}` does not exist"))
+                .with_param("model")
+                .with_code("model_not_found"),
+        );
+    };
+
+    for (name, value) in &body {
+        if value.is_null() && !matches!(name.as_str(), "model" | "messages" | "input") {
+            continue;
+        }
+        match endpoint {
+            Endpoint::ChatCompletions => chat_param(name, value, model_config)?,
+            Endpoint::Completions => completion_param(name, value, model_config)?,
+            Endpoint::Embeddings => embedding_param(name, value, model_config)?,
+        }
+    }
+    let required = match endpoint {
+        Endpoint::ChatCompletions => "messages",
+        Endpoint::Completions => "prompt",
+        Endpoint::Embeddings => "input",
+    };
+    if body.get(required).is_none_or(Value::is_null) {
+        return Err(bad(required, format!("`{required}` is required")));
+    }
+    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    if !stream && body.get("stream_options").is_some_and(|v| !v.is_null()) {
+        return Err(bad(
+            "stream_options",
+            "`stream_options` is only allowed when `stream` is true",
+        ));
+    }
+
+    rewrite(endpoint, &mut body, &model, model_config);
+    let body = serde_json::to_vec(&Value::Object(body)).map_err(|_| ApiError::internal())?;
+    Ok(Validated {
+        model,
+        pool: model_config.pool.clone(),
+        stream,
+        body: Bytes::from(body),
+    })
+}
+
+fn rewrite(endpoint: Endpoint, body: &mut Map<String, Value>, model: &str, m: &ModelConfig) {
+    let upstream = m.upstream_model.as_deref().unwrap_or(model);
+    body.insert("model".into(), Value::String(upstream.to_owned()));
+    if endpoint != Endpoint::Embeddings {
+        let limited = ["max_tokens", "max_completion_tokens"]
+            .iter()
+            .any(|k| body.get(*k).is_some_and(|v| !v.is_null()));
+        if !limited {
+            body.insert("max_tokens".into(), m.max_tokens.into());
+        }
+    }
+}
+
+fn chat_param(name: &str, v: &Value, m: &ModelConfig) -> Result<()> {
+    match name {
+        "model" => Ok(()),
+        "messages" => messages(v, m),
+        "stream" | "logprobs" | "parallel_tool_calls" | "store" => boolean(name, v),
+        "stream_options" => stream_options(v),
+        "max_tokens" | "max_completion_tokens" => tokens(name, v, m),
+        "n" => int_in(name, v, 1, m.max_n),
+        "temperature" => number_in(name, v, 0.0, 2.0),
+        "top_p" => number_in(name, v, 0.0, 1.0),
+        "presence_penalty" | "frequency_penalty" => number_in(name, v, -2.0, 2.0),
+        "seed" => integer(name, v),
+        "top_logprobs" => int_in(name, v, 0, 20),
+        "stop" => stop(v),
+        "user" | "service_tier" | "reasoning_effort" => string(name, v),
+        "logit_bias" => logit_bias(v),
+        "tools" | "functions" | "modalities" => array(name, v),
+        "tool_choice" | "function_call" => string_or_object(name, v),
+        "response_format" | "metadata" | "prediction" | "audio" | "web_search_options" => {
+            object(name, v)
+        }
+        _ => Err(unknown(name)),
+    }
+}
+
+fn completion_param(name: &str, v: &Value, m: &ModelConfig) -> Result<()> {
+    match name {
+        "model" => Ok(()),
+        "prompt" => inputs(name, v, m),
+        "stream" | "echo" => boolean(name, v),
+        "stream_options" => stream_options(v),
+        "max_tokens" => tokens(name, v, m),
+        "n" | "best_of" => int_in(name, v, 1, m.max_n),
+        "temperature" => number_in(name, v, 0.0, 2.0),
+        "top_p" => number_in(name, v, 0.0, 1.0),
+        "presence_penalty" | "frequency_penalty" => number_in(name, v, -2.0, 2.0),
+        "seed" => integer(name, v),
+        "logprobs" => int_in(name, v, 0, 5),
+        "stop" => stop(v),
+        "suffix" | "user" => string(name, v),
+        "logit_bias" => logit_bias(v),
+        _ => Err(unknown(name)),
+    }
+}
+
+fn embedding_param(name: &str, v: &Value, m: &ModelConfig) -> Result<()> {
+    match name {
+        "model" => Ok(()),
+        "input" => inputs(name, v, m),
+        "encoding_format" => match v.as_str() {
+            Some("float" | "base64") => Ok(()),
+            _ => Err(bad(name, "`encoding_format` must be `float` or `base64`")),
+        },
+        "dimensions" => int_in(name, v, 1, 65_536),
+        "user" => string(name, v),
+        _ => Err(unknown(name)),
+    }
+}
+
+fn unknown(name: &str) -> ApiError {
+    bad(
+        name,
+        format!("unrecognized request argument supplied: `{name}`"),
+    )
+}
+
+fn messages(v: &Value, m: &ModelConfig) -> Result<()> {
+    let Value::Array(list) = v else {
+        return Err(bad("messages", "`messages` must be an array"));
+    };
+    if list.is_empty() {
+        return Err(bad("messages", "`messages` must not be empty"));
+    }
+    if list.len() > m.max_messages {
+        return Err(bad(
+            "messages",
+            format!(
+                "too many messages: {} (at most {})",
+                list.len(),
+                m.max_messages
+            ),
+        ));
+    }
+    for (i, msg) in list.iter().enumerate() {
+        let p = |k: &str| format!("messages[{i}].{k}");
+        let Value::Object(msg) = msg else {
+            return Err(bad(
+                &format!("messages[{i}]"),
+                "a message must be an object",
+            ));
+        };
+        let role = match msg.get("role") {
+            Some(Value::String(r)) if ROLES.contains(&r.as_str()) => r.as_str(),
+            Some(Value::String(_)) => {
+                return Err(bad(
+                    &p("role"),
+                    format!("unknown role (expected one of: {})", ROLES.join(", ")),
+                ));
+            }
+            _ => return Err(bad(&p("role"), "`role` is required and must be a string")),
+        };
+        for key in msg.keys() {
+            if !MESSAGE_KEYS.contains(&key.as_str()) {
+                return Err(bad(&p(key), format!("unrecognized message field `{key}`")));
+            }
+        }
+        match msg.get("content") {
+            Some(Value::String(_)) => {}
+            Some(Value::Array(parts)) => {
+                for (j, part) in parts.iter().enumerate() {
+                    if !part.get("type").is_some_and(Value::is_string) {
+                        return Err(bad(
+                            &format!("messages[{i}].content[{j}].type"),
+                            "a content part must be an object with a string `type`",
+                        ));
+                    }
+                }
+            }
+            // Assistant turns that only call tools carry no content.
+            None | Some(Value::Null) if role == "assistant" => {}
+            _ => {
+                return Err(bad(
+                    &p("content"),
+                    "`content` must be a string or an array of content parts",
+                ));
+            }
+        }
+        for key in ["name", "tool_call_id", "refusal"] {
+            if let Some(v) = msg.get(key).filter(|v| !v.is_null()) {
+                string(&p(key), v)?;
+            }
+        }
+        if let Some(v) = msg.get("tool_calls").filter(|v| !v.is_null()) {
+            array(&p("tool_calls"), v)?;
+        }
+    }
+    Ok(())
+}
+
+/// A prompt or embeddings input: a string, or a non-empty array of strings, of token ids, or
+/// of token-id arrays — at most `max_inputs` items.
+fn inputs(name: &str, v: &Value, m: &ModelConfig) -> Result<()> {
+    let items = match v {
+        Value::String(_) => return Ok(()),
+        Value::Array(items) if !items.is_empty() => items,
+        _ => {
+            return Err(bad(
+                name,
+                format!("`{name}` must be a string or a non-empty array"),
+            ));
+        }
+    };
+    if items.len() > m.max_inputs {
+        return Err(bad(
+            name,
+            format!("too many items: {} (at most {})", items.len(), m.max_inputs),
+        ));
+    }
+    let token = |t: &Value| t.as_u64().is_some_and(|t| t <= u32::MAX as u64);
+    let all = |f: &dyn Fn(&Value) -> bool| items.iter().all(f);
+    let ok = all(&Value::is_string)
+        || all(&token)
+        || all(&|i| {
+            i.as_array()
+                .is_some_and(|a| !a.is_empty() && a.iter().all(token))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(bad(
+            name,
+            format!("`{name}` items must all be strings, all token ids, or all token-id arrays"),
+        ))
+    }
+}
+
+fn tokens(name: &str, v: &Value, m: &ModelConfig) -> Result<()> {
+    int_in(name, v, 1, m.max_tokens)
+}
+
+fn stream_options(v: &Value) -> Result<()> {
+    let Value::Object(o) = v else {
+        return Err(bad("stream_options", "`stream_options` must be an object"));
+    };
+    for (k, v) in o {
+        match k.as_str() {
+            "include_usage" | "continuous_usage_stats" => {
+                boolean(&format!("stream_options.{k}"), v)?
+            }
+            _ => return Err(unknown(&format!("stream_options.{k}"))),
+        }
+    }
+    Ok(())
+}
+
+fn stop(v: &Value) -> Result<()> {
+    match v {
+        Value::String(_) => Ok(()),
+        Value::Array(a) if a.len() <= 4 && a.iter().all(Value::is_string) => Ok(()),
+        _ => Err(bad(
+            "stop",
+            "`stop` must be a string or an array of at most 4 strings",
+        )),
+    }
+}
+
+fn logit_bias(v: &Value) -> Result<()> {
+    match v {
+        Value::Object(o)
+            if o.iter().all(|(k, v)| {
+                k.parse::<u32>().is_ok()
+                    && v.as_f64().is_some_and(|b| (-100.0..=100.0).contains(&b))
+            }) =>
+        {
+            Ok(())
+        }
+        _ => Err(bad(
+            "logit_bias",
+            "`logit_bias` must map token ids to numbers between -100 and 100",
+        )),
+    }
+}
+
+fn boolean(name: &str, v: &Value) -> Result<()> {
+    v.as_bool()
+        .map(|_| ())
+        .ok_or_else(|| bad(name, format!("`{name}` must be a boolean")))
+}
+
+fn string(name: &str, v: &Value) -> Result<()> {
+    v.as_str()
+        .map(|_| ())
+        .ok_or_else(|| bad(name, format!("`{name}` must be a string")))
+}
+
+fn array(name: &str, v: &Value) -> Result<()> {
+    v.as_array()
+        .map(|_| ())
+        .ok_or_else(|| bad(name, format!("`{name}` must be an array")))
+}
+
+fn object(name: &str, v: &Value) -> Result<()> {
+    v.as_object()
+        .map(|_| ())
+        .ok_or_else(|| bad(name, format!("`{name}` must be an object")))
+}
+
+fn string_or_object(name: &str, v: &Value) -> Result<()> {
+    if v.is_string() || v.is_object() {
+        Ok(())
+    } else {
+        Err(bad(name, format!("`{name}` must be a string or an object")))
+    }
+}
+
+fn integer(name: &str, v: &Value) -> Result<()> {
+    if v.is_i64() || v.is_u64() {
+        Ok(())
+    } else {
+        Err(bad(name, format!("`{name}` must be an integer")))
+    }
+}
+
+fn int_in(name: &str, v: &Value, min: u64, max: u64) -> Result<()> {
+    match v.as_u64() {
+        Some(n) if (min..=max).contains(&n) => Ok(()),
+        Some(_) | None if v.is_i64() || v.is_u64() => Err(bad(
+            name,
+            format!("`{name}` must be between {min} and {max}"),
+        )),
+        _ => Err(bad(name, format!("`{name}` must be an integer"))),
+    }
+}
+
+fn number_in(name: &str, v: &Value, min: f64, max: f64) -> Result<()> {
+    match v.as_f64() {
+        Some(n) if (min..=max).contains(&n) => Ok(()),
+        Some(_) => Err(bad(
+            name,
+            format!("`{name}` must be between {min} and {max}"),
+        )),
+        None => Err(bad(name, format!("`{name}` must be a number"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use axum::http::StatusCode;
+
+    use super::*;
+
+    fn config() -> Config {
+        Config::from_str(
+            Path::new("/t.toml"),
+            "[pools.p]\nhosts = [\"127.0.0.1:1\"]\n\
+             [models.m]\npool = \"p\"\nupstream_model = \"org/M\"\nmax_messages = 2\n\
+             max_tokens = 100\nmax_n = 2\nmax_inputs = 3\n",
+        )
+        .unwrap()
+    }
+
+    fn check(endpoint: Endpoint, body: &str) -> Result<Validated> {
+        validate(endpoint, body.as_bytes(), &config())
+    }
+
+    fn param(endpoint: Endpoint, body: &str) -> (StatusCode, Option<String>) {
+        let e = check(endpoint, body).unwrap_err();
+        (e.status, e.param)
+    }
+
+    const CHAT: Endpoint = Endpoint::ChatCompletions;
+
+    #[test]
+    fn a_good_chat_is_rewritten_for_the_upstream() {
+        let v = check(
+            CHAT,
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true,
+                "stream_options":{"include_usage":true}}"#,
+        )
+        .unwrap();
+        assert!(v.stream);
+        assert_eq!(v.pool, "p");
+        let up: Value = serde_json::from_slice(&v.body).unwrap();
+        assert_eq!(up["model"], "org/M");
+        assert_eq!(up["max_tokens"], 100, "the cap is injected when unset");
+        let v = check(
+            CHAT,
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":7}"#,
+        )
+        .unwrap();
+        let up: Value = serde_json::from_slice(&v.body).unwrap();
+        assert_eq!(up["max_tokens"], 7);
+        assert!(!v.stream);
+    }
+
+    #[test]
+    fn bad_chats_name_their_parameter() {
+        let cases = [
+            (r#"{"model":"m","model":"m","messages":[]}"#, None),
+            (r#"{"model":"nope","messages":[]}"#, Some("model")),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}]}"#,
+                Some("model"),
+            ),
+            (r#"{"model":"m"}"#, Some("messages")),
+            (r#"{"model":"m","messages":[]}"#, Some("messages")),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"a"},{"role":"user","content":"b"},{"role":"user","content":"c"}]}"#,
+                Some("messages"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"root","content":"x"}]}"#,
+                Some("messages[0].role"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":5}]}"#,
+                Some("messages[0].content"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x","tenant":"b"}]}"#,
+                Some("messages[0].tenant"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":101}"#,
+                Some("max_tokens"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":"9"}"#,
+                Some("max_tokens"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":3}"#,
+                Some("n"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":"yes"}"#,
+                Some("stream"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tenant":"b"}"#,
+                Some("tenant"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream_options":{"include_usage":true}}"#,
+                Some("stream_options"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":3}"#,
+                Some("temperature"),
+            ),
+        ];
+        for (body, want) in cases {
+            let (status, got) = param(CHAT, body);
+            let expected = if want == Some("model") && body.contains("nope") {
+                StatusCode::NOT_FOUND
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            assert_eq!(status, expected, "{body}");
+            assert_eq!(got.as_deref(), want, "{body}");
+        }
+    }
+
+    #[test]
+    fn embeddings_and_completions() {
+        let e = Endpoint::Embeddings;
+        assert!(check(e, r#"{"model":"m","input":"x","encoding_format":"base64"}"#).is_ok());
+        assert!(check(e, r#"{"model":"m","input":[[1,2],[3]]}"#).is_ok());
+        let v = check(e, r#"{"model":"m","input":["a","b"]}"#).unwrap();
+        let up: Value = serde_json::from_slice(&v.body).unwrap();
+        assert!(up.get("max_tokens").is_none());
+        assert_eq!(
+            param(e, r#"{"model":"m","input":["a",1]}"#).1.unwrap(),
+            "input"
+        );
+        assert_eq!(
+            param(e, r#"{"model":"m","input":["a","b","c","d"]}"#)
+                .1
+                .unwrap(),
+            "input"
+        );
+        assert_eq!(
+            param(e, r#"{"model":"m","input":"x","stream":true}"#)
+                .1
+                .unwrap(),
+            "stream"
+        );
+        let c = Endpoint::Completions;
+        assert!(check(c, r#"{"model":"m","prompt":"x","stream":true}"#).is_ok());
+        assert_eq!(
+            param(c, r#"{"model":"m","prompt":"x","best_of":5}"#)
+                .1
+                .unwrap(),
+            "best_of"
+        );
+    }
+
+    #[test]
+    fn not_an_object() {
+        assert_eq!(param(CHAT, "[1]").0, StatusCode::BAD_REQUEST);
+        assert_eq!(param(CHAT, "").0, StatusCode::BAD_REQUEST);
+    }
+}

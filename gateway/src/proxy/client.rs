@@ -1,0 +1,118 @@
+//! The upstream HTTP client of one pool: hyper's pooled client (connection reuse, keep-alive),
+//! rustls for `tls = true` pools, and a resolver that only knows the addresses the config
+//! resolved at load time — the gateway needs no DNS at run time, and a host name that is not a
+//! pool host cannot be reached through it.
+
+use std::{
+    collections::HashMap,
+    future::{Ready, ready},
+    io,
+    net::SocketAddr,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::{
+    client::legacy::{
+        Client,
+        connect::{HttpConnector, dns::Name},
+    },
+    rt::{TokioExecutor, TokioTimer},
+};
+
+use crate::config::{Pool, PoolConfig};
+
+pub type HttpClient = Client<HttpsConnector<HttpConnector<StaticResolver>>, Full<Bytes>>;
+
+/// Resolves only the pool's own host names, to the addresses found when the config loaded.
+#[derive(Clone)]
+pub struct StaticResolver(Arc<HashMap<String, Vec<SocketAddr>>>);
+
+impl tower_service::Service<Name> for StaticResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = io::Error;
+    type Future = Ready<Result<Self::Response, io::Error>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), io::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        ready(
+            self.0
+                .get(name.as_str())
+                .map(|a| a.clone().into_iter())
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "not a pool host")),
+        )
+    }
+}
+
+/// The host part of `host:port` / `[v6]:port`.
+pub fn host_part(entry: &str) -> &str {
+    let host = entry.rsplit_once(':').map_or(entry, |(h, _)| h);
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
+pub fn build(pool: &Pool, raw: &PoolConfig) -> anyhow::Result<HttpClient> {
+    let names = pool
+        .hosts
+        .iter()
+        .zip(&pool.host_addrs)
+        .map(|(h, addrs)| (host_part(h).to_owned(), addrs.clone()))
+        .collect();
+    let mut http = HttpConnector::new_with_resolver(StaticResolver(Arc::new(names)));
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_millis(raw.connect_timeout_ms)));
+    http.set_keepalive(Some(Duration::from_secs(30)));
+
+    let mut roots = rustls::RootCertStore::empty();
+    match &pool.tls_roots {
+        Some(ders) => {
+            for der in ders {
+                roots
+                    .add(der.clone().into())
+                    .with_context(|| format!("pools.{}.tls_ca_file: bad certificate", pool.name))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("rustls protocol versions")?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    // The scheme of each request URI (from the pool's `tls`) decides plain or TLS.
+    let https = HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(https))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_part;
+
+    #[test]
+    fn host_part_strips_port_and_brackets() {
+        assert_eq!(host_part("gpu1.internal:8000"), "gpu1.internal");
+        assert_eq!(host_part("[::1]:8000"), "::1");
+        assert_eq!(host_part("10.0.0.1:80"), "10.0.0.1");
+    }
+}

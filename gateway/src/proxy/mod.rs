@@ -1,0 +1,186 @@
+//! Dispatch of a validated request to its pool: pick a host (`route`), send with the pool's
+//! credential and timeouts, relay the answer as it streams (`body`), retry on another host only
+//! when nothing reached the upstream.
+//!
+//! Failure posture, per attempt:
+//! - connect refused / connect timeout / TLS handshake failure: nothing was sent, so the next
+//!   host is tried (up to `max_attempts`). A pooled connection the upstream closed before the
+//!   request was written is retried on a fresh one by hyper itself.
+//! - any other error once the request may have been written: 502, never retried (a generation
+//!   may have started; a retry could run it twice).
+//! - no response head within `first_byte_timeout_ms`: 504, not retried, the attempt is dropped
+//!   (which closes the connection, so the upstream sees the request cancelled).
+//! - upstream 5xx: 502 without the upstream's words (they may carry internals); 4xx is relayed.
+
+mod body;
+pub mod client;
+pub mod headers;
+pub mod health;
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use axum::{
+    body::Body,
+    http::{HeaderValue, Method, Request, Uri},
+    response::{IntoResponse, Response},
+};
+use bytes::Bytes;
+use http_body_util::Full;
+use tracing::{debug, warn};
+
+use crate::{
+    config::Config,
+    error::ApiError,
+    request_id::RequestId,
+    route::{self, Pools},
+};
+
+pub use body::ProxyBody;
+
+/// One pool's way out: its client and the settings of its requests.
+pub struct Upstream {
+    client: client::HttpClient,
+    scheme: &'static str,
+    /// `host:port` as written, by host index.
+    authorities: Vec<String>,
+    credential: Option<HeaderValue>,
+    first_byte: Duration,
+    idle: Duration,
+    max_attempts: u32,
+    health_path: String,
+    health_interval: Duration,
+    health_timeout: Duration,
+}
+
+/// Every pool's upstream, by pool name.
+pub struct Upstreams(BTreeMap<String, Arc<Upstream>>);
+
+impl Upstreams {
+    pub fn from_config(config: &Config) -> anyhow::Result<Self> {
+        let mut map = BTreeMap::new();
+        for pool in config.pools.values() {
+            let raw = &config.raw.pools[&pool.name];
+            let credential = pool
+                .credential
+                .as_ref()
+                .map(|c| headers::bearer(c.expose()))
+                .transpose()?;
+            let up = Upstream {
+                client: client::build(pool, raw)?,
+                scheme: if raw.tls { "https" } else { "http" },
+                authorities: pool.hosts.clone(),
+                credential,
+                first_byte: Duration::from_millis(raw.first_byte_timeout_ms),
+                idle: Duration::from_millis(raw.idle_timeout_ms),
+                max_attempts: raw.max_attempts,
+                health_path: raw.health_path.clone(),
+                health_interval: Duration::from_millis(raw.health_interval_ms),
+                health_timeout: Duration::from_millis(raw.health_timeout_ms),
+            };
+            map.insert(pool.name.clone(), Arc::new(up));
+        }
+        Ok(Self(map))
+    }
+
+    pub fn get(&self, pool: &str) -> Option<&Arc<Upstream>> {
+        self.0.get(pool)
+    }
+}
+
+/// What goes upstream: the path of the OpenAI endpoint and the rewritten body.
+pub struct Outbound {
+    pub path: &'static str,
+    pub body: Bytes,
+    pub stream: bool,
+    pub request_id: RequestId,
+}
+
+impl Upstream {
+    fn uri(&self, host: usize, path: &str) -> Result<Uri, ApiError> {
+        format!("{}://{}{}", self.scheme, self.authorities[host], path)
+            .parse()
+            .map_err(|_| ApiError::internal())
+    }
+
+    fn request(&self, host: usize, out: &Outbound) -> Result<Request<Full<Bytes>>, ApiError> {
+        let mut req = Request::new(Full::new(out.body.clone()));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = self.uri(host, out.path)?;
+        *req.headers_mut() =
+            headers::upstream(out.stream, &out.request_id, self.credential.as_ref());
+        Ok(req)
+    }
+}
+
+/// Sends `out` to a host of `pool` and relays the answer.
+pub async fn forward(pools: &Pools, upstreams: &Upstreams, pool: &str, out: Outbound) -> Response {
+    let (Some(pool), Some(upstream)) = (pools.get(pool), upstreams.get(pool)) else {
+        return ApiError::internal().into_response();
+    };
+    match dispatch(pool, upstream, &out).await {
+        Ok(resp) => resp,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn dispatch(
+    pool: &route::Pool,
+    upstream: &Upstream,
+    out: &Outbound,
+) -> Result<Response, ApiError> {
+    let mut tried = Vec::new();
+    for attempt in 1..=upstream.max_attempts {
+        let Some(mut lease) = pool.pick(&tried) else {
+            break;
+        };
+        let host = lease.host().clone();
+        tried.push(host.index);
+        let req = upstream.request(host.index, out)?;
+        match tokio::time::timeout(upstream.first_byte, upstream.client.request(req)).await {
+            Err(_) => {
+                lease.failure();
+                warn!(host = %host.name, attempt, "upstream sent no response in time");
+                return Err(ApiError::gateway_timeout(
+                    "the inference server did not answer in time",
+                ));
+            }
+            Ok(Err(e)) if e.is_connect() => {
+                lease.failure();
+                warn!(host = %host.name, attempt, error = %e, "upstream connect failed; nothing sent");
+            }
+            Ok(Err(e)) => {
+                lease.failure();
+                warn!(host = %host.name, attempt, error = %e, "upstream request failed after sending");
+                return Err(ApiError::bad_gateway(
+                    "the inference server failed to answer",
+                ));
+            }
+            Ok(Ok(resp)) => {
+                let status = resp.status();
+                debug!(host = %host.name, attempt, status = status.as_u16(), "upstream answered");
+                tracing::Span::current().record("upstream", host.name.as_str());
+                if status.is_server_error() {
+                    lease.failure();
+                    return Err(ApiError::bad_gateway(format!(
+                        "the inference server failed (status {})",
+                        status.as_u16()
+                    )));
+                }
+                let (parts, incoming) = resp.into_parts();
+                let sse = headers::is_event_stream(&parts.headers);
+                let body = ProxyBody::new(incoming, sse, upstream.idle, lease);
+                let mut resp = Response::new(Body::new(body));
+                *resp.status_mut() = status;
+                *resp.headers_mut() = headers::downstream(&parts.headers, sse);
+                return Ok(resp);
+            }
+        }
+    }
+    if tried.is_empty() {
+        Err(ApiError::unavailable(
+            "no healthy inference host for this model",
+        ))
+    } else {
+        Err(ApiError::bad_gateway("no inference host could be reached"))
+    }
+}
