@@ -25,6 +25,8 @@ pub fn free_port() -> u16 {
 
 pub struct Moat {
     child: Option<Child>,
+    /// The `moat` binary this instance runs (default: [`moat_binary`]).
+    pub binary: PathBuf,
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
@@ -53,10 +55,19 @@ impl Moat {
         let log = dir.path().join("moat.log");
         Moat {
             child: None,
+            binary: PathBuf::new(),
             addr,
             dir,
             config,
             log,
+        }
+    }
+
+    fn bin(&self) -> PathBuf {
+        if self.binary.as_os_str().is_empty() {
+            moat_binary()
+        } else {
+            self.binary.clone()
         }
     }
 
@@ -67,7 +78,7 @@ impl Moat {
     /// Spawns `moat serve` and waits until `/healthz` answers (or the process exits).
     pub fn spawn_and_wait(mut self) -> Moat {
         let log = fs::File::create(&self.log).expect("create log");
-        let child = Command::new(moat_binary())
+        let child = Command::new(self.bin())
             .arg("serve")
             .arg("--config")
             .arg(&self.config)
@@ -102,7 +113,7 @@ impl Moat {
 
     /// Runs `moat serve` expecting it to fail; returns its exit status success flag and log.
     pub fn serve_expecting_failure(&self) -> Output {
-        Command::new(moat_binary())
+        Command::new(self.bin())
             .arg("serve")
             .arg("--config")
             .arg(&self.config)
@@ -117,7 +128,7 @@ impl Moat {
 
     /// Runs a `moat` CLI command against this config, with `stdin` piped in.
     pub fn cli(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut child = Command::new(moat_binary())
+        let mut child = Command::new(self.bin())
             .args(args)
             .arg("--config")
             .arg(&self.config)

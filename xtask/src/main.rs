@@ -46,7 +46,7 @@ enum Cmd {
     },
     /// Run a benchmark and print its ratios.
     Bench {
-        /// Which benchmark: segment.
+        /// Which benchmark: segment, auth.
         name: String,
     },
 }

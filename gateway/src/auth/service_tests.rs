@@ -208,13 +208,17 @@ async fn unknown_key_id_and_wrong_secret_answer_identically() {
 #[tokio::test]
 async fn revocation_by_this_process_and_by_another_takes_effect() {
     let f = fixture();
-    f.id.authenticate(&f.key).await.unwrap();
+    let p = f.id.authenticate(&f.key).await.unwrap();
+    let generation = f.id.generation();
+    assert!(f.id.still_valid(&p).await);
     // Another process (the CLI) revokes in the store: the epoch poll clears the cache.
     f.store
         .inner
         .revoke_api_key(&f.key_id, super::now())
         .unwrap();
     f.id.poll_epoch().await;
+    assert_ne!(f.id.generation(), generation, "a stream holder must notice");
+    assert!(!f.id.still_valid(&p).await);
     assert_eq!(
         f.id.authenticate(&f.key).await,
         Err(AuthError::InvalidApiKey)
@@ -294,7 +298,9 @@ async fn revoking_a_session_ends_its_access_tokens_at_once() {
     let t = f.id.grant_api_key(&f.key).await.unwrap();
     let p = f.id.authenticate(&t.access_token).await.unwrap();
     assert_eq!(p.key_id.as_deref(), Some(f.key_id.as_str()));
+    assert!(f.id.still_valid(&p).await);
     f.id.revoke(&t.access_token).await.unwrap();
+    assert!(!f.id.still_valid(&p).await);
     assert_eq!(
         f.id.authenticate(&t.access_token).await,
         Err(AuthError::InvalidAccessToken)
