@@ -355,7 +355,7 @@ impl Identity {
         }
         let generation = self.generation.load(Ordering::Acquire);
         let id = sid.to_owned();
-        let Some(s) = self.db(move |st| st.session(&id)).await? else {
+        let Some(s) = self.db(move |st| st.session(&id, now())).await? else {
             return Ok(None);
         };
         if !s.is_active(now()) {

@@ -73,8 +73,8 @@ impl Store for Counting {
     ) -> StoreResult<RotateOutcome> {
         self.inner.rotate_refresh(token_hmac, next, now)
     }
-    fn session(&self, family_id: &str) -> StoreResult<Option<Session>> {
-        self.inner.session(family_id)
+    fn session(&self, family_id: &str, now: i64) -> StoreResult<Option<Session>> {
+        self.inner.session(family_id, now)
     }
     fn family_of_refresh(&self, token_hmac: &[u8]) -> StoreResult<Option<String>> {
         self.inner.family_of_refresh(token_hmac)
