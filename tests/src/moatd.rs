@@ -111,7 +111,7 @@ impl Moat {
         }
     }
 
-    /// Runs `moat serve` expecting it to fail; returns its exit status success flag and log.
+    /// Runs `moat serve` in the foreground (for a start that must fail); returns its output.
     pub fn serve_expecting_failure(&self) -> Output {
         Command::new(self.bin())
             .arg("serve")

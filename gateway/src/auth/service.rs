@@ -557,6 +557,42 @@ impl Identity {
         self.keys.current().jwks()
     }
 
+    // ---- operator actions in this process ----------------------------------------------------
+
+    /// The operator's operations over this service's store (for the admin plane). Follow a
+    /// revocation with [`Self::revoke_key`]/[`Self::disable_user`] or the `evict_*` methods so
+    /// it takes effect at once rather than at the next epoch poll.
+    pub fn admin(&self) -> super::admin::Admin<'_> {
+        super::admin::Admin {
+            store: self.store.as_ref(),
+            pepper: &self.pepper,
+        }
+    }
+
+    /// Revokes a key (and its sessions) with immediate effect in this process.
+    pub async fn revoke_key(self: &Arc<Self>, key_id: &str) -> anyhow::Result<bool> {
+        let (me, id) = (self.clone(), key_id.to_owned());
+        let changed = tokio::task::spawn_blocking(move || me.admin().revoke_key(&id)).await??;
+        self.evict_key(key_id);
+        info!(event = "key_revoked", key_id);
+        Ok(changed)
+    }
+
+    /// Disables a user (its keys and sessions end) with immediate effect in this process.
+    pub async fn disable_user(self: &Arc<Self>, username: &str) -> anyhow::Result<bool> {
+        let (me, name) = (self.clone(), username.to_owned());
+        let (user_id, changed) =
+            tokio::task::spawn_blocking(move || me.admin().disable_user(&name)).await??;
+        self.evict_user(&user_id);
+        info!(event = "user_disabled", user_id = %user_id);
+        Ok(changed)
+    }
+
+    /// Whether the store answers (for `/readyz`).
+    pub async fn ready(&self) -> bool {
+        self.db(|s| s.auth_epoch()).await.is_ok()
+    }
+
     // ---- long-lived requests -----------------------------------------------------------------
 
     /// Moves whenever a cached credential may have been revoked (locally or, through the epoch

@@ -226,6 +226,30 @@ async fn revocation_by_this_process_and_by_another_takes_effect() {
 }
 
 #[tokio::test]
+async fn in_process_revocations_take_effect_without_waiting_for_the_poll() {
+    let f = fixture();
+    let t =
+        f.id.grant_password("alice", Zeroizing::new(PASSWORD.into()), src())
+            .await
+            .unwrap();
+    f.id.authenticate(&f.key).await.unwrap();
+    f.id.authenticate(&t.access_token).await.unwrap();
+    assert!(f.id.ready().await);
+    // No poll_epoch() here: the eviction alone must do it.
+    assert!(f.id.revoke_key(&f.key_id).await.unwrap());
+    assert_eq!(
+        f.id.authenticate(&f.key).await,
+        Err(AuthError::InvalidApiKey)
+    );
+    f.id.authenticate(&t.access_token).await.unwrap();
+    assert!(f.id.disable_user("alice").await.unwrap());
+    assert_eq!(
+        f.id.authenticate(&t.access_token).await,
+        Err(AuthError::InvalidAccessToken)
+    );
+}
+
+#[tokio::test]
 async fn password_grant_refresh_rotation_and_reuse_detection() {
     let f = fixture();
     let t1 =
