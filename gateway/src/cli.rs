@@ -24,6 +24,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon: load or adopt the kernel enforcement, then serve.
     Serve,
+    /// The unprivileged worker; started by `moat serve`, never by hand.
+    #[command(hide = true)]
+    Worker,
     /// Kernel segmentation: inspect or remove what moat pinned.
     Segment {
         #[command(subcommand)]
@@ -87,6 +90,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = Config::load(&cli.config)?;
             crate::serve::run(config)?;
         }
+        Command::Worker => crate::worker::run()?,
         Command::Segment { command } => {
             let config = Config::load(&cli.config)?;
             let pins = segment::Pins::new(&config.segmentation().pin_root);

@@ -69,6 +69,13 @@ pub struct ServerConfig {
     /// Directory for the store and secrets; relative paths are taken from the config's folder.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
+    /// The unprivileged user the worker runs as.
+    #[serde(default = "default_user")]
+    pub user: String,
+}
+
+fn default_user() -> String {
+    "moat".to_owned()
 }
 
 impl Default for ServerConfig {
@@ -76,6 +83,7 @@ impl Default for ServerConfig {
         Self {
             listen: default_listen(),
             data_dir: default_data_dir(),
+            user: default_user(),
         }
     }
 }
@@ -178,7 +186,7 @@ fn default_pin_root() -> PathBuf {
 
 /// `[auth]`: token lifetimes, signing, caches and password throttling. Every duration is in
 /// seconds.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     /// `iss` of the access tokens moat issues (and the only one it accepts).
@@ -411,11 +419,41 @@ pub struct Pool {
 pub struct Config {
     /// The file it came from (absolute).
     pub path: PathBuf,
+    /// The text it was parsed from (handed to the worker as is).
+    pub source: String,
     pub raw: RawConfig,
     pub pools: BTreeMap<String, Pool>,
     pub data_dir: PathBuf,
     pub egress_allow: Vec<DestinationRule>,
     pub extra_protected: Vec<DestinationRule>,
+    /// Every `host:port` entry the load resolved, and what it resolved to. The supervisor
+    /// hands this to the worker with the file's text, so the worker (which may have no DNS
+    /// under egress lockdown) parses the same config to the same addresses.
+    pub resolved: Resolved,
+}
+
+/// `host:port` entry → the addresses it resolved to.
+pub type Resolved = BTreeMap<String, Vec<SocketAddr>>;
+
+/// How a load turns host names into addresses.
+#[derive(Debug, Clone, Copy)]
+pub enum Resolver<'a> {
+    /// The system resolver (at load time only; never on the request path).
+    System,
+    /// Answers an earlier load gave (see [`Config::resolved`]).
+    Table(&'a Resolved),
+}
+
+impl Resolver<'_> {
+    fn resolve(&self, entry: &str) -> Result<Vec<SocketAddr>, String> {
+        match self {
+            Resolver::System => resolve_host_port(entry),
+            Resolver::Table(t) => match t.get(entry) {
+                Some(addrs) => Ok(addrs.clone()),
+                None => resolve_literal(entry),
+            },
+        }
+    }
 }
 
 impl Config {
@@ -432,6 +470,18 @@ impl Config {
 
     /// Parses and validates `text` as if it were the file `path`.
     pub fn from_str(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        Self::parse(path, text, Resolver::System)
+    }
+
+    /// Parses and validates `text` as if it were the file `path`, resolving host names with
+    /// `resolver`.
+    pub fn parse(path: &Path, text: &str, resolver: Resolver<'_>) -> Result<Config, ConfigError> {
+        let mut resolved = Resolved::new();
+        let mut resolve = |entry: &str| -> Result<Vec<SocketAddr>, String> {
+            let addrs = resolver.resolve(entry)?;
+            resolved.insert(entry.to_owned(), addrs.clone());
+            Ok(addrs)
+        };
         let err = |key: &str, reason: String| ConfigError {
             file: path.to_path_buf(),
             key: key.to_owned(),
@@ -461,9 +511,7 @@ impl Config {
             }
             let mut addrs = Vec::new();
             for (i, host) in pool.hosts.iter().enumerate() {
-                let resolved =
-                    resolve_host_port(host).map_err(|r| err(&format!("{key}[{i}]"), r))?;
-                addrs.extend(resolved);
+                addrs.extend(resolve(host).map_err(|r| err(&format!("{key}[{i}]"), r))?);
             }
             pools.insert(
                 name.clone(),
@@ -486,10 +534,11 @@ impl Config {
         }
 
         let seg = &raw.segmentation;
-        let rules = |list: &[String], key: &str| -> Result<Vec<DestinationRule>, ConfigError> {
+        let mut rules = |list: &[String], key: &str| -> Result<Vec<DestinationRule>, ConfigError> {
             let mut out = Vec::new();
             for (i, entry) in list.iter().enumerate() {
-                out.extend(parse_destination(entry).map_err(|r| err(&format!("{key}[{i}]"), r))?);
+                let parsed = parse_destination(entry, &mut resolve);
+                out.extend(parsed.map_err(|r| err(&format!("{key}[{i}]"), r))?);
             }
             Ok(out)
         };
@@ -507,14 +556,31 @@ impl Config {
         raw.auth
             .validate()
             .map_err(|(k, r)| err(&format!("auth.{k}"), r))?;
+        // A short HS256 secret is refused here, at load, rather than by the worker later. Only
+        // the size is looked at; a missing file is created with 32 random bytes at start.
+        if let Some(p) = &raw.auth.hs256_secret_file
+            && let Ok(meta) = std::fs::metadata(base.join(p))
+            && meta.len() < 32
+        {
+            return Err(err(
+                "auth.hs256_secret_file",
+                format!(
+                    "{} holds {} bytes; an HS256 secret needs at least 32 bytes",
+                    base.join(p).display(),
+                    meta.len()
+                ),
+            ));
+        }
 
         Ok(Config {
             path: path.to_path_buf(),
+            source: text.to_owned(),
             raw,
             pools,
             data_dir,
             egress_allow,
             extra_protected,
+            resolved,
         })
     }
 
@@ -581,6 +647,15 @@ fn split_port(entry: &str) -> Result<(&str, u16), String> {
     Ok((host, port))
 }
 
+/// An `ip:port` / `[v6]:port` entry; names are an error here.
+fn resolve_literal(entry: &str) -> Result<Vec<SocketAddr>, String> {
+    let (host, port) = split_port(entry)?;
+    match host.parse::<IpAddr>() {
+        Ok(ip) => Ok(vec![SocketAddr::new(ip, port)]),
+        Err(_) => Err(format!("`{host}` was not resolved by the supervisor")),
+    }
+}
+
 /// Resolves a pool host (`name:port`, `ip:port`, `[v6]:port`) to its socket addresses.
 pub fn resolve_host_port(entry: &str) -> Result<Vec<SocketAddr>, String> {
     let (host, port) = split_port(entry)?;
@@ -598,7 +673,10 @@ pub fn resolve_host_port(entry: &str) -> Result<Vec<SocketAddr>, String> {
 }
 
 /// Parses a destination rule: `addr/len:port`, `[v6/len]:port`, `addr:port` or `host:port`.
-pub fn parse_destination(entry: &str) -> Result<Vec<DestinationRule>, String> {
+pub fn parse_destination(
+    entry: &str,
+    resolve: &mut impl FnMut(&str) -> Result<Vec<SocketAddr>, String>,
+) -> Result<Vec<DestinationRule>, String> {
     let (host, port) = split_port(entry)?;
     if host.contains('/') {
         let net: IpNet = host
@@ -609,7 +687,7 @@ pub fn parse_destination(entry: &str) -> Result<Vec<DestinationRule>, String> {
             port,
         }]);
     }
-    Ok(resolve_host_port(entry)?
+    Ok(resolve(entry)?
         .into_iter()
         .map(|a| DestinationRule {
             net: IpNet::from(a.ip()),
@@ -666,16 +744,37 @@ mod tests {
         assert_eq!(e.key, "pools.gpu.hosts[0]");
     }
 
+    fn parse_destination_sys(entry: &str) -> Result<Vec<DestinationRule>, String> {
+        parse_destination(entry, &mut resolve_host_port)
+    }
+
+    #[test]
+    fn a_table_resolver_replays_an_earlier_load() {
+        let text = "[pools.gpu]\nhosts = [\"localhost:8000\", \"10.0.0.1:8000\"]\n";
+        let first = load(text).unwrap();
+        assert!(first.resolved.contains_key("localhost:8000"));
+        let again = Config::parse(
+            Path::new("/etc/moat/test.toml"),
+            text,
+            Resolver::Table(&first.resolved),
+        )
+        .unwrap();
+        assert_eq!(again.pools["gpu"].addrs, first.pools["gpu"].addrs);
+        let empty = Resolved::new();
+        let e = Config::parse(Path::new("/t.toml"), text, Resolver::Table(&empty)).unwrap_err();
+        assert_eq!(e.key, "pools.gpu.hosts[0]");
+    }
+
     #[test]
     fn destination_rules_parse() {
-        let r = parse_destination("10.0.0.0/8:443").unwrap();
+        let r = parse_destination_sys("10.0.0.0/8:443").unwrap();
         assert_eq!(r[0].to_string(), "10.0.0.0/8:443");
-        let r = parse_destination("[2001:db8::/32]:443").unwrap();
+        let r = parse_destination_sys("[2001:db8::/32]:443").unwrap();
         assert_eq!(r[0].to_string(), "[2001:db8::/32]:443");
-        let r = parse_destination("10.1.2.3:53").unwrap();
+        let r = parse_destination_sys("10.1.2.3:53").unwrap();
         assert_eq!(r[0].to_string(), "10.1.2.3/32:53");
-        assert!(parse_destination("10.0.0.0/33:1").is_err());
-        assert!(parse_destination("10.0.0.1:0").is_err());
+        assert!(parse_destination_sys("10.0.0.0/33:1").is_err());
+        assert!(parse_destination_sys("10.0.0.1:0").is_err());
     }
 
     #[test]

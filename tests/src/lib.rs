@@ -3,6 +3,7 @@
 //! `moat serve` with its own data dir and port, and its CLI.
 
 pub mod bench;
+pub mod daemon;
 pub mod kernel;
 pub mod moatd;
 

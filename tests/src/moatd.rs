@@ -43,6 +43,13 @@ impl Moat {
     /// Writes the config without starting anything (for CLI-only runs or expected failures).
     pub fn configure(extra: &str) -> Moat {
         let dir = tempfile::tempdir().expect("tempdir");
+        // As root, the worker and the CLI run as the service user, which must reach the data
+        // directory below this folder whatever the umask (traverse only; `data/` is 0700).
+        fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o711),
+        )
+        .expect("chmod tempdir");
         let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let config = dir.path().join("moat.toml");
         let text = format!(
@@ -75,7 +82,7 @@ impl Moat {
         self.dir.path().join("data")
     }
 
-    /// Spawns `moat serve` and waits until `/healthz` answers (or the process exits).
+    /// Spawns `moat serve` and waits until `/healthz` answers 200 (or the process exits).
     pub fn spawn_and_wait(mut self) -> Moat {
         let log = fs::File::create(&self.log).expect("create log");
         let child = Command::new(self.bin())
@@ -97,8 +104,15 @@ impl Moat {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().expect("try_wait") {
                 panic!("moat serve exited with {status}:\n{}", self.log_text());
             }
-            if std::net::TcpStream::connect_timeout(&self.addr, Duration::from_millis(100)).is_ok()
-            {
+            // The supervisor listens before its worker serves: wait for an answer, not a
+            // connection.
+            let healthy = reqwest::blocking::Client::builder()
+                .timeout(Duration::from_millis(500))
+                .build()
+                .ok()
+                .and_then(|c| c.get(self.url("/healthz")).send().ok())
+                .is_some_and(|r| r.status().is_success());
+            if healthy {
                 return self;
             }
             assert!(
@@ -112,14 +126,30 @@ impl Moat {
     }
 
     /// Runs `moat serve` in the foreground (for a start that must fail); returns its output.
+    /// Panics if it is still running after 20 s.
     pub fn serve_expecting_failure(&self) -> Output {
-        Command::new(self.bin())
+        let mut child = Command::new(self.bin())
             .arg("serve")
             .arg("--config")
             .arg(&self.config)
             .stdin(Stdio::null())
-            .output()
-            .expect("run moat serve")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run moat serve");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child.try_wait().expect("try_wait").is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("moat serve output");
+                panic!(
+                    "moat serve still running after 20 s:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child.wait_with_output().expect("moat serve output")
     }
 
     pub fn url(&self, path: &str) -> String {

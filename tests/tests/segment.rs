@@ -9,7 +9,7 @@ use std::{
     net::{SocketAddr, TcpListener},
     path::Path,
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use moat::{
@@ -18,6 +18,7 @@ use moat::{
 };
 use moat_tests::{
     bin,
+    daemon::Daemon,
     kernel::{EPERM, KillOnDrop, TestCgroup, TestPins, probe, require_root, try_from, unique},
 };
 use serde_json::Value;
@@ -274,7 +275,7 @@ fn daemon_enforcement_is_fail_static_and_uninstallable() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("moat.toml");
     let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"nobody\"\n\
          [pools.gpu]\nhosts = [\"127.0.0.1:{port}\"]\n\
          [segmentation]\ngateway_cgroup = \"{}/gateway\"\npin_root = \"{}\"\n",
         base.relative.display(),
@@ -284,9 +285,8 @@ fn daemon_enforcement_is_fail_static_and_uninstallable() {
     let target = addr(&format!("127.0.0.1:{port}"));
     let out = Some(outsider.path());
 
-    let log1 = dir.path().join("serve1.log");
-    let mut daemon = start_daemon(&cfg, &log1);
-    wait_for_log(&log1, "data plane listening");
+    let mut daemon = Daemon::start(&cfg, &dir.path().join("serve1.log"));
+    daemon.wait_log("worker started");
     let before = status(&cfg);
     assert_eq!(before["installed"], true);
     assert_eq!(try_from(out, "tcp", &[target]), [EPERM]);
@@ -295,7 +295,7 @@ fn daemon_enforcement_is_fail_static_and_uninstallable() {
 
     // Deny events reach the daemon's structured log with who and where.
     let denied = probe(out, "tcp", &[target.to_string()]);
-    let event = wait_for_log(&log1, &format!("\"pid\":{}", denied.pid));
+    let event = daemon.wait_log(&format!("\"pid\":{}", denied.pid));
     assert_eq!(event["event"], "kernel_deny");
     assert_eq!(event["cgroup_id"], outsider.cgroup.id);
     assert_eq!(event["hook"], "connect4");
@@ -305,18 +305,14 @@ fn daemon_enforcement_is_fail_static_and_uninstallable() {
 
     // A broken config on SIGHUP is refused and the policy stays.
     std::fs::write(&cfg, "[segmentation]\nbogus = true\n").unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon.0.id() as i32),
-        nix::sys::signal::SIGHUP,
-    )
-    .unwrap();
-    wait_for_log(&log1, "config reload refused");
+    daemon.signal(nix::sys::signal::SIGHUP);
+    daemon.wait_log("config reload refused");
     assert_eq!(try_from(out, "tcp", &[target]), [EPERM]);
     std::fs::write(&cfg, &toml).unwrap();
 
     // SIGKILL: no clean-up runs, enforcement stays.
-    daemon.0.kill().unwrap();
-    daemon.0.wait().unwrap();
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
     assert_eq!(
         try_from(out, "tcp", &[target]),
         [EPERM],
@@ -324,12 +320,33 @@ fn daemon_enforcement_is_fail_static_and_uninstallable() {
     );
 
     // A restart adopts the pinned links rather than attaching a second copy.
-    let log2 = dir.path().join("serve2.log");
-    daemon = start_daemon(&cfg, &log2);
-    wait_for_log(&log2, "adopted pinned kernel enforcement");
-    wait_for_log(&log2, "data plane listening");
+    daemon = Daemon::start(&cfg, &dir.path().join("serve2.log"));
+    daemon.wait_log("adopted pinned kernel enforcement");
+    daemon.wait_log("worker started");
     let after = status(&cfg);
-    assert_eq!(after["links"], before["links"], "same links after restart");
+    let ids = |s: &Value, field: &str| -> Vec<Value> {
+        s["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l[field].clone())
+            .collect()
+    };
+    assert_eq!(
+        ids(&after, "link_id"),
+        ids(&before, "link_id"),
+        "same links after restart"
+    );
+    assert_ne!(
+        ids(&after, "program_id"),
+        ids(&before, "program_id"),
+        "programs updated in place"
+    );
+    assert_eq!(
+        try_from(out, "tcp", &[target]),
+        [EPERM],
+        "enforced after the in-place update"
+    );
     drop(daemon);
 
     let removed = Command::new(bin("moat"))
@@ -351,19 +368,6 @@ fn daemon_enforcement_is_fail_static_and_uninstallable() {
     assert!(!pins.pins.dir().exists(), "uninstall removes the pins");
 }
 
-fn start_daemon(cfg: &Path, log: &Path) -> KillOnDrop {
-    let log = std::fs::File::create(log).unwrap();
-    KillOnDrop(
-        Command::new(bin("moat"))
-            .args(["serve", "-c"])
-            .arg(cfg)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start moat serve"),
-    )
-}
-
 fn status(cfg: &Path) -> Value {
     let out = Command::new(bin("moat"))
         .args(["segment", "status", "--json", "-c"])
@@ -376,21 +380,4 @@ fn status(cfg: &Path) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// Waits (up to 10 s) for a JSON log line containing `needle` and returns it.
-fn wait_for_log(log: &Path, needle: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.contains(needle)) {
-            return serde_json::from_str(line).unwrap_or(Value::String(line.to_owned()));
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no log line with {needle:?} in {}:\n{text}",
-            log.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }

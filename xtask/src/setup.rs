@@ -4,7 +4,8 @@
 //! - the nightly `rust-src` component (the eBPF build uses `-Z build-std=core`);
 //! - bpf-linker, built against the LLVM that ships inside the nightly toolchain (no system LLVM);
 //! - the Debian packages the tests and benchmarks use;
-//! - a bpffs at /sys/fs/bpf when none is mounted (root only).
+//! - a bpffs at /sys/fs/bpf when none is mounted, and the system user `moat` the worker runs
+//!   as (root only).
 
 use std::{
     path::{Path, PathBuf},
@@ -25,6 +26,29 @@ pub fn run() -> Result<()> {
     bpf_linker()?;
     apt_packages()?;
     bpffs()?;
+    service_user()?;
+    Ok(())
+}
+
+/// The worker runs as the unprivileged system user `moat` (`server.user`).
+fn service_user() -> Result<()> {
+    let exists = Command::new("id")
+        .arg("moat")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?
+        .success();
+    if exists || !nix_is_root() {
+        return Ok(());
+    }
+    eprintln!("setup: creating system user moat");
+    output(Command::new("useradd").args([
+        "--system",
+        "--no-create-home",
+        "--shell",
+        "/usr/sbin/nologin",
+        "moat",
+    ]))?;
     Ok(())
 }
 

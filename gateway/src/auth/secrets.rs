@@ -68,7 +68,10 @@ pub fn secrets_dir(data_dir: &Path) -> PathBuf {
 
 /// Reads a secret file, refusing one that others can read or write.
 pub fn read_secret_file(path: &Path) -> io::Result<Zeroizing<Vec<u8>>> {
-    let mut f = fs::File::open(path)?;
+    let mut f = fs::File::open(path).map_err(|e| {
+        // Keep the kind (NotFound means "create it"), add the path.
+        io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+    })?;
     let mode = f.metadata()?.permissions().mode();
     if mode & 0o077 != 0 {
         return Err(io::Error::new(
@@ -85,8 +88,8 @@ pub fn read_secret_file(path: &Path) -> io::Result<Zeroizing<Vec<u8>>> {
     Ok(buf)
 }
 
-/// Writes `bytes` to `path` atomically (temp file + rename), mode 0600 from creation on.
-pub fn write_secret_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+/// Writes `bytes` to a new temp file next to `path`, mode 0600 from creation on, synced.
+fn write_temp(path: &Path, bytes: &[u8]) -> io::Result<PathBuf> {
     let dir = path.parent().unwrap_or(Path::new("."));
     ensure_private_dir(dir)?;
     let tmp = dir.join(format!(
@@ -103,12 +106,20 @@ pub fn write_secret_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
         .open(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
-    drop(f);
-    fs::rename(&tmp, path)?;
-    Ok(())
+    Ok(tmp)
+}
+
+/// Replaces `path` with `bytes` atomically (temp file + rename), mode 0600.
+pub fn write_secret_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = write_temp(path, bytes)?;
+    fs::rename(&tmp, path)
 }
 
 /// Reads `path`, or creates it with `make()` if it does not exist yet.
+///
+/// Two processes may start at once on a fresh data directory (the worker and the CLI): the
+/// file is published with `link(2)`, which never replaces an existing file, so exactly one
+/// value wins and the loser reads it; both end up with the same secret.
 pub fn load_or_create(
     path: &Path,
     make: impl FnOnce() -> Zeroizing<Vec<u8>>,
@@ -117,8 +128,14 @@ pub fn load_or_create(
         Ok(b) => Ok(b),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let bytes = make();
-            write_secret_file(path, &bytes)?;
-            Ok(bytes)
+            let tmp = write_temp(path, &bytes)?;
+            let linked = fs::hard_link(&tmp, path);
+            let _ = fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => Ok(bytes),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => read_secret_file(path),
+                Err(e) => Err(e),
+            }
         }
         Err(e) => Err(e),
     }
@@ -194,6 +211,24 @@ mod tests {
         assert_eq!(a.mac("d", &[b"x"]), b.mac("d", &[b"x"]));
         assert_ne!(a.mac("d", &[b"x"]), a.mac("e", &[b"x"]));
         assert_ne!(a.mac("d", &[b"ab", b"c"]), a.mac("d", &[b"a", b"bc"]));
+    }
+
+    #[test]
+    fn concurrent_first_starts_agree_on_one_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let macs: Vec<[u8; 32]> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| Pepper::load_or_create(dir.path()).unwrap().mac("t", &[])))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(macs.windows(2).all(|w| w[0] == w[1]));
+        // No temp files left behind.
+        let names: Vec<_> = fs::read_dir(dir.path().join("secrets"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("pepper")]);
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! Life cycle:
 //! - **install**: load the object, pin the maps, write the policy, then attach and pin the
 //!   links — enforcement starts with the right policy, never an empty one;
-//! - **adopt**: a complete pinned installation of this schema version is reused as is (no
-//!   second copy is stacked), and the new policy is swapped in;
+//! - **adopt**: the pinned maps and links of this schema version are reused (no second copy
+//!   is stacked); each link is switched to this binary's program in one atomic update, so an
+//!   upgrade has no gap; the new policy is swapped in;
 //! - **fail-static**: nothing is detached when the daemon exits or dies; only
 //!   [`uninstall`] removes enforcement.
 
@@ -17,11 +18,11 @@ mod pins;
 mod policy;
 mod status;
 
-use std::{fs::File, path::Path};
+use std::{fs::File, os::fd::AsFd, path::Path};
 
 use anyhow::{Context, Result, bail};
 use aya::{
-    Ebpf,
+    EbpfLoader,
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
 use moat_common::Hook;
@@ -47,36 +48,35 @@ pub struct Enforcer {
 }
 
 impl Enforcer {
-    /// Adopts the complete pinned installation under `pins`, or installs a fresh one, and
-    /// makes `policy` the active policy.
+    /// Installs enforcement under `pins`, or adopts what is pinned there, and makes `policy`
+    /// the active policy.
+    ///
+    /// One path does both, and converges on this binary's programs:
+    /// 1. the object is loaded with every map bound to its pin — an existing pin is reused
+    ///    (the policy and counters survive), a missing one is created and pinned;
+    /// 2. the policy is written (before any new program can run);
+    /// 3. per hook, a pinned link is kept and switched to the new program in one atomic
+    ///    `BPF_LINK_UPDATE` (no gap, no second copy); a missing link is attached and pinned.
     pub fn install_or_adopt(pins: &Pins, policy: &Policy) -> Result<Enforcer> {
         ensure_bpffs(pins.root())?;
-        if pins.complete() {
-            let mut maps = PolicyMaps::open(pins)?;
-            maps.apply(policy)?;
-            info!(pins = %pins.dir().display(), "adopted pinned kernel enforcement");
-            return Ok(Enforcer {
-                pins: pins.clone(),
-                maps,
-                adopted: true,
-            });
-        }
-        if pins.any() {
-            // A crash during an earlier install left part of it: start over cleanly.
-            tracing::warn!(pins = %pins.dir().display(), "incomplete pinned installation; reinstalling");
-            uninstall(pins)?;
-        }
+        let had_links = Hook::ALL.iter().any(|h| pins.link(*h).exists());
         if let Err(e) = install(pins, policy) {
-            // Leave nothing half-installed behind a refused start.
-            let _ = uninstall(pins);
+            if !had_links {
+                // Leave nothing half-installed behind a refused start.
+                let _ = uninstall(pins);
+            }
             return Err(e);
         }
         let maps = PolicyMaps::open(pins)?;
-        info!(pins = %pins.dir().display(), "installed kernel enforcement");
+        if had_links {
+            info!(pins = %pins.dir().display(), "adopted pinned kernel enforcement (programs updated in place)");
+        } else {
+            info!(pins = %pins.dir().display(), "installed kernel enforcement");
+        }
         Ok(Enforcer {
             pins: pins.clone(),
             maps,
-            adopted: false,
+            adopted: had_links,
         })
     }
 
@@ -134,17 +134,18 @@ fn install(pins: &Pins, policy: &Policy) -> Result<()> {
         );
     }
     raise_memlock();
-    let mut bpf = Ebpf::load(OBJECT).context("cannot load moat's eBPF object")?;
     pins.create_dirs()
         .with_context(|| format!("cannot create {}", pins.dir().display()))?;
-    for name in pins::ALL_MAPS {
-        let map = bpf
-            .map(name)
-            .with_context(|| format!("eBPF object has no map {name}"))?;
-        map.pin(pins.map(name))
-            .with_context(|| format!("cannot pin map {name}"))?;
+    let map_pins: Vec<(&str, std::path::PathBuf)> =
+        pins::ALL_MAPS.iter().map(|m| (*m, pins.map(m))).collect();
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &map_pins {
+        loader.map_pin_path(name, path.as_path());
     }
-    // The policy goes in before any program is attached.
+    let mut bpf = loader
+        .load(OBJECT)
+        .context("cannot load moat's eBPF object")?;
+    // The policy goes in before any program of this object can run.
     PolicyMaps::open(pins)?.apply(policy)?;
     let root_path = cgroup::cgroup2_mount()?;
     let root =
@@ -157,14 +158,20 @@ fn install(pins: &Pins, policy: &Policy) -> Result<()> {
             .try_into()?;
         prog.load()
             .with_context(|| format!("the kernel refused program {name}"))?;
+        let pinned = pins.link(hook);
+        if link::update_pinned(&pinned, prog.fd()?.as_fd()).with_context(|| {
+            format!("cannot switch link {} to the new program", pinned.display())
+        })? {
+            continue;
+        }
+        // A cgroup bpf link always coexists with other programs; the kernel refuses the
+        // legacy BPF_F_ALLOW_MULTI flag on links, so the mode must be `Single` (flags 0).
         let id = prog
-            // A cgroup bpf link always coexists with other programs; the kernel refuses the
-            // legacy BPF_F_ALLOW_MULTI flag on links, so the mode must be `Single` (flags 0).
             .attach(&root, CgroupAttachMode::Single)
             .with_context(|| format!("cannot attach {name} at {}", root_path.display()))?;
         let link = FdLink::try_from(prog.take_link(id)?)
             .with_context(|| format!("{name} was not attached as a bpf link"))?;
-        link.pin(pins.link(hook))
+        link.pin(&pinned)
             .with_context(|| format!("cannot pin link {name}"))?;
     }
     Ok(())

@@ -66,11 +66,6 @@ impl Pins {
             && Hook::ALL.iter().all(|h| self.link(*h).exists())
     }
 
-    /// Whether anything of this schema version is pinned.
-    pub fn any(&self) -> bool {
-        self.dir.exists()
-    }
-
     pub fn create_dirs(&self) -> io::Result<()> {
         std::fs::create_dir_all(self.dir.join("maps"))?;
         std::fs::create_dir_all(self.dir.join("links"))

@@ -104,6 +104,18 @@ impl Policy {
         }
     }
 
+    /// Everything either policy allows or protects: the kernel holds this while the worker
+    /// switches from one config to the other, so neither side's connections are refused.
+    pub fn union(&self, other: &Policy) -> Policy {
+        let mut p = self.clone();
+        p.egress_lockdown = self.egress_lockdown && other.egress_lockdown;
+        for (rule, flags) in &other.destinations {
+            p.insert(*rule, *flags);
+        }
+        p.fold_inherited();
+        p
+    }
+
     pub fn slot_flags(&self) -> u32 {
         if self.egress_lockdown {
             slot_flags::EGRESS_LOCKDOWN

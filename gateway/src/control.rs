@@ -1,0 +1,41 @@
+//! The supervisor ↔ worker channel: newline-delimited JSON over an inherited Unix socket.
+//!
+//! The supervisor sends the config as text plus the addresses it resolved (the worker may have
+//! no DNS under egress lockdown, and may not be able to read the file); the worker answers
+//! once it serves the config, or says why it cannot.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Resolved;
+
+/// Environment variables that carry the inherited descriptors to the worker.
+pub const ENV_LISTEN_FD: &str = "MOAT_LISTEN_FD";
+pub const ENV_CONTROL_FD: &str = "MOAT_CONTROL_FD";
+pub const ENV_SUPERVISOR_PID: &str = "MOAT_SUPERVISOR_PID";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToWorker {
+    /// Serve this config (the first message, and every reload).
+    Config {
+        path: String,
+        text: String,
+        resolved: Resolved,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FromWorker {
+    /// The config is in force.
+    Applied,
+    /// The config was refused; the previous one stays.
+    Refused { error: String },
+}
+
+/// One message as a line.
+pub fn encode<T: Serialize>(msg: &T) -> String {
+    let mut line = serde_json::to_string(msg).expect("control messages serialize");
+    line.push('\n');
+    line
+}

@@ -1,0 +1,356 @@
+//! `moat serve` as root: the supervisor. It holds every privilege moat needs and exposes no
+//! network port of its own:
+//!
+//! - loads and pins the eBPF side (or adopts the pins) and creates the gateway cgroup;
+//! - binds the data-plane listener (so ports below 1024 work) and passes it down;
+//! - spawns the worker into the gateway cgroup as the service user with no capabilities, and
+//!   restarts it with back-off when it dies;
+//! - logs the kernel's deny events;
+//! - on SIGHUP re-reads the config and applies kernel policy and worker config together.
+//!
+//! Reload order, so no connection is wrongly refused during the swap: the kernel first gets
+//! the union of the old and the new policy, then the worker switches to the new config, then
+//! the kernel gets the new policy alone. A bad file, or a config the worker refuses, leaves
+//! the old one in force everywhere.
+
+use std::{
+    os::{fd::AsRawFd, unix::fs::PermissionsExt},
+    path::Path,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines},
+    net::unix::{OwnedReadHalf, OwnedWriteHalf},
+    process::{Child, Command},
+    signal::unix::{Signal, SignalKind, signal},
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    cgroup::Cgroup,
+    config::{Config, SegmentationMode},
+    control::{self, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SUPERVISOR_PID, FromWorker, ToWorker},
+    privdrop::{DropPlan, ServiceUser},
+    segment::{Enforcer, GatewayIdentity, Pins, Policy},
+};
+
+/// How long a worker gets to apply a config before the supervisor gives up on it.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Restart back-off: doubles from the first value up to the cap; reset after a worker has run
+/// for `STABLE` without dying.
+const BACKOFF_FIRST: Duration = Duration::from_millis(250);
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+const STABLE: Duration = Duration::from_secs(60);
+
+pub fn run(config: Config) -> Result<()> {
+    let user = ServiceUser::lookup(&config.raw.server.user)?;
+    prepare_data_dir(&config.data_dir, &user)?;
+    let seg = config.segmentation();
+    let cgroup = Cgroup::ensure(&seg.gateway_cgroup)?;
+    let gateway = GatewayIdentity {
+        cgroup_id: cgroup.id,
+        level: cgroup.level,
+    };
+    let enforcer = match seg.mode {
+        SegmentationMode::Enforce => {
+            let policy = policy(&config, gateway);
+            let enforcer = Enforcer::install_or_adopt(&Pins::new(&seg.pin_root), &policy).context(
+                "kernel enforcement is required (segmentation.mode = \"enforce\") but failed",
+            )?;
+            info!(
+                gateway_cgroup = %cgroup.path.display(),
+                cgroup_id = cgroup.id,
+                destinations = policy.destinations.len(),
+                adopted = enforcer.adopted(),
+                "kernel enforcement active"
+            );
+            Some(enforcer)
+        }
+        SegmentationMode::Off => {
+            warn!("segmentation is off: the kernel does not protect the inference hosts");
+            None
+        }
+    };
+    let listen = config.raw.server.listen;
+    let listener = std::net::TcpListener::bind(listen)
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    info!(listen = %listener.local_addr()?, user = %user.name, "supervisor ready; starting the worker");
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        if let Some(e) = &enforcer {
+            e.spawn_event_logger()?;
+        }
+        Supervisor {
+            config,
+            user,
+            cgroup,
+            gateway,
+            enforcer,
+            listener,
+        }
+        .run()
+        .await
+    })
+}
+
+fn policy(config: &Config, gateway: GatewayIdentity) -> Policy {
+    Policy {
+        gateway: Some(gateway),
+        ..Policy::from_config(config)
+    }
+}
+
+/// The data directory belongs to the service user, mode 0700: the worker keeps its store and
+/// secrets there, nobody else reads them.
+pub(crate) fn prepare_data_dir(dir: &Path, user: &ServiceUser) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    nix::unistd::chown(dir, Some(user.uid), Some(user.gid))
+        .with_context(|| format!("cannot give {} to {}", dir.display(), user.name))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    Ok(())
+}
+
+struct Supervisor {
+    config: Config,
+    user: ServiceUser,
+    cgroup: Cgroup,
+    gateway: GatewayIdentity,
+    enforcer: Option<Enforcer>,
+    listener: std::net::TcpListener,
+}
+
+/// A running worker and its end of the control channel.
+struct Worker {
+    child: Child,
+    pid: u32,
+    started: Instant,
+    replies: Lines<BufReader<OwnedReadHalf>>,
+    requests: OwnedWriteHalf,
+}
+
+enum Event {
+    WorkerExited(std::io::Result<std::process::ExitStatus>),
+    Reload,
+    Stop,
+}
+
+impl Supervisor {
+    async fn run(mut self) -> Result<()> {
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut backoff = BACKOFF_FIRST;
+        loop {
+            let mut worker = match self.spawn_worker().await {
+                Ok(w) => w,
+                Err(e) => {
+                    error!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "worker failed to start");
+                    if self.sleep_or_stop(backoff, &mut term, &mut int).await {
+                        return Ok(());
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_CAP);
+                    continue;
+                }
+            };
+            loop {
+                let event = tokio::select! {
+                    status = worker.child.wait() => Event::WorkerExited(status),
+                    _ = hup.recv() => Event::Reload,
+                    _ = term.recv() => Event::Stop,
+                    _ = int.recv() => Event::Stop,
+                };
+                match event {
+                    Event::Reload => self.reload(&mut worker).await,
+                    Event::Stop => {
+                        stop_worker(&mut worker).await;
+                        info!("supervisor stopped; kernel enforcement stays in place");
+                        return Ok(());
+                    }
+                    Event::WorkerExited(status) => {
+                        if worker.started.elapsed() >= STABLE {
+                            backoff = BACKOFF_FIRST;
+                        }
+                        error!(pid = worker.pid, status = ?status, restart_in_ms = backoff.as_millis() as u64, "worker died; restarting");
+                        if self.sleep_or_stop(backoff, &mut term, &mut int).await {
+                            return Ok(());
+                        }
+                        backoff = (backoff * 2).min(BACKOFF_CAP);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sleeps for `d`; true when a stop signal came first.
+    async fn sleep_or_stop(&self, d: Duration, term: &mut Signal, int: &mut Signal) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => false,
+            _ = term.recv() => true,
+            _ = int.recv() => true,
+        }
+    }
+
+    async fn spawn_worker(&self) -> Result<Worker> {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        let inherit = vec![self.listener.as_raw_fd(), theirs.as_raw_fd()];
+        let plan = DropPlan::new(&self.cgroup.path, self.user.clone(), inherit)?;
+        let exe = std::env::current_exe().context("cannot find the moat binary")?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("worker")
+            .env_clear()
+            .env(ENV_LISTEN_FD, self.listener.as_raw_fd().to_string())
+            .env(ENV_CONTROL_FD, theirs.as_raw_fd().to_string())
+            .env(ENV_SUPERVISOR_PID, std::process::id().to_string())
+            .env(
+                "MOAT_LOG",
+                std::env::var("MOAT_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        // SAFETY: `apply_in_child` only makes system calls on data prepared before the fork.
+        unsafe { cmd.pre_exec(move || plan.apply_in_child()) };
+        let child = cmd.spawn().context("cannot spawn the worker")?;
+        drop(theirs);
+        let pid = child.id().unwrap_or(0);
+        ours.set_nonblocking(true)?;
+        let (read, write) = tokio::net::UnixStream::from_std(ours)?.into_split();
+        let mut worker = Worker {
+            child,
+            pid,
+            started: Instant::now(),
+            replies: BufReader::new(read).lines(),
+            requests: write,
+        };
+        match apply(&mut worker, &self.config).await? {
+            FromWorker::Applied => {
+                info!(pid, user = %self.user.name, cgroup = %self.cgroup.path.display(), "worker started");
+                Ok(worker)
+            }
+            FromWorker::Refused { error } => {
+                stop_worker(&mut worker).await;
+                bail!("the worker refused the config: {error}")
+            }
+        }
+    }
+
+    async fn reload(&mut self, worker: &mut Worker) {
+        let new = match Config::load(&self.config.path) {
+            Ok(c) => c,
+            Err(e) => {
+                error!(error = %e, "config reload refused; the running config stays");
+                return;
+            }
+        };
+        if let Some(what) = needs_restart(&self.config, &new) {
+            error!(
+                key = what,
+                "config reload refused: this key changes only with a restart; the running config stays"
+            );
+            return;
+        }
+        let old_policy = policy(&self.config, self.gateway);
+        let new_policy = policy(&new, self.gateway);
+        if let Some(enforcer) = self.enforcer.as_mut()
+            && let Err(e) = enforcer.apply(&old_policy.union(&new_policy))
+        {
+            error!(error = %format!("{e:#}"), "config reload refused: the kernel policy does not apply; the old one stays");
+            let _ = enforcer.apply(&old_policy);
+            return;
+        }
+        let outcome = apply(worker, &new).await;
+        let applied = matches!(outcome, Ok(FromWorker::Applied));
+        if let Some(enforcer) = self.enforcer.as_mut() {
+            let target = if applied { &new_policy } else { &old_policy };
+            if let Err(e) = enforcer.apply(target) {
+                error!(error = %format!("{e:#}"), "kernel policy update failed after reload");
+            }
+        }
+        match outcome {
+            Ok(FromWorker::Applied) => {
+                info!(
+                    destinations = new_policy.destinations.len(),
+                    "config reloaded: routing and kernel policy"
+                );
+                self.config = new;
+            }
+            Ok(FromWorker::Refused { error }) => error!(
+                error,
+                "config reload refused by the worker; the running config stays"
+            ),
+            Err(e) => {
+                error!(error = %format!("{e:#}"), "config reload failed; the running config stays")
+            }
+        }
+    }
+}
+
+/// Keys the running daemon cannot change in place.
+fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
+    let (o, n) = (&old.raw, &new.raw);
+    if o.server.listen != n.server.listen {
+        return Some("server.listen");
+    }
+    if o.server.user != n.server.user {
+        return Some("server.user");
+    }
+    if old.data_dir != new.data_dir {
+        return Some("server.data_dir");
+    }
+    // The worker's identity service (keys, caches, lifetimes) is built once at start.
+    if o.auth != n.auth {
+        return Some("auth");
+    }
+    let (os, ns) = (&o.segmentation, &n.segmentation);
+    if os.mode != ns.mode {
+        return Some("segmentation.mode");
+    }
+    if os.gateway_cgroup != ns.gateway_cgroup {
+        return Some("segmentation.gateway_cgroup");
+    }
+    if os.pin_root != ns.pin_root {
+        return Some("segmentation.pin_root");
+    }
+    None
+}
+
+/// Sends a config and waits for the worker's answer.
+async fn apply(worker: &mut Worker, config: &Config) -> Result<FromWorker> {
+    let msg = ToWorker::Config {
+        path: config.path.display().to_string(),
+        text: config.source.clone(),
+        resolved: config.resolved.clone(),
+    };
+    worker
+        .requests
+        .write_all(control::encode(&msg).as_bytes())
+        .await
+        .context("worker control channel closed")?;
+    let line = tokio::time::timeout(APPLY_TIMEOUT, worker.replies.next_line())
+        .await
+        .context("the worker did not answer in time")??
+        .context("the worker closed its control channel")?;
+    serde_json::from_str(&line).context("undecodable answer from the worker")
+}
+
+async fn stop_worker(worker: &mut Worker) {
+    if let Some(pid) = worker.child.id() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::SIGTERM,
+        );
+    }
+    if tokio::time::timeout(Duration::from_secs(10), worker.child.wait())
+        .await
+        .is_err()
+    {
+        let _ = worker.child.kill().await;
+    }
+}

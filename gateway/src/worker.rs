@@ -1,0 +1,215 @@
+//! The worker: the unprivileged, internet-facing process. It serves the data plane on the
+//! listener the supervisor bound and passed down, and swaps in each config the supervisor
+//! sends over the control channel — in-flight requests finish on the router they started on,
+//! new ones get the new router, none is dropped.
+
+use std::{
+    convert::Infallible,
+    os::fd::{FromRawFd, OwnedFd, RawFd},
+    path::Path,
+    sync::Arc,
+};
+
+use anyhow::{Context, Result, bail};
+use arc_swap::ArcSwap;
+use axum::{Router, extract::Request, response::IntoResponse};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{TcpListener, UnixStream},
+    signal::unix::{SignalKind, signal},
+};
+use tower::ServiceExt;
+use tracing::{error, info};
+
+use crate::{
+    app::{self, AppState},
+    auth::Identity,
+    config::{Config, Resolver},
+    control::{self, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SUPERVISOR_PID, FromWorker, ToWorker},
+    privdrop,
+};
+
+/// Builds the data plane for one config. The one place a config becomes a router. The
+/// identity service is opened once, with the first config, and shared by every router after
+/// it (its store, keys and caches outlive a reload; `auth` changes need a restart).
+fn build(config: Config, identity: Arc<Identity>) -> Router {
+    app::router(Arc::new(AppState { config, identity }))
+}
+
+/// Opens the identity store and secrets in the data directory (created on first start, by
+/// the unprivileged worker, so they belong to the service user) and starts its upkeep.
+fn open_identity(config: &Config) -> Result<Arc<Identity>> {
+    let identity = Identity::open(config).with_context(|| {
+        format!(
+            "cannot open the identity store and secrets in {}",
+            config.data_dir.display()
+        )
+    })?;
+    identity.spawn_upkeep();
+    Ok(identity)
+}
+
+/// `moat worker`: started by the supervisor, never by hand.
+pub fn run() -> Result<()> {
+    let fd = |name: &str| -> Result<RawFd> {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("{name} is not set: `moat worker` is started by `moat serve`"))
+    };
+    let supervisor: i32 = fd(ENV_SUPERVISOR_PID)?;
+    privdrop::exit_with_parent(supervisor);
+    // SAFETY: the supervisor passed these descriptors to this process for it alone.
+    let listener = std::net::TcpListener::from(unsafe { OwnedFd::from_raw_fd(fd(ENV_LISTEN_FD)?) });
+    let control =
+        std::os::unix::net::UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd(ENV_CONTROL_FD)?) });
+    listener.set_nonblocking(true)?;
+    control.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let control = UnixStream::from_std(control)?;
+        let (read, mut write) = control.into_split();
+        let mut lines = BufReader::new(read).lines();
+        // The first message is the config to serve.
+        let config = match next_config(&mut lines).await? {
+            Some(c) => c,
+            None => bail!("the supervisor closed the control channel before sending a config"),
+        };
+        let config = match config {
+            Ok(c) => c,
+            Err(e) => {
+                write
+                    .write_all(
+                        control::encode(&FromWorker::Refused { error: e.clone() }).as_bytes(),
+                    )
+                    .await?;
+                bail!("config refused: {e}");
+            }
+        };
+        let identity = match open_identity(&config) {
+            Ok(i) => i,
+            Err(e) => {
+                let error = format!("{e:#}");
+                write
+                    .write_all(
+                        control::encode(&FromWorker::Refused {
+                            error: error.clone(),
+                        })
+                        .as_bytes(),
+                    )
+                    .await?;
+                bail!("{error}");
+            }
+        };
+        let current = Arc::new(ArcSwap::from_pointee(build(config, identity.clone())));
+        let listener = TcpListener::from_std(listener)?;
+        write
+            .write_all(control::encode(&FromWorker::Applied).as_bytes())
+            .await?;
+        info!(pid = std::process::id(), listen = %listener.local_addr()?, "worker serving");
+
+        let reloads = current.clone();
+        let supervisor_gone = async move {
+            while let Some(msg) = next_config(&mut lines).await.transpose() {
+                let reply = match msg {
+                    Ok(Ok(config)) => {
+                        reloads.store(Arc::new(build(config, identity.clone())));
+                        info!("worker applied a new config");
+                        FromWorker::Applied
+                    }
+                    Ok(Err(e)) => FromWorker::Refused { error: e },
+                    Err(e) => {
+                        error!(error = %e, "bad control message");
+                        break;
+                    }
+                };
+                if write
+                    .write_all(control::encode(&reply).as_bytes())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        };
+        serve(listener, current, supervisor_gone).await
+    })
+}
+
+/// Reads the next config message: `None` at end of stream, `Some(Err)` for a config the
+/// worker refuses (the reason goes back to the supervisor).
+async fn next_config(
+    lines: &mut tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+) -> Result<Option<Result<Config, String>>> {
+    let Some(line) = lines.next_line().await? else {
+        return Ok(None);
+    };
+    let ToWorker::Config {
+        path,
+        text,
+        resolved,
+    } = serde_json::from_str(&line).context("undecodable control message")?;
+    Ok(Some(
+        Config::parse(Path::new(&path), &text, Resolver::Table(&resolved))
+            .map_err(|e| e.to_string()),
+    ))
+}
+
+/// Serves `current` (swappable) until SIGTERM/SIGINT or until `until` completes.
+pub async fn serve(
+    listener: TcpListener,
+    current: Arc<ArcSwap<Router>>,
+    until: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let front = Router::new().fallback_service(tower::service_fn(move |req: Request| {
+        let router = current.load_full();
+        async move { Ok::<_, Infallible>((*router).clone().oneshot(req).await.into_response()) }
+    }));
+    axum::serve(
+        listener,
+        front.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = until => info!("supervisor gone; stopping"),
+        }
+    })
+    .await?;
+    info!("stopped");
+    Ok(())
+}
+
+/// Unprivileged single-process mode (`moat serve` as a normal user, segmentation off): the
+/// worker's data plane without a supervisor. SIGHUP re-reads the file.
+pub async fn serve_standalone(config: Config) -> Result<()> {
+    let listen = config.raw.server.listen;
+    let path = config.path.clone();
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    info!(listen = %listener.local_addr()?, "data plane listening (single process, no kernel enforcement)");
+    let identity = open_identity(&config)?;
+    let current = Arc::new(ArcSwap::from_pointee(build(config, identity.clone())));
+    let reloads = current.clone();
+    tokio::spawn(async move {
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match Config::load(&path) {
+                Ok(c) => {
+                    reloads.store(Arc::new(build(c, identity.clone())));
+                    info!("config reloaded");
+                }
+                Err(e) => error!(error = %e, "config reload refused; the running config stays"),
+            }
+        }
+    });
+    serve(listener, current, std::future::pending()).await
+}
