@@ -32,6 +32,14 @@ pub enum Command {
         #[command(subcommand)]
         command: SegmentCommand,
     },
+    /// The facts of this installation: kernel, BTF, mounts, which hooks can attach, what is
+    /// attached now, versions, paths, the service user. Exits non-zero on a problem that would
+    /// stop `moat serve`.
+    Doctor {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
@@ -109,22 +117,52 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        Command::Doctor { json } => {
+            let report = crate::doctor::run(&cli.config);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{report}");
+            }
+            if !report.ok {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         Command::Config {
             command: ConfigCommand::Check,
         } => {
             let config = Config::load(&cli.config)?;
             println!("{}: ok", config.path.display());
-            print!("{}", segment::Policy::from_config(&config));
+            if config.runs_gateway() {
+                print!("{}", segment::Policy::from_config(&config));
+            }
+            if let Some(guard) = &config.inference {
+                println!("inference guard ({:?}):", guard.attach);
+                print!("{}", segment::inference::GuardPolicy::from_config(guard));
+            }
         }
         Command::Users { command } => {
-            crate::identity_cli::users(&Config::load(&cli.config)?, command)?
+            crate::identity_cli::users(&store_config(&cli.config)?, command)?
         }
         Command::Keys { command } => {
-            crate::identity_cli::keys(&Config::load(&cli.config)?, command)?
+            crate::identity_cli::keys(&store_config(&cli.config)?, command)?
         }
         Command::Tenants { command } => {
-            crate::identity_cli::tenants(&Config::load(&cli.config)?, command)?
+            crate::identity_cli::tenants(&store_config(&cli.config)?, command)?
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Loads the config for a command that works on the store. Run as root, the command first
+/// becomes the service user, so every file it creates in the data directory (database, WAL,
+/// secrets) stays readable and writable by the unprivileged worker.
+fn store_config(path: &std::path::Path) -> anyhow::Result<Config> {
+    let config = Config::load(path)?;
+    if nix::unistd::geteuid().is_root() {
+        let user = crate::privdrop::ServiceUser::lookup(&config.raw.server.user)?;
+        crate::privdrop::prepare_data_dir(&config.data_dir, &user)?;
+        user.become_now()?;
+    }
+    Ok(config)
 }

@@ -161,6 +161,52 @@ pub struct SegmentationConfig {
     /// Destinations to protect beyond the pools (`addr[/prefix]:port` or `host:port`).
     #[serde(default)]
     pub extra_protected: Vec<String>,
+    /// Inference-host mode: the ingress guard in front of the model ports.
+    #[serde(default)]
+    pub inference: Option<InferenceGuardConfig>,
+}
+
+/// `[segmentation.inference]`: on an inference host, packets to `model_ports` pass only from
+/// `allowed_gateways`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceGuardConfig {
+    /// The ports the model servers listen on (TCP and UDP are both guarded).
+    pub model_ports: Vec<u16>,
+    /// Source prefixes (`10.0.0.1/32`, `fd00::/64`) or addresses allowed to reach the model
+    /// ports. Empty: nobody may.
+    #[serde(default)]
+    pub allowed_gateways: Vec<String>,
+    /// Where the guard hooks in.
+    #[serde(default)]
+    pub attach: GuardAttach,
+    /// Interfaces for TC ingress (`attach = "tc"` or `"both"`).
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+}
+
+/// Where the inference guard attaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuardAttach {
+    /// `cgroup_skb` ingress at the cgroup2 root: every socket on the machine, loopback
+    /// included, whatever the interface.
+    #[default]
+    CgroupSkb,
+    /// TC (tcx) ingress on `interfaces` only.
+    Tc,
+    /// Both.
+    Both,
+}
+
+/// The inference guard after validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InferenceGuard {
+    pub model_ports: Vec<u16>,
+    /// Allowed source prefixes, truncated; IPv4-mapped IPv6 prefixes turned into IPv4.
+    pub allowed: Vec<IpNet>,
+    pub attach: GuardAttach,
+    pub interfaces: Vec<String>,
 }
 
 impl Default for SegmentationConfig {
@@ -172,6 +218,7 @@ impl Default for SegmentationConfig {
             egress_allow: Vec::new(),
             egress_lockdown: true,
             extra_protected: Vec::new(),
+            inference: None,
         }
     }
 }
@@ -426,10 +473,31 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub egress_allow: Vec<DestinationRule>,
     pub extra_protected: Vec<DestinationRule>,
+    /// The inference-host guard, when `[segmentation.inference]` is present.
+    pub inference: Option<InferenceGuard>,
     /// Every `host:port` entry the load resolved, and what it resolved to. The supervisor
     /// hands this to the worker with the file's text, so the worker (which may have no DNS
     /// under egress lockdown) parses the same config to the same addresses.
     pub resolved: Resolved,
+    /// Contents of the secret files the config names, read when it loads (by the supervisor,
+    /// as root) and handed to the worker, which may not be able to read them itself.
+    pub files: SecretFiles,
+}
+
+/// Secret file contents by path. Its `Debug` never shows a byte of them.
+#[derive(Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SecretFiles(pub BTreeMap<PathBuf, Vec<u8>>);
+
+impl fmt::Debug for SecretFiles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.0.keys()).finish()
+    }
+}
+
+impl SecretFiles {
+    pub fn get(&self, path: &Path) -> Option<&[u8]> {
+        self.0.get(path).map(Vec::as_slice)
+    }
 }
 
 /// `host:port` entry → the addresses it resolved to.
@@ -465,7 +533,39 @@ impl Config {
             key: String::new(),
             reason: format!("cannot read: {e}"),
         })?;
-        Self::from_str(&path, &text)
+        let mut config = Self::from_str(&path, &text)?;
+        config.read_secret_files()?;
+        Ok(config)
+    }
+
+    /// Config keys that name secret files, with the path each resolves to.
+    pub fn secret_file_keys(&self) -> Vec<(&'static str, PathBuf)> {
+        let mut keys = Vec::new();
+        if let Some(p) = &self.raw.auth.hs256_secret_file {
+            keys.push(("auth.hs256_secret_file", self.resolve(p)));
+        }
+        keys
+    }
+
+    /// Reads every secret file the config names that exists (a missing one may be created by
+    /// its owner, as the HS256 secret is).
+    fn read_secret_files(&mut self) -> Result<(), ConfigError> {
+        for (key, path) in self.secret_file_keys() {
+            match std::fs::read(&path) {
+                Ok(bytes) => {
+                    self.files.0.insert(path, bytes);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(ConfigError {
+                        file: self.path.clone(),
+                        key: key.to_owned(),
+                        reason: format!("cannot read {}: {e}", path.display()),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Parses and validates `text` as if it were the file `path`.
@@ -552,6 +652,13 @@ impl Config {
                 "must be an absolute path on a bpffs".into(),
             ));
         }
+        if raw.server.user.is_empty() {
+            return Err(err("server.user", "must not be empty".into()));
+        }
+        let inference = match &seg.inference {
+            Some(g) => Some(validate_guard(g).map_err(|(k, r)| err(&k, r))?),
+            None => None,
+        };
 
         raw.auth
             .validate()
@@ -580,7 +687,9 @@ impl Config {
             data_dir,
             egress_allow,
             extra_protected,
+            inference,
             resolved,
+            files: SecretFiles::default(),
         })
     }
 
@@ -596,6 +705,133 @@ impl Config {
     pub fn resolve(&self, p: &Path) -> PathBuf {
         self.path.parent().unwrap_or(Path::new("/")).join(p)
     }
+    /// Whether this host runs the gateway (data plane and connect hooks). An inference host —
+    /// a config with `[segmentation.inference]` and no pools — runs only the ingress guard.
+    pub fn runs_gateway(&self) -> bool {
+        !self.pools.is_empty() || self.inference.is_none()
+    }
+}
+
+/// Checks `[segmentation.inference]`; errors carry the dotted key and the reason.
+fn validate_guard(g: &InferenceGuardConfig) -> Result<InferenceGuard, (String, String)> {
+    const KEY: &str = "segmentation.inference";
+    let e = |k: &str, r: String| (format!("{KEY}.{k}"), r);
+    if g.model_ports.is_empty() {
+        return Err(e(
+            "model_ports",
+            "list at least one port (a guard without ports guards nothing)".into(),
+        ));
+    }
+    let mut ports = Vec::new();
+    for (i, &p) in g.model_ports.iter().enumerate() {
+        if p == 0 {
+            return Err(e(
+                &format!("model_ports[{i}]"),
+                "port 0 is not a port".into(),
+            ));
+        }
+        if ports.contains(&p) {
+            return Err(e(
+                &format!("model_ports[{i}]"),
+                format!("port {p} is listed twice"),
+            ));
+        }
+        ports.push(p);
+    }
+    // One entry of the kernel's port map is the "guards something" marker.
+    let max_ports = moat_common::guard::MAX_PORTS as usize - 1;
+    if ports.len() > max_ports {
+        return Err(e("model_ports", format!("at most {max_ports} ports")));
+    }
+    let mut allowed = Vec::new();
+    for (i, entry) in g.allowed_gateways.iter().enumerate() {
+        let net =
+            parse_source_prefix(entry).map_err(|r| e(&format!("allowed_gateways[{i}]"), r))?;
+        if !allowed.contains(&net) {
+            allowed.push(net);
+        }
+    }
+    if ports.len() * allowed.len() > moat_common::guard::MAX_SOURCES as usize {
+        return Err(e(
+            "allowed_gateways",
+            format!(
+                "ports × prefixes must stay within {}",
+                moat_common::guard::MAX_SOURCES
+            ),
+        ));
+    }
+    let needs_interfaces = matches!(g.attach, GuardAttach::Tc | GuardAttach::Both);
+    if needs_interfaces && g.interfaces.is_empty() {
+        return Err(e(
+            "interfaces",
+            "attach = \"tc\" or \"both\" needs at least one interface".into(),
+        ));
+    }
+    if !needs_interfaces && !g.interfaces.is_empty() {
+        return Err(e(
+            "interfaces",
+            "interfaces are only used with attach = \"tc\" or \"both\"".into(),
+        ));
+    }
+    let mut interfaces: Vec<String> = Vec::new();
+    for (i, name) in g.interfaces.iter().enumerate() {
+        // IFNAMSIZ is 16 with the NUL; a name is also a file name under the pin directory.
+        if name.is_empty()
+            || name.len() > 15
+            || name.contains(['/', ' ', ':'])
+            || name == "."
+            || name == ".."
+        {
+            return Err(e(
+                &format!("interfaces[{i}]"),
+                format!("`{name}` is not an interface name"),
+            ));
+        }
+        if interfaces.contains(name) {
+            return Err(e(
+                &format!("interfaces[{i}]"),
+                format!("`{name}` is listed twice"),
+            ));
+        }
+        interfaces.push(name.clone());
+    }
+    Ok(InferenceGuard {
+        model_ports: ports,
+        allowed,
+        attach: g.attach,
+        interfaces,
+    })
+}
+
+/// A source prefix (`10.0.0.0/8`, `fd00::/64`) or a single address. IPv4-mapped IPv6
+/// (`::ffff:10.0.0.1`) is the IPv4 host it maps, which is how the kernel side judges it.
+pub fn parse_source_prefix(entry: &str) -> Result<IpNet, String> {
+    let net: IpNet = if entry.contains('/') {
+        entry
+            .parse()
+            .map_err(|_| format!("`{entry}` is not an address prefix"))?
+    } else {
+        IpNet::from(
+            entry
+                .parse::<IpAddr>()
+                .map_err(|_| format!("`{entry}` is not an address or prefix (no host names)"))?,
+        )
+    };
+    if let IpNet::V6(v6) = net
+        && let Some(v4) = v6.addr().to_ipv4_mapped()
+    {
+        if v6.prefix_len() < 96 {
+            return Err(format!(
+                "`{entry}` spans beyond the IPv4-mapped range (use a prefix of /96 or longer)"
+            ));
+        }
+        return Ok(IpNet::V4(
+            ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .expect("valid length")
+                .trunc(),
+        ));
+    }
+    Ok(net.trunc())
 }
 
 fn known<V>(map: &BTreeMap<String, V>) -> String {
@@ -807,6 +1043,93 @@ mod tests {
         assert!(e.key.starts_with("auth"), "{e}");
         assert!(e.reason.contains("bogus"), "{e}");
         assert!(load("[auth]\nalgorithm = \"HS256\"\nhs256_secret_file = \"k\"\n").is_ok());
+    }
+
+    #[test]
+    fn inference_guard_parses_and_defaults() {
+        let c = load(
+            "[segmentation.inference]\nmodel_ports = [8000, 8001]\n\
+             allowed_gateways = [\"10.0.0.1\", \"10.9.0.0/16\", \"fd00::/64\", \"::ffff:10.1.1.1\"]\n",
+        )
+        .unwrap();
+        let g = c.inference.as_ref().unwrap();
+        assert_eq!(g.model_ports, [8000, 8001]);
+        assert_eq!(g.attach, GuardAttach::CgroupSkb);
+        let allowed: Vec<String> = g.allowed.iter().map(|n| n.to_string()).collect();
+        assert_eq!(
+            allowed,
+            ["10.0.0.1/32", "10.9.0.0/16", "fd00::/64", "10.1.1.1/32"]
+        );
+        assert!(
+            !c.runs_gateway(),
+            "an inference host without pools runs the guard only"
+        );
+        assert_eq!(c.raw.server.user, "moat");
+        let both = load(
+            "[pools.a]\nhosts = [\"127.0.0.1:1\"]\n[segmentation.inference]\nmodel_ports = [1]\n",
+        )
+        .unwrap();
+        assert!(both.runs_gateway() && both.inference.is_some());
+        assert!(load("").unwrap().runs_gateway());
+    }
+
+    #[test]
+    fn inference_guard_errors_name_the_key() {
+        let cases = [
+            ("model_ports = []\n", "segmentation.inference.model_ports"),
+            (
+                "model_ports = [0]\n",
+                "segmentation.inference.model_ports[0]",
+            ),
+            (
+                "model_ports = [1, 1]\n",
+                "segmentation.inference.model_ports[1]",
+            ),
+            (
+                "model_ports = [1]\nallowed_gateways = [\"gw.example\"]\n",
+                "segmentation.inference.allowed_gateways[0]",
+            ),
+            (
+                "model_ports = [1]\nallowed_gateways = [\"10.0.0.0/33\"]\n",
+                "segmentation.inference.allowed_gateways[0]",
+            ),
+            (
+                "model_ports = [1]\nallowed_gateways = [\"::ffff:0.0.0.0/80\"]\n",
+                "segmentation.inference.allowed_gateways[0]",
+            ),
+            (
+                "model_ports = [1]\nattach = \"tc\"\n",
+                "segmentation.inference.interfaces",
+            ),
+            (
+                "model_ports = [1]\ninterfaces = [\"eth0\"]\n",
+                "segmentation.inference.interfaces",
+            ),
+            (
+                "model_ports = [1]\nattach = \"tc\"\ninterfaces = [\"../x\"]\n",
+                "segmentation.inference.interfaces[0]",
+            ),
+            (
+                "model_ports = [1]\nattach = \"xdp\"\n",
+                "segmentation.inference.attach",
+            ),
+            (
+                "model_ports = [1]\nbogus = 1\n",
+                "segmentation.inference.bogus",
+            ),
+            (
+                "model_ports = [70000]\n",
+                "segmentation.inference.model_ports[0]",
+            ),
+        ];
+        for (body, key) in cases {
+            let e = load(&format!("[segmentation.inference]\n{body}")).unwrap_err();
+            assert_eq!(e.key, key, "{body}: {e}");
+            assert_eq!(e.file, Path::new("/etc/moat/test.toml"));
+            assert!(!e.reason.is_empty());
+        }
+        let e = load("[server]\nuser = \"\"\n").unwrap_err();
+        assert_eq!(e.key, "server.user");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Resolved;
+use crate::config::{Resolved, SecretFiles};
 
 /// Environment variables that carry the inherited descriptors to the worker.
 pub const ENV_LISTEN_FD: &str = "MOAT_LISTEN_FD";
@@ -21,6 +21,7 @@ pub enum ToWorker {
         path: String,
         text: String,
         resolved: Resolved,
+        files: SecretFiles,
     },
 }
 

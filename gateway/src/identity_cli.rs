@@ -85,24 +85,8 @@ struct Opened {
     pepper: Pepper,
 }
 
-/// Run as root, the CLI becomes the service user before it touches the data directory, so
-/// every file it creates (the database, the pepper) belongs to the worker that must read it.
-fn act_as_service_user(config: &Config) -> anyhow::Result<()> {
-    use nix::unistd::{geteuid, setgid, setgroups, setuid};
-    if !geteuid().is_root() {
-        return Ok(());
-    }
-    let user = crate::privdrop::ServiceUser::lookup(&config.raw.server.user)?;
-    crate::supervisor::prepare_data_dir(&config.data_dir, &user)?;
-    setgroups(&[user.gid]).context("setgroups")?;
-    setgid(user.gid).context("setgid")?;
-    setuid(user.uid).context("setuid")?;
-    Ok(())
-}
-
 impl Opened {
     fn new(config: &Config) -> anyhow::Result<Self> {
-        act_as_service_user(config)?;
         let store = SqliteStore::open_in(&config.data_dir)
             .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
         let pepper =

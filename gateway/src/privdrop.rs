@@ -43,6 +43,25 @@ impl ServiceUser {
             gid: user.gid,
         })
     }
+
+    /// Switches this (single-threaded, CLI) process to the service user for good.
+    pub fn become_now(&self) -> Result<()> {
+        nix::unistd::setgroups(&[]).context("setgroups")?;
+        nix::unistd::setresgid(self.gid, self.gid, self.gid).context("setresgid")?;
+        nix::unistd::setresuid(self.uid, self.uid, self.uid).context("setresuid")?;
+        Ok(())
+    }
+}
+
+/// The data directory belongs to the service user, mode 0700: the worker keeps its store and
+/// secrets there, nobody else reads them.
+pub fn prepare_data_dir(dir: &Path, user: &ServiceUser) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    nix::unistd::chown(dir, Some(user.uid), Some(user.gid))
+        .with_context(|| format!("cannot give {} to {}", dir.display(), user.name))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    Ok(())
 }
 
 /// What the child does between `fork` and `exec`, prepared in the parent.

@@ -1,14 +1,19 @@
 //! `moat serve`: as root, the supervisor and its unprivileged worker (see [`crate::supervisor`]);
-//! as a normal user, with segmentation off only, a single unprivileged process.
+//! as a normal user, with segmentation off only, a single unprivileged process. On an
+//! inference host (`[segmentation.inference]`, no pools), the ingress guard alone (see
+//! [`crate::inference_host`]).
 
 use anyhow::{Context, bail};
 
 use crate::{
     config::{Config, SegmentationMode},
-    supervisor, worker,
+    inference_host, supervisor, worker,
 };
 
 pub fn run(config: Config) -> anyhow::Result<()> {
+    if !config.runs_gateway() {
+        return inference_host::run(config);
+    }
     if nix::unistd::geteuid().is_root() {
         return supervisor::run(config);
     }

@@ -14,8 +14,7 @@
 //! the old one in force everywhere.
 
 use std::{
-    os::{fd::AsRawFd, unix::fs::PermissionsExt},
-    path::Path,
+    os::fd::AsRawFd,
     process::Stdio,
     time::{Duration, Instant},
 };
@@ -33,8 +32,9 @@ use crate::{
     cgroup::Cgroup,
     config::{Config, SegmentationMode},
     control::{self, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SUPERVISOR_PID, FromWorker, ToWorker},
-    privdrop::{DropPlan, ServiceUser},
-    segment::{Enforcer, GatewayIdentity, Pins, Policy},
+    inference_host,
+    privdrop::{DropPlan, ServiceUser, prepare_data_dir},
+    segment::{Enforcer, GatewayIdentity, Pins, Policy, inference::Guard},
 };
 
 /// How long a worker gets to apply a config before the supervisor gives up on it.
@@ -46,6 +46,8 @@ const BACKOFF_CAP: Duration = Duration::from_secs(30);
 const STABLE: Duration = Duration::from_secs(60);
 
 pub fn run(config: Config) -> Result<()> {
+    // A gateway that is also an inference host guards its own model ports too.
+    let guard = inference_host::start_guard(&config)?;
     let user = ServiceUser::lookup(&config.raw.server.user)?;
     prepare_data_dir(&config.data_dir, &user)?;
     let seg = config.segmentation();
@@ -86,7 +88,11 @@ pub fn run(config: Config) -> Result<()> {
         if let Some(e) = &enforcer {
             e.spawn_event_logger()?;
         }
+        if let Some(g) = &guard {
+            g.spawn_event_logger()?;
+        }
         Supervisor {
+            guard,
             config,
             user,
             cgroup,
@@ -106,22 +112,14 @@ fn policy(config: &Config, gateway: GatewayIdentity) -> Policy {
     }
 }
 
-/// The data directory belongs to the service user, mode 0700: the worker keeps its store and
-/// secrets there, nobody else reads them.
-pub(crate) fn prepare_data_dir(dir: &Path, user: &ServiceUser) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    nix::unistd::chown(dir, Some(user.uid), Some(user.gid))
-        .with_context(|| format!("cannot give {} to {}", dir.display(), user.name))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    Ok(())
-}
-
 struct Supervisor {
     config: Config,
     user: ServiceUser,
     cgroup: Cgroup,
     gateway: GatewayIdentity,
     enforcer: Option<Enforcer>,
+    /// The inference guard, when this host also serves models (`[segmentation.inference]`).
+    guard: Option<Guard>,
     listener: std::net::TcpListener,
 }
 
@@ -146,9 +144,13 @@ impl Supervisor {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut backoff = BACKOFF_FIRST;
+        let mut first = true;
         loop {
             let mut worker = match self.spawn_worker().await {
                 Ok(w) => w,
+                // A worker that cannot serve the config it starts with will not do better on
+                // a retry: refuse to start, with its reason.
+                Err(e) if first => return Err(e),
                 Err(e) => {
                     error!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "worker failed to start");
                     if self.sleep_or_stop(backoff, &mut term, &mut int).await {
@@ -158,6 +160,7 @@ impl Supervisor {
                     continue;
                 }
             };
+            first = false;
             loop {
                 let event = tokio::select! {
                     status = worker.child.wait() => Event::WorkerExited(status),
@@ -256,6 +259,16 @@ impl Supervisor {
             );
             return;
         }
+        if let Err(e) = inference_host::check_reload(&self.guard, &self.config, &new) {
+            error!(error = %format!("{e:#}"), "config reload refused; the running config stays");
+            return;
+        }
+        // The guard first: it applies all or nothing, and is rolled back below if the rest of
+        // the reload is refused.
+        if let Err(e) = inference_host::apply(&mut self.guard, &new) {
+            error!(error = %format!("{e:#}"), "config reload refused: the inference guard does not apply; the running config stays");
+            return;
+        }
         let old_policy = policy(&self.config, self.gateway);
         let new_policy = policy(&new, self.gateway);
         if let Some(enforcer) = self.enforcer.as_mut()
@@ -263,6 +276,7 @@ impl Supervisor {
         {
             error!(error = %format!("{e:#}"), "config reload refused: the kernel policy does not apply; the old one stays");
             let _ = enforcer.apply(&old_policy);
+            self.restore_guard();
             return;
         }
         let outcome = apply(worker, &new).await;
@@ -281,13 +295,24 @@ impl Supervisor {
                 );
                 self.config = new;
             }
-            Ok(FromWorker::Refused { error }) => error!(
-                error,
-                "config reload refused by the worker; the running config stays"
-            ),
-            Err(e) => {
-                error!(error = %format!("{e:#}"), "config reload failed; the running config stays")
+            Ok(FromWorker::Refused { error }) => {
+                error!(
+                    error,
+                    "config reload refused by the worker; the running config stays"
+                );
+                self.restore_guard();
             }
+            Err(e) => {
+                error!(error = %format!("{e:#}"), "config reload failed; the running config stays");
+                self.restore_guard();
+            }
+        }
+    }
+
+    /// Puts the running config's guard policy back after a refused reload.
+    fn restore_guard(&mut self) {
+        if let Err(e) = inference_host::apply(&mut self.guard, &self.config) {
+            error!(error = %format!("{e:#}"), "cannot restore the inference guard after a refused reload");
         }
     }
 }
@@ -304,7 +329,7 @@ fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
     if old.data_dir != new.data_dir {
         return Some("server.data_dir");
     }
-    // The worker's identity service (keys, caches, lifetimes) is built once at start.
+    // The worker's identity service (signing keys, caches, lifetimes) is built once at start.
     if o.auth != n.auth {
         return Some("auth");
     }
@@ -327,6 +352,7 @@ async fn apply(worker: &mut Worker, config: &Config) -> Result<FromWorker> {
         path: config.path.display().to_string(),
         text: config.source.clone(),
         resolved: config.resolved.clone(),
+        files: config.files.clone(),
     };
     worker
         .requests

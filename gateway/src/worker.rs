@@ -29,24 +29,24 @@ use crate::{
     privdrop,
 };
 
-/// Builds the data plane for one config. The one place a config becomes a router. The
-/// identity service is opened once, with the first config, and shared by every router after
-/// it (its store, keys and caches outlive a reload; `auth` changes need a restart).
-fn build(config: Config, identity: Arc<Identity>) -> Router {
-    app::router(Arc::new(AppState { config, identity }))
+/// What outlives a config reload: the identity store and its caches.
+struct Shared {
+    identity: Arc<Identity>,
 }
 
-/// Opens the identity store and secrets in the data directory (created on first start, by
-/// the unprivileged worker, so they belong to the service user) and starts its upkeep.
-fn open_identity(config: &Config) -> Result<Arc<Identity>> {
-    let identity = Identity::open(config).with_context(|| {
-        format!(
-            "cannot open the identity store and secrets in {}",
-            config.data_dir.display()
-        )
-    })?;
-    identity.spawn_upkeep();
-    Ok(identity)
+impl Shared {
+    fn open(config: &Config) -> Result<Shared> {
+        let identity = Identity::open(config).context("cannot open the identity store")?;
+        Ok(Shared { identity })
+    }
+
+    /// Builds the data plane for one config. The one place a config becomes a router.
+    fn build(&self, config: Config) -> Router {
+        app::router(Arc::new(AppState {
+            config,
+            identity: self.identity.clone(),
+        }))
+    }
 }
 
 /// `moat worker`: started by the supervisor, never by hand.
@@ -77,33 +77,22 @@ pub fn run() -> Result<()> {
             Some(c) => c,
             None => bail!("the supervisor closed the control channel before sending a config"),
         };
-        let config = match config {
-            Ok(c) => c,
+        // Whatever stops the first config from being served goes back to the supervisor, which
+        // refuses to start with that reason.
+        let started = config.and_then(|c| {
+            let shared = Shared::open(&c).map_err(|e| format!("{e:#}"))?;
+            Ok((c, shared))
+        });
+        let (config, shared) = match started {
+            Ok(started) => started,
             Err(e) => {
-                write
-                    .write_all(
-                        control::encode(&FromWorker::Refused { error: e.clone() }).as_bytes(),
-                    )
-                    .await?;
+                let refused = control::encode(&FromWorker::Refused { error: e.clone() });
+                write.write_all(refused.as_bytes()).await?;
                 bail!("config refused: {e}");
             }
         };
-        let identity = match open_identity(&config) {
-            Ok(i) => i,
-            Err(e) => {
-                let error = format!("{e:#}");
-                write
-                    .write_all(
-                        control::encode(&FromWorker::Refused {
-                            error: error.clone(),
-                        })
-                        .as_bytes(),
-                    )
-                    .await?;
-                bail!("{error}");
-            }
-        };
-        let current = Arc::new(ArcSwap::from_pointee(build(config, identity.clone())));
+        let _upkeep = shared.identity.spawn_upkeep();
+        let current = Arc::new(ArcSwap::from_pointee(shared.build(config)));
         let listener = TcpListener::from_std(listener)?;
         write
             .write_all(control::encode(&FromWorker::Applied).as_bytes())
@@ -115,7 +104,7 @@ pub fn run() -> Result<()> {
             while let Some(msg) = next_config(&mut lines).await.transpose() {
                 let reply = match msg {
                     Ok(Ok(config)) => {
-                        reloads.store(Arc::new(build(config, identity.clone())));
+                        reloads.store(Arc::new(shared.build(config)));
                         info!("worker applied a new config");
                         FromWorker::Applied
                     }
@@ -150,9 +139,12 @@ async fn next_config(
         path,
         text,
         resolved,
+        files,
     } = serde_json::from_str(&line).context("undecodable control message")?;
+    let parsed = Config::parse(Path::new(&path), &text, Resolver::Table(&resolved));
     Ok(Some(
-        Config::parse(Path::new(&path), &text, Resolver::Table(&resolved))
+        parsed
+            .map(|c| Config { files, ..c })
             .map_err(|e| e.to_string()),
     ))
 }
@@ -194,8 +186,9 @@ pub async fn serve_standalone(config: Config) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     info!(listen = %listener.local_addr()?, "data plane listening (single process, no kernel enforcement)");
-    let identity = open_identity(&config)?;
-    let current = Arc::new(ArcSwap::from_pointee(build(config, identity.clone())));
+    let shared = Shared::open(&config)?;
+    let _upkeep = shared.identity.spawn_upkeep();
+    let current = Arc::new(ArcSwap::from_pointee(shared.build(config)));
     let reloads = current.clone();
     tokio::spawn(async move {
         let Ok(mut hup) = signal(SignalKind::hangup()) else {
@@ -204,7 +197,7 @@ pub async fn serve_standalone(config: Config) -> Result<()> {
         while hup.recv().await.is_some() {
             match Config::load(&path) {
                 Ok(c) => {
-                    reloads.store(Arc::new(build(c, identity.clone())));
+                    reloads.store(Arc::new(shared.build(c)));
                     info!("config reloaded");
                 }
                 Err(e) => error!(error = %e, "config reload refused; the running config stays"),

@@ -47,6 +47,16 @@ impl Daemon {
         self.wait_log_nth(needle, 0)
     }
 
+    /// The data-plane address the daemon reports in its start-up log line (configs in tests
+    /// listen on port 0, so no two daemons can race for a port).
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.wait_log("supervisor ready")["listen"]
+            .as_str()
+            .expect("listen field")
+            .parse()
+            .unwrap()
+    }
+
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
     }
@@ -74,15 +84,6 @@ pub fn wait_for_log(log: &Path, needle: &str, nth: usize) -> Value {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// A free TCP port on loopback (bound and released; good enough for tests).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// `GET path` over plain HTTP/1.1; returns (status, body).

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod daemon;
 pub mod kernel;
 pub mod moatd;
+pub mod netns;
 
 use std::path::PathBuf;
 

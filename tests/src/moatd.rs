@@ -1,10 +1,12 @@
-//! A real `moat serve` for end-to-end tests: its own temp data dir, a free loopback port, a
-//! config with kernel segmentation off, its log in a file; killed on drop (also on panic).
+//! A real `moat serve` for end-to-end tests: its own temp data dir, a loopback port the daemon
+//! picks itself (`127.0.0.1:0`, read back from its log — a port picked by the test could be
+//! taken by another test's daemon in between), a config with kernel segmentation off, its log
+//! in a file; killed on drop (also on panic).
 
 use std::{
     fs,
     io::Write,
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
@@ -15,18 +17,10 @@ pub fn moat_binary() -> PathBuf {
     crate::bin("moat")
 }
 
-/// A free loopback port (bound and released; the daemon binds it right after).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
-}
-
 pub struct Moat {
     child: Option<Child>,
-    /// The `moat` binary this instance runs (default: [`moat_binary`]).
-    pub binary: PathBuf,
+    /// The `moat` binary to run; `None`: [`moat_binary`] (the bench sets the release one).
+    pub binary: Option<PathBuf>,
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
@@ -43,14 +37,7 @@ impl Moat {
     /// Writes the config without starting anything (for CLI-only runs or expected failures).
     pub fn configure(extra: &str) -> Moat {
         let dir = tempfile::tempdir().expect("tempdir");
-        // As root, the worker and the CLI run as the service user, which must reach the data
-        // directory below this folder whatever the umask (traverse only; `data/` is 0700).
-        fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o711),
-        )
-        .expect("chmod tempdir");
-        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let addr: SocketAddr = ([127, 0, 0, 1], 0).into();
         let config = dir.path().join("moat.toml");
         let text = format!(
             "[server]\nlisten = \"{addr}\"\ndata_dir = \"data\"\n\n\
@@ -62,7 +49,7 @@ impl Moat {
         let log = dir.path().join("moat.log");
         Moat {
             child: None,
-            binary: PathBuf::new(),
+            binary: None,
             addr,
             dir,
             config,
@@ -71,18 +58,15 @@ impl Moat {
     }
 
     fn bin(&self) -> PathBuf {
-        if self.binary.as_os_str().is_empty() {
-            moat_binary()
-        } else {
-            self.binary.clone()
-        }
+        self.binary.clone().unwrap_or_else(moat_binary)
     }
 
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
 
-    /// Spawns `moat serve` and waits until `/healthz` answers 200 (or the process exits).
+    /// Spawns `moat serve`, reads the address it listens on from its log, and waits until it
+    /// serves `/healthz` (or the process exits).
     pub fn spawn_and_wait(mut self) -> Moat {
         let log = fs::File::create(&self.log).expect("create log");
         let child = Command::new(self.bin())
@@ -104,15 +88,16 @@ impl Moat {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().expect("try_wait") {
                 panic!("moat serve exited with {status}:\n{}", self.log_text());
             }
-            // The supervisor listens before its worker serves: wait for an answer, not a
-            // connection.
-            let healthy = reqwest::blocking::Client::builder()
-                .timeout(Duration::from_millis(500))
-                .build()
-                .ok()
-                .and_then(|c| c.get(self.url("/healthz")).send().ok())
-                .is_some_and(|r| r.status().is_success());
-            if healthy {
+            if self.addr.port() == 0
+                && let Some(addr) = listen_addr(&self.log_text())
+            {
+                self.addr = addr;
+            }
+            // The supervisor binds the port before its worker serves: ready means /healthz.
+            if self.addr.port() != 0
+                && crate::daemon::http_get(self.addr, "/healthz")
+                    .is_ok_and(|(status, _)| status == 200)
+            {
                 return self;
             }
             assert!(
@@ -125,31 +110,15 @@ impl Moat {
         }
     }
 
-    /// Runs `moat serve` in the foreground (for a start that must fail); returns its output.
-    /// Panics if it is still running after 20 s.
+    /// Runs `moat serve` expecting it to fail; returns its exit status success flag and log.
     pub fn serve_expecting_failure(&self) -> Output {
-        let mut child = Command::new(self.bin())
+        Command::new(self.bin())
             .arg("serve")
             .arg("--config")
             .arg(&self.config)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run moat serve");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while child.try_wait().expect("try_wait").is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let out = child.wait_with_output().expect("moat serve output");
-                panic!(
-                    "moat serve still running after 20 s:\n{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        child.wait_with_output().expect("moat serve output")
+            .output()
+            .expect("run moat serve")
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -233,4 +202,11 @@ pub fn files_below(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// The data-plane address from the daemon's JSON log (the `listen` field of its start-up line).
+fn listen_addr(log: &str) -> Option<SocketAddr> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| v["listen"].as_str()?.parse().ok())
 }

@@ -170,6 +170,17 @@ fn sweep_stale_test_state() {
             remove_cgroup_tree(&e.path());
         }
     }
+    // Network namespaces of the inference tests (`moat-test-<role>-<pid>-<n>`) whose test
+    // process is gone; deleting one removes its veth pairs too.
+    if let Ok(entries) = std::fs::read_dir("/run/netns") {
+        for e in entries.flatten().filter(|e| stale(&e.file_name())) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name.rsplit('-').nth(1).unwrap_or_default();
+            if !Path::new("/proc").join(pid).exists() {
+                let _ = Command::new("ip").args(["netns", "del", &name]).status();
+            }
+        }
+    }
 }
 
 /// Removes a cgroup tree depth first; cgroups that still hold processes stay.

@@ -144,6 +144,104 @@ pub struct DenyEvent {
     pub addr: [u8; 16],
 }
 
+/// Inference host: the ingress guard's shared types. The guard drops packets to a model port
+/// unless their source lies in an allowed gateway prefix for that port.
+pub mod guard {
+    /// Capacity of each guarded-port map (per policy slot).
+    pub const MAX_PORTS: u32 = 1024;
+    /// Capacity of each allowed-source trie (per address family, per policy slot).
+    pub const MAX_SOURCES: u32 = 65_536;
+    /// Ring buffer size for ingress deny events.
+    pub const EVENTS_BYTES: u32 = 256 * 1024;
+
+    /// Value of a guarded-port entry: the port is guarded.
+    pub const PORT_GUARDED: u32 = 1;
+    /// Key 0 (never a model port) marks a slot that guards at least one port, with this value;
+    /// the TC hook refuses packets it cannot fully parse only then.
+    pub const ANY_PORT_GUARDED: u32 = 2;
+
+    /// Key of the IPv4 allowed-source tries: the model port (destination, matched exactly as
+    /// the first 16 bits of the prefix) and the source prefix, both in network byte order.
+    /// Keying by port keeps one installation's verdicts to its own ports.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Source4 {
+        pub port: [u8; 2],
+        pub addr: [u8; 4],
+    }
+
+    /// Key of the IPv6 allowed-source tries; see [`Source4`].
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Source6 {
+        pub port: [u8; 2],
+        pub addr: [u8; 16],
+    }
+
+    /// Which ingress hook judged a packet.
+    #[repr(u8)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum IngressHook {
+        /// `cgroup_skb/ingress` at the cgroup2 root: every socket of the machine, loopback too.
+        CgroupSkb = 0,
+        /// TC (tcx) ingress on one interface.
+        Tc = 1,
+    }
+
+    impl IngressHook {
+        pub const ALL: [IngressHook; 2] = [IngressHook::CgroupSkb, IngressHook::Tc];
+
+        pub fn from_u8(v: u8) -> Option<IngressHook> {
+            Self::ALL.get(v as usize).copied()
+        }
+
+        /// The name of the program in the eBPF object.
+        pub fn program_name(self) -> &'static str {
+            match self {
+                IngressHook::CgroupSkb => "guard_cgroup_skb",
+                IngressHook::Tc => "guard_tc",
+            }
+        }
+
+        pub fn label(self) -> &'static str {
+            match self {
+                IngressHook::CgroupSkb => "cgroup_skb",
+                IngressHook::Tc => "tc",
+            }
+        }
+    }
+
+    /// Per-CPU counter slots: `hook * 2 + verdict` (0 allowed, 1 dropped) for packets to a
+    /// guarded port, then one slot counting deny events lost to a full ring buffer.
+    pub const COUNTERS: u32 = 5;
+    pub const EVENTS_LOST_COUNTER: u32 = 4;
+
+    pub fn counter_index(hook: IngressHook, denied: bool) -> u32 {
+        hook as u32 * 2 + denied as u32
+    }
+
+    /// One dropped packet, sent through the guard's ring buffer.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct IngressDenyEvent {
+        /// Interface the packet arrived on.
+        pub ifindex: u32,
+        /// Source and destination ports, host byte order (source 0 when not parsed).
+        pub src_port: u16,
+        pub dst_port: u16,
+        /// [`IngressHook`] as u8.
+        pub hook: u8,
+        /// IP protocol from the packet (6 TCP, 17 UDP, other values as found).
+        pub protocol: u8,
+        /// 4 (addresses in the first 4 bytes) or 6.
+        pub family: u8,
+        pub _pad: u8,
+        /// Source and destination addresses, network byte order.
+        pub src: [u8; 16],
+        pub dst: [u8; 16],
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain-old-data, repr(C), no padding-dependent invariants.
@@ -151,4 +249,7 @@ mod pod {
     unsafe impl aya::Pod for super::Dest6 {}
     unsafe impl aya::Pod for super::SlotConfig {}
     unsafe impl aya::Pod for super::DenyEvent {}
+    unsafe impl aya::Pod for super::guard::Source4 {}
+    unsafe impl aya::Pod for super::guard::Source6 {}
+    unsafe impl aya::Pod for super::guard::IngressDenyEvent {}
 }

@@ -7,8 +7,12 @@
 //!
 //! The policy is double-buffered (two slots, one `ACTIVE` index): the daemon fills the idle
 //! slot and flips the index with one 4-byte write, so a program run sees one whole policy.
+//!
+//! Inference host: the ingress guard in [`guard`] (cgroup_skb and TC), with maps of its own.
 #![no_std]
 #![no_main]
+
+mod guard;
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,

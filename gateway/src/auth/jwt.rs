@@ -381,7 +381,12 @@ impl KeyRing {
         let secret = secrets::load_or_create(path, || {
             Zeroizing::new(secrets::random_bytes::<32>().to_vec())
         })?;
-        let set = hs256_key_set(&secret)
+        Self::hs256_from(path, &secret)
+    }
+
+    /// An HS256 ring from a secret already read (`path` only names it in errors).
+    pub fn hs256_from(path: &Path, secret: &[u8]) -> io::Result<Self> {
+        let set = hs256_key_set(secret)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
         Ok(Self {
             source: Source::Hs256,

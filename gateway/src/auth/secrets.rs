@@ -69,7 +69,7 @@ pub fn secrets_dir(data_dir: &Path) -> PathBuf {
 /// Reads a secret file, refusing one that others can read or write.
 pub fn read_secret_file(path: &Path) -> io::Result<Zeroizing<Vec<u8>>> {
     let mut f = fs::File::open(path).map_err(|e| {
-        // Keep the kind (NotFound means "create it"), add the path.
+        // Keep the kind (NotFound means "create it"); name the file.
         io::Error::new(e.kind(), format!("{}: {e}", path.display()))
     })?;
     let mode = f.metadata()?.permissions().mode();
@@ -88,7 +88,14 @@ pub fn read_secret_file(path: &Path) -> io::Result<Zeroizing<Vec<u8>>> {
     Ok(buf)
 }
 
-/// Writes `bytes` to a new temp file next to `path`, mode 0600 from creation on, synced.
+/// Writes `bytes` to `path` atomically (temp file + rename), mode 0600 from creation on.
+pub fn write_secret_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = write_temp(path, bytes)?;
+    fs::rename(&tmp, path)?;
+    sync_dir(path)
+}
+
+/// Writes `bytes` to a fresh 0600 file beside `path` (synced) and returns its name.
 fn write_temp(path: &Path, bytes: &[u8]) -> io::Result<PathBuf> {
     let dir = path.parent().unwrap_or(Path::new("."));
     ensure_private_dir(dir)?;
@@ -109,17 +116,15 @@ fn write_temp(path: &Path, bytes: &[u8]) -> io::Result<PathBuf> {
     Ok(tmp)
 }
 
-/// Replaces `path` with `bytes` atomically (temp file + rename), mode 0600.
-pub fn write_secret_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = write_temp(path, bytes)?;
-    fs::rename(&tmp, path)
+/// Makes a rename or link in `path`'s directory durable.
+fn sync_dir(path: &Path) -> io::Result<()> {
+    fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
 }
 
-/// Reads `path`, or creates it with `make()` if it does not exist yet.
-///
-/// Two processes may start at once on a fresh data directory (the worker and the CLI): the
-/// file is published with `link(2)`, which never replaces an existing file, so exactly one
-/// value wins and the loser reads it; both end up with the same secret.
+/// Reads `path`, or creates it with `make()` if it does not exist yet. Several processes may
+/// race here (the worker starting while an operator runs `moat keys create`): the file is
+/// published with `link`, which refuses to replace, so exactly one secret wins and every
+/// racer reads that one.
 pub fn load_or_create(
     path: &Path,
     make: impl FnOnce() -> Zeroizing<Vec<u8>>,
@@ -127,15 +132,15 @@ pub fn load_or_create(
     match read_secret_file(path) {
         Ok(b) => Ok(b),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let bytes = make();
-            let tmp = write_temp(path, &bytes)?;
-            let linked = fs::hard_link(&tmp, path);
+            let tmp = write_temp(path, &make())?;
+            let published = fs::hard_link(&tmp, path);
             let _ = fs::remove_file(&tmp);
-            match linked {
-                Ok(()) => Ok(bytes),
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => read_secret_file(path),
-                Err(e) => Err(e),
+            match published {
+                Ok(()) => sync_dir(path)?,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
             }
+            read_secret_file(path)
         }
         Err(e) => Err(e),
     }

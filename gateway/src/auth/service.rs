@@ -154,7 +154,11 @@ impl Identity {
                     Some(p) => config.resolve(p),
                     None => secrets_dir.join("jwt-hs256.key"),
                 };
-                KeyRing::hs256(&path)?
+                // The supervisor read an operator-named file the worker may not be able to.
+                match config.files.get(&path) {
+                    Some(secret) => KeyRing::hs256_from(&path, secret)?,
+                    None => KeyRing::hs256(&path)?,
+                }
             }
         };
         Self::with_parts(auth, store, pepper, keys)

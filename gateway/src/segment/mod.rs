@@ -10,8 +10,12 @@
 //!   upgrade has no gap; the new policy is swapped in;
 //! - **fail-static**: nothing is detached when the daemon exits or dies; only
 //!   [`uninstall`] removes enforcement.
+//!
+//! The inference host's ingress guard lives in [`inference`], under the same pin root and
+//! schema version.
 
 mod events;
+pub mod inference;
 mod link;
 mod maps;
 mod pins;
@@ -62,8 +66,9 @@ impl Enforcer {
         let had_links = Hook::ALL.iter().any(|h| pins.link(*h).exists());
         if let Err(e) = install(pins, policy) {
             if !had_links {
-                // Leave nothing half-installed behind a refused start.
-                let _ = uninstall(pins);
+                // Leave nothing half-installed behind a refused start (the inference guard,
+                // if any, is not this start's to remove).
+                let _ = uninstall_gateway(pins);
             }
             return Err(e);
         }
@@ -127,13 +132,25 @@ impl Enforcer {
     }
 }
 
-fn install(pins: &Pins, policy: &Policy) -> Result<()> {
+/// The embedded eBPF object, or why there is none. Lifts RLIMIT_MEMLOCK for the loads that
+/// follow.
+pub(crate) fn object() -> Result<&'static [u8]> {
     if OBJECT.is_empty() {
         bail!(
             "this moat binary was built without its eBPF programs; build it with `cargo xtask build`"
         );
     }
     raise_memlock();
+    Ok(OBJECT)
+}
+
+/// Size of the embedded eBPF object (0 when the binary was built without it).
+pub fn object_len() -> usize {
+    OBJECT.len()
+}
+
+fn install(pins: &Pins, policy: &Policy) -> Result<()> {
+    let object = object()?;
     pins.create_dirs()
         .with_context(|| format!("cannot create {}", pins.dir().display()))?;
     let map_pins: Vec<(&str, std::path::PathBuf)> =
@@ -143,7 +160,7 @@ fn install(pins: &Pins, policy: &Policy) -> Result<()> {
         loader.map_pin_path(name, path.as_path());
     }
     let mut bpf = loader
-        .load(OBJECT)
+        .load(object)
         .context("cannot load moat's eBPF object")?;
     // The policy goes in before any program of this object can run.
     PolicyMaps::open(pins)?.apply(policy)?;
@@ -177,9 +194,15 @@ fn install(pins: &Pins, policy: &Policy) -> Result<()> {
     Ok(())
 }
 
-/// Removes every pin of this schema version (links first, so enforcement stops before the
-/// maps go). Returns how many pins were removed.
+/// Removes every pin of this schema version — the inference guard's and the gateway side's,
+/// links first, so enforcement stops before the maps go. Returns how many pins were removed.
 pub fn uninstall(pins: &Pins) -> Result<usize> {
+    let guard = inference::uninstall(pins)?;
+    Ok(guard + uninstall_gateway(pins)?)
+}
+
+/// Removes the gateway side's pins (the inference guard's stay).
+fn uninstall_gateway(pins: &Pins) -> Result<usize> {
     let mut removed = 0;
     for hook in Hook::ALL {
         let path = pins.link(hook);

@@ -22,6 +22,8 @@ pub struct Status {
     pub destinations: Vec<DestinationStatus>,
     pub counters: Vec<HookCounters>,
     pub events_lost: u64,
+    /// The inference-host guard (installed or not).
+    pub inference: super::inference::GuardStatus,
 }
 
 #[derive(Debug, Serialize)]
@@ -73,6 +75,7 @@ pub fn status(pins: &Pins) -> Result<Status> {
         destinations: Vec::new(),
         counters: Vec::new(),
         events_lost: 0,
+        inference: super::inference::status(&super::inference::GuardPins::new(pins))?,
     };
     if !status.installed {
         return Ok(status);
@@ -106,12 +109,19 @@ pub fn status(pins: &Pins) -> Result<Status> {
 
 impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.fmt_gateway(f)?;
+        write!(f, "{}", self.inference)
+    }
+}
+
+impl Status {
+    fn fmt_gateway(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "pins: {}", self.pin_dir)?;
         if !self.installed {
             let partial = self.links.iter().any(|l| l.pinned);
             return writeln!(
                 f,
-                "enforcement: {}",
+                "gateway enforcement: {}",
                 if partial {
                     "INCOMPLETE (restart the daemon or uninstall)"
                 } else {
@@ -121,7 +131,7 @@ impl fmt::Display for Status {
         }
         writeln!(
             f,
-            "enforcement: installed (active policy slot {})",
+            "gateway enforcement: installed (active policy slot {})",
             self.active_slot.unwrap_or(0)
         )?;
         for l in &self.links {

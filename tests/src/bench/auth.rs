@@ -45,13 +45,14 @@ pub fn run(secs: u32, rounds: u32, connections: u32, flooders: u32) -> Result<()
     let exe = std::env::current_exe()?;
     let dir = exe.parent().context("bench binary folder")?;
     let mut moat = Moat::configure("[auth]\naccess_token_ttl_secs = 900\n");
-    moat.binary = dir.join("moat");
-    if !moat.binary.is_file() {
+    let binary = dir.join("moat");
+    if !binary.is_file() {
         bail!(
             "{} is missing: `cargo xtask bench` builds it",
-            moat.binary.display()
+            binary.display()
         );
     }
+    moat.binary = Some(binary);
     let moat = moat.spawn_and_wait();
     moat.cli_ok(&["tenants", "add", "bench"], None);
     moat.cli_ok(

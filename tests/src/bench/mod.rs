@@ -1,6 +1,7 @@
 //! Benchmark bodies for `moat-bench` (one module per benchmark) and the statistics they share.
 
 pub mod auth;
+pub mod inference;
 pub mod segment;
 
 /// The median of a non-empty sample.

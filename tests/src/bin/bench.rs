@@ -14,7 +14,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Bench {
-    /// connect()+close() cost of the gateway-host hooks.
+    /// connect()+close() cost of the gateway-host hooks, then the inference host's ingress
+    /// guard: allowed throughput with and without it, and the rogue drop rate.
     Segment {
         /// Round trips per measurement.
         #[arg(long, default_value_t = 2000)]
@@ -44,7 +45,8 @@ enum Bench {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.bench {
-        Bench::Segment { connects, rounds } => moat_tests::bench::segment::run(connects, rounds),
+        Bench::Segment { connects, rounds } => moat_tests::bench::segment::run(connects, rounds)
+            .and_then(|()| moat_tests::bench::inference::run(rounds)),
         Bench::Auth {
             secs,
             rounds,

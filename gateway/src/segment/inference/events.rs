@@ -1,0 +1,177 @@
+//! Ingress deny events: decoding the guard's ring buffer records and logging them, with a cap
+//! on how many lines a packet flood can write.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::{Duration, Instant},
+};
+
+use moat_common::guard::{IngressDenyEvent, IngressHook};
+use serde::Serialize;
+
+/// A decoded ingress deny event, as it goes to the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct IngressDeny {
+    pub hook: &'static str,
+    pub ifindex: u32,
+    pub protocol: &'static str,
+    pub src_addr: IpAddr,
+    pub src_port: u16,
+    pub dst_addr: IpAddr,
+    pub dst_port: u16,
+}
+
+impl IngressDeny {
+    /// Decodes one record; `None` for a record of the wrong size or with unknown values.
+    pub fn decode(bytes: &[u8]) -> Option<IngressDeny> {
+        if bytes.len() < size_of::<IngressDenyEvent>() {
+            return None;
+        }
+        // SAFETY: the length is checked and the event is plain old data; the record may be
+        // unaligned, hence read_unaligned.
+        let ev: IngressDenyEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        let addr = |b: [u8; 16]| match ev.family {
+            4 => Some(IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))),
+            6 => Some(IpAddr::V6(Ipv6Addr::from(b))),
+            // The cgroup_skb hook refuses packets it cannot parse; they carry no address.
+            0 => Some(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            _ => None,
+        };
+        Some(IngressDeny {
+            hook: IngressHook::from_u8(ev.hook)?.label(),
+            ifindex: ev.ifindex,
+            protocol: match ev.protocol as i32 {
+                libc::IPPROTO_TCP => "tcp",
+                libc::IPPROTO_UDP => "udp",
+                _ => "other",
+            },
+            src_addr: addr(ev.src)?,
+            src_port: ev.src_port,
+            dst_addr: addr(ev.dst)?,
+            dst_port: ev.dst_port,
+        })
+    }
+
+    pub fn log(&self) {
+        tracing::warn!(
+            event = "kernel_ingress_deny",
+            hook = self.hook,
+            ifindex = self.ifindex,
+            protocol = self.protocol,
+            src_addr = %self.src_addr,
+            src_port = self.src_port,
+            dst_addr = %self.dst_addr,
+            dst_port = self.dst_port,
+            "packet to a model port dropped by the kernel"
+        );
+    }
+}
+
+/// Logs at most [`Limiter::PER_SECOND`] events a second; the rest are counted and reported
+/// in one summary line, so a packet flood cannot fill the disk with log lines. The kernel's
+/// per-CPU counters still count every drop.
+#[derive(Debug)]
+pub struct Limiter {
+    window: Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl Default for Limiter {
+    fn default() -> Self {
+        Limiter {
+            window: Instant::now(),
+            logged: 0,
+            suppressed: 0,
+        }
+    }
+}
+
+impl Limiter {
+    pub const PER_SECOND: u32 = 200;
+
+    /// Logs `deny` unless this second's quota is spent; returns whether it was logged.
+    pub fn log(&mut self, deny: &IngressDeny) -> bool {
+        self.log_at(deny, Instant::now())
+    }
+
+    fn log_at(&mut self, deny: &IngressDeny, now: Instant) -> bool {
+        if now.duration_since(self.window) >= Duration::from_secs(1) {
+            if self.suppressed > 0 {
+                tracing::warn!(
+                    event = "kernel_ingress_deny_suppressed",
+                    suppressed = self.suppressed,
+                    "ingress deny events not logged individually (rate limit)"
+                );
+            }
+            self.window = now;
+            self.logged = 0;
+            self.suppressed = 0;
+        }
+        if self.logged < Self::PER_SECOND {
+            self.logged += 1;
+            deny.log();
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(protocol: u8, family: u8) -> Vec<u8> {
+        let ev = IngressDenyEvent {
+            ifindex: 7,
+            src_port: 40000,
+            dst_port: 8000,
+            hook: IngressHook::Tc as u8,
+            protocol,
+            family,
+            _pad: 0,
+            src: [192, 0, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            dst: [192, 0, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        };
+        // SAFETY: plain old data viewed as bytes.
+        unsafe {
+            std::slice::from_raw_parts(
+                (&ev as *const IngressDenyEvent).cast::<u8>(),
+                size_of_val(&ev),
+            )
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn decodes_a_record() {
+        let d = IngressDeny::decode(&record(17, 4)).unwrap();
+        assert_eq!(d.hook, "tc");
+        assert_eq!(d.protocol, "udp");
+        assert_eq!(d.src_addr.to_string(), "192.0.2.1");
+        assert_eq!((d.src_port, d.dst_port, d.ifindex), (40000, 8000, 7));
+        assert!(
+            IngressDeny::decode(&record(6, 9)).is_none(),
+            "unknown family"
+        );
+        assert!(
+            IngressDeny::decode(&record(6, 4)[..10]).is_none(),
+            "short record"
+        );
+    }
+
+    #[test]
+    fn a_flood_is_logged_at_most_per_second_quota() {
+        let d = IngressDeny::decode(&record(6, 4)).unwrap();
+        let mut l = Limiter::default();
+        let t0 = l.window;
+        let logged = (0..500).filter(|_| l.log_at(&d, t0)).count();
+        assert_eq!(logged, Limiter::PER_SECOND as usize);
+        assert_eq!(l.suppressed, 500 - Limiter::PER_SECOND as u64);
+        // The next second starts a new quota.
+        assert!(l.log_at(&d, t0 + Duration::from_millis(1001)));
+        assert_eq!(l.suppressed, 0);
+    }
+}

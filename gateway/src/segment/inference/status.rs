@@ -1,0 +1,159 @@
+//! The guard's part of `moat segment status`: links, the policy the kernel holds, counters.
+
+use std::fmt;
+
+use anyhow::Result;
+use aya::programs::links::{FdLink, PinnedLink};
+use moat_common::guard::{EVENTS_LOST_COUNTER, IngressHook, counter_index};
+use serde::Serialize;
+
+use super::{GuardMaps, GuardPins};
+
+#[derive(Debug, Serialize)]
+pub struct GuardStatus {
+    pub pin_dir: String,
+    /// Every map and program of the guard is pinned.
+    pub installed: bool,
+    pub links: Vec<GuardLinkStatus>,
+    pub active_slot: Option<u32>,
+    pub model_ports: Vec<u16>,
+    /// `port` → allowed source prefixes.
+    pub allowed: Vec<AllowedStatus>,
+    pub counters: Vec<GuardCounters>,
+    pub events_lost: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GuardLinkStatus {
+    /// `cgroup_skb` or `tc-<interface>`.
+    pub attachment: String,
+    pub link_id: Option<u32>,
+    pub program_id: Option<u32>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AllowedStatus {
+    pub port: u16,
+    pub sources: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GuardCounters {
+    pub hook: &'static str,
+    pub allowed: u64,
+    pub dropped: u64,
+}
+
+/// Reads the pinned state; never changes it.
+pub fn status(pins: &GuardPins) -> Result<GuardStatus> {
+    let links = pins
+        .links()
+        .into_iter()
+        .map(|at| {
+            let info = PinnedLink::from_pin(pins.link(&at))
+                .ok()
+                .and_then(|l| FdLink::from(l).info().ok());
+            GuardLinkStatus {
+                attachment: at.pin_name(),
+                link_id: info.as_ref().map(|i| i.id()),
+                program_id: info.as_ref().map(|i| i.program_id()),
+            }
+        })
+        .collect();
+    let mut status = GuardStatus {
+        pin_dir: pins.dir().display().to_string(),
+        installed: pins.complete(),
+        links,
+        active_slot: None,
+        model_ports: Vec::new(),
+        allowed: Vec::new(),
+        counters: Vec::new(),
+        events_lost: 0,
+    };
+    if !status.installed {
+        return Ok(status);
+    }
+    let maps = GuardMaps::open(pins)?;
+    let policy = maps.read_active()?;
+    status.active_slot = Some(maps.active_slot()?);
+    status.model_ports = policy.ports.iter().copied().collect();
+    status.allowed = policy
+        .ports
+        .iter()
+        .map(|&port| AllowedStatus {
+            port,
+            sources: policy
+                .sources
+                .iter()
+                .filter(|(p, _)| *p == port)
+                .map(|(_, n)| n.to_string())
+                .collect(),
+        })
+        .collect();
+    let counters = maps.counters()?;
+    status.counters = IngressHook::ALL
+        .iter()
+        .map(|&hook| GuardCounters {
+            hook: hook.label(),
+            allowed: counters[counter_index(hook, false) as usize],
+            dropped: counters[counter_index(hook, true) as usize],
+        })
+        .collect();
+    status.events_lost = counters[EVENTS_LOST_COUNTER as usize];
+    Ok(status)
+}
+
+impl fmt::Display for GuardStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "inference guard pins: {}", self.pin_dir)?;
+        if !self.installed {
+            return writeln!(
+                f,
+                "inference guard: {}",
+                if self.links.is_empty() {
+                    "not installed"
+                } else {
+                    "INCOMPLETE (restart the daemon or uninstall)"
+                }
+            );
+        }
+        writeln!(
+            f,
+            "inference guard: installed (active policy slot {})",
+            self.active_slot.unwrap_or(0)
+        )?;
+        if self.links.is_empty() {
+            writeln!(f, "  attached nowhere (no links pinned)")?;
+        }
+        for l in &self.links {
+            writeln!(
+                f,
+                "  link {:<20} link {:>6}  program {:>6}",
+                l.attachment,
+                l.link_id
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                l.program_id
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| "-".into())
+            )?;
+        }
+        for a in &self.allowed {
+            let from = if a.sources.is_empty() {
+                "nobody".to_owned()
+            } else {
+                a.sources.join(", ")
+            };
+            writeln!(f, "  model port {:<5} allowed from: {from}", a.port)?;
+        }
+        writeln!(f, "  counters (packets to model ports):")?;
+        for c in &self.counters {
+            writeln!(
+                f,
+                "    {:<10} allowed {:>10}  dropped {:>8}",
+                c.hook, c.allowed, c.dropped
+            )?;
+        }
+        writeln!(f, "  deny events lost: {}", self.events_lost)
+    }
+}
