@@ -340,7 +340,7 @@ fn default_pin_root() -> PathBuf {
 
 /// `[auth]`: token lifetimes, signing, caches and password throttling. Every duration is in
 /// seconds.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     /// `iss` of the access tokens moat issues (and the only one it accepts).
@@ -931,12 +931,24 @@ impl Config {
         raw.auth
             .validate()
             .map_err(|(k, r)| err(&format!("auth.{k}"), r))?;
-        // Read now, so the worker gets it even when only root can read it; a missing file is
-        // created by the identity store on first start.
+        // Read now, so the worker gets it even when only root can read it, and so a short
+        // secret is refused at load rather than by the worker later; a missing file is
+        // created with 32 random bytes by the identity store on first start.
         if let Some(p) = &raw.auth.hs256_secret_file {
-            reader
-                .file(&base.join(p))
+            let path = base.join(p);
+            let secret = reader
+                .file(&path)
                 .map_err(|r| err("auth.hs256_secret_file", r))?;
+            if let Some(secret) = secret.filter(|s| s.len() < 32) {
+                return Err(err(
+                    "auth.hs256_secret_file",
+                    format!(
+                        "{} holds {} bytes; an HS256 secret needs at least 32 bytes",
+                        path.display(),
+                        secret.len()
+                    ),
+                ));
+            }
         }
 
         Ok(Config {

@@ -329,6 +329,10 @@ fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
     if old.data_dir != new.data_dir {
         return Some("server.data_dir");
     }
+    // The worker's identity service (signing keys, caches, lifetimes) is built once at start.
+    if o.auth != n.auth {
+        return Some("auth");
+    }
     let (os, ns) = (&o.segmentation, &n.segmentation);
     if os.mode != ns.mode {
         return Some("segmentation.mode");

@@ -19,6 +19,8 @@ pub fn moat_binary() -> PathBuf {
 
 pub struct Moat {
     child: Option<Child>,
+    /// The `moat` binary to run; `None`: [`moat_binary`] (the bench sets the release one).
+    pub binary: Option<PathBuf>,
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
@@ -47,11 +49,16 @@ impl Moat {
         let log = dir.path().join("moat.log");
         Moat {
             child: None,
+            binary: None,
             addr,
             dir,
             config,
             log,
         }
+    }
+
+    fn bin(&self) -> PathBuf {
+        self.binary.clone().unwrap_or_else(moat_binary)
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -62,7 +69,7 @@ impl Moat {
     /// serves `/healthz` (or the process exits).
     pub fn spawn_and_wait(mut self) -> Moat {
         let log = fs::File::create(&self.log).expect("create log");
-        let child = Command::new(moat_binary())
+        let child = Command::new(self.bin())
             .arg("serve")
             .arg("--config")
             .arg(&self.config)
@@ -105,7 +112,7 @@ impl Moat {
 
     /// Runs `moat serve` expecting it to fail; returns its exit status success flag and log.
     pub fn serve_expecting_failure(&self) -> Output {
-        Command::new(moat_binary())
+        Command::new(self.bin())
             .arg("serve")
             .arg("--config")
             .arg(&self.config)
@@ -120,7 +127,7 @@ impl Moat {
 
     /// Runs a `moat` CLI command against this config, with `stdin` piped in.
     pub fn cli(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut child = Command::new(moat_binary())
+        let mut child = Command::new(self.bin())
             .args(args)
             .arg("--config")
             .arg(&self.config)

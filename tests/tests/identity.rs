@@ -125,6 +125,17 @@ fn tokens(r: Response) -> (String, String) {
     )
 }
 
+/// Asserts a 200, showing the body otherwise.
+fn assert_ok(r: Response) {
+    let status = r.status();
+    if status != 200 {
+        panic!(
+            "expected 200, got {status}: {}",
+            r.text().unwrap_or_default()
+        );
+    }
+}
+
 /// Asserts an OpenAI-shaped error with `status`; returns the body.
 fn assert_error(r: Response, status: u16) -> Value {
     assert_eq!(r.status().as_u16(), status);
@@ -196,7 +207,7 @@ fn full_flow_and_no_plaintext_secret_in_the_database_or_log() {
         &w,
         json!({"grant_type": "api_key", "api_key": w.key}),
     ));
-    assert_eq!(models(&w, Some(&at1)).status(), 200);
+    assert_ok(models(&w, Some(&at1)));
 
     // grant_type=password (form).
     let (at2, rt2) = tokens(token_form(
@@ -207,7 +218,7 @@ fn full_flow_and_no_plaintext_secret_in_the_database_or_log() {
             ("password", PASSWORD),
         ],
     ));
-    assert_eq!(models(&w, Some(&at2)).status(), 200);
+    assert_ok(models(&w, Some(&at2)));
     assert_error(
         token_form(
             &w,
@@ -229,7 +240,7 @@ fn full_flow_and_no_plaintext_secret_in_the_database_or_log() {
         &[("grant_type", "refresh_token"), ("refresh_token", &rt2)],
     ));
     assert_ne!(rt3, rt2);
-    assert_eq!(models(&w, Some(&at3)).status(), 200);
+    assert_ok(models(&w, Some(&at3)));
 
     // Reuse of the spent rt2: refused, and the family dies — rt3 and at3 (and at2) too.
     assert_error(
@@ -249,7 +260,7 @@ fn full_flow_and_no_plaintext_secret_in_the_database_or_log() {
     assert_error(models(&w, Some(&at3)), 401);
     assert_error(models(&w, Some(&at2)), 401);
     // The api_key session is a different family and still stands.
-    assert_eq!(models(&w, Some(&at1)).status(), 200);
+    assert_ok(models(&w, Some(&at1)));
 
     // Revoke the api_key session with its access token: effective at once.
     let r = client()
@@ -272,7 +283,7 @@ fn full_flow_and_no_plaintext_secret_in_the_database_or_log() {
         &w,
         json!({"grant_type": "api_key", "api_key": w.key}),
     ));
-    assert_eq!(models(&w, Some(&at4)).status(), 200);
+    assert_ok(models(&w, Some(&at4)));
     let r = client()
         .post(w.moat.url("/v1/auth/revoke"))
         .header("content-type", "application/x-www-form-urlencoded")
@@ -288,7 +299,7 @@ fn full_flow_and_no_plaintext_secret_in_the_database_or_log() {
         &w,
         json!({"grant_type": "api_key", "api_key": w.key}),
     ));
-    assert_eq!(models(&w, Some(&w.key)).status(), 200);
+    assert_ok(models(&w, Some(&w.key)));
     let listed = w.moat.cli_ok(&["keys", "list"], None);
     assert!(listed.contains(&w.key_id) && !listed.contains(&w.key));
     w.moat.cli_ok(&["keys", "revoke", &w.key_id], None);
@@ -366,7 +377,7 @@ fn unknown_key_id_and_wrong_secret_get_byte_identical_401s_and_bad_checksums_are
     assert_eq!(unknown.0, 401);
     assert_eq!(unknown, wrong);
     // Also once the real key is cached.
-    assert_eq!(models(&w, Some(&w.key)).status(), 200);
+    assert_ok(models(&w, Some(&w.key)));
     assert_eq!(body(models(&w, Some(&forged.plaintext))), unknown);
     // Bad checksum: last character changed.
     let mut bad = w.key.clone();
@@ -582,7 +593,7 @@ fn every_forged_or_broken_access_token_is_refused() {
     }
     assert!(accepted.is_empty(), "accepted: {accepted:?}");
     // The genuine token still works after all that.
-    assert_eq!(models(&w, Some(&at)).status(), 200);
+    assert_ok(models(&w, Some(&at)));
 }
 
 #[test]
@@ -712,8 +723,8 @@ fn disabling_a_user_ends_its_keys_and_sessions() {
         &w,
         json!({"grant_type": "password", "username": "alice", "password": PASSWORD}),
     ));
-    assert_eq!(models(&w, Some(&at)).status(), 200);
-    assert_eq!(models(&w, Some(&w.key)).status(), 200);
+    assert_ok(models(&w, Some(&at)));
+    assert_ok(models(&w, Some(&w.key)));
     w.moat.cli_ok(&["users", "disable", "alice"], None);
     eventually("disabled user's key refused", || {
         models(&w, Some(&w.key)).status() == 401
@@ -781,7 +792,7 @@ fn cli_refuses_bad_input_and_passwd_works() {
     assert!(t.contains("acme"));
     // Plain `keys create` prints the key alone on stdout.
     let k = w.moat.cli_ok(&["keys", "create", "--user", "alice"], None);
-    assert_eq!(models(&w, Some(k.trim())).status(), 200);
+    assert_ok(models(&w, Some(k.trim())));
 }
 
 #[test]
@@ -799,7 +810,7 @@ fn hs256_mode_issues_verifiable_tokens_and_publishes_no_key() {
     .unwrap();
     assert_eq!(h["alg"], "HS256");
     assert_eq!(h["typ"], "at+jwt");
-    assert_eq!(models(&w, Some(&at)).status(), 200);
+    assert_ok(models(&w, Some(&at)));
     let jwks: Value = client()
         .get(w.moat.url("/.well-known/jwks.json"))
         .send()

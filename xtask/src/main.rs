@@ -47,7 +47,7 @@ enum Cmd {
     },
     /// Run a benchmark and print its ratios.
     Bench {
-        /// Which benchmark: segment, gateway.
+        /// Which benchmark: segment, gateway, auth.
         name: String,
     },
 }

@@ -83,11 +83,6 @@ pub fn parse(key: &str) -> Option<ParsedKey<'_>> {
     Some(ParsedKey { key_id, secret })
 }
 
-/// Whether `text` looks like a moat API key (for callers that must not echo one back).
-pub fn looks_like_key(text: &str) -> bool {
-    parse(text).is_some()
-}
-
 fn hash_secret(pepper: &Pepper, key_id: &str, secret: &str) -> [u8; 32] {
     pepper.mac(HMAC_DOMAIN, &[key_id.as_bytes(), secret.as_bytes()])
 }

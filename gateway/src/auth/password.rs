@@ -1,11 +1,12 @@
-//! Passwords of human users: argon2id (m = 19456 KiB, t = 2, p = 1, the OWASP floor), hashed
-//! and verified on the blocking pool behind a semaphore so a flood of logins can neither starve
-//! the async workers nor take every core; and throttling per user and per source address.
+//! Passwords of human users: argon2id (m = 19456 KiB, t = 2, p = 1, the OWASP floor), verified
+//! on a few dedicated threads at a lower CPU priority behind a semaphore, so a flood of logins
+//! can neither block the async workers nor take the CPU from data-plane requests; and
+//! throttling per user and per source address.
 
 use std::{
     collections::HashMap,
     net::IpAddr,
-    sync::{Arc, Mutex, OnceLock},
+    sync::{Arc, Mutex, OnceLock, mpsc},
     time::{Duration, Instant},
 };
 
@@ -157,10 +158,64 @@ pub enum Refusal {
     Busy(u64),
 }
 
+/// Niceness of the hashing threads: under CPU contention the scheduler gives them about a tenth
+/// of what a normal thread gets, so the async workers serving `/v1` keep their cores.
+const HASH_THREAD_NICE: libc::c_int = 10;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Dedicated threads for argon2, at [`HASH_THREAD_NICE`]. They end when the pool is dropped.
+struct HashPool {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl HashPool {
+    fn new(threads: usize) -> Self {
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..threads.max(1) {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("moat-argon2-{i}"))
+                .spawn(move || {
+                    // SAFETY: setpriority on this thread's own id; on Linux it affects this
+                    // thread only. Failure leaves the default priority, which is still correct.
+                    unsafe {
+                        libc::setpriority(
+                            libc::PRIO_PROCESS,
+                            libc::gettid() as libc::id_t,
+                            HASH_THREAD_NICE,
+                        );
+                    }
+                    loop {
+                        let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return,
+                        }
+                    }
+                })
+                .expect("spawn a password hashing thread");
+        }
+        Self { jobs }
+    }
+
+    async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .ok()?;
+        rx.await.ok()
+    }
+}
+
 /// The gate every password check goes through: throttles, then a hashing slot, then argon2 on
-/// the blocking pool.
+/// the hashing threads.
 pub struct PasswordGate {
     slots: Arc<Semaphore>,
+    pool: HashPool,
     queue_timeout: Duration,
     per_user: Throttle,
     per_source: Throttle,
@@ -175,6 +230,7 @@ impl PasswordGate {
     ) -> Self {
         Self {
             slots: Arc::new(Semaphore::new(concurrency.max(1))),
+            pool: HashPool::new(concurrency),
             queue_timeout: Duration::from_secs(2),
             per_user: Throttle::new(max_failures_per_user, lockout),
             per_source: Throttle::new(max_failures_per_source, lockout),
@@ -208,12 +264,14 @@ impl PasswordGate {
         let Ok(Ok(permit)) = permit else {
             return Err(Refusal::Busy(1));
         };
-        let ok = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            verify(&password, stored.as_deref())
-        })
-        .await
-        .unwrap_or(false);
+        let ok = self
+            .pool
+            .run(move || {
+                let _permit = permit;
+                verify(&password, stored.as_deref())
+            })
+            .await
+            .unwrap_or(false);
         if ok {
             self.per_user.success(&user);
             Ok(())
@@ -318,5 +376,28 @@ mod tests {
                 .await,
             Ok(())
         );
+    }
+
+    #[tokio::test]
+    async fn hashing_runs_on_lower_priority_threads() {
+        let gate = PasswordGate::new(1, 5, 5, Duration::from_secs(60));
+        let src: IpAddr = "192.0.2.9".parse().unwrap();
+        let _ = gate
+            .check("x", src, Zeroizing::new("pw".into()), None)
+            .await;
+        let mut seen = 0;
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if !comm.starts_with("moat-argon2") {
+                continue;
+            }
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap();
+            // Fields after the parenthesised name; niceness is field 19 (index 16 here).
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            let nice: i32 = rest.split(' ').nth(16).unwrap().parse().unwrap();
+            assert_eq!(nice, HASH_THREAD_NICE);
+            seen += 1;
+        }
+        assert!(seen >= 1, "no hashing thread found");
     }
 }

@@ -68,7 +68,10 @@ pub fn secrets_dir(data_dir: &Path) -> PathBuf {
 
 /// Reads a secret file, refusing one that others can read or write.
 pub fn read_secret_file(path: &Path) -> io::Result<Zeroizing<Vec<u8>>> {
-    let mut f = fs::File::open(path)?;
+    let mut f = fs::File::open(path).map_err(|e| {
+        // Keep the kind (NotFound means "create it"); name the file.
+        io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+    })?;
     let mode = f.metadata()?.permissions().mode();
     if mode & 0o077 != 0 {
         return Err(io::Error::new(
@@ -213,6 +216,24 @@ mod tests {
         assert_eq!(a.mac("d", &[b"x"]), b.mac("d", &[b"x"]));
         assert_ne!(a.mac("d", &[b"x"]), a.mac("e", &[b"x"]));
         assert_ne!(a.mac("d", &[b"ab", b"c"]), a.mac("d", &[b"a", b"bc"]));
+    }
+
+    #[test]
+    fn concurrent_first_starts_agree_on_one_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let macs: Vec<[u8; 32]> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| Pepper::load_or_create(dir.path()).unwrap().mac("t", &[])))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(macs.windows(2).all(|w| w[0] == w[1]));
+        // No temp files left behind.
+        let names: Vec<_> = fs::read_dir(dir.path().join("secrets"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("pepper")]);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::{
 };
 
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 use zeroize::Zeroizing;
 
@@ -97,7 +98,6 @@ impl From<AuthError> for ApiError {
     }
 }
 
-#[derive(Clone)]
 struct CachedKey {
     secret_hmac: Vec<u8>,
     expires_at: Option<i64>,
@@ -112,8 +112,13 @@ pub struct Identity {
     access_ttl: u64,
     refresh_idle: i64,
     refresh_absolute: i64,
-    key_cache: TtlCache<String, CachedKey>,
-    session_cache: TtlCache<String, Principal>,
+    key_cache: TtlCache<String, Arc<CachedKey>>,
+    session_cache: TtlCache<String, Arc<Principal>>,
+    /// Access tokens whose signature and claims verified, by SHA-256 of the token: an
+    /// Ed25519 check per request would cost more than everything else on the path. A hit is
+    /// the same bytes verified before; expiry is re-checked and the session looked up on
+    /// every request all the same.
+    token_cache: TtlCache<[u8; 32], Arc<AccessClaims>>,
     passwords: PasswordGate,
     /// Moves on every local invalidation; a cache fill started before a move is discarded.
     generation: AtomicU64,
@@ -186,6 +191,7 @@ impl Identity {
             refresh_absolute: auth.refresh_absolute_ttl_secs as i64,
             key_cache: TtlCache::new(auth.cache_capacity, cache_ttl),
             session_cache: TtlCache::new(auth.cache_capacity, cache_ttl),
+            token_cache: TtlCache::new(auth.cache_capacity, cache_ttl),
             passwords: PasswordGate::new(
                 concurrency,
                 auth.password_max_failures_per_user,
@@ -253,7 +259,7 @@ impl Identity {
         let t = now();
         if let Some(c) = self.key_cache.get(&key_id) {
             if parsed.matches(&self.pepper, &c.secret_hmac) && c.expires_at.is_none_or(|e| t < e) {
-                return Ok(c.principal);
+                return Ok(c.principal.clone());
             }
             info!(event = "auth_failed", method = "api_key", key_id = %key_id, reason = "bad secret");
             return Err(AuthError::InvalidApiKey);
@@ -287,11 +293,11 @@ impl Identity {
         if self.generation.load(Ordering::Acquire) == generation {
             self.key_cache.insert(
                 key_id,
-                CachedKey {
+                Arc::new(CachedKey {
                     secret_hmac: rec.secret_hmac,
                     expires_at: rec.expires_at,
                     principal: principal.clone(),
-                },
+                }),
             );
         }
         Ok(principal)
@@ -299,13 +305,29 @@ impl Identity {
 
     /// Verifies an access token and that its session still stands.
     pub async fn verify_access_token(&self, token: &str) -> Result<Principal, AuthError> {
-        let claims = self.keys.current().verify(token, &self.params, now());
-        let claims = match claims {
-            Ok(c) => c,
-            Err(e) => {
-                info!(event = "auth_failed", method = "access_token", reason = %e);
+        let t = now();
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let claims = match self.token_cache.get(&digest) {
+            Some(c) if c.exp + self.params.leeway as i64 > t => c,
+            Some(_) => {
+                info!(
+                    event = "auth_failed",
+                    method = "access_token",
+                    reason = "expired"
+                );
                 return Err(AuthError::InvalidAccessToken);
             }
+            None => match self.keys.current().verify(token, &self.params, t) {
+                Ok(c) => {
+                    let c = Arc::new(c);
+                    self.token_cache.insert(digest, c.clone());
+                    c
+                }
+                Err(e) => {
+                    info!(event = "auth_failed", method = "access_token", reason = %e);
+                    return Err(AuthError::InvalidAccessToken);
+                }
+            },
         };
         let Some(p) = self.session_principal(&claims.sid).await? else {
             info!(event = "auth_failed", method = "access_token", sid = %claims.sid, reason = "session ended");
@@ -333,11 +355,11 @@ impl Identity {
     /// The principal of a live session, through the cache. `None` if it ended.
     async fn session_principal(&self, sid: &str) -> Result<Option<Principal>, AuthError> {
         if let Some(p) = self.session_cache.get(&sid.to_owned()) {
-            return Ok(Some(p));
+            return Ok(Some(Principal::clone(&p)));
         }
         let generation = self.generation.load(Ordering::Acquire);
         let id = sid.to_owned();
-        let Some(s) = self.db(move |st| st.session(&id)).await? else {
+        let Some(s) = self.db(move |st| st.session(&id, now())).await? else {
             return Ok(None);
         };
         if !s.is_active(now()) {
@@ -345,7 +367,8 @@ impl Identity {
         }
         let p = Self::principal_of(&s);
         if self.generation.load(Ordering::Acquire) == generation {
-            self.session_cache.insert(sid.to_owned(), p.clone());
+            self.session_cache
+                .insert(sid.to_owned(), Arc::new(p.clone()));
         }
         Ok(Some(p))
     }
@@ -538,6 +561,69 @@ impl Identity {
         self.keys.current().jwks()
     }
 
+    // ---- operator actions in this process ----------------------------------------------------
+
+    /// The operator's operations over this service's store (for the admin plane). Follow a
+    /// revocation with [`Self::revoke_key`]/[`Self::disable_user`] or the `evict_*` methods so
+    /// it takes effect at once rather than at the next epoch poll.
+    pub fn admin(&self) -> super::admin::Admin<'_> {
+        super::admin::Admin {
+            store: self.store.as_ref(),
+            pepper: &self.pepper,
+        }
+    }
+
+    /// Revokes a key (and its sessions) with immediate effect in this process.
+    pub async fn revoke_key(self: &Arc<Self>, key_id: &str) -> anyhow::Result<bool> {
+        let (me, id) = (self.clone(), key_id.to_owned());
+        let changed = tokio::task::spawn_blocking(move || me.admin().revoke_key(&id)).await??;
+        self.evict_key(key_id);
+        info!(event = "key_revoked", key_id);
+        Ok(changed)
+    }
+
+    /// Disables a user (its keys and sessions end) with immediate effect in this process.
+    pub async fn disable_user(self: &Arc<Self>, username: &str) -> anyhow::Result<bool> {
+        let (me, name) = (self.clone(), username.to_owned());
+        let (user_id, changed) =
+            tokio::task::spawn_blocking(move || me.admin().disable_user(&name)).await??;
+        self.evict_user(&user_id);
+        info!(event = "user_disabled", user_id = %user_id);
+        Ok(changed)
+    }
+
+    /// Whether the store answers (for `/readyz`).
+    pub async fn ready(&self) -> bool {
+        self.db(|s| s.auth_epoch()).await.is_ok()
+    }
+
+    // ---- long-lived requests -----------------------------------------------------------------
+
+    /// Moves whenever a cached credential may have been revoked (locally or, through the epoch
+    /// poll, by another process). A stream holder compares it cheaply and calls
+    /// [`Self::still_valid`] only when it moved.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Whether `p`'s credential still stands (key not revoked or expired, user enabled,
+    /// session not revoked), for ending in-flight streams of a revoked principal.
+    pub async fn still_valid(&self, p: &Principal) -> bool {
+        match (p.method, &p.key_id, &p.session_id) {
+            (AuthMethod::AccessToken, _, Some(sid)) => {
+                matches!(self.session_principal(sid).await, Ok(Some(_)))
+            }
+            (AuthMethod::ApiKey, Some(kid), _) => {
+                if self.key_cache.get(kid).is_some() {
+                    return true;
+                }
+                let id = kid.clone();
+                matches!(self.db(move |s| s.api_key(&id)).await, Ok(Some(k)) if k.is_active(now()))
+            }
+            _ => false,
+        }
+    }
+
     // ---- invalidation ---------------------------------------------------------------------
 
     fn bump(&self) {
@@ -567,6 +653,7 @@ impl Identity {
         self.bump();
         self.key_cache.clear();
         self.session_cache.clear();
+        self.token_cache.clear();
     }
 
     /// Checks the store's revocation epoch once; clears the caches if it moved.

@@ -73,8 +73,8 @@ impl Store for Counting {
     ) -> StoreResult<RotateOutcome> {
         self.inner.rotate_refresh(token_hmac, next, now)
     }
-    fn session(&self, family_id: &str) -> StoreResult<Option<Session>> {
-        self.inner.session(family_id)
+    fn session(&self, family_id: &str, now: i64) -> StoreResult<Option<Session>> {
+        self.inner.session(family_id, now)
     }
     fn family_of_refresh(&self, token_hmac: &[u8]) -> StoreResult<Option<String>> {
         self.inner.family_of_refresh(token_hmac)
@@ -208,16 +208,44 @@ async fn unknown_key_id_and_wrong_secret_answer_identically() {
 #[tokio::test]
 async fn revocation_by_this_process_and_by_another_takes_effect() {
     let f = fixture();
-    f.id.authenticate(&f.key).await.unwrap();
+    let p = f.id.authenticate(&f.key).await.unwrap();
+    let generation = f.id.generation();
+    assert!(f.id.still_valid(&p).await);
     // Another process (the CLI) revokes in the store: the epoch poll clears the cache.
     f.store
         .inner
         .revoke_api_key(&f.key_id, super::now())
         .unwrap();
     f.id.poll_epoch().await;
+    assert_ne!(f.id.generation(), generation, "a stream holder must notice");
+    assert!(!f.id.still_valid(&p).await);
     assert_eq!(
         f.id.authenticate(&f.key).await,
         Err(AuthError::InvalidApiKey)
+    );
+}
+
+#[tokio::test]
+async fn in_process_revocations_take_effect_without_waiting_for_the_poll() {
+    let f = fixture();
+    let t =
+        f.id.grant_password("alice", Zeroizing::new(PASSWORD.into()), src())
+            .await
+            .unwrap();
+    f.id.authenticate(&f.key).await.unwrap();
+    f.id.authenticate(&t.access_token).await.unwrap();
+    assert!(f.id.ready().await);
+    // No poll_epoch() here: the eviction alone must do it.
+    assert!(f.id.revoke_key(&f.key_id).await.unwrap());
+    assert_eq!(
+        f.id.authenticate(&f.key).await,
+        Err(AuthError::InvalidApiKey)
+    );
+    f.id.authenticate(&t.access_token).await.unwrap();
+    assert!(f.id.disable_user("alice").await.unwrap());
+    assert_eq!(
+        f.id.authenticate(&t.access_token).await,
+        Err(AuthError::InvalidAccessToken)
     );
 }
 
@@ -294,7 +322,9 @@ async fn revoking_a_session_ends_its_access_tokens_at_once() {
     let t = f.id.grant_api_key(&f.key).await.unwrap();
     let p = f.id.authenticate(&t.access_token).await.unwrap();
     assert_eq!(p.key_id.as_deref(), Some(f.key_id.as_str()));
+    assert!(f.id.still_valid(&p).await);
     f.id.revoke(&t.access_token).await.unwrap();
+    assert!(!f.id.still_valid(&p).await);
     assert_eq!(
         f.id.authenticate(&t.access_token).await,
         Err(AuthError::InvalidAccessToken)

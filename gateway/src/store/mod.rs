@@ -181,7 +181,8 @@ pub trait Store: Send + Sync + 'static {
         next: &NewRefreshToken<'_>,
         now: i64,
     ) -> StoreResult<RotateOutcome>;
-    fn session(&self, family_id: &str) -> StoreResult<Option<Session>>;
+    /// The family with its owner's and key's state; `now` decides whether the key expired.
+    fn session(&self, family_id: &str, now: i64) -> StoreResult<Option<Session>>;
     fn family_of_refresh(&self, token_hmac: &[u8]) -> StoreResult<Option<String>>;
     /// Revokes a family. False if it was already revoked or does not exist.
     fn revoke_family(&self, family_id: &str, reason: &str, now: i64) -> StoreResult<bool>;

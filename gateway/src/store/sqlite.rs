@@ -460,9 +460,9 @@ impl Store for SqliteStore {
         Ok(RotateOutcome::Rotated { session })
     }
 
-    fn session(&self, family_id: &str) -> StoreResult<Option<Session>> {
+    fn session(&self, family_id: &str, now: i64) -> StoreResult<Option<Session>> {
         let conn = self.lock();
-        session_in(&conn, family_id, crate::auth::now())
+        session_in(&conn, family_id, now)
     }
 
     fn family_of_refresh(&self, token_hmac: &[u8]) -> StoreResult<Option<String>> {
@@ -631,7 +631,7 @@ mod tests {
                 family_id: "f1".into()
             }
         );
-        assert!(s.session("f1").unwrap().unwrap().revoked);
+        assert!(s.session("f1", 25).unwrap().unwrap().revoked);
         let ev = s.security_events().unwrap();
         assert_eq!(ev.len(), 1);
         assert_eq!(ev[0].kind, "refresh_reuse_detected");
@@ -683,7 +683,7 @@ mod tests {
         seed(&s);
         assert!(s.disable_user("u1", 30).unwrap());
         assert!(!s.disable_user("u1", 31).unwrap());
-        let sess = s.session("f1").unwrap().unwrap();
+        let sess = s.session("f1", 25).unwrap().unwrap();
         assert!(sess.revoked && sess.user_disabled);
         assert!(!sess.is_active(31));
     }
@@ -719,9 +719,9 @@ mod tests {
         assert!(s.api_key("k1").unwrap().unwrap().is_active(20));
         assert!(s.revoke_api_key("k1", 20).unwrap());
         assert!(!s.api_key("k1").unwrap().unwrap().is_active(21));
-        let f2 = s.session("f2").unwrap().unwrap();
+        let f2 = s.session("f2", 25).unwrap().unwrap();
         assert!(f2.revoked && f2.key_inactive);
         // The password session f1 is untouched.
-        assert!(s.session("f1").unwrap().unwrap().is_active(21));
+        assert!(s.session("f1", 25).unwrap().unwrap().is_active(21));
     }
 }

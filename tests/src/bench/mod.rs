@@ -1,5 +1,6 @@
 //! Benchmark bodies for `moat-bench` (one module per benchmark) and the statistics they share.
 
+pub mod auth;
 pub mod inference;
 pub mod segment;
 

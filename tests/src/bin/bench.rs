@@ -24,6 +24,22 @@ enum Bench {
         #[arg(long, default_value_t = 9)]
         rounds: u32,
     },
+    /// Requests/s of `GET /v1/models` with an API key, an access token, and no auth; `/v1`
+    /// latency under a flood of password logins.
+    Auth {
+        /// Seconds per case per round.
+        #[arg(long, default_value_t = 3)]
+        secs: u32,
+        /// Interleaved rounds; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// wrk connections.
+        #[arg(long, default_value_t = 32)]
+        connections: u32,
+        /// Clients flooding the token endpoint with password grants.
+        #[arg(long, default_value_t = 8)]
+        flooders: u32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -31,6 +47,12 @@ fn main() -> ExitCode {
     let result = match cli.bench {
         Bench::Segment { connects, rounds } => moat_tests::bench::segment::run(connects, rounds)
             .and_then(|()| moat_tests::bench::inference::run(rounds)),
+        Bench::Auth {
+            secs,
+            rounds,
+            connections,
+            flooders,
+        } => moat_tests::bench::auth::run(secs, rounds, connections, flooders),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
