@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Captured;
+use crate::{config::Captured, metrics::KernelCounters};
 
 /// Environment variables that carry the inherited descriptors to the worker.
 pub const ENV_LISTEN_FD: &str = "MOAT_LISTEN_FD";
@@ -23,6 +23,8 @@ pub enum ToWorker {
         text: String,
         captured: Captured,
     },
+    /// A fresh snapshot of the kernel's counters (no answer expected).
+    Counters(KernelCounters),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -14,6 +14,7 @@ pub mod health;
 pub mod identity_cli;
 pub mod inference_host;
 pub mod logging;
+pub mod metrics;
 pub mod openai;
 pub mod privdrop;
 pub mod proxy;

@@ -66,7 +66,8 @@ pub fn prepare_data_dir(dir: &Path, user: &ServiceUser) -> Result<()> {
 
 /// What the child does between `fork` and `exec`, prepared in the parent.
 pub struct DropPlan {
-    cgroup_procs: File,
+    /// `cgroup.procs` of the cgroup to join, when there is one.
+    cgroup_procs: Option<File>,
     user: ServiceUser,
     cap_last: libc::c_ulong,
     /// Descriptors the worker inherits (their close-on-exec flag is cleared in the child).
@@ -74,12 +75,22 @@ pub struct DropPlan {
 }
 
 impl DropPlan {
-    pub fn new(cgroup_dir: &Path, user: ServiceUser, inherit: Vec<RawFd>) -> Result<DropPlan> {
-        let procs = cgroup_dir.join("cgroup.procs");
-        let cgroup_procs = OpenOptions::new()
-            .write(true)
-            .open(&procs)
-            .with_context(|| format!("cannot open {}", procs.display()))?;
+    pub fn new(
+        cgroup_dir: Option<&Path>,
+        user: ServiceUser,
+        inherit: Vec<RawFd>,
+    ) -> Result<DropPlan> {
+        let cgroup_procs = match cgroup_dir {
+            Some(dir) => {
+                let procs = dir.join("cgroup.procs");
+                let file = OpenOptions::new()
+                    .write(true)
+                    .open(&procs)
+                    .with_context(|| format!("cannot open {}", procs.display()))?;
+                Some(file)
+            }
+            None => None,
+        };
         let cap_last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
             .ok()
             .and_then(|s| s.trim().parse().ok())
@@ -94,12 +105,12 @@ impl DropPlan {
 
     /// Runs in the forked child before `exec`. Only system calls.
     pub fn apply_in_child(&self) -> io::Result<()> {
-        // Writing "0" to cgroup.procs moves the writing process.
-        let zero = b"0";
-        // SAFETY: valid fd and buffer.
-        check(
-            unsafe { libc::write(self.cgroup_procs.as_raw_fd(), zero.as_ptr().cast(), 1) } as i32,
-        )?;
+        if let Some(procs) = &self.cgroup_procs {
+            // Writing "0" to cgroup.procs moves the writing process.
+            let zero = b"0";
+            // SAFETY: valid fd and buffer.
+            check(unsafe { libc::write(procs.as_raw_fd(), zero.as_ptr().cast(), 1) } as i32)?;
+        }
         // SAFETY: setgroups with an empty list.
         check(unsafe { libc::setgroups(0, std::ptr::null()) })?;
         let (gid, uid) = (self.user.gid.as_raw(), self.user.uid.as_raw());

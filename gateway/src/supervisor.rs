@@ -51,13 +51,15 @@ pub fn run(config: Config) -> Result<()> {
     let user = ServiceUser::lookup(&config.raw.server.user)?;
     prepare_data_dir(&config.data_dir, &user)?;
     let seg = config.segmentation();
-    let cgroup = Cgroup::ensure(&seg.gateway_cgroup)?;
-    let gateway = GatewayIdentity {
-        cgroup_id: cgroup.id,
-        level: cgroup.level,
-    };
-    let enforcer = match seg.mode {
+    // Without enforcement there is no gateway cgroup to join: a daemon with segmentation off
+    // must not land in the cgroup another, enforcing daemon owns.
+    let (enforcer, cgroup, gateway) = match seg.mode {
         SegmentationMode::Enforce => {
+            let cgroup = Cgroup::ensure(&seg.gateway_cgroup)?;
+            let gateway = GatewayIdentity {
+                cgroup_id: cgroup.id,
+                level: cgroup.level,
+            };
             let policy = policy(&config, gateway);
             let enforcer = Enforcer::install_or_adopt(&Pins::new(&seg.pin_root), &policy).context(
                 "kernel enforcement is required (segmentation.mode = \"enforce\") but failed",
@@ -69,11 +71,11 @@ pub fn run(config: Config) -> Result<()> {
                 adopted = enforcer.adopted(),
                 "kernel enforcement active"
             );
-            Some(enforcer)
+            (Some(enforcer), Some(cgroup), gateway)
         }
         SegmentationMode::Off => {
             warn!("segmentation is off: the kernel does not protect the inference hosts");
-            None
+            (None, None, GatewayIdentity::default())
         }
     };
     let listen = config.raw.server.listen;
@@ -115,7 +117,8 @@ fn policy(config: &Config, gateway: GatewayIdentity) -> Policy {
 struct Supervisor {
     config: Config,
     user: ServiceUser,
-    cgroup: Cgroup,
+    /// The gateway cgroup the worker runs in (with enforcement only).
+    cgroup: Option<Cgroup>,
     gateway: GatewayIdentity,
     enforcer: Option<Enforcer>,
     /// The inference guard, when this host also serves models (`[segmentation.inference]`).
@@ -135,6 +138,7 @@ struct Worker {
 enum Event {
     WorkerExited(std::io::Result<std::process::ExitStatus>),
     Reload,
+    PushCounters,
     Stop,
 }
 
@@ -143,6 +147,7 @@ impl Supervisor {
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        let mut push = tokio::time::interval(crate::metrics::PUSH_EVERY);
         let mut backoff = BACKOFF_FIRST;
         let mut first = true;
         loop {
@@ -165,11 +170,13 @@ impl Supervisor {
                 let event = tokio::select! {
                     status = worker.child.wait() => Event::WorkerExited(status),
                     _ = hup.recv() => Event::Reload,
+                    _ = push.tick() => Event::PushCounters,
                     _ = term.recv() => Event::Stop,
                     _ = int.recv() => Event::Stop,
                 };
                 match event {
                     Event::Reload => self.reload(&mut worker).await,
+                    Event::PushCounters => self.push_counters(&mut worker).await,
                     Event::Stop => {
                         stop_worker(&mut worker).await;
                         info!("supervisor stopped; kernel enforcement stays in place");
@@ -203,7 +210,8 @@ impl Supervisor {
     async fn spawn_worker(&self) -> Result<Worker> {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
         let inherit = vec![self.listener.as_raw_fd(), theirs.as_raw_fd()];
-        let plan = DropPlan::new(&self.cgroup.path, self.user.clone(), inherit)?;
+        let cgroup = self.cgroup.as_ref().map(|c| c.path.as_path());
+        let plan = DropPlan::new(cgroup, self.user.clone(), inherit)?;
         let exe = std::env::current_exe().context("cannot find the moat binary")?;
         let mut cmd = Command::new(exe);
         cmd.arg("worker")
@@ -234,7 +242,8 @@ impl Supervisor {
         };
         match apply(&mut worker, &self.config).await? {
             FromWorker::Applied => {
-                info!(pid, user = %self.user.name, cgroup = %self.cgroup.path.display(), "worker started");
+                let cgroup = self.cgroup.as_ref().map(|c| c.path.display().to_string());
+                info!(pid, user = %self.user.name, cgroup = cgroup.as_deref().unwrap_or("(none: segmentation off)"), "worker started");
                 Ok(worker)
             }
             FromWorker::Refused { error } => {
@@ -242,6 +251,20 @@ impl Supervisor {
                 bail!("the worker refused the config: {error}")
             }
         }
+    }
+
+    /// Sends the worker the kernel's counters (it cannot read the pinned maps itself).
+    async fn push_counters(&self, worker: &mut Worker) {
+        let mut counters = crate::metrics::KernelCounters::default();
+        if let Some(Ok((hooks, lost))) = self.enforcer.as_ref().map(Enforcer::hook_counts) {
+            (counters.gateway, counters.gateway_events_lost) = (hooks, lost);
+        }
+        if let Some(Ok((hooks, lost))) = self.guard.as_ref().map(Guard::hook_counts) {
+            (counters.inference, counters.inference_events_lost) = (hooks, lost);
+        }
+        let msg = control::encode(&ToWorker::Counters(counters));
+        // A worker that is gone is noticed by the main loop; nothing to do here.
+        let _ = worker.requests.write_all(msg.as_bytes()).await;
     }
 
     async fn reload(&mut self, worker: &mut Worker) {

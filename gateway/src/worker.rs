@@ -26,18 +26,21 @@ use crate::{
     auth::Identity,
     config::{Config, Sources},
     control::{self, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SUPERVISOR_PID, FromWorker, ToWorker},
+    metrics::KernelCounters,
     privdrop, proxy,
 };
 
-/// What outlives a config reload: the identity store and its caches.
+/// What outlives a config reload: the identity store and its caches, and the latest kernel
+/// counters the supervisor sent.
 struct Shared {
     identity: Arc<Identity>,
+    kernel: Arc<ArcSwap<KernelCounters>>,
 }
 
 impl Shared {
-    fn open(config: &Config) -> Result<Shared> {
+    fn open(config: &Config, kernel: Arc<ArcSwap<KernelCounters>>) -> Result<Shared> {
         let identity = Identity::open(config).context("cannot open the identity store")?;
-        Ok(Shared { identity })
+        Ok(Shared { identity, kernel })
     }
 
     /// Builds the data plane for one config. The one place a config becomes a router.
@@ -84,15 +87,16 @@ pub fn run() -> Result<()> {
         let control = UnixStream::from_std(control)?;
         let (read, mut write) = control.into_split();
         let mut lines = BufReader::new(read).lines();
+        let kernel = Arc::new(ArcSwap::from_pointee(KernelCounters::default()));
         // The first message is the config to serve.
-        let config = match next_config(&mut lines).await? {
+        let config = match next_config(&mut lines, &kernel).await? {
             Some(c) => c,
             None => bail!("the supervisor closed the control channel before sending a config"),
         };
         // Whatever stops the first config from being served goes back to the supervisor, which
         // refuses to start with that reason.
         let started = config.and_then(|c| {
-            let shared = Shared::open(&c).map_err(|e| format!("{e:#}"))?;
+            let shared = Shared::open(&c, kernel.clone()).map_err(|e| format!("{e:#}"))?;
             let serving = shared.build(c).map_err(|e| format!("{e:#}"))?;
             Ok((serving, shared))
         });
@@ -114,7 +118,7 @@ pub fn run() -> Result<()> {
 
         let reloads = current.clone();
         let supervisor_gone = async move {
-            while let Some(msg) = next_config(&mut lines).await.transpose() {
+            while let Some(msg) = next_config(&mut lines, &kernel).await.transpose() {
                 let reply = match msg {
                     Ok(Ok(config)) => match shared.build(config) {
                         Ok(serving) => {
@@ -145,21 +149,29 @@ pub fn run() -> Result<()> {
     })
 }
 
-/// Reads the next config message: `None` at end of stream, `Some(Err)` for a config the
-/// worker refuses (the reason goes back to the supervisor).
+/// Reads up to the next config message: `None` at end of stream, `Some(Err)` for a config the
+/// worker refuses (the reason goes back to the supervisor). Counter snapshots on the way are
+/// kept in `kernel`.
 async fn next_config(
     lines: &mut tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    kernel: &ArcSwap<KernelCounters>,
 ) -> Result<Option<Result<Config, String>>> {
-    let Some(line) = lines.next_line().await? else {
-        return Ok(None);
-    };
-    let ToWorker::Config {
-        path,
-        text,
-        captured,
-    } = serde_json::from_str(&line).context("undecodable control message")?;
-    let parsed = Config::parse(Path::new(&path), &text, Sources::Replay(&captured));
-    Ok(Some(parsed.map_err(|e| e.to_string())))
+    loop {
+        let Some(line) = lines.next_line().await? else {
+            return Ok(None);
+        };
+        match serde_json::from_str(&line).context("undecodable control message")? {
+            ToWorker::Counters(counters) => kernel.store(Arc::new(counters)),
+            ToWorker::Config {
+                path,
+                text,
+                captured,
+            } => {
+                let parsed = Config::parse(Path::new(&path), &text, Sources::Replay(&captured));
+                return Ok(Some(parsed.map_err(|e| e.to_string())));
+            }
+        }
+    }
 }
 
 /// Serves `current` (swappable) until SIGTERM/SIGINT or until `until` completes.
@@ -209,7 +221,7 @@ pub async fn serve_standalone(config: Config) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     info!(listen = %listener.local_addr()?, "data plane listening (single process, no kernel enforcement)");
-    let shared = Shared::open(&config)?;
+    let shared = Shared::open(&config, Default::default())?;
     let _upkeep = shared.identity.spawn_upkeep();
     let current = Arc::new(ArcSwap::from_pointee(shared.build(config)?));
     let reloads = current.clone();

@@ -9,7 +9,7 @@ use std::{
     io::{BufRead, BufReader},
     net::{SocketAddr, TcpStream},
     path::Path,
-    process::{Child, Stdio},
+    process::Stdio,
     time::Duration,
 };
 
@@ -39,18 +39,21 @@ fn sim(ns: &Netns, port: u16) -> KillOnDrop {
     KillOnDrop(child)
 }
 
-fn serve(ns: &Netns, cfg: &Path, log: &Path) -> Child {
-    ns.command(bin("moat"))
-        .args(["serve", "-c"])
-        .arg(cfg)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .expect("start moat serve")
+/// `moat serve` inside `ns`, killed on drop (also when the test fails).
+fn serve(ns: &Netns, cfg: &Path, log: &Path) -> KillOnDrop {
+    KillOnDrop(
+        ns.command(bin("moat"))
+            .args(["serve", "-c"])
+            .arg(cfg)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .expect("start moat serve"),
+    )
 }
 
-fn signal(child: &Child, sig: Signal) {
-    kill(Pid::from_raw(child.id() as i32), sig).unwrap();
+fn signal(daemon: &KillOnDrop, sig: Signal) {
+    kill(Pid::from_raw(daemon.0.id() as i32), sig).unwrap();
 }
 
 fn chat(ns: &Netns, moat: SocketAddr, key: &str) -> u16 {
@@ -217,10 +220,10 @@ fn gateway_inference_and_rogue_hosts() {
     drop(sim2);
 
     // SIGKILL both supervisors: both guards stay.
-    gateway.kill().unwrap();
-    gateway.wait().unwrap();
-    inference.kill().unwrap();
-    inference.wait().unwrap();
+    for daemon in [&mut gateway, &mut inference] {
+        daemon.0.kill().unwrap();
+        daemon.0.wait().unwrap();
+    }
     assert_eq!(
         probe_errno(&lab.gateway, outsider.path(), model1),
         EPERM,

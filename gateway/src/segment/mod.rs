@@ -102,6 +102,20 @@ impl Enforcer {
         &self.maps
     }
 
+    /// The hooks' counters, summed over CPUs, and the deny events lost.
+    pub fn hook_counts(&self) -> Result<(Vec<crate::metrics::HookCount>, u64)> {
+        let c = self.maps.counters()?;
+        let hooks = Hook::ALL
+            .iter()
+            .map(|&h| crate::metrics::HookCount {
+                hook: h.program_name().to_owned(),
+                allowed: c[moat_common::counter_index(h, false) as usize],
+                denied: c[moat_common::counter_index(h, true) as usize],
+            })
+            .collect();
+        Ok((hooks, c[moat_common::EVENTS_LOST_COUNTER as usize]))
+    }
+
     /// The deny-event ring buffer (one reader at a time drains it).
     pub fn open_events(&self) -> Result<aya::maps::RingBuf<aya::maps::MapData>> {
         maps::open_events(&self.pins)
