@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod authz;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod error;
 pub mod health;
 pub mod identity_cli;
 pub mod inference_host;
+pub mod limits;
 pub mod logging;
 pub mod openai;
 pub mod privdrop;

@@ -26,23 +26,29 @@ use crate::{
     auth::Identity,
     config::{Config, Sources},
     control::{self, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SUPERVISOR_PID, FromWorker, ToWorker},
+    limits::Quotas,
     privdrop, proxy,
 };
 
-/// What outlives a config reload: the identity store and its caches.
+/// What outlives a config reload: the identity store and its caches, and the quota counters
+/// (a reload must not hand everyone a fresh minute).
 struct Shared {
     identity: Arc<Identity>,
+    quotas: Arc<Quotas>,
 }
 
 impl Shared {
     fn open(config: &Config) -> Result<Shared> {
         let identity = Identity::open(config).context("cannot open the identity store")?;
-        Ok(Shared { identity })
+        Ok(Shared {
+            identity,
+            quotas: Arc::default(),
+        })
     }
 
     /// Builds the data plane for one config. The one place a config becomes a router.
     fn build(&self, config: Config) -> Result<Serving> {
-        let state = AppState::new(config, self.identity.clone())
+        let state = AppState::new(config, self.identity.clone(), self.quotas.clone())
             .context("cannot set up the upstream pools")?;
         let state = Arc::new(state);
         let health = proxy::health::spawn(&state.pools, &state.upstreams);
