@@ -67,6 +67,8 @@ pub struct RawConfig {
     /// Default quotas, for tenants without their own.
     #[serde(default)]
     pub quotas: QuotasConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -241,6 +243,16 @@ pub struct ModelConfig {
     /// and nowhere else; without an entry the model does not exist for it.
     #[serde(default)]
     pub tenant_pools: BTreeMap<String, String>,
+}
+
+/// The admin plane's listener.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// A loopback address (never the data plane's); absent: no admin plane (the CLI still
+    /// works on the store).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
 }
 
 /// A role: a named set of permissions (see `authz::Permission` for the grammar).
@@ -968,6 +980,20 @@ impl Config {
             return Err(err("server.max_body_bytes", "must be at least 1".into()));
         }
         crate::authz::check_config(&raw).map_err(|(k, r)| err(&k, r))?;
+        if let Some(a) = raw.admin.listen {
+            if !a.ip().is_loopback() {
+                return Err(err(
+                    "admin.listen",
+                    format!("{a} is not a loopback address; the admin plane is local only"),
+                ));
+            }
+            if a == raw.server.listen && a.port() != 0 {
+                return Err(err(
+                    "admin.listen",
+                    "must differ from `server.listen`: the data plane has no admin route".into(),
+                ));
+            }
+        }
 
         let seg = &raw.segmentation;
         let mut rules = |list: &[String], key: &str| -> Result<Vec<DestinationRule>, ConfigError> {

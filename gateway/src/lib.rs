@@ -2,6 +2,7 @@
 //! segmentation. The binary (`src/main.rs`) is a thin CLI over this library; the integration
 //! tests and benchmarks in `tests/` drive the same library.
 
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod authz;

@@ -25,7 +25,10 @@ use crate::{
     app::{self, AppState},
     auth::Identity,
     config::{Config, Sources},
-    control::{self, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SUPERVISOR_PID, FromWorker, ToWorker},
+    control::{
+        self, ENV_ADMIN_FD, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SUPERVISOR_PID, FromWorker,
+        ToWorker,
+    },
     limits::Quotas,
     privdrop, proxy,
 };
@@ -53,7 +56,8 @@ impl Shared {
         let state = Arc::new(state);
         let health = proxy::health::spawn(&state.pools, &state.upstreams);
         Ok(Serving {
-            router: app::router(state),
+            router: app::router(state.clone()),
+            state,
             _health: health,
         })
     }
@@ -64,6 +68,8 @@ impl Shared {
 /// checks stop with it.
 pub struct Serving {
     router: Router,
+    /// For the admin plane, which judges permissions under the config in force.
+    state: app::SharedState,
     _health: proxy::health::HealthCheckers,
 }
 
@@ -83,6 +89,16 @@ pub fn run() -> Result<()> {
         std::os::unix::net::UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd(ENV_CONTROL_FD)?) });
     listener.set_nonblocking(true)?;
     control.set_nonblocking(true)?;
+    let admin = match std::env::var(ENV_ADMIN_FD) {
+        // SAFETY: as above.
+        Ok(_) => Some(std::net::TcpListener::from(unsafe {
+            OwnedFd::from_raw_fd(fd(ENV_ADMIN_FD)?)
+        })),
+        Err(_) => None,
+    };
+    if let Some(a) = &admin {
+        a.set_nonblocking(true)?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -117,6 +133,20 @@ pub fn run() -> Result<()> {
             .write_all(control::encode(&FromWorker::Applied).as_bytes())
             .await?;
         info!(pid = std::process::id(), listen = %listener.local_addr()?, "data plane listening");
+        if let Some(a) = admin {
+            let a = TcpListener::from_std(a)?;
+            info!(listen = %a.local_addr()?, "admin plane listening");
+            let cur = current.clone();
+            let router = crate::admin::router(
+                Arc::new(move || cur.load().state.clone()),
+                shared.identity.clone(),
+            );
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(a, router).await {
+                    error!(error = %e, "admin plane stopped");
+                }
+            });
+        }
 
         let reloads = current.clone();
         let supervisor_gone = async move {

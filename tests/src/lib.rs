@@ -210,9 +210,16 @@ impl Moat {
         for (name, content) in files {
             std::fs::write(dir.path().join(name), content).unwrap();
         }
+        // The harness's user `tester` has role `tester`: every model on every provider,
+        // unless the test defines that role itself (authorization denies by default).
+        let role = if rest.contains("[roles.tester]") {
+            ""
+        } else {
+            "[roles.tester]\npermissions = [\"model:*\", \"inference:*\", \"logprobs\"]\n"
+        };
         let config = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\n{server}\n\
-             [segmentation]\nmode = \"off\"\n\n{rest}\n"
+             [segmentation]\nmode = \"off\"\n\n{role}\n{rest}\n"
         );
         let path = dir.path().join("moat.toml");
         std::fs::write(&path, config).unwrap();
@@ -311,7 +318,7 @@ pub fn create_key(config: &Path) -> String {
         String::from_utf8(out.stdout).unwrap()
     };
     moat(&["tenants", "add", "testing"]);
-    moat(&["users", "add", "tester", "--tenant", "testing"]);
+    moat(&["users", "add", "tester", "--tenant", "testing", "--role", "tester"]);
     let out = moat(&["keys", "create", "--user", "tester", "--json"]);
     let v: Value = serde_json::from_str(out.trim()).expect("keys create --json");
     v["key"].as_str().expect("key").to_owned()
