@@ -72,8 +72,10 @@ impl Admin {
             Ok(state)
         } else {
             info!(user = %p.username, tenant = %p.tenant, permission = perm, "admin denied");
-            Err(ApiError::forbidden(format!("this needs the `{perm}` permission"))
-                .with_code("permission_denied"))
+            Err(
+                ApiError::forbidden(format!("this needs the `{perm}` permission"))
+                    .with_code("permission_denied"),
+            )
         }
     }
 
@@ -121,12 +123,20 @@ struct NewTenant {
     name: String,
 }
 
-async fn add_tenant(State(a): State<Admin>, p: Principal, Json(t): Json<NewTenant>) -> Result<Response> {
+async fn add_tenant(
+    State(a): State<Admin>,
+    p: Principal,
+    Json(t): Json<NewTenant>,
+) -> Result<Response> {
     a.require(&p, "admin:tenants")?;
     let name = t.name.clone();
     a.store(move |s| s.add_tenant(&name)).await?;
     info!(by = %p.username, tenant = %t.name, event = "tenant_added");
-    Ok((axum::http::StatusCode::CREATED, Json(json!({"name": t.name}))).into_response())
+    Ok((
+        axum::http::StatusCode::CREATED,
+        Json(json!({"name": t.name})),
+    )
+        .into_response())
 }
 
 async fn list_users(State(a): State<Admin>, p: Principal) -> Result<Response> {
@@ -150,7 +160,11 @@ struct NewUser {
 }
 
 /// Users are created in the caller's tenant: the body has no tenant field.
-async fn add_user(State(a): State<Admin>, p: Principal, Json(u): Json<NewUser>) -> Result<Response> {
+async fn add_user(
+    State(a): State<Admin>,
+    p: Principal,
+    Json(u): Json<NewUser>,
+) -> Result<Response> {
     a.require(&p, "admin:users")?;
     let (name, tenant, roles) = (u.username.clone(), p.tenant.clone(), u.roles.clone());
     let id = a
@@ -222,7 +236,11 @@ struct NewKey {
     expires_in_days: Option<u64>,
 }
 
-async fn create_key(State(a): State<Admin>, p: Principal, Json(k): Json<NewKey>) -> Result<Response> {
+async fn create_key(
+    State(a): State<Admin>,
+    p: Principal,
+    Json(k): Json<NewKey>,
+) -> Result<Response> {
     a.require(&p, "admin:keys")?;
     a.own_user(&p, &k.user).await?;
     let created = a

@@ -80,16 +80,20 @@ impl Permissions {
                 continue;
             };
             // Checked at load, so parsing cannot fail here; skipping is still deny.
-            for perm in r.permissions.iter().filter_map(|s| Permission::parse(s).ok()) {
+            for perm in r
+                .permissions
+                .iter()
+                .filter_map(|s| Permission::parse(s).ok())
+            {
                 match perm {
                     Permission::Inference(None) => p.all_providers = true,
                     Permission::Inference(Some(x)) => _ = p.providers.insert(x),
                     Permission::Model(None) => p.all_models = true,
                     Permission::Model(Some(x)) => _ = p.models.insert(x),
                     Permission::Logprobs => p.logprobs = true,
-                    Permission::Admin(a) if a == "admin:*" => {
-                        p.admin.extend(ADMIN_PERMISSIONS.iter().map(|s| s.to_string()))
-                    }
+                    Permission::Admin(a) if a == "admin:*" => p
+                        .admin
+                        .extend(ADMIN_PERMISSIONS.iter().map(|s| s.to_string())),
                     Permission::Admin(a) => _ = p.admin.insert(a),
                 }
             }
@@ -217,7 +221,8 @@ pub fn visible_models<'c>(
 /// Checks roles, tenants, dedicated pools and quotas at load. Errors carry the dotted key.
 pub fn check_config(raw: &RawConfig) -> Result<(), (String, String)> {
     for (name, role) in &raw.roles {
-        crate::auth::admin::check_role(name).map_err(|e| (format!("roles.{name}"), e.to_string()))?;
+        crate::auth::admin::check_role(name)
+            .map_err(|e| (format!("roles.{name}"), e.to_string()))?;
         for (i, p) in role.permissions.iter().enumerate() {
             let key = format!("roles.{name}.permissions[{i}]");
             match Permission::parse(p).map_err(|r| (key.clone(), r))? {
@@ -292,7 +297,10 @@ pub fn check_config(raw: &RawConfig) -> Result<(), (String, String)> {
             ("concurrent_streams", q.concurrent_streams),
         ] {
             if v == Some(0) {
-                return Err((format!("{key}.{k}"), "must be at least 1 (omit it for no limit)".into()));
+                return Err((
+                    format!("{key}.{k}"),
+                    "must be at least 1 (omit it for no limit)".into(),
+                ));
             }
         }
         Ok(())
@@ -318,7 +326,12 @@ pub fn effective(config: &Config, tenant: &str, roles: &[String]) -> serde_json:
     let perms = Permissions::of(config, roles);
     let models: BTreeMap<&str, serde_json::Value> = visible_models(config, tenant, &perms)
         .into_iter()
-        .map(|(m, r)| (m, serde_json::json!({"pool": r.pool, "provider": r.provider})))
+        .map(|(m, r)| {
+            (
+                m,
+                serde_json::json!({"pool": r.pool, "provider": r.provider}),
+            )
+        })
         .collect();
     let t = config.tenant(tenant);
     serde_json::json!({
@@ -380,7 +393,13 @@ permissions = ["model:*", "inference:*", "logprobs"]
         }
     }
 
-    fn decide(c: &Config, tenant: &str, roles: &[&str], model: &str, lp: bool) -> Result<String, u16> {
+    fn decide(
+        c: &Config,
+        tenant: &str,
+        roles: &[&str],
+        model: &str,
+        lp: bool,
+    ) -> Result<String, u16> {
         let p = principal(tenant, roles);
         let perms = Permissions::of(c, &p.roles);
         authorize(c, &p, &perms, model, lp)
@@ -391,22 +410,53 @@ permissions = ["model:*", "inference:*", "logprobs"]
     #[test]
     fn model_and_provider_are_both_required() {
         let c = config("").unwrap();
-        assert_eq!(decide(&c, "beta", &["user"], "chat", false), Ok("shared".into()));
+        assert_eq!(
+            decide(&c, "beta", &["user"], "chat", false),
+            Ok("shared".into())
+        );
         assert_eq!(decide(&c, "beta", &["user"], "big", false), Err(403));
-        assert_eq!(decide(&c, "beta", &["user"], "chat", true), Err(403), "logprobs");
+        assert_eq!(
+            decide(&c, "beta", &["user"], "chat", true),
+            Err(403),
+            "logprobs"
+        );
         assert_eq!(decide(&c, "beta", &["all"], "big", true), Ok("ext".into()));
-        assert_eq!(decide(&c, "beta", &[], "chat", false), Err(403), "no role, no access");
-        assert_eq!(decide(&c, "beta", &["nope"], "chat", false), Err(403), "undefined role");
+        assert_eq!(
+            decide(&c, "beta", &[], "chat", false),
+            Err(403),
+            "no role, no access"
+        );
+        assert_eq!(
+            decide(&c, "beta", &["nope"], "chat", false),
+            Err(403),
+            "undefined role"
+        );
     }
 
     #[test]
     fn tenants_are_routed_apart() {
         let c = config("").unwrap();
-        assert_eq!(decide(&c, "acme", &["all"], "chat", false), Ok("acme-gpu".into()));
-        assert_eq!(decide(&c, "acme", &["all"], "big", false), Err(403), "no dedicated pool");
-        assert_eq!(decide(&c, "lab", &["all"], "big", false), Err(403), "local only");
+        assert_eq!(
+            decide(&c, "acme", &["all"], "chat", false),
+            Ok("acme-gpu".into())
+        );
+        assert_eq!(
+            decide(&c, "acme", &["all"], "big", false),
+            Err(403),
+            "no dedicated pool"
+        );
+        assert_eq!(
+            decide(&c, "lab", &["all"], "big", false),
+            Err(403),
+            "local only"
+        );
         let perms = Permissions::of(&c, &["all".into()]);
-        let names = |t| visible_models(&c, t, &perms).into_iter().map(|(m, _)| m).collect::<Vec<_>>();
+        let names = |t| {
+            visible_models(&c, t, &perms)
+                .into_iter()
+                .map(|(m, _)| m)
+                .collect::<Vec<_>>()
+        };
         assert_eq!(names("acme"), ["chat"]);
         assert_eq!(names("beta"), ["big", "chat"]);
     }
@@ -414,14 +464,35 @@ permissions = ["model:*", "inference:*", "logprobs"]
     #[test]
     fn violating_configs_are_refused() {
         for (extra, key) in [
-            ("[pools.x]\nhosts=[\"127.0.0.1:9\"]\ndedicated_to = \"lab\"\n", "pools.x.dedicated_to"),
+            (
+                "[pools.x]\nhosts=[\"127.0.0.1:9\"]\ndedicated_to = \"lab\"\n",
+                "pools.x.dedicated_to",
+            ),
             ("[models.m]\npool = \"acme-gpu\"\n", "models.m.pool"),
-            ("[models.m]\npool = \"shared\"\ntenant_pools = { lab = \"shared\" }\n", "models.m.tenant_pools.lab"),
-            ("[models.m]\npool = \"shared\"\ntenant_pools = { acme = \"shared\" }\n", "models.m.tenant_pools.acme"),
-            ("[pools.x]\nhosts=[\"127.0.0.1:9\"]\ndedicated_to = \"acme\"\nexternal = true\n", "pools.x.external"),
-            ("[roles.r]\npermissions = [\"model:gpt\"]\n", "roles.r.permissions[0]"),
-            ("[roles.r]\npermissions = [\"root\"]\n", "roles.r.permissions[0]"),
-            ("[quotas.key]\nrequests_per_minute = 0\n", "quotas.key.requests_per_minute"),
+            (
+                "[models.m]\npool = \"shared\"\ntenant_pools = { lab = \"shared\" }\n",
+                "models.m.tenant_pools.lab",
+            ),
+            (
+                "[models.m]\npool = \"shared\"\ntenant_pools = { acme = \"shared\" }\n",
+                "models.m.tenant_pools.acme",
+            ),
+            (
+                "[pools.x]\nhosts=[\"127.0.0.1:9\"]\ndedicated_to = \"acme\"\nexternal = true\n",
+                "pools.x.external",
+            ),
+            (
+                "[roles.r]\npermissions = [\"model:gpt\"]\n",
+                "roles.r.permissions[0]",
+            ),
+            (
+                "[roles.r]\npermissions = [\"root\"]\n",
+                "roles.r.permissions[0]",
+            ),
+            (
+                "[quotas.key]\nrequests_per_minute = 0\n",
+                "quotas.key.requests_per_minute",
+            ),
         ] {
             let e = config(extra).expect_err(extra);
             assert!(e.contains(key), "{extra}: {e}");

@@ -57,10 +57,18 @@ struct Counter {
 
 impl Counter {
     fn expire(&mut self, now: Instant) {
-        while self.requests.front().is_some_and(|(t, _)| now >= *t + WINDOW) {
+        while self
+            .requests
+            .front()
+            .is_some_and(|(t, _)| now >= *t + WINDOW)
+        {
             self.requests.pop_front();
         }
-        while self.tokens.front().is_some_and(|(t, _, _)| now >= *t + WINDOW) {
+        while self
+            .tokens
+            .front()
+            .is_some_and(|(t, _, _)| now >= *t + WINDOW)
+        {
             self.tokens.pop_front();
         }
     }
@@ -250,7 +258,12 @@ impl Drop for Ticket {
 
 /// Wraps an answer: refunds a failed attempt at once; otherwise meters the body (see
 /// [`Metered`]).
-pub fn meter(resp: Response, ticket: Ticket, identity: Arc<Identity>, principal: Principal) -> Response {
+pub fn meter(
+    resp: Response,
+    ticket: Ticket,
+    identity: Arc<Identity>,
+    principal: Principal,
+) -> Response {
     if !resp.status().is_success() {
         ticket.refund();
         return resp;
@@ -272,7 +285,10 @@ pub fn meter(resp: Response, ticket: Ticket, identity: Arc<Identity>, principal:
         principal,
         generation,
         check: None,
-        tick: tokio::time::interval_at(tokio::time::Instant::now() + REVOCATION_CHECK, REVOCATION_CHECK),
+        tick: tokio::time::interval_at(
+            tokio::time::Instant::now() + REVOCATION_CHECK,
+            REVOCATION_CHECK,
+        ),
         done: false,
     };
     Response::from_parts(parts, Body::new(metered))
@@ -468,12 +484,25 @@ mod tests {
         let q = Arc::new(Quotas::default());
         let a = q.acquire(&c, &p("a"), ASK).unwrap();
         let b = q.acquire(&c, &p("b"), ASK).unwrap();
-        assert!(q.acquire(&c, &p("c"), ASK).is_err(), "20 + 10 > 25 for the tenant");
+        assert!(
+            q.acquire(&c, &p("c"), ASK).is_err(),
+            "20 + 10 > 25 for the tenant"
+        );
         a.refund();
         let _c = q.acquire(&c, &p("c"), ASK).unwrap();
         b.reconcile(1);
         let _d = q.acquire(&c, &p("d"), ASK).unwrap();
-        let e = q.acquire(&c, &p("d"), Ask { tokens: 26, stream: false }).err().unwrap();
+        let e = q
+            .acquire(
+                &c,
+                &p("d"),
+                Ask {
+                    tokens: 26,
+                    stream: false,
+                },
+            )
+            .err()
+            .unwrap();
         assert_eq!(e.status, StatusCode::BAD_REQUEST, "never fits");
     }
 
@@ -482,7 +511,10 @@ mod tests {
         let c = config("[quotas.key]\nconcurrent_requests = 1\n");
         let q = Arc::new(Quotas::default());
         let a = q.acquire(&c, &p("k"), ASK).unwrap();
-        assert_eq!(q.acquire(&c, &p("k"), ASK).err().unwrap().retry_after, Some(1));
+        assert_eq!(
+            q.acquire(&c, &p("k"), ASK).err().unwrap().retry_after,
+            Some(1)
+        );
         drop(a);
         assert!(q.acquire(&c, &p("k"), ASK).is_ok());
     }

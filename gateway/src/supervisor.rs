@@ -32,8 +32,7 @@ use crate::{
     cgroup::Cgroup,
     config::{Config, SegmentationMode},
     control::{
-        self, ENV_ADMIN_FD, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SUPERVISOR_PID, FromWorker,
-        ToWorker,
+        self, ENV_ADMIN_FD, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SUPERVISOR_PID, FromWorker, ToWorker,
     },
     inference_host,
     privdrop::{DropPlan, ServiceUser, prepare_data_dir},

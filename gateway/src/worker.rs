@@ -26,8 +26,7 @@ use crate::{
     auth::Identity,
     config::{Config, Sources},
     control::{
-        self, ENV_ADMIN_FD, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SUPERVISOR_PID, FromWorker,
-        ToWorker,
+        self, ENV_ADMIN_FD, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SUPERVISOR_PID, FromWorker, ToWorker,
     },
     limits::Quotas,
     privdrop, proxy,

@@ -318,7 +318,9 @@ pub fn create_key(config: &Path) -> String {
         String::from_utf8(out.stdout).unwrap()
     };
     moat(&["tenants", "add", "testing"]);
-    moat(&["users", "add", "tester", "--tenant", "testing", "--role", "tester"]);
+    moat(&[
+        "users", "add", "tester", "--tenant", "testing", "--role", "tester",
+    ]);
     let out = moat(&["keys", "create", "--user", "tester", "--json"]);
     let v: Value = serde_json::from_str(out.trim()).expect("keys create --json");
     v["key"].as_str().expect("key").to_owned()

@@ -73,7 +73,12 @@ fn config_path(moat: &Moat) -> std::path::PathBuf {
     moat.dir.path().join("moat.toml")
 }
 
-async fn chat(moat: &Moat, key: &str, body: Value, extra: &[(&str, &str)]) -> (u16, Value, Option<u64>) {
+async fn chat(
+    moat: &Moat,
+    key: &str,
+    body: Value,
+    extra: &[(&str, &str)],
+) -> (u16, Value, Option<u64>) {
     let auth = format!("Bearer {key}");
     let mut headers = vec![("authorization", auth.as_str())];
     headers.extend_from_slice(extra);
@@ -91,7 +96,13 @@ fn ask(model: &str) -> Value {
 
 async fn models(moat: &Moat, key: &str) -> Vec<String> {
     let auth = format!("Bearer {key}");
-    let (status, _, body) = fetch("GET", &moat.url("/v1/models"), &[("authorization", &auth)], "").await;
+    let (status, _, body) = fetch(
+        "GET",
+        &moat.url("/v1/models"),
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
     assert_eq!(status, 200);
     let v: Value = serde_json::from_slice(&body).unwrap();
     let mut names: Vec<String> = v["data"]
@@ -174,14 +185,20 @@ async fn two_tenants_three_roles() {
                 let (status, v, _) = chat(&moat, key, body, &[]).await;
                 let want = allowed(tenant, role, model, logprobs);
                 if want {
-                    assert_eq!(status, 200, "{tenant}/{role} {model} logprobs={logprobs}: {v}");
+                    assert_eq!(
+                        status, 200,
+                        "{tenant}/{role} {model} logprobs={logprobs}: {v}"
+                    );
                     match (*tenant, model) {
                         ("acme", _) => to_acme += 1,
                         (_, "chat") => to_shared += 1,
                         _ => to_ext += 1,
                     }
                 } else {
-                    assert_eq!(status, 403, "{tenant}/{role} {model} logprobs={logprobs}: {v}");
+                    assert_eq!(
+                        status, 403,
+                        "{tenant}/{role} {model} logprobs={logprobs}: {v}"
+                    );
                     assert_eq!(v["error"]["type"], "permission_error", "{v}");
                 }
             }
@@ -192,9 +209,17 @@ async fn two_tenants_three_roles() {
         };
         assert_eq!(models(&moat, key).await, want, "{tenant}/{role} /v1/models");
     }
-    assert_eq!(shared.requests().await, to_shared, "shared pool: beta's chat only");
+    assert_eq!(
+        shared.requests().await,
+        to_shared,
+        "shared pool: beta's chat only"
+    );
     assert_eq!(acme_sim.requests().await, to_acme, "acme's pool: acme only");
-    assert_eq!(ext.requests().await, to_ext, "external pool: beta/power only");
+    assert_eq!(
+        ext.requests().await,
+        to_ext,
+        "external pool: beta/power only"
+    );
     assert!(to_acme > 0 && to_shared > 0 && to_ext > 0);
 
     // Tenant identity comes from the credential only.
@@ -203,18 +228,35 @@ async fn two_tenants_three_roles() {
     body["tenant"] = json!("beta");
     let (status, v, _) = chat(&moat, acme_key, body, &[]).await;
     assert_eq!(status, 400, "a tenant field in the body is refused: {v}");
-    let (status, _, _) = chat(&moat, acme_key, ask("chat"), &[("x-moat-tenant", "beta"), ("x-tenant", "beta")]).await;
+    let (status, _, _) = chat(
+        &moat,
+        acme_key,
+        ask("chat"),
+        &[("x-moat-tenant", "beta"), ("x-tenant", "beta")],
+    )
+    .await;
     assert_eq!(status, 200, "tenant headers are ignored");
-    assert_eq!(acme_sim.requests().await, to_acme + 1, "still routed to acme's own pool");
+    assert_eq!(
+        acme_sim.requests().await,
+        to_acme + 1,
+        "still routed to acme's own pool"
+    );
     assert_eq!(shared.requests().await, to_shared);
 
     // acme's pool down: no fallback to the shared pool, ever.
     acme_sim.kill();
     for _ in 0..5 {
         let (status, v, _) = chat(&moat, acme_key, ask("chat"), &[]).await;
-        assert!(status == 502 || status == 503, "acme without its pool: {status} {v}");
+        assert!(
+            status == 502 || status == 503,
+            "acme without its pool: {status} {v}"
+        );
     }
-    assert_eq!(shared.requests().await, to_shared, "the shared pool never saw acme");
+    assert_eq!(
+        shared.requests().await,
+        to_shared,
+        "the shared pool never saw acme"
+    );
     // Beta is unaffected.
     let (status, _, _) = chat(&moat, &keys[3].2, ask("chat"), &[]).await;
     assert_eq!(status, 200);
@@ -280,7 +322,10 @@ async fn quotas_refuse_at_the_limit_and_charge_once() {
         assert_eq!(status, 429, "{v}");
         assert_eq!(v["error"]["code"], "rate_limit_exceeded");
         let retry = retry.expect("Retry-After");
-        assert!((58..=60).contains(&retry), "the oldest charge expires in a minute: {retry}");
+        assert!(
+            (58..=60).contains(&retry),
+            "the oldest charge expires in a minute: {retry}"
+        );
     }
     // The refusals charged nothing: the tenant (limit 5) still has 2 for key b.
     for _ in 0..2 {
@@ -290,7 +335,11 @@ async fn quotas_refuse_at_the_limit_and_charge_once() {
     let (status, v, retry) = chat(&moat, &b, ask("chat"), &[]).await;
     assert_eq!(status, 429, "the tenant's 6th: {v}");
     assert!(retry.is_some_and(|r| (1..=60).contains(&r)));
-    assert_eq!(sim.requests().await, 5, "refused requests never reached the upstream");
+    assert_eq!(
+        sim.requests().await,
+        5,
+        "refused requests never reached the upstream"
+    );
 
     // Tokens per minute: 100 tokens reserved (max_tokens) plus the prompt; reconciled with
     // the upstream's usage (8 + 1 tokens), so many such requests fit in 200.
@@ -319,7 +368,7 @@ async fn quotas_refuse_at_the_limit_and_charge_once() {
     assert_eq!(first.status(), 200);
     let mut events = Events::new(first);
     assert!(events.next().await.unwrap().is_some());
-    let (status, v, retry) = moat.post(CHAT, &stream, &[]).await;
+    let (status, retry, v) = moat.post(CHAT, &stream, &[]).await;
     assert_eq!(status, 429, "{v}");
     assert_eq!(retry_of(&retry), Some(1));
     let (status, _, _) = moat.post(CHAT, &ask("chat"), &[]).await;
@@ -381,7 +430,10 @@ async fn narrowed_key_and_removed_role_lose_access_and_revoked_streams_end() {
     let resp = moat_tests::send(
         "POST",
         &moat.url(CHAT),
-        &[("content-type", "application/json"), ("authorization", &auth)],
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &auth),
+        ],
         body.to_string(),
     )
     .await;
@@ -405,4 +457,142 @@ async fn narrowed_key_and_removed_role_lose_access_and_revoked_streams_end() {
     assert!(last.contains("revoked"), "the last event says why: {last}");
     let (status, _, _) = chat(&moat, &key2, ask("chat"), &[]).await;
     assert_eq!(status, 401);
+}
+
+/// The admin plane's address, from the daemon's log.
+fn admin_addr(moat: &Moat) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        for line in moat.logs().lines() {
+            if let Ok(v) = serde_json::from_str::<Value>(line)
+                && v["message"] == "admin plane listening"
+            {
+                return v["listen"].as_str().unwrap().to_owned();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no admin listener:\n{}",
+            moat.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+async fn admin(
+    addr: &str,
+    method: &str,
+    path: &str,
+    key: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let auth = format!("Bearer {key}");
+    let mut headers = vec![("authorization", auth.as_str())];
+    if body.is_some() {
+        headers.push(("content-type", "application/json"));
+    }
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let (status, _, bytes) = fetch(method, &format!("http://{addr}{path}"), &headers, body).await;
+    (
+        status.as_u16(),
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_plane_is_separate_and_permissioned() {
+    let sim = Sim::start(&[]);
+    let config = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [pools.p]\nhosts = [\"{}\"]\n[models.chat]\npool = \"p\"\n\
+         [roles.ops]\npermissions = [\"admin:*\"]\n[roles.keyadmin]\npermissions = [\"admin:keys\"]\n",
+        sim.addr
+    );
+    let moat = Moat::start(&config, &[]);
+    let cfg = config_path(&moat);
+    let addr = admin_addr(&moat);
+    let (ops, _) = principal(&cfg, "testing", "opsy", &["ops", "tester"], &["ops"]);
+    let (other_ops, _) = principal(&cfg, "other", "other-ops", &["ops"], &[]);
+
+    // An inference key gets 403 on every admin route; the data plane has none at all.
+    for (m, path) in [
+        ("GET", "/admin/keys"),
+        ("GET", "/admin/users"),
+        ("GET", "/admin/tenants"),
+        ("GET", "/admin/policy"),
+    ] {
+        let (status, v) = admin(&addr, m, path, &moat.key, None).await;
+        assert_eq!(status, 403, "{path}: {v}");
+        assert_eq!(v["error"]["type"], "permission_error");
+        let auth = format!("Bearer {ops}");
+        let (status, _, _) = fetch(m, &moat.url(path), &[("authorization", &auth)], "").await;
+        assert_eq!(status, 404, "{path} on the data plane");
+    }
+    let (status, _) = admin(&addr, "GET", "/admin/keys", "moat_nope", None).await;
+    assert_eq!(status, 401);
+
+    // Users and keys made over the admin plane, in the admin's tenant.
+    let (status, v) = admin(
+        &addr,
+        "POST",
+        "/admin/users",
+        &ops,
+        Some(json!({"username": "dave", "roles": ["tester"]})),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["tenant"], "testing");
+    let (status, v) = admin(
+        &addr,
+        "POST",
+        "/admin/users",
+        &ops,
+        Some(json!({"username": "eve", "tenant": "other"})),
+    )
+    .await;
+    assert_eq!(status, 422, "no tenant field: {v}");
+    let (status, v) = admin(
+        &addr,
+        "POST",
+        "/admin/keys",
+        &ops,
+        Some(json!({"user": "dave"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    let (dave, dave_id) = (
+        v["key"].as_str().unwrap().to_owned(),
+        v["key_id"].as_str().unwrap().to_owned(),
+    );
+    assert_eq!(chat(&moat, &dave, ask("chat"), &[]).await.0, 200);
+    let (status, v) = admin(&addr, "GET", "/admin/policy?user=dave", &ops, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(v["models"]["chat"]["pool"], "p", "{v}");
+
+    // Another tenant's admin cannot touch it.
+    let path = format!("/admin/keys/{dave_id}/revoke");
+    let (status, _) = admin(&addr, "POST", &path, &other_ops, None).await;
+    assert_eq!(status, 404);
+    let (_, v) = admin(&addr, "GET", "/admin/keys", &other_ops, None).await;
+    assert!(!v.to_string().contains(&dave_id));
+
+    // Narrowed in this process: the very next request is judged on the new roles.
+    let (status, _) = admin(
+        &addr,
+        "POST",
+        &format!("/admin/keys/{dave_id}/narrow"),
+        &ops,
+        Some(json!({"roles": []})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, v, _) = chat(&moat, &dave, ask("chat"), &[]).await;
+    assert_eq!(status, 403, "{v}");
+    let (status, _) = admin(&addr, "POST", &path, &ops, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        chat(&moat, &dave, ask("chat"), &[]).await.0,
+        401,
+        "revoked at once"
+    );
 }

@@ -119,9 +119,10 @@ pub fn validate(endpoint: Endpoint, bytes: &[u8], config: &Config) -> Result<Val
         ));
     }
 
-    let logprobs = ["logprobs", "top_logprobs", "logit_bias"]
-        .iter()
-        .any(|k| body.get(*k).is_some_and(|v| !v.is_null() && *v != Value::Bool(false)));
+    let logprobs = ["logprobs", "top_logprobs", "logit_bias"].iter().any(|k| {
+        body.get(*k)
+            .is_some_and(|v| !v.is_null() && *v != Value::Bool(false))
+    });
     rewrite(endpoint, &mut body, &model, model_config);
     let completion = ["max_tokens", "max_completion_tokens"]
         .iter()
