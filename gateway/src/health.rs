@@ -33,8 +33,8 @@ pub async fn readyz(State(state): State<SharedState>) -> Response {
             json!({"ready": pool_ready, "hosts": pool.status()}),
         );
     }
-    // With `mode = "off"` readiness says plainly that nothing is enforced. (The attach state
-    // of the kernel side joins here once `serve` hands it over.)
+    // With `mode = "off"` readiness says plainly that nothing is enforced. With "enforce" it
+    // is enforced: the supervisor starts the worker only once the hooks are in place.
     let segmentation = match state.config.segmentation().mode {
         SegmentationMode::Off => "off",
         SegmentationMode::Enforce => "enforce",

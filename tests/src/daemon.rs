@@ -88,12 +88,32 @@ pub fn wait_for_log(log: &Path, needle: &str, nth: usize) -> Value {
 
 /// `GET path` over plain HTTP/1.1; returns (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(addr, "GET", path, None, None)
+}
+
+/// One HTTP/1.1 request on a fresh connection made by the calling thread (so it works from
+/// a thread that entered a test network namespace); returns (status, body).
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    json_body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(token) = bearer {
+        head.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    let body = json_body.unwrap_or("");
+    if json_body.is_some() {
+        head.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    write!(s, "{head}\r\n{body}")?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
     let status = resp

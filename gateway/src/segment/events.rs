@@ -67,6 +67,19 @@ impl Deny {
     }
 }
 
+impl super::pinned::DenyRecord for Deny {
+    const KIND: &'static str = "deny-event";
+    const SUPPRESSED_EVENT: &'static str = "kernel_deny_suppressed";
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        Deny::decode(bytes)
+    }
+
+    fn log(&self) {
+        Deny::log(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

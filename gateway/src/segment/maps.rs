@@ -23,11 +23,7 @@ pub struct PolicyMaps {
 }
 
 pub(super) fn open_map(pins: &Pins, name: &str) -> Result<Map> {
-    let path = pins.map(name);
-    let data = MapData::from_pin(&path)
-        .with_context(|| format!("cannot open pinned map {}", path.display()))?;
-    Map::from_map_data(data)
-        .with_context(|| format!("pinned map {} has an unexpected type", path.display()))
+    super::pinned::open_map(&pins.map(name))
 }
 
 impl PolicyMaps {
@@ -56,8 +52,8 @@ impl PolicyMaps {
     /// the flip, the active policy is untouched.
     pub fn apply(&mut self, policy: &Policy) -> Result<()> {
         let idle = (self.active_slot()? ^ 1) as usize;
-        clear(&mut self.dest4[idle])?;
-        clear(&mut self.dest6[idle])?;
+        crate::segment::pinned::clear_trie(&mut self.dest4[idle])?;
+        crate::segment::pinned::clear_trie(&mut self.dest6[idle])?;
         for (rule, flags) in &policy.destinations {
             match rule.net {
                 IpNet::V4(net) => self.dest4[idle]
@@ -146,20 +142,8 @@ impl PolicyMaps {
 
     /// Every counter, summed over CPUs.
     pub fn counters(&self) -> Result<[u64; COUNTERS as usize]> {
-        let mut out = [0u64; COUNTERS as usize];
-        for (i, slot) in out.iter_mut().enumerate() {
-            *slot = self.counters.get(&(i as u32), 0)?.iter().sum();
-        }
-        Ok(out)
+        crate::segment::pinned::sum_counters(&self.counters)
     }
-}
-
-fn clear<K: aya::Pod>(trie: &mut LpmTrie<MapData, K, u32>) -> Result<()> {
-    let keys: Vec<Key<K>> = trie.keys().collect::<Result<_, _>>()?;
-    for key in keys {
-        trie.remove(&key)?;
-    }
-    Ok(())
 }
 
 /// The deny-event ring buffer.

@@ -18,6 +18,7 @@ mod events;
 pub mod inference;
 mod link;
 mod maps;
+pub(crate) mod pinned;
 mod pins;
 mod policy;
 mod status;
@@ -30,7 +31,6 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
 use moat_common::Hook;
-use tokio::io::{Interest, unix::AsyncFd};
 use tracing::info;
 
 pub use events::Deny;
@@ -109,26 +109,7 @@ impl Enforcer {
 
     /// Logs every deny event until the task is dropped.
     pub fn spawn_event_logger(&self) -> Result<tokio::task::JoinHandle<()>> {
-        let ring = self.open_events()?;
-        // SAFETY: the ring buffer owns its map fd, which stays open and unchanged for as long
-        // as the AsyncFd owns the ring buffer.
-        let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-            .map_err(|e| anyhow::anyhow!("cannot poll the deny-event ring buffer: {e}"))?;
-        Ok(tokio::spawn(async move {
-            loop {
-                let Ok(mut guard) = fd.readable_mut().await else {
-                    return;
-                };
-                let ring = guard.get_inner_mut();
-                while let Some(item) = ring.next() {
-                    match Deny::decode(&item) {
-                        Some(deny) => deny.log(),
-                        None => tracing::warn!(len = item.len(), "undecodable deny event"),
-                    }
-                }
-                guard.clear_ready();
-            }
-        }))
+        pinned::spawn_ring_logger::<Deny>(self.open_events()?)
     }
 }
 

@@ -1,10 +1,7 @@
 //! Ingress deny events: decoding the guard's ring buffer records and logging them, with a cap
 //! on how many lines a packet flood can write.
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    time::{Duration, Instant},
-};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use moat_common::guard::{IngressDenyEvent, IngressHook};
 use serde::Serialize;
@@ -67,55 +64,16 @@ impl IngressDeny {
     }
 }
 
-/// Logs at most [`Limiter::PER_SECOND`] events a second; the rest are counted and reported
-/// in one summary line, so a packet flood cannot fill the disk with log lines. The kernel's
-/// per-CPU counters still count every drop.
-#[derive(Debug)]
-pub struct Limiter {
-    window: Instant,
-    logged: u32,
-    suppressed: u64,
-}
+impl super::super::pinned::DenyRecord for IngressDeny {
+    const KIND: &'static str = "ingress deny-event";
+    const SUPPRESSED_EVENT: &'static str = "kernel_ingress_deny_suppressed";
 
-impl Default for Limiter {
-    fn default() -> Self {
-        Limiter {
-            window: Instant::now(),
-            logged: 0,
-            suppressed: 0,
-        }
-    }
-}
-
-impl Limiter {
-    pub const PER_SECOND: u32 = 200;
-
-    /// Logs `deny` unless this second's quota is spent; returns whether it was logged.
-    pub fn log(&mut self, deny: &IngressDeny) -> bool {
-        self.log_at(deny, Instant::now())
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        IngressDeny::decode(bytes)
     }
 
-    fn log_at(&mut self, deny: &IngressDeny, now: Instant) -> bool {
-        if now.duration_since(self.window) >= Duration::from_secs(1) {
-            if self.suppressed > 0 {
-                tracing::warn!(
-                    event = "kernel_ingress_deny_suppressed",
-                    suppressed = self.suppressed,
-                    "ingress deny events not logged individually (rate limit)"
-                );
-            }
-            self.window = now;
-            self.logged = 0;
-            self.suppressed = 0;
-        }
-        if self.logged < Self::PER_SECOND {
-            self.logged += 1;
-            deny.log();
-            true
-        } else {
-            self.suppressed += 1;
-            false
-        }
+    fn log(&self) {
+        IngressDeny::log(self)
     }
 }
 
@@ -160,18 +118,5 @@ mod tests {
             IngressDeny::decode(&record(6, 4)[..10]).is_none(),
             "short record"
         );
-    }
-
-    #[test]
-    fn a_flood_is_logged_at_most_per_second_quota() {
-        let d = IngressDeny::decode(&record(6, 4)).unwrap();
-        let mut l = Limiter::default();
-        let t0 = l.window;
-        let logged = (0..500).filter(|_| l.log_at(&d, t0)).count();
-        assert_eq!(logged, Limiter::PER_SECOND as usize);
-        assert_eq!(l.suppressed, 500 - Limiter::PER_SECOND as u64);
-        // The next second starts a new quota.
-        assert!(l.log_at(&d, t0 + Duration::from_millis(1001)));
-        assert_eq!(l.suppressed, 0);
     }
 }

@@ -24,11 +24,7 @@ pub struct GuardMaps {
 }
 
 fn open_map(pins: &GuardPins, name: &str) -> Result<Map> {
-    let path = pins.map(name);
-    let data = MapData::from_pin(&path)
-        .with_context(|| format!("cannot open pinned map {}", path.display()))?;
-    Map::from_map_data(data)
-        .with_context(|| format!("pinned map {} has an unexpected type", path.display()))
+    crate::segment::pinned::open_map(&pins.map(name))
 }
 
 impl GuardMaps {
@@ -64,8 +60,8 @@ impl GuardMaps {
         for p in old_ports {
             self.ports[idle].remove(&p)?;
         }
-        clear(&mut self.src4[idle])?;
-        clear(&mut self.src6[idle])?;
+        crate::segment::pinned::clear_trie(&mut self.src4[idle])?;
+        crate::segment::pinned::clear_trie(&mut self.src6[idle])?;
         for &port in &policy.ports {
             self.ports[idle]
                 .insert(port, PORT_GUARDED, 0)
@@ -141,20 +137,8 @@ impl GuardMaps {
 
     /// Every counter, summed over CPUs.
     pub fn counters(&self) -> Result<[u64; COUNTERS as usize]> {
-        let mut out = [0u64; COUNTERS as usize];
-        for (i, slot) in out.iter_mut().enumerate() {
-            *slot = self.counters.get(&(i as u32), 0)?.iter().sum();
-        }
-        Ok(out)
+        crate::segment::pinned::sum_counters(&self.counters)
     }
-}
-
-fn clear<K: aya::Pod>(trie: &mut LpmTrie<MapData, K, u32>) -> Result<()> {
-    let keys: Vec<Key<K>> = trie.keys().collect::<Result<_, _>>()?;
-    for key in keys {
-        trie.remove(&key)?;
-    }
-    Ok(())
 }
 
 /// The ingress deny-event ring buffer.

@@ -39,7 +39,6 @@ use aya::{
     },
 };
 use moat_common::guard::IngressHook;
-use tokio::io::{Interest, unix::AsyncFd};
 use tracing::info;
 
 pub use events::IngressDeny;
@@ -303,31 +302,10 @@ impl Guard {
         maps::open_events(&self.pins)
     }
 
-    /// Logs every ingress deny event until the task is dropped (see [`events::Limiter`]).
+    /// Logs every ingress deny event until the task is dropped (rate-limited, see
+    /// [`crate::segment::pinned::Limiter`]).
     pub fn spawn_event_logger(&self) -> Result<tokio::task::JoinHandle<()>> {
-        let ring = self.open_events()?;
-        // SAFETY: the ring buffer owns its map fd, which stays open and unchanged for as long
-        // as the AsyncFd owns the ring buffer.
-        let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-            .map_err(|e| anyhow::anyhow!("cannot poll the ingress deny-event ring buffer: {e}"))?;
-        Ok(tokio::spawn(async move {
-            let mut limiter = events::Limiter::default();
-            loop {
-                let Ok(mut guard) = fd.readable_mut().await else {
-                    return;
-                };
-                let ring = guard.get_inner_mut();
-                while let Some(item) = ring.next() {
-                    match IngressDeny::decode(&item) {
-                        Some(deny) => {
-                            limiter.log(&deny);
-                        }
-                        None => tracing::warn!(len = item.len(), "undecodable ingress deny event"),
-                    }
-                }
-                guard.clear_ready();
-            }
-        }))
+        crate::segment::pinned::spawn_ring_logger::<IngressDeny>(self.open_events()?)
     }
 }
 
