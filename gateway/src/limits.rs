@@ -42,7 +42,7 @@ const USAGE_SCAN_LIMIT: usize = 4 << 20;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Subject {
     Tenant(String),
-    /// A key, or (for password logins) a session, or a user.
+    /// A key id, or `user:<id>` for password logins.
     Key(String),
 }
 
@@ -148,10 +148,11 @@ impl Quotas {
         let t = config.tenant(&p.tenant);
         let tenant_q = t.quota.unwrap_or(config.raw.quotas.tenant);
         let key_q = t.key_quota.unwrap_or(config.raw.quotas.key);
+        // A password login has no key: its user is the subject, so logging in again does
+        // not buy a fresh quota.
         let key = p
             .key_id
             .clone()
-            .or_else(|| p.session_id.clone().map(|s| format!("session:{s}")))
             .unwrap_or_else(|| format!("user:{}", p.user_id));
         let subjects = [
             (Subject::Key(key), key_q, "key"),
@@ -285,10 +286,14 @@ pub fn meter(
         principal,
         generation,
         check: None,
-        tick: tokio::time::interval_at(
-            tokio::time::Instant::now() + REVOCATION_CHECK,
-            REVOCATION_CHECK,
-        ),
+        // Only streams can stay open long enough to need a clock; a JSON answer checks the
+        // generation whenever it moves.
+        tick: sse.then(|| {
+            tokio::time::interval_at(
+                tokio::time::Instant::now() + REVOCATION_CHECK,
+                REVOCATION_CHECK,
+            )
+        }),
         done: false,
     };
     Response::from_parts(parts, Body::new(metered))
@@ -311,7 +316,7 @@ pub struct Metered {
     principal: Principal,
     generation: u64,
     check: Option<Check>,
-    tick: tokio::time::Interval,
+    tick: Option<tokio::time::Interval>,
     done: bool,
 }
 
@@ -351,7 +356,9 @@ impl Metered {
 
     /// Whether the credential was found revoked (polls the pending check).
     fn revoked(&mut self, cx: &mut Context<'_>) -> bool {
-        while self.tick.poll_tick(cx).is_ready() {}
+        if let Some(t) = &mut self.tick {
+            while t.poll_tick(cx).is_ready() {}
+        }
         if self.check.is_none() {
             let g = self.identity.generation();
             if g == self.generation {
