@@ -312,6 +312,12 @@ async fn quotas_refuse_at_the_limit_and_charge_once() {
     let (a, _) = principal(&cfg, "rpm", "rpm-a", &["tester"], &[]);
     let (b, _) = principal(&cfg, "rpm", "rpm-b", &["tester"], &[]);
 
+    // An attempt the upstream failed generated nothing: the SDK's retry of it is not charged
+    // twice (the attempt is refunded).
+    sim.fail(json!({"mode": "error500", "count": 1})).await;
+    let (status, v, _) = chat(&moat, &a, ask("chat"), &[]).await;
+    assert_eq!(status, 502, "{v}");
+
     // Requests per minute: key a gets exactly 3.
     for i in 0..3 {
         let (status, v, _) = chat(&moat, &a, ask("chat"), &[]).await;
@@ -337,8 +343,8 @@ async fn quotas_refuse_at_the_limit_and_charge_once() {
     assert!(retry.is_some_and(|r| (1..=60).contains(&r)));
     assert_eq!(
         sim.requests().await,
-        5,
-        "refused requests never reached the upstream"
+        6,
+        "the failed attempt and 5 admitted ones; refused requests never reached the upstream"
     );
 
     // Tokens per minute: 100 tokens reserved (max_tokens) plus the prompt; reconciled with
