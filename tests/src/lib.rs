@@ -137,6 +137,11 @@ impl Drop for Proc {
     }
 }
 
+/// The cgroup test daemons put their workers in: not the production `moat.gateway`, whose
+/// egress a daemon running on the same machine in enforce mode locks down (the tests' upstreams
+/// would then be unreachable).
+pub const TEST_CGROUP: &str = "moat.tests";
+
 /// A running `moat-sim`.
 pub struct Sim {
     pub proc: Proc,
@@ -219,7 +224,7 @@ impl Moat {
         };
         let config = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\n{server}\n\
-             [segmentation]\nmode = \"off\"\n\n{role}\n{rest}\n"
+             [segmentation]\nmode = \"off\"\ngateway_cgroup = \"{TEST_CGROUP}\"\n\n{role}\n{rest}\n"
         );
         let path = dir.path().join("moat.toml");
         std::fs::write(&path, config).unwrap();

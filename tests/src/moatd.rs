@@ -46,11 +46,12 @@ impl Moat {
         } else {
             "[roles.user]\npermissions = [\"model:*\", \"inference:*\"]\n"
         };
+        let cg = crate::TEST_CGROUP;
         let text = format!(
             "[server]\nlisten = \"{addr}\"\ndata_dir = \"data\"\n\n\
              [pools.local]\nprovider = \"local\"\nhosts = [\"127.0.0.1:9\"]\n\n\
              [models.\"test-model\"]\npool = \"local\"\n\n\
-             [segmentation]\nmode = \"off\"\n\n{role}\n{extra}\n"
+             [segmentation]\nmode = \"off\"\ngateway_cgroup = \"{cg}\"\n\n{role}\n{extra}\n"
         );
         fs::write(&config, text).expect("write config");
         let log = dir.path().join("moat.log");

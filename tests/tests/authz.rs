@@ -463,6 +463,29 @@ async fn narrowed_key_and_removed_role_lose_access_and_revoked_streams_end() {
     assert!(last.contains("revoked"), "the last event says why: {last}");
     let (status, _, _) = chat(&moat, &key2, ask("chat"), &[]).await;
     assert_eq!(status, 401);
+
+    // So is a disabled user's.
+    let (key3, _) = principal(&cfg, "beta", "dan", &["reader"], &[]);
+    let auth = format!("Bearer {key3}");
+    let resp = moat_tests::send(
+        "POST",
+        &moat.url(CHAT),
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &auth),
+        ],
+        body.to_string(),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let mut events = Events::new(resp);
+    assert!(events.next().await.unwrap().is_some());
+    cli(&cfg, &["users", "disable", "dan"]);
+    let ended = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Ok(Some(_)) = events.next().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream of a disabled user kept going");
 }
 
 /// The admin plane's address, from the daemon's log.
