@@ -100,7 +100,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Worker => crate::worker::run()?,
         Command::Segment { command } => {
-            let config = Config::load(&cli.config)?;
+            let config = Config::load_lenient(&cli.config)?;
             let pins = segment::Pins::new(&config.segmentation().pin_root);
             match command {
                 SegmentCommand::Status { json } => {
@@ -158,7 +158,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// becomes the service user, so every file it creates in the data directory (database, WAL,
 /// secrets) stays readable and writable by the unprivileged worker.
 fn store_config(path: &std::path::Path) -> anyhow::Result<Config> {
-    let config = Config::load(path)?;
+    let config = Config::load_lenient(path)?;
     if nix::unistd::geteuid().is_root() {
         let user = crate::privdrop::ServiceUser::lookup(&config.raw.server.user)?;
         crate::privdrop::prepare_data_dir(&config.data_dir, &user)?;

@@ -727,6 +727,11 @@ pub enum Sources<'a> {
     System,
     /// What an earlier load captured.
     Replay(&'a Captured),
+    /// The system, but what cannot be read or resolved — host names, pool credentials, CA
+    /// files — is left out instead of refused. For commands that only work on the store or
+    /// the pins (`moat keys …`, `moat segment uninstall`), which must not need the daemon's
+    /// environment or DNS.
+    Lenient,
 }
 
 /// Reads through [`Sources`] and records every answer.
@@ -736,9 +741,17 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
+    fn lenient(&self) -> bool {
+        matches!(self.sources, Sources::Lenient)
+    }
+
     fn host(&self, entry: &str) -> Result<Vec<SocketAddr>, String> {
         let addrs = match self.sources {
             Sources::System => resolve_host_port(entry)?,
+            Sources::Lenient => {
+                split_port(entry)?;
+                resolve_host_port(entry).unwrap_or_default()
+            }
             Sources::Replay(c) => match c.hosts.get(entry) {
                 Some(addrs) => addrs.clone(),
                 None => resolve_literal(entry)?,
@@ -753,7 +766,7 @@ impl Reader<'_> {
 
     fn env(&self, name: &str) -> Option<String> {
         let value = match self.sources {
-            Sources::System => std::env::var(name).ok(),
+            Sources::System | Sources::Lenient => std::env::var(name).ok(),
             Sources::Replay(c) => c.env.get(name).cloned().flatten(),
         };
         self.captured
@@ -767,7 +780,7 @@ impl Reader<'_> {
     fn file(&self, path: &Path) -> Result<Option<Vec<u8>>, String> {
         let bytes =
             match self.sources {
-                Sources::System => match std::fs::read(path) {
+                Sources::System | Sources::Lenient => match std::fs::read(path) {
                     Ok(b) => Some(b),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
                     Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
@@ -792,13 +805,23 @@ impl Reader<'_> {
 impl Config {
     /// Reads, parses, validates and resolves `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::read_and_parse(path, Sources::System)
+    }
+
+    /// Like [`Config::load`], with [`Sources::Lenient`]: for commands that work on the store
+    /// or the pins only.
+    pub fn load_lenient(path: &Path) -> Result<Config, ConfigError> {
+        Self::read_and_parse(path, Sources::Lenient)
+    }
+
+    fn read_and_parse(path: &Path, sources: Sources<'_>) -> Result<Config, ConfigError> {
         let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         let text = std::fs::read_to_string(&path).map_err(|e| ConfigError {
             file: path.clone(),
             key: String::new(),
             reason: format!("cannot read: {e}"),
         })?;
-        Self::from_str(&path, &text)
+        Self::parse(&path, &text, sources)
     }
 
     /// Parses and validates `text` as if it were the file `path`.
@@ -879,39 +902,47 @@ impl Config {
             if !pool.health_path.starts_with('/') {
                 return Err(err(&pkey("health_path"), "must start with `/`".into()));
             }
-            let credential = match (&pool.api_key_env, &pool.api_key_file) {
-                (Some(_), Some(_)) => {
-                    return Err(err(
-                        &pkey("api_key_file"),
-                        "set either `api_key_env` or `api_key_file`, not both".into(),
-                    ));
-                }
-                (Some(var), None) => match reader.env(var) {
-                    Some(v) if !v.trim().is_empty() => Some(Secret(v.trim().to_owned())),
-                    _ => {
+            let credential = (|| -> Result<Option<Secret>, ConfigError> {
+                Ok(match (&pool.api_key_env, &pool.api_key_file) {
+                    (Some(_), Some(_)) => {
                         return Err(err(
-                            &pkey("api_key_env"),
-                            format!("environment variable `{var}` is not set or empty"),
+                            &pkey("api_key_file"),
+                            "set either `api_key_env` or `api_key_file`, not both".into(),
                         ));
                     }
-                },
-                (None, Some(file)) => {
-                    let file = base.join(file);
-                    let bytes = reader
-                        .required_file(&file)
-                        .map_err(|r| err(&pkey("api_key_file"), r))?;
-                    let text = String::from_utf8_lossy(&bytes);
-                    match text.lines().next().map(str::trim) {
-                        Some(v) if !v.is_empty() => Some(Secret(v.to_owned())),
+                    (Some(var), None) => match reader.env(var) {
+                        Some(v) if !v.trim().is_empty() => Some(Secret(v.trim().to_owned())),
                         _ => {
                             return Err(err(
-                                &pkey("api_key_file"),
-                                format!("{} is empty", file.display()),
+                                &pkey("api_key_env"),
+                                format!("environment variable `{var}` is not set or empty"),
                             ));
                         }
+                    },
+                    (None, Some(file)) => {
+                        let file = base.join(file);
+                        let bytes = reader
+                            .required_file(&file)
+                            .map_err(|r| err(&pkey("api_key_file"), r))?;
+                        let text = String::from_utf8_lossy(&bytes);
+                        match text.lines().next().map(str::trim) {
+                            Some(v) if !v.is_empty() => Some(Secret(v.to_owned())),
+                            _ => {
+                                return Err(err(
+                                    &pkey("api_key_file"),
+                                    format!("{} is empty", file.display()),
+                                ));
+                            }
+                        }
                     }
-                }
-                (None, None) => None,
+                    (None, None) => None,
+                })
+            })();
+            // A CLI command that only works on the store needs no upstream credential.
+            let credential = match credential {
+                Ok(c) => c,
+                Err(_) if reader.lenient() => None,
+                Err(e) => return Err(e),
             };
             if credential
                 .as_ref()
@@ -922,18 +953,25 @@ impl Config {
                     "the credential contains control characters".into(),
                 ));
             }
-            let tls_roots = match &pool.tls_ca_file {
-                None => None,
-                Some(_) if !pool.tls => {
-                    return Err(err(&pkey("tls_ca_file"), "only with `tls = true`".into()));
-                }
-                Some(file) => {
-                    let file = base.join(file);
-                    let pem = reader
-                        .required_file(&file)
-                        .map_err(|r| err(&pkey("tls_ca_file"), r))?;
-                    Some(parse_ca_pem(&file, &pem).map_err(|r| err(&pkey("tls_ca_file"), r))?)
-                }
+            let tls_roots = (|| -> Result<Option<Vec<Vec<u8>>>, ConfigError> {
+                Ok(match &pool.tls_ca_file {
+                    None => None,
+                    Some(_) if !pool.tls => {
+                        return Err(err(&pkey("tls_ca_file"), "only with `tls = true`".into()));
+                    }
+                    Some(file) => {
+                        let file = base.join(file);
+                        let pem = reader
+                            .required_file(&file)
+                            .map_err(|r| err(&pkey("tls_ca_file"), r))?;
+                        Some(parse_ca_pem(&file, &pem).map_err(|r| err(&pkey("tls_ca_file"), r))?)
+                    }
+                })
+            })();
+            let tls_roots = match tls_roots {
+                Ok(r) => r,
+                Err(_) if reader.lenient() => None,
+                Err(e) => return Err(e),
             };
             pools.insert(
                 name.clone(),
@@ -1367,6 +1405,16 @@ mod tests {
 
     fn parse_destination_sys(entry: &str) -> Result<Vec<DestinationRule>, String> {
         parse_destination(entry, &mut resolve_host_port)
+    }
+
+    #[test]
+    fn lenient_loads_leave_out_what_only_the_data_plane_needs() {
+        let text =
+            "[pools.gpu]\nhosts = [\"10.0.0.1:8000\"]\napi_key_env = \"MOAT_TEST_UNSET_VAR\"\n";
+        let e = load(text).unwrap_err();
+        assert_eq!(e.key, "pools.gpu.api_key_env", "strict loads refuse it");
+        let c = Config::parse(Path::new("/t.toml"), text, Sources::Lenient).unwrap();
+        assert!(c.pools["gpu"].credential.is_none());
     }
 
     #[test]
