@@ -64,6 +64,20 @@ pub fn router(current: Current, identity: Arc<Identity>) -> Router {
 
 type Result<T> = std::result::Result<T, ApiError>;
 
+/// A JSON body parsed strictly (unknown fields refused), its errors OpenAI-shaped 400s.
+struct Body<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(e) => Err(ApiError::bad_request(e.body_text())),
+        }
+    }
+}
+
 impl Admin {
     /// The caller must hold `perm` under the config in force.
     fn require(&self, p: &Principal, perm: &str) -> Result<SharedState> {
@@ -126,7 +140,7 @@ struct NewTenant {
 async fn add_tenant(
     State(a): State<Admin>,
     p: Principal,
-    Json(t): Json<NewTenant>,
+    Body(t): Body<NewTenant>,
 ) -> Result<Response> {
     a.require(&p, "admin:tenants")?;
     let name = t.name.clone();
@@ -163,7 +177,7 @@ struct NewUser {
 async fn add_user(
     State(a): State<Admin>,
     p: Principal,
-    Json(u): Json<NewUser>,
+    Body(u): Body<NewUser>,
 ) -> Result<Response> {
     a.require(&p, "admin:users")?;
     let (name, tenant, roles) = (u.username.clone(), p.tenant.clone(), u.roles.clone());
@@ -203,7 +217,7 @@ async fn set_roles(
     State(a): State<Admin>,
     p: Principal,
     Path(username): Path<String>,
-    Json(r): Json<Roles>,
+    Body(r): Body<Roles>,
 ) -> Result<Response> {
     a.require(&p, "admin:users")?;
     let u = a.own_user(&p, &username).await?;
@@ -239,7 +253,7 @@ struct NewKey {
 async fn create_key(
     State(a): State<Admin>,
     p: Principal,
-    Json(k): Json<NewKey>,
+    Body(k): Body<NewKey>,
 ) -> Result<Response> {
     a.require(&p, "admin:keys")?;
     a.own_user(&p, &k.user).await?;
@@ -273,7 +287,7 @@ async fn narrow_key(
     State(a): State<Admin>,
     p: Principal,
     Path(key_id): Path<String>,
-    Json(r): Json<Roles>,
+    Body(r): Body<Roles>,
 ) -> Result<Response> {
     a.require(&p, "admin:keys")?;
     a.own_key(&p, &key_id).await?;

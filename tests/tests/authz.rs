@@ -579,7 +579,8 @@ async fn admin_plane_is_separate_and_permissioned() {
         Some(json!({"username": "eve", "tenant": "other"})),
     )
     .await;
-    assert_eq!(status, 422, "no tenant field: {v}");
+    assert_eq!(status, 400, "no tenant field: {v}");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
     let (status, v) = admin(
         &addr,
         "POST",
