@@ -357,6 +357,27 @@ async fn quotas_refuse_at_the_limit_and_charge_once() {
         assert_eq!(status, 200, "request {i} after reconciliation: {v}");
         assert_eq!(v["usage"]["total_tokens"], 9);
     }
+    // Streams are reconciled from their last usage event (`include_usage`).
+    let (t2, _) = principal(&cfg, "tpm", "tpm-b", &["tester"], &[]);
+    let mut streamed = big.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let auth2 = format!("Bearer {t2}");
+    for i in 0..5 {
+        let resp = moat_tests::send(
+            "POST",
+            &moat.url(CHAT),
+            &[
+                ("content-type", "application/json"),
+                ("authorization", &auth2),
+            ],
+            streamed.to_string(),
+        )
+        .await;
+        assert_eq!(resp.status(), 200, "stream {i} after reconciliation");
+        let mut events = Events::new(resp);
+        while events.next().await.unwrap().is_some() {}
+    }
     // 5 × 9 = 45 used; a reservation of 150 + prompt no longer fits under 200.
     big["max_tokens"] = json!(150);
     let (status, v, retry) = chat(&moat, &t, big.clone(), &[]).await;
