@@ -16,9 +16,12 @@ use serde_json::json;
 
 use crate::{
     auth::{Identity, Principal, http as auth_http},
+    authz,
     config::Config,
     error::ApiError,
-    health, openai,
+    health,
+    limits::Quotas,
+    openai,
     proxy::Upstreams,
     request_id,
     route::Pools,
@@ -32,10 +35,16 @@ pub struct AppState {
     pub pools: Pools,
     /// Every pool's upstream client and request settings.
     pub upstreams: Upstreams,
+    /// Quota counters: shared across reloads (owned by the worker's `Shared`).
+    pub quotas: Arc<Quotas>,
 }
 
 impl AppState {
-    pub fn new(config: Config, identity: Arc<Identity>) -> anyhow::Result<Self> {
+    pub fn new(
+        config: Config,
+        identity: Arc<Identity>,
+        quotas: Arc<Quotas>,
+    ) -> anyhow::Result<Self> {
         let pools = Pools::from_config(&config);
         let upstreams = Upstreams::from_config(&config)?;
         Ok(Self {
@@ -43,6 +52,7 @@ impl AppState {
             identity,
             pools,
             upstreams,
+            quotas,
         })
     }
 }
@@ -53,10 +63,14 @@ pub type SharedState = Arc<AppState>;
 /// 1. request id (span, `X-Request-Id`, access log) — outermost, so even a 404 carries one
 /// 2. body size limit on the announced length (413)
 /// 3. routing: only the routes below exist (404/405 otherwise)
-/// 4. `protected` routes: bearer authentication (401) before any handler runs
-/// 5. inference handlers (`openai`): content type (415), body read under the cap (413),
-///    strict parse and caps (400/404), then `proxy`: a healthy host of the model's pool,
-///    the upstream call with the pool's credential, the answer relayed as it streams
+/// 4. `protected` routes: bearer authentication (401) before any handler runs; the principal
+///    (tenant and roles from the credential, through the identity cache) rides along
+/// 5. inference handlers (`openai::handle`, in this order): content type (415), body read
+///    under the cap (413), strict parse and caps (400/404); authorize (`authz`: model and
+///    provider permissions, `logprobs`, the tenant's routing — 403); quotas (`limits`: 429
+///    with `Retry-After`); then `proxy`: a healthy host of the pool authorization chose, the
+///    upstream call with the pool's credential, the answer relayed as it streams and metered
+///    (`limits::Metered`: usage reconciled, slots released, ended on revocation)
 pub fn router(state: SharedState) -> Router {
     let identity = state.identity.clone();
     let auth_routes = Router::new()
@@ -86,23 +100,16 @@ pub fn router(state: SharedState) -> Router {
         .layer(middleware::from_fn(request_id::layer))
 }
 
-/// `GET /v1/models`: the configured models. (Per-caller filtering comes with authorization.)
+/// `GET /v1/models`: only the models the caller may use, as its tenant would be routed.
 async fn models(
     axum::extract::State(state): axum::extract::State<SharedState>,
-    _principal: Principal,
+    principal: Principal,
 ) -> impl IntoResponse {
-    let data: Vec<_> = state
-        .config
-        .raw
-        .models
-        .iter()
-        .map(|(name, m)| {
-            let owned_by = state
-                .config
-                .pools
-                .get(&m.pool)
-                .map_or("moat", |p| p.provider.as_str());
-            json!({"id": name, "object": "model", "created": 0, "owned_by": owned_by})
+    let perms = authz::Permissions::of(&state.config, &principal.roles);
+    let data: Vec<_> = authz::visible_models(&state.config, &principal.tenant, &perms)
+        .into_iter()
+        .map(|(name, route)| {
+            json!({"id": name, "object": "model", "created": 0, "owned_by": route.provider})
         })
         .collect();
     Json(json!({"object": "list", "data": data}))

@@ -58,6 +58,17 @@ pub struct RawConfig {
     pub segmentation: SegmentationConfig,
     #[serde(default)]
     pub auth: AuthConfig,
+    /// Named sets of permissions (`authz`).
+    #[serde(default)]
+    pub roles: BTreeMap<String, RoleConfig>,
+    /// Tenancy policy by tenant name (tenants themselves live in the store).
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantConfig>,
+    /// Default quotas, for tenants without their own.
+    #[serde(default)]
+    pub quotas: QuotasConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -159,6 +170,13 @@ pub struct PoolConfig {
     /// upstream (connect refused or timed out) are retried.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+    /// The provider is outside the operator's walls (a hosted API): `local_only` tenants never
+    /// reach it.
+    #[serde(default)]
+    pub external: bool,
+    /// The tenant this pool belongs to: it serves that (dedicated) tenant only.
+    #[serde(default)]
+    pub dedicated_to: Option<String>,
 }
 
 fn default_connect_timeout_ms() -> u64 {
@@ -221,6 +239,67 @@ pub struct ModelConfig {
     /// Most items in an embeddings `input` or a completions `prompt` array.
     #[serde(default = "default_max_inputs")]
     pub max_inputs: usize,
+    /// Dedicated tenant → its own pool for this model. A dedicated tenant is served from here
+    /// and nowhere else; without an entry the model does not exist for it.
+    #[serde(default)]
+    pub tenant_pools: BTreeMap<String, String>,
+}
+
+/// The admin plane's listener.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// A loopback address (never the data plane's); absent: no admin plane (the CLI still
+    /// works on the store).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+}
+
+/// A role: a named set of permissions (see `authz::Permission` for the grammar).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleConfig {
+    pub permissions: Vec<String>,
+}
+
+/// How a tenant is kept apart, and its quotas.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Served only by pools `dedicated_to` it; never falls back to a shared pool.
+    #[serde(default)]
+    pub dedicated: bool,
+    /// Never routed to a pool marked `external`.
+    #[serde(default)]
+    pub local_only: bool,
+    /// The whole tenant's quota (default: `quotas.tenant`).
+    #[serde(default)]
+    pub quota: Option<Quota>,
+    /// Each key's (or session's) quota in this tenant (default: `quotas.key`).
+    #[serde(default)]
+    pub key_quota: Option<Quota>,
+}
+
+/// Defaults for tenants that set none.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotasConfig {
+    #[serde(default)]
+    pub tenant: Quota,
+    #[serde(default)]
+    pub key: Quota,
+}
+
+/// Limits over a sliding minute and on concurrency; an absent limit is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    pub requests_per_minute: Option<u64>,
+    /// Reserved as `max_tokens` × `n` plus an estimate of the prompt, reconciled with the
+    /// upstream's reported usage.
+    pub tokens_per_minute: Option<u64>,
+    pub concurrent_requests: Option<u64>,
+    pub concurrent_streams: Option<u64>,
 }
 
 fn default_max_messages() -> usize {
@@ -938,6 +1017,21 @@ impl Config {
         if raw.server.max_body_bytes == 0 {
             return Err(err("server.max_body_bytes", "must be at least 1".into()));
         }
+        crate::authz::check_config(&raw).map_err(|(k, r)| err(&k, r))?;
+        if let Some(a) = raw.admin.listen {
+            if !a.ip().is_loopback() {
+                return Err(err(
+                    "admin.listen",
+                    format!("{a} is not a loopback address; the admin plane is local only"),
+                ));
+            }
+            if a == raw.server.listen && a.port() != 0 {
+                return Err(err(
+                    "admin.listen",
+                    "must differ from `server.listen`: the data plane has no admin route".into(),
+                ));
+            }
+        }
 
         let seg = &raw.segmentation;
         let mut rules = |list: &[String], key: &str| -> Result<Vec<DestinationRule>, ConfigError> {
@@ -1008,6 +1102,12 @@ impl Config {
 
     pub fn auth(&self) -> &AuthConfig {
         &self.raw.auth
+    }
+
+    /// A tenant's policy; tenants the config does not name are shared, not local-only, and
+    /// get the default quotas.
+    pub fn tenant(&self, name: &str) -> TenantConfig {
+        self.raw.tenants.get(name).cloned().unwrap_or_default()
     }
 
     /// A path from the config, taken relative to the config file's folder.

@@ -12,6 +12,8 @@ use crate::{config::Captured, metrics::KernelCounters};
 /// Environment variables that carry the inherited descriptors to the worker.
 pub const ENV_LISTEN_FD: &str = "MOAT_LISTEN_FD";
 pub const ENV_CONTROL_FD: &str = "MOAT_CONTROL_FD";
+/// The admin plane's listener, when `admin.listen` is set.
+pub const ENV_ADMIN_FD: &str = "MOAT_ADMIN_FD";
 pub const ENV_SUPERVISOR_PID: &str = "MOAT_SUPERVISOR_PID";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -31,6 +31,13 @@ pub enum UsersCommand {
     },
     /// Set a user's password (read from the terminal or stdin).
     Passwd { username: String },
+    /// Replace a user's roles (none: no rights). Running gateways apply it within
+    /// `auth.revocation_poll_ms`.
+    Roles {
+        username: String,
+        #[arg(long = "role")]
+        roles: Vec<String>,
+    },
     /// Disable a user: its keys stop working and its sessions end.
     Disable { username: String },
     /// List users.
@@ -67,6 +74,13 @@ pub enum KeysCommand {
     },
     /// Revoke a key by its id: it stops working and the sessions opened with it end.
     Revoke { key_id: String },
+    /// Narrow a key to some of its roles (none: no rights). Running gateways apply it within
+    /// `auth.revocation_poll_ms`.
+    Narrow {
+        key_id: String,
+        #[arg(long = "role")]
+        roles: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -172,6 +186,10 @@ pub fn users(config: &Config, cmd: UsersCommand) -> anyhow::Result<()> {
             a.set_password(&username, &pw)?;
             println!("password of {username} changed");
         }
+        UsersCommand::Roles { username, roles } => {
+            let id = a.set_user_roles(&username, &roles)?;
+            println!("roles of {username} ({id}) set to [{}]", roles.join(","));
+        }
         UsersCommand::Disable { username } => {
             let (id, changed) = a.disable_user(&username)?;
             if changed {
@@ -258,6 +276,10 @@ pub fn keys(config: &Config, cmd: KeysCommand) -> anyhow::Result<()> {
                     );
                 }
             }
+        }
+        KeysCommand::Narrow { key_id, roles } => {
+            a.narrow_key(&key_id, &roles)?;
+            println!("key {key_id} narrowed to [{}]", roles.join(","));
         }
         KeysCommand::Revoke { key_id } => {
             if a.revoke_key(&key_id)? {

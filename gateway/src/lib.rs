@@ -2,8 +2,10 @@
 //! segmentation. The binary (`src/main.rs`) is a thin CLI over this library; the integration
 //! tests and benchmarks in `tests/` drive the same library.
 
+pub mod admin;
 pub mod app;
 pub mod auth;
+pub mod authz;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
@@ -13,6 +15,7 @@ pub mod error;
 pub mod health;
 pub mod identity_cli;
 pub mod inference_host;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod openai;

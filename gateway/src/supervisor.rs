@@ -31,7 +31,9 @@ use tracing::{error, info, warn};
 use crate::{
     cgroup::Cgroup,
     config::{Config, SegmentationMode},
-    control::{self, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SUPERVISOR_PID, FromWorker, ToWorker},
+    control::{
+        self, ENV_ADMIN_FD, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SUPERVISOR_PID, FromWorker, ToWorker,
+    },
     inference_host,
     privdrop::{DropPlan, ServiceUser, prepare_data_dir},
     segment::{Enforcer, GatewayIdentity, Pins, Policy, inference::Guard},
@@ -81,6 +83,15 @@ pub fn run(config: Config) -> Result<()> {
     let listen = config.raw.server.listen;
     let listener = std::net::TcpListener::bind(listen)
         .with_context(|| format!("cannot listen on {listen}"))?;
+    // The admin plane gets its own listener, bound here like the data plane's.
+    let admin = config
+        .raw
+        .admin
+        .listen
+        .map(|a| {
+            std::net::TcpListener::bind(a).with_context(|| format!("cannot listen on {a} (admin)"))
+        })
+        .transpose()?;
     info!(listen = %listener.local_addr()?, user = %user.name, "supervisor ready; starting the worker");
 
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -101,6 +112,7 @@ pub fn run(config: Config) -> Result<()> {
             gateway,
             enforcer,
             listener,
+            admin,
         }
         .run()
         .await
@@ -124,6 +136,7 @@ struct Supervisor {
     /// The inference guard, when this host also serves models (`[segmentation.inference]`).
     guard: Option<Guard>,
     listener: std::net::TcpListener,
+    admin: Option<std::net::TcpListener>,
 }
 
 /// A running worker and its end of the control channel.
@@ -209,7 +222,8 @@ impl Supervisor {
 
     async fn spawn_worker(&self) -> Result<Worker> {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
-        let inherit = vec![self.listener.as_raw_fd(), theirs.as_raw_fd()];
+        let mut inherit = vec![self.listener.as_raw_fd(), theirs.as_raw_fd()];
+        inherit.extend(self.admin.as_ref().map(|a| a.as_raw_fd()));
         let cgroup = self.cgroup.as_ref().map(|c| c.path.as_path());
         let plan = DropPlan::new(cgroup, self.user.clone(), inherit)?;
         let exe = std::env::current_exe().context("cannot find the moat binary")?;
@@ -219,6 +233,11 @@ impl Supervisor {
             .env(ENV_LISTEN_FD, self.listener.as_raw_fd().to_string())
             .env(ENV_CONTROL_FD, theirs.as_raw_fd().to_string())
             .env(ENV_SUPERVISOR_PID, std::process::id().to_string())
+            .envs(
+                self.admin
+                    .as_ref()
+                    .map(|a| (ENV_ADMIN_FD, a.as_raw_fd().to_string())),
+            )
             .env(
                 "MOAT_LOG",
                 std::env::var("MOAT_LOG").unwrap_or_else(|_| "info".into()),
@@ -345,6 +364,9 @@ fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
     let (o, n) = (&old.raw, &new.raw);
     if o.server.listen != n.server.listen {
         return Some("server.listen");
+    }
+    if o.admin != n.admin {
+        return Some("admin.listen");
     }
     if o.server.user != n.server.user {
         return Some("server.user");

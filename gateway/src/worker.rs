@@ -25,32 +25,42 @@ use crate::{
     app::{self, AppState},
     auth::Identity,
     config::{Config, Sources},
-    control::{self, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SUPERVISOR_PID, FromWorker, ToWorker},
+    control::{
+        self, ENV_ADMIN_FD, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SUPERVISOR_PID, FromWorker, ToWorker,
+    },
+    limits::Quotas,
     metrics::KernelCounters,
     privdrop, proxy,
 };
 
-/// What outlives a config reload: the identity store and its caches, and the latest kernel
-/// counters the supervisor sent.
+/// What outlives a config reload: the identity store and its caches, the quota counters (a
+/// reload must not hand everyone a fresh minute), and the latest kernel counters the
+/// supervisor sent.
 struct Shared {
     identity: Arc<Identity>,
+    quotas: Arc<Quotas>,
     kernel: Arc<ArcSwap<KernelCounters>>,
 }
 
 impl Shared {
     fn open(config: &Config, kernel: Arc<ArcSwap<KernelCounters>>) -> Result<Shared> {
         let identity = Identity::open(config).context("cannot open the identity store")?;
-        Ok(Shared { identity, kernel })
+        Ok(Shared {
+            identity,
+            quotas: Arc::default(),
+            kernel,
+        })
     }
 
     /// Builds the data plane for one config. The one place a config becomes a router.
     fn build(&self, config: Config) -> Result<Serving> {
-        let state = AppState::new(config, self.identity.clone())
+        let state = AppState::new(config, self.identity.clone(), self.quotas.clone())
             .context("cannot set up the upstream pools")?;
         let state = Arc::new(state);
         let health = proxy::health::spawn(&state.pools, &state.upstreams);
         Ok(Serving {
-            router: app::router(state),
+            router: app::router(state.clone()),
+            state,
             _health: health,
         })
     }
@@ -61,6 +71,8 @@ impl Shared {
 /// checks stop with it.
 pub struct Serving {
     router: Router,
+    /// For the admin plane, which judges permissions under the config in force.
+    state: app::SharedState,
     _health: proxy::health::HealthCheckers,
 }
 
@@ -80,6 +92,16 @@ pub fn run() -> Result<()> {
         std::os::unix::net::UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd(ENV_CONTROL_FD)?) });
     listener.set_nonblocking(true)?;
     control.set_nonblocking(true)?;
+    let admin = match std::env::var(ENV_ADMIN_FD) {
+        // SAFETY: as above.
+        Ok(_) => Some(std::net::TcpListener::from(unsafe {
+            OwnedFd::from_raw_fd(fd(ENV_ADMIN_FD)?)
+        })),
+        Err(_) => None,
+    };
+    if let Some(a) = &admin {
+        a.set_nonblocking(true)?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -115,6 +137,21 @@ pub fn run() -> Result<()> {
             .write_all(control::encode(&FromWorker::Applied).as_bytes())
             .await?;
         info!(pid = std::process::id(), listen = %listener.local_addr()?, "data plane listening");
+        if let Some(a) = admin {
+            let a = TcpListener::from_std(a)?;
+            info!(listen = %a.local_addr()?, "admin plane listening");
+            let cur = current.clone();
+            let router = crate::admin::router(
+                Arc::new(move || cur.load().state.clone()),
+                shared.identity.clone(),
+                shared.kernel.clone(),
+            );
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(a, router).await {
+                    error!(error = %e, "admin plane stopped");
+                }
+            });
+        }
 
         let reloads = current.clone();
         let supervisor_gone = async move {

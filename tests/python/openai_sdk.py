@@ -62,6 +62,16 @@ try:
 except openai.BadRequestError as err:
     assert err.body["param"] == "n", err.body
 
+# Authorization: a model the caller's roles do not grant, and logprobs without the `logprobs`
+# permission, are 403 → PermissionDeniedError; /v1/models lists only what may be used.
+for kwargs in ({"model": os.environ["MOAT_DENIED_MODEL"]}, {"model": model, "logprobs": True}):
+    try:
+        client.chat.completions.create(messages=[{"role": "user", "content": "x"}], **kwargs)
+        raise AssertionError(f"{kwargs} allowed")
+    except openai.PermissionDeniedError as err:
+        assert err.status_code == 403 and err.body["type"] == "permission_error", err.body
+assert [m.id for m in client.models.list()] == [model]
+
 # An upstream dying mid-stream surfaces as an APIError from the stream, not a hang.
 req = urllib.request.Request(
     os.environ["MOAT_SIM_URL"] + "/_sim/fail",

@@ -137,6 +137,11 @@ impl Drop for Proc {
     }
 }
 
+/// The cgroup test daemons put their workers in: not the production `moat.gateway`, whose
+/// egress a daemon running on the same machine in enforce mode locks down (the tests' upstreams
+/// would then be unreachable).
+pub const TEST_CGROUP: &str = "moat.tests";
+
 /// A running `moat-sim`.
 pub struct Sim {
     pub proc: Proc,
@@ -210,9 +215,16 @@ impl Moat {
         for (name, content) in files {
             std::fs::write(dir.path().join(name), content).unwrap();
         }
+        // The harness's user `tester` has role `tester`: every model on every provider,
+        // unless the test defines that role itself (authorization denies by default).
+        let role = if rest.contains("[roles.tester]") {
+            ""
+        } else {
+            "[roles.tester]\npermissions = [\"model:*\", \"inference:*\", \"logprobs\"]\n"
+        };
         let config = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\n{server}\n\
-             [segmentation]\nmode = \"off\"\n\n{rest}\n"
+             [segmentation]\nmode = \"off\"\ngateway_cgroup = \"{TEST_CGROUP}\"\n\n{role}\n{rest}\n"
         );
         let path = dir.path().join("moat.toml");
         std::fs::write(&path, config).unwrap();
@@ -311,7 +323,9 @@ pub fn create_key(config: &Path) -> String {
         String::from_utf8(out.stdout).unwrap()
     };
     moat(&["tenants", "add", "testing"]);
-    moat(&["users", "add", "tester", "--tenant", "testing"]);
+    moat(&[
+        "users", "add", "tester", "--tenant", "testing", "--role", "tester",
+    ]);
     let out = moat(&["keys", "create", "--user", "tester", "--json"]);
     let v: Value = serde_json::from_str(out.trim()).expect("keys create --json");
     v["key"].as_str().expect("key").to_owned()

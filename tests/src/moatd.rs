@@ -39,11 +39,19 @@ impl Moat {
         let dir = tempfile::tempdir().expect("tempdir");
         let addr: SocketAddr = ([127, 0, 0, 1], 0).into();
         let config = dir.path().join("moat.toml");
+        // Role `user` may use every model (authorization denies by default), unless the
+        // test defines it itself.
+        let role = if extra.contains("[roles.user]") {
+            ""
+        } else {
+            "[roles.user]\npermissions = [\"model:*\", \"inference:*\"]\n"
+        };
+        let cg = crate::TEST_CGROUP;
         let text = format!(
             "[server]\nlisten = \"{addr}\"\ndata_dir = \"data\"\n\n\
              [pools.local]\nprovider = \"local\"\nhosts = [\"127.0.0.1:9\"]\n\n\
              [models.\"test-model\"]\npool = \"local\"\n\n\
-             [segmentation]\nmode = \"off\"\n\n{extra}\n"
+             [segmentation]\nmode = \"off\"\ngateway_cgroup = \"{cg}\"\n\n{role}\n{extra}\n"
         );
         fs::write(&config, text).expect("write config");
         let log = dir.path().join("moat.log");

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
 
 use moat_tests::{
     bin,
-    daemon::{Daemon, http_get},
+    daemon::{Daemon, http_get, http_request},
     kernel::{EPERM, TestCgroup, TestPins, require_root, try_from, unique},
 };
 use nix::sys::signal::Signal;
@@ -240,4 +240,83 @@ fn refuses_to_start_when_enforcement_cannot_be_put_in_place() {
     daemon.wait_log("segmentation is off");
     daemon.wait_log("worker started");
     assert_eq!(http_get(daemon.listen_addr(), "/healthz").unwrap().0, 200);
+}
+
+#[test]
+fn kernel_counters_reach_the_admin_plane_metrics() {
+    require_root();
+    let s = Setup::new();
+    let pool = listener();
+    s.write(
+        &[pool],
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[roles.ops]\npermissions = [\"audit:read\"]\n\
+         [roles.user]\npermissions = [\"model:*\", \"inference:*\"]\n",
+    );
+    let cli = |args: &[&str]| {
+        let out = Command::new(bin("moat"))
+            .args(args)
+            .arg("-c")
+            .arg(&s.cfg)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    cli(&["tenants", "add", "ops"]);
+    cli(&[
+        "users", "add", "auditor", "--tenant", "ops", "--role", "ops",
+    ]);
+    cli(&["users", "add", "app", "--tenant", "ops", "--role", "user"]);
+    let key = |user: &str| -> String {
+        let v: serde_json::Value =
+            serde_json::from_str(&cli(&["keys", "create", "--user", user, "--json"])).unwrap();
+        v["key"].as_str().unwrap().to_owned()
+    };
+    let (auditor, app) = (key("auditor"), key("app"));
+    let _gateway = s.gateway_cgroup();
+    let daemon = Daemon::start(&s.cfg, &s.dir.path().join("serve.log"));
+    let admin: SocketAddr = daemon.wait_log("admin plane listening")["listen"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    // Two refused connects, then the counters (pushed every 2 s) show them.
+    let outsider = s.base.child("outsider");
+    let pool_addr: SocketAddr = format!("127.0.0.1:{pool}").parse().unwrap();
+    for _ in 0..2 {
+        assert_eq!(
+            try_from(Some(outsider.path()), "tcp", &[pool_addr]),
+            [EPERM]
+        );
+    }
+    let denied = || -> u64 {
+        let (status, body) = http_request(admin, "GET", "/metrics", Some(&auditor), None).unwrap();
+        assert_eq!(status, 200, "{body}");
+        body.lines()
+            .find(|l| {
+                l.starts_with("moat_kernel_connect_total{hook=\"connect4\",verdict=\"denied\"}")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    wait_until("the deny counter on /metrics", || denied() >= 2);
+    // An inference key is refused there; the data plane has no such route.
+    assert_eq!(
+        http_request(admin, "GET", "/metrics", Some(&app), None)
+            .unwrap()
+            .0,
+        403
+    );
+    let data = daemon.listen_addr();
+    assert_eq!(
+        http_request(data, "GET", "/metrics", Some(&auditor), None)
+            .unwrap()
+            .0,
+        404
+    );
 }

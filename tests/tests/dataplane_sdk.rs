@@ -14,7 +14,9 @@ async fn the_official_python_sdk_works_through_moat() {
     let sim = Sim::start(&["--echo", "--tokens-per-sec", "200"]);
     let config = format!(
         "[pools.gpu]\nhosts = [\"{}\"]\nhealth_interval_ms = 100\n\n\
-         [models.chat]\npool = \"gpu\"\nupstream_model = \"org/chat-upstream\"\n",
+         [models.chat]\npool = \"gpu\"\nupstream_model = \"org/chat-upstream\"\n\
+         [models.secret]\npool = \"gpu\"\n\
+         [roles.tester]\npermissions = [\"model:chat\", \"inference:local\"]\n",
         sim.addr
     );
     let moat = Moat::start(&config, &[]);
@@ -25,6 +27,7 @@ async fn the_official_python_sdk_works_through_moat() {
         .env("MOAT_BASE_URL", moat.url("/v1"))
         .env("MOAT_API_KEY", &moat.key)
         .env("MOAT_MODEL", "chat")
+        .env("MOAT_DENIED_MODEL", "secret")
         .env("MOAT_SIM_URL", sim.url(""))
         .kill_on_drop(true)
         .output();

@@ -156,6 +156,7 @@ fn gateway_inference_and_rogue_hosts() {
             "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"nobody\"\n\
              [pools.gpu]\nhosts = [{}]\nhealth_interval_ms = 200\n\
              [models.m]\npool = \"gpu\"\n\
+             [roles.tester]\npermissions = [\"model:*\", \"inference:*\"]\n\
              [segmentation]\ngateway_cgroup = \"{}\"\npin_root = \"{}\"\n",
             hosts.join(", "),
             gateway_cgroup.relative.display(),

@@ -109,6 +109,31 @@ impl Admin<'_> {
         Ok((u.id, changed))
     }
 
+    /// Replaces a user's roles. Its keys keep their own lists, but a key's effective roles are
+    /// always intersected with its user's, so a role taken from the user is gone from its keys.
+    pub fn set_user_roles(&self, username: &str, roles: &[String]) -> anyhow::Result<String> {
+        for r in roles {
+            check_role(r)?;
+        }
+        let u = self.user(username)?;
+        self.store.set_user_roles(&u.id, roles, now())?;
+        Ok(u.id)
+    }
+
+    /// Narrows a key to `roles`, which must be among its current roles (never widens).
+    pub fn narrow_key(&self, key_id: &str, roles: &[String]) -> anyhow::Result<()> {
+        let Some(k) = self.store.api_key(key_id)? else {
+            bail!("no key `{key_id}`");
+        };
+        for r in roles {
+            if !k.roles.contains(r) {
+                bail!("key `{key_id}` does not have role `{r}`: a key can only be narrowed");
+            }
+        }
+        self.store.set_api_key_roles(key_id, roles, now())?;
+        Ok(())
+    }
+
     pub fn users(&self) -> anyhow::Result<Vec<User>> {
         Ok(self.store.list_users()?)
     }

@@ -62,6 +62,12 @@ impl Store for Counting {
     fn revoke_api_key(&self, key_id: &str, now: i64) -> StoreResult<bool> {
         self.inner.revoke_api_key(key_id, now)
     }
+    fn set_user_roles(&self, user_id: &str, roles: &[String], now: i64) -> StoreResult<bool> {
+        self.inner.set_user_roles(user_id, roles, now)
+    }
+    fn set_api_key_roles(&self, key_id: &str, roles: &[String], now: i64) -> StoreResult<bool> {
+        self.inner.set_api_key_roles(key_id, roles, now)
+    }
     fn create_family(&self, f: &NewFamily<'_>, first: &NewRefreshToken<'_>) -> StoreResult<()> {
         self.inner.create_family(f, first)
     }

@@ -13,11 +13,14 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use tracing::debug;
+use tracing::{debug, info};
 
 use crate::{
     app::SharedState,
+    auth::Principal,
+    authz::{self, Permissions},
     error::ApiError,
+    limits::{self, Ask},
     proxy::{self, Outbound},
     request_id::RequestId,
 };
@@ -35,8 +38,16 @@ pub async fn embeddings(state: State<SharedState>, req: Request) -> Response {
     handle(Endpoint::Embeddings, state, req).await
 }
 
+/// Steps 4–9 of the pipeline, in order (steps 1–3 ran in the layers, see `app`): strict parse,
+/// authorize (model, provider, tenant routing), quotas, route and call upstream, meter the
+/// answer. The principal's tenant and roles come from the credential only; nothing in the body
+/// or the headers can change them.
 async fn handle(endpoint: Endpoint, State(state): State<SharedState>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
+    let Some(principal) = parts.extensions.get::<Principal>().cloned() else {
+        // Only reachable through a mis-wired route: fail closed.
+        return ApiError::unauthorized("missing bearer credential").into_response();
+    };
     if !is_json(&parts.headers) {
         return ApiError::unsupported_media_type().into_response();
     }
@@ -50,6 +61,45 @@ async fn handle(endpoint: Endpoint, State(state): State<SharedState>, req: Reque
         Err(e) => return e.into_response(),
     };
     debug!(model = %valid.model, stream = valid.stream, bytes = bytes.len(), "request valid");
+    // 5. authorize: permissions resolved now from the principal's current roles.
+    let perms = Permissions::of(&state.config, &principal.roles);
+    let route = match authz::authorize(
+        &state.config,
+        &principal,
+        &perms,
+        &valid.model,
+        valid.logprobs,
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            info!(
+                user = %principal.username,
+                tenant = %principal.tenant,
+                key_id = principal.key_id.as_deref().unwrap_or("-"),
+                model = %valid.model,
+                "authorization denied"
+            );
+            return e.into_response();
+        }
+    };
+    // 6. quotas: charged only if every limit passes.
+    let ask = Ask {
+        tokens: valid.reserve_tokens,
+        stream: valid.stream,
+    };
+    let ticket = match state.quotas.acquire(&state.config, &principal, ask) {
+        Ok(t) => t,
+        Err(e) => {
+            info!(
+                user = %principal.username,
+                tenant = %principal.tenant,
+                key_id = principal.key_id.as_deref().unwrap_or("-"),
+                status = e.status.as_u16(),
+                "quota denied"
+            );
+            return e.into_response();
+        }
+    };
     let request_id = parts
         .extensions
         .get::<RequestId>()
@@ -61,7 +111,11 @@ async fn handle(endpoint: Endpoint, State(state): State<SharedState>, req: Reque
         stream: valid.stream,
         request_id,
     };
-    proxy::forward(&state.pools, &state.upstreams, &valid.pool, out).await
+    // 8–9. route to the pool authorization chose (a dedicated tenant's own pool only), call.
+    let resp = proxy::forward(&state.pools, &state.upstreams, &route.pool, out).await;
+    // 11. meter the answer: reconcile the reservation, release the slots when it ends, end
+    // it if the credential is revoked meanwhile.
+    limits::meter(resp, ticket, state.identity.clone(), principal)
 }
 
 /// `application/json`, with or without parameters (`; charset=utf-8`).

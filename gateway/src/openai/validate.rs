@@ -39,10 +39,14 @@ impl Endpoint {
 pub struct Validated {
     /// Public model name (as the client asked and the policy knows it).
     pub model: String,
-    pub pool: String,
     pub stream: bool,
     /// The body to send upstream.
     pub body: Bytes,
+    /// Asks for `logprobs`, `top_logprobs` or `logit_bias` (needs the `logprobs` permission).
+    pub logprobs: bool,
+    /// Tokens to reserve against the tokens-per-minute quotas: the completion cap times the
+    /// number of choices, plus the prompt estimated at one token per 4 bytes of the body.
+    pub reserve_tokens: u64,
 }
 
 const ROLES: &[&str] = &[
@@ -115,13 +119,29 @@ pub fn validate(endpoint: Endpoint, bytes: &[u8], config: &Config) -> Result<Val
         ));
     }
 
+    let logprobs = ["logprobs", "top_logprobs", "logit_bias"].iter().any(|k| {
+        body.get(*k)
+            .is_some_and(|v| !v.is_null() && *v != Value::Bool(false))
+    });
     rewrite(endpoint, &mut body, &model, model_config);
+    let completion = ["max_tokens", "max_completion_tokens"]
+        .iter()
+        .find_map(|k| body.get(*k).and_then(Value::as_u64))
+        .unwrap_or(0);
+    let choices = ["n", "best_of"]
+        .iter()
+        .filter_map(|k| body.get(*k).and_then(Value::as_u64))
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let reserve_tokens = completion.saturating_mul(choices) + (bytes.len() as u64).div_ceil(4);
     let body = serde_json::to_vec(&Value::Object(body)).map_err(|_| ApiError::internal())?;
     Ok(Validated {
         model,
-        pool: model_config.pool.clone(),
         stream,
         body: Bytes::from(body),
+        logprobs,
+        reserve_tokens,
     })
 }
 
@@ -461,7 +481,6 @@ mod tests {
         )
         .unwrap();
         assert!(v.stream);
-        assert_eq!(v.pool, "p");
         let up: Value = serde_json::from_slice(&v.body).unwrap();
         assert_eq!(up["model"], "org/M");
         assert_eq!(up["max_tokens"], 100, "the cap is injected when unset");

@@ -162,12 +162,16 @@ pub trait Store: Send + Sync + 'static {
     fn set_password(&self, user_id: &str, password_hash: &str) -> StoreResult<()>;
     /// Disables the user and revokes all of its refresh families. False if already disabled.
     fn disable_user(&self, user_id: &str, now: i64) -> StoreResult<bool>;
+    /// Replaces a user's roles (bumps the revocation epoch: rights may have shrunk).
+    fn set_user_roles(&self, user_id: &str, roles: &[String], now: i64) -> StoreResult<bool>;
 
     fn create_api_key(&self, key: &NewApiKey<'_>) -> StoreResult<()>;
     fn api_key(&self, key_id: &str) -> StoreResult<Option<ApiKeyRecord>>;
     fn list_api_keys(&self, user_id: Option<&str>) -> StoreResult<Vec<ApiKeyRecord>>;
     /// Revokes the key and every refresh family opened with it. False if already revoked.
     fn revoke_api_key(&self, key_id: &str, now: i64) -> StoreResult<bool>;
+    /// Replaces a key's roles (bumps the revocation epoch: rights may have shrunk).
+    fn set_api_key_roles(&self, key_id: &str, roles: &[String], now: i64) -> StoreResult<bool>;
 
     /// Opens a family with its first refresh token.
     fn create_family(&self, family: &NewFamily<'_>, first: &NewRefreshToken<'_>)

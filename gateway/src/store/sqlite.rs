@@ -294,6 +294,38 @@ impl Store for SqliteStore {
         Ok(true)
     }
 
+    fn set_user_roles(&self, user_id: &str, roles: &[String], now: i64) -> StoreResult<bool> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n = tx.execute(
+            "UPDATE users SET roles = ?2 WHERE id = ?1",
+            params![user_id, roles_to_json(roles)],
+        )?;
+        if n == 0 {
+            return Ok(false);
+        }
+        record_event(&tx, now, "user_roles_changed", Some(user_id), None, None)?;
+        bump_epoch(&tx)?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    fn set_api_key_roles(&self, key_id: &str, roles: &[String], now: i64) -> StoreResult<bool> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n = tx.execute(
+            "UPDATE api_keys SET roles = ?2 WHERE key_id = ?1",
+            params![key_id, roles_to_json(roles)],
+        )?;
+        if n == 0 {
+            return Ok(false);
+        }
+        record_event(&tx, now, "key_roles_changed", None, Some(key_id), None)?;
+        bump_epoch(&tx)?;
+        tx.commit()?;
+        Ok(true)
+    }
+
     fn create_api_key(&self, k: &NewApiKey<'_>) -> StoreResult<()> {
         let conn = self.lock();
         conn.execute(

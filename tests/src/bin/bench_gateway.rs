@@ -34,6 +34,9 @@ struct Args {
     /// Sequential streamed requests for the time-to-first-chunk measurement.
     #[arg(long, default_value_t = 200)]
     sequential: u32,
+    /// Keys in the policy case (50 roles, 20 models); 0 skips it.
+    #[arg(long, default_value_t = 1000)]
+    policy_keys: u32,
 }
 
 struct Nginx {
@@ -155,6 +158,10 @@ fn wrk(
     );
     let path = dir.join("load.lua");
     std::fs::write(&path, script)?;
+    run_wrk(&path, url, conc, secs)
+}
+
+fn run_wrk(script: &Path, url: &str, conc: u32, secs: u64) -> Result<Load> {
     let out = Command::new("wrk")
         .args([
             "-t",
@@ -166,7 +173,7 @@ fn wrk(
         ])
         .arg("--latency")
         .arg("-s")
-        .arg(&path)
+        .arg(script)
         .arg(url)
         .output()
         .context("cannot run wrk (cargo xtask setup installs it)")?;
@@ -319,5 +326,121 @@ async fn run(args: Args) -> Result<()> {
          added no more than nginx adds."
     );
     drop(nginx);
+    drop(moat);
+    if args.policy_keys > 0 {
+        policy(&args, &sim, tmp.path()).await?;
+    }
     Ok(())
+}
+
+/// The policy case: the same daemon serves one key on one model, then `policy_keys` keys
+/// (10 tenants, 10 users each, 50 roles, 20 models, keys narrowed to two roles) with every
+/// request on another key and model. Authorization, tenancy and quota accounting per request
+/// must not make the big policy slower: the ratio should stay at or above 0.95.
+async fn policy(args: &Args, sim: &Sim, tmp: &Path) -> Result<()> {
+    const MODELS: usize = 20;
+    const ROLES: usize = 50;
+    let mut config = format!("[pools.gpu]\nhosts = [\"{}\"]\n\n", sim.addr);
+    for m in 0..MODELS {
+        config += &format!(
+            "[models.m{m}]\npool = \"gpu\"\nupstream_model = \"bench\"\nmax_tokens = 64\n"
+        );
+    }
+    for r in 0..ROLES {
+        config += &format!(
+            "[roles.r{r}]\npermissions = [\"model:m{}\", \"model:m{}\", \"inference:local\"]\n",
+            r % MODELS,
+            (r + 7) % MODELS
+        );
+    }
+    // Generous quotas, so every request is counted but none refused.
+    config += "[quotas.tenant]\nrequests_per_minute = 100000000\ntokens_per_minute = 100000000000\n\
+               [quotas.key]\nrequests_per_minute = 100000000\nconcurrent_requests = 10000\n";
+    let moat = Moat::start(&config, &[]);
+    moat.wait_ready().await;
+    let cfg = moat::config::Config::load(&moat.dir.path().join("moat.toml"))?;
+    let store = moat::store::sqlite::SqliteStore::open_in(&cfg.data_dir)?;
+    let pepper = moat::auth::secrets::Pepper::load_or_create(&cfg.data_dir)?;
+    let admin = moat::auth::admin::Admin {
+        store: &store,
+        pepper: &pepper,
+    };
+    // (key, a model its roles allow)
+    let mut keys: Vec<(String, usize)> = Vec::new();
+    let per_user = args.policy_keys.div_ceil(100) as usize;
+    'outer: for t in 0..10 {
+        admin.add_tenant(&format!("t{t}"))?;
+        for u in 0..10 {
+            let name = format!("u{t}-{u}");
+            let roles: Vec<String> = (0..5)
+                .map(|i| format!("r{}", (t * 10 + u + i * 11) % ROLES))
+                .collect();
+            admin.add_user(&name, &format!("t{t}"), &roles, None)?;
+            for k in 0..per_user {
+                if keys.len() == args.policy_keys as usize {
+                    break 'outer;
+                }
+                let narrowed = vec![roles[k % 5].clone(), roles[(k + 2) % 5].clone()];
+                let r: usize = narrowed[0][1..].parse()?;
+                let model = if k % 2 == 0 {
+                    r % MODELS
+                } else {
+                    (r + 7) % MODELS
+                };
+                let created = admin.create_key(&name, "", Some(&narrowed), None)?;
+                keys.push((created.plaintext.to_string(), model));
+            }
+        }
+    }
+    let url = moat.url("/v1/chat/completions");
+    let single = policy_wrk(tmp, &url, &[(moat.key.clone(), 0)], args)?;
+    let many = policy_wrk(tmp, &url, &keys, args)?;
+    println!(
+        "\npolicy: {ROLES} roles, {MODELS} models, {} keys in 10 tenants; json c=32, wrk -t2, {} s",
+        keys.len(),
+        args.duration
+    );
+    println!(
+        "{:<22} {:>10} {:>9} {:>9} {:>10}",
+        "case", "req/s", "p50 ms", "p99 ms", "non-2xx"
+    );
+    for (name, l) in [
+        ("one key, one model", &single),
+        ("every request another", &many),
+    ] {
+        println!(
+            "{name:<22} {:>10.0} {:>9.2} {:>9.2} {:>10}",
+            l.rps, l.p50_ms, l.p99_ms, l.errors
+        );
+    }
+    println!("ratio {:.3} (goal: at least 0.95)", many.rps / single.rps);
+    Ok(())
+}
+
+/// wrk over `keys`, each request with the next key and a model it may use.
+fn policy_wrk(dir: &Path, url: &str, keys: &[(String, usize)], args: &Args) -> Result<Load> {
+    let list: Vec<String> = keys
+        .iter()
+        .map(|(k, m)| {
+            let body =
+                chat_body(false).replace("\"model\":\"bench\"", &format!("\"model\":\"m{m}\""));
+            format!("{{\"Bearer {k}\", [==[{body}]==]}}")
+        })
+        .collect();
+    let script = format!(
+        "local keys = {{{}}}\n\
+         local i = 0\n\
+         request = function()\n\
+           i = i % #keys + 1\n\
+           return wrk.format(\"POST\", nil, {{[\"Content-Type\"] = \"application/json\", \
+             [\"Authorization\"] = keys[i][1]}}, keys[i][2])\n\
+         end\n\
+         done = function(summary, latency, requests)\n\
+           io.write(string.format(\"NON2XX %d\\n\", summary.errors.status))\n\
+         end\n",
+        list.join(",\n")
+    );
+    let path = dir.join("policy.lua");
+    std::fs::write(&path, script)?;
+    run_wrk(&path, url, 32, args.duration)
 }

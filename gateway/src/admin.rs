@@ -1,0 +1,345 @@
+//! The admin plane: keys, users, tenants, effective policy and `/metrics` (the kernel's
+//! counters, Prometheus text, `audit:read`) over HTTP, on its own loopback
+//! listener (`admin.listen`, bound by the supervisor and passed down like the data plane's;
+//! never the data-plane port, which has no admin route at all).
+//!
+//! Every route needs a bearer (the same credentials as the data plane) and its own admin
+//! permission (`admin:keys`, `admin:users`, `admin:tenants`, `admin:policy`); an inference key
+//! gets 403. Users and keys are administered within the caller's own tenant only; creating and
+//! listing tenants needs `admin:tenants`. Changes take effect in this process at once (the
+//! identity caches are evicted) and in others within one epoch poll. Key secrets appear once,
+//! in the answer that creates them, and are never logged.
+
+use std::sync::Arc;
+
+use axum::{
+    Json, Router,
+    extract::{Path, Query, State},
+    middleware,
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use serde::Deserialize;
+use serde_json::json;
+use tracing::info;
+
+use arc_swap::ArcSwap;
+
+use crate::{
+    app::SharedState,
+    auth::{Identity, Principal, http as auth_http},
+    authz::{self, Permissions},
+    error::ApiError,
+    metrics::KernelCounters,
+};
+
+/// Hands the admin plane the state of the config in force (it changes on reload).
+pub type Current = Arc<dyn Fn() -> SharedState + Send + Sync>;
+
+#[derive(Clone)]
+struct Admin {
+    current: Current,
+    identity: Arc<Identity>,
+    kernel: Arc<ArcSwap<KernelCounters>>,
+}
+
+/// The admin router. `kernel` holds the latest kernel counters the supervisor sent.
+pub fn router(
+    current: Current,
+    identity: Arc<Identity>,
+    kernel: Arc<ArcSwap<KernelCounters>>,
+) -> Router {
+    let state = Admin {
+        current,
+        identity: identity.clone(),
+        kernel,
+    };
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/admin/tenants", get(list_tenants).post(add_tenant))
+        .route("/admin/users", get(list_users).post(add_user))
+        .route("/admin/users/{username}/disable", post(disable_user))
+        .route("/admin/users/{username}/roles", post(set_roles))
+        .route("/admin/keys", get(list_keys).post(create_key))
+        .route("/admin/keys/{key_id}/revoke", post(revoke_key))
+        .route("/admin/keys/{key_id}/narrow", post(narrow_key))
+        .route("/admin/policy", get(policy))
+        .route_layer(middleware::from_fn_with_state(
+            identity,
+            auth_http::require_bearer,
+        ))
+        .with_state(state)
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(middleware::from_fn(crate::request_id::layer))
+}
+
+type Result<T> = std::result::Result<T, ApiError>;
+
+/// A JSON body parsed strictly (unknown fields refused), its errors OpenAI-shaped 400s.
+struct Body<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(e) => Err(ApiError::bad_request(e.body_text())),
+        }
+    }
+}
+
+impl Admin {
+    /// The caller must hold `perm` under the config in force.
+    fn require(&self, p: &Principal, perm: &str) -> Result<SharedState> {
+        let state = (self.current)();
+        if Permissions::of(&state.config, &p.roles).admin(perm) {
+            Ok(state)
+        } else {
+            info!(user = %p.username, tenant = %p.tenant, permission = perm, "admin denied");
+            Err(
+                ApiError::forbidden(format!("this needs the `{perm}` permission"))
+                    .with_code("permission_denied"),
+            )
+        }
+    }
+
+    /// Runs a store operation off the async threads.
+    async fn store<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&crate::auth::admin::Admin<'_>) -> anyhow::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let identity = self.identity.clone();
+        tokio::task::spawn_blocking(move || f(&identity.admin()))
+            .await
+            .map_err(|_| ApiError::internal())?
+            .map_err(|e| ApiError::bad_request(format!("{e:#}")))
+    }
+
+    /// The user, if it is in the caller's tenant (otherwise it does not exist for the caller).
+    async fn own_user(&self, p: &Principal, username: &str) -> Result<crate::store::User> {
+        let name = username.to_owned();
+        let tenant = p.tenant.clone();
+        self.store(move |a| Ok(a.users()?.into_iter().find(|u| u.username == name)))
+            .await?
+            .filter(|u| u.tenant == tenant)
+            .ok_or_else(|| ApiError::not_found(format!("no user `{username}` in your tenant")))
+    }
+
+    async fn own_key(&self, p: &Principal, key_id: &str) -> Result<crate::store::ApiKeyRecord> {
+        let tenant = p.tenant.clone();
+        self.store(|a| a.keys(None))
+            .await?
+            .into_iter()
+            .find(|k| k.key_id == key_id && k.tenant == tenant)
+            .ok_or_else(|| ApiError::not_found(format!("no key `{key_id}` in your tenant")))
+    }
+}
+
+async fn list_tenants(State(a): State<Admin>, p: Principal) -> Result<Response> {
+    a.require(&p, "admin:tenants")?;
+    let t = a.store(|s| s.tenants()).await?;
+    Ok(Json(json!({ "tenants": t })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewTenant {
+    name: String,
+}
+
+async fn add_tenant(
+    State(a): State<Admin>,
+    p: Principal,
+    Body(t): Body<NewTenant>,
+) -> Result<Response> {
+    a.require(&p, "admin:tenants")?;
+    let name = t.name.clone();
+    a.store(move |s| s.add_tenant(&name)).await?;
+    info!(by = %p.username, tenant = %t.name, event = "tenant_added");
+    Ok((
+        axum::http::StatusCode::CREATED,
+        Json(json!({"name": t.name})),
+    )
+        .into_response())
+}
+
+async fn list_users(State(a): State<Admin>, p: Principal) -> Result<Response> {
+    a.require(&p, "admin:users")?;
+    let tenant = p.tenant.clone();
+    let users: Vec<_> = a
+        .store(|s| s.users())
+        .await?
+        .into_iter()
+        .filter(|u| u.tenant == tenant)
+        .collect();
+    Ok(Json(json!({ "users": users })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewUser {
+    username: String,
+    #[serde(default)]
+    roles: Vec<String>,
+}
+
+/// Users are created in the caller's tenant: the body has no tenant field.
+async fn add_user(
+    State(a): State<Admin>,
+    p: Principal,
+    Body(u): Body<NewUser>,
+) -> Result<Response> {
+    a.require(&p, "admin:users")?;
+    let (name, tenant, roles) = (u.username.clone(), p.tenant.clone(), u.roles.clone());
+    let id = a
+        .store(move |s| s.add_user(&name, &tenant, &roles, None))
+        .await?;
+    info!(by = %p.username, user_id = %id, tenant = %p.tenant, event = "user_added");
+    Ok((
+        axum::http::StatusCode::CREATED,
+        Json(json!({"id": id, "username": u.username, "tenant": p.tenant, "roles": u.roles})),
+    )
+        .into_response())
+}
+
+async fn disable_user(
+    State(a): State<Admin>,
+    p: Principal,
+    Path(username): Path<String>,
+) -> Result<Response> {
+    a.require(&p, "admin:users")?;
+    a.own_user(&p, &username).await?;
+    let changed = a
+        .identity
+        .disable_user(&username)
+        .await
+        .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+    Ok(Json(json!({"username": username, "changed": changed})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Roles {
+    roles: Vec<String>,
+}
+
+async fn set_roles(
+    State(a): State<Admin>,
+    p: Principal,
+    Path(username): Path<String>,
+    Body(r): Body<Roles>,
+) -> Result<Response> {
+    a.require(&p, "admin:users")?;
+    let u = a.own_user(&p, &username).await?;
+    let (name, roles) = (username.clone(), r.roles.clone());
+    a.store(move |s| s.set_user_roles(&name, &roles)).await?;
+    a.identity.evict_user(&u.id);
+    info!(by = %p.username, user_id = %u.id, event = "user_roles_changed");
+    Ok(Json(json!({"username": username, "roles": r.roles})).into_response())
+}
+
+async fn list_keys(State(a): State<Admin>, p: Principal) -> Result<Response> {
+    a.require(&p, "admin:keys")?;
+    let tenant = p.tenant.clone();
+    let keys: Vec<_> = a
+        .store(|s| s.keys(None))
+        .await?
+        .into_iter()
+        .filter(|k| k.tenant == tenant)
+        .collect();
+    Ok(Json(json!({ "keys": keys })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewKey {
+    user: String,
+    #[serde(default)]
+    name: String,
+    roles: Option<Vec<String>>,
+    expires_in_days: Option<u64>,
+}
+
+async fn create_key(
+    State(a): State<Admin>,
+    p: Principal,
+    Body(k): Body<NewKey>,
+) -> Result<Response> {
+    a.require(&p, "admin:keys")?;
+    a.own_user(&p, &k.user).await?;
+    let created = a
+        .store(move |s| s.create_key(&k.user, &k.name, k.roles.as_deref(), k.expires_in_days))
+        .await?;
+    info!(by = %p.username, key_id = %created.key_id, event = "key_created");
+    Ok((
+        axum::http::StatusCode::CREATED,
+        Json(json!({"key_id": created.key_id, "key": created.plaintext.as_str()})),
+    )
+        .into_response())
+}
+
+async fn revoke_key(
+    State(a): State<Admin>,
+    p: Principal,
+    Path(key_id): Path<String>,
+) -> Result<Response> {
+    a.require(&p, "admin:keys")?;
+    a.own_key(&p, &key_id).await?;
+    let changed = a
+        .identity
+        .revoke_key(&key_id)
+        .await
+        .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+    Ok(Json(json!({"key_id": key_id, "changed": changed})).into_response())
+}
+
+async fn narrow_key(
+    State(a): State<Admin>,
+    p: Principal,
+    Path(key_id): Path<String>,
+    Body(r): Body<Roles>,
+) -> Result<Response> {
+    a.require(&p, "admin:keys")?;
+    a.own_key(&p, &key_id).await?;
+    let (id, roles) = (key_id.clone(), r.roles.clone());
+    a.store(move |s| s.narrow_key(&id, &roles)).await?;
+    a.identity.evict_key(&key_id);
+    info!(by = %p.username, key_id = %key_id, event = "key_narrowed");
+    Ok(Json(json!({"key_id": key_id, "roles": r.roles})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyQuery {
+    user: Option<String>,
+}
+
+/// Prometheus text: the kernel's allow/deny counters (needs `audit:read`).
+async fn metrics(State(a): State<Admin>, p: Principal) -> Result<Response> {
+    a.require(&p, "audit:read")?;
+    let text = a.kernel.load().render();
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+/// What a user of the caller's tenant (default: the caller) may use, and where it would go.
+async fn policy(
+    State(a): State<Admin>,
+    p: Principal,
+    Query(q): Query<PolicyQuery>,
+) -> Result<Response> {
+    let state = a.require(&p, "admin:policy")?;
+    let roles = match &q.user {
+        None => p.roles.clone(),
+        Some(u) => a.own_user(&p, u).await?.roles,
+    };
+    Ok(Json(authz::effective(&state.config, &p.tenant, &roles)).into_response())
+}
