@@ -69,6 +69,28 @@ impl Drop for Daemon {
     }
 }
 
+/// Runs `moat <args> --config <cfg>`, which must succeed; returns its standard output.
+pub fn moat_cli(cfg: &Path, args: &[&str]) -> String {
+    let out = Command::new(crate::bin("moat"))
+        .args(args)
+        .arg("--config")
+        .arg(cfg)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run moat");
+    assert!(
+        out.status.success(),
+        "moat {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
+/// `moat segment status --json`.
+pub fn segment_status(cfg: &Path) -> Value {
+    serde_json::from_str(&moat_cli(cfg, &["segment", "status", "--json"])).expect("status JSON")
+}
+
 /// Waits (up to 15 s) for the `nth` JSON log line containing `needle` and returns it.
 pub fn wait_for_log(log: &Path, needle: &str, nth: usize) -> Value {
     let deadline = Instant::now() + Duration::from_secs(15);

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
 
 use moat_tests::{
     bin,
-    daemon::{Daemon, http_get, http_request},
+    daemon::{Daemon, http_get, http_request, moat_cli},
     kernel::{EPERM, TestCgroup, TestPins, require_root, try_from, unique},
 };
 use nix::sys::signal::Signal;
@@ -252,20 +252,7 @@ fn kernel_counters_reach_the_admin_plane_metrics() {
         "[admin]\nlisten = \"127.0.0.1:0\"\n[roles.ops]\npermissions = [\"audit:read\"]\n\
          [roles.user]\npermissions = [\"model:*\", \"inference:*\"]\n",
     );
-    let cli = |args: &[&str]| {
-        let out = Command::new(bin("moat"))
-            .args(args)
-            .arg("-c")
-            .arg(&s.cfg)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let cli = |args: &[&str]| moat_cli(&s.cfg, args);
     cli(&["tenants", "add", "ops"]);
     cli(&[
         "users", "add", "auditor", "--tenant", "ops", "--role", "ops",

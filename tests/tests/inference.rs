@@ -24,11 +24,10 @@ use moat::{
 };
 use moat_tests::{
     bin,
-    daemon::http_get,
+    daemon::{http_get, segment_status, wait_for_log},
     kernel::{KillOnDrop, TestCgroup, TestPins, require_root, unique},
     netns::{Echo, Lab, Outcome, PortReservation, sa, tcp_echo, udp_echo},
 };
-use serde_json::Value;
 
 /// How long a client waits before calling a flow dropped.
 const DROP_WAIT: Duration = Duration::from_millis(800);
@@ -699,9 +698,9 @@ fn daemon_runs_the_guard_on_an_inference_host() {
 
     let log1 = dir.path().join("serve1.log");
     let mut daemon = start_daemon(&lab, &cfg, &log1);
-    wait_for_log(&log1, "inference guard active");
-    wait_for_log(&log1, "guard only, no data plane");
-    let before = status(&cfg);
+    wait_for_log(&log1, "inference guard active", 0);
+    wait_for_log(&log1, "guard only, no data plane", 0);
+    let before = segment_status(&cfg);
     assert_eq!(
         before["installed"], false,
         "no gateway side on an inference host"
@@ -719,7 +718,7 @@ fn daemon_runs_the_guard_on_an_inference_host() {
     let (udp, src_port) = udp_echo(&lab.rogue, rogue_to, DROP_WAIT);
     assert_eq!(udp, Outcome::TimedOut);
     // The deny event reaches the daemon's structured log with source, destination, protocol.
-    let event = wait_for_log(&log1, &format!("\"src_port\":{src_port}"));
+    let event = wait_for_log(&log1, &format!("\"src_port\":{src_port}"), 0);
     assert_eq!(event["event"], "kernel_ingress_deny");
     assert_eq!(event["src_addr"], Lab::ROGUE4);
     assert_eq!(event["dst_port"], port);
@@ -729,7 +728,7 @@ fn daemon_runs_the_guard_on_an_inference_host() {
     // SIGHUP with a new allowlist: the rogue host in, the gateway out.
     write_cfg(&guard_toml(port, &[&rogue4], "cgroup_skb", &[]));
     hup(&daemon);
-    wait_for_log(&log1, "inference guard reloaded");
+    wait_for_log(&log1, "inference guard reloaded", 0);
     assert_eq!(tcp_echo(&lab.rogue, rogue_to, OK_WAIT).0, Outcome::Echoed);
     assert_eq!(
         tcp_echo(&lab.gateway, gw_to, DROP_WAIT).0,
@@ -740,7 +739,7 @@ fn daemon_runs_the_guard_on_an_inference_host() {
     let good = std::fs::read_to_string(&cfg).unwrap();
     write_cfg(&guard_toml(port, &["not-an-address"], "cgroup_skb", &[]));
     hup(&daemon);
-    let refused = wait_for_log(&log1, "config reload refused");
+    let refused = wait_for_log(&log1, "config reload refused", 0);
     assert!(
         refused["error"]
             .as_str()
@@ -758,7 +757,7 @@ fn daemon_runs_the_guard_on_an_inference_host() {
     let both_with_missing_if = guard_toml(port, &[&gw4], "both", &["nosuchif0"]);
     write_cfg(&both_with_missing_if);
     hup(&daemon);
-    let failed = wait_for_log(&log1, "the inference guard does not apply");
+    let failed = wait_for_log(&log1, "the inference guard does not apply", 0);
     assert!(
         failed["error"].as_str().unwrap().contains("nosuchif0"),
         "{failed}"
@@ -769,7 +768,7 @@ fn daemon_runs_the_guard_on_an_inference_host() {
         Outcome::TimedOut
     );
     assert_eq!(
-        status(&cfg)["inference"]["links"],
+        segment_status(&cfg)["inference"]["links"],
         before["inference"]["links"]
     );
     std::fs::write(&cfg, good).unwrap();
@@ -787,10 +786,10 @@ fn daemon_runs_the_guard_on_an_inference_host() {
     // A restart adopts the pinned guard instead of stacking a second one.
     let log2 = dir.path().join("serve2.log");
     daemon = start_daemon(&lab, &cfg, &log2);
-    wait_for_log(&log2, "adopted the pinned inference guard");
-    wait_for_log(&log2, "inference guard active");
+    wait_for_log(&log2, "adopted the pinned inference guard", 0);
+    wait_for_log(&log2, "inference guard active", 0);
     // The same link, switched in place to the restarted binary's program.
-    let after = status(&cfg);
+    let after = segment_status(&cfg);
     let (link_before, link_after) = (&before["inference"]["links"], &after["inference"]["links"]);
     assert_eq!(
         link_after.as_array().unwrap().len(),
@@ -827,7 +826,7 @@ fn daemon_runs_the_guard_on_an_inference_host() {
         Outcome::Echoed,
         "open after uninstall"
     );
-    assert_eq!(status(&cfg)["inference"]["installed"], false);
+    assert_eq!(segment_status(&cfg)["inference"]["installed"], false);
     assert!(
         !GuardPins::new(&pins.pins).dir().exists(),
         "uninstall removes the pins"
@@ -918,8 +917,8 @@ fn gateway_and_guard_on_one_host_reload_together() {
 
     let log = dir.path().join("serve.log");
     let daemon = start_daemon(&lab, &cfg, &log);
-    wait_for_log(&log, "inference guard active");
-    wait_for_log(&log, "worker started");
+    wait_for_log(&log, "inference guard active", 0);
+    wait_for_log(&log, "worker started", 0);
     let health = lab
         .inference
         .run(|| http_get(sa("127.0.0.1", 8080), "/healthz"))
@@ -928,7 +927,7 @@ fn gateway_and_guard_on_one_host_reload_together() {
         health.0, 200,
         "the worker serves inside the inference host's namespace"
     );
-    let st = status(&cfg);
+    let st = segment_status(&cfg);
     assert_eq!(st["installed"], true, "gateway side");
     assert_eq!(st["inference"]["installed"], true, "inference guard");
     assert_eq!(tcp_echo(&lab.gateway, gw_to, OK_WAIT).0, Outcome::Echoed);
@@ -943,14 +942,14 @@ fn gateway_and_guard_on_one_host_reload_together() {
         &guard_toml(port, &[&rogue4], "cgroup_skb", &[]),
     );
     hup(&daemon);
-    wait_for_log(&log, "config reloaded: routing and kernel policy");
-    wait_for_log(&log, "inference guard reloaded");
+    wait_for_log(&log, "config reloaded: routing and kernel policy", 0);
+    wait_for_log(&log, "inference guard reloaded", 0);
     assert_eq!(tcp_echo(&lab.rogue, rogue_to, OK_WAIT).0, Outcome::Echoed);
     assert_eq!(
         tcp_echo(&lab.gateway, gw_to, DROP_WAIT).0,
         Outcome::TimedOut
     );
-    let protected: Vec<String> = status(&cfg)["destinations"]
+    let protected: Vec<String> = segment_status(&cfg)["destinations"]
         .as_array()
         .unwrap()
         .iter()
@@ -969,7 +968,7 @@ fn gateway_and_guard_on_one_host_reload_together() {
     // Dropping the pools would turn this gateway into an inference host: refused.
     write_cfg(None, &guard_toml(port, &[&gw4], "cgroup_skb", &[]));
     hup(&daemon);
-    let refused = wait_for_log(&log, "config reload refused");
+    let refused = wait_for_log(&log, "config reload refused", 0);
     assert!(
         refused["error"]
             .as_str()
@@ -1041,35 +1040,4 @@ fn hup(daemon: &KillOnDrop) {
         nix::sys::signal::SIGHUP,
     )
     .unwrap();
-}
-
-fn status(cfg: &Path) -> Value {
-    let out = Command::new(bin("moat"))
-        .args(["segment", "status", "--json", "-c"])
-        .arg(cfg)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// Waits (up to 10 s) for a JSON log line containing `needle` and returns it.
-fn wait_for_log(log: &Path, needle: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.contains(needle)) {
-            return serde_json::from_str(line).unwrap_or(Value::String(line.to_owned()));
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no log line with {needle:?} in {}:\n{text}",
-            log.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }

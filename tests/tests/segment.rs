@@ -18,7 +18,7 @@ use moat::{
 };
 use moat_tests::{
     bin,
-    daemon::Daemon,
+    daemon::{Daemon, moat_cli, segment_status},
     kernel::{EPERM, KillOnDrop, TestCgroup, TestPins, probe, require_root, try_from, unique},
 };
 use serde_json::Value;
@@ -287,7 +287,7 @@ fn daemon_enforcement_is_fail_static_and_uninstallable() {
 
     let mut daemon = Daemon::start(&cfg, &dir.path().join("serve1.log"));
     daemon.wait_log("worker started");
-    let before = status(&cfg);
+    let before = segment_status(&cfg);
     assert_eq!(before["installed"], true);
     assert_eq!(try_from(out, "tcp", &[target]), [EPERM]);
     // The gateway cgroup's children are the gateway too.
@@ -323,7 +323,7 @@ fn daemon_enforcement_is_fail_static_and_uninstallable() {
     daemon = Daemon::start(&cfg, &dir.path().join("serve2.log"));
     daemon.wait_log("adopted pinned kernel enforcement");
     daemon.wait_log("worker started");
-    let after = status(&cfg);
+    let after = segment_status(&cfg);
     let ids = |s: &Value, field: &str| -> Vec<Value> {
         s["links"]
             .as_array()
@@ -349,35 +349,12 @@ fn daemon_enforcement_is_fail_static_and_uninstallable() {
     );
     drop(daemon);
 
-    let removed = Command::new(bin("moat"))
-        .args(["segment", "uninstall", "-c"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(
-        removed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&removed.stderr)
-    );
+    moat_cli(&cfg, &["segment", "uninstall"]);
     assert_eq!(
         try_from(out, "tcp", &[target]),
         [0],
         "reachable after uninstall"
     );
-    assert_eq!(status(&cfg)["installed"], false);
+    assert_eq!(segment_status(&cfg)["installed"], false);
     assert!(!pins.pins.dir().exists(), "uninstall removes the pins");
-}
-
-fn status(cfg: &Path) -> Value {
-    let out = Command::new(bin("moat"))
-        .args(["segment", "status", "--json", "-c"])
-        .arg(cfg)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
