@@ -55,34 +55,25 @@ impl PolicyMaps {
         crate::segment::pinned::clear_trie(&mut self.dest4[idle])?;
         crate::segment::pinned::clear_trie(&mut self.dest6[idle])?;
         for (rule, flags) in &policy.destinations {
-            match rule.net {
-                IpNet::V4(net) => self.dest4[idle]
-                    .insert(
-                        &Key::new(
-                            PORT_PREFIX_BITS + u32::from(net.prefix_len()),
-                            Dest4 {
-                                port: rule.port.to_be_bytes(),
-                                addr: net.addr().octets(),
-                            },
-                        ),
-                        flags,
-                        0,
-                    )
-                    .with_context(|| format!("cannot add {rule} to the IPv4 policy"))?,
-                IpNet::V6(net) => self.dest6[idle]
-                    .insert(
-                        &Key::new(
-                            PORT_PREFIX_BITS + u32::from(net.prefix_len()),
-                            Dest6 {
-                                port: rule.port.to_be_bytes(),
-                                addr: net.addr().octets(),
-                            },
-                        ),
-                        flags,
-                        0,
-                    )
-                    .with_context(|| format!("cannot add {rule} to the IPv6 policy"))?,
-            }
+            let port = rule.port.to_be_bytes();
+            let prefix = PORT_PREFIX_BITS + u32::from(rule.net.prefix_len());
+            let inserted = match rule.net {
+                IpNet::V4(net) => {
+                    let key = Dest4 {
+                        port,
+                        addr: net.addr().octets(),
+                    };
+                    self.dest4[idle].insert(&Key::new(prefix, key), flags, 0)
+                }
+                IpNet::V6(net) => {
+                    let key = Dest6 {
+                        port,
+                        addr: net.addr().octets(),
+                    };
+                    self.dest6[idle].insert(&Key::new(prefix, key), flags, 0)
+                }
+            };
+            inserted.with_context(|| format!("cannot add {rule} to the policy"))?;
         }
         let gateway = policy.gateway.unwrap_or_default();
         let slot = SlotConfig {

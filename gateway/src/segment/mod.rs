@@ -104,16 +104,13 @@ impl Enforcer {
 
     /// The hooks' counters, summed over CPUs, and the deny events lost.
     pub fn hook_counts(&self) -> Result<(Vec<crate::metrics::HookCount>, u64)> {
-        let c = self.maps.counters()?;
-        let hooks = Hook::ALL
-            .iter()
-            .map(|&h| crate::metrics::HookCount {
-                hook: h.program_name().to_owned(),
-                allowed: c[moat_common::counter_index(h, false) as usize],
-                denied: c[moat_common::counter_index(h, true) as usize],
-            })
-            .collect();
-        Ok((hooks, c[moat_common::EVENTS_LOST_COUNTER as usize]))
+        Ok(pinned::hook_counts(
+            &self.maps.counters()?,
+            &Hook::ALL,
+            Hook::program_name,
+            moat_common::counter_index,
+            moat_common::EVENTS_LOST_COUNTER,
+        ))
     }
 
     /// The deny-event ring buffer (one reader at a time drains it).

@@ -37,6 +37,26 @@ pub fn sum_counters<const N: usize>(counters: &PerCpuArray<MapData, u64>) -> Res
     Ok(out)
 }
 
+/// Per-hook (allowed, denied) counts and the lost-event count out of a summed counter array,
+/// for `/metrics`. `index(hook, denied)` is the hook's slot in the array.
+pub fn hook_counts<H: Copy>(
+    counters: &[u64],
+    hooks: &[H],
+    name: impl Fn(H) -> &'static str,
+    index: impl Fn(H, bool) -> u32,
+    lost: u32,
+) -> (Vec<crate::metrics::HookCount>, u64) {
+    let hooks = hooks
+        .iter()
+        .map(|&h| crate::metrics::HookCount {
+            hook: name(h).to_owned(),
+            allowed: counters[index(h, false) as usize],
+            denied: counters[index(h, true) as usize],
+        })
+        .collect();
+    (hooks, counters[lost as usize])
+}
+
 /// A kernel deny record as it goes to the log.
 pub trait DenyRecord: Sized {
     /// What the ring buffer is called in errors and warnings.

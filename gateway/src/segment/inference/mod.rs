@@ -296,16 +296,13 @@ impl Guard {
     /// The guard's counters, summed over CPUs, and the deny events lost.
     pub fn hook_counts(&self) -> Result<(Vec<crate::metrics::HookCount>, u64)> {
         use moat_common::guard::{EVENTS_LOST_COUNTER, counter_index};
-        let c = self.maps.counters()?;
-        let hooks = IngressHook::ALL
-            .iter()
-            .map(|&h| crate::metrics::HookCount {
-                hook: h.label().to_owned(),
-                allowed: c[counter_index(h, false) as usize],
-                denied: c[counter_index(h, true) as usize],
-            })
-            .collect();
-        Ok((hooks, c[EVENTS_LOST_COUNTER as usize]))
+        Ok(crate::segment::pinned::hook_counts(
+            &self.maps.counters()?,
+            &IngressHook::ALL,
+            IngressHook::label,
+            counter_index,
+            EVENTS_LOST_COUNTER,
+        ))
     }
 
     pub fn maps(&self) -> &GuardMaps {
