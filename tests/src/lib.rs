@@ -307,21 +307,7 @@ impl Moat {
 /// Makes tenant `testing`, user `tester` and an API key for it with the `moat` CLI on the
 /// store of the config at `config`; returns the key.
 pub fn create_key(config: &Path) -> String {
-    let moat = |args: &[&str]| {
-        let out = Command::new(bin("moat"))
-            .arg("--config")
-            .arg(config)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run moat");
-        assert!(
-            out.status.success(),
-            "moat {args:?} failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let moat = |args: &[&str]| daemon::moat_cli(config, args);
     moat(&["tenants", "add", "testing"]);
     moat(&[
         "users", "add", "tester", "--tenant", "testing", "--role", "tester",

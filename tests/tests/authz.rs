@@ -13,7 +13,7 @@
 
 use std::{
     path::Path,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -24,19 +24,7 @@ const CHAT: &str = "/v1/chat/completions";
 
 /// Runs the `moat` CLI on the daemon's config; returns stdout.
 fn cli(config: &Path, args: &[&str]) -> String {
-    let out = Command::new(bin("moat"))
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run moat");
-    assert!(
-        out.status.success(),
-        "moat {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    moat_tests::daemon::moat_cli(config, args)
 }
 
 /// A user in `tenant` with `roles` and a key for it (narrowed to `key_roles` if given):

@@ -98,36 +98,13 @@ impl PolicyMaps {
             egress_lockdown: cfg.flags & moat_common::slot_flags::EGRESS_LOCKDOWN != 0,
             destinations: Default::default(),
         };
-        for entry in self.dest4[slot as usize].iter() {
-            let (key, flags) = entry?;
-            let d = key.data();
-            let net = IpNet::new(
-                IpAddr::V4(Ipv4Addr::from(d.addr)),
-                (key.prefix_len() - PORT_PREFIX_BITS) as u8,
-            )?;
-            policy.destinations.insert(
-                DestinationRule {
-                    net,
-                    port: u16::from_be_bytes(d.port),
-                },
-                flags,
-            );
-        }
-        for entry in self.dest6[slot as usize].iter() {
-            let (key, flags) = entry?;
-            let d = key.data();
-            let net = IpNet::new(
-                IpAddr::V6(Ipv6Addr::from(d.addr)),
-                (key.prefix_len() - PORT_PREFIX_BITS) as u8,
-            )?;
-            policy.destinations.insert(
-                DestinationRule {
-                    net,
-                    port: u16::from_be_bytes(d.port),
-                },
-                flags,
-            );
-        }
+        let slot = slot as usize;
+        read_trie(&self.dest4[slot], &mut policy, |d| {
+            (d.port, IpAddr::V4(Ipv4Addr::from(d.addr)))
+        })?;
+        read_trie(&self.dest6[slot], &mut policy, |d| {
+            (d.port, IpAddr::V6(Ipv6Addr::from(d.addr)))
+        })?;
         Ok(policy)
     }
 
@@ -135,6 +112,25 @@ impl PolicyMaps {
     pub fn counters(&self) -> Result<[u64; COUNTERS as usize]> {
         crate::segment::pinned::sum_counters(&self.counters)
     }
+}
+
+/// Adds every entry of one destination trie to `policy`; `split` gives a key's port bytes and
+/// address.
+fn read_trie<K: aya::Pod>(
+    trie: &LpmTrie<MapData, K, u32>,
+    policy: &mut Policy,
+    split: impl Fn(&K) -> ([u8; 2], IpAddr),
+) -> Result<()> {
+    for entry in trie.iter() {
+        let (key, flags) = entry?;
+        let (port, addr) = split(&key.data());
+        let net = IpNet::new(addr, (key.prefix_len() - PORT_PREFIX_BITS) as u8)?;
+        let port = u16::from_be_bytes(port);
+        policy
+            .destinations
+            .insert(DestinationRule { net, port }, flags);
+    }
+    Ok(())
 }
 
 /// The deny-event ring buffer.
