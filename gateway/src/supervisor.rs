@@ -226,8 +226,13 @@ impl Supervisor {
         inherit.extend(self.admin.as_ref().map(|a| a.as_raw_fd()));
         let cgroup = self.cgroup.as_ref().map(|c| c.path.as_path());
         let plan = DropPlan::new(cgroup, self.user.clone(), inherit)?;
+        // The worker is exec'd after it dropped to the service user, who may not be allowed to
+        // walk to the binary (a checkout under a 0700 folder, say). Exec through a descriptor
+        // opened now, as root: /proc/self/fd/N needs no search permission on the path.
         let exe = std::env::current_exe().context("cannot find the moat binary")?;
-        let mut cmd = Command::new(exe);
+        let exe = std::fs::File::open(&exe)
+            .with_context(|| format!("cannot open {}", exe.display()))?;
+        let mut cmd = Command::new(format!("/proc/self/fd/{}", exe.as_raw_fd()));
         cmd.arg("worker")
             .env_clear()
             .env(ENV_LISTEN_FD, self.listener.as_raw_fd().to_string())
