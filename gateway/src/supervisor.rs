@@ -230,8 +230,8 @@ impl Supervisor {
         // walk to the binary (a checkout under a 0700 folder, say). Exec through a descriptor
         // opened now, as root: /proc/self/fd/N needs no search permission on the path.
         let exe = std::env::current_exe().context("cannot find the moat binary")?;
-        let exe = std::fs::File::open(&exe)
-            .with_context(|| format!("cannot open {}", exe.display()))?;
+        let exe =
+            std::fs::File::open(&exe).with_context(|| format!("cannot open {}", exe.display()))?;
         let mut cmd = Command::new(format!("/proc/self/fd/{}", exe.as_raw_fd()));
         cmd.arg("worker")
             .env_clear()
