@@ -26,9 +26,9 @@ use tracing::info;
 use arc_swap::ArcSwap;
 
 use crate::{
-    app::SharedState,
     auth::{Identity, Principal, http as auth_http},
-    authz::{self, Permissions},
+    dataplane::app::SharedState,
+    dataplane::authz::{self, Permissions},
     error::ApiError,
     metrics::KernelCounters,
 };
@@ -71,7 +71,7 @@ pub fn router(
         .with_state(state)
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
-        .layer(middleware::from_fn(crate::request_id::layer))
+        .layer(middleware::from_fn(crate::dataplane::request_id::layer))
 }
 
 type Result<T> = std::result::Result<T, ApiError>;

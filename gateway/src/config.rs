@@ -1017,7 +1017,7 @@ impl Config {
         if raw.server.max_body_bytes == 0 {
             return Err(err("server.max_body_bytes", "must be at least 1".into()));
         }
-        crate::authz::check_config(&raw).map_err(|(k, r)| err(&k, r))?;
+        crate::dataplane::authz::check_config(&raw).map_err(|(k, r)| err(&k, r))?;
         if let Some(a) = raw.admin.listen {
             if !a.ip().is_loopback() {
                 return Err(err(

@@ -170,6 +170,7 @@ fn build_ebpf() -> Result<()> {
 }
 
 fn test(extra: &[String]) -> Result<()> {
+    eprintln!("{}", setup::toolchain_report());
     sweep_stale_test_state();
     build_ebpf()?;
     cargo(&["fmt", "--all", "--", "--check"])

@@ -110,35 +110,46 @@ fn cargo_bin(name: &str) -> PathBuf {
 
 fn bpf_linker() -> Result<()> {
     let bin = cargo_bin("bpf-linker");
-    if let Ok(v) = output(Command::new(&bin).arg("--version"))
-        && v.contains(BPF_LINKER_VERSION)
-    {
+    let nightly = Nightly::detect()?;
+    let lib = find_libllvm(&nightly.lib_dir(), &nightly.llvm_major())?;
+    let stamp = format!(
+        "bpf-linker {BPF_LINKER_VERSION}\nLLVM {}\nlibLLVM {}\n",
+        nightly.llvm_version,
+        lib.display()
+    );
+    let stamp_file = bpf_linker_stamp();
+    let current = std::fs::read_to_string(&stamp_file).ok().as_deref() == Some(stamp.as_str())
+        && output(Command::new(&bin).arg("--version"))
+            .is_ok_and(|v| v.contains(BPF_LINKER_VERSION));
+    if current {
         return Ok(());
     }
-    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against the nightly LLVM");
-    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
-    let lib = Path::new(sysroot.trim()).join("lib");
-    let llvm = std::fs::read_dir(&lib)?
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .find(|n| n.starts_with("libLLVM") && n.contains(".so"))
-        .context("the nightly toolchain ships no libLLVM")?;
-    // libLLVM-<major>-rust-… or libLLVM.so.<major>.<minor>-rust-…
-    let major: String = llvm
-        .trim_start_matches("libLLVM")
-        .trim_start_matches(['-', '.', 's', 'o'])
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    if major.is_empty() {
-        bail!("cannot tell the LLVM version of {llvm}");
+    let major = nightly.llvm_major();
+    let feature = format!("llvm-{major}");
+    if let Some(supported) = bpf_linker_llvm_features()
+        && !supported.contains(&major)
+    {
+        bail!(
+            "bpf-linker {BPF_LINKER_VERSION} supports LLVM {} but the installed nightly ({}) \
+             uses LLVM {}: raise BPF_LINKER_VERSION in xtask/src/setup.rs to a release with \
+             a `{feature}` feature",
+            supported.join(", "),
+            nightly.release,
+            nightly.llvm_version
+        );
     }
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {} ({})",
+        nightly.llvm_version,
+        lib.display()
+    );
     // bpf-linker's build looks for `$LLVM_PREFIX/lib/libLLVM.so`.
-    let prefix = std::env::temp_dir().join(format!("moat-llvm-{major}"));
+    let prefix = std::env::temp_dir().join(format!("moat-llvm-{}", nightly.llvm_version));
     std::fs::create_dir_all(prefix.join("lib"))?;
     let link = prefix.join("lib/libLLVM.so");
     let _ = std::fs::remove_file(&link);
-    std::os::unix::fs::symlink(lib.join(&llvm), &link)?;
+    std::os::unix::fs::symlink(&lib, &link)?;
+    let _ = std::fs::remove_file(&stamp_file);
     let status = Command::new("cargo")
         .args([
             "install",
@@ -148,22 +159,208 @@ fn bpf_linker() -> Result<()> {
             "--version",
             BPF_LINKER_VERSION,
         ])
-        .args([
-            "--no-default-features",
-            "--features",
-            &format!("llvm-{major}"),
-        ])
+        .args(["--no-default-features", "--features", &feature])
         .env("LLVM_PREFIX", &prefix)
         // Find the toolchain's libLLVM at run time without LD_LIBRARY_PATH.
         .env(
             "RUSTFLAGS",
-            format!("-C link-arg=-Wl,-rpath,{}", lib.display()),
+            format!("-C link-arg=-Wl,-rpath,{}", nightly.lib_dir().display()),
         )
         .status()?;
     if !status.success() {
-        bail!("building bpf-linker failed: {status}");
+        bail!(
+            "building bpf-linker {BPF_LINKER_VERSION} with `{feature}` against {} failed: {status}",
+            lib.display()
+        );
     }
+    std::fs::write(&stamp_file, stamp)
+        .with_context(|| format!("cannot write {}", stamp_file.display()))?;
     Ok(())
+}
+
+/// Records which LLVM the installed bpf-linker was linked against: one built for an older LLVM
+/// than rustc emits fails only later, at link time, with a cryptic error.
+fn bpf_linker_stamp() -> PathBuf {
+    cargo_bin(".bpf-linker.moat-stamp")
+}
+
+/// The installed nightly toolchain, as `rustc +nightly --version --verbose` describes it.
+pub struct Nightly {
+    /// `1.101.0-nightly`
+    pub release: String,
+    /// `23.1.0`
+    pub llvm_version: String,
+    sysroot: PathBuf,
+}
+
+impl Nightly {
+    pub fn detect() -> Result<Self> {
+        let verbose = output(Command::new("rustc").args(["+nightly", "--version", "--verbose"]))
+            .context("no nightly toolchain: `rustup toolchain install nightly`")?;
+        let field = |name: &str| {
+            verbose
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_owned())
+                .with_context(|| format!("`rustc +nightly -vV` prints no `{name}` line"))
+        };
+        let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+        Ok(Self {
+            release: field("release:")?,
+            llvm_version: field("LLVM version:")?,
+            sysroot: PathBuf::from(sysroot.trim()),
+        })
+    }
+
+    pub fn llvm_major(&self) -> String {
+        llvm_major(&self.llvm_version)
+    }
+
+    fn lib_dir(&self) -> PathBuf {
+        self.sysroot.join("lib")
+    }
+}
+
+fn llvm_major(version: &str) -> String {
+    version.split('.').next().unwrap_or_default().to_owned()
+}
+
+/// The LLVM majors bpf-linker's `llvm-<N>` features cover, from the registry's manifest; `None`
+/// when the registry cannot say (the build then reports for itself).
+fn bpf_linker_llvm_features() -> Option<Vec<String>> {
+    let info = output(Command::new("cargo").args([
+        "info",
+        "--quiet",
+        &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+    ]))
+    .ok()?;
+    let mut majors: Vec<String> = info
+        .lines()
+        .filter_map(|l| {
+            let feature = l.trim_start_matches([' ', '+']).split_whitespace().next()?;
+            let major = feature.strip_prefix("llvm-")?;
+            major
+                .chars()
+                .all(|c| c.is_ascii_digit())
+                .then(|| major.to_owned())
+        })
+        .collect();
+    majors.sort_by_key(|m| m.parse::<u32>().unwrap_or(0));
+    (!majors.is_empty()).then_some(majors)
+}
+
+/// The real libLLVM shared library in a toolchain's `lib/`, for LLVM `major`.
+///
+/// Recent nightlies ship two entries: `libLLVM-<major>-rust-<ver>.so`, a linker script
+/// (`INPUT(libLLVM.so.<major>.<minor>-rust-<ver>)`), beside the ELF library it names. Every
+/// candidate is resolved to the ELF file it stands for (a script is followed to the file it
+/// names), so the answer does not depend on directory order.
+fn find_libllvm(lib_dir: &Path, major: &str) -> Result<PathBuf> {
+    let mut names: Vec<String> = std::fs::read_dir(lib_dir)
+        .with_context(|| format!("cannot read {}", lib_dir.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("libLLVM") && n.contains(".so"))
+        .collect();
+    names.sort();
+    let mut found: Vec<PathBuf> = Vec::new();
+    for name in &names {
+        let real = resolve_shared_object(&lib_dir.join(name), 4)?;
+        if !found.contains(&real) {
+            found.push(real);
+        }
+    }
+    // Several LLVMs in one toolchain would be new; take the one rustc reports.
+    let versioned = |p: &PathBuf| {
+        let n = p.file_name().unwrap_or_default().to_string_lossy();
+        n.contains(&format!(".so.{major}")) || n.contains(&format!("LLVM-{major}"))
+    };
+    match found.as_slice() {
+        [] => bail!(
+            "the nightly toolchain ships no libLLVM in {}",
+            lib_dir.display()
+        ),
+        [only] => Ok(only.clone()),
+        many => many
+            .iter()
+            .find(|p| versioned(p))
+            .cloned()
+            .with_context(|| {
+                format!(
+                    "{} holds several libLLVM libraries ({many:?}) and none for LLVM {major}",
+                    lib_dir.display()
+                )
+            }),
+    }
+}
+
+/// Follows symlinks and GNU ld linker scripts (`INPUT(…)` / `GROUP(…)`) to the ELF file they
+/// stand for.
+fn resolve_shared_object(path: &Path, depth: u32) -> Result<PathBuf> {
+    let real = std::fs::canonicalize(path)
+        .with_context(|| format!("{} points nowhere", path.display()))?;
+    let mut head = [0u8; 4];
+    {
+        use std::io::Read;
+        let mut f = std::fs::File::open(&real)
+            .with_context(|| format!("cannot open {}", real.display()))?;
+        let n = f.read(&mut head)?;
+        if n == 4 && &head == b"\x7fELF" {
+            return Ok(real);
+        }
+    }
+    if depth == 0 {
+        bail!("{}: linker scripts nest too deep", path.display());
+    }
+    let script = std::fs::read_to_string(&real)
+        .with_context(|| format!("{} is neither ELF nor a linker script", real.display()))?;
+    let target = linker_script_input(&script).with_context(|| {
+        format!(
+            "{} is neither ELF nor a linker script naming a library",
+            real.display()
+        )
+    })?;
+    let target = Path::new(&target);
+    let target = if target.is_absolute() {
+        target.to_path_buf()
+    } else {
+        real.parent().unwrap_or(Path::new("/")).join(target)
+    };
+    resolve_shared_object(&target, depth - 1)
+}
+
+/// The first file a linker script's `INPUT(…)` or `GROUP(…)` names (`AS_NEEDED` unwrapped).
+fn linker_script_input(script: &str) -> Option<String> {
+    let open = ["INPUT", "GROUP"]
+        .iter()
+        .filter_map(|k| {
+            let at = script.find(k)? + k.len();
+            script[at..].trim_start().starts_with('(').then_some(at)
+        })
+        .min()?;
+    let rest = &script[open..];
+    rest.split(|c: char| c.is_whitespace() || matches!(c, ',' | '(' | ')'))
+        .find(|t| !t.is_empty() && *t != "AS_NEEDED")
+        .map(str::to_owned)
+}
+
+/// One line per toolchain piece, printed at the start of `cargo xtask test` so a CI log shows
+/// what it ran with.
+pub fn toolchain_report() -> String {
+    let first_line = |cmd: &mut Command| {
+        output(cmd)
+            .map(|s| s.lines().next().unwrap_or_default().to_owned())
+            .unwrap_or_else(|e| format!("unavailable ({e})"))
+    };
+    let stable = first_line(Command::new("rustc").arg("--version"));
+    let nightly = first_line(Command::new("rustc").args(["+nightly", "--version"]));
+    let llvm = Nightly::detect()
+        .map(|n| n.llvm_version)
+        .unwrap_or_else(|e| format!("unknown ({e})"));
+    let linker = first_line(Command::new(cargo_bin("bpf-linker")).arg("--version"));
+    format!(
+        "toolchain: stable {stable}\ntoolchain: nightly {nightly}, LLVM {llvm}\ntoolchain: {linker}"
+    )
 }
 
 fn apt_packages() -> Result<()> {
@@ -225,4 +422,101 @@ fn nix_is_root() -> bool {
     output(Command::new("id").arg("-u"))
         .map(|s| s.trim() == "0")
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A scratch `lib/` folder, removed on drop.
+    struct LibDir(PathBuf);
+
+    impl LibDir {
+        fn new(tag: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("xtask-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+        fn elf(&self, name: &str) -> PathBuf {
+            let p = self.0.join(name);
+            std::fs::write(&p, b"\x7fELF\x02\x01\x01rest-of-a-library").unwrap();
+            p.canonicalize().unwrap()
+        }
+        fn file(&self, name: &str, text: &str) {
+            std::fs::write(self.0.join(name), text).unwrap();
+        }
+    }
+
+    impl Drop for LibDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn finds_a_lone_shared_object() {
+        let dir = LibDir::new("lone");
+        let lib = dir.elf("libLLVM-19-rust-1.85.0-nightly.so");
+        dir.elf("librustc_driver-abc.so");
+        assert_eq!(find_libllvm(&dir.0, "19").unwrap(), lib);
+    }
+
+    #[test]
+    fn follows_a_linker_script_to_the_library_it_names() {
+        // The layout of rustc 1.101.0-nightly (LLVM 23): the script sorts first.
+        let dir = LibDir::new("script");
+        dir.file(
+            "libLLVM-23-rust-1.101.0-nightly.so",
+            "INPUT(libLLVM.so.23.1-rust-1.101.0-nightly)\n",
+        );
+        let lib = dir.elf("libLLVM.so.23.1-rust-1.101.0-nightly");
+        assert_eq!(find_libllvm(&dir.0, "23").unwrap(), lib);
+    }
+
+    #[test]
+    fn follows_symlinks_and_group_scripts() {
+        let dir = LibDir::new("group");
+        let lib = dir.elf("libLLVM.so.22.1-rust-1.97.0-nightly");
+        dir.file(
+            "libLLVM-22-rust-1.97.0-nightly.so",
+            "/* GNU ld script */\nGROUP ( AS_NEEDED ( libLLVM.so.22.1-rust-1.97.0-nightly ) )",
+        );
+        std::os::unix::fs::symlink(&lib, dir.0.join("libLLVM.so")).unwrap();
+        assert_eq!(find_libllvm(&dir.0, "22").unwrap(), lib);
+        dir.file(
+            "libLLVM-22-rust-1.97.0-nightly.so",
+            "GROUP(AS_NEEDED(libLLVM.so.22.1-rust-1.97.0-nightly))",
+        );
+        assert_eq!(find_libllvm(&dir.0, "22").unwrap(), lib);
+    }
+
+    #[test]
+    fn a_script_naming_a_missing_file_is_an_error() {
+        let dir = LibDir::new("dangling");
+        dir.file("libLLVM-23-rust-x.so", "INPUT(libLLVM.so.23.1-gone)");
+        let err = find_libllvm(&dir.0, "23").unwrap_err();
+        assert!(format!("{err:#}").contains("points nowhere"), "{err:#}");
+    }
+
+    #[test]
+    fn an_empty_toolchain_is_an_error() {
+        let dir = LibDir::new("empty");
+        dir.elf("librustc_driver-abc.so");
+        assert!(find_libllvm(&dir.0, "23").is_err());
+    }
+
+    #[test]
+    fn picks_the_major_rustc_reports_among_several() {
+        let dir = LibDir::new("several");
+        dir.elf("libLLVM.so.22.1-rust-1.97.0-nightly");
+        let lib = dir.elf("libLLVM.so.23.1-rust-1.101.0-nightly");
+        assert_eq!(find_libllvm(&dir.0, "23").unwrap(), lib);
+    }
+
+    #[test]
+    fn llvm_major_is_the_first_component() {
+        assert_eq!(llvm_major("23.1.0"), "23");
+        assert_eq!(llvm_major("22.1.4"), "22");
+    }
 }

@@ -23,7 +23,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 use tracing::{Span, info, warn};
 
-use crate::{error::ApiError, route::Lease};
+use crate::{dataplane::route::Lease, error::ApiError};
 
 /// Largest event held back while waiting for its end.
 const MAX_EVENT_BYTES: usize = 1024 * 1024;

@@ -16,15 +16,15 @@ use serde_json::json;
 
 use crate::{
     auth::{Identity, Principal, http as auth_http},
-    authz,
     config::Config,
+    dataplane::authz,
+    dataplane::health,
+    dataplane::limits::Quotas,
+    dataplane::openai,
+    dataplane::proxy::Upstreams,
+    dataplane::request_id,
+    dataplane::route::Pools,
     error::ApiError,
-    health,
-    limits::Quotas,
-    openai,
-    proxy::Upstreams,
-    request_id,
-    route::Pools,
 };
 
 /// What every handler can reach.

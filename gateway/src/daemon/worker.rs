@@ -22,15 +22,16 @@ use tower::ServiceExt;
 use tracing::{error, info};
 
 use crate::{
-    app::{self, AppState},
     auth::Identity,
     config::{Config, Sources},
-    control::{
+    daemon::control::{
         self, ENV_ADMIN_FD, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SUPERVISOR_PID, FromWorker, ToWorker,
     },
-    limits::Quotas,
+    daemon::privdrop,
+    dataplane::app::{self, AppState},
+    dataplane::limits::Quotas,
+    dataplane::proxy,
     metrics::KernelCounters,
-    privdrop, proxy,
 };
 
 /// What outlives a config reload: the identity store and its caches, the quota counters (a

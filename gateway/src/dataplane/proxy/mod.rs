@@ -30,9 +30,9 @@ use tracing::{debug, warn};
 
 use crate::{
     config::Config,
+    dataplane::request_id::RequestId,
+    dataplane::route::{self, Pools},
     error::ApiError,
-    request_id::RequestId,
-    route::{self, Pools},
 };
 
 pub use body::ProxyBody;

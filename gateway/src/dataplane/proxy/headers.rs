@@ -5,7 +5,7 @@
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 
-use crate::request_id::{REQUEST_ID, RequestId};
+use crate::dataplane::request_id::{REQUEST_ID, RequestId};
 
 /// The headers of a request to an upstream: built from scratch, never copied from the client.
 /// The pool's own credential is the only `Authorization` that goes upstream.

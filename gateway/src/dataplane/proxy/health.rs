@@ -11,7 +11,7 @@ use tokio::task::AbortHandle;
 use tracing::{info, warn};
 
 use super::{Upstream, Upstreams};
-use crate::route::{Host, Pools};
+use crate::dataplane::route::{Host, Pools};
 
 /// The running checkers; dropping this stops them (say when a reload replaces the pools).
 pub struct HealthCheckers(Vec<AbortHandle>);

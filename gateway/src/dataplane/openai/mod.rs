@@ -16,13 +16,13 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tracing::{debug, info};
 
 use crate::{
-    app::SharedState,
     auth::Principal,
-    authz::{self, Permissions},
+    dataplane::app::SharedState,
+    dataplane::authz::{self, Permissions},
+    dataplane::limits::{self, Ask},
+    dataplane::proxy::{self, Outbound},
+    dataplane::request_id::RequestId,
     error::ApiError,
-    limits::{self, Ask},
-    proxy::{self, Outbound},
-    request_id::RequestId,
 };
 pub use validate::Endpoint;
 

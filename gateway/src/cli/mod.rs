@@ -1,4 +1,8 @@
-//! The `moat` command line: one subcommand per operator task.
+//! The `moat` command line: one subcommand per operator task. `identity` holds the users, keys
+//! and tenants commands, `doctor` the host check.
+
+pub mod doctor;
+pub mod identity;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -48,17 +52,17 @@ pub enum Command {
     /// Users: add, set passwords, disable, list.
     Users {
         #[command(subcommand)]
-        command: crate::identity_cli::UsersCommand,
+        command: crate::cli::identity::UsersCommand,
     },
     /// API keys: create (printed once), list, revoke.
     Keys {
         #[command(subcommand)]
-        command: crate::identity_cli::KeysCommand,
+        command: crate::cli::identity::KeysCommand,
     },
     /// Tenants: add, list.
     Tenants {
         #[command(subcommand)]
-        command: crate::identity_cli::TenantsCommand,
+        command: crate::cli::identity::TenantsCommand,
     },
 }
 
@@ -96,9 +100,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve => {
             let config = Config::load(&cli.config)?;
-            crate::serve::run(config)?;
+            crate::daemon::serve::run(config)?;
         }
-        Command::Worker => crate::worker::run()?,
+        Command::Worker => crate::daemon::worker::run()?,
         Command::Segment { command } => {
             let config = Config::load_lenient(&cli.config)?;
             let pins = segment::Pins::new(&config.segmentation().pin_root);
@@ -118,7 +122,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Doctor { json } => {
-            let report = crate::doctor::run(&cli.config);
+            let report = crate::cli::doctor::run(&cli.config);
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -142,13 +146,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Users { command } => {
-            crate::identity_cli::users(&store_config(&cli.config)?, command)?
+            crate::cli::identity::users(&store_config(&cli.config)?, command)?
         }
         Command::Keys { command } => {
-            crate::identity_cli::keys(&store_config(&cli.config)?, command)?
+            crate::cli::identity::keys(&store_config(&cli.config)?, command)?
         }
         Command::Tenants { command } => {
-            crate::identity_cli::tenants(&store_config(&cli.config)?, command)?
+            crate::cli::identity::tenants(&store_config(&cli.config)?, command)?
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -160,8 +164,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn store_config(path: &std::path::Path) -> anyhow::Result<Config> {
     let config = Config::load_lenient(path)?;
     if nix::unistd::geteuid().is_root() {
-        let user = crate::privdrop::ServiceUser::lookup(&config.raw.server.user)?;
-        crate::privdrop::prepare_data_dir(&config.data_dir, &user)?;
+        let user = crate::daemon::privdrop::ServiceUser::lookup(&config.raw.server.user)?;
+        crate::daemon::privdrop::prepare_data_dir(&config.data_dir, &user)?;
         user.become_now()?;
     }
     Ok(config)

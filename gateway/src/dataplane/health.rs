@@ -11,7 +11,7 @@ use axum::{
 };
 use serde_json::json;
 
-use crate::{app::SharedState, config::SegmentationMode};
+use crate::{config::SegmentationMode, dataplane::app::SharedState};
 
 pub async fn healthz() -> Response {
     Json(json!({"status": "ok"})).into_response()

@@ -1,13 +1,15 @@
-//! `moat serve`: as root, the supervisor and its unprivileged worker (see [`crate::supervisor`]);
+//! `moat serve`: as root, the supervisor and its unprivileged worker (see [`crate::daemon::supervisor`]);
 //! as a normal user, with segmentation off only, a single unprivileged process. On an
 //! inference host (`[segmentation.inference]`, no pools), the ingress guard alone (see
-//! [`crate::inference_host`]).
+//! [`crate::daemon::inference_host`]).
 
 use anyhow::{Context, bail};
 
 use crate::{
     config::{Config, SegmentationMode},
-    inference_host, supervisor, worker,
+    daemon::inference_host,
+    daemon::supervisor,
+    daemon::worker,
 };
 
 pub fn run(config: Config) -> anyhow::Result<()> {

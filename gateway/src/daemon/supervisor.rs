@@ -31,11 +31,11 @@ use tracing::{error, info, warn};
 use crate::{
     cgroup::Cgroup,
     config::{Config, SegmentationMode},
-    control::{
+    daemon::control::{
         self, ENV_ADMIN_FD, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SUPERVISOR_PID, FromWorker, ToWorker,
     },
-    inference_host,
-    privdrop::{DropPlan, ServiceUser, prepare_data_dir},
+    daemon::inference_host,
+    daemon::privdrop::{DropPlan, ServiceUser, prepare_data_dir},
     segment::{Enforcer, GatewayIdentity, Pins, Policy, inference::Guard},
 };
 
