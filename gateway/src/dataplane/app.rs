@@ -1,5 +1,6 @@
-//! The data plane, assembled in one place so its order reads top to bottom (see the pipeline
-//! in the README): only documented routes exist, everything else is an OpenAI-shaped 404/405.
+//! The data plane, assembled in one place so its order reads top to bottom (see "What is
+//! checked before anything goes upstream" in docs/data-plane.md): only documented routes
+//! exist, everything else is an OpenAI-shaped 404/405.
 //!
 //! Public routes: health, the token endpoint, revocation, JWKS. Everything under `protected`
 //! passes the bearer check first (`auth::http::require_bearer`) and its handlers can take a

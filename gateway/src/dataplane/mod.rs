@@ -1,4 +1,4 @@
-//! The request pipeline of the worker (see the README's Data plane section): the router and
+//! The request pipeline of the worker (see docs/data-plane.md): the router and
 //! its layers (`app`), OpenAI request handling (`openai`), authorization and pool choice
 //! (`authz`), quotas (`limits`), host choice within a pool (`route`), the upstream proxy
 //! (`proxy`), health endpoints and request ids.
