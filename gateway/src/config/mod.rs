@@ -1,10 +1,10 @@
 //! The one TOML file that drives moat: listeners, pools and models, segmentation.
 //!
-//! Loading is all-or-nothing: the file is parsed with unknown keys refused ([`schema`]), then
-//! checked section by section and resolved ([`validate`]: host names to addresses, relative
+//! Loading is all-or-nothing: the file is parsed with unknown keys refused (`schema`), then
+//! checked section by section and resolved (`validate`: host names to addresses, relative
 //! paths against the file's folder, credentials read). Any problem is a [`ConfigError`] naming
 //! the file, the key and what is wrong; nothing is applied from a bad file. What the load read
-//! from outside the file is kept ([`capture`]) so another process can replay it.
+//! from outside the file is kept (`capture`) so another process can replay it.
 //!
 //! This module owns the checked [`Config`] and its pools; the file as written stays private
 //! to it and is reached through the read-only accessors below.
