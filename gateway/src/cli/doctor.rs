@@ -126,7 +126,7 @@ pub fn run(config_path: &Path) -> Report {
         None => (None, true, None),
     };
     let enforce = mode == Some(SegmentationMode::Enforce);
-    let user_name = cfg.map(|c| c.raw.server.user.clone());
+    let user_name = cfg.map(|c| c.server().user.clone());
     let user = user_name
         .as_deref()
         .and_then(|n| nix::unistd::User::from_name(n).ok().flatten());

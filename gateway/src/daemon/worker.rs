@@ -253,7 +253,7 @@ pub async fn serve(
 /// Unprivileged single-process mode (`moat serve` as a normal user, segmentation off): the
 /// worker's data plane without a supervisor. SIGHUP re-reads the file.
 pub async fn serve_standalone(config: Config) -> Result<()> {
-    let listen = config.raw.server.listen;
+    let listen = config.server().listen;
     let path = config.path.clone();
     let listener = TcpListener::bind(listen)
         .await

@@ -146,8 +146,8 @@ impl Quotas {
         ask: Ask,
     ) -> Result<Ticket, ApiError> {
         let t = config.tenant(&p.tenant);
-        let tenant_q = t.quota.unwrap_or(config.raw.quotas.tenant);
-        let key_q = t.key_quota.unwrap_or(config.raw.quotas.key);
+        let tenant_q = t.quota.unwrap_or(config.quotas().tenant);
+        let key_q = t.key_quota.unwrap_or(config.quotas().key);
         // A password login has no key: its user is the subject, so logging in again does
         // not buy a fresh quota.
         let key = p

@@ -51,7 +51,7 @@ async fn handle(endpoint: Endpoint, State(state): State<SharedState>, req: Reque
     if !is_json(&parts.headers) {
         return ApiError::unsupported_media_type().into_response();
     }
-    let limit = state.config.raw.server.max_body_bytes;
+    let limit = state.config.server().max_body_bytes;
     let bytes = match read_body(body, limit).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
@@ -138,7 +138,7 @@ async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
 /// Step 1 of the pipeline: a body announced larger than the cap is refused before anything
 /// else runs (bodies without a length are capped while being read, in the handler).
 pub async fn body_limit(State(state): State<SharedState>, req: Request, next: Next) -> Response {
-    let limit = state.config.raw.server.max_body_bytes;
+    let limit = state.config.server().max_body_bytes;
     let announced = req
         .headers()
         .get(header::CONTENT_LENGTH)

@@ -85,7 +85,7 @@ pub fn validate(endpoint: Endpoint, bytes: &[u8], config: &Config) -> Result<Val
         Some(_) => return Err(bad("model", "`model` must be a string")),
         None => return Err(bad("model", "`model` is required")),
     };
-    let Some(model_config) = config.raw.models.get(&model) else {
+    let Some(model_config) = config.models().get(&model) else {
         return Err(
             ApiError::not_found(format!("the model `{model}` does not exist"))
                 .with_param("model")
