@@ -114,3 +114,65 @@ async fn models(
         .collect();
     Json(json!({"object": "list", "data": data}))
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::{body::Body, http::Request};
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// The order of the checks, as a client sees it: the body cap (413) before the route
+    /// (404/405) and the bearer (401), the bearer before the content type (415).
+    #[tokio::test]
+    async fn checks_answer_in_pipeline_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::from_str(
+            &dir.path().join("moat.toml"),
+            &format!(
+                "[server]\ndata_dir = \"{}\"\nmax_body_bytes = 16\n\
+                 [pools.p]\nhosts = [\"127.0.0.1:1\"]\n[models.m]\npool = \"p\"\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let identity = Identity::open(&config).unwrap();
+        let state = AppState::new(config, identity, Arc::default()).unwrap();
+        let app = router(Arc::new(state));
+        let send =
+            |method: &'static str, path: &'static str, ctype: &'static str, body: &'static str| {
+                let req = Request::builder()
+                    .method(method)
+                    .uri(path)
+                    .header("content-type", ctype)
+                    .header("content-length", body.len())
+                    .body(Body::from(body))
+                    .unwrap();
+                let app = app.clone();
+                async move {
+                    let resp = app.oneshot(req).await.unwrap();
+                    assert!(resp.headers().contains_key("x-request-id"), "{path}");
+                    let status = resp.status().as_u16();
+                    let body = axum::body::to_bytes(resp.into_body(), 1 << 16).await;
+                    let body: serde_json::Value = serde_json::from_slice(&body.unwrap()).unwrap();
+                    if status != 200 {
+                        assert!(body["error"]["message"].is_string(), "{path}: {body}");
+                    }
+                    status
+                }
+            };
+        let big = "{\"model\": \"m\", \"messages\": []}";
+        let json = "application/json";
+        assert_eq!(send("POST", "/v1/chat/completions", json, big).await, 413);
+        assert_eq!(send("POST", "/v1/nope", json, big).await, 413);
+        assert_eq!(send("GET", "/v1/chat/completions", json, big).await, 413);
+        assert_eq!(send("GET", "/v1/chat/completions", json, "").await, 405);
+        assert_eq!(send("POST", "/v1/nope", json, "{}").await, 404);
+        assert_eq!(send("POST", "/v1/chat/completions", json, "{}").await, 401);
+        assert_eq!(
+            send("POST", "/v1/chat/completions", "text/plain", "{}").await,
+            401
+        );
+        assert_eq!(send("GET", "/healthz", json, "").await, 200);
+    }
+}
