@@ -27,8 +27,8 @@ use arc_swap::ArcSwap;
 
 use crate::{
     auth::{Identity, Principal, http as auth_http},
-    dataplane::app::SharedState,
     dataplane::authz::{self, Permissions},
+    dataplane::state::SharedState,
     error::ApiError,
     metrics::KernelCounters,
 };

@@ -11,7 +11,7 @@ use axum::{
 };
 use serde_json::json;
 
-use crate::{config::SegmentationMode, dataplane::app::SharedState};
+use crate::{config::SegmentationMode, dataplane::state::SharedState};
 
 pub async fn healthz() -> Response {
     Json(json!({"status": "ok"})).into_response()
