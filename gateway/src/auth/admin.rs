@@ -1,6 +1,6 @@
 //! The operator's identity operations: tenants, users, passwords, API keys. Used by the CLI
-//! (`moat users|keys|tenants`) against the store directly, and later by the admin plane.
-//! Names and roles are checked here, once, for every caller.
+//! (`moat users|keys|tenants`) against the store directly, and by the admin plane (`admin.rs`,
+//! through `Identity::admin`). Names and roles are checked here, once, for every caller.
 
 use anyhow::{Context, bail};
 use zeroize::Zeroizing;

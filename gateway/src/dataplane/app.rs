@@ -8,17 +8,22 @@
 //!
 //! The pipeline, numbered as in the README ("What is checked before anything goes upstream"):
 //! 1. request id: span, `X-Request-Id`, access log (`request_id`);
-//! 2. announced body size (413, [`body_limit`]);
+//! 2. announced body size (413, `body_limit`);
 //! 3. route (404) and method (405);
 //! 4. bearer (401) on `protected` routes; the principal (tenant and roles from the credential,
 //!    through the identity cache) rides along;
-//! 5–11. in the inference handlers (`openai::handle`): content type (415), body size while
-//!    reading (413), strict parse and caps (400/404), authorization (403), quotas (429), the
-//!    upstream call (`proxy`), the answer metered as it is relayed (`metered`).
+//! 5. content type (415);
+//! 6. body size while reading (413);
+//! 7. strict parse and the model's caps (400; an unknown model 404), `openai::validate`;
+//! 8. authorization (403), `authz`;
+//! 9. quotas (429), `quota`;
+//! 10. a healthy host of the pool authorization chose, called (`route`, `proxy`);
+//! 11. the answer metered as it is relayed (`metered`).
 //!
-//! Axum matches the route before any layer runs (so the access log can name the route
-//! pattern), but a 404/405 is answered by the fallbacks, inside layers 1 and 2: even a request
-//! to no route gets an id and the body cap.
+//! Steps 1–2 are the layers below, 3–4 the routing and its `route_layer`, 5–11 the inference
+//! handlers (`openai::handle`). Axum matches the route before any layer runs (so the access
+//! log can name the route pattern), but a 404/405 is answered by the fallbacks, inside layers
+//! 1 and 2: even a request to no route gets an id and the body cap.
 
 use axum::{
     Router,
