@@ -1,7 +1,7 @@
 //! The operator's identity operations: tenants, users, passwords, API keys. Used by the CLI
-//! (`moat users|keys|tenants`) against the store directly, and later by the admin plane.
-//! Names and roles are checked here, once, for every caller (the grammar is
-//! `crate::policy_grammar`).
+//! (`moat users|keys|tenants`) against the store directly, and by the admin plane (`admin.rs`,
+//! through `Identity::admin`). Names and roles are checked here, once, for every caller (the
+//! grammar is `crate::policy_grammar`).
 
 use anyhow::{Context, bail};
 use zeroize::Zeroizing;

@@ -28,9 +28,10 @@ use crate::{
         self, ENV_ADMIN_FD, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SUPERVISOR_PID, FromWorker, ToWorker,
     },
     daemon::privdrop,
-    dataplane::app::{self, AppState},
-    dataplane::limits::Quotas,
+    dataplane::app,
     dataplane::proxy,
+    dataplane::quota::Quotas,
+    dataplane::state::{AppState, SharedState},
     metrics::KernelCounters,
 };
 
@@ -73,7 +74,7 @@ impl Shared {
 pub struct Serving {
     router: Router,
     /// For the admin plane, which judges permissions under the config in force.
-    state: app::SharedState,
+    state: SharedState,
     _health: proxy::health::HealthCheckers,
 }
 
