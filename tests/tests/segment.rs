@@ -5,7 +5,7 @@
 //! parallel and leave nothing behind, even when they fail.
 
 use std::{
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpListener},
     path::Path,
     process::{Command, Stdio},
@@ -170,6 +170,22 @@ fn deny_events_carry_who_and_where() {
     assert_eq!(udp_event.addr.to_string(), "::1");
 }
 
+/// Attempts per target that must run wholly between the first and the last of the 1,000 flips
+/// for the flip test to mean anything (a loopback connect takes tens of microseconds; the
+/// flips take hundreds of milliseconds).
+const MIN_DURING_FLIPS: u64 = 50;
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock `moat-probe loop` stamps its attempts with.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Flips between two policies 1,000 times while probes connect from outside and inside the
 /// gateway cgroup. Destinations whose verdict is the same in both policies must never see a
 /// different answer.
@@ -211,15 +227,24 @@ fn policy_flips_never_change_a_shared_verdict() {
     let (mut inside, inside_out) = start_loop(gateway.path());
 
     let started = Instant::now();
+    let mut first_flip = 0;
     for i in 0..1000 {
+        if i == 0 {
+            first_flip = monotonic_ns();
+        }
         enforcer
             .apply(if i % 2 == 0 { &policy_b } else { &policy_a })
             .unwrap();
     }
+    let last_flip = monotonic_ns();
     let flipping = started.elapsed();
 
+    // Each probe reports how many of its attempts ran wholly between the first and the last
+    // flip, the only ones that prove anything about the flips.
     let finish = |probe: &mut KillOnDrop, mut out: BufReader<std::process::ChildStdout>| -> Value {
-        drop(probe.0.stdin.take());
+        let mut stdin = probe.0.stdin.take().unwrap();
+        writeln!(stdin, "window {first_flip} {last_flip}").unwrap();
+        drop(stdin);
         let mut line = String::new();
         out.read_line(&mut line).unwrap();
         serde_json::from_str(&line).unwrap()
@@ -231,10 +256,11 @@ fn policy_flips_never_change_a_shared_verdict() {
     let expect = |run: &Value, who: &str, wanted: [i64; 2]| {
         for (i, want) in wanted.iter().enumerate() {
             let counts = run["results"][i]["counts"].as_object().unwrap();
-            let total: u64 = counts.values().map(|v| v.as_u64().unwrap()).sum();
+            let during = run["results"][i]["in_window"].as_u64().unwrap();
             assert!(
-                total > 10,
-                "{who}: too few attempts on {} during {flipping:?}",
+                during >= MIN_DURING_FLIPS,
+                "{who}: only {during} attempts on {} ran between the first and the last flip \
+                 ({flipping:?}); at least {MIN_DURING_FLIPS} must",
                 targets[i]
             );
             assert_eq!(

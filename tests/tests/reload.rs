@@ -1,0 +1,369 @@
+//! SIGHUP as operators use it, on a real `moat serve` with kernel enforcement (root required;
+//! never skipped): a reload that changes the pools under traffic refuses nothing that both
+//! configs allow, and a reload that changes a key only a restart can change is refused with
+//! the key named, leaving enforcement and the running config as they were.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::SocketAddr,
+    path::Path,
+    process::{ChildStdout, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use moat_tests::{
+    Sim, bin, create_key,
+    daemon::{Daemon, http_get, http_request},
+    kernel::{EPERM, KillOnDrop, TestCgroup, TestPins, require_root, try_from, unique},
+};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+/// A test's daemon setup: its folder and config, cgroups and pin root, removed on drop.
+struct Setup {
+    dir: tempfile::TempDir,
+    cfg: std::path::PathBuf,
+    base: TestCgroup,
+    pins: TestPins,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        Setup {
+            cfg: dir.path().join("moat.toml"),
+            base: TestCgroup::new(unique("moat-test")),
+            pins: TestPins::new(),
+            dir,
+        }
+    }
+
+    /// The config text: model `m` on pool `gpu` (`hosts`), `extra` TOML after it. One attempt
+    /// per request, so a connect the kernel refused would reach the client as an error
+    /// instead of being retried on another host.
+    fn toml(&self, hosts: &[SocketAddr], extra: &str) -> String {
+        let hosts: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"nobody\"\n\
+             [pools.gpu]\nhosts = [{}]\nmax_attempts = 1\nhealth_interval_ms = 200\n\
+             [models.m]\npool = \"gpu\"\n\
+             [roles.tester]\npermissions = [\"model:*\", \"inference:*\"]\n\
+             [segmentation]\ngateway_cgroup = \"{}/gateway\"\npin_root = \"{}\"\n{extra}",
+            hosts.join(", "),
+            self.base.relative.display(),
+            self.pins.root.display()
+        )
+    }
+
+    fn write(&self, text: &str) {
+        std::fs::write(&self.cfg, text).unwrap();
+    }
+}
+
+/// One chat completion for model `m` through moat; returns the HTTP status (0: no answer).
+fn chat(listen: SocketAddr, key: &str) -> u16 {
+    let body = r#"{"model":"m","messages":[{"role":"user","content":"hello"}]}"#;
+    http_request(listen, "POST", "/v1/chat/completions", Some(key), Some(body))
+        .map(|(status, _)| status)
+        .unwrap_or(0)
+}
+
+fn sim_requests(sim: &Sim) -> u64 {
+    let (status, body) = http_get(sim.addr, "/_sim/stats").expect("sim stats");
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    v["requests"].as_u64().unwrap()
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock `moat-probe loop` stamps its attempts with.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// `moat-probe loop` in `cgroup`: TCP connects to `target` until [`ProbeLoop::finish`].
+struct ProbeLoop {
+    child: KillOnDrop,
+    out: BufReader<ChildStdout>,
+}
+
+impl ProbeLoop {
+    fn start(cgroup: &Path, target: SocketAddr) -> ProbeLoop {
+        let mut child = Command::new(bin("moat-probe"))
+            .arg("--cgroup")
+            .arg(cgroup)
+            .arg("loop")
+            .arg(target.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready");
+        ProbeLoop {
+            child: KillOnDrop(child),
+            out,
+        }
+    }
+
+    /// Stops the loop; returns (errno → count, attempts wholly between `t0` and `t1`).
+    fn finish(mut self, t0: u64, t1: u64) -> (serde_json::Map<String, Value>, u64) {
+        let mut stdin = self.child.0.stdin.take().unwrap();
+        writeln!(stdin, "window {t0} {t1}").unwrap();
+        drop(stdin);
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap();
+        let r = &v["results"][0];
+        (
+            r["counts"].as_object().unwrap().clone(),
+            r["in_window"].as_u64().unwrap(),
+        )
+    }
+}
+
+/// Chat requests through moat on `n` threads until stopped: (start, end, status) of each.
+struct Clients {
+    stop: Arc<AtomicBool>,
+    done: Arc<Mutex<Vec<(Instant, Instant, u16)>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Clients {
+    fn start(n: usize, listen: SocketAddr, key: &str) -> Clients {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(Mutex::new(Vec::new()));
+        let threads = (0..n)
+            .map(|_| {
+                let (stop, done, key) = (stop.clone(), done.clone(), key.to_owned());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let start = Instant::now();
+                        let status = chat(listen, &key);
+                        done.lock().unwrap().push((start, Instant::now(), status));
+                    }
+                })
+            })
+            .collect();
+        Clients {
+            stop,
+            done,
+            threads,
+        }
+    }
+
+    /// Waits (up to 10 s) until a request completed, so what follows happens under traffic.
+    fn wait_running(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.done.lock().unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "no request completed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn stop(mut self) -> Vec<(Instant, Instant, u16)> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            t.join().unwrap();
+        }
+        std::mem::take(&mut *self.done.lock().unwrap())
+    }
+}
+
+/// Reloads that add a pool host and take it away again, back to back, while clients send
+/// requests through the gateway and probes connect from the gateway cgroup and from outside:
+/// no request fails (each has one attempt, so a refused connect to the new host would show),
+/// no connect the gateway may make in both configs is refused, no outsider gets through —
+/// and the new host really took requests between reloads.
+#[test]
+fn reloads_under_traffic_refuse_nothing_both_configs_allow() {
+    /// Reloads in the run: host B added, removed, added, …
+    const RELOADS: usize = 6;
+    require_root();
+    let s = Setup::new();
+    let (a, b) = (Sim::start(&[]), Sim::start(&[]));
+    let (one, both) = (
+        s.toml(&[a.addr], ""),
+        s.toml(&[a.addr, b.addr], ""),
+    );
+    s.write(&one);
+    let key = create_key(&s.cfg);
+    let gateway = s.base.child("gateway");
+    let outsider = s.base.child("outsider");
+    let daemon = Daemon::start(&s.cfg, &s.dir.path().join("serve.log"));
+    daemon.wait_log("worker started");
+    let listen = daemon.listen_addr();
+    assert_eq!(chat(listen, &key), 200, "control: a request before the reloads");
+
+    let inside = ProbeLoop::start(gateway.path(), a.addr);
+    let outside = ProbeLoop::start(outsider.path(), a.addr);
+    let clients = Clients::start(2, listen, &key);
+    clients.wait_running();
+    let (t0, first) = (monotonic_ns(), Instant::now());
+    let mut b_between_reloads = 0;
+    for i in 0..RELOADS {
+        let adds_b = i % 2 == 0;
+        s.write(if adds_b { &both } else { &one });
+        daemon.signal(Signal::SIGHUP);
+        daemon.wait_log_nth("config reloaded", i);
+        if adds_b {
+            // Let routing use the new host before it goes again.
+            let before = sim_requests(&b);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while sim_requests(&b) < before + 3 {
+                assert!(Instant::now() < deadline, "the new host took no requests");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            b_between_reloads += sim_requests(&b) - before;
+        }
+    }
+    let (t1, last) = (monotonic_ns(), Instant::now());
+    let requests = clients.stop();
+    let (inside_counts, inside_during) = inside.finish(t0, t1);
+    let (outside_counts, outside_during) = outside.finish(t0, t1);
+
+    let failed: Vec<u16> = requests
+        .iter()
+        .map(|r| r.2)
+        .filter(|s| *s != 200)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "requests failed across the reloads: {failed:?} ({} in all)",
+        requests.len()
+    );
+    let during = requests
+        .iter()
+        .filter(|(s, e, _)| *s >= first && *e <= last)
+        .count();
+    assert!(
+        during >= 30,
+        "only {during} requests ran wholly during the {RELOADS} reloads"
+    );
+    assert!(b_between_reloads >= 3 * (RELOADS as u64 / 2));
+    assert_eq!(
+        inside_counts.keys().collect::<Vec<_>>(),
+        ["0"],
+        "the gateway cgroup's connects to the host both configs share: {inside_counts:?}"
+    );
+    assert_eq!(
+        outside_counts.keys().collect::<Vec<_>>(),
+        [EPERM.to_string().as_str()],
+        "an outsider's connects to it: {outside_counts:?}"
+    );
+    assert!(
+        inside_during >= 50 && outside_during >= 50,
+        "too few connects during the reloads: {inside_during} inside, {outside_during} outside"
+    );
+    // The last reload removed B: the kernel protects it no more, routing no longer uses it.
+    let out = Some(outsider.path());
+    assert_eq!(try_from(out, "tcp", &[a.addr, b.addr]), [EPERM, 0]);
+}
+
+/// Every key the supervisor refuses to change on SIGHUP (`needs_restart` in
+/// `daemon/supervisor.rs`): the reload is refused, the log names the key and says why, and
+/// neither enforcement nor the running config change — although each refused file also adds a
+/// pool host, which must stay unprotected. A valid reload at the end still applies.
+#[test]
+fn every_restart_only_key_is_refused_on_reload() {
+    require_root();
+    let s = Setup::new();
+    let (a, b) = (Sim::start(&[]), Sim::start(&[]));
+    let base = s.toml(&[a.addr], "");
+    s.write(&base);
+    let key = create_key(&s.cfg);
+    let _gateway = s.base.child("gateway");
+    let outsider = s.base.child("outsider");
+    let daemon = Daemon::start(&s.cfg, &s.dir.path().join("serve.log"));
+    daemon.wait_log("worker started");
+    let listen = daemon.listen_addr();
+    let out = Some(outsider.path());
+    assert_eq!(try_from(out, "tcp", &[a.addr, b.addr]), [EPERM, 0]);
+
+    let other_pins = format!("{}-other", s.pins.root.display());
+    let changes: [(&str, String); 8] = [
+        (
+            "server.listen",
+            s.toml(&[a.addr, b.addr], "").replace("127.0.0.1:0", "127.0.0.1:1"),
+        ),
+        (
+            "admin.listen",
+            s.toml(&[a.addr, b.addr], "[admin]\nlisten = \"127.0.0.1:0\"\n"),
+        ),
+        (
+            "server.user",
+            s.toml(&[a.addr, b.addr], "")
+                .replace("user = \"nobody\"", "user = \"daemon\""),
+        ),
+        (
+            "server.data_dir",
+            s.toml(&[a.addr, b.addr], "")
+                .replace("data_dir = \"data\"", "data_dir = \"data2\""),
+        ),
+        (
+            "auth",
+            s.toml(&[a.addr, b.addr], "[auth]\nrevocation_poll_ms = 4321\n"),
+        ),
+        (
+            "segmentation.mode",
+            s.toml(&[a.addr, b.addr], "mode = \"off\"\n"),
+        ),
+        (
+            "segmentation.gateway_cgroup",
+            s.toml(&[a.addr, b.addr], "")
+                .replace("/gateway\"", "/gateway2\""),
+        ),
+        (
+            "segmentation.pin_root",
+            s.toml(&[a.addr, b.addr], "")
+                .replace(&s.pins.root.display().to_string(), &other_pins),
+        ),
+    ];
+    for (i, (changed, text)) in changes.iter().enumerate() {
+        assert_ne!(*text, s.toml(&[a.addr, b.addr], ""), "{changed}: the file changes it");
+        s.write(text);
+        daemon.signal(Signal::SIGHUP);
+        let refused = daemon.wait_log_nth("config reload refused", i);
+        assert_eq!(refused["key"], *changed, "{refused}");
+        assert_eq!(refused["level"], "ERROR", "{refused}");
+        assert!(
+            refused["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("changes only with a restart")),
+            "the log says why: {refused}"
+        );
+        assert_eq!(
+            try_from(out, "tcp", &[a.addr, b.addr]),
+            [EPERM, 0],
+            "{changed}: enforcement as before, the refused file's new host not protected"
+        );
+        let before = sim_requests(&a);
+        assert_eq!(chat(listen, &key), 200, "{changed}: the running config serves");
+        assert_eq!(sim_requests(&a), before + 1, "{changed}: on the old pool");
+    }
+    assert!(
+        !Path::new(&other_pins).exists(),
+        "nothing pinned under the refused pin root"
+    );
+    assert!(
+        !s.dir.path().join("data2").exists(),
+        "nothing made in the refused data dir"
+    );
+
+    // The daemon still reloads a file that changes only what a reload may change.
+    s.write(&s.toml(&[a.addr, b.addr], ""));
+    daemon.signal(Signal::SIGHUP);
+    daemon.wait_log("config reloaded");
+    assert_eq!(try_from(out, "tcp", &[a.addr, b.addr]), [EPERM, EPERM]);
+}
