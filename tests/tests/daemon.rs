@@ -2,12 +2,18 @@
 //! unprivileged worker in the gateway cgroup, restarts it when it dies, reloads on SIGHUP, and
 //! refuses to start when enforcement cannot be put in place.
 
-use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
 
 use moat_tests::{
-    Sim, bin, create_key,
+    bin, create_key,
     daemon::{Daemon, http_get, http_request, moat_cli},
-    kernel::{EPERM, TestCgroup, TestPins, require_root, try_from, unique},
+    kernel::{EPERM, KillOnDrop, TestCgroup, TestPins, require_root, try_from, unique},
 };
 use nix::sys::signal::Signal;
 
@@ -71,9 +77,41 @@ fn proc_status(pid: u32) -> std::collections::BTreeMap<String, String> {
         .collect()
 }
 
+/// `moat-sim` on 127.0.0.1 with its control routes on a second port: its inference port is
+/// reserved for the gateway by the kernel, so the test reads the counters on the other one.
+struct PoolSim {
+    addr: SocketAddr,
+    control: SocketAddr,
+    _proc: KillOnDrop,
+}
+
+fn pool_sim() -> PoolSim {
+    let mut child = Command::new(bin("moat-sim"))
+        .args(["--listen", "127.0.0.1:0", "--control-listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start moat-sim");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = |prefix: &str| -> SocketAddr {
+        let mut l = String::new();
+        out.read_line(&mut l).unwrap();
+        l.strip_prefix(prefix)
+            .and_then(|a| a.trim().parse().ok())
+            .unwrap_or_else(|| panic!("moat-sim: {l}"))
+    };
+    let addr = line("LISTENING ");
+    let control = line("CONTROL ");
+    PoolSim {
+        addr,
+        control,
+        _proc: KillOnDrop(child),
+    }
+}
+
 /// Inference requests a simulator has answered so far (its `/_sim/stats`).
-fn sim_requests(sim: &Sim) -> u64 {
-    let (status, body) = http_get(sim.addr, "/_sim/stats").expect("sim stats");
+fn sim_requests(sim: &PoolSim) -> u64 {
+    let (status, body) = http_get(sim.control, "/_sim/stats").expect("sim stats");
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).expect("stats JSON");
     v["requests"].as_u64().expect("requests count")
@@ -84,13 +122,6 @@ fn chat(listen: SocketAddr, key: &str) -> (u16, String) {
     let body = r#"{"model":"m","messages":[{"role":"user","content":"hello"}]}"#;
     http_request(listen, "POST", "/v1/chat/completions", Some(key), Some(body))
         .expect("chat through moat")
-}
-
-/// A simulator on 127.0.0.1 and its port.
-fn sim() -> (Sim, u16) {
-    let sim = Sim::start(&[]);
-    let port = sim.addr.port();
-    (sim, port)
 }
 
 fn worker_pid(event: &serde_json::Value) -> u32 {
@@ -111,7 +142,8 @@ fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
 fn worker_runs_unprivileged_in_the_gateway_cgroup_and_is_restarted() {
     require_root();
     let s = Setup::new();
-    let (upstream, pool) = sim();
+    let upstream = pool_sim();
+    let pool = upstream.addr.port();
     s.write(&[pool], "");
     let key = create_key(&s.cfg);
     let gateway = s.gateway_cgroup();
@@ -193,7 +225,8 @@ fn worker_runs_unprivileged_in_the_gateway_cgroup_and_is_restarted() {
 fn sighup_applies_kernel_policy_and_worker_config_together() {
     require_root();
     let s = Setup::new();
-    let ((first_sim, first), (second_sim, second)) = (sim(), sim());
+    let (first_sim, second_sim) = (pool_sim(), pool_sim());
+    let (first, second) = (first_sim.addr.port(), second_sim.addr.port());
     s.write(&[first], "");
     let key = create_key(&s.cfg);
     let _gateway = s.gateway_cgroup();

@@ -606,7 +606,7 @@ impl Traffic {
     }
 }
 
-/// An upgrade adopts with no gap: 20 back-to-back install-or-adopt runs (each reuses the pinned
+/// An upgrade adopts with no gap: at least 20 back-to-back install-or-adopt runs (each reuses the pinned
 /// maps and switches the pinned link to a freshly loaded program) while the gateway runs TCP
 /// round trips and the rogue host sends UDP: no gateway failure, no rogue datagram through,
 /// the same link throughout.
@@ -631,8 +631,12 @@ fn adopting_again_and_again_leaves_no_gap() {
 
     let traffic = Traffic::start(&lab, port);
     traffic.wait_running();
+    // At least 20 adoptions, for at least a second (a stall of a loaded machine cannot leave
+    // the loops idle all along).
     let first = Instant::now();
-    for _ in 0..20 {
+    let mut adoptions = 0;
+    while adoptions < 20 || first.elapsed() < Duration::from_secs(1) {
+        adoptions += 1;
         let g = Guard::install_or_adopt(&pins.pins, &cfg).unwrap();
         assert!(g.adopted());
         let (l, p) = link_of();
@@ -644,8 +648,8 @@ fn adopting_again_and_again_leaves_no_gap() {
     let (ok, failed, sent) = traffic.stop();
     assert!(
         trips >= MIN_DURING && datagrams >= MIN_DURING,
-        "too little traffic during the adoptions: {trips} round trips, {datagrams} datagrams \
-         (of {ok} and {sent})"
+        "too little traffic during {adoptions} adoptions: {trips} round trips, {datagrams} \
+         datagrams (of {ok} and {sent})"
     );
     assert_eq!(
         failed, 0,
@@ -680,9 +684,13 @@ fn guard_policy_flips_never_change_a_shared_verdict() {
 
     let traffic = Traffic::start(&lab, port);
     traffic.wait_running();
+    // At least 1,000 flips, for at least a second (so a stall of a loaded machine cannot
+    // leave the loops idle all along), an even number of them.
     let started = Instant::now();
-    for i in 0..1000 {
-        guard.apply(if i % 2 == 0 { &b } else { &a }).unwrap();
+    let mut flips = 0;
+    while flips < 1000 || started.elapsed() < Duration::from_secs(1) || flips % 2 == 1 {
+        guard.apply(if flips % 2 == 0 { &b } else { &a }).unwrap();
+        flips += 1;
     }
     let last_flip = Instant::now();
     let (trips, datagrams) = traffic.between(started, last_flip);
@@ -690,8 +698,8 @@ fn guard_policy_flips_never_change_a_shared_verdict() {
     let flipping = last_flip - started;
     assert!(
         trips >= MIN_DURING,
-        "only {trips} gateway round trips (of {ok}) ran between the first and the last flip \
-         ({flipping:?}); at least {MIN_DURING} must"
+        "only {trips} gateway round trips (of {ok}) ran between the first and the last of \
+         {flips} flips ({flipping:?}); at least {MIN_DURING} must"
     );
     assert_eq!(
         failed, 0,

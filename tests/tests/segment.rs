@@ -9,7 +9,7 @@ use std::{
     net::{SocketAddr, TcpListener},
     path::Path,
     process::{Command, Stdio},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use moat::{
@@ -170,9 +170,9 @@ fn deny_events_carry_who_and_where() {
     assert_eq!(udp_event.addr.to_string(), "::1");
 }
 
-/// Attempts per target that must run wholly between the first and the last of the 1,000 flips
-/// for the flip test to mean anything (a loopback connect takes tens of microseconds; the
-/// flips take hundreds of milliseconds).
+/// Attempts per target that must run wholly between the first and the last flip for the flip
+/// test to mean anything (a loopback connect takes tens of microseconds; the flips last at
+/// least a second).
 const MIN_DURING_FLIPS: u64 = 50;
 
 /// CLOCK_MONOTONIC in nanoseconds, the clock `moat-probe loop` stamps its attempts with.
@@ -226,15 +226,16 @@ fn policy_flips_never_change_a_shared_verdict() {
     let (mut outside, outside_out) = start_loop(outsider.path());
     let (mut inside, inside_out) = start_loop(gateway.path());
 
+    // At least 1,000 flips, for at least a second (so a stall of a loaded machine cannot
+    // leave the probes idle all along), an even number of them.
     let started = Instant::now();
-    let mut first_flip = 0;
-    for i in 0..1000 {
-        if i == 0 {
-            first_flip = monotonic_ns();
-        }
+    let first_flip = monotonic_ns();
+    let mut flips = 0;
+    while flips < 1000 || started.elapsed() < Duration::from_secs(1) || flips % 2 == 1 {
         enforcer
-            .apply(if i % 2 == 0 { &policy_b } else { &policy_a })
+            .apply(if flips % 2 == 0 { &policy_b } else { &policy_a })
             .unwrap();
+        flips += 1;
     }
     let last_flip = monotonic_ns();
     let flipping = started.elapsed();
@@ -259,8 +260,8 @@ fn policy_flips_never_change_a_shared_verdict() {
             let during = run["results"][i]["in_window"].as_u64().unwrap();
             assert!(
                 during >= MIN_DURING_FLIPS,
-                "{who}: only {during} attempts on {} ran between the first and the last flip \
-                 ({flipping:?}); at least {MIN_DURING_FLIPS} must",
+                "{who}: only {during} attempts on {} ran between the first and the last of \
+                 {flips} flips ({flipping:?}); at least {MIN_DURING_FLIPS} must",
                 targets[i]
             );
             assert_eq!(
