@@ -842,5 +842,9 @@ fn a_short_hs256_secret_stops_the_daemon_from_starting() {
     let out = m.serve_expecting_failure();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("needs at least 32 bytes, this one has 31"), "{err}");
+    let want = format!(
+        "key `auth.hs256_secret_file`: {} holds 31 bytes; an HS256 secret needs at least 32 bytes",
+        path.display()
+    );
+    assert!(err.contains(&want), "expected {want:?} in: {err}");
 }

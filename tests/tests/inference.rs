@@ -606,10 +606,10 @@ impl Traffic {
     }
 }
 
-/// An upgrade adopts with no gap: at least 20 back-to-back install-or-adopt runs (each reuses the pinned
-/// maps and switches the pinned link to a freshly loaded program) while the gateway runs TCP
-/// round trips and the rogue host sends UDP: no gateway failure, no rogue datagram through,
-/// the same link throughout.
+/// An upgrade adopts with no gap: at least 20 back-to-back install-or-adopt runs (each reuses
+/// the pinned maps and switches the pinned link to a freshly loaded program) while the gateway
+/// runs TCP round trips and the rogue host sends UDP: no gateway failure, no rogue datagram
+/// through, the same link throughout.
 #[test]
 fn adopting_again_and_again_leaves_no_gap() {
     require_root();
