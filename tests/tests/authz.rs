@@ -47,7 +47,10 @@ fn principal(
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "tenants add {tenant}: {err}");
-        assert!(err.contains("already exists"), "tenants add {tenant}: {err}");
+        assert!(
+            err.contains("already exists"),
+            "tenants add {tenant}: {err}"
+        );
     }
     let mut args = vec!["users", "add", user, "--tenant", tenant];
     for r in roles {
@@ -649,11 +652,19 @@ async fn admin_plane_is_separate_and_permissioned() {
         .iter()
         .map(|k| k["key_id"].as_str().unwrap())
         .collect();
-    assert_eq!(listed, [other_ops_id.as_str()], "only its own tenant's keys");
+    assert_eq!(
+        listed,
+        [other_ops_id.as_str()],
+        "only its own tenant's keys"
+    );
     let (status, v) = admin(&addr, "GET", "/admin/keys", &ops, None).await;
     assert_eq!(status, 200, "{v}");
     assert!(
-        v["keys"].as_array().unwrap().iter().any(|k| k["key_id"] == dave_id.as_str()),
+        v["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["key_id"] == dave_id.as_str()),
         "the key's own tenant lists it: {v}"
     );
 

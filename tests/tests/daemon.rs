@@ -120,8 +120,14 @@ fn sim_requests(sim: &PoolSim) -> u64 {
 /// One chat completion through moat's data plane; returns the HTTP status and body.
 fn chat(listen: SocketAddr, key: &str) -> (u16, String) {
     let body = r#"{"model":"m","messages":[{"role":"user","content":"hello"}]}"#;
-    http_request(listen, "POST", "/v1/chat/completions", Some(key), Some(body))
-        .expect("chat through moat")
+    http_request(
+        listen,
+        "POST",
+        "/v1/chat/completions",
+        Some(key),
+        Some(body),
+    )
+    .expect("chat through moat")
 }
 
 fn worker_pid(event: &serde_json::Value) -> u32 {
@@ -243,7 +249,11 @@ fn sighup_applies_kernel_policy_and_worker_config_together() {
     let (status, body) = chat(listen, &key);
     assert_eq!(status, 200, "{body}");
     assert_eq!(sim_requests(&first_sim), 1, "the first host answered");
-    assert_eq!(sim_requests(&second_sim), 0, "the second is no pool host yet");
+    assert_eq!(
+        sim_requests(&second_sim),
+        0,
+        "the second is no pool host yet"
+    );
 
     // A new pool host: protected after the reload, and routed to (ties take turns, so a
     // few requests reach it) through the gateway's egress lockdown.

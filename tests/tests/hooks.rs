@@ -153,7 +153,7 @@ fn a_deny_flood_is_logged_at_the_stated_rate_with_a_summary() {
             break serde_json::from_str::<Value>(line).unwrap();
         }
         assert!(Instant::now() < deadline, "no suppression summary:\n{text}");
-        let one = probe(Some(outsider.path()), "tcp", &[target.clone()]);
+        let one = probe(Some(outsider.path()), "tcp", std::slice::from_ref(&target));
         assert_eq!(one.errnos(), [EPERM]);
         trickles.push(one.pid);
         std::thread::sleep(Duration::from_millis(200));

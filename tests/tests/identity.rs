@@ -142,7 +142,11 @@ fn assert_refused(out: &std::process::Output, reason: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains(reason), "expected {reason:?} in: {err}");
-    assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 fn assert_error(r: Response, status: u16) -> Value {

@@ -585,8 +585,7 @@ impl Traffic {
     /// happens under traffic.
     fn wait_running(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self.round_trips.lock().unwrap().is_empty() || self.sends.lock().unwrap().is_empty()
-        {
+        while self.round_trips.lock().unwrap().is_empty() || self.sends.lock().unwrap().is_empty() {
             assert!(Instant::now() < deadline, "the traffic loops did not start");
             std::thread::sleep(Duration::from_millis(5));
         }

@@ -67,9 +67,15 @@ impl Setup {
 /// One chat completion for model `m` through moat; returns the HTTP status (0: no answer).
 fn chat(listen: SocketAddr, key: &str) -> u16 {
     let body = r#"{"model":"m","messages":[{"role":"user","content":"hello"}]}"#;
-    http_request(listen, "POST", "/v1/chat/completions", Some(key), Some(body))
-        .map(|(status, _)| status)
-        .unwrap_or(0)
+    http_request(
+        listen,
+        "POST",
+        "/v1/chat/completions",
+        Some(key),
+        Some(body),
+    )
+    .map(|(status, _)| status)
+    .unwrap_or(0)
 }
 
 /// `moat-sim` on 127.0.0.1 with its control routes on a second port: its inference port is
@@ -246,9 +252,8 @@ fn reloads_under_traffic_refuse_nothing_both_configs_allow() {
     // In both configs: pool `side` (a plain listener, protected) and an `egress_allow` entry
     // (unprotected, open to the gateway): what the probes connect to.
     let (side, allowed) = (listener(), listener());
-    let both_configs = format!(
-        "egress_allow = [\"{allowed}\"]\n[pools.side]\nhosts = [\"{side}\"]\n"
-    );
+    let both_configs =
+        format!("egress_allow = [\"{allowed}\"]\n[pools.side]\nhosts = [\"{side}\"]\n");
     let (one, both) = (
         s.toml(&[a.addr], &both_configs),
         s.toml(&[a.addr, b.addr], &both_configs),
@@ -260,7 +265,11 @@ fn reloads_under_traffic_refuse_nothing_both_configs_allow() {
     let daemon = Daemon::start(&s.cfg, &s.dir.path().join("serve.log"));
     daemon.wait_log("worker started");
     let listen = daemon.listen_addr();
-    assert_eq!(chat(listen, &key), 200, "control: a request before the reloads");
+    assert_eq!(
+        chat(listen, &key),
+        200,
+        "control: a request before the reloads"
+    );
 
     let inside = ProbeLoop::start(gateway.path(), &[side, allowed]);
     let outside = ProbeLoop::start(outsider.path(), &[side, allowed]);
@@ -292,11 +301,7 @@ fn reloads_under_traffic_refuse_nothing_both_configs_allow() {
     let inside = inside.finish(t0, t1);
     let outside = outside.finish(t0, t1);
 
-    let failed: Vec<u16> = requests
-        .iter()
-        .map(|r| r.2)
-        .filter(|s| *s != 200)
-        .collect();
+    let failed: Vec<u16> = requests.iter().map(|r| r.2).filter(|s| *s != 200).collect();
     assert!(
         failed.is_empty(),
         "requests failed across the reloads: {failed:?} ({} in all)",
@@ -317,7 +322,9 @@ fn reloads_under_traffic_refuse_nothing_both_configs_allow() {
         ("the gateway cgroup", &inside, ["0", "0"]),
         ("an outsider", &outside, [eperm.as_str(), "0"]),
     ] {
-        for ((errnos, during), (target, want)) in runs.iter().zip([side, allowed].iter().zip(wanted)) {
+        for ((errnos, during), (target, want)) in
+            runs.iter().zip([side, allowed].iter().zip(wanted))
+        {
             assert_eq!(
                 errnos,
                 &[want],
@@ -358,7 +365,8 @@ fn every_restart_only_key_is_refused_on_reload() {
     let changes: [(&str, String); 8] = [
         (
             "server.listen",
-            s.toml(&[a.addr, b.addr], "").replace("127.0.0.1:0", "127.0.0.1:1"),
+            s.toml(&[a.addr, b.addr], "")
+                .replace("127.0.0.1:0", "127.0.0.1:1"),
         ),
         (
             "admin.listen",
@@ -394,7 +402,11 @@ fn every_restart_only_key_is_refused_on_reload() {
         ),
     ];
     for (i, (changed, text)) in changes.iter().enumerate() {
-        assert_ne!(*text, s.toml(&[a.addr, b.addr], ""), "{changed}: the file changes it");
+        assert_ne!(
+            *text,
+            s.toml(&[a.addr, b.addr], ""),
+            "{changed}: the file changes it"
+        );
         s.write(text);
         daemon.signal(Signal::SIGHUP);
         let refused = daemon.wait_log_nth("config reload refused", i);
@@ -412,7 +424,11 @@ fn every_restart_only_key_is_refused_on_reload() {
             "{changed}: enforcement as before, the refused file's new host not protected"
         );
         let before = sim_requests(&a);
-        assert_eq!(chat(listen, &key), 200, "{changed}: the running config serves");
+        assert_eq!(
+            chat(listen, &key),
+            200,
+            "{changed}: the running config serves"
+        );
         assert_eq!(sim_requests(&a), before + 1, "{changed}: on the old pool");
     }
     assert!(

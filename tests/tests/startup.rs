@@ -69,7 +69,11 @@ fn data_dir_secrets_and_database_have_the_stated_modes_and_owner() {
 
     // The CLI, run as root, makes the store as the service user.
     create_key(&cfg);
-    assert_eq!(mode_owner(&data), (0o700, uid, gid), "data dir made by the CLI");
+    assert_eq!(
+        mode_owner(&data),
+        (0o700, uid, gid),
+        "data dir made by the CLI"
+    );
     assert_eq!(mode_owner(&data.join("moat.db")), (0o600, uid, gid));
     assert_eq!(mode_owner(&secrets.join("pepper")), (0o600, uid, gid));
     assert_eq!(std::fs::read(secrets.join("pepper")).unwrap().len(), 32);
@@ -141,7 +145,12 @@ fn admin_listener_off_loopback_is_refused_naming_the_key() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    for bad in ["0.0.0.0:8081", "[::]:8081", "10.0.0.1:8081", "[fd00::1]:8081"] {
+    for bad in [
+        "0.0.0.0:8081",
+        "[::]:8081",
+        "10.0.0.1:8081",
+        "[fd00::1]:8081",
+    ] {
         write(bad);
         let want = format!(
             "moat: {}: key `admin.listen`: {bad} is not a loopback address; the admin plane is \
@@ -151,8 +160,15 @@ fn admin_listener_off_loopback_is_refused_naming_the_key() {
         for args in [&["config", "check"][..], &["serve"][..]] {
             let out = moat(args);
             let err = String::from_utf8_lossy(&out.stderr);
-            assert_eq!(out.status.code(), Some(1), "moat {args:?} with {bad}: {err}");
-            assert!(err.contains(&want), "moat {args:?}: expected {want:?} in {err}");
+            assert_eq!(
+                out.status.code(),
+                Some(1),
+                "moat {args:?} with {bad}: {err}"
+            );
+            assert!(
+                err.contains(&want),
+                "moat {args:?}: expected {want:?} in {err}"
+            );
             assert!(
                 !err.contains("listening"),
                 "moat {args:?} with {bad} bound something: {err}"

@@ -247,7 +247,12 @@ fn gateway_inference_and_rogue_hosts() {
         EPERM,
         "gateway guard after SIGKILL"
     );
-    assert_guarded(&lab, gateway_cgroup.path(), p1, "inference guard after SIGKILL");
+    assert_guarded(
+        &lab,
+        gateway_cgroup.path(),
+        p1,
+        "inference guard after SIGKILL",
+    );
     // The gateway cgroup still reaches the model: the kernel never needed the daemon for that.
     assert_eq!(probe_errno(&lab.gateway, gateway_cgroup.path(), model1), 0);
 }

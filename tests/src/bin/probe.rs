@@ -205,9 +205,8 @@ fn main() -> io::Result<()> {
                 .zip(counts)
                 .zip(spans)
                 .map(|((t, c), spans)| {
-                    let in_window = window.map(|(t0, t1)| {
-                        spans.iter().filter(|(s, e)| *s >= t0 && *e <= t1).count()
-                    });
+                    let in_window = window
+                        .map(|(t0, t1)| spans.iter().filter(|(s, e)| *s >= t0 && *e <= t1).count());
                     json!({"target": t.to_string(), "counts": c, "in_window": in_window})
                 })
                 .collect()
