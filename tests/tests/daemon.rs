@@ -2,18 +2,12 @@
 //! unprivileged worker in the gateway cgroup, restarts it when it dies, reloads on SIGHUP, and
 //! refuses to start when enforcement cannot be put in place.
 
-use std::{
-    io::{BufRead, BufReader},
-    net::SocketAddr,
-    path::Path,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
 
 use moat_tests::{
     bin, create_key,
     daemon::{Daemon, http_get, http_request, moat_cli},
-    kernel::{EPERM, KillOnDrop, TestCgroup, TestPins, require_root, try_from, unique},
+    kernel::{EPERM, PoolSim, TestCgroup, TestPins, require_root, try_from, unique},
 };
 use nix::sys::signal::Signal;
 
@@ -77,46 +71,6 @@ fn proc_status(pid: u32) -> std::collections::BTreeMap<String, String> {
         .collect()
 }
 
-/// `moat-sim` on 127.0.0.1 with its control routes on a second port: its inference port is
-/// reserved for the gateway by the kernel, so the test reads the counters on the other one.
-struct PoolSim {
-    addr: SocketAddr,
-    control: SocketAddr,
-    _proc: KillOnDrop,
-}
-
-fn pool_sim() -> PoolSim {
-    let mut child = Command::new(bin("moat-sim"))
-        .args(["--listen", "127.0.0.1:0", "--control-listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start moat-sim");
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = |prefix: &str| -> SocketAddr {
-        let mut l = String::new();
-        out.read_line(&mut l).unwrap();
-        l.strip_prefix(prefix)
-            .and_then(|a| a.trim().parse().ok())
-            .unwrap_or_else(|| panic!("moat-sim: {l}"))
-    };
-    let addr = line("LISTENING ");
-    let control = line("CONTROL ");
-    PoolSim {
-        addr,
-        control,
-        _proc: KillOnDrop(child),
-    }
-}
-
-/// Inference requests a simulator has answered so far (its `/_sim/stats`).
-fn sim_requests(sim: &PoolSim) -> u64 {
-    let (status, body) = http_get(sim.control, "/_sim/stats").expect("sim stats");
-    assert_eq!(status, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).expect("stats JSON");
-    v["requests"].as_u64().expect("requests count")
-}
-
 /// One chat completion through moat's data plane; returns the HTTP status and body.
 fn chat(listen: SocketAddr, key: &str) -> (u16, String) {
     let body = r#"{"model":"m","messages":[{"role":"user","content":"hello"}]}"#;
@@ -148,7 +102,7 @@ fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
 fn worker_runs_unprivileged_in_the_gateway_cgroup_and_is_restarted() {
     require_root();
     let s = Setup::new();
-    let upstream = pool_sim();
+    let upstream = PoolSim::start();
     let pool = upstream.addr.port();
     s.write(&[pool], "");
     let key = create_key(&s.cfg);
@@ -189,14 +143,10 @@ fn worker_runs_unprivileged_in_the_gateway_cgroup_and_is_restarted() {
     );
     // The worker is the gateway: a request through it is answered by the pool's simulator,
     // while a bystander's connect to the same host is refused.
-    let before = sim_requests(&upstream);
+    let before = upstream.requests();
     let (status, body) = chat(listen, &key);
     assert_eq!(status, 200, "chat through the gateway: {body}");
-    assert_eq!(
-        sim_requests(&upstream),
-        before + 1,
-        "the simulator answered it"
-    );
+    assert_eq!(upstream.requests(), before + 1, "the simulator answered it");
     let pool_addr: SocketAddr = format!("127.0.0.1:{pool}").parse().unwrap();
     let outsider = s.base.child("outsider");
     assert_eq!(
@@ -231,7 +181,7 @@ fn worker_runs_unprivileged_in_the_gateway_cgroup_and_is_restarted() {
 fn sighup_applies_kernel_policy_and_worker_config_together() {
     require_root();
     let s = Setup::new();
-    let (first_sim, second_sim) = (pool_sim(), pool_sim());
+    let (first_sim, second_sim) = (PoolSim::start(), PoolSim::start());
     let (first, second) = (first_sim.addr.port(), second_sim.addr.port());
     s.write(&[first], "");
     let key = create_key(&s.cfg);
@@ -248,12 +198,8 @@ fn sighup_applies_kernel_policy_and_worker_config_together() {
     assert_eq!(try_from(out, "tcp", &[a, b]), [EPERM, 0]);
     let (status, body) = chat(listen, &key);
     assert_eq!(status, 200, "{body}");
-    assert_eq!(sim_requests(&first_sim), 1, "the first host answered");
-    assert_eq!(
-        sim_requests(&second_sim),
-        0,
-        "the second is no pool host yet"
-    );
+    assert_eq!(first_sim.requests(), 1, "the first host answered");
+    assert_eq!(second_sim.requests(), 0, "the second is no pool host yet");
 
     // A new pool host: protected after the reload, and routed to (ties take turns, so a
     // few requests reach it) through the gateway's egress lockdown.
@@ -263,7 +209,7 @@ fn sighup_applies_kernel_policy_and_worker_config_together() {
     assert_eq!(try_from(out, "tcp", &[a, b]), [EPERM, EPERM]);
     assert_eq!(http_get(listen, "/healthz").unwrap().0, 200);
     let mut sent = 0;
-    while sim_requests(&second_sim) == 0 {
+    while second_sim.requests() == 0 {
         assert!(sent < 20, "20 requests and none reached the new host");
         let (status, body) = chat(listen, &key);
         assert_eq!(status, 200, "{body}");

@@ -17,8 +17,11 @@ use std::{
 
 use moat_tests::{
     bin, create_key,
-    daemon::{Daemon, http_get, http_request},
-    kernel::{EPERM, KillOnDrop, TestCgroup, TestPins, require_root, try_from, unique},
+    daemon::{Daemon, http_request},
+    kernel::{
+        EPERM, KillOnDrop, PoolSim, TestCgroup, TestPins, monotonic_ns, require_root, try_from,
+        unique,
+    },
 };
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -76,57 +79,6 @@ fn chat(listen: SocketAddr, key: &str) -> u16 {
     )
     .map(|(status, _)| status)
     .unwrap_or(0)
-}
-
-/// `moat-sim` on 127.0.0.1 with its control routes on a second port: its inference port is
-/// reserved for the gateway by the kernel, so the test reads the counters on the other one.
-struct PoolSim {
-    addr: SocketAddr,
-    control: SocketAddr,
-    _proc: KillOnDrop,
-}
-
-fn pool_sim() -> PoolSim {
-    let mut child = Command::new(bin("moat-sim"))
-        .args(["--listen", "127.0.0.1:0", "--control-listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start moat-sim");
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = |prefix: &str| -> SocketAddr {
-        let mut l = String::new();
-        out.read_line(&mut l).unwrap();
-        l.strip_prefix(prefix)
-            .and_then(|a| a.trim().parse().ok())
-            .unwrap_or_else(|| panic!("moat-sim: {l}"))
-    };
-    let addr = line("LISTENING ");
-    let control = line("CONTROL ");
-    PoolSim {
-        addr,
-        control,
-        _proc: KillOnDrop(child),
-    }
-}
-
-/// Inference requests a simulator has answered so far (its `/_sim/stats`).
-fn sim_requests(sim: &PoolSim) -> u64 {
-    let (status, body) = http_get(sim.control, "/_sim/stats").expect("sim stats");
-    assert_eq!(status, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).expect("stats JSON");
-    v["requests"].as_u64().expect("requests count")
-}
-
-/// CLOCK_MONOTONIC in nanoseconds, the clock `moat-probe loop` stamps its attempts with.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// A listener on 127.0.0.1 that accepts and closes connections for the rest of the test
@@ -248,7 +200,7 @@ fn reloads_under_traffic_refuse_nothing_both_configs_allow() {
     const MIN_RUN: Duration = Duration::from_secs(3);
     require_root();
     let s = Setup::new();
-    let (a, b) = (pool_sim(), pool_sim());
+    let (a, b) = (PoolSim::start(), PoolSim::start());
     // In both configs: pool `side` (a plain listener, protected) and an `egress_allow` entry
     // (unprotected, open to the gateway): what the probes connect to.
     let (side, allowed) = (listener(), listener());
@@ -287,13 +239,13 @@ fn reloads_under_traffic_refuse_nothing_both_configs_allow() {
         daemon.wait_log_nth("config reloaded", i);
         if adds_b {
             // Let routing use the new host before it goes again.
-            let before = sim_requests(&b);
+            let before = b.requests();
             let deadline = Instant::now() + Duration::from_secs(10);
-            while sim_requests(&b) < before + 3 {
+            while b.requests() < before + 3 {
                 assert!(Instant::now() < deadline, "the new host took no requests");
                 std::thread::sleep(Duration::from_millis(10));
             }
-            b_between_reloads += sim_requests(&b) - before;
+            b_between_reloads += b.requests() - before;
         }
     }
     let (t1, last) = (monotonic_ns(), Instant::now());
@@ -349,7 +301,7 @@ fn reloads_under_traffic_refuse_nothing_both_configs_allow() {
 fn every_restart_only_key_is_refused_on_reload() {
     require_root();
     let s = Setup::new();
-    let (a, b) = (pool_sim(), pool_sim());
+    let (a, b) = (PoolSim::start(), PoolSim::start());
     let base = s.toml(&[a.addr], "");
     s.write(&base);
     let key = create_key(&s.cfg);
@@ -423,13 +375,13 @@ fn every_restart_only_key_is_refused_on_reload() {
             [EPERM, 0],
             "{changed}: enforcement as before, the refused file's new host not protected"
         );
-        let before = sim_requests(&a);
+        let before = a.requests();
         assert_eq!(
             chat(listen, &key),
             200,
             "{changed}: the running config serves"
         );
-        assert_eq!(sim_requests(&a), before + 1, "{changed}: on the old pool");
+        assert_eq!(a.requests(), before + 1, "{changed}: on the old pool");
     }
     assert!(
         !Path::new(&other_pins).exists(),

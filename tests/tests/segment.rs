@@ -19,7 +19,10 @@ use moat::{
 use moat_tests::{
     bin,
     daemon::{Daemon, moat_cli, segment_status},
-    kernel::{EPERM, KillOnDrop, TestCgroup, TestPins, probe, require_root, try_from, unique},
+    kernel::{
+        EPERM, KillOnDrop, TestCgroup, TestPins, monotonic_ns, probe, require_root, try_from,
+        unique,
+    },
 };
 use serde_json::Value;
 
@@ -174,17 +177,6 @@ fn deny_events_carry_who_and_where() {
 /// test to mean anything (a loopback connect takes tens of microseconds; the flips last at
 /// least a second).
 const MIN_DURING_FLIPS: u64 = 50;
-
-/// CLOCK_MONOTONIC in nanoseconds, the clock `moat-probe loop` stamps its attempts with.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
 
 /// Flips between two policies 1,000 times while probes connect from outside and inside the
 /// gateway cgroup. Destinations whose verdict is the same in both policies must never see a

@@ -32,6 +32,7 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
+use moat_tests::kernel::monotonic_ns;
 use serde_json::json;
 
 #[derive(Parser)]
@@ -214,17 +215,6 @@ fn main() -> io::Result<()> {
     };
     let line = json!({"pid": pid, "cgroup_id": cgroup_id, "results": results});
     writeln!(io::stdout(), "{line}")
-}
-
-/// CLOCK_MONOTONIC in nanoseconds: the clock every process of the machine shares.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn one_each(targets: &[SocketAddr], f: fn(SocketAddr) -> i32) -> Vec<serde_json::Value> {
