@@ -47,12 +47,14 @@ impl Setup {
 
     /// The config text: model `m` on pool `gpu` (`hosts`), `extra` TOML after it. One attempt
     /// per request, so a connect the kernel refused would reach the client as an error
-    /// instead of being retried on another host.
+    /// instead of being retried on another host; health checks only when a config is applied
+    /// (the first tick is at once), so a check the kernel refused would keep its host out of
+    /// routing for the rest of the test.
     fn toml(&self, hosts: &[SocketAddr], extra: &str) -> String {
         let hosts: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
         format!(
             "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"nobody\"\n\
-             [pools.gpu]\nhosts = [{}]\nmax_attempts = 1\nhealth_interval_ms = 200\n\
+             [pools.gpu]\nhosts = [{}]\nmax_attempts = 1\nhealth_interval_ms = 600000\n\
              [models.m]\npool = \"gpu\"\n\
              [roles.tester]\npermissions = [\"model:*\", \"inference:*\"]\n\
              [segmentation]\ngateway_cgroup = \"{}/gateway\"\npin_root = \"{}\"\n{extra}",
@@ -225,7 +227,7 @@ fn reloads_under_traffic_refuse_nothing_both_configs_allow() {
 
     let inside = ProbeLoop::start(gateway.path(), &[side, allowed]);
     let outside = ProbeLoop::start(outsider.path(), &[side, allowed]);
-    let clients = Clients::start(2, listen, &key);
+    let clients = Clients::start(4, listen, &key);
     clients.wait_running();
     let (t0, first) = (monotonic_ns(), Instant::now());
     let mut b_between_reloads = 0;
