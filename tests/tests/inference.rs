@@ -405,10 +405,19 @@ fn tc_guard_refuses_header_chains_it_cannot_walk() {
         let packet = udp6_behind_dstopts(rogue6, Lab::INF_ROGUE6.parse().unwrap(), port, 5);
         lab.rogue
             .run(|| send_raw6(&packet, Lab::INF_ROGUE6.parse().unwrap()));
-        std::thread::sleep(Duration::from_millis(300));
-        echo.udp_count_from(rogue6.into())
     };
-    assert_eq!(send(), 1, "control: without a guard the datagram arrives");
+    let arrived = || echo.udp_count_from(rogue6.into());
+    let wait_for = |what: &str, cond: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    send();
+    wait_for("control: without a guard the datagram arrives", &|| {
+        arrived() == 1
+    });
 
     let gw = host(Lab::GW6, 128);
     let cfg = guard_config(port, &[&gw], "tc", &[Lab::IF_FROM_ROGUE]);
@@ -417,12 +426,16 @@ fn tc_guard_refuses_header_chains_it_cannot_walk() {
         .run(|| Guard::install_or_adopt(&pins.pins, &cfg))
         .unwrap();
     let dropped = guard.maps().counters().unwrap()[3];
+    send();
+    // Once the tc hook counted the drop, the datagram's fate is sealed: it cannot arrive later.
+    wait_for("the tc hook to drop the datagram", &|| {
+        guard.maps().counters().unwrap()[3] > dropped
+    });
     assert_eq!(
-        send(),
+        arrived(),
         1,
         "the guarded port is not reached behind a long header chain"
     );
-    assert!(guard.maps().counters().unwrap()[3] > dropped);
     let events = drain(&guard);
     let ev = events
         .iter()
