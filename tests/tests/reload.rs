@@ -22,6 +22,7 @@ use moat_tests::{
         EPERM, KillOnDrop, PoolSim, TestCgroup, TestPins, monotonic_ns, require_root, try_from,
         unique,
     },
+    netns::PortReservation,
 };
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -296,9 +297,10 @@ fn reloads_under_traffic_refuse_nothing_both_configs_allow() {
 }
 
 /// Every key the supervisor refuses to change on SIGHUP (`needs_restart` in
-/// `daemon/supervisor.rs`): the reload is refused, the log names the key and says why, and
-/// neither enforcement nor the running config change — although each refused file also adds a
-/// pool host, which must stay unprotected. A valid reload at the end still applies.
+/// `daemon/supervisor.rs`), and what the host runs (`inference_host::check_reload`): the
+/// reload is refused, the log names the key and says why, and neither enforcement nor the
+/// running config change — although each refused file also adds a pool host, which must stay
+/// unprotected. A valid reload at the end still applies.
 #[test]
 fn every_restart_only_key_is_refused_on_reload() {
     require_root();
@@ -392,6 +394,53 @@ fn every_restart_only_key_is_refused_on_reload() {
     assert!(
         !s.dir.path().join("data2").exists(),
         "nothing made in the refused data dir"
+    );
+
+    // Nor can a reload change what the host runs: start an ingress guard, or drop the gateway
+    // side (the guard's port is reserved, in case a regression attached it).
+    let model = PortReservation::new();
+    let guard = format!(
+        "[segmentation.inference]\nmodel_ports = [{}]\nallowed_gateways = [\"127.0.0.1\"]\n",
+        model.port
+    );
+    let gateway_side = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"nobody\"\n[segmentation]\ngateway_cgroup = \"{}/gateway\"\n\
+         pin_root = \"{}\"\n{guard}",
+        s.base.relative.display(),
+        s.pins.root.display()
+    );
+    for (i, (text, why)) in [
+        (
+            s.toml(&[a.addr, b.addr], &guard),
+            "the new config adds [segmentation.inference]; restart moat to install the guard",
+        ),
+        (
+            gateway_side,
+            "the new config removes the gateway side (pools); restart moat to change what this \
+             host runs",
+        ),
+    ]
+    .iter()
+    .enumerate()
+    {
+        s.write(text);
+        daemon.signal(Signal::SIGHUP);
+        let refused = daemon.wait_log_nth("config reload refused", changes.len() + i);
+        assert_eq!(refused["error"], *why, "{refused}");
+        assert_eq!(
+            try_from(out, "tcp", &[a.addr, b.addr]),
+            [EPERM, 0],
+            "enforcement as before"
+        );
+        assert_eq!(chat(listen, &key), 200, "the running config serves");
+    }
+    assert!(
+        moat::segment::status(&s.pins.pins)
+            .unwrap()
+            .inference
+            .links
+            .is_empty(),
+        "no guard attached"
     );
 
     // The daemon still reloads a file that changes only what a reload may change.
