@@ -593,8 +593,9 @@ async fn admin_plane_is_separate_and_permissioned() {
         let (status, _, _) = fetch(m, &moat.url(path), &[("authorization", &auth)], "").await;
         assert_eq!(status, 404, "{path} on the data plane");
     }
-    let (status, _) = admin(&addr, "GET", "/admin/keys", "moat_nope", None).await;
-    assert_eq!(status, 401);
+    let (status, v) = admin(&addr, "GET", "/admin/keys", "moat_nope", None).await;
+    assert_eq!(status, 401, "{v}");
+    assert_eq!(v["error"]["type"], "authentication_error", "{v}");
 
     // Users and keys made over the admin plane, in the admin's tenant.
     let (status, v) = admin(
@@ -669,7 +670,7 @@ async fn admin_plane_is_separate_and_permissioned() {
     );
 
     // Narrowed in this process: the very next request is judged on the new roles.
-    let (status, _) = admin(
+    let (status, v) = admin(
         &addr,
         "POST",
         &format!("/admin/keys/{dave_id}/narrow"),
@@ -677,11 +678,14 @@ async fn admin_plane_is_separate_and_permissioned() {
         Some(json!({"roles": []})),
     )
     .await;
-    assert_eq!(status, 200);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v, json!({"key_id": dave_id, "roles": []}));
     let (status, v, _) = chat(&moat, &dave, ask("chat"), &[]).await;
     assert_eq!(status, 403, "{v}");
-    let (status, _) = admin(&addr, "POST", &path, &ops, None).await;
-    assert_eq!(status, 200);
+    assert_eq!(v["error"]["type"], "permission_error", "{v}");
+    let (status, v) = admin(&addr, "POST", &path, &ops, None).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v, json!({"key_id": dave_id, "changed": true}));
     assert_eq!(
         chat(&moat, &dave, ask("chat"), &[]).await.0,
         401,
