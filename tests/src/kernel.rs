@@ -3,6 +3,7 @@
 //! spawned processes.
 
 use std::{
+    io::{BufRead, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -150,4 +151,62 @@ pub fn probe(cgroup: Option<&Path>, action: &str, args: &[String]) -> ProbeRun {
 pub fn try_from(cgroup: Option<&Path>, action: &str, targets: &[SocketAddr]) -> Vec<i32> {
     let args: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
     probe(cgroup, action, &args).errnos()
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: one clock for every process of the machine, so a test can
+/// compare its own instants with those `moat-probe loop` stamps its attempts with.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// `moat-sim` on 127.0.0.1 serving a pool of an enforcing daemon, with its `/_sim/*` control
+/// routes on a second port: the kernel reserves the inference port for the gateway (the test
+/// itself gets `EPERM` there), so the test reads the counters on the other one.
+pub struct PoolSim {
+    /// The inference port, for the config's `hosts`.
+    pub addr: SocketAddr,
+    /// The control port.
+    pub control: SocketAddr,
+    _proc: KillOnDrop,
+}
+
+impl PoolSim {
+    pub fn start() -> PoolSim {
+        let mut child = Command::new(crate::bin("moat-sim"))
+            .args(["--listen", "127.0.0.1:0", "--control-listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moat-sim");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = |prefix: &str| -> SocketAddr {
+            let mut l = String::new();
+            out.read_line(&mut l).unwrap();
+            l.strip_prefix(prefix)
+                .and_then(|a| a.trim().parse().ok())
+                .unwrap_or_else(|| panic!("moat-sim: {l}"))
+        };
+        let addr = line("LISTENING ");
+        let control = line("CONTROL ");
+        PoolSim {
+            addr,
+            control,
+            _proc: KillOnDrop(child),
+        }
+    }
+
+    /// Inference requests the simulator has answered so far.
+    pub fn requests(&self) -> u64 {
+        let stats: Value = reqwest::blocking::get(format!("http://{}/_sim/stats", self.control))
+            .and_then(|r| r.error_for_status())
+            .and_then(|r| r.json())
+            .expect("sim stats");
+        stats["requests"].as_u64().expect("requests count")
+    }
 }

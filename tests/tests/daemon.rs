@@ -5,9 +5,9 @@
 use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
 
 use moat_tests::{
-    bin,
+    bin, create_key,
     daemon::{Daemon, http_get, http_request, moat_cli},
-    kernel::{EPERM, TestCgroup, TestPins, require_root, try_from, unique},
+    kernel::{EPERM, PoolSim, TestCgroup, TestPins, require_root, try_from, unique},
 };
 use nix::sys::signal::Signal;
 
@@ -43,9 +43,12 @@ impl Setup {
             .iter()
             .map(|p| format!("\"127.0.0.1:{p}\""))
             .collect();
+        // Model `m` on the pool and role `tester` for [`create_key`]'s user, so a test can send
+        // real requests through the gateway.
         let toml = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"nobody\"\n\
-             [pools.gpu]\nhosts = [{}]\n\
+             [pools.gpu]\nhosts = [{}]\nhealth_interval_ms = 200\n[models.m]\npool = \"gpu\"\n\
+             [roles.tester]\npermissions = [\"model:*\", \"inference:*\"]\n\
              [segmentation]\ngateway_cgroup = \"{}/gateway\"\npin_root = \"{}\"\n{extra}",
             hosts.join(", "),
             self.base.relative.display(),
@@ -68,6 +71,19 @@ fn proc_status(pid: u32) -> std::collections::BTreeMap<String, String> {
         .collect()
 }
 
+/// One chat completion through moat's data plane; returns the HTTP status and body.
+fn chat(listen: SocketAddr, key: &str) -> (u16, String) {
+    let body = r#"{"model":"m","messages":[{"role":"user","content":"hello"}]}"#;
+    http_request(
+        listen,
+        "POST",
+        "/v1/chat/completions",
+        Some(key),
+        Some(body),
+    )
+    .expect("chat through moat")
+}
+
 fn worker_pid(event: &serde_json::Value) -> u32 {
     event["pid"].as_u64().expect("worker pid in the log") as u32
 }
@@ -86,8 +102,10 @@ fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
 fn worker_runs_unprivileged_in_the_gateway_cgroup_and_is_restarted() {
     require_root();
     let s = Setup::new();
-    let pool = listener();
+    let upstream = PoolSim::start();
+    let pool = upstream.addr.port();
     s.write(&[pool], "");
+    let key = create_key(&s.cfg);
     let gateway = s.gateway_cgroup();
     let daemon = Daemon::start(&s.cfg, &s.dir.path().join("serve.log"));
     let pid = worker_pid(&daemon.wait_log("worker started"));
@@ -123,7 +141,12 @@ fn worker_runs_unprivileged_in_the_gateway_cgroup_and_is_restarted() {
             .any(|l| l == format!("0::/{}", gateway.relative.display())),
         "worker cgroup: {cgroup}"
     );
-    // The worker is the gateway: it reaches the pool, a bystander does not.
+    // The worker is the gateway: a request through it is answered by the pool's simulator,
+    // while a bystander's connect to the same host is refused.
+    let before = upstream.requests();
+    let (status, body) = chat(listen, &key);
+    assert_eq!(status, 200, "chat through the gateway: {body}");
+    assert_eq!(upstream.requests(), before + 1, "the simulator answered it");
     let pool_addr: SocketAddr = format!("127.0.0.1:{pool}").parse().unwrap();
     let outsider = s.base.child("outsider");
     assert_eq!(
@@ -158,8 +181,10 @@ fn worker_runs_unprivileged_in_the_gateway_cgroup_and_is_restarted() {
 fn sighup_applies_kernel_policy_and_worker_config_together() {
     require_root();
     let s = Setup::new();
-    let (first, second) = (listener(), listener());
+    let (first_sim, second_sim) = (PoolSim::start(), PoolSim::start());
+    let (first, second) = (first_sim.addr.port(), second_sim.addr.port());
     s.write(&[first], "");
+    let key = create_key(&s.cfg);
     let _gateway = s.gateway_cgroup();
     let outsider = s.base.child("outsider");
     let daemon = Daemon::start(&s.cfg, &s.dir.path().join("serve.log"));
@@ -171,13 +196,25 @@ fn sighup_applies_kernel_policy_and_worker_config_together() {
         format!("127.0.0.1:{second}").parse().unwrap(),
     );
     assert_eq!(try_from(out, "tcp", &[a, b]), [EPERM, 0]);
+    let (status, body) = chat(listen, &key);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(first_sim.requests(), 1, "the first host answered");
+    assert_eq!(second_sim.requests(), 0, "the second is no pool host yet");
 
-    // A new pool host: protected after the reload.
+    // A new pool host: protected after the reload, and routed to (ties take turns, so a
+    // few requests reach it) through the gateway's egress lockdown.
     s.write(&[first, second], "");
     daemon.signal(Signal::SIGHUP);
     daemon.wait_log("config reloaded");
     assert_eq!(try_from(out, "tcp", &[a, b]), [EPERM, EPERM]);
     assert_eq!(http_get(listen, "/healthz").unwrap().0, 200);
+    let mut sent = 0;
+    while second_sim.requests() == 0 {
+        assert!(sent < 20, "20 requests and none reached the new host");
+        let (status, body) = chat(listen, &key);
+        assert_eq!(status, 200, "{body}");
+        sent += 1;
+    }
 
     // A broken file is refused, and nothing changes.
     s.write(&[second], "[server.extra]\n");
@@ -200,6 +237,8 @@ fn sighup_applies_kernel_policy_and_worker_config_together() {
     assert_eq!(refused["key"], "server.listen");
     assert_eq!(try_from(out, "tcp", &[a, b]), [EPERM, EPERM]);
     assert_eq!(http_get(listen, "/healthz").unwrap().0, 200);
+    let (status, body) = chat(listen, &key);
+    assert_eq!(status, 200, "the running config still serves: {body}");
 }
 
 #[test]

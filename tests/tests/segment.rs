@@ -5,11 +5,11 @@
 //! parallel and leave nothing behind, even when they fail.
 
 use std::{
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpListener},
     path::Path,
     process::{Command, Stdio},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use moat::{
@@ -19,7 +19,10 @@ use moat::{
 use moat_tests::{
     bin,
     daemon::{Daemon, moat_cli, segment_status},
-    kernel::{EPERM, KillOnDrop, TestCgroup, TestPins, probe, require_root, try_from, unique},
+    kernel::{
+        EPERM, KillOnDrop, TestCgroup, TestPins, monotonic_ns, probe, require_root, try_from,
+        unique,
+    },
 };
 use serde_json::Value;
 
@@ -170,6 +173,11 @@ fn deny_events_carry_who_and_where() {
     assert_eq!(udp_event.addr.to_string(), "::1");
 }
 
+/// Attempts per target that must run wholly between the first and the last flip for the flip
+/// test to mean anything (a loopback connect takes tens of microseconds; the flips last at
+/// least a second).
+const MIN_DURING_FLIPS: u64 = 50;
+
 /// Flips between two policies 1,000 times while probes connect from outside and inside the
 /// gateway cgroup. Destinations whose verdict is the same in both policies must never see a
 /// different answer.
@@ -210,16 +218,26 @@ fn policy_flips_never_change_a_shared_verdict() {
     let (mut outside, outside_out) = start_loop(outsider.path());
     let (mut inside, inside_out) = start_loop(gateway.path());
 
+    // At least 1,000 flips, for at least a second (so a stall of a loaded machine cannot
+    // leave the probes idle all along), an even number of them.
     let started = Instant::now();
-    for i in 0..1000 {
+    let first_flip = monotonic_ns();
+    let mut flips = 0;
+    while flips < 1000 || started.elapsed() < Duration::from_secs(1) || flips % 2 == 1 {
         enforcer
-            .apply(if i % 2 == 0 { &policy_b } else { &policy_a })
+            .apply(if flips % 2 == 0 { &policy_b } else { &policy_a })
             .unwrap();
+        flips += 1;
     }
+    let last_flip = monotonic_ns();
     let flipping = started.elapsed();
 
+    // Each probe reports how many of its attempts ran wholly between the first and the last
+    // flip, the only ones that prove anything about the flips.
     let finish = |probe: &mut KillOnDrop, mut out: BufReader<std::process::ChildStdout>| -> Value {
-        drop(probe.0.stdin.take());
+        let mut stdin = probe.0.stdin.take().unwrap();
+        writeln!(stdin, "window {first_flip} {last_flip}").unwrap();
+        drop(stdin);
         let mut line = String::new();
         out.read_line(&mut line).unwrap();
         serde_json::from_str(&line).unwrap()
@@ -231,10 +249,11 @@ fn policy_flips_never_change_a_shared_verdict() {
     let expect = |run: &Value, who: &str, wanted: [i64; 2]| {
         for (i, want) in wanted.iter().enumerate() {
             let counts = run["results"][i]["counts"].as_object().unwrap();
-            let total: u64 = counts.values().map(|v| v.as_u64().unwrap()).sum();
+            let during = run["results"][i]["in_window"].as_u64().unwrap();
             assert!(
-                total > 10,
-                "{who}: too few attempts on {} during {flipping:?}",
+                during >= MIN_DURING_FLIPS,
+                "{who}: only {during} attempts on {} ran between the first and the last of \
+                 {flips} flips ({flipping:?}); at least {MIN_DURING_FLIPS} must",
                 targets[i]
             );
             assert_eq!(
