@@ -3,11 +3,10 @@
 use std::fmt;
 
 use anyhow::Result;
-use aya::programs::links::{FdLink, PinnedLink};
-use moat_common::guard::{EVENTS_LOST_COUNTER, IngressHook, counter_index};
 use serde::Serialize;
 
-use super::{GuardMaps, GuardPins};
+use super::{GuardMaps, GuardPins, Inference};
+use crate::segment::{counters, link, status::or_dash};
 
 #[derive(Debug, Serialize)]
 pub struct GuardStatus {
@@ -39,7 +38,7 @@ pub struct AllowedStatus {
 
 #[derive(Debug, Serialize)]
 pub struct GuardCounters {
-    pub hook: &'static str,
+    pub hook: String,
     pub allowed: u64,
     pub dropped: u64,
 }
@@ -50,13 +49,11 @@ pub fn status(pins: &GuardPins) -> Result<GuardStatus> {
         .links()
         .into_iter()
         .map(|at| {
-            let info = PinnedLink::from_pin(pins.link(&at))
-                .ok()
-                .and_then(|l| FdLink::from(l).info().ok());
+            let (link_id, program_id) = link::pinned_ids(&pins.link(&at));
             GuardLinkStatus {
                 attachment: at.pin_name(),
-                link_id: info.as_ref().map(|i| i.id()),
-                program_id: info.as_ref().map(|i| i.program_id()),
+                link_id,
+                program_id,
             }
         })
         .collect();
@@ -90,16 +87,16 @@ pub fn status(pins: &GuardPins) -> Result<GuardStatus> {
                 .collect(),
         })
         .collect();
-    let counters = maps.counters()?;
-    status.counters = IngressHook::ALL
-        .iter()
-        .map(|&hook| GuardCounters {
-            hook: hook.label(),
-            allowed: counters[counter_index(hook, false) as usize],
-            dropped: counters[counter_index(hook, true) as usize],
+    let (hooks, lost) = counters::per_hook::<Inference>(&maps.counters()?);
+    status.counters = hooks
+        .into_iter()
+        .map(|c| GuardCounters {
+            hook: c.hook,
+            allowed: c.allowed,
+            dropped: c.denied,
         })
         .collect();
-    status.events_lost = counters[EVENTS_LOST_COUNTER as usize];
+    status.events_lost = lost;
     Ok(status)
 }
 
@@ -130,12 +127,8 @@ impl fmt::Display for GuardStatus {
                 f,
                 "  link {:<20} link {:>6}  program {:>6}",
                 l.attachment,
-                l.link_id
-                    .map(|v| v.to_string())
-                    .unwrap_or_else(|| "-".into()),
-                l.program_id
-                    .map(|v| v.to_string())
-                    .unwrap_or_else(|| "-".into())
+                or_dash(l.link_id),
+                or_dash(l.program_id)
             )?;
         }
         for a in &self.allowed {
