@@ -20,7 +20,8 @@ where
         .with_context(|| format!("cannot open pinned map {}", path.display()))?;
     let map = Map::from_map_data(data)
         .with_context(|| format!("pinned map {} has an unexpected type", path.display()))?;
-    T::try_from(map).with_context(|| format!("pinned map {} has an unexpected type", path.display()))
+    T::try_from(map)
+        .with_context(|| format!("pinned map {} has an unexpected type", path.display()))
 }
 
 /// The side's deny-event ring buffer (one reader at a time drains it).

@@ -3,9 +3,7 @@
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData};
-use moat_common::guard::{
-    ANY_PORT_GUARDED, COUNTERS, PORT_GUARDED, Source4, Source6, names,
-};
+use moat_common::guard::{ANY_PORT_GUARDED, COUNTERS, PORT_GUARDED, Source4, Source6, names};
 
 use super::{GuardPins, GuardPolicy, Inference};
 use crate::segment::{
@@ -27,9 +25,8 @@ pub struct GuardMaps {
 
 impl GuardMaps {
     pub fn open(pins: &GuardPins) -> Result<GuardMaps> {
-        let sources = |slot: usize| {
-            PortPrefixTries::open(pins, names::MAP_SRC4[slot], names::MAP_SRC6[slot])
-        };
+        let sources =
+            |slot: usize| PortPrefixTries::open(pins, names::MAP_SRC4[slot], names::MAP_SRC6[slot]);
         Ok(GuardMaps {
             active: ActiveSlot::open(pins, names::MAP_ACTIVE)?,
             ports: [

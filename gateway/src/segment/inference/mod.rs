@@ -29,8 +29,7 @@ use std::{os::fd::AsFd, path::PathBuf};
 
 use anyhow::{Context, Result, bail};
 use aya::programs::{
-    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SchedClassifier, TcAttachType,
-    links::FdLink,
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SchedClassifier, TcAttachType, links::FdLink,
 };
 use moat_common::guard::{self, IngressHook, names};
 use tracing::info;
