@@ -24,12 +24,15 @@ impl<S: Side> Counters<S> {
     }
 
     /// Every counter, summed over CPUs.
-    pub fn sum<const N: usize>(&self) -> Result<[u64; N]> {
-        let mut out = [0u64; N];
-        for (i, slot) in out.iter_mut().enumerate() {
-            *slot = self.map.get(&(i as u32), 0)?.iter().sum();
-        }
-        Ok(out)
+    pub fn sum(&self) -> Result<Vec<u64>> {
+        (0..S::COUNTERS)
+            .map(|i| Ok(self.map.get(&i, 0)?.iter().sum()))
+            .collect()
+    }
+
+    /// Per-hook (allowed, denied) counts, summed over CPUs, and the lost-event count.
+    pub fn per_hook(&self) -> Result<(Vec<HookCount>, u64)> {
+        Ok(per_hook::<S>(&self.sum()?))
     }
 }
 

@@ -8,12 +8,13 @@
 //!
 //! Both sides are built the same way on the modules below, generic over [`side::Side`]: the
 //! embedded object and its loading ([`object`]), the bpffs ([`bpffs`]), the pin layout and
-//! pin removal ([`pin_paths`]), the pinned maps ([`pinned_maps`], [`counters`]), links
+//! pin removal ([`pin_paths`]), the handle on what is pinned ([`enforcement`]), the pinned maps ([`pinned_maps`], [`counters`]), links
 //! ([`link`]), deny events ([`events`]), `moat segment status` ([`status`]) and
 //! `moat segment uninstall` ([`uninstall`]).
 
 mod bpffs;
 mod counters;
+mod enforcement;
 mod events;
 pub mod gateway;
 pub mod inference;

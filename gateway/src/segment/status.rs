@@ -9,10 +9,14 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::{
+    counters::Counters,
     gateway::{GatewayPins, GatewayStatus},
     inference::{GuardPins, GuardStatus},
-    pin_paths::Pins,
+    pin_paths::{Pins, SidePins},
+    pinned_maps::ActiveSlot,
+    side::Side,
 };
+use crate::metrics::HookCount;
 
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -33,6 +37,51 @@ pub fn status(pins: &Pins) -> Result<Status> {
 impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}{}", self.gateway, self.inference)
+    }
+}
+
+/// One side's status: `L` a link's, `P` the active policy's fields, `C` a hook's counters.
+#[derive(Debug, Serialize)]
+pub struct SideStatus<L, P, C> {
+    pub pin_dir: String,
+    /// Every pin a complete installation has exists.
+    pub installed: bool,
+    pub links: Vec<L>,
+    pub active_slot: Option<u32>,
+    /// Empty (its default) when the side is not installed.
+    #[serde(flatten)]
+    pub policy: P,
+    pub counters: Vec<C>,
+    pub events_lost: u64,
+}
+
+impl<L, P: Default, C> SideStatus<L, P, C> {
+    /// Reads side `S`'s pins; never changes them. The maps are read only when the side is
+    /// installed: `policy` describes the active policy, `counter` a hook's counts.
+    pub(super) fn read<S: Side>(
+        pins: &SidePins<S>,
+        links: Vec<L>,
+        policy: impl FnOnce(&S::Maps) -> anyhow::Result<P>,
+        counter: impl Fn(HookCount) -> C,
+    ) -> Result<Self> {
+        let mut status = SideStatus {
+            pin_dir: pins.dir().display().to_string(),
+            installed: pins.complete(),
+            links,
+            active_slot: None,
+            policy: P::default(),
+            counters: Vec::new(),
+            events_lost: 0,
+        };
+        if status.installed {
+            let maps = S::open_maps(pins)?;
+            status.active_slot = Some(AsRef::<ActiveSlot>::as_ref(&maps).get()?);
+            status.policy = policy(&maps)?;
+            let (hooks, lost) = AsRef::<Counters<S>>::as_ref(&maps).per_hook()?;
+            status.counters = hooks.into_iter().map(counter).collect();
+            status.events_lost = lost;
+        }
+        Ok(status)
     }
 }
 

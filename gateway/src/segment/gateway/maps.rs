@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use aya::maps::{Array, MapData};
-use moat_common::{COUNTERS, Dest4, Dest6, SlotConfig, names};
+use moat_common::{Dest4, Dest6, SlotConfig, names};
 
 use super::{Gateway, GatewayIdentity, GatewayPins, policy::Policy};
 use crate::{
@@ -81,7 +81,19 @@ impl PolicyMaps {
     }
 
     /// Every counter, summed over CPUs.
-    pub fn counters(&self) -> Result<[u64; COUNTERS as usize]> {
+    pub fn counters(&self) -> Result<Vec<u64>> {
         self.counters.sum()
+    }
+}
+
+impl AsRef<ActiveSlot> for PolicyMaps {
+    fn as_ref(&self) -> &ActiveSlot {
+        &self.active
+    }
+}
+
+impl AsRef<Counters<Gateway>> for PolicyMaps {
+    fn as_ref(&self) -> &Counters<Gateway> {
+        &self.counters
     }
 }

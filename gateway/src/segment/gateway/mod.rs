@@ -15,76 +15,29 @@ mod maps;
 mod policy;
 mod status;
 
-use std::{os::fd::AsFd, path::PathBuf};
+use std::os::fd::AsFd;
 
 use anyhow::{Context, Result};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
-use moat_common::{Hook, names};
-use tracing::info;
+use moat_common::Hook;
 
 pub use events::Deny;
 pub use maps::PolicyMaps;
 pub use policy::{GatewayIdentity, Policy, describe_flags};
 pub use status::{DestinationStatus, GatewayStatus, LinkStatus, status};
 
+pub use super::side::Gateway;
 use super::{
-    bpffs, counters, link, object,
+    enforcement::Enforcement,
+    link, object,
     pin_paths::{Pins, SidePins},
-    pinned_maps,
-    side::Side,
 };
-
-/// The gateway side, as the shared modules see it.
-pub enum Gateway {}
-
-impl Side for Gateway {
-    // Its pins sit directly in the versioned directory (the layout predates the guard).
-    const SUBDIR: &'static str = "";
-    const PIN_SUBDIRS: &'static [&'static str] = &["maps", "links"];
-    const MAPS: &'static [&'static str] = &names::MAPS;
-    const COUNTERS_MAP: &'static str = names::MAP_COUNTERS;
-    const EVENTS_MAP: &'static str = names::MAP_EVENTS;
-    const EVENTS_LOST_COUNTER: u32 = moat_common::EVENTS_LOST_COUNTER;
-
-    type Hook = Hook;
-    const HOOKS: &'static [Hook] = &Hook::ALL;
-    fn program_name(hook: Hook) -> &'static str {
-        hook.program_name()
-    }
-    fn hook_label(hook: Hook) -> &'static str {
-        hook.program_name()
-    }
-    fn counter_index(hook: Hook, denied: bool) -> u32 {
-        moat_common::counter_index(hook, denied)
-    }
-
-    // One link per hook, at the cgroup2 root, named after its program.
-    type Link = Hook;
-    fn link_pin_name(hook: &Hook) -> String {
-        hook.program_name().to_owned()
-    }
-    fn link_from_pin_name(name: &str) -> Option<Hook> {
-        Hook::ALL.into_iter().find(|h| h.program_name() == name)
-    }
-
-    /// Every map and every hook's link (programs live as long as their links; no program pin).
-    fn required_pins(pins: &GatewayPins) -> Vec<PathBuf> {
-        let maps = Self::MAPS.iter().map(|m| pins.map(m));
-        maps.chain(Hook::ALL.iter().map(|h| pins.link(h))).collect()
-    }
-
-    type Deny = Deny;
-}
 
 /// Where the gateway side's maps and links are pinned.
 pub type GatewayPins = SidePins<Gateway>;
 
 /// A live handle on the pinned enforcement. Dropping it changes nothing in the kernel.
-pub struct Enforcer {
-    pins: GatewayPins,
-    maps: PolicyMaps,
-    adopted: bool,
-}
+pub type Enforcer = Enforcement<Gateway>;
 
 impl Enforcer {
     /// Installs enforcement under `pins`, or adopts what is pinned there, and makes `policy`
@@ -96,62 +49,19 @@ impl Enforcer {
     /// 2. the policy is written (before any new program can run);
     /// 3. per hook, a pinned link is kept and switched to the new program in one atomic
     ///    `BPF_LINK_UPDATE` (no gap, no second copy); a missing link is attached and pinned.
+    ///
+    /// A refused first start leaves nothing behind (the inference guard, if any, is not this
+    /// start's to remove).
     pub fn install_or_adopt(pins: &Pins, policy: &Policy) -> Result<Enforcer> {
-        bpffs::ensure_bpffs(pins.root())?;
-        let gpins = GatewayPins::new(pins);
-        let had_links = !gpins.links().is_empty();
-        if let Err(e) = install(&gpins, policy) {
-            if !had_links {
-                // Leave nothing half-installed behind a refused start (the inference guard,
-                // if any, is not this start's to remove).
-                let _ = uninstall(pins);
-            }
-            return Err(e);
-        }
-        let maps = PolicyMaps::open(&gpins)?;
-        if had_links {
-            info!(pins = %gpins.dir().display(), "adopted pinned kernel enforcement (programs updated in place)");
-        } else {
-            info!(pins = %gpins.dir().display(), "installed kernel enforcement");
-        }
-        Ok(Enforcer {
-            pins: gpins,
-            maps,
-            adopted: had_links,
+        Enforcement::install_or_adopt_with(pins, |gpins| {
+            install(gpins, policy)?;
+            PolicyMaps::open(gpins)
         })
     }
 
     /// Swaps in a new policy atomically (see [`PolicyMaps::apply`]).
     pub fn apply(&mut self, policy: &Policy) -> Result<()> {
         self.maps.apply(policy)
-    }
-
-    pub fn adopted(&self) -> bool {
-        self.adopted
-    }
-
-    pub fn pins(&self) -> &GatewayPins {
-        &self.pins
-    }
-
-    pub fn maps(&self) -> &PolicyMaps {
-        &self.maps
-    }
-
-    /// The hooks' counters, summed over CPUs, and the deny events lost.
-    pub fn hook_counts(&self) -> Result<(Vec<crate::metrics::HookCount>, u64)> {
-        Ok(counters::per_hook::<Gateway>(&self.maps.counters()?))
-    }
-
-    /// The deny-event ring buffer (one reader at a time drains it).
-    pub fn open_events(&self) -> Result<aya::maps::RingBuf<aya::maps::MapData>> {
-        pinned_maps::open_events(&self.pins)
-    }
-
-    /// Logs every deny event until the task is dropped (rate-limited, see
-    /// [`super::events::Limiter`]).
-    pub fn spawn_event_logger(&self) -> Result<tokio::task::JoinHandle<()>> {
-        super::events::spawn_ring_logger::<Deny>(self.open_events()?)
     }
 }
 

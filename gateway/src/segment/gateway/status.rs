@@ -7,25 +7,24 @@ use anyhow::Result;
 use moat_common::Hook;
 use serde::Serialize;
 
-use super::{Gateway, GatewayPins, PolicyMaps, describe_flags};
+use super::{GatewayPins, PolicyMaps, describe_flags};
 use crate::{
     metrics::HookCount,
-    segment::{counters, link, status::or_dash},
+    segment::{
+        link,
+        status::{SideStatus, or_dash},
+    },
 };
 
-#[derive(Debug, Serialize)]
-pub struct GatewayStatus {
-    pub pin_dir: String,
-    /// Every link and map of this schema version is pinned.
-    pub installed: bool,
-    pub links: Vec<LinkStatus>,
-    pub active_slot: Option<u32>,
+pub type GatewayStatus = SideStatus<LinkStatus, PolicyStatus, HookCount>;
+
+/// The active policy, as `status` shows it.
+#[derive(Debug, Default, Serialize)]
+pub struct PolicyStatus {
     pub gateway_cgroup_id: Option<u64>,
     pub gateway_level: Option<u32>,
     pub egress_lockdown: Option<bool>,
     pub destinations: Vec<DestinationStatus>,
-    pub counters: Vec<HookCount>,
-    pub events_lost: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -57,37 +56,24 @@ pub fn status(pins: &GatewayPins) -> Result<GatewayStatus> {
             }
         })
         .collect();
-    let mut status = GatewayStatus {
-        pin_dir: pins.dir().display().to_string(),
-        installed: pins.complete(),
-        links,
-        active_slot: None,
-        gateway_cgroup_id: None,
-        gateway_level: None,
-        egress_lockdown: None,
-        destinations: Vec::new(),
-        counters: Vec::new(),
-        events_lost: 0,
-    };
-    if !status.installed {
-        return Ok(status);
-    }
-    let maps = PolicyMaps::open(pins)?;
+    SideStatus::read(pins, links, policy_status, |c| c)
+}
+
+fn policy_status(maps: &PolicyMaps) -> Result<PolicyStatus> {
     let policy = maps.read_active()?;
-    status.active_slot = Some(maps.active_slot()?);
-    status.gateway_cgroup_id = policy.gateway.map(|g| g.cgroup_id);
-    status.gateway_level = policy.gateway.map(|g| g.level);
-    status.egress_lockdown = Some(policy.egress_lockdown);
-    status.destinations = policy
-        .destinations
-        .iter()
-        .map(|(rule, flags)| DestinationStatus {
-            destination: rule.to_string(),
-            flags: describe_flags(*flags),
-        })
-        .collect();
-    (status.counters, status.events_lost) = counters::per_hook::<Gateway>(&maps.counters()?);
-    Ok(status)
+    Ok(PolicyStatus {
+        gateway_cgroup_id: policy.gateway.map(|g| g.cgroup_id),
+        gateway_level: policy.gateway.map(|g| g.level),
+        egress_lockdown: Some(policy.egress_lockdown),
+        destinations: policy
+            .destinations
+            .iter()
+            .map(|(rule, flags)| DestinationStatus {
+                destination: rule.to_string(),
+                flags: describe_flags(*flags),
+            })
+            .collect(),
+    })
 }
 
 impl fmt::Display for GatewayStatus {
@@ -119,25 +105,25 @@ impl fmt::Display for GatewayStatus {
                 or_dash(l.program_id)
             )?;
         }
-        match self.gateway_cgroup_id {
+        match self.policy.gateway_cgroup_id {
             Some(id) => writeln!(
                 f,
                 "gateway cgroup id: {id} (level {})",
-                self.gateway_level.unwrap_or(0)
+                self.policy.gateway_level.unwrap_or(0)
             )?,
             None => writeln!(f, "gateway cgroup: none")?,
         }
         writeln!(
             f,
             "egress lockdown: {}",
-            if self.egress_lockdown == Some(true) {
+            if self.policy.egress_lockdown == Some(true) {
                 "on"
             } else {
                 "off"
             }
         )?;
-        writeln!(f, "destinations ({}):", self.destinations.len())?;
-        for d in &self.destinations {
+        writeln!(f, "destinations ({}):", self.policy.destinations.len())?;
+        for d in &self.policy.destinations {
             writeln!(f, "  {:<32} {}", d.destination, d.flags)?;
         }
         writeln!(f, "counters:")?;

@@ -23,7 +23,7 @@ impl Attachment {
         }
     }
 
-    pub(super) fn from_pin_name(name: &str) -> Option<Attachment> {
+    pub(in crate::segment) fn from_pin_name(name: &str) -> Option<Attachment> {
         if name == "cgroup_skb" {
             Some(Attachment::CgroupRoot)
         } else {

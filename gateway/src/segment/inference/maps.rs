@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData};
-use moat_common::guard::{ANY_PORT_GUARDED, COUNTERS, PORT_GUARDED, Source4, Source6, names};
+use moat_common::guard::{ANY_PORT_GUARDED, PORT_GUARDED, Source4, Source6, names};
 
 use super::{GuardPins, GuardPolicy, Inference};
 use crate::segment::{
@@ -86,7 +86,19 @@ impl GuardMaps {
     }
 
     /// Every counter, summed over CPUs.
-    pub fn counters(&self) -> Result<[u64; COUNTERS as usize]> {
+    pub fn counters(&self) -> Result<Vec<u64>> {
         self.counters.sum()
+    }
+}
+
+impl AsRef<ActiveSlot> for GuardMaps {
+    fn as_ref(&self) -> &ActiveSlot {
+        &self.active
+    }
+}
+
+impl AsRef<Counters<Inference>> for GuardMaps {
+    fn as_ref(&self) -> &Counters<Inference> {
+        &self.counters
     }
 }

@@ -25,13 +25,13 @@ mod maps;
 mod policy;
 mod status;
 
-use std::{os::fd::AsFd, path::PathBuf};
+use std::os::fd::AsFd;
 
 use anyhow::{Context, Result, bail};
 use aya::programs::{
     CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SchedClassifier, TcAttachType, links::FdLink,
 };
-use moat_common::guard::{self, IngressHook, names};
+use moat_common::guard::IngressHook;
 use tracing::info;
 
 pub use attachment::Attachment;
@@ -40,102 +40,33 @@ pub use maps::GuardMaps;
 pub use policy::GuardPolicy;
 pub use status::{AllowedStatus, GuardCounters, GuardLinkStatus, GuardStatus, status};
 
+pub use super::side::Inference;
 use super::{
-    bpffs, counters, link, object,
+    enforcement::Enforcement,
+    link, object,
     pin_paths::{Pins, SidePins, remove_pin},
-    pinned_maps,
-    side::Side,
 };
 use crate::config::InferenceGuard;
-
-/// The inference guard, as the shared modules see it.
-pub enum Inference {}
-
-impl Side for Inference {
-    const SUBDIR: &'static str = "inference";
-    const PIN_SUBDIRS: &'static [&'static str] = &["maps", "progs", "links"];
-    const MAPS: &'static [&'static str] = &names::MAPS;
-    const COUNTERS_MAP: &'static str = names::MAP_COUNTERS;
-    const EVENTS_MAP: &'static str = names::MAP_EVENTS;
-    const EVENTS_LOST_COUNTER: u32 = guard::EVENTS_LOST_COUNTER;
-
-    type Hook = IngressHook;
-    const HOOKS: &'static [IngressHook] = &IngressHook::ALL;
-    fn program_name(hook: IngressHook) -> &'static str {
-        hook.program_name()
-    }
-    fn hook_label(hook: IngressHook) -> &'static str {
-        hook.label()
-    }
-    fn counter_index(hook: IngressHook, denied: bool) -> u32 {
-        guard::counter_index(hook, denied)
-    }
-
-    type Link = Attachment;
-    fn link_pin_name(at: &Attachment) -> String {
-        at.pin_name()
-    }
-    fn link_from_pin_name(name: &str) -> Option<Attachment> {
-        Attachment::from_pin_name(name)
-    }
-
-    /// Every map and both programs (links are reconciled with the config separately).
-    fn required_pins(pins: &GuardPins) -> Vec<PathBuf> {
-        let maps = Self::MAPS.iter().map(|m| pins.map(m));
-        maps.chain(IngressHook::ALL.map(|h| pins.program(h)))
-            .collect()
-    }
-
-    type Deny = IngressDeny;
-}
 
 /// Where the guard's maps, programs and links are pinned, below the gateway side's versioned
 /// directory.
 pub type GuardPins = SidePins<Inference>;
 
 /// A live handle on the pinned guard. Dropping it changes nothing in the kernel.
-pub struct Guard {
-    pins: GuardPins,
-    maps: GuardMaps,
-    adopted: bool,
-}
+pub type Guard = Enforcement<Inference>;
 
 impl Guard {
     /// Adopts the pinned guard under `pins` or installs a fresh one, makes `guard`'s policy
-    /// active and attaches exactly where `guard` asks.
+    /// active and attaches exactly where `guard` asks. A refused first start leaves nothing
+    /// behind; a guard that was already enforcing stays (fail-static).
     pub fn install_or_adopt(pins: &Pins, guard: &InferenceGuard) -> Result<Guard> {
-        bpffs::ensure_bpffs(pins.root())?;
-        let gpins = GuardPins::new(pins);
-        let policy = GuardPolicy::from_config(guard);
         let wanted = Attachment::wanted(guard);
-        let had_links = !gpins.links().is_empty();
-        let result = converge(&gpins, &policy).and_then(|()| {
-            let mut me = Guard {
-                maps: GuardMaps::open(&gpins)?,
-                pins: gpins.clone(),
-                adopted: had_links,
-            };
-            me.reconcile(&wanted)?;
-            Ok(me)
-        });
-        match result {
-            Ok(me) if had_links => {
-                info!(pins = %me.pins.dir().display(), "adopted the pinned inference guard (programs updated in place)");
-                Ok(me)
-            }
-            Ok(me) => {
-                info!(pins = %me.pins.dir().display(), "installed the inference guard");
-                Ok(me)
-            }
-            Err(e) => {
-                // Leave nothing half-installed behind a refused start; a guard that was
-                // already enforcing stays (fail-static).
-                if !had_links {
-                    let _ = gpins.remove_all();
-                }
-                Err(e)
-            }
-        }
+        Enforcement::install_or_adopt_with(pins, |gpins| {
+            converge(gpins, &GuardPolicy::from_config(guard))?;
+            let maps = GuardMaps::open(gpins)?;
+            reconcile(gpins, &wanted)?;
+            Ok(maps)
+        })
     }
 
     /// Applies a reloaded config, all or nothing: new links are attached first (they run the
@@ -144,84 +75,56 @@ impl Guard {
     /// links attached by this call are detached again and the old policy stays.
     pub fn apply(&mut self, guard: &InferenceGuard) -> Result<()> {
         let wanted = Attachment::wanted(guard);
-        let added = self.attach_missing(&wanted)?;
+        let added = attach_missing(&self.pins, &wanted)?;
         if let Err(e) = self.maps.apply(&GuardPolicy::from_config(guard)) {
-            self.roll_back(&added);
+            roll_back(&self.pins, &added);
             return Err(e);
         }
-        self.detach_unwanted(&wanted)
+        detach_unwanted(&self.pins, &wanted)
     }
+}
 
-    /// Attaches what is wanted but not pinned, then removes pinned links no longer wanted.
-    fn reconcile(&mut self, wanted: &[Attachment]) -> Result<()> {
-        self.attach_missing(wanted)?;
-        self.detach_unwanted(wanted)
-    }
+/// Attaches what is wanted but not pinned, then removes pinned links no longer wanted.
+fn reconcile(pins: &GuardPins, wanted: &[Attachment]) -> Result<()> {
+    attach_missing(pins, wanted)?;
+    detach_unwanted(pins, wanted)
+}
 
-    /// Attaches every wanted link that is not pinned yet; on a failure, detaches the ones this
-    /// call attached and returns the error. Returns what it attached.
-    fn attach_missing(&mut self, wanted: &[Attachment]) -> Result<Vec<Attachment>> {
-        let pinned = self.pins.links();
-        let mut added = Vec::new();
-        for at in wanted {
-            if pinned.contains(at) {
-                continue;
-            }
-            if let Err(e) = attach(&self.pins, at) {
-                self.roll_back(&added);
-                return Err(e);
-            }
-            info!(attachment = %at, "inference guard attached");
-            added.push(at.clone());
+/// Attaches every wanted link that is not pinned yet; on a failure, detaches the ones this
+/// call attached and returns the error. Returns what it attached.
+fn attach_missing(pins: &GuardPins, wanted: &[Attachment]) -> Result<Vec<Attachment>> {
+    let pinned = pins.links();
+    let mut added = Vec::new();
+    for at in wanted {
+        if pinned.contains(at) {
+            continue;
         }
-        Ok(added)
+        if let Err(e) = attach(pins, at) {
+            roll_back(pins, &added);
+            return Err(e);
+        }
+        info!(attachment = %at, "inference guard attached");
+        added.push(at.clone());
     }
+    Ok(added)
+}
 
-    fn roll_back(&mut self, added: &[Attachment]) {
-        for at in added {
-            if let Err(e) = link::detach_and_unpin(&self.pins.link(at)) {
-                tracing::error!(attachment = %at, error = %format!("{e:#}"), "cannot roll back a guard link");
-            }
+fn roll_back(pins: &GuardPins, added: &[Attachment]) {
+    for at in added {
+        if let Err(e) = link::detach_and_unpin(&pins.link(at)) {
+            tracing::error!(attachment = %at, error = %format!("{e:#}"), "cannot roll back a guard link");
         }
     }
+}
 
-    fn detach_unwanted(&mut self, wanted: &[Attachment]) -> Result<()> {
-        for at in self.pins.links() {
-            if !wanted.contains(&at) {
-                link::detach_and_unpin(&self.pins.link(&at))?;
-                info!(attachment = %at, "inference guard detached (no longer in the config)");
-            }
+fn detach_unwanted(pins: &GuardPins, wanted: &[Attachment]) -> Result<()> {
+    for at in pins.links() {
+        if !wanted.contains(&at) {
+            link::detach_and_unpin(&pins.link(&at))?;
+            info!(attachment = %at, "inference guard detached (no longer in the config)");
         }
-        Ok(())
     }
-
-    pub fn adopted(&self) -> bool {
-        self.adopted
-    }
-
-    pub fn pins(&self) -> &GuardPins {
-        &self.pins
-    }
-
-    /// The guard's counters, summed over CPUs, and the deny events lost.
-    pub fn hook_counts(&self) -> Result<(Vec<crate::metrics::HookCount>, u64)> {
-        Ok(counters::per_hook::<Inference>(&self.maps.counters()?))
-    }
-
-    pub fn maps(&self) -> &GuardMaps {
-        &self.maps
-    }
-
-    /// The deny-event ring buffer (one reader at a time drains it).
-    pub fn open_events(&self) -> Result<aya::maps::RingBuf<aya::maps::MapData>> {
-        pinned_maps::open_events(&self.pins)
-    }
-
-    /// Logs every ingress deny event until the task is dropped (rate-limited, see
-    /// [`super::events::Limiter`]).
-    pub fn spawn_event_logger(&self) -> Result<tokio::task::JoinHandle<()>> {
-        super::events::spawn_ring_logger::<IngressDeny>(self.open_events()?)
-    }
+    Ok(())
 }
 
 /// Steps 1–3 of the life cycle: maps bound to their pins, policy written, this binary's

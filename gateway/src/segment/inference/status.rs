@@ -5,21 +5,20 @@ use std::fmt;
 use anyhow::Result;
 use serde::Serialize;
 
-use super::{GuardMaps, GuardPins, Inference};
-use crate::segment::{counters, link, status::or_dash};
+use super::{GuardMaps, GuardPins};
+use crate::segment::{
+    link,
+    status::{SideStatus, or_dash},
+};
 
-#[derive(Debug, Serialize)]
-pub struct GuardStatus {
-    pub pin_dir: String,
-    /// Every map and program of the guard is pinned.
-    pub installed: bool,
-    pub links: Vec<GuardLinkStatus>,
-    pub active_slot: Option<u32>,
+pub type GuardStatus = SideStatus<GuardLinkStatus, GuardPolicyStatus, GuardCounters>;
+
+/// The active policy, as `status` shows it.
+#[derive(Debug, Default, Serialize)]
+pub struct GuardPolicyStatus {
     pub model_ports: Vec<u16>,
     /// `port` → allowed source prefixes.
     pub allowed: Vec<AllowedStatus>,
-    pub counters: Vec<GuardCounters>,
-    pub events_lost: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -57,47 +56,31 @@ pub fn status(pins: &GuardPins) -> Result<GuardStatus> {
             }
         })
         .collect();
-    let mut status = GuardStatus {
-        pin_dir: pins.dir().display().to_string(),
-        installed: pins.complete(),
-        links,
-        active_slot: None,
-        model_ports: Vec::new(),
-        allowed: Vec::new(),
-        counters: Vec::new(),
-        events_lost: 0,
-    };
-    if !status.installed {
-        return Ok(status);
-    }
-    let maps = GuardMaps::open(pins)?;
+    SideStatus::read(pins, links, policy_status, |c| GuardCounters {
+        hook: c.hook,
+        allowed: c.allowed,
+        dropped: c.denied,
+    })
+}
+
+fn policy_status(maps: &GuardMaps) -> Result<GuardPolicyStatus> {
     let policy = maps.read_active()?;
-    status.active_slot = Some(maps.active_slot()?);
-    status.model_ports = policy.ports.iter().copied().collect();
-    status.allowed = policy
-        .ports
-        .iter()
-        .map(|&port| AllowedStatus {
-            port,
-            sources: policy
-                .sources
-                .iter()
-                .filter(|(p, _)| *p == port)
-                .map(|(_, n)| n.to_string())
-                .collect(),
-        })
-        .collect();
-    let (hooks, lost) = counters::per_hook::<Inference>(&maps.counters()?);
-    status.counters = hooks
-        .into_iter()
-        .map(|c| GuardCounters {
-            hook: c.hook,
-            allowed: c.allowed,
-            dropped: c.denied,
-        })
-        .collect();
-    status.events_lost = lost;
-    Ok(status)
+    Ok(GuardPolicyStatus {
+        model_ports: policy.ports.iter().copied().collect(),
+        allowed: policy
+            .ports
+            .iter()
+            .map(|&port| AllowedStatus {
+                port,
+                sources: policy
+                    .sources
+                    .iter()
+                    .filter(|(p, _)| *p == port)
+                    .map(|(_, n)| n.to_string())
+                    .collect(),
+            })
+            .collect(),
+    })
 }
 
 impl fmt::Display for GuardStatus {
@@ -131,7 +114,7 @@ impl fmt::Display for GuardStatus {
                 or_dash(l.program_id)
             )?;
         }
-        for a in &self.allowed {
+        for a in &self.policy.allowed {
             let from = if a.sources.is_empty() {
                 "nobody".to_owned()
             } else {
