@@ -7,9 +7,7 @@ use aya::maps::{MapData, RingBuf};
 use tracing::info;
 
 use super::{
-    bpffs,
-    counters::Counters,
-    events,
+    bpffs, events,
     pin_paths::{Pins, SidePins},
     pinned_maps,
     side::Side,
@@ -74,7 +72,7 @@ impl<S: Side> Enforcement<S> {
 
     /// The hooks' counters, summed over CPUs, and the deny events lost.
     pub fn hook_counts(&self) -> Result<(Vec<HookCount>, u64)> {
-        AsRef::<Counters<S>>::as_ref(&self.maps).per_hook()
+        self.maps.as_ref().counters.per_hook()
     }
 
     /// The deny-event ring buffer (one reader at a time drains it).

@@ -1,5 +1,6 @@
 //! Opening and reading both sides' pinned maps: the active-slot index of a double-buffered
-//! policy, the (port, prefix) tries a policy slot holds, the deny-event ring buffer.
+//! policy, the (port, prefix) tries a policy slot holds, the deny-event ring buffer, and
+//! the `::ffff:a.b.c.d` rule the tries share.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -8,7 +9,7 @@ use aya::maps::{Array, LpmTrie, Map, MapData, MapError, RingBuf, lpm_trie::Key};
 use ipnet::IpNet;
 use moat_common::{Dest4, Dest6, PORT_PREFIX_BITS, guard};
 
-use super::{pin_paths::SidePins, side::Side};
+use super::{counters::Counters, pin_paths::SidePins, side::Side};
 
 /// Opens the map `name` of side `S` from its pin, as the map type `T`.
 pub fn open<S: Side, T>(pins: &SidePins<S>, name: &str) -> Result<T>
@@ -35,10 +36,6 @@ pub fn open_events<S: Side>(pins: &SidePins<S>) -> Result<RingBuf<MapData>> {
 pub struct ActiveSlot(Array<MapData, u32>);
 
 impl ActiveSlot {
-    pub fn open<S: Side>(pins: &SidePins<S>, name: &str) -> Result<ActiveSlot> {
-        Ok(ActiveSlot(open(pins, name)?))
-    }
-
     pub fn get(&self) -> Result<u32> {
         Ok(self.0.get(&0, 0)? & 1)
     }
@@ -51,6 +48,21 @@ impl ActiveSlot {
     /// Makes `slot` the active one.
     pub fn flip_to(&mut self, slot: usize) -> Result<()> {
         Ok(self.0.set(0, slot as u32, 0)?)
+    }
+}
+
+/// What every side's maps have besides its policy: the active-slot index and the counters.
+pub struct SlotAndCounters<S> {
+    pub active: ActiveSlot,
+    pub counters: Counters<S>,
+}
+
+impl<S: Side> SlotAndCounters<S> {
+    pub fn open(pins: &SidePins<S>) -> Result<SlotAndCounters<S>> {
+        Ok(SlotAndCounters {
+            active: ActiveSlot(open(pins, S::ACTIVE_MAP)?),
+            counters: Counters::open(pins)?,
+        })
     }
 }
 
@@ -147,4 +159,13 @@ fn read_trie<const N: usize, K: PortKey<N>>(
         out.push((u16::from_be_bytes(data.port()), net, value));
     }
     Ok(())
+}
+
+/// The address whose trie judges `ip`: `::ffff:a.b.c.d` reaches the IPv4 host a.b.c.d, so the
+/// programs look it up in the IPv4 trie.
+pub fn unmap_v4(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
 }

@@ -8,12 +8,11 @@ use anyhow::Result;
 use moat_common::{Hook, guard, guard::IngressHook, names};
 
 use super::{
-    counters::Counters,
     events::DenyRecord,
     gateway::{Deny, PolicyMaps},
     inference::{Attachment, GuardMaps, IngressDeny},
     pin_paths::SidePins,
-    pinned_maps::ActiveSlot,
+    pinned_maps::SlotAndCounters,
 };
 
 pub trait Side: Sized + 'static {
@@ -24,6 +23,8 @@ pub trait Side: Sized + 'static {
     const PIN_SUBDIRS: &'static [&'static str];
     /// Every map of this side in the eBPF object; all of them are pinned.
     const MAPS: &'static [&'static str];
+    /// The active policy slot's index (one of [`Side::MAPS`]).
+    const ACTIVE_MAP: &'static str;
     /// The per-CPU counter array (one of [`Side::MAPS`]), its length, and its slot counting
     /// deny events lost to a full ring buffer.
     const COUNTERS_MAP: &'static str;
@@ -54,7 +55,7 @@ pub trait Side: Sized + 'static {
     fn required_pins(pins: &SidePins<Self>) -> Vec<PathBuf>;
 
     /// The side's opened policy maps.
-    type Maps: AsRef<Counters<Self>> + AsRef<ActiveSlot>;
+    type Maps: AsRef<SlotAndCounters<Self>>;
     fn open_maps(pins: &SidePins<Self>) -> Result<Self::Maps>;
     /// One record of the deny-event ring buffer.
     type Deny: DenyRecord;
@@ -68,6 +69,7 @@ impl Side for Gateway {
     const SUBDIR: &'static str = "";
     const PIN_SUBDIRS: &'static [&'static str] = &["maps", "links"];
     const MAPS: &'static [&'static str] = &names::MAPS;
+    const ACTIVE_MAP: &'static str = names::MAP_ACTIVE;
     const COUNTERS_MAP: &'static str = names::MAP_COUNTERS;
     const COUNTERS: u32 = moat_common::COUNTERS;
     const EVENTS_LOST_COUNTER: u32 = moat_common::EVENTS_LOST_COUNTER;
@@ -121,6 +123,7 @@ impl Side for Inference {
     const SUBDIR: &'static str = "inference";
     const PIN_SUBDIRS: &'static [&'static str] = &["maps", "progs", "links"];
     const MAPS: &'static [&'static str] = &guard::names::MAPS;
+    const ACTIVE_MAP: &'static str = guard::names::MAP_ACTIVE;
     const COUNTERS_MAP: &'static str = guard::names::MAP_COUNTERS;
     const COUNTERS: u32 = guard::COUNTERS;
     const EVENTS_LOST_COUNTER: u32 = guard::EVENTS_LOST_COUNTER;
@@ -165,4 +168,16 @@ impl Side for Inference {
         GuardMaps::open(pins)
     }
     type Deny = IngressDeny;
+}
+
+impl AsRef<SlotAndCounters<Gateway>> for PolicyMaps {
+    fn as_ref(&self) -> &SlotAndCounters<Gateway> {
+        &self.common
+    }
+}
+
+impl AsRef<SlotAndCounters<Inference>> for GuardMaps {
+    fn as_ref(&self) -> &SlotAndCounters<Inference> {
+        &self.common
+    }
 }

@@ -9,14 +9,18 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::{
-    counters::Counters,
-    gateway::{GatewayPins, GatewayStatus},
-    inference::{GuardPins, GuardStatus},
+    gateway::{self, GatewayPins},
+    inference::{self, GuardPins},
     pin_paths::{Pins, SidePins},
-    pinned_maps::ActiveSlot,
     side::Side,
 };
 use crate::metrics::HookCount;
+
+/// The gateway side's status.
+pub type GatewayStatus = SideStatus<gateway::LinkStatus, gateway::PolicyStatus, HookCount>;
+/// The inference guard's status.
+pub type GuardStatus =
+    SideStatus<inference::GuardLinkStatus, inference::GuardPolicyStatus, inference::GuardCounters>;
 
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -75,9 +79,9 @@ impl<L, P: Default, C> SideStatus<L, P, C> {
         };
         if status.installed {
             let maps = S::open_maps(pins)?;
-            status.active_slot = Some(AsRef::<ActiveSlot>::as_ref(&maps).get()?);
+            status.active_slot = Some(maps.as_ref().active.get()?);
             status.policy = policy(&maps)?;
-            let (hooks, lost) = AsRef::<Counters<S>>::as_ref(&maps).per_hook()?;
+            let (hooks, lost) = maps.as_ref().counters.per_hook()?;
             status.counters = hooks.into_iter().map(counter).collect();
             status.events_lost = lost;
         }

@@ -8,18 +8,14 @@ use moat_common::{Dest4, Dest6, SlotConfig, names};
 use super::{Gateway, GatewayIdentity, GatewayPins, policy::Policy};
 use crate::{
     config::DestinationRule,
-    segment::{
-        counters::Counters,
-        pinned_maps::{self, ActiveSlot, PortPrefixTries},
-    },
+    segment::pinned_maps::{self, PortPrefixTries, SlotAndCounters},
 };
 
 pub struct PolicyMaps {
-    active: ActiveSlot,
+    pub(in crate::segment) common: SlotAndCounters<Gateway>,
     slots: Array<MapData, SlotConfig>,
     /// Per slot, destination (port, prefix) → [`moat_common::dest`] flags.
     dest: [PortPrefixTries<Dest4, Dest6>; 2],
-    counters: Counters<Gateway>,
 }
 
 impl PolicyMaps {
@@ -28,22 +24,17 @@ impl PolicyMaps {
             PortPrefixTries::open(pins, names::MAP_DEST4[slot], names::MAP_DEST6[slot])
         };
         Ok(PolicyMaps {
-            active: ActiveSlot::open(pins, names::MAP_ACTIVE)?,
+            common: SlotAndCounters::open(pins)?,
             slots: pinned_maps::open(pins, names::MAP_SLOTS)?,
             dest: [dest(0)?, dest(1)?],
-            counters: Counters::open(pins)?,
         })
-    }
-
-    pub fn active_slot(&self) -> Result<u32> {
-        self.active.get()
     }
 
     /// Writes `policy` into the idle slot, then makes it active with one 4-byte map write, so
     /// a program run sees the old policy or the new one, never a mix. If anything fails before
     /// the flip, the active policy is untouched.
     pub fn apply(&mut self, policy: &Policy) -> Result<()> {
-        let idle = self.active.idle()?;
+        let idle = self.common.active.idle()?;
         self.dest[idle].clear()?;
         for (rule, flags) in &policy.destinations {
             self.dest[idle]
@@ -57,12 +48,12 @@ impl PolicyMaps {
             flags: policy.slot_flags(),
         };
         self.slots.set(idle as u32, slot, 0)?;
-        self.active.flip_to(idle)
+        self.common.active.flip_to(idle)
     }
 
     /// What the active slot holds, as a [`Policy`].
     pub fn read_active(&self) -> Result<Policy> {
-        let slot = self.active.get()?;
+        let slot = self.common.active.get()?;
         let cfg = self.slots.get(&slot, 0)?;
         let mut policy = Policy {
             gateway: (cfg.gateway_cgroup_id != 0).then_some(GatewayIdentity {
@@ -82,18 +73,6 @@ impl PolicyMaps {
 
     /// Every counter, summed over CPUs.
     pub fn counters(&self) -> Result<Vec<u64>> {
-        self.counters.sum()
-    }
-}
-
-impl AsRef<ActiveSlot> for PolicyMaps {
-    fn as_ref(&self) -> &ActiveSlot {
-        &self.active
-    }
-}
-
-impl AsRef<Counters<Gateway>> for PolicyMaps {
-    fn as_ref(&self) -> &Counters<Gateway> {
-        &self.counters
+        self.common.counters.sum()
     }
 }

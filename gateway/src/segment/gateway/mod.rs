@@ -21,10 +21,11 @@ use anyhow::{Context, Result};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
 use moat_common::Hook;
 
+pub use super::status::GatewayStatus;
 pub use events::Deny;
 pub use maps::PolicyMaps;
 pub use policy::{GatewayIdentity, Policy, describe_flags};
-pub use status::{DestinationStatus, GatewayStatus, LinkStatus, status};
+pub use status::{DestinationStatus, LinkStatus, PolicyStatus, status};
 
 pub use super::side::Gateway;
 use super::{

@@ -7,16 +7,11 @@ use anyhow::Result;
 use moat_common::Hook;
 use serde::Serialize;
 
-use super::{GatewayPins, PolicyMaps, describe_flags};
-use crate::{
-    metrics::HookCount,
-    segment::{
-        link,
-        status::{SideStatus, or_dash},
-    },
+use super::{GatewayPins, GatewayStatus, PolicyMaps, describe_flags};
+use crate::segment::{
+    link,
+    status::{SideStatus, or_dash},
 };
-
-pub type GatewayStatus = SideStatus<LinkStatus, PolicyStatus, HookCount>;
 
 /// The active policy, as `status` shows it.
 #[derive(Debug, Default, Serialize)]

@@ -6,21 +6,17 @@ use aya::maps::{HashMap, MapData};
 use moat_common::guard::{ANY_PORT_GUARDED, PORT_GUARDED, Source4, Source6, names};
 
 use super::{GuardPins, GuardPolicy, Inference};
-use crate::segment::{
-    counters::Counters,
-    pinned_maps::{self, ActiveSlot, PortPrefixTries},
-};
+use crate::segment::pinned_maps::{self, PortPrefixTries, SlotAndCounters};
 
 /// The value of an allowed-source entry (the programs only look for a match).
 const SOURCE_ALLOWED: u32 = 1;
 
 pub struct GuardMaps {
-    active: ActiveSlot,
+    pub(in crate::segment) common: SlotAndCounters<Inference>,
     /// Per slot, guarded port → flags.
     ports: [HashMap<MapData, u16, u32>; 2],
     /// Per slot, (model port, allowed source prefix).
     sources: [PortPrefixTries<Source4, Source6>; 2],
-    counters: Counters<Inference>,
 }
 
 impl GuardMaps {
@@ -28,25 +24,20 @@ impl GuardMaps {
         let sources =
             |slot: usize| PortPrefixTries::open(pins, names::MAP_SRC4[slot], names::MAP_SRC6[slot]);
         Ok(GuardMaps {
-            active: ActiveSlot::open(pins, names::MAP_ACTIVE)?,
+            common: SlotAndCounters::open(pins)?,
             ports: [
                 pinned_maps::open(pins, names::MAP_PORTS[0])?,
                 pinned_maps::open(pins, names::MAP_PORTS[1])?,
             ],
             sources: [sources(0)?, sources(1)?],
-            counters: Counters::open(pins)?,
         })
-    }
-
-    pub fn active_slot(&self) -> Result<u32> {
-        self.active.get()
     }
 
     /// Writes `policy` into the idle slot, then makes it active with one 4-byte map write, so
     /// a packet is judged by the old policy or the new one, never a mix. If anything fails
     /// before the flip, the active policy is untouched.
     pub fn apply(&mut self, policy: &GuardPolicy) -> Result<()> {
-        let idle = self.active.idle()?;
+        let idle = self.common.active.idle()?;
         let old_ports: Vec<u16> = self.ports[idle].keys().collect::<Result<_, _>>()?;
         for p in old_ports {
             self.ports[idle].remove(&p)?;
@@ -65,12 +56,12 @@ impl GuardMaps {
                 .insert(port, net, SOURCE_ALLOWED)
                 .with_context(|| format!("cannot allow {net} to port {port}"))?;
         }
-        self.active.flip_to(idle)
+        self.common.active.flip_to(idle)
     }
 
     /// What the active slot holds.
     pub fn read_active(&self) -> Result<GuardPolicy> {
-        let slot = self.active.get()? as usize;
+        let slot = self.common.active.get()? as usize;
         let mut policy = GuardPolicy::default();
         for port in self.ports[slot].keys() {
             let port = port?;
@@ -87,18 +78,6 @@ impl GuardMaps {
 
     /// Every counter, summed over CPUs.
     pub fn counters(&self) -> Result<Vec<u64>> {
-        self.counters.sum()
-    }
-}
-
-impl AsRef<ActiveSlot> for GuardMaps {
-    fn as_ref(&self) -> &ActiveSlot {
-        &self.active
-    }
-}
-
-impl AsRef<Counters<Inference>> for GuardMaps {
-    fn as_ref(&self) -> &Counters<Inference> {
-        &self.counters
+        self.common.counters.sum()
     }
 }

@@ -34,11 +34,12 @@ use aya::programs::{
 use moat_common::guard::IngressHook;
 use tracing::info;
 
+pub use super::status::GuardStatus;
 pub use attachment::Attachment;
 pub use events::IngressDeny;
 pub use maps::GuardMaps;
 pub use policy::GuardPolicy;
-pub use status::{AllowedStatus, GuardCounters, GuardLinkStatus, GuardStatus, status};
+pub use status::{AllowedStatus, GuardCounters, GuardLinkStatus, GuardPolicyStatus, status};
 
 pub use super::side::Inference;
 use super::{

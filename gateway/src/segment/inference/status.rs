@@ -5,13 +5,11 @@ use std::fmt;
 use anyhow::Result;
 use serde::Serialize;
 
-use super::{GuardMaps, GuardPins};
+use super::{GuardMaps, GuardPins, GuardStatus};
 use crate::segment::{
     link,
     status::{SideStatus, or_dash},
 };
-
-pub type GuardStatus = SideStatus<GuardLinkStatus, GuardPolicyStatus, GuardCounters>;
 
 /// The active policy, as `status` shows it.
 #[derive(Debug, Default, Serialize)]
