@@ -144,7 +144,7 @@ fn costed(
 /// (run time, runs) of the connect4 program behind this run's pinned link.
 fn connect4_stats(pins: &TestPins) -> Result<(Duration, u64)> {
     let status = moat::segment::status(&pins.pins)?;
-    let id = status.links[0]
+    let id = status.gateway.links[0]
         .program_id
         .context("connect4 is not attached")?;
     for info in aya::programs::loaded_programs() {
