@@ -20,7 +20,10 @@ use std::{
 
 use moat::{
     config::{Config, InferenceGuard},
-    segment::inference::{Guard, GuardPins, IngressDeny},
+    segment::{
+        DenyRecord,
+        inference::{Guard, GuardPins, IngressDeny},
+    },
 };
 use moat_tests::{
     bin,

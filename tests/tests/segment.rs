@@ -14,7 +14,7 @@ use std::{
 
 use moat::{
     config::Config,
-    segment::{Deny, Enforcer, GatewayIdentity, Policy},
+    segment::{Deny, DenyRecord, Enforcer, GatewayIdentity, Policy},
 };
 use moat_tests::{
     bin,

@@ -19,18 +19,18 @@ pub trait DenyRecord: Sized {
     /// `None` for a record with unknown values (a newer program than this daemon).
     fn from_raw(raw: Self::Raw) -> Option<Self>;
     fn log(&self);
-}
 
-/// Decodes one ring buffer record; `None` for a record of the wrong size or with unknown
-/// values.
-pub fn decode<R: DenyRecord>(bytes: &[u8]) -> Option<R> {
-    if bytes.len() < size_of::<R::Raw>() {
-        return None;
+    /// Decodes one ring buffer record; `None` for a record of the wrong size or with unknown
+    /// values.
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < size_of::<Self::Raw>() {
+            return None;
+        }
+        // SAFETY: the length is checked and the record type is plain old data; the record may
+        // be unaligned, hence read_unaligned.
+        let raw: Self::Raw = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        Self::from_raw(raw)
     }
-    // SAFETY: the length is checked and the record type is plain old data; the record may be
-    // unaligned, hence read_unaligned.
-    let raw: R::Raw = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-    R::from_raw(raw)
 }
 
 /// The IP protocol's name in a deny log line.
@@ -59,7 +59,7 @@ pub fn spawn_ring_logger<R: DenyRecord>(
             };
             let ring = guard.get_inner_mut();
             while let Some(item) = ring.next() {
-                match decode::<R>(&item) {
+                match R::decode(&item) {
                     Some(record) if limiter.admit() => record.log(),
                     Some(_) => {}
                     None => tracing::warn!(len = item.len(), kind = R::KIND, "undecodable event"),

@@ -26,6 +26,7 @@ mod side;
 mod status;
 mod uninstall;
 
+pub use events::DenyRecord;
 pub use gateway::{Deny, Enforcer, GatewayIdentity, Policy, PolicyMaps, describe_flags};
 pub(crate) use object::object;
 pub use object::object_len;

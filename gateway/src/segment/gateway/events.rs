@@ -19,14 +19,6 @@ pub struct Deny {
     pub port: u16,
 }
 
-impl Deny {
-    /// Decodes one ring buffer record; `None` for a record of the wrong size or with unknown
-    /// enum values (a newer program than this daemon).
-    pub fn decode(bytes: &[u8]) -> Option<Deny> {
-        events::decode(bytes)
-    }
-}
-
 impl DenyRecord for Deny {
     type Raw = DenyEvent;
     const KIND: &'static str = "deny-event";

@@ -19,13 +19,6 @@ pub struct IngressDeny {
     pub dst_port: u16,
 }
 
-impl IngressDeny {
-    /// Decodes one record; `None` for a record of the wrong size or with unknown values.
-    pub fn decode(bytes: &[u8]) -> Option<IngressDeny> {
-        events::decode(bytes)
-    }
-}
-
 impl DenyRecord for IngressDeny {
     type Raw = IngressDenyEvent;
     const KIND: &'static str = "ingress deny-event";
