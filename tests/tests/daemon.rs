@@ -2,12 +2,12 @@
 //! unprivileged worker in the gateway cgroup, restarts it when it dies, reloads on SIGHUP, and
 //! refuses to start when enforcement cannot be put in place.
 
-use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use moat_tests::{
-    bin,
-    daemon::{Daemon, http_get, http_request, moat_cli},
-    kernel::{EPERM, TestCgroup, TestPins, require_root, try_from, unique},
+    daemon::Daemon,
+    http::Client,
+    kernel::{EPERM, TestCgroup, require_root, try_from},
 };
 use nix::sys::signal::Signal;
 
@@ -19,22 +19,15 @@ fn listener() -> u16 {
     port
 }
 
+/// The daemon under test: its own cgroup and pin root.
 struct Setup {
-    dir: tempfile::TempDir,
-    cfg: std::path::PathBuf,
-    base: TestCgroup,
-    pins: TestPins,
+    daemon: Daemon,
 }
 
 impl Setup {
     fn new() -> Setup {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = dir.path().join("moat.toml");
         Setup {
-            cfg,
-            base: TestCgroup::new(unique("moat-test")),
-            pins: TestPins::new(),
-            dir,
+            daemon: Daemon::enforcing(),
         }
     }
 
@@ -48,15 +41,29 @@ impl Setup {
              [pools.gpu]\nhosts = [{}]\n\
              [segmentation]\ngateway_cgroup = \"{}/gateway\"\npin_root = \"{}\"\n{extra}",
             hosts.join(", "),
-            self.base.relative.display(),
-            self.pins.root.display()
+            self.base().relative.display(),
+            self.daemon.pin_root().display()
         );
-        std::fs::write(&self.cfg, toml).unwrap();
+        self.daemon.write_config(&toml);
+    }
+
+    fn base(&self) -> &TestCgroup {
+        self.daemon.cgroup()
     }
 
     fn gateway_cgroup(&self) -> TestCgroup {
-        self.base.child("gateway")
+        self.base().child("gateway")
     }
+}
+
+/// `GET path` on `addr` with a bearer key: (status, body).
+fn get(addr: SocketAddr, path: &str, key: &str) -> (u16, String) {
+    let r = Client::new()
+        .get(format!("http://{addr}{path}"))
+        .bearer_auth(key)
+        .send()
+        .unwrap();
+    (r.status().as_u16(), r.text().unwrap())
 }
 
 fn proc_status(pid: u32) -> std::collections::BTreeMap<String, String> {
@@ -85,14 +92,14 @@ fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
 #[test]
 fn worker_runs_unprivileged_in_the_gateway_cgroup_and_is_restarted() {
     require_root();
-    let s = Setup::new();
+    let mut s = Setup::new();
     let pool = listener();
     s.write(&[pool], "");
     let gateway = s.gateway_cgroup();
-    let daemon = Daemon::start(&s.cfg, &s.dir.path().join("serve.log"));
+    s.daemon.start();
+    let daemon = &s.daemon;
     let pid = worker_pid(&daemon.wait_log("worker started"));
-    let listen = daemon.listen_addr();
-    assert_eq!(http_get(listen, "/healthz").unwrap().0, 200);
+    assert_eq!(daemon.get("/healthz").send().unwrap().status(), 200);
 
     let status = proc_status(pid);
     let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
@@ -125,7 +132,7 @@ fn worker_runs_unprivileged_in_the_gateway_cgroup_and_is_restarted() {
     );
     // The worker is the gateway: it reaches the pool, a bystander does not.
     let pool_addr: SocketAddr = format!("127.0.0.1:{pool}").parse().unwrap();
-    let outsider = s.base.child("outsider");
+    let outsider = s.base().child("outsider");
     assert_eq!(
         try_from(Some(outsider.path()), "tcp", &[pool_addr]),
         [EPERM]
@@ -137,13 +144,14 @@ fn worker_runs_unprivileged_in_the_gateway_cgroup_and_is_restarted() {
     assert_ne!(again, pid);
     daemon.wait_log("worker died; restarting");
     wait_until("the new worker to serve", || {
-        http_get(listen, "/healthz").is_ok_and(|r| r.0 == 200)
+        daemon
+            .get("/healthz")
+            .send()
+            .is_ok_and(|r| r.status() == 200)
     });
 
     // SIGKILL of the supervisor: the worker follows it, the kernel guard stays.
-    let mut daemon = daemon;
-    daemon.child.kill().unwrap();
-    daemon.child.wait().unwrap();
+    s.daemon.kill();
     wait_until("the worker to exit with its supervisor", || {
         !Path::new(&format!("/proc/{again}")).exists()
     });
@@ -157,14 +165,14 @@ fn worker_runs_unprivileged_in_the_gateway_cgroup_and_is_restarted() {
 #[test]
 fn sighup_applies_kernel_policy_and_worker_config_together() {
     require_root();
-    let s = Setup::new();
+    let mut s = Setup::new();
     let (first, second) = (listener(), listener());
     s.write(&[first], "");
     let _gateway = s.gateway_cgroup();
-    let outsider = s.base.child("outsider");
-    let daemon = Daemon::start(&s.cfg, &s.dir.path().join("serve.log"));
+    let outsider = s.base().child("outsider");
+    s.daemon.start();
+    let daemon = &s.daemon;
     daemon.wait_log("worker started");
-    let listen = daemon.listen_addr();
     let out = Some(outsider.path());
     let (a, b): (SocketAddr, SocketAddr) = (
         format!("127.0.0.1:{first}").parse().unwrap(),
@@ -177,7 +185,7 @@ fn sighup_applies_kernel_policy_and_worker_config_together() {
     daemon.signal(Signal::SIGHUP);
     daemon.wait_log("config reloaded");
     assert_eq!(try_from(out, "tcp", &[a, b]), [EPERM, EPERM]);
-    assert_eq!(http_get(listen, "/healthz").unwrap().0, 200);
+    assert_eq!(daemon.get("/healthz").send().unwrap().status(), 200);
 
     // A broken file is refused, and nothing changes.
     s.write(&[second], "[server.extra]\n");
@@ -190,69 +198,64 @@ fn sighup_applies_kernel_policy_and_worker_config_together() {
     );
 
     // So is a valid file that changes a key only a restart can change.
-    let moved = std::fs::read_to_string(&s.cfg)
-        .unwrap()
+    let moved = s
+        .daemon
+        .read_config()
         .replace("[server.extra]\n", "")
         .replace("127.0.0.1:0", "127.0.0.1:1");
-    std::fs::write(&s.cfg, moved).unwrap();
+    s.daemon.write_config(&moved);
     daemon.signal(Signal::SIGHUP);
     let refused = daemon.wait_log_nth("config reload refused", 1);
     assert_eq!(refused["key"], "server.listen");
     assert_eq!(try_from(out, "tcp", &[a, b]), [EPERM, EPERM]);
-    assert_eq!(http_get(listen, "/healthz").unwrap().0, 200);
+    assert_eq!(daemon.get("/healthz").send().unwrap().status(), 200);
 }
 
 #[test]
 fn refuses_to_start_when_enforcement_cannot_be_put_in_place() {
     require_root();
-    let s = Setup::new();
+    let mut s = Setup::new();
     s.write(&[listener()], "");
     // A pin root outside any bpffs: the hooks cannot be pinned, so enforcement is impossible.
-    let bad = std::fs::read_to_string(&s.cfg).unwrap().replace(
-        &s.pins.root.display().to_string(),
-        &s.dir.path().join("not-bpffs").display().to_string(),
+    let bad = s.daemon.read_config().replace(
+        &s.daemon.pin_root().display().to_string(),
+        &s.daemon.dir().join("not-bpffs").display().to_string(),
     );
-    std::fs::write(&s.cfg, bad).unwrap();
-    let out = Command::new(bin("moat"))
-        .args(["serve", "-c"])
-        .arg(&s.cfg)
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "moat serve must refuse to run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    s.daemon.write_config(&bad);
+    let (status, stderr) = s.daemon.run_to_exit(None);
+    assert!(!status.success(), "moat serve must refuse to run");
     assert!(
         stderr.contains("kernel enforcement is required"),
         "{stderr}"
     );
     assert!(stderr.contains("not on a bpffs"), "{stderr}");
-    assert!(
-        !String::from_utf8_lossy(&out.stderr).contains("worker started"),
-        "nothing serves"
-    );
+    assert!(!stderr.contains("worker started"), "nothing serves");
 
     // With segmentation off it runs, and says enforcement is off.
-    let off = std::fs::read_to_string(&s.cfg)
-        .unwrap()
+    let off = s
+        .daemon
+        .read_config()
         .replace("[segmentation]\n", "[segmentation]\nmode = \"off\"\n");
-    std::fs::write(&s.cfg, off).unwrap();
+    s.daemon.write_config(&off);
     let _gateway = s.gateway_cgroup();
-    let daemon = Daemon::start(&s.cfg, &s.dir.path().join("off.log"));
+    s.daemon.start();
+    let daemon = &s.daemon;
     daemon.wait_log("segmentation is off");
     daemon.wait_log("worker started");
-    assert_eq!(http_get(daemon.listen_addr(), "/healthz").unwrap().0, 200);
+    assert_eq!(daemon.get("/healthz").send().unwrap().status(), 200);
 }
 
 #[test]
 fn kernel_counters_reach_the_admin_plane_metrics() {
     require_root();
-    let s = Setup::new();
+    let mut s = Setup::new();
     let pool = listener();
     s.write(
         &[pool],
         "[admin]\nlisten = \"127.0.0.1:0\"\n[roles.ops]\npermissions = [\"audit:read\"]\n\
          [roles.user]\npermissions = [\"model:*\", \"inference:*\"]\n",
     );
-    let cli = |args: &[&str]| moat_cli(&s.cfg, args);
+    let cli = |args: &[&str]| s.daemon.cli_ok(args, None);
     cli(&["tenants", "add", "ops"]);
     cli(&[
         "users", "add", "auditor", "--tenant", "ops", "--role", "ops",
@@ -265,7 +268,8 @@ fn kernel_counters_reach_the_admin_plane_metrics() {
     };
     let (auditor, app) = (key("auditor"), key("app"));
     let _gateway = s.gateway_cgroup();
-    let daemon = Daemon::start(&s.cfg, &s.dir.path().join("serve.log"));
+    s.daemon.start();
+    let daemon = &s.daemon;
     let admin: SocketAddr = daemon.wait_log("admin plane listening")["listen"]
         .as_str()
         .unwrap()
@@ -273,7 +277,7 @@ fn kernel_counters_reach_the_admin_plane_metrics() {
         .unwrap();
 
     // Two refused connects, then the counters (pushed every 2 s) show them.
-    let outsider = s.base.child("outsider");
+    let outsider = s.base().child("outsider");
     let pool_addr: SocketAddr = format!("127.0.0.1:{pool}").parse().unwrap();
     for _ in 0..2 {
         assert_eq!(
@@ -282,7 +286,7 @@ fn kernel_counters_reach_the_admin_plane_metrics() {
         );
     }
     let denied = || -> u64 {
-        let (status, body) = http_request(admin, "GET", "/metrics", Some(&auditor), None).unwrap();
+        let (status, body) = get(admin, "/metrics", &auditor);
         assert_eq!(status, 200, "{body}");
         body.lines()
             .find(|l| {
@@ -293,17 +297,6 @@ fn kernel_counters_reach_the_admin_plane_metrics() {
     };
     wait_until("the deny counter on /metrics", || denied() >= 2);
     // An inference key is refused there; the data plane has no such route.
-    assert_eq!(
-        http_request(admin, "GET", "/metrics", Some(&app), None)
-            .unwrap()
-            .0,
-        403
-    );
-    let data = daemon.listen_addr();
-    assert_eq!(
-        http_request(data, "GET", "/metrics", Some(&auditor), None)
-            .unwrap()
-            .0,
-        404
-    );
+    assert_eq!(get(admin, "/metrics", &app).0, 403);
+    assert_eq!(get(daemon.addr(), "/metrics", &auditor).0, 404);
 }

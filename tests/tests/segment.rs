@@ -18,7 +18,7 @@ use moat::{
 };
 use moat_tests::{
     bin,
-    daemon::{Daemon, moat_cli, segment_status},
+    daemon::Daemon,
     kernel::{EPERM, KillOnDrop, TestCgroup, TestPins, probe, require_root, try_from, unique},
 };
 use serde_json::Value;
@@ -266,28 +266,26 @@ fn policy_flips_never_change_a_shared_verdict() {
 fn daemon_enforcement_is_fail_static_and_uninstallable() {
     require_root();
     let port = listener();
-    let base = TestCgroup::new(unique("moat-test"));
+    let mut daemon = Daemon::enforcing();
+    let base = daemon.cgroup();
     let outsider = base.child("outsider");
     // The daemon creates `gateway` itself; the test holds it (and a child) to remove them.
     let gateway = base.child("gateway");
     let worker = gateway.child("worker");
-    let pins = TestPins::new();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("moat.toml");
     let toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"nobody\"\n\
          [pools.gpu]\nhosts = [\"127.0.0.1:{port}\"]\n\
          [segmentation]\ngateway_cgroup = \"{}/gateway\"\npin_root = \"{}\"\n",
         base.relative.display(),
-        pins.root.display()
+        daemon.pin_root().display()
     );
-    std::fs::write(&cfg, &toml).unwrap();
+    daemon.write_config(&toml);
     let target = addr(&format!("127.0.0.1:{port}"));
     let out = Some(outsider.path());
 
-    let mut daemon = Daemon::start(&cfg, &dir.path().join("serve1.log"));
+    daemon.start();
     daemon.wait_log("worker started");
-    let before = segment_status(&cfg);
+    let before = daemon.segment_status();
     assert_eq!(before["installed"], true);
     assert_eq!(try_from(out, "tcp", &[target]), [EPERM]);
     // The gateway cgroup's children are the gateway too.
@@ -304,15 +302,14 @@ fn daemon_enforcement_is_fail_static_and_uninstallable() {
     assert_eq!(event["dst_port"], port);
 
     // A broken config on SIGHUP is refused and the policy stays.
-    std::fs::write(&cfg, "[segmentation]\nbogus = true\n").unwrap();
+    daemon.write_config("[segmentation]\nbogus = true\n");
     daemon.signal(nix::sys::signal::SIGHUP);
     daemon.wait_log("config reload refused");
     assert_eq!(try_from(out, "tcp", &[target]), [EPERM]);
-    std::fs::write(&cfg, &toml).unwrap();
+    daemon.write_config(&toml);
 
     // SIGKILL: no clean-up runs, enforcement stays.
-    daemon.child.kill().unwrap();
-    daemon.child.wait().unwrap();
+    daemon.kill();
     assert_eq!(
         try_from(out, "tcp", &[target]),
         [EPERM],
@@ -320,10 +317,10 @@ fn daemon_enforcement_is_fail_static_and_uninstallable() {
     );
 
     // A restart adopts the pinned links rather than attaching a second copy.
-    daemon = Daemon::start(&cfg, &dir.path().join("serve2.log"));
+    daemon.start();
     daemon.wait_log("adopted pinned kernel enforcement");
     daemon.wait_log("worker started");
-    let after = segment_status(&cfg);
+    let after = daemon.segment_status();
     let ids = |s: &Value, field: &str| -> Vec<Value> {
         s["links"]
             .as_array()
@@ -347,14 +344,14 @@ fn daemon_enforcement_is_fail_static_and_uninstallable() {
         [EPERM],
         "enforced after the in-place update"
     );
-    drop(daemon);
+    daemon.kill();
 
-    moat_cli(&cfg, &["segment", "uninstall"]);
+    daemon.cli_ok(&["segment", "uninstall"], None);
     assert_eq!(
         try_from(out, "tcp", &[target]),
         [0],
         "reachable after uninstall"
     );
-    assert_eq!(segment_status(&cfg)["installed"], false);
-    assert!(!pins.pins.dir().exists(), "uninstall removes the pins");
+    assert_eq!(daemon.segment_status()["installed"], false);
+    assert!(!daemon.pins().dir().exists(), "uninstall removes the pins");
 }
