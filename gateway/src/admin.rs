@@ -3,9 +3,9 @@
 //! listener (`admin.listen`, bound by the supervisor and passed down like the data plane's;
 //! never the data-plane port, which has no admin route at all).
 //!
-//! Every route needs a bearer (the same credentials as the data plane) and its own admin
-//! permission (`admin:keys`, `admin:users`, `admin:tenants`, `admin:policy`); an inference key
-//! gets 403. Users and keys are administered within the caller's own tenant only; creating and
+//! Every route needs a bearer (the same credentials as the data plane) and its own permission
+//! (`admin:keys`, `admin:users`, `admin:tenants`, `admin:policy`, `audit:read`); an inference
+//! key gets 403. Users and keys are administered within the caller's own tenant only; creating and
 //! listing tenants needs `admin:tenants`. Changes take effect in this process at once (the
 //! identity caches are evicted) and in others within one epoch poll. Key secrets appear once,
 //! in the answer that creates them, and are never logged.
@@ -27,8 +27,8 @@ use arc_swap::ArcSwap;
 
 use crate::{
     auth::{Identity, Principal, http as auth_http},
-    dataplane::app::SharedState,
     dataplane::authz::{self, Permissions},
+    dataplane::state::SharedState,
     error::ApiError,
     metrics::KernelCounters,
 };
@@ -76,6 +76,12 @@ pub fn router(
 
 type Result<T> = std::result::Result<T, ApiError>;
 
+/// An identity operation the store or its checks refused (a bad name, no such user, …): a 400
+/// whose message is the reason, which never holds a secret.
+fn refused(e: anyhow::Error) -> ApiError {
+    ApiError::bad_request(format!("{e:#}"))
+}
+
 /// A JSON body parsed strictly (unknown fields refused), its errors OpenAI-shaped 400s.
 struct Body<T>(T);
 
@@ -114,7 +120,7 @@ impl Admin {
         tokio::task::spawn_blocking(move || f(&identity.admin()))
             .await
             .map_err(|_| ApiError::internal())?
-            .map_err(|e| ApiError::bad_request(format!("{e:#}")))
+            .map_err(refused)
     }
 
     /// The user, if it is in the caller's tenant (otherwise it does not exist for the caller).
@@ -211,11 +217,7 @@ async fn disable_user(
 ) -> Result<Response> {
     a.require(&p, "admin:users")?;
     a.own_user(&p, &username).await?;
-    let changed = a
-        .identity
-        .disable_user(&username)
-        .await
-        .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+    let changed = a.identity.disable_user(&username).await.map_err(refused)?;
     Ok(Json(json!({"username": username, "changed": changed})).into_response())
 }
 
@@ -287,11 +289,7 @@ async fn revoke_key(
 ) -> Result<Response> {
     a.require(&p, "admin:keys")?;
     a.own_key(&p, &key_id).await?;
-    let changed = a
-        .identity
-        .revoke_key(&key_id)
-        .await
-        .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+    let changed = a.identity.revoke_key(&key_id).await.map_err(refused)?;
     Ok(Json(json!({"key_id": key_id, "changed": changed})).into_response())
 }
 

@@ -12,5 +12,6 @@ pub mod dataplane;
 pub mod error;
 pub mod logging;
 pub mod metrics;
+pub mod policy_grammar;
 pub mod segment;
 pub mod store;

@@ -150,6 +150,24 @@ impl Daemon {
         d
     }
 
+    /// The config of a gateway that enforces, for a fixture made by [`Daemon::enforcing`]:
+    /// started as root, its worker runs as `nobody` in `<the fixture's cgroup>/gateway`; pool
+    /// `gpu` on `hosts` (then the `pool` settings lines), model `m` on it, role `tester` (of
+    /// [`Daemon::create_tester_key`]) may use every model; the fixture's pin root; then
+    /// `extra`, which continues the `[segmentation]` table.
+    pub fn enforcing_config(&self, hosts: &[SocketAddr], pool: &str, extra: &str) -> String {
+        let hosts: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"nobody\"\n\
+             [pools.gpu]\nhosts = [{}]\n{pool}\n[models.m]\npool = \"gpu\"\n\
+             [roles.tester]\npermissions = [\"model:*\", \"inference:*\"]\n\
+             [segmentation]\ngateway_cgroup = \"{}/gateway\"\npin_root = \"{}\"\n{extra}",
+            hosts.join(", "),
+            self.cgroup().relative.display(),
+            self.pin_root().display()
+        )
+    }
+
     /// The cgroup of a fixture made by [`Daemon::enforcing`].
     pub fn cgroup(&self) -> &TestCgroup {
         self.cgroup
@@ -424,6 +442,17 @@ impl Daemon {
     /// A blocking `POST` to `path` on the data plane.
     pub fn post(&self, path: &str) -> Request {
         http::Client::new().post(self.url(path))
+    }
+
+    /// A blocking chat completion for `model` ("hello") with the key, ready to send (and to
+    /// clone, for clients on several threads).
+    pub fn chat(&self, model: &str) -> Request {
+        self.post("/v1/chat/completions")
+            .bearer_auth(self.key())
+            .json(&serde_json::json!({
+                "model": model,
+                "messages": [{"role": "user", "content": "hello"}],
+            }))
     }
 
     /// POSTs JSON to `path` with the key (and `extra` headers); parses the JSON answer.

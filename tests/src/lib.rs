@@ -3,7 +3,8 @@
 //!
 //! The binaries are found in one place, [`bin_dir`]. [`daemon`] is the one `moat serve`
 //! fixture; [`http`] the one HTTP client; [`kernel`] throw-away cgroups, pin roots and probes
-//! for the real-kernel tests; [`netns`] network namespaces; [`Sim`] the inference simulator.
+//! for the real-kernel tests; [`netns`] network namespaces; [`Sim`] the inference simulator
+//! (async), [`PoolSim`] the same in front of a daemon that enforces (blocking).
 
 pub mod bench;
 pub mod daemon;
@@ -185,21 +186,73 @@ impl Sim {
     }
 }
 
-/// Every file below `dir`, recursively.
-pub fn files_below(dir: &Path) -> Vec<PathBuf> {
+/// A `moat-sim` serving a pool of a daemon that enforces, for plain `#[test]`s: its `/_sim/*`
+/// control routes are on a second port as well, because the kernel reserves the inference
+/// port ([`PoolSim::addr`]) for the gateway (the test itself gets `EPERM` there), so the test
+/// reads the counters on the other one.
+pub struct PoolSim {
+    /// The inference port, for the config's `hosts`.
+    pub addr: SocketAddr,
+    /// The control port.
+    pub control: SocketAddr,
+    _proc: Proc,
+}
+
+impl PoolSim {
+    pub fn start() -> PoolSim {
+        let mut cmd = Command::new(bin("moat-sim"));
+        cmd.args(["--listen", "127.0.0.1:0", "--control-listen", "127.0.0.1:0"]);
+        // `CONTROL` is printed after `LISTENING`, whose line is kept by then.
+        let (proc, control) = Proc::spawn(cmd, "moat-sim", |line| {
+            line.strip_prefix("CONTROL ")
+                .and_then(|a| a.trim().parse().ok())
+        });
+        let addr = proc
+            .output()
+            .lines()
+            .find_map(|l| l.strip_prefix("LISTENING ")?.trim().parse().ok())
+            .expect("moat-sim prints LISTENING before CONTROL");
+        PoolSim {
+            addr,
+            control,
+            _proc: proc,
+        }
+    }
+
+    /// Inference requests the simulator has answered so far.
+    pub fn requests(&self) -> u64 {
+        let r = http::Client::new()
+            .get(format!("http://{}/_sim/stats", self.control))
+            .send()
+            .expect("sim stats");
+        assert_eq!(r.status(), StatusCode::OK, "sim stats");
+        let stats: Value = r.json().expect("sim stats JSON");
+        stats["requests"].as_u64().expect("requests count")
+    }
+}
+
+/// Every entry below `dir` (not `dir` itself), folders included, recursively.
+pub fn entries_below(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
             let p = e.path();
             if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
+                stack.push(p.clone());
             }
+            out.push(p);
         }
     }
     out
+}
+
+/// Every file below `dir`, recursively.
+pub fn files_below(dir: &Path) -> Vec<PathBuf> {
+    entries_below(dir)
+        .into_iter()
+        .filter(|p| !p.is_dir())
+        .collect()
 }
 
 /// A Python with the official `openai` package: a virtualenv under `target/py-venv`, made

@@ -35,8 +35,17 @@ fn principal(
     roles: &[&str],
     key_roles: &[&str],
 ) -> (String, String) {
-    // The tenant may exist already.
-    let _ = moat.cli(&["tenants", "add", tenant], None);
+    // The tenant may exist already (the fixture's own, or an earlier principal's): then the
+    // CLI must say exactly that, and nothing else may go wrong.
+    let out = moat.cli(&["tenants", "add", tenant], None);
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "tenants add {tenant}: {err}");
+        assert!(
+            err.contains("already exists"),
+            "tenants add {tenant}: {err}"
+        );
+    }
     let mut args = vec!["users", "add", user, "--tenant", tenant];
     for r in roles {
         args.extend(["--role", r]);
@@ -393,6 +402,23 @@ async fn quotas_refuse_at_the_limit_and_charge_once() {
     assert!(ok, "the slot comes back when the stream ends");
 }
 
+/// Sends `request` until it answers `want` (a change made by another process lands within
+/// the daemon's revocation poll) or 3 s passed; returns the last status and body.
+async fn until_status<F, Fut>(want: u16, mut request: F) -> (u16, Value)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = (u16, Value, Option<u64>)>,
+{
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let (status, v, _) = request().await;
+        if status == want || Instant::now() >= deadline {
+            return (status, v);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn retry_of(h: &hyper::HeaderMap) -> Option<u64> {
     h.get("retry-after")?.to_str().ok()?.parse().ok()
 }
@@ -415,18 +441,18 @@ async fn narrowed_key_and_removed_role_lose_access_and_revoked_streams_end() {
 
     // Narrow the key from another process; the daemon learns of it within one poll.
     cli(&moat, &["keys", "narrow", &key_id, "--role", "reader"]);
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let (status, v, _) = chat(&moat, &key, ask("big"), &[]).await;
-    assert_eq!(status, 403, "the first request after the change: {v}");
+    let (status, v) = until_status(403, || chat(&moat, &key, ask("big"), &[])).await;
+    assert_eq!(status, 403, "the narrowed key is refused the model: {v}");
+    assert_eq!(v["error"]["type"], "permission_error", "{v}");
     assert_eq!(models(&moat, &key).await, ["chat"]);
     let (status, _, _) = chat(&moat, &key, ask("chat"), &[]).await;
     assert_eq!(status, 200);
 
     // A role taken from the user is gone from its keys.
     cli(&moat, &["users", "roles", "bob", "--role", "power"]);
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let (status, v, _) = chat(&moat, &key, ask("chat"), &[]).await;
+    let (status, v) = until_status(403, || chat(&moat, &key, ask("chat"), &[])).await;
     assert_eq!(status, 403, "key [reader] ∩ user [power] = nothing: {v}");
+    assert_eq!(v["error"]["type"], "permission_error", "{v}");
     assert!(models(&moat, &key).await.is_empty());
 
     // A revoked key's open stream is closed.
@@ -449,9 +475,9 @@ async fn narrowed_key_and_removed_role_lose_access_and_revoked_streams_end() {
     let mut events = Events::new(resp);
     assert!(events.next().await.unwrap().is_some());
     cli(&moat, &["keys", "revoke", &key2_id]);
-    let revoked_at = Instant::now();
     let mut last = String::new();
-    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+    // The daemon learns of the revocation within one poll (100 ms); the deadline is slack.
+    let ended = tokio::time::timeout(Duration::from_secs(3), async {
         loop {
             match events.next().await {
                 Ok(Some(e)) => last = e,
@@ -461,7 +487,6 @@ async fn narrowed_key_and_removed_role_lose_access_and_revoked_streams_end() {
     })
     .await;
     assert!(ended.is_ok(), "the stream of a revoked key kept going");
-    assert!(revoked_at.elapsed() < Duration::from_secs(2));
     assert!(last.contains("revoked"), "the last event says why: {last}");
     let (status, _, _) = chat(&moat, &key2, ask("chat"), &[]).await;
     assert_eq!(status, 401);
@@ -542,7 +567,7 @@ async fn admin_plane_is_separate_and_permissioned() {
     let moat = Daemon::gateway("", &config, &[]);
     let addr = admin_addr(&moat);
     let (ops, _) = principal(&moat, "testing", "opsy", &["ops", "tester"], &["ops"]);
-    let (other_ops, _) = principal(&moat, "other", "other-ops", &["ops"], &[]);
+    let (other_ops, other_ops_id) = principal(&moat, "other", "other-ops", &["ops"], &[]);
 
     // An inference key gets 403 on every admin route; the data plane has none at all.
     for (m, path) in [
@@ -558,8 +583,9 @@ async fn admin_plane_is_separate_and_permissioned() {
         let (status, _, _) = fetch(m, &moat.url(path), &[("authorization", &auth)], "").await;
         assert_eq!(status, 404, "{path} on the data plane");
     }
-    let (status, _) = admin(&addr, "GET", "/admin/keys", "moat_nope", None).await;
-    assert_eq!(status, 401);
+    let (status, v) = admin(&addr, "GET", "/admin/keys", "moat_nope", None).await;
+    assert_eq!(status, 401, "{v}");
+    assert_eq!(v["error"]["type"], "authentication_error", "{v}");
 
     // Users and keys made over the admin plane, in the admin's tenant.
     let (status, v) = admin(
@@ -600,15 +626,41 @@ async fn admin_plane_is_separate_and_permissioned() {
     assert_eq!(status, 200);
     assert_eq!(v["models"]["chat"]["pool"], "p", "{v}");
 
-    // Another tenant's admin cannot touch it.
+    // Another tenant's admin cannot touch it: to it the key does not exist.
     let path = format!("/admin/keys/{dave_id}/revoke");
-    let (status, _) = admin(&addr, "POST", &path, &other_ops, None).await;
-    assert_eq!(status, 404);
-    let (_, v) = admin(&addr, "GET", "/admin/keys", &other_ops, None).await;
-    assert!(!v.to_string().contains(&dave_id));
+    let (status, v) = admin(&addr, "POST", &path, &other_ops, None).await;
+    assert_eq!(status, 404, "{v}");
+    assert_eq!(
+        v["error"]["message"],
+        format!("no key `{dave_id}` in your tenant"),
+        "{v}"
+    );
+    let (status, v) = admin(&addr, "GET", "/admin/keys", &other_ops, None).await;
+    assert_eq!(status, 200, "{v}");
+    let listed: Vec<&str> = v["keys"]
+        .as_array()
+        .unwrap_or_else(|| panic!("a key list: {v}"))
+        .iter()
+        .map(|k| k["key_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        listed,
+        [other_ops_id.as_str()],
+        "only its own tenant's keys"
+    );
+    let (status, v) = admin(&addr, "GET", "/admin/keys", &ops, None).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        v["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["key_id"] == dave_id.as_str()),
+        "the key's own tenant lists it: {v}"
+    );
 
     // Narrowed in this process: the very next request is judged on the new roles.
-    let (status, _) = admin(
+    let (status, v) = admin(
         &addr,
         "POST",
         &format!("/admin/keys/{dave_id}/narrow"),
@@ -616,11 +668,14 @@ async fn admin_plane_is_separate_and_permissioned() {
         Some(json!({"roles": []})),
     )
     .await;
-    assert_eq!(status, 200);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v, json!({"key_id": dave_id, "roles": []}));
     let (status, v, _) = chat(&moat, &dave, ask("chat"), &[]).await;
     assert_eq!(status, 403, "{v}");
-    let (status, _) = admin(&addr, "POST", &path, &ops, None).await;
-    assert_eq!(status, 200);
+    assert_eq!(v["error"]["type"], "permission_error", "{v}");
+    let (status, v) = admin(&addr, "POST", &path, &ops, None).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v, json!({"key_id": dave_id, "changed": true}));
     assert_eq!(
         chat(&moat, &dave, ask("chat"), &[]).await.0,
         401,

@@ -213,9 +213,17 @@ async fn least_outstanding_spreads_concurrent_requests() {
         assert_eq!(resp.status(), 200);
         streams.push(resp);
     }
-    let (sa, sb) = (a.stats().await, b.stats().await);
-    assert_eq!(sa["in_flight"], 2, "{sa}");
-    assert_eq!(sb["in_flight"], 2, "{sb}");
+    // Both simulators hold two of the four open streams (each lasts ~2 s).
+    let spread = eventually(Duration::from_secs(2), || async {
+        a.stats().await["in_flight"] == 2 && b.stats().await["in_flight"] == 2
+    })
+    .await;
+    assert!(
+        spread,
+        "not spread 2/2: {} / {}",
+        a.stats().await,
+        b.stats().await
+    );
     drop(streams);
 }
 
@@ -314,12 +322,12 @@ async fn nothing_is_retried_once_the_request_went_upstream() {
         s.fail(json!({"mode": "hang_mid_stream", "after_chunks": 2, "count": 1}))
             .await;
     }
-    let started = Instant::now();
-    let got = collect(&moat, &chat("x", true)).await;
+    let got = tokio::time::timeout(Duration::from_secs(5), collect(&moat, &chat("x", true)))
+        .await
+        .expect("the idle timeout (700 ms) ends the stream");
     assert!(got.error.is_none(), "{:?}", got.error);
     let last: Value = serde_json::from_str(got.events.last().unwrap()).unwrap();
     assert!(last["error"]["message"].is_string(), "{last}");
-    assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(total().await, 3);
 
     // An upstream that never answers: 504 after the first-byte timeout, no retry, and the
@@ -328,10 +336,15 @@ async fn nothing_is_retried_once_the_request_went_upstream() {
         s.fail(json!({"mode": "hang", "count": 1})).await;
     }
     let started = Instant::now();
-    let (status, _, body) = moat.post_json(CHAT, &chat("x", false), &[]).await;
+    let (status, _, body) = tokio::time::timeout(
+        Duration::from_secs(5),
+        moat.post_json(CHAT, &chat("x", false), &[]),
+    )
+    .await
+    .expect("the first-byte timeout (700 ms) answers");
     assert_eq!(status, 504, "{body}");
+    // A lower bound only: the timeout did not fire early (load can only make it later).
     assert!(started.elapsed() >= Duration::from_millis(650));
-    assert!(started.elapsed() < Duration::from_secs(3));
     assert_eq!(total().await, 4);
     let cancelled = eventually(Duration::from_secs(1), || async {
         a.stats().await["cancelled"].as_u64().unwrap()
@@ -351,8 +364,14 @@ async fn client_disconnect_cancels_the_upstream_within_a_second() {
     for _ in 0..3 {
         events.next().await.unwrap().unwrap();
     }
-    assert_eq!(sim.stats().await["in_flight"], 1);
-    let dropped = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            sim.stats().await["in_flight"] == 1
+        })
+        .await,
+        "the stream is in flight upstream: {}",
+        sim.stats().await
+    );
     drop(events);
     let seen = eventually(Duration::from_secs(1), || async {
         sim.stats().await["cancelled"] == 1
@@ -363,8 +382,14 @@ async fn client_disconnect_cancels_the_upstream_within_a_second() {
         "the simulator did not see the cancel within 1 s: {}",
         sim.stats().await
     );
-    assert!(dropped.elapsed() < Duration::from_secs(1));
-    assert_eq!(sim.stats().await["in_flight"], 0);
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            sim.stats().await["in_flight"] == 0
+        })
+        .await,
+        "nothing left in flight upstream: {}",
+        sim.stats().await
+    );
     assert!(
         eventually(Duration::from_secs(1), || async {
             moat.log().contains("client went away")

@@ -138,6 +138,18 @@ fn assert_ok(r: Response) {
 }
 
 /// Asserts an OpenAI-shaped error with `status`; returns the body.
+/// A CLI run refused as the CLI refuses: exit status 1, nothing on stdout, `reason` on stderr.
+fn assert_refused(out: &std::process::Output, reason: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(reason), "expected {reason:?} in: {err}");
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 fn assert_error(r: Response, status: u16) -> Value {
     assert_eq!(r.status().as_u16(), status);
     let v: Value = r.json().unwrap();
@@ -760,20 +772,23 @@ fn cli_refuses_bad_input_and_passwd_works() {
     let out = w
         .moat
         .cli(&["users", "add", "bob", "--tenant", "nope"], None);
-    assert!(!out.status.success());
+    assert_refused(&out, "tenant `nope` not found");
     let out = w.moat.cli(
         &["users", "add", "bob", "--tenant", "acme", "--password"],
         Some("short\n"),
     );
-    assert!(!out.status.success());
+    assert_refused(&out, "a password needs at least");
     let out = w.moat.cli(
         &["keys", "create", "--user", "alice", "--role", "admin"],
         None,
     );
-    assert!(
-        !out.status.success(),
-        "a key must not widen its user's roles"
+    // A key must not widen its user's roles.
+    assert_refused(
+        &out,
+        "user `alice` does not have role `admin`: a key can only narrow its user's roles",
     );
+    let users = w.moat.cli_ok(&["users", "list", "--json"], None);
+    assert!(!users.contains("\"bob\""), "no user was made: {users}");
     w.moat.cli_ok(
         &["users", "passwd", "alice"],
         Some("a brand new password\n"),
@@ -831,6 +846,10 @@ fn a_short_hs256_secret_stops_the_daemon_from_starting() {
     std::fs::write(&path, [7u8; 31]).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     let (status, err) = m.run_to_exit(None);
-    assert!(!status.success());
-    assert!(err.contains("32 bytes"), "{err}");
+    assert_eq!(status.code(), Some(1), "{err}");
+    let want = format!(
+        "key `auth.hs256_secret_file`: {} holds 31 bytes; an HS256 secret needs at least 32 bytes",
+        path.display()
+    );
+    assert!(err.contains(&want), "expected {want:?} in: {err}");
 }

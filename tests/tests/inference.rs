@@ -8,10 +8,11 @@
 
 use std::{
     io::{Read, Write},
+    net::SocketAddr,
     net::TcpStream,
     path::Path,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -32,6 +33,9 @@ use nix::sys::signal::SIGHUP;
 const DROP_WAIT: Duration = Duration::from_millis(800);
 /// How long an allowed flow may take.
 const OK_WAIT: Duration = Duration::from_secs(3);
+/// Gateway round trips and rogue datagrams that must fall between the first and the last
+/// policy change of a test under traffic, for its "never failed" to mean anything.
+const MIN_DURING: u64 = 20;
 
 fn guard_toml(port: u16, allowed: &[&str], attach: &str, interfaces: &[&str]) -> String {
     let list = |v: &[&str]| {
@@ -82,6 +86,22 @@ fn lab_with_model() -> (PortReservation, Lab, Echo) {
 
 fn host(addr: &str, len: u8) -> String {
     format!("{addr}/{len}")
+}
+
+/// The guard admits the rogue host and not the gateway (an allowlist switched to the rogue
+/// host, and whatever must leave it so): the rogue host's TCP is echoed, the gateway's SYN is
+/// dropped (its connect times out).
+fn assert_rogue_in_gateway_out(lab: &Lab, rogue_to: SocketAddr, gw_to: SocketAddr, what: &str) {
+    assert_eq!(
+        tcp_echo(&lab.rogue, rogue_to, OK_WAIT).0,
+        Outcome::Echoed,
+        "{what}: the rogue host is admitted"
+    );
+    assert_eq!(
+        tcp_echo(&lab.gateway, gw_to, DROP_WAIT).0,
+        Outcome::TimedOut,
+        "{what}: the gateway is dropped"
+    );
 }
 
 #[test]
@@ -402,10 +422,19 @@ fn tc_guard_refuses_header_chains_it_cannot_walk() {
         let packet = udp6_behind_dstopts(rogue6, Lab::INF_ROGUE6.parse().unwrap(), port, 5);
         lab.rogue
             .run(|| send_raw6(&packet, Lab::INF_ROGUE6.parse().unwrap()));
-        std::thread::sleep(Duration::from_millis(300));
-        echo.udp_count_from(rogue6.into())
     };
-    assert_eq!(send(), 1, "control: without a guard the datagram arrives");
+    let arrived = || echo.udp_count_from(rogue6.into());
+    let wait_for = |what: &str, cond: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    send();
+    wait_for("control: without a guard the datagram arrives", &|| {
+        arrived() == 1
+    });
 
     let gw = host(Lab::GW6, 128);
     let cfg = guard_config(port, &[&gw], "tc", &[Lab::IF_FROM_ROGUE]);
@@ -414,12 +443,16 @@ fn tc_guard_refuses_header_chains_it_cannot_walk() {
         .run(|| Guard::install_or_adopt(&pins.pins, &cfg))
         .unwrap();
     let dropped = guard.maps().counters().unwrap()[3];
+    send();
+    // Once the tc hook counted the drop, the datagram's fate is sealed: it cannot arrive later.
+    wait_for("the tc hook to drop the datagram", &|| {
+        guard.maps().counters().unwrap()[3] > dropped
+    });
     assert_eq!(
-        send(),
+        arrived(),
         1,
         "the guarded port is not reached behind a long header chain"
     );
-    assert!(guard.maps().counters().unwrap()[3] > dropped);
     let events = drain(&guard);
     let ev = events
         .iter()
@@ -504,6 +537,10 @@ struct Traffic {
     ok: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
     sent: Arc<AtomicU64>,
+    /// (start, end) of every gateway round trip, and when each rogue datagram was sent: what
+    /// [`Traffic::between`] counts.
+    round_trips: Arc<Mutex<Vec<(Instant, Instant)>>>,
+    sends: Arc<Mutex<Vec<Instant>>>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -515,11 +552,15 @@ impl Traffic {
             Arc::new(AtomicU64::new(0)),
             Arc::new(AtomicU64::new(0)),
         );
+        let round_trips = Arc::new(Mutex::new(Vec::new()));
+        let sends = Arc::new(Mutex::new(Vec::new()));
         let gateway = {
             let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            let spans = round_trips.clone();
             let to = sa(Lab::INF_GW4, port);
             lab.gateway.spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
+                    let start = Instant::now();
                     let round_trip = TcpStream::connect_timeout(&to, OK_WAIT).and_then(|mut s| {
                         s.set_read_timeout(Some(OK_WAIT))?;
                         s.write_all(b"ping")?;
@@ -530,17 +571,19 @@ impl Traffic {
                         Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
                         Err(_) => failed.fetch_add(1, Ordering::Relaxed),
                     };
+                    spans.lock().unwrap().push((start, Instant::now()));
                 }
             })
         };
         let rogue = {
-            let (stop, sent) = (stop.clone(), sent.clone());
+            let (stop, sent, times) = (stop.clone(), sent.clone(), sends.clone());
             let to = sa(Lab::INF_ROGUE4, port);
             lab.rogue.spawn(move || {
                 let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
                 while !stop.load(Ordering::Relaxed) {
                     if s.send_to(b"ping", to).is_ok() {
                         sent.fetch_add(1, Ordering::Relaxed);
+                        times.lock().unwrap().push(Instant::now());
                     }
                     std::thread::sleep(Duration::from_micros(200));
                 }
@@ -551,7 +594,30 @@ impl Traffic {
             ok,
             failed,
             sent,
+            round_trips,
+            sends,
             threads: vec![gateway, rogue],
+        }
+    }
+
+    /// Gateway round trips that ran wholly between `t0` and `t1`, and rogue datagrams sent
+    /// in between: the traffic that overlapped what the test did then.
+    fn between(&self, t0: Instant, t1: Instant) -> (u64, u64) {
+        let trips = self.round_trips.lock().unwrap();
+        let sends = self.sends.lock().unwrap();
+        (
+            trips.iter().filter(|(s, e)| *s >= t0 && *e <= t1).count() as u64,
+            sends.iter().filter(|t| **t >= t0 && **t <= t1).count() as u64,
+        )
+    }
+
+    /// Waits (up to 10 s) until both loops have completed a round, so what the test does next
+    /// happens under traffic.
+    fn wait_running(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.round_trips.lock().unwrap().is_empty() || self.sends.lock().unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "the traffic loops did not start");
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
@@ -569,10 +635,10 @@ impl Traffic {
     }
 }
 
-/// An upgrade adopts with no gap: 20 back-to-back install-or-adopt runs (each reuses the pinned
-/// maps and switches the pinned link to a freshly loaded program) while the gateway runs TCP
-/// round trips and the rogue host sends UDP: no gateway failure, no rogue datagram through,
-/// the same link throughout.
+/// An upgrade adopts with no gap: at least 20 back-to-back install-or-adopt runs (each reuses
+/// the pinned maps and switches the pinned link to a freshly loaded program) while the gateway
+/// runs TCP round trips and the rogue host sends UDP: no gateway failure, no rogue datagram
+/// through, the same link throughout.
 #[test]
 fn adopting_again_and_again_leaves_no_gap() {
     let (model, lab, echo) = lab_with_model();
@@ -590,8 +656,13 @@ fn adopting_again_and_again_leaves_no_gap() {
     drop(first);
 
     let traffic = Traffic::start(&lab, port);
-    std::thread::sleep(Duration::from_millis(100));
-    for _ in 0..20 {
+    traffic.wait_running();
+    // At least 20 adoptions, for at least a second (a stall of a loaded machine cannot leave
+    // the loops idle all along).
+    let first = Instant::now();
+    let mut adoptions = 0;
+    while adoptions < 20 || first.elapsed() < Duration::from_secs(1) {
+        adoptions += 1;
         let g = Guard::install_or_adopt(&pins.pins, &cfg).unwrap();
         assert!(g.adopted());
         let (l, p) = link_of();
@@ -599,11 +670,12 @@ fn adopting_again_and_again_leaves_no_gap() {
         assert_ne!(p, program, "switched to the new program");
         program = p;
     }
-    std::thread::sleep(Duration::from_millis(100));
+    let (trips, datagrams) = traffic.between(first, Instant::now());
     let (ok, failed, sent) = traffic.stop();
     assert!(
-        ok > 10 && sent > 10,
-        "too little traffic: {ok} round trips, {sent} datagrams"
+        trips >= MIN_DURING && datagrams >= MIN_DURING,
+        "too little traffic during {adoptions} adoptions: {trips} round trips, {datagrams} \
+         datagrams (of {ok} and {sent})"
     );
     assert_eq!(
         failed, 0,
@@ -634,24 +706,32 @@ fn guard_policy_flips_never_change_a_shared_verdict() {
     let mut guard = Guard::install_or_adopt(&pins.pins, &a).unwrap();
 
     let traffic = Traffic::start(&lab, port);
-    // Let both loops run before the first flip.
-    std::thread::sleep(Duration::from_millis(100));
+    traffic.wait_running();
+    // At least 1,000 flips, for at least a second (so a stall of a loaded machine cannot
+    // leave the loops idle all along), an even number of them.
     let started = Instant::now();
-    for i in 0..1000 {
-        guard.apply(if i % 2 == 0 { &b } else { &a }).unwrap();
+    let mut flips = 0;
+    while flips < 1000 || started.elapsed() < Duration::from_secs(1) || flips % 2 == 1 {
+        guard.apply(if flips % 2 == 0 { &b } else { &a }).unwrap();
+        flips += 1;
     }
-    let flipping = started.elapsed();
-    std::thread::sleep(Duration::from_millis(100));
+    let last_flip = Instant::now();
+    let (trips, datagrams) = traffic.between(started, last_flip);
     let (ok, failed, sent) = traffic.stop();
+    let flipping = last_flip - started;
     assert!(
-        ok > 10,
-        "too few gateway round trips ({ok}) during {flipping:?}"
+        trips >= MIN_DURING,
+        "only {trips} gateway round trips (of {ok}) ran between the first and the last of \
+         {flips} flips ({flipping:?}); at least {MIN_DURING} must"
     );
     assert_eq!(
         failed, 0,
         "gateway round trips failed during flips ({ok} ok)"
     );
-    assert!(sent > 10, "too few rogue datagrams ({sent})");
+    assert!(
+        datagrams >= MIN_DURING,
+        "only {datagrams} rogue datagrams (of {sent}) were sent during the flips"
+    );
     assert!(
         !echo.udp_sources().contains(&Lab::ROGUE4.parse().unwrap()),
         "a rogue datagram got through during the flips"
@@ -716,11 +796,7 @@ fn daemon_runs_the_guard_on_an_inference_host() {
     write_cfg(&daemon, &guard_toml(port, &[&rogue4], "cgroup_skb", &[]));
     daemon.signal(SIGHUP);
     daemon.wait_log("inference guard reloaded");
-    assert_eq!(tcp_echo(&lab.rogue, rogue_to, OK_WAIT).0, Outcome::Echoed);
-    assert_eq!(
-        tcp_echo(&lab.gateway, gw_to, DROP_WAIT).0,
-        Outcome::TimedOut
-    );
+    assert_rogue_in_gateway_out(&lab, rogue_to, gw_to, "the reloaded allowlist");
 
     // A bad file on SIGHUP is refused, names the key, and changes nothing.
     let good = daemon.read_config();
@@ -737,11 +813,7 @@ fn daemon_runs_the_guard_on_an_inference_host() {
             .contains("segmentation.inference.allowed_gateways[0]"),
         "{refused}"
     );
-    assert_eq!(tcp_echo(&lab.rogue, rogue_to, OK_WAIT).0, Outcome::Echoed);
-    assert_eq!(
-        tcp_echo(&lab.gateway, gw_to, DROP_WAIT).0,
-        Outcome::TimedOut
-    );
+    assert_rogue_in_gateway_out(&lab, rogue_to, gw_to, "a refused file changes nothing");
     // A valid file whose guard cannot attach (no such interface) changes nothing either:
     // not the allowlist it carries, not the links.
     let both_with_missing_if = guard_toml(port, &[&gw4], "both", &["nosuchif0"]);
@@ -752,10 +824,11 @@ fn daemon_runs_the_guard_on_an_inference_host() {
         failed["error"].as_str().unwrap().contains("nosuchif0"),
         "{failed}"
     );
-    assert_eq!(tcp_echo(&lab.rogue, rogue_to, OK_WAIT).0, Outcome::Echoed);
-    assert_eq!(
-        tcp_echo(&lab.gateway, gw_to, DROP_WAIT).0,
-        Outcome::TimedOut
+    assert_rogue_in_gateway_out(
+        &lab,
+        rogue_to,
+        gw_to,
+        "a guard that cannot attach changes nothing",
     );
     assert_eq!(
         daemon.segment_status()["inference"]["links"],
@@ -765,12 +838,7 @@ fn daemon_runs_the_guard_on_an_inference_host() {
 
     // SIGKILL: nothing is cleaned up, the last policy holds.
     daemon.kill();
-    assert_eq!(
-        tcp_echo(&lab.gateway, gw_to, DROP_WAIT).0,
-        Outcome::TimedOut,
-        "fail-static"
-    );
-    assert_eq!(tcp_echo(&lab.rogue, rogue_to, OK_WAIT).0, Outcome::Echoed);
+    assert_rogue_in_gateway_out(&lab, rogue_to, gw_to, "fail-static");
 
     // A restart adopts the pinned guard instead of stacking a second one.
     daemon.start_in(&lab.inference);
@@ -916,11 +984,7 @@ fn gateway_and_guard_on_one_host_reload_together() {
     daemon.signal(SIGHUP);
     daemon.wait_log("config reloaded: routing and kernel policy");
     daemon.wait_log("inference guard reloaded");
-    assert_eq!(tcp_echo(&lab.rogue, rogue_to, OK_WAIT).0, Outcome::Echoed);
-    assert_eq!(
-        tcp_echo(&lab.gateway, gw_to, DROP_WAIT).0,
-        Outcome::TimedOut
-    );
+    assert_rogue_in_gateway_out(&lab, rogue_to, gw_to, "the reloaded allowlist");
     let protected: Vec<String> = daemon.segment_status()["destinations"]
         .as_array()
         .unwrap()
@@ -948,11 +1012,7 @@ fn gateway_and_guard_on_one_host_reload_together() {
             .contains("removes the gateway side"),
         "{refused}"
     );
-    assert_eq!(tcp_echo(&lab.rogue, rogue_to, OK_WAIT).0, Outcome::Echoed);
-    assert_eq!(
-        tcp_echo(&lab.gateway, gw_to, DROP_WAIT).0,
-        Outcome::TimedOut
-    );
+    assert_rogue_in_gateway_out(&lab, rogue_to, gw_to, "a refused reload changes nothing");
 }
 
 /// Fail closed: a guard the config asks for that cannot attach stops `moat serve` from

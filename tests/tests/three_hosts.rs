@@ -6,7 +6,7 @@
 //! OpenAI simulator. Root required; never skipped. Everything is removed on drop.
 
 use std::{
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, ErrorKind},
     net::{SocketAddr, TcpStream},
     path::Path,
     process::Stdio,
@@ -41,12 +41,7 @@ fn sim(ns: &Netns, port: u16) -> KillOnDrop {
 
 /// A chat request through the gateway `moat`, sent from inside `ns`: its status (0: no answer).
 fn chat(ns: &Netns, moat: &Daemon) -> u16 {
-    let body = r#"{"model":"m","messages":[{"role":"user","content":"hello"}]}"#;
-    let request = moat
-        .post("/v1/chat/completions")
-        .bearer_auth(moat.key())
-        .header("content-type", "application/json")
-        .body(body);
+    let request = moat.chat("m");
     ns.run(move || request.send())
         .map(|r| r.status().as_u16())
         .unwrap_or(0)
@@ -64,9 +59,31 @@ fn sim_requests(lab: &Lab, port: u16) -> u64 {
     v["requests"].as_u64().expect("requests count")
 }
 
-/// Whether a TCP connect from `ns` to `to` gets through within a second.
-fn tcp_reaches(ns: &Netns, to: SocketAddr) -> bool {
-    ns.run(move || TcpStream::connect_timeout(&to, Duration::from_secs(1)).is_ok())
+/// What a TCP connect from `ns` to `to` sees within a second: `Ok` when the handshake
+/// completed; `Err(TimedOut)` when no answer came at all (the SYN was dropped, what the ingress
+/// guard does), any other error kind otherwise (refused: nothing listens).
+fn tcp_connect(ns: &Netns, to: SocketAddr) -> Result<(), ErrorKind> {
+    ns.run(move || {
+        TcpStream::connect_timeout(&to, Duration::from_secs(1))
+            .map(drop)
+            .map_err(|e| e.kind())
+    })
+}
+
+/// The inference host's guard drops the rogue host's SYNs to `port` (a connect that times
+/// out, not one refused), while the same listener still completes a handshake with a process
+/// in the gateway cgroup — the control: a dead simulator would fail both.
+fn assert_guarded(lab: &Lab, gateway_cgroup: &Path, port: u16, what: &str) {
+    assert_eq!(
+        tcp_connect(&lab.rogue, sa(Lab::INF_ROGUE4, port)),
+        Err(ErrorKind::TimedOut),
+        "{what}: the rogue host's SYN must be dropped"
+    );
+    assert_eq!(
+        probe_errno(&lab.gateway, gateway_cgroup, sa(Lab::INF_GW4, port)),
+        0,
+        "{what}: control, the gateway reaches the same listener"
+    );
 }
 
 /// `moat-probe tcp` from inside `ns`, in `cgroup`.
@@ -103,8 +120,9 @@ fn gateway_inference_and_rogue_hosts() {
 
     // Controls: without moat, the rogue host and a bystander on the gateway host both reach
     // the model port — so what is refused below is refused by moat.
-    assert!(
-        tcp_reaches(&lab.rogue, sa(Lab::INF_ROGUE4, p1)),
+    assert_eq!(
+        tcp_connect(&lab.rogue, sa(Lab::INF_ROGUE4, p1)),
+        Ok(()),
         "lab wiring: rogue → model"
     );
     assert_eq!(
@@ -160,10 +178,7 @@ fn gateway_inference_and_rogue_hosts() {
     // The rogue host is dropped by the inference host's guard; a rogue process on the gateway
     // host, outside the gateway cgroup, gets EPERM from its own kernel.
     let model1 = sa(Lab::INF_GW4, p1);
-    assert!(
-        !tcp_reaches(&lab.rogue, sa(Lab::INF_ROGUE4, p1)),
-        "rogue host reached the model port"
-    );
+    assert_guarded(&lab, gateway_cgroup.path(), p1, "model port");
     assert_eq!(probe_errno(&lab.gateway, outsider.path(), model1), EPERM);
 
     // SIGHUP with a new pool host: routing, the gateway's connect hooks and the inference
@@ -180,10 +195,7 @@ fn gateway_inference_and_rogue_hosts() {
         EPERM,
         "new host protected"
     );
-    assert!(
-        !tcp_reaches(&lab.rogue, sa(Lab::INF_ROGUE4, p2)),
-        "new port guarded"
-    );
+    assert_guarded(&lab, gateway_cgroup.path(), p2, "new port");
     let before2 = sim_requests(&lab, p2);
     for _ in 0..6 {
         assert_eq!(chat(&lab.gateway, &gateway), 200);
@@ -203,9 +215,11 @@ fn gateway_inference_and_rogue_hosts() {
         EPERM,
         "gateway guard after SIGKILL"
     );
-    assert!(
-        !tcp_reaches(&lab.rogue, sa(Lab::INF_ROGUE4, p1)),
-        "inference guard after SIGKILL"
+    assert_guarded(
+        &lab,
+        gateway_cgroup.path(),
+        p1,
+        "inference guard after SIGKILL",
     );
     // The gateway cgroup still reaches the model: the kernel never needed the daemon for that.
     assert_eq!(probe_errno(&lab.gateway, gateway_cgroup.path(), model1), 0);

@@ -175,6 +175,8 @@ fn test(extra: &[String]) -> Result<()> {
     build_ebpf()?;
     cargo(&["fmt", "--all", "--", "--check"])
         .context("cargo fmt --check: run `cargo fmt --all`")?;
+    run(Command::new("python3").arg(".ci/check-doc-links"))
+        .context("README.md or docs/ link to a file or heading that does not exist")?;
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
     cargo(&["build", "--bins"])?;
     let mut args = vec!["test"];

@@ -126,17 +126,8 @@ fn bpf_linker() -> Result<()> {
     }
     let major = nightly.llvm_major();
     let feature = format!("llvm-{major}");
-    if let Some(supported) = bpf_linker_llvm_features()
-        && !supported.contains(&major)
-    {
-        bail!(
-            "bpf-linker {BPF_LINKER_VERSION} supports LLVM {} but the installed nightly ({}) \
-             uses LLVM {}: raise BPF_LINKER_VERSION in xtask/src/setup.rs to a release with \
-             a `{feature}` feature",
-            supported.join(", "),
-            nightly.release,
-            nightly.llvm_version
-        );
+    if let Some(supported) = bpf_linker_llvm_features() {
+        check_llvm_supported(&supported, &nightly)?;
     }
     eprintln!(
         "setup: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {} ({})",
@@ -234,7 +225,13 @@ fn bpf_linker_llvm_features() -> Option<Vec<String>> {
         &format!("bpf-linker@{BPF_LINKER_VERSION}"),
     ]))
     .ok()?;
-    let mut majors: Vec<String> = info
+    let majors = llvm_features(&info);
+    (!majors.is_empty()).then_some(majors)
+}
+
+/// The `N` of every `llvm-N` feature in `cargo info` output, in ascending order.
+fn llvm_features(cargo_info: &str) -> Vec<String> {
+    let mut majors: Vec<String> = cargo_info
         .lines()
         .filter_map(|l| {
             let feature = l.trim_start_matches([' ', '+']).split_whitespace().next()?;
@@ -246,7 +243,23 @@ fn bpf_linker_llvm_features() -> Option<Vec<String>> {
         })
         .collect();
     majors.sort_by_key(|m| m.parse::<u32>().unwrap_or(0));
-    (!majors.is_empty()).then_some(majors)
+    majors
+}
+
+/// One sentence naming both versions when bpf-linker cannot be built for the nightly's LLVM.
+fn check_llvm_supported(supported: &[String], nightly: &Nightly) -> Result<()> {
+    let major = nightly.llvm_major();
+    if supported.contains(&major) {
+        return Ok(());
+    }
+    bail!(
+        "bpf-linker {BPF_LINKER_VERSION} supports LLVM {} but the installed nightly ({}) uses \
+         LLVM {}: raise BPF_LINKER_VERSION in xtask/src/setup.rs to a release with an \
+         `llvm-{major}` feature",
+        supported.join(", "),
+        nightly.release,
+        nightly.llvm_version
+    )
 }
 
 /// The real libLLVM shared library in a toolchain's `lib/`, for LLVM `major`.
@@ -512,6 +525,42 @@ mod tests {
         dir.elf("libLLVM.so.22.1-rust-1.97.0-nightly");
         let lib = dir.elf("libLLVM.so.23.1-rust-1.101.0-nightly");
         assert_eq!(find_libllvm(&dir.0, "23").unwrap(), lib);
+    }
+
+    /// What `cargo info --quiet bpf-linker@0.13.0` prints.
+    const CARGO_INFO: &str = "bpf-linker #BPF #eBPF #linker #llvm
+BPF static linker
+version: 0.13.0
+features:
+ +default          = [llvm-23]
+  llvm-23          = [dep:llvm-sys-23]
+  llvm-21          = [dep:llvm-sys-21]
+  llvm-22          = [dep:llvm-sys-22]
+  llvm-link-static = []
+  no-llvm-linking  = []
+";
+
+    #[test]
+    fn reads_the_llvm_features_of_bpf_linker() {
+        assert_eq!(llvm_features(CARGO_INFO), ["21", "22", "23"]);
+    }
+
+    #[test]
+    fn an_unsupported_llvm_is_one_sentence_naming_both_versions() {
+        let nightly = |llvm: &str| Nightly {
+            release: "1.104.0-nightly".into(),
+            llvm_version: llvm.into(),
+            sysroot: PathBuf::new(),
+        };
+        let supported = llvm_features(CARGO_INFO);
+        assert!(check_llvm_supported(&supported, &nightly("23.1.4")).is_ok());
+        let err = check_llvm_supported(&supported, &nightly("24.0.1"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("LLVM 21, 22, 23"), "{err}");
+        assert!(err.contains("LLVM 24.0.1"), "{err}");
+        assert!(err.contains("1.104.0-nightly"), "{err}");
     }
 
     #[test]

@@ -1,40 +1,14 @@
 //! The operator's identity operations: tenants, users, passwords, API keys. Used by the CLI
-//! (`moat users|keys|tenants`) against the store directly, and later by the admin plane.
-//! Names and roles are checked here, once, for every caller.
+//! (`moat users|keys|tenants`) against the store directly, and by the admin plane (`admin.rs`,
+//! through `Identity::admin`). Names and roles are checked here, once, for every caller (the
+//! grammar is `crate::policy_grammar`).
 
 use anyhow::{Context, bail};
 use zeroize::Zeroizing;
 
 use super::{api_key, now, password, secrets::Pepper};
+use crate::policy_grammar::{check_name, check_role};
 use crate::store::{ApiKeyRecord, NewApiKey, NewUser, Store, StoreError, Tenant, User};
-
-/// Tenant and user names: 1–64 of `A–Z a–z 0–9 . _ @ -`, starting with a letter or digit.
-pub fn check_name(what: &str, name: &str) -> anyhow::Result<()> {
-    let ok = (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .next()
-            .is_some_and(|b| b.is_ascii_alphanumeric())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._@-".contains(&b));
-    if !ok {
-        bail!("{what} `{name}`: use 1-64 of A-Z a-z 0-9 . _ @ -, starting with a letter or digit");
-    }
-    Ok(())
-}
-
-/// Role names: 1–64 of `a–z 0–9 . _ : * -`.
-pub fn check_role(role: &str) -> anyhow::Result<()> {
-    let ok = (1..=64).contains(&role.len())
-        && role
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._:*-".contains(&b));
-    if !ok {
-        bail!("role `{role}`: use 1-64 of a-z 0-9 . _ : * -");
-    }
-    Ok(())
-}
 
 pub struct Admin<'a> {
     pub store: &'a dyn Store,

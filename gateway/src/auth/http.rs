@@ -1,4 +1,5 @@
-//! The identity endpoints and the bearer check, as axum pieces for `app.rs` to mount:
+//! The identity endpoints and the bearer check, as axum pieces for the routers to mount
+//! (`dataplane::app`; the admin plane mounts the bearer check only):
 //! [`require_bearer`] (middleware), [`token`] (`POST /v1/auth/token`), [`revoke`]
 //! (`POST /v1/auth/revoke`) and [`jwks`] (`GET /.well-known/jwks.json`).
 //!
@@ -51,7 +52,8 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Middleware: authenticates the bearer and puts the [`super::Principal`] into the request's
-/// extensions, or answers 401 (OpenAI-shaped, with `WWW-Authenticate: Bearer`).
+/// extensions (handlers take it as an extractor), or answers 401 (OpenAI-shaped, with
+/// `WWW-Authenticate: Bearer`).
 pub async fn require_bearer(
     State(identity): State<Arc<Identity>>,
     mut req: Request,

@@ -164,7 +164,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn store_config(path: &std::path::Path) -> anyhow::Result<Config> {
     let config = Config::load_lenient(path)?;
     if nix::unistd::geteuid().is_root() {
-        let user = crate::daemon::privdrop::ServiceUser::lookup(&config.raw.server.user)?;
+        let user = crate::daemon::privdrop::ServiceUser::lookup(&config.server().user)?;
         crate::daemon::privdrop::prepare_data_dir(&config.data_dir, &user)?;
         user.become_now()?;
     }

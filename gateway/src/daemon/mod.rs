@@ -1,4 +1,4 @@
-//! The processes of `moat serve` (see the README's Processes section): the root supervisor that
+//! The processes of `moat serve` (see docs/operations.md, Processes): the root supervisor that
 //! holds eBPF, cgroups and listeners; the unprivileged worker that serves HTTP; the privilege
 //! drop between them and the control channel that joins them; and the inference-host guard
 //! daemon that runs when a host has no pools of its own.

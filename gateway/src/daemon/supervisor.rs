@@ -50,7 +50,7 @@ const STABLE: Duration = Duration::from_secs(60);
 pub fn run(config: Config) -> Result<()> {
     // A gateway that is also an inference host guards its own model ports too.
     let guard = inference_host::start_guard(&config)?;
-    let user = ServiceUser::lookup(&config.raw.server.user)?;
+    let user = ServiceUser::lookup(&config.server().user)?;
     prepare_data_dir(&config.data_dir, &user)?;
     let seg = config.segmentation();
     // Without enforcement there is no gateway cgroup to join: a daemon with segmentation off
@@ -80,13 +80,12 @@ pub fn run(config: Config) -> Result<()> {
             (None, None, GatewayIdentity::default())
         }
     };
-    let listen = config.raw.server.listen;
+    let listen = config.server().listen;
     let listener = std::net::TcpListener::bind(listen)
         .with_context(|| format!("cannot listen on {listen}"))?;
     // The admin plane gets its own listener, bound here like the data plane's.
     let admin = config
-        .raw
-        .admin
+        .admin()
         .listen
         .map(|a| {
             std::net::TcpListener::bind(a).with_context(|| format!("cannot listen on {a} (admin)"))
@@ -366,24 +365,23 @@ impl Supervisor {
 
 /// Keys the running daemon cannot change in place.
 fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
-    let (o, n) = (&old.raw, &new.raw);
-    if o.server.listen != n.server.listen {
+    if old.server().listen != new.server().listen {
         return Some("server.listen");
     }
-    if o.admin != n.admin {
+    if old.admin() != new.admin() {
         return Some("admin.listen");
     }
-    if o.server.user != n.server.user {
+    if old.server().user != new.server().user {
         return Some("server.user");
     }
     if old.data_dir != new.data_dir {
         return Some("server.data_dir");
     }
     // The worker's identity service (signing keys, caches, lifetimes) is built once at start.
-    if o.auth != n.auth {
+    if old.auth() != new.auth() {
         return Some("auth");
     }
-    let (os, ns) = (&o.segmentation, &n.segmentation);
+    let (os, ns) = (old.segmentation(), new.segmentation());
     if os.mode != ns.mode {
         return Some("segmentation.mode");
     }

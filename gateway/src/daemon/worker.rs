@@ -28,9 +28,10 @@ use crate::{
         self, ENV_ADMIN_FD, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SUPERVISOR_PID, FromWorker, ToWorker,
     },
     daemon::privdrop,
-    dataplane::app::{self, AppState},
-    dataplane::limits::Quotas,
+    dataplane::app,
     dataplane::proxy,
+    dataplane::quota::Quotas,
+    dataplane::state::{AppState, SharedState},
     metrics::KernelCounters,
 };
 
@@ -73,7 +74,7 @@ impl Shared {
 pub struct Serving {
     router: Router,
     /// For the admin plane, which judges permissions under the config in force.
-    state: app::SharedState,
+    state: SharedState,
     _health: proxy::health::HealthCheckers,
 }
 
@@ -253,7 +254,7 @@ pub async fn serve(
 /// Unprivileged single-process mode (`moat serve` as a normal user, segmentation off): the
 /// worker's data plane without a supervisor. SIGHUP re-reads the file.
 pub async fn serve_standalone(config: Config) -> Result<()> {
-    let listen = config.raw.server.listen;
+    let listen = config.server().listen;
     let path = config.path.clone();
     let listener = TcpListener::bind(listen)
         .await

@@ -1,76 +1,47 @@
-//! The data plane, assembled in one place so its order reads top to bottom (see the pipeline
-//! in the README): only documented routes exist, everything else is an OpenAI-shaped 404/405.
+//! The data-plane router and the layers around it, assembled in one place so the pipeline
+//! reads top to bottom. Only documented routes exist; everything else is an OpenAI-shaped
+//! 404/405.
 //!
 //! Public routes: health, the token endpoint, revocation, JWKS. Everything under `protected`
 //! passes the bearer check first (`auth::http::require_bearer`) and its handlers can take a
 //! `Principal` argument.
-
-use std::sync::Arc;
+//!
+//! The pipeline, numbered as in docs/data-plane.md ("What is checked before anything goes upstream"):
+//! 1. request id: span, `X-Request-Id`, access log (`request_id`);
+//! 2. announced body size (413, `body_limit`);
+//! 3. route (404) and method (405);
+//! 4. bearer (401) on `protected` routes; the principal (tenant and roles from the credential,
+//!    through the identity cache) rides along;
+//! 5. content type (415);
+//! 6. body size while reading (413);
+//! 7. strict parse and the model's caps (400; an unknown model 404), `openai::validate`;
+//! 8. authorization (403), `authz`;
+//! 9. quotas (429), `quota`;
+//! 10. a healthy host of the pool authorization chose, called (`route`, `proxy`);
+//! 11. the answer metered as it is relayed (`metered`).
+//!
+//! Steps 1–2 are the layers below, 3–4 the routing and its `route_layer`, 5–11 the inference
+//! handlers (`openai::handle`). Axum matches the route before any layer runs (so the access
+//! log can name the route pattern), but a 404/405 is answered by the fallbacks, inside layers
+//! 1 and 2: even a request to no route gets an id and the body cap.
 
 use axum::{
-    Json, Router, middleware,
-    response::IntoResponse,
+    Router,
+    extract::{Request, State},
+    http::header,
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
     routing::{get, post},
 };
-use serde_json::json;
+use tower::ServiceBuilder;
 
 use crate::{
-    auth::{Identity, Principal, http as auth_http},
-    config::Config,
-    dataplane::authz,
-    dataplane::health,
-    dataplane::limits::Quotas,
-    dataplane::openai,
-    dataplane::proxy::Upstreams,
-    dataplane::request_id,
-    dataplane::route::Pools,
+    auth::http as auth_http,
+    dataplane::{health, openai, request_id, state::SharedState},
     error::ApiError,
 };
 
-/// What every handler can reach.
-pub struct AppState {
-    pub config: Config,
-    pub identity: Arc<Identity>,
-    /// Live routing state of every pool (outstanding requests, health, ejection).
-    pub pools: Pools,
-    /// Every pool's upstream client and request settings.
-    pub upstreams: Upstreams,
-    /// Quota counters: shared across reloads (owned by the worker's `Shared`).
-    pub quotas: Arc<Quotas>,
-}
-
-impl AppState {
-    pub fn new(
-        config: Config,
-        identity: Arc<Identity>,
-        quotas: Arc<Quotas>,
-    ) -> anyhow::Result<Self> {
-        let pools = Pools::from_config(&config);
-        let upstreams = Upstreams::from_config(&config)?;
-        Ok(Self {
-            config,
-            identity,
-            pools,
-            upstreams,
-            quotas,
-        })
-    }
-}
-
-pub type SharedState = Arc<AppState>;
-
-/// Builds the data-plane router. Layers run outside-in, so the pipeline reads:
-/// 1. request id (span, `X-Request-Id`, access log) — outermost, so even a 404 carries one
-/// 2. body size limit on the announced length (413)
-/// 3. routing: only the routes below exist (404/405 otherwise)
-/// 4. `protected` routes: bearer authentication (401) before any handler runs; the principal
-///    (tenant and roles from the credential, through the identity cache) rides along
-/// 5. inference handlers (`openai::handle`, in this order): content type (415), body read
-///    under the cap (413), strict parse and caps (400/404); authorize (`authz`: model and
-///    provider permissions, `logprobs`, the tenant's routing — 403); quotas (`limits`: 429
-///    with `Retry-After`); then `proxy`: a healthy host of the pool authorization chose, the
-///    upstream call with the pool's credential, the answer relayed as it streams and metered
-///    (`limits::Metered`: usage reconciled, slots released, ended on revocation)
+/// Builds the data-plane router (the steps are those of the module docs).
 pub fn router(state: SharedState) -> Router {
     let identity = state.identity.clone();
     let auth_routes = Router::new()
@@ -78,9 +49,10 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/auth/revoke", post(auth_http::revoke))
         .route("/.well-known/jwks.json", get(auth_http::jwks))
         .with_state(identity.clone());
-    // Every route here requires a valid bearer (API key or access token).
+    // 4. Every route here requires a valid bearer (API key or access token); `route_layer`, so
+    // a wrong method is still a 405, not a 401.
     let protected = Router::new()
-        .route("/v1/models", get(models))
+        .route("/v1/models", get(openai::models))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/embeddings", post(openai::embeddings))
@@ -94,23 +66,95 @@ pub fn router(state: SharedState) -> Router {
         .merge(protected)
         .with_state(state.clone())
         .merge(auth_routes)
+        // 3.
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
-        .layer(middleware::from_fn_with_state(state, openai::body_limit))
-        .layer(middleware::from_fn(request_id::layer))
+        // Around every route and both fallbacks; runs top to bottom.
+        .layer(
+            ServiceBuilder::new()
+                // 1. Outermost, so even a 404 or a 413 carries an id.
+                .layer(middleware::from_fn(request_id::layer))
+                // 2.
+                .layer(middleware::from_fn_with_state(state, body_limit)),
+        )
 }
 
-/// `GET /v1/models`: only the models the caller may use, as its tenant would be routed.
-async fn models(
-    axum::extract::State(state): axum::extract::State<SharedState>,
-    principal: Principal,
-) -> impl IntoResponse {
-    let perms = authz::Permissions::of(&state.config, &principal.roles);
-    let data: Vec<_> = authz::visible_models(&state.config, &principal.tenant, &perms)
-        .into_iter()
-        .map(|(name, route)| {
-            json!({"id": name, "object": "model", "created": 0, "owned_by": route.provider})
-        })
-        .collect();
-    Json(json!({"object": "list", "data": data}))
+/// Step 2: a body announced larger than the cap is refused before anything else runs (bodies
+/// without a length are capped while being read, step 6 in `openai`).
+async fn body_limit(State(state): State<SharedState>, req: Request, next: Next) -> Response {
+    let limit = state.config.server().max_body_bytes;
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limit as u64) {
+        return ApiError::payload_too_large(limit).into_response();
+    }
+    next.run(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::{body::Body, http::Request};
+    use std::sync::Arc;
+
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::{auth::Identity, config::Config, dataplane::state::AppState};
+
+    /// The order of the checks, as a client sees it: the body cap (413) before the route
+    /// (404/405) and the bearer (401), the bearer before the content type (415).
+    #[tokio::test]
+    async fn checks_answer_in_pipeline_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::from_str(
+            &dir.path().join("moat.toml"),
+            &format!(
+                "[server]\ndata_dir = \"{}\"\nmax_body_bytes = 16\n\
+                 [pools.p]\nhosts = [\"127.0.0.1:1\"]\n[models.m]\npool = \"p\"\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let identity = Identity::open(&config).unwrap();
+        let state = AppState::new(config, identity, Arc::default()).unwrap();
+        let app = router(Arc::new(state));
+        let send =
+            |method: &'static str, path: &'static str, ctype: &'static str, body: &'static str| {
+                let req = Request::builder()
+                    .method(method)
+                    .uri(path)
+                    .header("content-type", ctype)
+                    .header("content-length", body.len())
+                    .body(Body::from(body))
+                    .unwrap();
+                let app = app.clone();
+                async move {
+                    let resp = app.oneshot(req).await.unwrap();
+                    assert!(resp.headers().contains_key("x-request-id"), "{path}");
+                    let status = resp.status().as_u16();
+                    let body = axum::body::to_bytes(resp.into_body(), 1 << 16).await;
+                    let body: serde_json::Value = serde_json::from_slice(&body.unwrap()).unwrap();
+                    if status != 200 {
+                        assert!(body["error"]["message"].is_string(), "{path}: {body}");
+                    }
+                    status
+                }
+            };
+        let big = "{\"model\": \"m\", \"messages\": []}";
+        let json = "application/json";
+        assert_eq!(send("POST", "/v1/chat/completions", json, big).await, 413);
+        assert_eq!(send("POST", "/v1/nope", json, big).await, 413);
+        assert_eq!(send("GET", "/v1/chat/completions", json, big).await, 413);
+        assert_eq!(send("GET", "/v1/chat/completions", json, "").await, 405);
+        assert_eq!(send("POST", "/v1/nope", json, "{}").await, 404);
+        assert_eq!(send("POST", "/v1/chat/completions", json, "{}").await, 401);
+        assert_eq!(
+            send("POST", "/v1/chat/completions", "text/plain", "{}").await,
+            401
+        );
+        assert_eq!(send("GET", "/healthz", json, "").await, 200);
+    }
 }

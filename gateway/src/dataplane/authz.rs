@@ -1,8 +1,12 @@
 //! Authorization and tenancy: what a principal may use and where its traffic may go.
 //!
-//! Owns the permission grammar, the check of the `[roles]`, `[tenants]`, `dedicated_to`,
-//! `external` and `tenant_pools` rules when a config loads, the per-request decision (model
-//! permission + provider permission + tenant routing), and the `/v1/models` filter.
+//! Owns the per-request decision (model permission + provider permission + which pool the
+//! tenant's request goes to) and the `/v1/models` filter. The permission grammar lives in
+//! `policy_grammar`; the config load checks `[roles]`, `[tenants]`, `dedicated_to`, `external`
+//! and `tenant_pools` (`config::validate`), so the decision here can trust them.
+//!
+//! "Pool choice" here is which pool serves a tenant's model; which host of that pool takes the
+//! request is `dataplane::route`'s.
 //!
 //! Roles are config; a principal's role names come from the store (the user's roles narrowed
 //! by its key's) through the identity cache, which is invalidated whenever a key or user
@@ -10,55 +14,17 @@
 //! takes effect on the next request once the change reached this process.
 //!
 //! Deny by default: a role the config does not define grants nothing; a model needs both
-//! `model:<name>` (or `model:*`) and `inference:<provider>` (or `inference:*`) of the pool the
-//! caller's tenant would be routed to.
+//! `model:<name>` (or `model:*`) and `inference:<provider>` (or `inference:*`) of the
+//! pool chosen for the caller's tenant.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{
     auth::Principal,
-    config::{Config, Quota, RawConfig},
+    config::Config,
     error::ApiError,
+    policy_grammar::{ADMIN_PERMISSIONS, Permission},
 };
-
-/// Admin permissions (for the admin plane).
-pub const ADMIN_PERMISSIONS: &[&str] = &[
-    "admin:keys",
-    "admin:users",
-    "admin:tenants",
-    "admin:policy",
-    "audit:read",
-];
-
-/// One permission, as written in a role.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Permission {
-    /// `inference:<provider>` / `inference:*`: may send inference to pools of that provider.
-    Inference(Option<String>),
-    /// `model:<name>` / `model:*`.
-    Model(Option<String>),
-    /// `logprobs`: may ask for `logprobs`, `top_logprobs` and `logit_bias`.
-    Logprobs,
-    /// `admin:keys`, …, `audit:read`, or `admin:*` (all of them).
-    Admin(String),
-}
-
-impl Permission {
-    pub fn parse(s: &str) -> Result<Permission, String> {
-        let wild = |v: &str| (v != "*").then(|| v.to_owned());
-        match s.split_once(':') {
-            Some(("inference", p)) if !p.is_empty() => Ok(Self::Inference(wild(p))),
-            Some(("model", m)) if !m.is_empty() => Ok(Self::Model(wild(m))),
-            _ if s == "logprobs" => Ok(Self::Logprobs),
-            _ if s == "admin:*" || ADMIN_PERMISSIONS.contains(&s) => Ok(Self::Admin(s.to_owned())),
-            _ => Err(format!(
-                "unknown permission `{s}` (known: inference:<provider>, inference:*, \
-                 model:<name>, model:*, logprobs, admin:*, {})",
-                ADMIN_PERMISSIONS.join(", ")
-            )),
-        }
-    }
-}
 
 /// The union of a principal's roles' permissions.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -76,7 +42,7 @@ impl Permissions {
     pub fn of(config: &Config, roles: &[String]) -> Permissions {
         let mut p = Permissions::default();
         for role in roles {
-            let Some(r) = config.raw.roles.get(role) else {
+            let Some(r) = config.roles().get(role) else {
                 continue;
             };
             // Checked at load, so parsing cannot fail here; skipping is still deny.
@@ -132,46 +98,46 @@ impl Permissions {
     }
 }
 
-/// Where a request of a tenant for a model goes, if anywhere.
+/// The pool a request of a tenant for a model goes to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Route {
+pub struct PoolChoice {
     pub pool: String,
     pub provider: String,
 }
 
 /// The pool that serves `model` to `tenant`: a dedicated tenant only its own pool (never the
 /// shared one), a local-only tenant never an external pool. `None`: not served to it.
-pub fn route(config: &Config, tenant: &str, model: &str) -> Option<Route> {
-    let m = config.raw.models.get(model)?;
-    let t = config.raw.tenants.get(tenant);
+pub fn choose_pool(config: &Config, tenant: &str, model: &str) -> Option<PoolChoice> {
+    let m = config.models().get(model)?;
+    let t = config.tenants().get(tenant);
     let pool = if t.is_some_and(|t| t.dedicated) {
         m.tenant_pools.get(tenant)?
     } else {
         &m.pool
     };
-    let raw = config.raw.pools.get(pool)?;
+    let p = config.pools.get(pool)?;
     // Belt and braces: the load refuses configs where these could fail.
-    if raw.dedicated_to.as_deref().is_some_and(|d| d != tenant) {
+    if p.dedicated_to.as_deref().is_some_and(|d| d != tenant) {
         return None;
     }
-    if raw.external && t.is_some_and(|t| t.local_only) {
+    if p.external && t.is_some_and(|t| t.local_only) {
         return None;
     }
-    Some(Route {
+    Some(PoolChoice {
         pool: pool.clone(),
-        provider: raw.provider.clone(),
+        provider: p.provider.clone(),
     })
 }
 
-/// Why a principal may not use a model, or where it goes.
+/// Why a principal may not use a model, or the pool it goes to.
 pub fn authorize(
     config: &Config,
     principal: &Principal,
     perms: &Permissions,
     model: &str,
     wants_logprobs: bool,
-) -> Result<Route, ApiError> {
-    let Some(route) = route(config, &principal.tenant, model) else {
+) -> Result<PoolChoice, ApiError> {
+    let Some(choice) = choose_pool(config, &principal.tenant, model) else {
         return Err(forbidden(format!(
             "the model `{model}` is not available to your tenant"
         )));
@@ -181,10 +147,10 @@ pub fn authorize(
             "you lack permission `model:{model}` for this model"
         )));
     }
-    if !perms.provider(&route.provider) {
+    if !perms.provider(&choice.provider) {
         return Err(forbidden(format!(
             "you lack permission `inference:{}` for this model's provider",
-            route.provider
+            choice.provider
         )));
     }
     if wants_logprobs && !perms.logprobs {
@@ -193,7 +159,7 @@ pub fn authorize(
         )
         .with_param("logprobs"));
     }
-    Ok(route)
+    Ok(choice)
 }
 
 fn forbidden(message: impl Into<String>) -> ApiError {
@@ -205,119 +171,16 @@ pub fn visible_models<'c>(
     config: &'c Config,
     tenant: &str,
     perms: &Permissions,
-) -> Vec<(&'c str, Route)> {
+) -> Vec<(&'c str, PoolChoice)> {
     config
-        .raw
-        .models
+        .models()
         .keys()
         .filter(|m| perms.model(m))
         .filter_map(|m| {
-            let r = route(config, tenant, m)?;
+            let r = choose_pool(config, tenant, m)?;
             perms.provider(&r.provider).then_some((m.as_str(), r))
         })
         .collect()
-}
-
-/// Checks roles, tenants, dedicated pools and quotas at load. Errors carry the dotted key.
-pub fn check_config(raw: &RawConfig) -> Result<(), (String, String)> {
-    for (name, role) in &raw.roles {
-        crate::auth::admin::check_role(name)
-            .map_err(|e| (format!("roles.{name}"), e.to_string()))?;
-        for (i, p) in role.permissions.iter().enumerate() {
-            let key = format!("roles.{name}.permissions[{i}]");
-            match Permission::parse(p).map_err(|r| (key.clone(), r))? {
-                Permission::Model(Some(m)) if !raw.models.contains_key(&m) => {
-                    return Err((key, format!("no model named `{m}`")));
-                }
-                _ => {}
-            }
-        }
-    }
-    for (name, pool) in &raw.pools {
-        if let Some(t) = &pool.dedicated_to {
-            let key = format!("pools.{name}.dedicated_to");
-            match raw.tenants.get(t) {
-                Some(tc) if tc.dedicated => {}
-                _ => {
-                    return Err((
-                        key,
-                        format!("tenant `{t}` is not marked `dedicated` in [tenants.{t}]"),
-                    ));
-                }
-            }
-            if pool.external && raw.tenants[t].local_only {
-                return Err((
-                    format!("pools.{name}.external"),
-                    format!("tenant `{t}` is `local_only`: its dedicated pool cannot be external"),
-                ));
-            }
-        }
-    }
-    for (name, model) in &raw.models {
-        if let Some(owner) = raw
-            .pools
-            .get(&model.pool)
-            .and_then(|p| p.dedicated_to.as_ref())
-        {
-            return Err((
-                format!("models.{name}.pool"),
-                format!(
-                    "pool `{}` is dedicated to tenant `{owner}`; a model's shared pool must not be \
-                     dedicated (use `tenant_pools.{owner}`)",
-                    model.pool
-                ),
-            ));
-        }
-        for (tenant, pool) in &model.tenant_pools {
-            let key = format!("models.{name}.tenant_pools.{tenant}");
-            if !raw.tenants.get(tenant).is_some_and(|t| t.dedicated) {
-                return Err((
-                    key,
-                    format!("tenant `{tenant}` is not marked `dedicated` in [tenants.{tenant}]"),
-                ));
-            }
-            let Some(p) = raw.pools.get(pool) else {
-                return Err((key, format!("no pool named `{pool}`")));
-            };
-            if p.dedicated_to.as_deref() != Some(tenant.as_str()) {
-                return Err((
-                    key,
-                    format!(
-                        "pool `{pool}` is not dedicated to `{tenant}` (set `dedicated_to = \"{tenant}\"` on it)"
-                    ),
-                ));
-            }
-        }
-    }
-    let check_quota = |key: &str, q: &Quota| -> Result<(), (String, String)> {
-        for (k, v) in [
-            ("requests_per_minute", q.requests_per_minute),
-            ("tokens_per_minute", q.tokens_per_minute),
-            ("concurrent_requests", q.concurrent_requests),
-            ("concurrent_streams", q.concurrent_streams),
-        ] {
-            if v == Some(0) {
-                return Err((
-                    format!("{key}.{k}"),
-                    "must be at least 1 (omit it for no limit)".into(),
-                ));
-            }
-        }
-        Ok(())
-    };
-    check_quota("quotas.tenant", &raw.quotas.tenant)?;
-    check_quota("quotas.key", &raw.quotas.key)?;
-    for (name, t) in &raw.tenants {
-        crate::auth::admin::check_name("tenant", name)
-            .map_err(|e| (format!("tenants.{name}"), e.to_string()))?;
-        if let Some(q) = &t.quota {
-            check_quota(&format!("tenants.{name}.quota"), q)?;
-        }
-        if let Some(q) = &t.key_quota {
-            check_quota(&format!("tenants.{name}.key_quota"), q)?;
-        }
-    }
-    Ok(())
 }
 
 /// What the store-independent policy says about a set of roles in a tenant (admin plane,
@@ -434,7 +297,7 @@ permissions = ["model:*", "inference:*", "logprobs"]
     }
 
     #[test]
-    fn tenants_are_routed_apart() {
+    fn tenants_get_their_own_pools() {
         let c = config("").unwrap();
         assert_eq!(
             decide(&c, "acme", &["all"], "chat", false),
@@ -459,43 +322,5 @@ permissions = ["model:*", "inference:*", "logprobs"]
         };
         assert_eq!(names("acme"), ["chat"]);
         assert_eq!(names("beta"), ["big", "chat"]);
-    }
-
-    #[test]
-    fn violating_configs_are_refused() {
-        for (extra, key) in [
-            (
-                "[pools.x]\nhosts=[\"127.0.0.1:9\"]\ndedicated_to = \"lab\"\n",
-                "pools.x.dedicated_to",
-            ),
-            ("[models.m]\npool = \"acme-gpu\"\n", "models.m.pool"),
-            (
-                "[models.m]\npool = \"shared\"\ntenant_pools = { lab = \"shared\" }\n",
-                "models.m.tenant_pools.lab",
-            ),
-            (
-                "[models.m]\npool = \"shared\"\ntenant_pools = { acme = \"shared\" }\n",
-                "models.m.tenant_pools.acme",
-            ),
-            (
-                "[pools.x]\nhosts=[\"127.0.0.1:9\"]\ndedicated_to = \"acme\"\nexternal = true\n",
-                "pools.x.external",
-            ),
-            (
-                "[roles.r]\npermissions = [\"model:gpt\"]\n",
-                "roles.r.permissions[0]",
-            ),
-            (
-                "[roles.r]\npermissions = [\"root\"]\n",
-                "roles.r.permissions[0]",
-            ),
-            (
-                "[quotas.key]\nrequests_per_minute = 0\n",
-                "quotas.key.requests_per_minute",
-            ),
-        ] {
-            let e = config(extra).expect_err(extra);
-            assert!(e.contains(key), "{extra}: {e}");
-        }
     }
 }

@@ -1,7 +1,8 @@
-//! `/healthz` (the process answers) and `/readyz` (it can do its job: the store answers, every
-//! pool has a host that passed an active health check and is not ejected, and segmentation is
-//! in the state the config demands). Both are unauthenticated and say nothing secret: pool and host names as
-//! configured, counts, and the segmentation mode.
+//! `/healthz` (the process answers) and `/readyz` (it can do its job: the store answers and
+//! every pool has a host that passed an active health check and is not ejected). `/readyz` also
+//! reports the segmentation mode; with `enforce` the supervisor starts the worker only once
+//! the hooks are in place, so a worker that answers is enforced. Both are unauthenticated and
+//! say nothing secret: pool and host names as configured, counts, and the segmentation mode.
 
 use axum::{
     Json,
@@ -11,7 +12,7 @@ use axum::{
 };
 use serde_json::json;
 
-use crate::{config::SegmentationMode, dataplane::app::SharedState};
+use crate::{config::SegmentationMode, dataplane::state::SharedState};
 
 pub async fn healthz() -> Response {
     Json(json!({"status": "ok"})).into_response()

@@ -1,13 +1,16 @@
-//! The request pipeline of the worker (see the README's Data plane section): the router and
-//! its layers (`app`), OpenAI request handling (`openai`), authorization and pool choice
-//! (`authz`), quotas (`limits`), host choice within a pool (`route`), the upstream proxy
-//! (`proxy`), health endpoints and request ids.
+//! The request pipeline of the worker (see docs/data-plane.md): the router and
+//! its layers (`app`), the state every handler reaches (`state`), the OpenAI endpoints
+//! (`openai`), authorization and pool choice (`authz`), quotas (`quota`), host choice within a
+//! pool (`route`), the upstream proxy (`proxy`), the metering of answers (`metered`), health
+//! endpoints and request ids.
 
 pub mod app;
 pub mod authz;
 pub mod health;
-pub mod limits;
+pub mod metered;
 pub mod openai;
 pub mod proxy;
+pub mod quota;
 pub mod request_id;
 pub mod route;
+pub mod state;

@@ -12,12 +12,12 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use serde::Serialize;
 
-use crate::config::{Config, PoolConfig};
+use crate::config::{Config, Ejection};
 
 /// All pools by name.
 pub struct Pools {
@@ -30,7 +30,6 @@ impl Pools {
             .pools
             .values()
             .map(|p| {
-                let raw = &config.raw.pools[&p.name];
                 let hosts = p
                     .hosts
                     .iter()
@@ -48,7 +47,7 @@ impl Pools {
                     name: p.name.clone(),
                     hosts,
                     next: AtomicUsize::new(0),
-                    ejection: Ejection::from(raw),
+                    ejection: p.ejection,
                 };
                 (p.name.clone(), Arc::new(pool))
             })
@@ -62,23 +61,6 @@ impl Pools {
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Pool>> {
         self.pools.values()
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Ejection {
-    after_failures: u32,
-    base: Duration,
-    max: Duration,
-}
-
-impl From<&PoolConfig> for Ejection {
-    fn from(p: &PoolConfig) -> Self {
-        Self {
-            after_failures: p.eject_after_failures,
-            base: Duration::from_millis(p.eject_base_ms),
-            max: Duration::from_millis(p.eject_max_ms),
-        }
     }
 }
 

@@ -85,7 +85,7 @@ pub fn validate(endpoint: Endpoint, bytes: &[u8], config: &Config) -> Result<Val
         Some(_) => return Err(bad("model", "`model` must be a string")),
         None => return Err(bad("model", "`model` is required")),
     };
-    let Some(model_config) = config.raw.models.get(&model) else {
+    let Some(model_config) = config.models().get(&model) else {
         return Err(
             ApiError::not_found(format!("the model `{model}` does not exist"))
                 .with_param("model")
@@ -381,44 +381,41 @@ fn logit_bias(v: &Value) -> Result<()> {
     }
 }
 
+/// A type check: `ok`, or a 400 saying what `name` must be.
+fn must_be(name: &str, ok: bool, what: &str) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(bad(name, format!("`{name}` must be {what}")))
+    }
+}
+
 fn boolean(name: &str, v: &Value) -> Result<()> {
-    v.as_bool()
-        .map(|_| ())
-        .ok_or_else(|| bad(name, format!("`{name}` must be a boolean")))
+    must_be(name, v.is_boolean(), "a boolean")
 }
 
 fn string(name: &str, v: &Value) -> Result<()> {
-    v.as_str()
-        .map(|_| ())
-        .ok_or_else(|| bad(name, format!("`{name}` must be a string")))
+    must_be(name, v.is_string(), "a string")
 }
 
 fn array(name: &str, v: &Value) -> Result<()> {
-    v.as_array()
-        .map(|_| ())
-        .ok_or_else(|| bad(name, format!("`{name}` must be an array")))
+    must_be(name, v.is_array(), "an array")
 }
 
 fn object(name: &str, v: &Value) -> Result<()> {
-    v.as_object()
-        .map(|_| ())
-        .ok_or_else(|| bad(name, format!("`{name}` must be an object")))
+    must_be(name, v.is_object(), "an object")
 }
 
 fn string_or_object(name: &str, v: &Value) -> Result<()> {
-    if v.is_string() || v.is_object() {
-        Ok(())
-    } else {
-        Err(bad(name, format!("`{name}` must be a string or an object")))
-    }
+    must_be(
+        name,
+        v.is_string() || v.is_object(),
+        "a string or an object",
+    )
 }
 
 fn integer(name: &str, v: &Value) -> Result<()> {
-    if v.is_i64() || v.is_u64() {
-        Ok(())
-    } else {
-        Err(bad(name, format!("`{name}` must be an integer")))
-    }
+    must_be(name, v.is_i64() || v.is_u64(), "an integer")
 }
 
 fn int_in(name: &str, v: &Value, min: u64, max: u64) -> Result<()> {

@@ -25,7 +25,7 @@ use hyper_util::{
     rt::{TokioExecutor, TokioTimer},
 };
 
-use crate::config::{Pool, PoolConfig};
+use crate::config::Pool;
 
 pub type HttpClient = Client<HttpsConnector<HttpConnector<StaticResolver>>, Full<Bytes>>;
 
@@ -60,7 +60,7 @@ pub fn host_part(entry: &str) -> &str {
         .unwrap_or(host)
 }
 
-pub fn build(pool: &Pool, raw: &PoolConfig) -> anyhow::Result<HttpClient> {
+pub fn build(pool: &Pool) -> anyhow::Result<HttpClient> {
     let names = pool
         .hosts
         .iter()
@@ -70,7 +70,7 @@ pub fn build(pool: &Pool, raw: &PoolConfig) -> anyhow::Result<HttpClient> {
     let mut http = HttpConnector::new_with_resolver(StaticResolver(Arc::new(names)));
     http.enforce_http(false);
     http.set_nodelay(true);
-    http.set_connect_timeout(Some(Duration::from_millis(raw.connect_timeout_ms)));
+    http.set_connect_timeout(Some(pool.timeouts.connect));
     http.set_keepalive(Some(Duration::from_secs(30)));
 
     let mut roots = rustls::RootCertStore::empty();

@@ -59,23 +59,22 @@ impl Upstreams {
     pub fn from_config(config: &Config) -> anyhow::Result<Self> {
         let mut map = BTreeMap::new();
         for pool in config.pools.values() {
-            let raw = &config.raw.pools[&pool.name];
             let credential = pool
                 .credential
                 .as_ref()
                 .map(|c| headers::bearer(c.expose()))
                 .transpose()?;
             let up = Upstream {
-                client: client::build(pool, raw)?,
-                scheme: if raw.tls { "https" } else { "http" },
+                client: client::build(pool)?,
+                scheme: if pool.tls { "https" } else { "http" },
                 authorities: pool.hosts.clone(),
                 credential,
-                first_byte: Duration::from_millis(raw.first_byte_timeout_ms),
-                idle: Duration::from_millis(raw.idle_timeout_ms),
-                max_attempts: raw.max_attempts,
-                health_path: raw.health_path.clone(),
-                health_interval: Duration::from_millis(raw.health_interval_ms),
-                health_timeout: Duration::from_millis(raw.health_timeout_ms),
+                first_byte: pool.timeouts.first_byte,
+                idle: pool.timeouts.idle,
+                max_attempts: pool.max_attempts,
+                health_path: pool.health.path.clone(),
+                health_interval: pool.health.interval,
+                health_timeout: pool.health.timeout,
             };
             map.insert(pool.name.clone(), Arc::new(up));
         }

@@ -1,9 +1,6 @@
-//! Quotas, per key and per tenant, and the metering of each answer.
-//!
-//! Owns the live counters (they outlive config reloads: the worker keeps one [`Quotas`] in its
-//! `Shared`), the admission decision, and [`Metered`], the answer body that reconciles the
-//! token reservation with the upstream's reported usage, releases the concurrency slots when
-//! the answer ends, and ends the answer when its principal's credential is revoked.
+//! Quotas, per key and per tenant: the live counters (they outlive config reloads: the worker
+//! keeps one [`Quotas`] in its `Shared`), the admission decision, and the [`Ticket`] an admitted
+//! request holds until its answer ends (the answer's metering is `metered`).
 //!
 //! - requests per minute and tokens per minute over a sliding minute (a log of charges, so
 //!   `Retry-After` says exactly when enough of the window will have expired);
@@ -16,28 +13,19 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    future::Future,
-    pin::Pin,
     sync::{Arc, Mutex},
-    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
-use axum::{body::Body, http::StatusCode, response::Response};
-use bytes::{Bytes, BytesMut};
-use http_body::Frame;
+use axum::http::StatusCode;
 
 use crate::{
-    auth::{Identity, Principal},
+    auth::Principal,
     config::{Config, Quota},
     error::ApiError,
 };
 
 const WINDOW: Duration = Duration::from_secs(60);
-/// How often an open answer checks whether its credential was revoked.
-const REVOCATION_CHECK: Duration = Duration::from_millis(100);
-/// Most of a non-streamed answer kept to read its `usage` from.
-const USAGE_SCAN_LIMIT: usize = 4 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Subject {
@@ -146,8 +134,8 @@ impl Quotas {
         ask: Ask,
     ) -> Result<Ticket, ApiError> {
         let t = config.tenant(&p.tenant);
-        let tenant_q = t.quota.unwrap_or(config.raw.quotas.tenant);
-        let key_q = t.key_quota.unwrap_or(config.raw.quotas.key);
+        let tenant_q = t.quota.unwrap_or(config.quotas().tenant);
+        let key_q = t.key_quota.unwrap_or(config.quotas().key);
         // A password login has no key: its user is the subject, so logging in again does
         // not buy a fresh quota.
         let key = p
@@ -254,191 +242,6 @@ impl Drop for Ticket {
                 map.remove(s);
             }
         }
-    }
-}
-
-/// Wraps an answer: refunds a failed attempt at once; otherwise meters the body (see
-/// [`Metered`]).
-pub fn meter(
-    resp: Response,
-    ticket: Ticket,
-    identity: Arc<Identity>,
-    principal: Principal,
-) -> Response {
-    if !resp.status().is_success() {
-        ticket.refund();
-        return resp;
-    }
-    let sse = resp
-        .headers()
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
-    let (parts, body) = resp.into_parts();
-    let generation = identity.generation();
-    let metered = Metered {
-        inner: body,
-        ticket: Some(ticket),
-        sse,
-        scan: BytesMut::new(),
-        usage: None,
-        identity,
-        principal,
-        generation,
-        check: None,
-        // Only streams can stay open long enough to need a clock; a JSON answer checks the
-        // generation whenever it moves.
-        tick: sse.then(|| {
-            tokio::time::interval_at(
-                tokio::time::Instant::now() + REVOCATION_CHECK,
-                REVOCATION_CHECK,
-            )
-        }),
-        done: false,
-    };
-    Response::from_parts(parts, Body::new(metered))
-}
-
-type Check = Pin<Box<dyn Future<Output = bool> + Send>>;
-
-/// An answer on its way to the client: reads the `usage` it reports (the last SSE event that
-/// carries one, or the JSON body) to reconcile the ticket when it ends, holds the ticket's
-/// slots until then, and ends it early if the principal's credential is revoked meanwhile.
-/// Nothing it reads is logged.
-pub struct Metered {
-    inner: Body,
-    ticket: Option<Ticket>,
-    sse: bool,
-    /// SSE: the current partial line; JSON: the body so far (capped).
-    scan: BytesMut,
-    usage: Option<u64>,
-    identity: Arc<Identity>,
-    principal: Principal,
-    generation: u64,
-    check: Option<Check>,
-    tick: Option<tokio::time::Interval>,
-    done: bool,
-}
-
-impl Metered {
-    fn observe(&mut self, chunk: &Bytes) {
-        if !self.sse {
-            if self.scan.len() + chunk.len() <= USAGE_SCAN_LIMIT {
-                self.scan.extend_from_slice(chunk);
-            }
-            return;
-        }
-        self.scan.extend_from_slice(chunk);
-        while let Some(i) = self.scan.iter().position(|b| *b == b'\n') {
-            let line = self.scan.split_to(i + 1);
-            if let Some(data) = line.strip_prefix(b"data:")
-                && memchr_usage(data)
-                && let Some(u) = total_tokens(data)
-            {
-                self.usage = Some(u);
-            }
-        }
-        // A line longer than the scan limit carries no usage worth keeping.
-        if self.scan.len() > USAGE_SCAN_LIMIT {
-            self.scan.clear();
-        }
-    }
-
-    fn finish(&mut self) {
-        if !self.sse && self.usage.is_none() {
-            self.usage = total_tokens(&self.scan);
-        }
-        if let (Some(t), Some(u)) = (self.ticket.take(), self.usage) {
-            t.reconcile(u);
-        }
-        // Without a reported usage the reservation stands (the conservative charge).
-    }
-
-    /// Whether the credential was found revoked (polls the pending check).
-    fn revoked(&mut self, cx: &mut Context<'_>) -> bool {
-        if let Some(t) = &mut self.tick {
-            while t.poll_tick(cx).is_ready() {}
-        }
-        if self.check.is_none() {
-            let g = self.identity.generation();
-            if g == self.generation {
-                return false;
-            }
-            self.generation = g;
-            let identity = self.identity.clone();
-            let p = self.principal.clone();
-            self.check = Some(Box::pin(async move { identity.still_valid(&p).await }));
-        }
-        match self.check.as_mut().map(|c| c.as_mut().poll(cx)) {
-            Some(Poll::Ready(valid)) => {
-                self.check = None;
-                !valid
-            }
-            _ => false,
-        }
-    }
-}
-
-fn memchr_usage(data: &[u8]) -> bool {
-    data.windows(7).any(|w| w == b"\"usage\"")
-}
-
-fn total_tokens(json: &[u8]) -> Option<u64> {
-    let v: serde_json::Value = serde_json::from_slice(json.trim_ascii()).ok()?;
-    v.get("usage")?.get("total_tokens")?.as_u64()
-}
-
-impl http_body::Body for Metered {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        let this = &mut *self;
-        if this.done {
-            return Poll::Ready(None);
-        }
-        if this.revoked(cx) {
-            this.done = true;
-            tracing::info!(
-                key_id = this.principal.key_id.as_deref().unwrap_or("-"),
-                user = %this.principal.username,
-                "credential revoked: open answer ended"
-            );
-            // The charge stands (a generation was running); the slots are freed now.
-            this.ticket = None;
-            if this.sse {
-                let e = ApiError::unauthorized("the credential was revoked");
-                let event = format!("data: {}\n\n", e.body());
-                return Poll::Ready(Some(Ok(Frame::data(Bytes::from(event)))));
-            }
-            return Poll::Ready(Some(Err(axum::Error::new("credential revoked"))));
-        }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(d) = frame.data_ref() {
-                    this.observe(d);
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                // Broken mid-answer: a generation ran, so the reservation stands.
-                this.ticket = None;
-                Poll::Ready(Some(Err(e)))
-            }
-            Poll::Ready(None) => {
-                this.finish();
-                this.done = true;
-                Poll::Ready(None)
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done
     }
 }
 

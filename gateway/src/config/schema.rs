@@ -1,0 +1,390 @@
+//! The file as written: the serde structs every table is read into, and their defaults.
+//!
+//! Every table refuses keys it does not know. Tables whose keys are all optional read missing
+//! keys from their `Default` impl; the others name a `default_*` function per key. Nothing here
+//! checks values: that is [`super::validate`]'s job.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
+
+use serde::Deserialize;
+
+/// The file as written; every table may be left out.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub server: ServerConfig,
+    pub pools: BTreeMap<String, PoolConfig>,
+    pub models: BTreeMap<String, ModelConfig>,
+    pub segmentation: SegmentationConfig,
+    pub auth: AuthConfig,
+    /// Named sets of permissions (`authz`).
+    pub roles: BTreeMap<String, RoleConfig>,
+    /// Tenancy policy by tenant name (tenants themselves live in the store).
+    pub tenants: BTreeMap<String, TenantConfig>,
+    /// Default quotas, for tenants without their own.
+    pub quotas: QuotasConfig,
+    pub admin: AdminConfig,
+}
+
+/// `[server]`: the data plane's listener and the worker's user and data. A key left out takes
+/// its value from [`ServerConfig::default`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Data-plane listener.
+    pub listen: SocketAddr,
+    /// Directory for the store and secrets; relative paths are taken from the config's folder.
+    pub data_dir: PathBuf,
+    /// The unprivileged user the worker runs as.
+    pub user: String,
+    /// Largest request body the data plane reads; larger ones get 413 before any parsing.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("/var/lib/moat"),
+            user: "moat".to_owned(),
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// A set of inference hosts that serve the same models.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Provider label, used by `inference:<provider>` permissions (e.g. `local`, `external`).
+    #[serde(default = "default_provider")]
+    pub provider: String,
+    /// `host:port` entries; host names are resolved when the config loads.
+    pub hosts: Vec<String>,
+    /// Whether the kernel reserves these hosts for the gateway. Opt out for an external
+    /// provider that other services on this host also use; the gateway may still reach it.
+    #[serde(default = "default_true")]
+    pub protect: bool,
+    /// Speak TLS (rustls) to the hosts; the server name is the host as written.
+    #[serde(default)]
+    pub tls: bool,
+    /// PEM bundle of the CAs that may sign the hosts' certificates (with `tls`); without it,
+    /// the webpki roots are trusted.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Environment variable holding the credential sent upstream as `Authorization: Bearer`.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// File holding that credential instead (first line; relative to the config's folder).
+    #[serde(default)]
+    pub api_key_file: Option<PathBuf>,
+    /// TCP (and TLS) connect timeout per attempt.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// From the request being sent to the response head arriving. A non-streamed completion
+    /// only answers when it is done, so this bounds a whole generation.
+    #[serde(default = "default_first_byte_timeout_ms")]
+    pub first_byte_timeout_ms: u64,
+    /// Longest silence between two chunks of a response body.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Path of the active health check (`GET`, 2xx is healthy, the pool credential is sent).
+    #[serde(default = "default_health_path")]
+    pub health_path: String,
+    #[serde(default = "default_health_interval_ms")]
+    pub health_interval_ms: u64,
+    #[serde(default = "default_health_timeout_ms")]
+    pub health_timeout_ms: u64,
+    /// Consecutive failed requests after which a host is ejected (passive health).
+    #[serde(default = "default_eject_after_failures")]
+    pub eject_after_failures: u32,
+    /// First ejection period; it doubles on each ejection in a row, up to `eject_max_ms`.
+    #[serde(default = "default_eject_base_ms")]
+    pub eject_base_ms: u64,
+    #[serde(default = "default_eject_max_ms")]
+    pub eject_max_ms: u64,
+    /// Attempts per request, each on another host. Only failures where nothing reached the
+    /// upstream (connect refused or timed out) are retried.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// The provider is outside the operator's walls (a hosted API): `local_only` tenants never
+    /// reach it.
+    #[serde(default)]
+    pub external: bool,
+    /// The tenant this pool belongs to: it serves that (dedicated) tenant only.
+    #[serde(default)]
+    pub dedicated_to: Option<String>,
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    2_000
+}
+fn default_first_byte_timeout_ms() -> u64 {
+    120_000
+}
+fn default_idle_timeout_ms() -> u64 {
+    60_000
+}
+fn default_health_path() -> String {
+    "/v1/models".to_owned()
+}
+fn default_health_interval_ms() -> u64 {
+    5_000
+}
+fn default_health_timeout_ms() -> u64 {
+    2_000
+}
+fn default_eject_after_failures() -> u32 {
+    3
+}
+fn default_eject_base_ms() -> u64 {
+    1_000
+}
+fn default_eject_max_ms() -> u64 {
+    30_000
+}
+fn default_max_attempts() -> u32 {
+    3
+}
+
+fn default_provider() -> String {
+    "local".to_owned()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// A public model name and where it is served.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub pool: String,
+    /// The model id the upstream expects; defaults to the public name.
+    #[serde(default)]
+    pub upstream_model: Option<String>,
+    /// Most entries in `messages` a chat request may carry.
+    #[serde(default = "default_max_messages")]
+    pub max_messages: usize,
+    /// Largest `max_tokens` / `max_completion_tokens`; also injected when a request sets none,
+    /// so no request can generate without bound.
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: u64,
+    /// Largest `n` (and `best_of`): each one is a whole generation on the GPU.
+    #[serde(default = "default_max_n")]
+    pub max_n: u64,
+    /// Most items in an embeddings `input` or a completions `prompt` array.
+    #[serde(default = "default_max_inputs")]
+    pub max_inputs: usize,
+    /// Dedicated tenant → its own pool for this model. A dedicated tenant is served from here
+    /// and nowhere else; without an entry the model does not exist for it.
+    #[serde(default)]
+    pub tenant_pools: BTreeMap<String, String>,
+}
+
+/// The admin plane's listener.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// A loopback address (never the data plane's); absent: no admin plane (the CLI still
+    /// works on the store).
+    pub listen: Option<SocketAddr>,
+}
+
+/// A role: a named set of permissions (see [`crate::policy_grammar::Permission`] for the grammar).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleConfig {
+    pub permissions: Vec<String>,
+}
+
+/// How a tenant is kept apart, and its quotas.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantConfig {
+    /// Served only by pools `dedicated_to` it; never falls back to a shared pool.
+    pub dedicated: bool,
+    /// Never routed to a pool marked `external`.
+    pub local_only: bool,
+    /// The whole tenant's quota (default: `quotas.tenant`).
+    pub quota: Option<Quota>,
+    /// Each key's (or session's) quota in this tenant (default: `quotas.key`).
+    pub key_quota: Option<Quota>,
+}
+
+/// Defaults for tenants that set none.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotasConfig {
+    pub tenant: Quota,
+    pub key: Quota,
+}
+
+/// Limits over a sliding minute and on concurrency; an absent limit is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    pub requests_per_minute: Option<u64>,
+    /// Reserved as `max_tokens` × `n` plus an estimate of the prompt, reconciled with the
+    /// upstream's reported usage.
+    pub tokens_per_minute: Option<u64>,
+    pub concurrent_requests: Option<u64>,
+    pub concurrent_streams: Option<u64>,
+}
+
+fn default_max_messages() -> usize {
+    256
+}
+fn default_max_tokens() -> u64 {
+    4096
+}
+fn default_max_n() -> u64 {
+    1
+}
+fn default_max_inputs() -> usize {
+    256
+}
+
+/// Whether the kernel side is required.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SegmentationMode {
+    /// Hooks must attach or the daemon refuses to start.
+    #[default]
+    Enforce,
+    /// No kernel enforcement; `/readyz` and `moat doctor` say so.
+    Off,
+}
+
+/// `[segmentation]`: the kernel side. A key left out takes its value from
+/// [`SegmentationConfig::default`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SegmentationConfig {
+    pub mode: SegmentationMode,
+    /// The gateway's cgroup, relative to the cgroup2 mount. Created by the daemon.
+    pub gateway_cgroup: PathBuf,
+    /// bpffs folder for moat's pins; the schema version is appended (`…/v1`).
+    pub pin_root: PathBuf,
+    /// Destinations beyond the pools the gateway itself may reach (`addr[/prefix]:port` or
+    /// `host:port`). Empty means pools only.
+    pub egress_allow: Vec<String>,
+    /// Refuse the gateway cgroup everything but its pools and `egress_allow`.
+    pub egress_lockdown: bool,
+    /// Destinations to protect beyond the pools (`addr[/prefix]:port` or `host:port`).
+    pub extra_protected: Vec<String>,
+    /// Inference-host mode: the ingress guard in front of the model ports.
+    pub inference: Option<InferenceGuardConfig>,
+}
+
+/// `[segmentation.inference]`: on an inference host, packets to `model_ports` pass only from
+/// `allowed_gateways`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceGuardConfig {
+    /// The ports the model servers listen on (TCP and UDP are both guarded).
+    pub model_ports: Vec<u16>,
+    /// Source prefixes (`10.0.0.1/32`, `fd00::/64`) or addresses allowed to reach the model
+    /// ports. Empty: nobody may.
+    #[serde(default)]
+    pub allowed_gateways: Vec<String>,
+    /// Where the guard hooks in.
+    #[serde(default)]
+    pub attach: GuardAttach,
+    /// Interfaces for TC ingress (`attach = "tc"` or `"both"`).
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+}
+
+/// Where the inference guard attaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuardAttach {
+    /// `cgroup_skb` ingress at the cgroup2 root: every socket on the machine, loopback
+    /// included, whatever the interface.
+    #[default]
+    CgroupSkb,
+    /// TC (tcx) ingress on `interfaces` only.
+    Tc,
+    /// Both.
+    Both,
+}
+
+impl Default for SegmentationConfig {
+    fn default() -> Self {
+        Self {
+            mode: SegmentationMode::default(),
+            gateway_cgroup: PathBuf::from("moat.gateway"),
+            pin_root: PathBuf::from("/sys/fs/bpf/moat"),
+            egress_allow: Vec::new(),
+            egress_lockdown: true,
+            extra_protected: Vec::new(),
+            inference: None,
+        }
+    }
+}
+
+/// `[auth]`: token lifetimes, signing, caches and password throttling. Every duration is in
+/// seconds. A key left out takes its value from [`AuthConfig::default`].
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `iss` of the access tokens moat issues (and the only one it accepts).
+    pub issuer: String,
+    /// `aud` of the access tokens moat issues (and the only one it accepts).
+    pub audience: String,
+    /// `EdDSA` (Ed25519, default; keys generated and rotated in the data directory) or `HS256`.
+    pub algorithm: crate::auth::jwt::SigningAlgorithm,
+    /// HS256 only: file holding the secret (≥ 32 bytes); created with 32 random bytes if
+    /// missing. Default: `<data_dir>/secrets/jwt-hs256.key`.
+    pub hs256_secret_file: Option<PathBuf>,
+    pub access_token_ttl_secs: u64,
+    /// Clock-skew allowance on `exp`/`nbf`/`iat`.
+    pub leeway_secs: u64,
+    /// A refresh token unused this long expires.
+    pub refresh_idle_ttl_secs: u64,
+    /// A session ends this long after login, however often it is refreshed.
+    pub refresh_absolute_ttl_secs: u64,
+    /// Ed25519 only: a new signing key after this long.
+    pub signing_key_rotation_secs: u64,
+    /// Ed25519 only: how long a replaced key still verifies; at least the token lifetime plus
+    /// leeway, so no token in flight is cut short by a rotation.
+    pub signing_key_overlap_secs: u64,
+    /// How long a verified API key or a live session is trusted without a store look-up.
+    /// Revocations by this process evict at once; changes by other processes (the CLI) are
+    /// picked up within `revocation_poll_ms`.
+    pub cache_ttl_secs: u64,
+    pub cache_capacity: usize,
+    /// How often the store's revocation epoch is polled.
+    pub revocation_poll_ms: u64,
+    /// Password hashes computed at once; 0 = half the CPUs (at least one).
+    pub password_concurrency: usize,
+    pub password_max_failures_per_user: u32,
+    pub password_max_failures_per_source: u32,
+    /// How long a user or source address stays locked out after too many failures.
+    pub password_lockout_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            issuer: "moat".to_owned(),
+            audience: "moat".to_owned(),
+            algorithm: Default::default(),
+            hs256_secret_file: None,
+            access_token_ttl_secs: 300,
+            leeway_secs: 5,
+            refresh_idle_ttl_secs: 24 * 3600,
+            refresh_absolute_ttl_secs: 30 * 24 * 3600,
+            signing_key_rotation_secs: 7 * 24 * 3600,
+            signing_key_overlap_secs: 3600,
+            cache_ttl_secs: 30,
+            cache_capacity: 10_000,
+            revocation_poll_ms: 500,
+            password_concurrency: 0,
+            password_max_failures_per_user: 5,
+            password_max_failures_per_source: 20,
+            password_lockout_secs: 900,
+        }
+    }
+}

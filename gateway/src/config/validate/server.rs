@@ -1,0 +1,58 @@
+//! `[server]` and `[admin]`: the listeners and the service user.
+
+use super::Invalid;
+use crate::config::{AdminConfig, ServerConfig};
+
+pub(in crate::config) fn server(server: &ServerConfig) -> Result<(), Invalid> {
+    if server.max_body_bytes == 0 {
+        return Err(Invalid::new("server.max_body_bytes", "must be at least 1"));
+    }
+    if server.user.is_empty() {
+        return Err(Invalid::new("server.user", "must not be empty"));
+    }
+    Ok(())
+}
+
+/// The admin plane listens on loopback only, never where the data plane does.
+pub(in crate::config) fn admin(admin: &AdminConfig, server: &ServerConfig) -> Result<(), Invalid> {
+    let Some(a) = admin.listen else {
+        return Ok(());
+    };
+    if !a.ip().is_loopback() {
+        return Err(Invalid::new(
+            "admin.listen",
+            format!("{a} is not a loopback address; the admin plane is local only"),
+        ));
+    }
+    if a == server.listen && a.port() != 0 {
+        return Err(Invalid::new(
+            "admin.listen",
+            "must differ from `server.listen`: the data plane has no admin route",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::tests::load;
+
+    #[test]
+    fn server_values_are_bounded() {
+        let e = load("[server]\nuser = \"\"\n").unwrap_err();
+        assert_eq!(e.key, "server.user");
+        let e = load("[server]\nmax_body_bytes = 0\n").unwrap_err();
+        assert_eq!(e.key, "server.max_body_bytes");
+    }
+
+    #[test]
+    fn admin_plane_is_loopback_and_apart() {
+        assert!(load("[admin]\nlisten = \"127.0.0.1:9090\"\n").is_ok());
+        let e = load("[admin]\nlisten = \"0.0.0.0:9090\"\n").unwrap_err();
+        assert_eq!(e.key, "admin.listen");
+        assert!(e.reason.contains("not a loopback address"), "{e}");
+        let e = load("[admin]\nlisten = \"127.0.0.1:8080\"\n").unwrap_err();
+        assert_eq!(e.key, "admin.listen");
+        assert!(e.reason.starts_with("must differ"), "{e}");
+    }
+}

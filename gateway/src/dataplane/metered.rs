@@ -1,0 +1,231 @@
+//! The metering of an answer on its way to the client ([`Metered`]): it reconciles the
+//! request's token reservation with the usage the upstream reports, holds the request's
+//! concurrency slots (its quota [`Ticket`]) until the answer ends, and ends the answer when the
+//! principal's credential is revoked meanwhile. Nothing it reads is logged.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use axum::{body::Body, response::Response};
+use bytes::{Bytes, BytesMut};
+use http_body::Frame;
+
+use crate::{
+    auth::{Identity, Principal},
+    dataplane::quota::Ticket,
+    error::ApiError,
+};
+
+/// How often an open answer checks whether its credential was revoked.
+const REVOCATION_CHECK: Duration = Duration::from_millis(100);
+/// Most of a non-streamed answer kept to read its `usage` from.
+const USAGE_SCAN_LIMIT: usize = 4 << 20;
+
+/// Wraps an answer: refunds a failed attempt at once; otherwise meters the body (see
+/// [`Metered`]).
+pub fn meter(
+    resp: Response,
+    ticket: Ticket,
+    identity: Arc<Identity>,
+    principal: Principal,
+) -> Response {
+    if !resp.status().is_success() {
+        ticket.refund();
+        return resp;
+    }
+    let sse = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let (parts, body) = resp.into_parts();
+    let generation = identity.generation();
+    let metered = Metered {
+        inner: body,
+        ticket: Some(ticket),
+        sse,
+        scan: BytesMut::new(),
+        usage: None,
+        identity,
+        principal,
+        generation,
+        check: None,
+        // Only streams can stay open long enough to need a clock; a JSON answer checks the
+        // generation whenever it moves.
+        tick: sse.then(|| {
+            tokio::time::interval_at(
+                tokio::time::Instant::now() + REVOCATION_CHECK,
+                REVOCATION_CHECK,
+            )
+        }),
+        done: false,
+    };
+    Response::from_parts(parts, Body::new(metered))
+}
+
+type Check = Pin<Box<dyn Future<Output = bool> + Send>>;
+
+/// An answer on its way to the client: reads the `usage` it reports (the last SSE event that
+/// carries one, or the JSON body) to reconcile the ticket when it ends, holds the ticket's
+/// slots until then, and ends it early if the principal's credential is revoked meanwhile.
+/// Nothing it reads is logged.
+pub struct Metered {
+    inner: Body,
+    ticket: Option<Ticket>,
+    sse: bool,
+    /// SSE: the current partial line; JSON: the body so far (capped).
+    scan: BytesMut,
+    usage: Option<u64>,
+    identity: Arc<Identity>,
+    principal: Principal,
+    generation: u64,
+    check: Option<Check>,
+    tick: Option<tokio::time::Interval>,
+    done: bool,
+}
+
+impl Metered {
+    fn observe(&mut self, chunk: &Bytes) {
+        if !self.sse {
+            if self.scan.len() + chunk.len() <= USAGE_SCAN_LIMIT {
+                self.scan.extend_from_slice(chunk);
+            }
+            return;
+        }
+        self.scan.extend_from_slice(chunk);
+        while let Some(i) = self.scan.iter().position(|b| *b == b'\n') {
+            let line = self.scan.split_to(i + 1);
+            if let Some(data) = line.strip_prefix(b"data:")
+                && mentions_usage(data)
+                && let Some(u) = total_tokens(data)
+            {
+                self.usage = Some(u);
+            }
+        }
+        // A line longer than the scan limit carries no usage worth keeping.
+        if self.scan.len() > USAGE_SCAN_LIMIT {
+            self.scan.clear();
+        }
+    }
+
+    fn finish(&mut self) {
+        if !self.sse && self.usage.is_none() {
+            self.usage = total_tokens(&self.scan);
+        }
+        if let (Some(t), Some(u)) = (self.ticket.take(), self.usage) {
+            t.reconcile(u);
+        }
+        // Without a reported usage the reservation stands (the conservative charge).
+    }
+
+    /// Whether the credential was found revoked (polls the pending check).
+    fn revoked(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Some(t) = &mut self.tick {
+            while t.poll_tick(cx).is_ready() {}
+        }
+        if self.check.is_none() {
+            let g = self.identity.generation();
+            if g == self.generation {
+                return false;
+            }
+            self.generation = g;
+            let identity = self.identity.clone();
+            let p = self.principal.clone();
+            self.check = Some(Box::pin(async move { identity.still_valid(&p).await }));
+        }
+        match self.check.as_mut().map(|c| c.as_mut().poll(cx)) {
+            Some(Poll::Ready(valid)) => {
+                self.check = None;
+                !valid
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Whether an SSE event mentions `"usage"`: a cheap test, so that only the (usually last) event
+/// carrying usage is parsed as JSON.
+fn mentions_usage(data: &[u8]) -> bool {
+    data.windows(7).any(|w| w == b"\"usage\"")
+}
+
+fn total_tokens(json: &[u8]) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_slice(json.trim_ascii()).ok()?;
+    v.get("usage")?.get("total_tokens")?.as_u64()
+}
+
+impl http_body::Body for Metered {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if this.revoked(cx) {
+            this.done = true;
+            tracing::info!(
+                key_id = this.principal.key_id.as_deref().unwrap_or("-"),
+                user = %this.principal.username,
+                "credential revoked: open answer ended"
+            );
+            // The charge stands (a generation was running); the slots are freed now.
+            this.ticket = None;
+            if this.sse {
+                let e = ApiError::unauthorized("the credential was revoked");
+                let event = format!("data: {}\n\n", e.body());
+                return Poll::Ready(Some(Ok(Frame::data(Bytes::from(event)))));
+            }
+            return Poll::Ready(Some(Err(axum::Error::new("credential revoked"))));
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.observe(d);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                // Broken mid-answer: a generation ran, so the reservation stands.
+                this.ticket = None;
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => {
+                this.finish();
+                this.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{mentions_usage, total_tokens};
+
+    #[test]
+    fn usage_is_read_only_from_what_reports_it() {
+        let event = br#" {"choices":[],"usage":{"prompt_tokens":2,"total_tokens":7}}"#;
+        assert!(mentions_usage(event));
+        assert_eq!(total_tokens(event), Some(7));
+        assert!(!mentions_usage(
+            br#" {"choices":[{"delta":{"content":"x"}}]}"#
+        ));
+        assert_eq!(total_tokens(b" [DONE]\n"), None);
+        assert_eq!(total_tokens(br#"{"usage":null}"#), None);
+    }
+}
