@@ -419,6 +419,25 @@ where
     }
 }
 
+/// Opens a chat stream with `key` and waits for its first event.
+async fn open_stream(moat: &Daemon, key: &str, body: &Value) -> Events {
+    let auth = format!("Bearer {key}");
+    let resp = moat_tests::send(
+        "POST",
+        &moat.url(CHAT),
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &auth),
+        ],
+        body.to_string(),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let mut events = Events::new(resp);
+    assert!(events.next().await.unwrap().is_some());
+    events
+}
+
 fn retry_of(h: &hyper::HeaderMap) -> Option<u64> {
     h.get("retry-after")?.to_str().ok()?.parse().ok()
 }
@@ -460,20 +479,7 @@ async fn narrowed_key_and_removed_role_lose_access_and_revoked_streams_end() {
     let mut body = ask("chat");
     body["stream"] = json!(true);
     body["max_tokens"] = json!(400);
-    let auth = format!("Bearer {key2}");
-    let resp = moat_tests::send(
-        "POST",
-        &moat.url(CHAT),
-        &[
-            ("content-type", "application/json"),
-            ("authorization", &auth),
-        ],
-        body.to_string(),
-    )
-    .await;
-    assert_eq!(resp.status(), 200);
-    let mut events = Events::new(resp);
-    assert!(events.next().await.unwrap().is_some());
+    let mut events = open_stream(&moat, &key2, &body).await;
     cli(&moat, &["keys", "revoke", &key2_id]);
     let mut last = String::new();
     // The daemon learns of the revocation within one poll (100 ms); the deadline is slack.
@@ -493,20 +499,7 @@ async fn narrowed_key_and_removed_role_lose_access_and_revoked_streams_end() {
 
     // So is a disabled user's.
     let (key3, _) = principal(&moat, "beta", "dan", &["reader"], &[]);
-    let auth = format!("Bearer {key3}");
-    let resp = moat_tests::send(
-        "POST",
-        &moat.url(CHAT),
-        &[
-            ("content-type", "application/json"),
-            ("authorization", &auth),
-        ],
-        body.to_string(),
-    )
-    .await;
-    assert_eq!(resp.status(), 200);
-    let mut events = Events::new(resp);
-    assert!(events.next().await.unwrap().is_some());
+    let mut events = open_stream(&moat, &key3, &body).await;
     cli(&moat, &["users", "disable", "dan"]);
     let ended = tokio::time::timeout(Duration::from_secs(2), async {
         while let Ok(Some(_)) = events.next().await {}
@@ -517,22 +510,10 @@ async fn narrowed_key_and_removed_role_lose_access_and_revoked_streams_end() {
 
 /// The admin plane's address, from the daemon's log.
 fn admin_addr(moat: &Daemon) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        for line in moat.log().lines() {
-            if let Ok(v) = serde_json::from_str::<Value>(line)
-                && v["message"] == "admin plane listening"
-            {
-                return v["listen"].as_str().unwrap().to_owned();
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no admin listener:\n{}",
-            moat.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    moat.wait_log("admin plane listening")["listen"]
+        .as_str()
+        .expect("listen field")
+        .to_owned()
 }
 
 async fn admin(
