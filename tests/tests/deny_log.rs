@@ -5,16 +5,14 @@
 //! README states the rate).
 
 use std::{
-    net::{TcpListener, UdpSocket},
+    net::UdpSocket,
     path::Path,
-    process::Stdio,
     time::{Duration, Instant},
 };
 
 use moat_tests::{
-    bin,
-    daemon::{Daemon, wait_for_log},
-    kernel::{EPERM, KillOnDrop, TestCgroup, TestPins, probe, require_root, unique},
+    daemon::Daemon,
+    kernel::{EPERM, listener, probe, require_root},
     netns::{Echo, Lab, PortReservation, sa},
 };
 use serde_json::Value;
@@ -117,28 +115,14 @@ fn check_flood(
 #[test]
 fn a_connect_deny_flood_is_logged_at_the_stated_rate_with_a_summary() {
     require_root();
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let base = TestCgroup::new(unique("moat-test"));
-    let _gateway = base.child("gateway");
-    let outsider = base.child("outsider");
-    let pins = TestPins::new();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("moat.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"nobody\"\n\
-             [pools.gpu]\nhosts = [\"127.0.0.1:{port}\"]\n\
-             [segmentation]\ngateway_cgroup = \"{}/gateway\"\npin_root = \"{}\"\n",
-            base.relative.display(),
-            pins.root.display()
-        ),
-    )
-    .unwrap();
-    let daemon = Daemon::start(&cfg, &dir.path().join("serve.log"));
+    let pool = listener("127.0.0.1:0");
+    let mut daemon = Daemon::enforcing();
+    let _gateway = daemon.cgroup().child("gateway");
+    let outsider = daemon.cgroup().child("outsider");
+    daemon.write_config(&daemon.enforcing_config(&[pool], "", ""));
+    daemon.start();
     daemon.wait_log("worker started");
-    let target = format!("127.0.0.1:{port}");
+    let target = pool.to_string();
     let refused = |n: usize| {
         let run = probe(Some(outsider.path()), "tcp", &vec![target.clone(); n]);
         assert!(
@@ -148,7 +132,7 @@ fn a_connect_deny_flood_is_logged_at_the_stated_rate_with_a_summary() {
         u64::from(run.pid)
     };
     check_flood(
-        &daemon.log,
+        daemon.log_path(),
         "kernel_deny",
         "pid",
         || (refused(FLOOD), FLOOD as u64),
@@ -165,31 +149,15 @@ fn an_ingress_deny_flood_is_logged_at_the_stated_rate_with_a_summary() {
     let port = model.port;
     let lab = Lab::new();
     let _echo = Echo::start(&lab.inference, port);
-    let pins = TestPins::new();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("inference.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[segmentation]\npin_root = \"{}\"\n[segmentation.inference]\n\
-             model_ports = [{port}]\nallowed_gateways = [\"{}\"]\n",
-            pins.root.display(),
-            Lab::GW4
-        ),
-    )
-    .unwrap();
-    let log = dir.path().join("serve.log");
-    let _daemon = KillOnDrop(
-        lab.inference
-            .command(bin("moat"))
-            .args(["serve", "-c"])
-            .arg(&cfg)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start moat serve"),
-    );
-    wait_for_log(&log, "inference guard active", 0);
+    let mut daemon = Daemon::enforcing();
+    daemon.write_config(&format!(
+        "[segmentation]\npin_root = \"{}\"\n[segmentation.inference]\n\
+         model_ports = [{port}]\nallowed_gateways = [\"{}\"]\n",
+        daemon.pin_root().display(),
+        Lab::GW4
+    ));
+    daemon.start_in(&lab.inference);
+    daemon.wait_log("inference guard active");
     let to = sa(Lab::INF_ROGUE4, port);
     // `n` datagrams from one fresh socket of the rogue host; returns its source port.
     let dropped = |n: usize| {
@@ -204,12 +172,12 @@ fn an_ingress_deny_flood_is_logged_at_the_stated_rate_with_a_summary() {
     // What the guard dropped, from its pinned counters (a burst on a veth may lose a datagram
     // before the hook sees it; every one the hook dropped is an event).
     let guard_drops = || -> u64 {
-        let status = moat::segment::status(&pins.pins).unwrap().inference;
+        let status = moat::segment::status(daemon.pins()).unwrap().inference;
         assert_eq!(status.events_lost, 0, "deny events lost in the ring buffer");
         status.counters.iter().map(|c| c.dropped).sum()
     };
     check_flood(
-        &log,
+        daemon.log_path(),
         "kernel_ingress_deny",
         "src_port",
         || {

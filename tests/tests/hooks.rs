@@ -6,39 +6,20 @@
 //! Each test attaches its own programs under its own pin root and protects only ports of
 //! listeners it opened itself.
 
-use std::{
-    net::{SocketAddr, TcpListener},
-    path::Path,
+use std::net::SocketAddr;
+
+use moat::segment::Enforcer;
+use moat_tests::kernel::{
+    self, EPERM, TestCgroup, TestPins, policy_for, require_root, try_from, unique,
 };
 
-use moat::{
-    config::Config,
-    segment::{Enforcer, GatewayIdentity, Policy},
-};
-use moat_tests::kernel::{EPERM, TestCgroup, TestPins, require_root, try_from, unique};
-
-/// A dual-stack TCP listener on `[::]:0` that accepts and closes every connection until the
-/// test process ends (a TFO client's data then has somewhere to go).
+/// A dual-stack listener (a TFO client's data then has somewhere to go).
 fn listener() -> u16 {
-    let l = TcpListener::bind("[::]:0").expect("bind dual-stack listener");
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || l.incoming().for_each(drop));
-    port
+    kernel::listener("[::]:0").port()
 }
 
 fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
-}
-
-fn policy_for(toml: &str, gateway: &TestCgroup) -> Policy {
-    let config = Config::from_str(Path::new("/test/moat.toml"), toml).expect("test config");
-    Policy {
-        gateway: Some(GatewayIdentity {
-            cgroup_id: gateway.cgroup.id,
-            level: gateway.cgroup.level,
-        }),
-        ..Policy::from_config(&config)
-    }
 }
 
 /// TCP Fast Open and connected UDP to a pool host: `EPERM` for a process outside the gateway

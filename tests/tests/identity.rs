@@ -13,28 +13,29 @@ use std::{
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use ed25519_dalek::{Signer, SigningKey};
 use hmac::{KeyInit, Mac};
-use moat_tests::moatd::{Moat, files_below};
-use reqwest::blocking::{Client, Response};
+use moat_tests::{
+    daemon::Daemon,
+    files_below,
+    http::{Client, Reply as Response},
+};
 use serde_json::{Value, json};
 
 const PASSWORD: &str = "correct horse battery staple";
 
 fn client() -> Client {
-    Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
+    Client::new()
 }
 
 /// A daemon with tenant `acme`, user `alice` (password, roles user+ops) and one API key.
 struct World {
-    moat: Moat,
+    moat: Daemon,
     key: String,
     key_id: String,
 }
 
 fn world(extra: &str) -> World {
-    let moat = Moat::start(extra);
+    let mut moat = Daemon::no_upstream(extra);
+    moat.start();
     moat.cli_ok(&["tenants", "add", "acme"], None);
     moat.cli_ok(
         &[
@@ -329,7 +330,7 @@ fn full_flow_and_no_plaintext_secret_in_the_database_or_log() {
         401,
     );
 
-    let log = w.moat.log_text();
+    let log = w.moat.log();
     assert!(
         log.contains("refresh_reuse_detected"),
         "no reuse event in the log:\n{log}"
@@ -344,7 +345,7 @@ fn full_flow_and_no_plaintext_secret_in_the_database_or_log() {
     // Every plaintext secret used, against every byte moat wrote: the database (and its WAL),
     // the log. Secret files are 0600 and hold only server secrets.
     let mut files = files_below(&w.moat.data_dir());
-    files.push(w.moat.log.clone());
+    files.push(w.moat.log_path().to_path_buf());
     assert!(files.iter().any(|f| f.ends_with("moat.db")));
     for f in &files {
         let bytes = std::fs::read(f).unwrap();
@@ -406,7 +407,7 @@ struct Forger {
 }
 
 impl Forger {
-    fn new(moat: &Moat) -> Forger {
+    fn new(moat: &Daemon) -> Forger {
         let path = moat.data_dir().join("secrets/jwt-ed25519.json");
         let file: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
         let newest = file["keys"]
@@ -839,13 +840,13 @@ fn hs256_mode_issues_verifiable_tokens_and_publishes_no_key() {
 
 #[test]
 fn a_short_hs256_secret_stops_the_daemon_from_starting() {
-    let m = Moat::configure("[auth]\nalgorithm = \"HS256\"\nhs256_secret_file = \"short.key\"\n");
-    let path = m.dir.path().join("short.key");
+    let mut m =
+        Daemon::no_upstream("[auth]\nalgorithm = \"HS256\"\nhs256_secret_file = \"short.key\"\n");
+    let path = m.dir().join("short.key");
     std::fs::write(&path, [7u8; 31]).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let out = m.serve_expecting_failure();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let (status, err) = m.run_to_exit(None);
+    assert_eq!(status.code(), Some(1), "{err}");
     let want = format!(
         "key `auth.hs256_secret_file`: {} holds 31 bytes; an HS256 secret needs at least 32 bytes",
         path.display()

@@ -8,9 +8,9 @@
 
 use std::{
     io::{Read, Write},
+    net::SocketAddr,
     net::TcpStream,
     path::Path,
-    process::{Command, Stdio},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -26,11 +26,11 @@ use moat::{
     },
 };
 use moat_tests::{
-    bin,
-    daemon::{http_get, segment_status, wait_for_log},
-    kernel::{KillOnDrop, TestCgroup, TestPins, require_root, unique},
+    daemon::Daemon,
+    kernel::{TestPins, require_root},
     netns::{Echo, Lab, Outcome, PortReservation, sa, tcp_echo, udp_echo},
 };
+use nix::sys::signal::SIGHUP;
 
 /// How long a client waits before calling a flow dropped.
 const DROP_WAIT: Duration = Duration::from_millis(800);
@@ -77,18 +77,41 @@ fn drain(guard: &Guard) -> Vec<IngressDeny> {
     events
 }
 
+/// The start of most tests here (root required): a model port reserved in the main namespace,
+/// the three-host lab and an echo server on that port inside the inference host.
+fn lab_with_model() -> (PortReservation, Lab, Echo) {
+    require_root();
+    let model = PortReservation::new();
+    let lab = Lab::new();
+    let echo = Echo::start(&lab.inference, model.port);
+    (model, lab, echo)
+}
+
 fn host(addr: &str, len: u8) -> String {
     format!("{addr}/{len}")
 }
 
+/// The guard admits the rogue host and not the gateway (an allowlist switched to the rogue
+/// host, and whatever must leave it so): the rogue host's TCP is echoed, the gateway's SYN is
+/// dropped (its connect times out).
+fn assert_rogue_in_gateway_out(lab: &Lab, rogue_to: SocketAddr, gw_to: SocketAddr, what: &str) {
+    assert_eq!(
+        tcp_echo(&lab.rogue, rogue_to, OK_WAIT).0,
+        Outcome::Echoed,
+        "{what}: the rogue host is admitted"
+    );
+    assert_eq!(
+        tcp_echo(&lab.gateway, gw_to, DROP_WAIT).0,
+        Outcome::TimedOut,
+        "{what}: the gateway is dropped"
+    );
+}
+
 #[test]
 fn cgroup_skb_guard_admits_only_the_gateway() {
-    require_root();
-    let model = PortReservation::new();
-    let unguarded = PortReservation::new();
+    let (model, lab, echo) = lab_with_model();
     let port = model.port;
-    let lab = Lab::new();
-    let echo = Echo::start(&lab.inference, port);
+    let unguarded = PortReservation::new();
     let _open = Echo::start(&lab.inference, unguarded.port);
     let pins = TestPins::new();
     let gateways = [host(Lab::GW4, 32), host(Lab::GW6, 128)];
@@ -227,11 +250,8 @@ fn cgroup_skb_guard_admits_only_the_gateway() {
 
 #[test]
 fn tc_guard_covers_exactly_its_interfaces() {
-    require_root();
-    let model = PortReservation::new();
+    let (model, lab, echo) = lab_with_model();
     let port = model.port;
-    let lab = Lab::new();
-    let echo = Echo::start(&lab.inference, port);
     let pins = TestPins::new();
     let gateways = [host(Lab::GW4, 32), host(Lab::GW6, 128)];
     let gw: Vec<&str> = gateways.iter().map(String::as_str).collect();
@@ -397,11 +417,8 @@ fn tc_guard_uninstalls_after_its_interface_is_gone() {
 /// (the same datagram reaches the server when no guard is attached: the control).
 #[test]
 fn tc_guard_refuses_header_chains_it_cannot_walk() {
-    require_root();
-    let model = PortReservation::new();
+    let (model, lab, echo) = lab_with_model();
     let port = model.port;
-    let lab = Lab::new();
-    let echo = Echo::start(&lab.inference, port);
     let pins = TestPins::new();
     let rogue6: std::net::Ipv6Addr = Lab::ROGUE6.parse().unwrap();
     let send = || {
@@ -627,11 +644,8 @@ impl Traffic {
 /// through, the same link throughout.
 #[test]
 fn adopting_again_and_again_leaves_no_gap() {
-    require_root();
-    let model = PortReservation::new();
+    let (model, lab, echo) = lab_with_model();
     let port = model.port;
-    let lab = Lab::new();
-    let echo = Echo::start(&lab.inference, port);
     let pins = TestPins::new();
     let gw = host(Lab::GW4, 32);
     let cfg = guard_config(port, &[&gw], "cgroup_skb", &[]);
@@ -681,11 +695,8 @@ fn adopting_again_and_again_leaves_no_gap() {
 /// both and must never get a datagram through.
 #[test]
 fn guard_policy_flips_never_change_a_shared_verdict() {
-    require_root();
-    let model = PortReservation::new();
+    let (model, lab, echo) = lab_with_model();
     let port = model.port;
-    let lab = Lab::new();
-    let echo = Echo::start(&lab.inference, port);
     let pins = TestPins::new();
     let gw = host(Lab::GW4, 32);
     let a = guard_config(port, &[&gw, "198.18.7.0/24"], "cgroup_skb", &[]);
@@ -739,34 +750,27 @@ fn guard_policy_flips_never_change_a_shared_verdict() {
 /// `moat segment uninstall` removing it.
 #[test]
 fn daemon_runs_the_guard_on_an_inference_host() {
-    require_root();
-    let model = PortReservation::new();
+    let (model, lab, _echo) = lab_with_model();
     let port = model.port;
-    let lab = Lab::new();
-    let _echo = Echo::start(&lab.inference, port);
-    let pins = TestPins::new();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("moat.toml");
-    let write_cfg = |guard: &str| {
-        let toml = format!(
+    let mut daemon = Daemon::enforcing();
+    let write_cfg = |daemon: &Daemon, guard: &str| {
+        daemon.write_config(&format!(
             "[server]\ndata_dir = \"data\"\n\
              [segmentation]\npin_root = \"{}\"\n{guard}",
-            pins.root.display()
-        );
-        std::fs::write(&cfg, toml).unwrap();
+            daemon.pin_root().display()
+        ));
     };
     let gw4 = host(Lab::GW4, 32);
     let gw6 = host(Lab::GW6, 128);
     let rogue4 = host(Lab::ROGUE4, 32);
-    write_cfg(&guard_toml(port, &[&gw4, &gw6], "cgroup_skb", &[]));
+    write_cfg(&daemon, &guard_toml(port, &[&gw4, &gw6], "cgroup_skb", &[]));
     let gw_to = sa(Lab::INF_GW4, port);
     let rogue_to = sa(Lab::INF_ROGUE4, port);
 
-    let log1 = dir.path().join("serve1.log");
-    let mut daemon = start_daemon(&lab, &cfg, &log1);
-    wait_for_log(&log1, "inference guard active", 0);
-    wait_for_log(&log1, "guard only, no data plane", 0);
-    let before = segment_status(&cfg);
+    daemon.start_in(&lab.inference);
+    daemon.wait_log("inference guard active");
+    daemon.wait_log("guard only, no data plane");
+    let before = daemon.segment_status();
     assert_eq!(
         before["installed"], false,
         "no gateway side on an inference host"
@@ -784,7 +788,7 @@ fn daemon_runs_the_guard_on_an_inference_host() {
     let (udp, src_port) = udp_echo(&lab.rogue, rogue_to, DROP_WAIT);
     assert_eq!(udp, Outcome::TimedOut);
     // The deny event reaches the daemon's structured log with source, destination, protocol.
-    let event = wait_for_log(&log1, &format!("\"src_port\":{src_port}"), 0);
+    let event = daemon.wait_log(&format!("\"src_port\":{src_port}"));
     assert_eq!(event["event"], "kernel_ingress_deny");
     assert_eq!(event["src_addr"], Lab::ROGUE4);
     assert_eq!(event["dst_port"], port);
@@ -792,20 +796,19 @@ fn daemon_runs_the_guard_on_an_inference_host() {
     assert_eq!(event["hook"], "cgroup_skb");
 
     // SIGHUP with a new allowlist: the rogue host in, the gateway out.
-    write_cfg(&guard_toml(port, &[&rogue4], "cgroup_skb", &[]));
-    hup(&daemon);
-    wait_for_log(&log1, "inference guard reloaded", 0);
-    assert_eq!(tcp_echo(&lab.rogue, rogue_to, OK_WAIT).0, Outcome::Echoed);
-    assert_eq!(
-        tcp_echo(&lab.gateway, gw_to, DROP_WAIT).0,
-        Outcome::TimedOut
-    );
+    write_cfg(&daemon, &guard_toml(port, &[&rogue4], "cgroup_skb", &[]));
+    daemon.signal(SIGHUP);
+    daemon.wait_log("inference guard reloaded");
+    assert_rogue_in_gateway_out(&lab, rogue_to, gw_to, "the reloaded allowlist");
 
     // A bad file on SIGHUP is refused, names the key, and changes nothing.
-    let good = std::fs::read_to_string(&cfg).unwrap();
-    write_cfg(&guard_toml(port, &["not-an-address"], "cgroup_skb", &[]));
-    hup(&daemon);
-    let refused = wait_for_log(&log1, "config reload refused", 0);
+    let good = daemon.read_config();
+    write_cfg(
+        &daemon,
+        &guard_toml(port, &["not-an-address"], "cgroup_skb", &[]),
+    );
+    daemon.signal(SIGHUP);
+    let refused = daemon.wait_log("config reload refused");
     assert!(
         refused["error"]
             .as_str()
@@ -813,49 +816,39 @@ fn daemon_runs_the_guard_on_an_inference_host() {
             .contains("segmentation.inference.allowed_gateways[0]"),
         "{refused}"
     );
-    assert_eq!(tcp_echo(&lab.rogue, rogue_to, OK_WAIT).0, Outcome::Echoed);
-    assert_eq!(
-        tcp_echo(&lab.gateway, gw_to, DROP_WAIT).0,
-        Outcome::TimedOut
-    );
+    assert_rogue_in_gateway_out(&lab, rogue_to, gw_to, "a refused file changes nothing");
     // A valid file whose guard cannot attach (no such interface) changes nothing either:
     // not the allowlist it carries, not the links.
     let both_with_missing_if = guard_toml(port, &[&gw4], "both", &["nosuchif0"]);
-    write_cfg(&both_with_missing_if);
-    hup(&daemon);
-    let failed = wait_for_log(&log1, "the inference guard does not apply", 0);
+    write_cfg(&daemon, &both_with_missing_if);
+    daemon.signal(SIGHUP);
+    let failed = daemon.wait_log("the inference guard does not apply");
     assert!(
         failed["error"].as_str().unwrap().contains("nosuchif0"),
         "{failed}"
     );
-    assert_eq!(tcp_echo(&lab.rogue, rogue_to, OK_WAIT).0, Outcome::Echoed);
-    assert_eq!(
-        tcp_echo(&lab.gateway, gw_to, DROP_WAIT).0,
-        Outcome::TimedOut
+    assert_rogue_in_gateway_out(
+        &lab,
+        rogue_to,
+        gw_to,
+        "a guard that cannot attach changes nothing",
     );
     assert_eq!(
-        segment_status(&cfg)["inference"]["links"],
+        daemon.segment_status()["inference"]["links"],
         before["inference"]["links"]
     );
-    std::fs::write(&cfg, good).unwrap();
+    daemon.write_config(&good);
 
     // SIGKILL: nothing is cleaned up, the last policy holds.
-    daemon.0.kill().unwrap();
-    daemon.0.wait().unwrap();
-    assert_eq!(
-        tcp_echo(&lab.gateway, gw_to, DROP_WAIT).0,
-        Outcome::TimedOut,
-        "fail-static"
-    );
-    assert_eq!(tcp_echo(&lab.rogue, rogue_to, OK_WAIT).0, Outcome::Echoed);
+    daemon.kill();
+    assert_rogue_in_gateway_out(&lab, rogue_to, gw_to, "fail-static");
 
     // A restart adopts the pinned guard instead of stacking a second one.
-    let log2 = dir.path().join("serve2.log");
-    daemon = start_daemon(&lab, &cfg, &log2);
-    wait_for_log(&log2, "adopted the pinned inference guard", 0);
-    wait_for_log(&log2, "inference guard active", 0);
+    daemon.start_in(&lab.inference);
+    daemon.wait_log("adopted the pinned inference guard");
+    daemon.wait_log("inference guard active");
     // The same link, switched in place to the restarted binary's program.
-    let after = segment_status(&cfg);
+    let after = daemon.segment_status();
     let (link_before, link_after) = (&before["inference"]["links"], &after["inference"]["links"]);
     assert_eq!(
         link_after.as_array().unwrap().len(),
@@ -875,26 +868,17 @@ fn daemon_runs_the_guard_on_an_inference_host() {
         tcp_echo(&lab.gateway, gw_to, DROP_WAIT).0,
         Outcome::TimedOut
     );
-    drop(daemon);
+    daemon.kill();
 
-    let removed = Command::new(bin("moat"))
-        .args(["segment", "uninstall", "-c"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(
-        removed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&removed.stderr)
-    );
+    daemon.cli_ok(&["segment", "uninstall"], None);
     assert_eq!(
         tcp_echo(&lab.gateway, gw_to, OK_WAIT).0,
         Outcome::Echoed,
         "open after uninstall"
     );
-    assert_eq!(segment_status(&cfg)["inference"]["installed"], false);
+    assert_eq!(daemon.segment_status()["inference"]["installed"], false);
     assert!(
-        !GuardPins::new(&pins.pins).dir().exists(),
+        !GuardPins::new(daemon.pins()).dir().exists(),
         "uninstall removes the pins"
     );
 }
@@ -951,49 +935,41 @@ fn tcx_ingress(lab: &Lab, ifname: &str) -> usize {
 /// the gateway side is refused and changes nothing.
 #[test]
 fn gateway_and_guard_on_one_host_reload_together() {
-    require_root();
-    let model = PortReservation::new();
-    let (pool1, pool2) = (PortReservation::new(), PortReservation::new());
+    let (model, lab, _echo) = lab_with_model();
     let port = model.port;
-    let lab = Lab::new();
-    let _echo = Echo::start(&lab.inference, port);
-    let base = TestCgroup::new(unique("moat-test"));
-    let _gateway_cgroup = base.child("gateway");
-    let pins = TestPins::new();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("moat.toml");
-    let write_cfg = |pool: Option<u16>, guard: &str| {
+    let (pool1, pool2) = (PortReservation::new(), PortReservation::new());
+    let mut daemon = Daemon::enforcing();
+    let _gateway_cgroup = daemon.cgroup().child("gateway");
+    let write_cfg = |daemon: &Daemon, pool: Option<u16>, guard: &str| {
         let pools = pool
             .map(|p| format!("[pools.gpu]\nhosts = [\"127.0.0.1:{p}\"]\n"))
             .unwrap_or_default();
-        let toml = format!(
-            "[server]\nlisten = \"127.0.0.1:8080\"\ndata_dir = \"data\"\nuser = \"nobody\"\n{pools}\
+        daemon.write_config(&format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"nobody\"\n{pools}\
              [segmentation]\ngateway_cgroup = \"{}/gateway\"\npin_root = \"{}\"\n{guard}",
-            base.relative.display(),
-            pins.root.display()
-        );
-        std::fs::write(&cfg, toml).unwrap();
+            daemon.cgroup().relative.display(),
+            daemon.pin_root().display()
+        ));
     };
     let (gw4, rogue4) = (host(Lab::GW4, 32), host(Lab::ROGUE4, 32));
     write_cfg(
+        &daemon,
         Some(pool1.port),
         &guard_toml(port, &[&gw4], "cgroup_skb", &[]),
     );
     let (gw_to, rogue_to) = (sa(Lab::INF_GW4, port), sa(Lab::INF_ROGUE4, port));
 
-    let log = dir.path().join("serve.log");
-    let daemon = start_daemon(&lab, &cfg, &log);
-    wait_for_log(&log, "inference guard active", 0);
-    wait_for_log(&log, "worker started", 0);
-    let health = lab
-        .inference
-        .run(|| http_get(sa("127.0.0.1", 8080), "/healthz"))
-        .unwrap();
+    daemon.start_in(&lab.inference);
+    daemon.wait_log("inference guard active");
+    daemon.wait_log("worker started");
+    let healthz = daemon.get("/healthz");
+    let health = lab.inference.run(|| healthz.send()).unwrap();
     assert_eq!(
-        health.0, 200,
+        health.status(),
+        200,
         "the worker serves inside the inference host's namespace"
     );
-    let st = segment_status(&cfg);
+    let st = daemon.segment_status();
     assert_eq!(st["installed"], true, "gateway side");
     assert_eq!(st["inference"]["installed"], true, "inference guard");
     assert_eq!(tcp_echo(&lab.gateway, gw_to, OK_WAIT).0, Outcome::Echoed);
@@ -1004,18 +980,15 @@ fn gateway_and_guard_on_one_host_reload_together() {
 
     // One SIGHUP: a new pool host and a new allowlist.
     write_cfg(
+        &daemon,
         Some(pool2.port),
         &guard_toml(port, &[&rogue4], "cgroup_skb", &[]),
     );
-    hup(&daemon);
-    wait_for_log(&log, "config reloaded: routing and kernel policy", 0);
-    wait_for_log(&log, "inference guard reloaded", 0);
-    assert_eq!(tcp_echo(&lab.rogue, rogue_to, OK_WAIT).0, Outcome::Echoed);
-    assert_eq!(
-        tcp_echo(&lab.gateway, gw_to, DROP_WAIT).0,
-        Outcome::TimedOut
-    );
-    let protected: Vec<String> = segment_status(&cfg)["destinations"]
+    daemon.signal(SIGHUP);
+    daemon.wait_log("config reloaded: routing and kernel policy");
+    daemon.wait_log("inference guard reloaded");
+    assert_rogue_in_gateway_out(&lab, rogue_to, gw_to, "the reloaded allowlist");
+    let protected: Vec<String> = daemon.segment_status()["destinations"]
         .as_array()
         .unwrap()
         .iter()
@@ -1032,9 +1005,9 @@ fn gateway_and_guard_on_one_host_reload_together() {
     );
 
     // Dropping the pools would turn this gateway into an inference host: refused.
-    write_cfg(None, &guard_toml(port, &[&gw4], "cgroup_skb", &[]));
-    hup(&daemon);
-    let refused = wait_for_log(&log, "config reload refused", 0);
+    write_cfg(&daemon, None, &guard_toml(port, &[&gw4], "cgroup_skb", &[]));
+    daemon.signal(SIGHUP);
+    let refused = daemon.wait_log("config reload refused");
     assert!(
         refused["error"]
             .as_str()
@@ -1042,11 +1015,7 @@ fn gateway_and_guard_on_one_host_reload_together() {
             .contains("removes the gateway side"),
         "{refused}"
     );
-    assert_eq!(tcp_echo(&lab.rogue, rogue_to, OK_WAIT).0, Outcome::Echoed);
-    assert_eq!(
-        tcp_echo(&lab.gateway, gw_to, DROP_WAIT).0,
-        Outcome::TimedOut
-    );
+    assert_rogue_in_gateway_out(&lab, rogue_to, gw_to, "a refused reload changes nothing");
 }
 
 /// Fail closed: a guard the config asks for that cannot attach stops `moat serve` from
@@ -1056,22 +1025,13 @@ fn daemon_refuses_to_start_when_the_guard_cannot_attach() {
     require_root();
     let model = PortReservation::new();
     let lab = Lab::new();
-    let pins = TestPins::new();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("moat.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[segmentation]\npin_root = \"{}\"\n{}",
-            pins.root.display(),
-            guard_toml(model.port, &[], "tc", &["nosuchif0"])
-        ),
-    )
-    .unwrap();
-    let log = dir.path().join("serve.log");
-    let mut daemon = start_daemon(&lab, &cfg, &log);
-    let status = daemon.0.wait().unwrap();
-    let text = std::fs::read_to_string(&log).unwrap();
+    let mut daemon = Daemon::enforcing();
+    daemon.write_config(&format!(
+        "[segmentation]\npin_root = \"{}\"\n{}",
+        daemon.pin_root().display(),
+        guard_toml(model.port, &[], "tc", &["nosuchif0"])
+    ));
+    let (status, text) = daemon.run_to_exit(Some(&lab.inference));
     assert!(
         !status.success(),
         "moat serve must refuse to start:\n{text}"
@@ -1081,29 +1041,7 @@ fn daemon_refuses_to_start_when_the_guard_cannot_attach() {
         "{text}"
     );
     assert!(
-        !GuardPins::new(&pins.pins).dir().exists(),
+        !GuardPins::new(daemon.pins()).dir().exists(),
         "nothing half-installed is left behind"
     );
-}
-
-fn start_daemon(lab: &Lab, cfg: &Path, log: &Path) -> KillOnDrop {
-    let log = std::fs::File::create(log).unwrap();
-    KillOnDrop(
-        lab.inference
-            .command(bin("moat"))
-            .args(["serve", "-c"])
-            .arg(cfg)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start moat serve"),
-    )
-}
-
-fn hup(daemon: &KillOnDrop) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon.0.id() as i32),
-        nix::sys::signal::SIGHUP,
-    )
-    .unwrap();
 }

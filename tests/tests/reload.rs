@@ -4,10 +4,8 @@
 //! the key named, leaving enforcement and the running config as they were.
 
 use std::{
-    io::{BufRead, BufReader, Write},
     net::SocketAddr,
     path::Path,
-    process::{ChildStdout, Command, Stdio},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -16,130 +14,30 @@ use std::{
 };
 
 use moat_tests::{
-    bin, create_key,
-    daemon::{Daemon, http_request},
-    kernel::{
-        EPERM, KillOnDrop, PoolSim, TestCgroup, TestPins, monotonic_ns, require_root, try_from,
-        unique,
-    },
+    PoolSim,
+    daemon::Daemon,
+    http::Request,
+    kernel::{EPERM, ProbeLoop, listener, monotonic_ns, require_root, try_from},
     netns::PortReservation,
 };
 use nix::sys::signal::Signal;
-use serde_json::Value;
 
-/// A test's daemon setup: its folder and config, cgroups and pin root, removed on drop.
-struct Setup {
-    dir: tempfile::TempDir,
-    cfg: std::path::PathBuf,
-    base: TestCgroup,
-    pins: TestPins,
-}
-
-impl Setup {
-    fn new() -> Setup {
-        let dir = tempfile::tempdir().unwrap();
-        Setup {
-            cfg: dir.path().join("moat.toml"),
-            base: TestCgroup::new(unique("moat-test")),
-            pins: TestPins::new(),
-            dir,
-        }
-    }
-
-    /// The config text: model `m` on pool `gpu` (`hosts`), `extra` TOML after it. One attempt
-    /// per request, so a connect the kernel refused would reach the client as an error
-    /// instead of being retried on another host; health checks only when a config is applied
-    /// (the first tick is at once), so a check the kernel refused would keep its host out of
-    /// routing for the rest of the test.
-    fn toml(&self, hosts: &[SocketAddr], extra: &str) -> String {
-        let hosts: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"nobody\"\n\
-             [pools.gpu]\nhosts = [{}]\nmax_attempts = 1\nhealth_interval_ms = 600000\n\
-             [models.m]\npool = \"gpu\"\n\
-             [roles.tester]\npermissions = [\"model:*\", \"inference:*\"]\n\
-             [segmentation]\ngateway_cgroup = \"{}/gateway\"\npin_root = \"{}\"\n{extra}",
-            hosts.join(", "),
-            self.base.relative.display(),
-            self.pins.root.display()
-        )
-    }
-
-    fn write(&self, text: &str) {
-        std::fs::write(&self.cfg, text).unwrap();
-    }
-}
-
-/// One chat completion for model `m` through moat; returns the HTTP status (0: no answer).
-fn chat(listen: SocketAddr, key: &str) -> u16 {
-    let body = r#"{"model":"m","messages":[{"role":"user","content":"hello"}]}"#;
-    http_request(
-        listen,
-        "POST",
-        "/v1/chat/completions",
-        Some(key),
-        Some(body),
+/// The test's config ([`Daemon::enforcing_config`]): model `m` on pool `gpu` (`hosts`),
+/// `extra` after it. One attempt per request, so a connect the kernel refused would reach the
+/// client as an error instead of being retried on another host; health checks only when a
+/// config is applied (the first tick is at once), so a check the kernel refused would keep its
+/// host out of routing for the rest of the test.
+fn config(d: &Daemon, hosts: &[SocketAddr], extra: &str) -> String {
+    d.enforcing_config(
+        hosts,
+        "max_attempts = 1\nhealth_interval_ms = 600000",
+        extra,
     )
-    .map(|(status, _)| status)
-    .unwrap_or(0)
 }
 
-/// A listener on 127.0.0.1 that accepts and closes connections for the rest of the test
-/// process (a probe loop's target: quick to accept, unlike a simulator busy with requests).
-fn listener() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || l.incoming().for_each(drop));
-    addr
-}
-
-/// `moat-probe loop` in `cgroup`: TCP connects to `targets` in turn until
-/// [`ProbeLoop::finish`].
-struct ProbeLoop {
-    child: KillOnDrop,
-    out: BufReader<ChildStdout>,
-}
-
-impl ProbeLoop {
-    fn start(cgroup: &Path, targets: &[SocketAddr]) -> ProbeLoop {
-        let mut child = Command::new(bin("moat-probe"))
-            .arg("--cgroup")
-            .arg(cgroup)
-            .arg("loop")
-            .args(targets.iter().map(ToString::to_string))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ready");
-        ProbeLoop {
-            child: KillOnDrop(child),
-            out,
-        }
-    }
-
-    /// Stops the loop; returns per target (the errnos seen, attempts wholly between `t0` and
-    /// `t1`).
-    fn finish(mut self, t0: u64, t1: u64) -> Vec<(Vec<String>, u64)> {
-        let mut stdin = self.child.0.stdin.take().unwrap();
-        writeln!(stdin, "window {t0} {t1}").unwrap();
-        drop(stdin);
-        let mut line = String::new();
-        self.out.read_line(&mut line).unwrap();
-        let v: Value = serde_json::from_str(&line).unwrap();
-        v["results"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| {
-                let errnos = r["counts"].as_object().unwrap().keys().cloned().collect();
-                (errnos, r["in_window"].as_u64().unwrap())
-            })
-            .collect()
-    }
+/// Sends `request` (a [`Daemon::chat`]); returns the HTTP status (0: no answer).
+fn status_of(request: Request) -> u16 {
+    request.send().map_or(0, |r| r.status().as_u16())
 }
 
 /// Chat requests through moat on `n` threads until stopped: (start, end, status) of each.
@@ -150,16 +48,16 @@ struct Clients {
 }
 
 impl Clients {
-    fn start(n: usize, listen: SocketAddr, key: &str) -> Clients {
+    fn start(n: usize, chat: Request) -> Clients {
         let stop = Arc::new(AtomicBool::new(false));
         let done = Arc::new(Mutex::new(Vec::new()));
         let threads = (0..n)
             .map(|_| {
-                let (stop, done, key) = (stop.clone(), done.clone(), key.to_owned());
+                let (stop, done, chat) = (stop.clone(), done.clone(), chat.clone());
                 std::thread::spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
                         let start = Instant::now();
-                        let status = chat(listen, &key);
+                        let status = status_of(chat.clone());
                         done.lock().unwrap().push((start, Instant::now(), status));
                     }
                 })
@@ -202,33 +100,32 @@ fn reloads_under_traffic_refuse_nothing_both_configs_allow() {
     const RELOADS: usize = 6;
     const MIN_RUN: Duration = Duration::from_secs(3);
     require_root();
-    let s = Setup::new();
+    let mut daemon = Daemon::enforcing();
     let (a, b) = (PoolSim::start(), PoolSim::start());
     // In both configs: pool `side` (a plain listener, protected) and an `egress_allow` entry
     // (unprotected, open to the gateway): what the probes connect to.
-    let (side, allowed) = (listener(), listener());
+    let (side, allowed) = (listener("127.0.0.1:0"), listener("127.0.0.1:0"));
     let both_configs =
         format!("egress_allow = [\"{allowed}\"]\n[pools.side]\nhosts = [\"{side}\"]\n");
     let (one, both) = (
-        s.toml(&[a.addr], &both_configs),
-        s.toml(&[a.addr, b.addr], &both_configs),
+        config(&daemon, &[a.addr], &both_configs),
+        config(&daemon, &[a.addr, b.addr], &both_configs),
     );
-    s.write(&one);
-    let key = create_key(&s.cfg);
-    let gateway = s.base.child("gateway");
-    let outsider = s.base.child("outsider");
-    let daemon = Daemon::start(&s.cfg, &s.dir.path().join("serve.log"));
+    daemon.write_config(&one);
+    daemon.create_tester_key();
+    let gateway = daemon.cgroup().child("gateway");
+    let outsider = daemon.cgroup().child("outsider");
+    daemon.start();
     daemon.wait_log("worker started");
-    let listen = daemon.listen_addr();
     assert_eq!(
-        chat(listen, &key),
+        status_of(daemon.chat("m")),
         200,
         "control: a request before the reloads"
     );
 
     let inside = ProbeLoop::start(gateway.path(), &[side, allowed]);
     let outside = ProbeLoop::start(outsider.path(), &[side, allowed]);
-    let clients = Clients::start(4, listen, &key);
+    let clients = Clients::start(4, daemon.chat("m"));
     clients.wait_running();
     let (t0, first) = (monotonic_ns(), Instant::now());
     let mut b_between_reloads = 0;
@@ -237,7 +134,7 @@ fn reloads_under_traffic_refuse_nothing_both_configs_allow() {
     while reloads < RELOADS || first.elapsed() < MIN_RUN || reloads % 2 == 1 {
         let (i, adds_b) = (reloads, reloads % 2 == 0);
         reloads += 1;
-        s.write(if adds_b { &both } else { &one });
+        daemon.write_config(if adds_b { &both } else { &one });
         daemon.signal(Signal::SIGHUP);
         daemon.wait_log_nth("config reloaded", i);
         if adds_b {
@@ -272,21 +169,21 @@ fn reloads_under_traffic_refuse_nothing_both_configs_allow() {
     );
     assert!(b_between_reloads >= 3 * (reloads as u64 / 2));
     // [side pool host, egress_allow entry]: the only errno each caller may ever see.
-    let eperm = EPERM.to_string();
     for (who, runs, wanted) in [
-        ("the gateway cgroup", &inside, ["0", "0"]),
-        ("an outsider", &outside, [eperm.as_str(), "0"]),
+        ("the gateway cgroup", &inside, [0, 0]),
+        ("an outsider", &outside, [EPERM, 0]),
     ] {
-        for ((errnos, during), (target, want)) in
-            runs.iter().zip([side, allowed].iter().zip(wanted))
-        {
+        for (seen, (target, want)) in runs.iter().zip([side, allowed].iter().zip(wanted)) {
+            let during = seen.in_window;
             assert_eq!(
-                errnos,
-                &[want],
-                "{who} → {target}: every connect across the reloads must be errno {want}"
+                seen.errnos,
+                [want],
+                "{who} → {target}: every connect across the reloads must be errno {want} \
+                 (seen {})",
+                seen.counts
             );
             assert!(
-                *during >= 50,
+                during >= 50,
                 "{who} → {target}: only {during} connects ran during the reloads"
             );
         }
@@ -304,66 +201,61 @@ fn reloads_under_traffic_refuse_nothing_both_configs_allow() {
 #[test]
 fn every_restart_only_key_is_refused_on_reload() {
     require_root();
-    let s = Setup::new();
+    let mut daemon = Daemon::enforcing();
     let (a, b) = (PoolSim::start(), PoolSim::start());
-    let base = s.toml(&[a.addr], "");
-    s.write(&base);
-    let key = create_key(&s.cfg);
-    let _gateway = s.base.child("gateway");
-    let outsider = s.base.child("outsider");
-    let daemon = Daemon::start(&s.cfg, &s.dir.path().join("serve.log"));
+    daemon.write_config(&config(&daemon, &[a.addr], ""));
+    daemon.create_tester_key();
+    let _gateway = daemon.cgroup().child("gateway");
+    let outsider = daemon.cgroup().child("outsider");
+    daemon.start();
     daemon.wait_log("worker started");
-    let listen = daemon.listen_addr();
+    let toml = |hosts: &[SocketAddr], extra: &str| config(&daemon, hosts, extra);
     let out = Some(outsider.path());
     assert_eq!(try_from(out, "tcp", &[a.addr, b.addr]), [EPERM, 0]);
 
-    let other_pins = format!("{}-other", s.pins.root.display());
+    let pin_root = daemon.pin_root().display().to_string();
+    let other_pins = format!("{pin_root}-other");
     let changes: [(&str, String); 8] = [
         (
             "server.listen",
-            s.toml(&[a.addr, b.addr], "")
-                .replace("127.0.0.1:0", "127.0.0.1:1"),
+            toml(&[a.addr, b.addr], "").replace("127.0.0.1:0", "127.0.0.1:1"),
         ),
         (
             "admin.listen",
-            s.toml(&[a.addr, b.addr], "[admin]\nlisten = \"127.0.0.1:0\"\n"),
+            toml(&[a.addr, b.addr], "[admin]\nlisten = \"127.0.0.1:0\"\n"),
         ),
         (
             "server.user",
-            s.toml(&[a.addr, b.addr], "")
-                .replace("user = \"nobody\"", "user = \"daemon\""),
+            toml(&[a.addr, b.addr], "").replace("user = \"nobody\"", "user = \"daemon\""),
         ),
         (
             "server.data_dir",
-            s.toml(&[a.addr, b.addr], "")
-                .replace("data_dir = \"data\"", "data_dir = \"data2\""),
+            toml(&[a.addr, b.addr], "").replace("data_dir = \"data\"", "data_dir = \"data2\""),
         ),
         (
             "auth",
-            s.toml(&[a.addr, b.addr], "[auth]\nrevocation_poll_ms = 4321\n"),
+            toml(&[a.addr, b.addr], "[auth]\nrevocation_poll_ms = 4321\n"),
         ),
         (
             "segmentation.mode",
-            s.toml(&[a.addr, b.addr], "mode = \"off\"\n"),
+            toml(&[a.addr, b.addr], "mode = \"off\"\n"),
         ),
         (
             "segmentation.gateway_cgroup",
-            s.toml(&[a.addr, b.addr], "")
-                .replace("/gateway\"", "/gateway2\""),
+            toml(&[a.addr, b.addr], "").replace("/gateway\"", "/gateway2\""),
         ),
         (
             "segmentation.pin_root",
-            s.toml(&[a.addr, b.addr], "")
-                .replace(&s.pins.root.display().to_string(), &other_pins),
+            toml(&[a.addr, b.addr], "").replace(&pin_root, &other_pins),
         ),
     ];
     for (i, (changed, text)) in changes.iter().enumerate() {
         assert_ne!(
             *text,
-            s.toml(&[a.addr, b.addr], ""),
+            toml(&[a.addr, b.addr], ""),
             "{changed}: the file changes it"
         );
-        s.write(text);
+        daemon.write_config(text);
         daemon.signal(Signal::SIGHUP);
         let refused = daemon.wait_log_nth("config reload refused", i);
         assert_eq!(refused["key"], *changed, "{refused}");
@@ -381,7 +273,7 @@ fn every_restart_only_key_is_refused_on_reload() {
         );
         let before = a.requests();
         assert_eq!(
-            chat(listen, &key),
+            status_of(daemon.chat("m")),
             200,
             "{changed}: the running config serves"
         );
@@ -392,7 +284,7 @@ fn every_restart_only_key_is_refused_on_reload() {
         "nothing pinned under the refused pin root"
     );
     assert!(
-        !s.dir.path().join("data2").exists(),
+        !daemon.dir().join("data2").exists(),
         "nothing made in the refused data dir"
     );
 
@@ -406,12 +298,12 @@ fn every_restart_only_key_is_refused_on_reload() {
     let gateway_side = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"nobody\"\n[segmentation]\ngateway_cgroup = \"{}/gateway\"\n\
          pin_root = \"{}\"\n{guard}",
-        s.base.relative.display(),
-        s.pins.root.display()
+        daemon.cgroup().relative.display(),
+        pin_root
     );
     for (i, (text, why)) in [
         (
-            s.toml(&[a.addr, b.addr], &guard),
+            toml(&[a.addr, b.addr], &guard),
             "the new config adds [segmentation.inference]; restart moat to install the guard",
         ),
         (
@@ -423,7 +315,7 @@ fn every_restart_only_key_is_refused_on_reload() {
     .iter()
     .enumerate()
     {
-        s.write(text);
+        daemon.write_config(text);
         daemon.signal(Signal::SIGHUP);
         let refused = daemon.wait_log_nth("config reload refused", changes.len() + i);
         assert_eq!(refused["error"], *why, "{refused}");
@@ -432,10 +324,14 @@ fn every_restart_only_key_is_refused_on_reload() {
             [EPERM, 0],
             "enforcement as before"
         );
-        assert_eq!(chat(listen, &key), 200, "the running config serves");
+        assert_eq!(
+            status_of(daemon.chat("m")),
+            200,
+            "the running config serves"
+        );
     }
     assert!(
-        moat::segment::status(&s.pins.pins)
+        moat::segment::status(daemon.pins())
             .unwrap()
             .inference
             .links
@@ -444,7 +340,7 @@ fn every_restart_only_key_is_refused_on_reload() {
     );
 
     // The daemon still reloads a file that changes only what a reload may change.
-    s.write(&s.toml(&[a.addr, b.addr], ""));
+    daemon.write_config(&toml(&[a.addr, b.addr], ""));
     daemon.signal(Signal::SIGHUP);
     daemon.wait_log("config reloaded");
     assert_eq!(try_from(out, "tcp", &[a.addr, b.addr]), [EPERM, EPERM]);

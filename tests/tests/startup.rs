@@ -6,36 +6,15 @@
 use std::{
     os::unix::fs::MetadataExt,
     path::Path,
-    process::Command,
     time::{Duration, Instant},
 };
 
-use moat_tests::{
-    bin, create_key,
-    daemon::Daemon,
-    kernel::{TestCgroup, TestPins, require_root, unique},
-};
+use moat_tests::{daemon::Daemon, entries_below, kernel::require_root};
 
 /// (mode bits, uid, gid) of a path.
 fn mode_owner(path: &Path) -> (u32, u32, u32) {
     let m = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     (m.mode() & 0o7777, m.uid(), m.gid())
-}
-
-/// Every entry below `dir` (not `dir` itself), folders included.
-fn entries_below(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p.clone());
-            }
-            out.push(p);
-        }
-    }
-    out
 }
 
 /// The data dir is the service user's, 0700; the secrets folder 0700; the pepper, the signing
@@ -45,30 +24,16 @@ fn entries_below(dir: &Path) -> Vec<std::path::PathBuf> {
 #[test]
 fn data_dir_secrets_and_database_have_the_stated_modes_and_owner() {
     require_root();
-    let base = TestCgroup::new(unique("moat-test"));
-    let _gateway = base.child("gateway");
-    let pins = TestPins::new();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("moat.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"nobody\"\n\
-             [pools.gpu]\nhosts = [\"127.0.0.1:9\"]\n[models.m]\npool = \"gpu\"\n\
-             [roles.tester]\npermissions = [\"model:*\", \"inference:*\"]\n\
-             [segmentation]\ngateway_cgroup = \"{}/gateway\"\npin_root = \"{}\"\n",
-            base.relative.display(),
-            pins.root.display()
-        ),
-    )
-    .unwrap();
+    let mut d = Daemon::enforcing();
+    let _gateway = d.cgroup().child("gateway");
+    d.write_config(&d.enforcing_config(&["127.0.0.1:9".parse().unwrap()], "", ""));
     let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
     let (uid, gid) = (nobody.uid.as_raw(), nobody.gid.as_raw());
-    let data = dir.path().join("data");
+    let data = d.data_dir();
     let secrets = data.join("secrets");
 
     // The CLI, run as root, makes the store as the service user.
-    create_key(&cfg);
+    d.create_tester_key();
     assert_eq!(
         mode_owner(&data),
         (0o700, uid, gid),
@@ -79,8 +44,8 @@ fn data_dir_secrets_and_database_have_the_stated_modes_and_owner() {
     assert_eq!(std::fs::read(secrets.join("pepper")).unwrap().len(), 32);
 
     // The daemon adds its signing keys; the database is open (its WAL exists).
-    let daemon = Daemon::start(&cfg, &dir.path().join("serve.log"));
-    daemon.wait_log("worker started");
+    d.start();
+    d.wait_log("worker started");
     let jwt = secrets.join("jwt-ed25519.json");
     let deadline = Instant::now() + Duration::from_secs(15);
     while !(jwt.exists() && data.join("moat.db-wal").exists()) {
@@ -115,27 +80,10 @@ fn data_dir_secrets_and_database_have_the_stated_modes_and_owner() {
 #[test]
 fn admin_listener_off_loopback_is_refused_naming_the_key() {
     require_root();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("moat.toml");
-    let write = |admin: &str| {
-        std::fs::write(
-            &cfg,
-            format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\n\
-                 [pools.gpu]\nhosts = [\"127.0.0.1:9\"]\n\
-                 [segmentation]\nmode = \"off\"\n[admin]\nlisten = \"{admin}\"\n"
-            ),
-        )
-        .unwrap();
-    };
-    let moat = |args: &[&str]| {
-        Command::new(bin("moat"))
-            .args(args)
-            .arg("--config")
-            .arg(&cfg)
-            .output()
-            .unwrap()
-    };
+    let d = Daemon::off("", "[pools.gpu]\nhosts = [\"127.0.0.1:9\"]\n");
+    let base = d.read_config();
+    let write = |admin: &str| d.write_config(&format!("{base}[admin]\nlisten = \"{admin}\"\n"));
+    let moat = |args: &[&str]| d.cli(args, None);
     for ok in ["127.0.0.1:0", "[::1]:0", "127.0.0.2:0"] {
         write(ok);
         let out = moat(&["config", "check"]);
@@ -155,7 +103,7 @@ fn admin_listener_off_loopback_is_refused_naming_the_key() {
         let want = format!(
             "moat: {}: key `admin.listen`: {bad} is not a loopback address; the admin plane is \
              local only",
-            cfg.display()
+            d.config_path().display()
         );
         for args in [&["config", "check"][..], &["serve"][..]] {
             let out = moat(args);
@@ -174,9 +122,6 @@ fn admin_listener_off_loopback_is_refused_naming_the_key() {
                 "moat {args:?} with {bad} bound something: {err}"
             );
         }
-        assert!(
-            !dir.path().join("data").exists(),
-            "a refused config makes no data dir"
-        );
+        assert!(!d.data_dir().exists(), "a refused config makes no data dir");
     }
 }

@@ -40,10 +40,7 @@ pub fn run(connects: u32, rounds: u32) -> Result<()> {
     let gateway = base.child("gateway");
     let outside = Cgroup::of_pid(std::process::id())?;
     let pins = TestPins::new();
-    let identity = GatewayIdentity {
-        cgroup_id: gateway.cgroup.id,
-        level: gateway.cgroup.level,
-    };
+    let identity = gateway.gateway_identity();
     let small = policy(identity, protected.port(), 10);
     let large = policy(identity, protected.port(), 10_000);
 
