@@ -297,10 +297,27 @@ mod tests {
         let key = PrivateKeyDer::from_pem_slice(m.client.key.as_bytes()).unwrap();
         let provider = rustls::crypto::ring::default_provider();
         rustls::sign::CertifiedKey::from_der(chain.clone(), key, &provider).unwrap();
-        let ca = CertificateDer::from_pem_slice(m.ca.cert.as_bytes()).unwrap();
-        let (_, ca) = X509Certificate::from_der(&ca).unwrap();
-        let (_, leaf) = X509Certificate::from_der(&chain[0]).unwrap();
-        leaf.verify_signature(Some(ca.public_key())).unwrap();
+        // What a model server does with it: webpki, the CA as the only root, clientAuth.
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(m.ca.cert.as_bytes()).unwrap())
+            .unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            std::sync::Arc::new(provider),
+        )
+        .build()
+        .unwrap();
+        verifier
+            .verify_client_cert(&chain[0], &[], rustls_pki_types::UnixTime::now())
+            .unwrap();
+        // A server certificate is no client certificate.
+        let server = CertificateDer::from_pem_slice(m.servers[0].1.cert.as_bytes()).unwrap();
+        assert!(
+            verifier
+                .verify_client_cert(&server, &[], rustls_pki_types::UnixTime::now())
+                .is_err()
+        );
     }
 
     #[test]
