@@ -87,8 +87,13 @@ pub fn generate(hosts: &[String], days: u32, ca_days: u32) -> Result<Material> {
 
     let ca_key = KeyPair::generate()?;
     let mut ca = CertificateParams::default();
-    ca.distinguished_name
-        .push(DnType::CommonName, "moat private CA");
+    // A name of its own: verifiers find a certificate's issuer by name, so two CAs made by
+    // two runs must not share one (a certificate of the other would read as a bad signature,
+    // not as an unknown CA).
+    ca.distinguished_name.push(
+        DnType::CommonName,
+        format!("moat private CA {}", crate::auth::secrets::random_base62(8)),
+    );
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ca.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
