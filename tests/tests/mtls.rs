@@ -46,8 +46,7 @@ fn certs_init(dir: &Path, name: &str, host: &str) -> PathBuf {
 /// `from` to `until` (Unix seconds), written to `<stem>.pem` / `<stem>.key` (0600).
 fn issue_client(ca_dir: &Path, out: &Path, stem: &str, from: i64, until: i64) {
     let ca_key =
-        rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("ca.key")).unwrap())
-            .unwrap();
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("ca.key")).unwrap()).unwrap();
     let issuer = rcgen::Issuer::from_ca_cert_pem(
         &std::fs::read_to_string(ca_dir.join("ca.pem")).unwrap(),
         ca_key,
@@ -171,7 +170,12 @@ fn der_b64(pem: &Path) -> String {
 /// What the rogue host gets from a TLS exchange with the model port, its socket bound to
 /// `from`: `Ok(answer)` when an HTTP answer came back, `Err(why)` otherwise. The rogue trusts
 /// the CA (it knows the public certificate), but has no client certificate.
-fn rogue_tls_request(rogue: &Netns, from: &str, to: SocketAddr, ca: &Path) -> Result<String, String> {
+fn rogue_tls_request(
+    rogue: &Netns,
+    from: &str,
+    to: SocketAddr,
+    ca: &Path,
+) -> Result<String, String> {
     let roots = {
         let mut r = rustls::RootCertStore::empty();
         r.add(CertificateDer::from_pem_file(ca).unwrap()).unwrap();
@@ -354,7 +358,10 @@ fn mtls_keeps_a_rogue_host_with_the_gateways_address_out() {
     });
     let failed = statuses.iter().filter(|s| **s != 200).count();
     assert!(statuses.len() >= 30, "the loop ran: {}", statuses.len());
-    assert_eq!(failed, 0, "requests failed across the rotation: {statuses:?}");
+    assert_eq!(
+        failed, 0,
+        "requests failed across the rotation: {statuses:?}"
+    );
     assert_eq!(chat(&lab.gateway, moat, &key).0, 200);
     assert_eq!(
         sim.stats(&lab)["last_client_cert"],
@@ -372,7 +379,11 @@ fn mtls_keeps_a_rogue_host_with_the_gateways_address_out() {
         why.contains("tls_client_key_file") && why.contains("is not the key of"),
         "{why}"
     );
-    assert_eq!(chat(&lab.gateway, moat, &key).0, 200, "the old certificate stays");
+    assert_eq!(
+        chat(&lab.gateway, moat, &key).0,
+        200,
+        "the old certificate stays"
+    );
 
     // 4. A client certificate from another CA, then an expired one from the right CA: the
     //    model server refuses the handshake; the gateway says which pool and why, and the
@@ -387,7 +398,11 @@ fn mtls_keeps_a_rogue_host_with_the_gateways_address_out() {
         let (status, body) = chat(&lab.gateway, moat, &key);
         assert!(status == 503 || status == 502, "{status} {body}");
         assert!(body.contains("inference"), "{body}");
-        assert_eq!(sim.requests(&lab), before, "nothing reached the model server");
+        assert_eq!(
+            sim.requests(&lab),
+            before,
+            "nothing reached the model server"
+        );
     };
     refused_by_server(&other, "gateway-client", "UnknownCA", 1);
     issue_client(&certs, d, "expired", now() - 10 * 86_400, now() - 86_400);
@@ -402,14 +417,37 @@ fn mtls_keeps_a_rogue_host_with_the_gateways_address_out() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
+    // `moat doctor` shows the pool's mode and warns: the rotated certificate lives a day.
+    let out = Command::new(bin("moat"))
+        .args(["doctor", "--json", "-c"])
+        .arg(&gw_cfg)
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).expect("doctor JSON");
+    let pool = &report["pools"][0];
+    assert_eq!(pool["pool"], "gpu");
+    assert_eq!(pool["mode"], "mtls");
+    assert_eq!(pool["client_cert_days_left"], 0, "{pool}");
+    let warnings = report["warnings"].to_string();
+    assert!(
+        warnings.contains("pools.gpu: the client certificate")
+            && warnings.contains("expires in 0 day(s)"),
+        "{warnings}"
+    );
+
     // 5. The rogue host takes over the gateway's address (on a shared segment: ARP; here the
     //    inference host's route to that address points at the rogue's link). The guard lets
     //    it through — the TCP handshake completes — but the model server wants a client
     //    certificate: no answer, nothing generated.
     lab.rogue
         .ip(&["addr", "add", &format!("{}/32", Lab::GW4), "dev", "to-inf"]);
-    lab.inference
-        .ip(&["route", "add", &format!("{}/32", Lab::GW4), "dev", Lab::IF_FROM_ROGUE]);
+    lab.inference.ip(&[
+        "route",
+        "add",
+        &format!("{}/32", Lab::GW4),
+        "dev",
+        Lab::IF_FROM_ROGUE,
+    ]);
     let (before, rejected) = (
         sim.requests(&lab),
         sim.stats(&lab)["tls_rejected"].as_u64().unwrap(),
@@ -421,8 +459,15 @@ fn mtls_keeps_a_rogue_host_with_the_gateways_address_out() {
         &certs.join("ca.pem"),
     );
     let why = got.expect_err("the rogue host must get no answer");
-    assert!(!why.starts_with("TCP connect"), "the guard admitted the spoofed address: {why}");
-    assert_eq!(sim.requests(&lab), before, "nothing generated for the rogue host");
+    assert!(
+        !why.starts_with("TCP connect"),
+        "the guard admitted the spoofed address: {why}"
+    );
+    assert_eq!(
+        sim.requests(&lab),
+        before,
+        "nothing generated for the rogue host"
+    );
     assert_eq!(
         sim.stats(&lab)["tls_rejected"].as_u64().unwrap(),
         rejected + 1,
@@ -435,5 +480,8 @@ fn mtls_keeps_a_rogue_host_with_the_gateways_address_out() {
         sa(Lab::INF_ROGUE4, p),
         &certs.join("ca.pem"),
     );
-    assert!(own.is_err_and(|e| e.starts_with("TCP connect")), "the guard drops the rogue's own address");
+    assert!(
+        own.is_err_and(|e| e.starts_with("TCP connect")),
+        "the guard drops the rogue's own address"
+    );
 }

@@ -119,7 +119,11 @@ pub fn generate(hosts: &[String], days: u32, ca_days: u32) -> Result<Material> {
             key: key.serialize_pem(),
         })
     };
-    let client = leaf("moat gateway", Vec::new(), ExtendedKeyUsagePurpose::ClientAuth)?;
+    let client = leaf(
+        "moat gateway",
+        Vec::new(),
+        ExtendedKeyUsagePurpose::ClientAuth,
+    )?;
     let servers = hosts
         .iter()
         .map(|h| {
@@ -275,15 +279,23 @@ mod tests {
             let eku = c.extended_key_usage().unwrap().unwrap().value;
             assert!(eku.client_auth && !eku.server_auth);
             assert_eq!(c.issuer().to_string(), ca_subject);
-            let days = (c.validity().not_after.timestamp() - c.validity().not_before.timestamp())
-                / 86_400;
-            assert_eq!(days, 30, "the lifetime asked for (plus five minutes of slack)");
+            let days =
+                (c.validity().not_after.timestamp() - c.validity().not_before.timestamp()) / 86_400;
+            assert_eq!(
+                days, 30,
+                "the lifetime asked for (plus five minutes of slack)"
+            );
         });
         for (host, pair) in &m.servers {
             with_cert(&pair.cert, |c| {
                 let eku = c.extended_key_usage().unwrap().unwrap().value;
                 assert!(eku.server_auth && !eku.client_auth);
-                let sans = &c.subject_alternative_name().unwrap().unwrap().value.general_names;
+                let sans = &c
+                    .subject_alternative_name()
+                    .unwrap()
+                    .unwrap()
+                    .value
+                    .general_names;
                 let want = match host.parse::<std::net::IpAddr>() {
                     Ok(std::net::IpAddr::V4(ip)) => GeneralName::IPAddress(&ip.octets()[..]),
                     _ => GeneralName::DNSName(host),
@@ -339,8 +351,14 @@ mod tests {
         assert_eq!(w.servers[1].1, out.join("server-fd00__1.pem"));
         assert_eq!(mode(&w.servers[1].2), 0o600);
         let text = instructions(&out, "gpu", &m, &w);
-        assert!(text.contains("hosts = [\"gpu1:8000\", \"[fd00::1]:8000\"]"), "{text}");
-        assert!(text.contains(&format!("tls_client_key_file = \"{}\"", w.client_key.display())));
+        assert!(
+            text.contains("hosts = [\"gpu1:8000\", \"[fd00::1]:8000\"]"),
+            "{text}"
+        );
+        assert!(text.contains(&format!(
+            "tls_client_key_file = \"{}\"",
+            w.client_key.display()
+        )));
         assert!(text.contains("--ssl-ca-certs ca.pem --ssl-cert-reqs 2"));
         let e = write(&out, &m).err().unwrap();
         assert!(format!("{e:#}").contains("File exists"), "{e:#}");

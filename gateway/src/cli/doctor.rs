@@ -127,7 +127,10 @@ impl PoolTls {
             client_cert_expires: cert.map(|c| {
                 time::OffsetDateTime::from_unix_timestamp(c.not_after)
                     .ok()
-                    .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+                    .and_then(|t| {
+                        t.format(&time::format_description::well_known::Rfc3339)
+                            .ok()
+                    })
                     .unwrap_or_else(|| c.not_after.to_string())
             }),
             client_cert_days_left: cert.map(|c| (c.not_after - now).div_euclid(86_400)),

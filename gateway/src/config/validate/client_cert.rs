@@ -71,17 +71,18 @@ fn read(
         ))
     })?;
     let provider = rustls::crypto::ring::default_provider();
-    let certified = rustls::sign::CertifiedKey::from_der(chain, private, &provider).map_err(|e| {
-        let why = match e {
-            rustls::Error::InconsistentKeys(_) => format!(
-                "{} is not the key of {}",
-                key_file.display(),
-                cert_file.display()
-            ),
-            e => format!("{}: unusable key: {e}", key_file.display()),
-        };
-        bad_key(why)
-    })?;
+    let certified =
+        rustls::sign::CertifiedKey::from_der(chain, private, &provider).map_err(|e| {
+            let why = match e {
+                rustls::Error::InconsistentKeys(_) => format!(
+                    "{} is not the key of {}",
+                    key_file.display(),
+                    cert_file.display()
+                ),
+                e => format!("{}: unusable key: {e}", key_file.display()),
+            };
+            bad_key(why)
+        })?;
     Ok(Some(ClientCert {
         cert_file,
         key: Arc::new(certified),
@@ -163,8 +164,7 @@ mod tests {
         let e = load_with(dir.path(), &cert, &other_key, "").unwrap_err();
         assert_eq!(e.key, "pools.gpu.tls_client_key_file");
         assert!(
-            e.reason.contains("client.key is not the key of")
-                && e.reason.contains("client.pem"),
+            e.reason.contains("client.key is not the key of") && e.reason.contains("client.pem"),
             "{e}"
         );
     }
@@ -205,11 +205,15 @@ mod tests {
     #[test]
     fn half_a_pair_or_no_tls_is_refused() {
         let load = crate::config::tests::load;
-        let e = load("[pools.gpu]\nhosts = [\"127.0.0.1:8000\"]\ntls = true\ntls_client_cert_file = \"c\"\n")
-            .unwrap_err();
+        let e = load(
+            "[pools.gpu]\nhosts = [\"127.0.0.1:8000\"]\ntls = true\ntls_client_cert_file = \"c\"\n",
+        )
+        .unwrap_err();
         assert_eq!(e.key, "pools.gpu.tls_client_key_file");
-        let e = load("[pools.gpu]\nhosts = [\"127.0.0.1:8000\"]\ntls = true\ntls_client_key_file = \"k\"\n")
-            .unwrap_err();
+        let e = load(
+            "[pools.gpu]\nhosts = [\"127.0.0.1:8000\"]\ntls = true\ntls_client_key_file = \"k\"\n",
+        )
+        .unwrap_err();
         assert_eq!(e.key, "pools.gpu.tls_client_cert_file");
         let e = load(
             "[pools.gpu]\nhosts = [\"127.0.0.1:8000\"]\n\

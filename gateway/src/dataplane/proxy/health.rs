@@ -50,7 +50,9 @@ async fn run(upstream: Arc<Upstream>, pool: String, host: Arc<Host>) {
         if last != Some(ok.is_ok()) {
             match &ok {
                 Ok(()) => info!(pool, host = %host.name, "upstream host healthy"),
-                Err(why) => warn!(pool, host = %host.name, reason = %why, "upstream host unhealthy"),
+                Err(why) => {
+                    warn!(pool, host = %host.name, reason = %why, "upstream host unhealthy")
+                }
             }
         }
         last = Some(ok.is_ok());
