@@ -1,8 +1,9 @@
 //! `moat doctor`: the facts an operator records when verifying an installation — kernel, BTF,
 //! cgroup2 and bpffs mounts, which hooks can attach here (tried for real, in a throw-away
 //! cgroup, network namespace and pin directory that are removed again), what is attached now
-//! (from the pins), moat's version and its key dependencies, paths, the service user and
-//! whether segmentation is off.
+//! (from the pins), moat's version and its key dependencies, paths, the service user,
+//! whether segmentation is off, and how each pool talks to its hosts (plain, TLS or mutual
+//! TLS, with the client certificate's expiry: a warning from 30 days before).
 //!
 //! It changes nothing that exists: every probe works on objects it creates and removes itself.
 
@@ -51,6 +52,11 @@ pub struct Report {
     pub hooks: Vec<HookCheck>,
     /// What moat has pinned now (`moat segment status`).
     pub attached: Option<segment::Status>,
+    /// How each pool talks to its hosts.
+    pub pools: Vec<PoolTls>,
+    /// Worth acting on, but `moat serve` starts: a client certificate that expires within
+    /// [`EXPIRY_WARNING_DAYS`] days (or has expired).
+    pub warnings: Vec<String>,
     /// Everything that would stop `moat serve` from starting with this config.
     pub problems: Vec<String>,
     pub ok: bool,
@@ -90,6 +96,67 @@ pub struct SegmentationFacts {
     /// This host runs the inference guard, and where it attaches.
     pub inference_guard: Option<String>,
     pub pin_root: Option<String>,
+}
+
+/// A client certificate this close to its end is reported.
+pub const EXPIRY_WARNING_DAYS: i64 = 30;
+
+#[derive(Debug, Serialize)]
+pub struct PoolTls {
+    pub pool: String,
+    /// `plain`, `tls` (the hosts are authenticated) or `mtls` (the gateway too).
+    pub mode: &'static str,
+    pub client_cert_file: Option<String>,
+    /// The client certificate's notAfter, RFC 3339.
+    pub client_cert_expires: Option<String>,
+    /// Whole days until then (negative: expired).
+    pub client_cert_days_left: Option<i64>,
+}
+
+impl PoolTls {
+    fn of(pool: &crate::config::Pool, now: i64) -> PoolTls {
+        let cert = pool.tls_client.as_ref();
+        PoolTls {
+            pool: pool.name.clone(),
+            mode: match (pool.tls, cert.is_some()) {
+                (false, _) => "plain",
+                (true, false) => "tls",
+                (true, true) => "mtls",
+            },
+            client_cert_file: cert.map(|c| c.cert_file.display().to_string()),
+            client_cert_expires: cert.map(|c| {
+                time::OffsetDateTime::from_unix_timestamp(c.not_after)
+                    .ok()
+                    .and_then(|t| {
+                        t.format(&time::format_description::well_known::Rfc3339)
+                            .ok()
+                    })
+                    .unwrap_or_else(|| c.not_after.to_string())
+            }),
+            client_cert_days_left: cert.map(|c| (c.not_after - now).div_euclid(86_400)),
+        }
+    }
+
+    /// The warning for a certificate near or past its end.
+    fn warning(&self) -> Option<String> {
+        let (days, file) = (self.client_cert_days_left?, self.client_cert_file.as_ref()?);
+        let until = self.client_cert_expires.as_deref().unwrap_or("?");
+        if days < 0 {
+            Some(format!(
+                "pools.{}: the client certificate {file} expired on {until}; model servers that \
+                 require it refuse the gateway (rotate it: `moat certs init`, then SIGHUP)",
+                self.pool
+            ))
+        } else if days < EXPIRY_WARNING_DAYS {
+            Some(format!(
+                "pools.{}: the client certificate {file} expires in {days} day(s), on {until}: \
+                 rotate it and send SIGHUP",
+                self.pool
+            ))
+        } else {
+            None
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -164,6 +231,13 @@ pub fn run(config_path: &Path) -> Report {
         .collect();
     let attached =
         cfg.and_then(|c| segment::status(&segment::Pins::new(&c.segmentation().pin_root)).ok());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let pools: Vec<PoolTls> = cfg
+        .map(|c| c.pools.values().map(|p| PoolTls::of(p, now)).collect())
+        .unwrap_or_default();
+    let warnings = pools.iter().filter_map(PoolTls::warning).collect();
 
     Report {
         moat_version: env!("CARGO_PKG_VERSION"),
@@ -220,6 +294,8 @@ pub fn run(config_path: &Path) -> Report {
         },
         hooks,
         attached,
+        pools,
+        warnings,
         ok: problems.is_empty(),
         problems,
     }
@@ -441,6 +517,23 @@ impl fmt::Display for Report {
                 }
             }
             None => writeln!(f, "attached now: unknown (no valid config)")?,
+        }
+        if !self.pools.is_empty() {
+            writeln!(f, "pools (TLS to the hosts):")?;
+        }
+        for p in &self.pools {
+            write!(f, "  {:<17} {}", p.pool, p.mode)?;
+            match (&p.client_cert_file, &p.client_cert_expires) {
+                (Some(file), Some(until)) => writeln!(
+                    f,
+                    ", client certificate {file} expires {until} ({} days)",
+                    p.client_cert_days_left.unwrap_or(0)
+                )?,
+                _ => writeln!(f)?,
+            }
+        }
+        for w in &self.warnings {
+            writeln!(f, "warning: {w}")?;
         }
         if self.problems.is_empty() {
             writeln!(f, "result: ok")

@@ -1,6 +1,7 @@
 //! The `moat` command line: one subcommand per operator task. `identity` holds the users, keys
-//! and tenants commands, `doctor` the host check.
+//! and tenants commands, `doctor` the host check, `certs` the mutual-TLS material.
 
+pub mod certs;
 pub mod doctor;
 pub mod identity;
 
@@ -63,6 +64,11 @@ pub enum Command {
     Tenants {
         #[command(subcommand)]
         command: crate::cli::identity::TenantsCommand,
+    },
+    /// Certificates for mutual TLS between the gateway and its model servers.
+    Certs {
+        #[command(subcommand)]
+        command: crate::cli::certs::CertsCommand,
     },
 }
 
@@ -154,6 +160,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Tenants { command } => {
             crate::cli::identity::tenants(&store_config(&cli.config)?, command)?
         }
+        Command::Certs { command } => crate::cli::certs::run(command)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -134,6 +134,28 @@ impl<'a> Reader<'a> {
         Ok(bytes)
     }
 
+    /// A secret file (a private key): like [`Reader::required_file`], but from the system only
+    /// if group and others cannot read it, the check every secret file of moat gets. A replay
+    /// trusts the load that captured it.
+    pub(super) fn required_secret_file(&self, path: &Path) -> Result<Vec<u8>, String> {
+        let bytes = match self.sources {
+            Sources::System | Sources::Lenient => crate::auth::secrets::read_secret_file(path)
+                .map(|b| b.to_vec())
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::NotFound => {
+                        format!("cannot read {}: no such file", path.display())
+                    }
+                    _ => e.to_string(),
+                })?,
+            Sources::Replay(_) => return self.required_file(path),
+        };
+        self.captured
+            .borrow_mut()
+            .files
+            .insert(path.to_path_buf(), Some(bytes.clone()));
+        Ok(bytes)
+    }
+
     pub(super) fn required_file(&self, path: &Path) -> Result<Vec<u8>, String> {
         self.file(path)?
             .ok_or_else(|| format!("cannot read {}: no such file", path.display()))

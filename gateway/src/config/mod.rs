@@ -107,6 +107,8 @@ pub struct Pool {
     pub tls: bool,
     /// Trusted CAs for `tls` (DER), from `tls_ca_file`; `None` means the webpki roots.
     pub tls_roots: Option<Vec<Vec<u8>>>,
+    /// The client certificate presented to the hosts (mutual TLS), when the pool names one.
+    pub tls_client: Option<ClientCert>,
     pub timeouts: Timeouts,
     /// The active health check.
     pub health: HealthCheck,
@@ -114,6 +116,28 @@ pub struct Pool {
     pub ejection: Ejection,
     /// Attempts per request, each on another host (only failures that reached nothing).
     pub max_attempts: u32,
+}
+
+/// A pool's client certificate and key, read and checked when the config loads: the key
+/// matches the certificate. `Debug` shows the certificate file, never the key.
+#[derive(Clone)]
+pub struct ClientCert {
+    /// Where the certificate came from, for logs and `moat doctor`.
+    pub cert_file: PathBuf,
+    /// The chain (leaf first) with its signing key, ready for rustls.
+    pub key: std::sync::Arc<rustls::sign::CertifiedKey>,
+    /// The leaf's validity, Unix seconds.
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+impl fmt::Debug for ClientCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientCert")
+            .field("cert_file", &self.cert_file)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A pool's per-attempt timeouts.

@@ -72,6 +72,14 @@ pub struct PoolConfig {
     /// the webpki roots are trusted.
     #[serde(default)]
     pub tls_ca_file: Option<PathBuf>,
+    /// PEM certificate (leaf first, then any intermediates) the gateway presents to the hosts
+    /// (mutual TLS; with `tls` and `tls_client_key_file`). Reloaded on SIGHUP.
+    #[serde(default)]
+    pub tls_client_cert_file: Option<PathBuf>,
+    /// The private key of that certificate (PEM: PKCS#8, PKCS#1 or SEC1). A secret file: it
+    /// must not be readable by group or others. Reloaded on SIGHUP.
+    #[serde(default)]
+    pub tls_client_key_file: Option<PathBuf>,
     /// Environment variable holding the credential sent upstream as `Authorization: Bearer`.
     #[serde(default)]
     pub api_key_env: Option<String>,

@@ -17,6 +17,11 @@
 //! With `--control-listen ADDR` the `/_sim/*` routes are served on that address too (printed as
 //! `CONTROL <addr>` next): a test can then read the counters of a simulator whose inference
 //! port the kernel reserves for the gateway.
+//!
+//! With `--tls-cert`/`--tls-key` the inference port speaks TLS (tokio-rustls), and with
+//! `--client-ca` too it requires a client certificate signed by that CA, as vLLM does with
+//! `--ssl-ca-certs … --ssl-cert-reqs 2`. A failed handshake never reaches the routes: it only
+//! counts in `tls_rejected` (and is printed on stderr). The control port stays plain HTTP.
 
 use std::{
     collections::BTreeMap,
@@ -71,6 +76,15 @@ struct Args {
     /// Embedding dimension.
     #[arg(long, default_value_t = 8)]
     dim: usize,
+    /// Serve TLS with this PEM certificate (chain) …
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// … and this PEM key.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Require a client certificate signed by a CA of this PEM bundle (mutual TLS).
+    #[arg(long, requires = "tls_cert")]
+    client_ca: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -106,6 +120,10 @@ struct Stats {
     failed: u64,
     in_flight: u64,
     health_checks: u64,
+    /// TLS handshakes refused (no client certificate, an unknown CA, an expired one, …).
+    tls_rejected: u64,
+    /// The client certificate (DER, base64) of the last TLS connection that presented one.
+    last_client_cert: Option<String>,
     by_path: BTreeMap<String, u64>,
     last_headers: BTreeMap<String, String>,
     last_body: Value,
@@ -189,6 +207,7 @@ fn main() -> anyhow::Result<()> {
             }
             None => None,
         };
+        let tls = tls_acceptor(&args)?;
         let sim = Arc::new(Sim {
             args,
             stats: Mutex::default(),
@@ -204,6 +223,7 @@ fn main() -> anyhow::Result<()> {
             .route("/_sim/fail", post(fail))
             .route("/_sim/reset", post(reset))
             .with_state(sim.clone());
+        let sim_tls = sim.clone();
         if let Some(l) = control {
             let control = Router::new()
                 .route("/_sim/stats", get(stats))
@@ -212,6 +232,9 @@ fn main() -> anyhow::Result<()> {
                 .with_state(sim);
             tokio::spawn(async move { axum::serve(l, control).await });
         }
+        if let Some(acceptor) = tls {
+            return serve_tls(listener, acceptor, app, sim_tls).await;
+        }
         // Small SSE frames must leave at once, as a real server's would (no Nagle).
         let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
             let _ = tcp.set_nodelay(true);
@@ -219,6 +242,72 @@ fn main() -> anyhow::Result<()> {
         axum::serve(listener, app).await?;
         anyhow::Ok(())
     })
+}
+
+/// The TLS side of the inference port, when `--tls-cert` is given.
+fn tls_acceptor(args: &Args) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {
+    use anyhow::Context as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .context("--tls-cert")?
+        .collect::<Result<Vec<_>, _>>()
+        .context("--tls-cert")?;
+    let key = PrivateKeyDer::from_pem_file(key).context("--tls-key")?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = match &args.client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca).context("--client-ca")? {
+                roots.add(c.context("--client-ca")?)?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let config = builder.with_single_cert(chain, key)?;
+    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
+}
+
+/// Accepts TLS connections and serves `app` over each (HTTP/1.1).
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    app: Router,
+    sim: Shared,
+) -> anyhow::Result<()> {
+    loop {
+        let (tcp, peer) = listener.accept().await?;
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, app, sim) = (acceptor.clone(), app.clone(), sim.clone());
+        tokio::spawn(async move {
+            let tls = match acceptor.accept(tcp).await {
+                Ok(tls) => tls,
+                Err(e) => {
+                    sim.stats().tls_rejected += 1;
+                    eprintln!("moat-sim: TLS handshake with {peer} failed: {e}");
+                    return;
+                }
+            };
+            if let Some(cert) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+                sim.stats().last_client_cert =
+                    Some(base64::engine::general_purpose::STANDARD.encode(cert.as_ref()));
+            }
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+        });
+    }
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
@@ -603,6 +692,8 @@ async fn stats(State(sim): State<Shared>) -> Json<Value> {
         "failed": s.failed,
         "in_flight": s.in_flight,
         "health_checks": s.health_checks,
+        "tls_rejected": s.tls_rejected,
+        "last_client_cert": s.last_client_cert,
         "by_path": s.by_path,
         "last_headers": s.last_headers,
         "last_body": s.last_body,

@@ -4,6 +4,7 @@
 //! as an [`Invalid`]: the dotted key and the reason; the loader adds the file's name.
 
 mod auth;
+mod client_cert;
 mod credentials;
 mod models;
 mod pools;

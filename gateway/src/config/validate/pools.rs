@@ -1,9 +1,10 @@
 //! `[pools.*]`: hosts resolved, timeouts and health settings bounded, the credential and CAs
-//! read (see [`super::credentials`]); out comes the checked [`Pool`].
+//! read (see [`super::credentials`]), the client certificate checked (see
+//! [`super::client_cert`]); out comes the checked [`Pool`].
 
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
-use super::{Invalid, credentials};
+use super::{Invalid, client_cert, credentials};
 use crate::config::{Ejection, HealthCheck, Pool, PoolConfig, Timeouts, capture::Reader};
 
 pub(in crate::config) fn pools(
@@ -65,6 +66,7 @@ fn pool(name: &str, p: &PoolConfig, base: &Path, reader: &Reader<'_>) -> Result<
     }
     let credential = credentials::credential(name, p, base, reader)?;
     let tls_roots = credentials::tls_roots(name, p, base, reader)?;
+    let tls_client = client_cert::client_cert(name, p, base, reader)?;
     let ms = Duration::from_millis;
     Ok(Pool {
         name: name.to_owned(),
@@ -78,6 +80,7 @@ fn pool(name: &str, p: &PoolConfig, base: &Path, reader: &Reader<'_>) -> Result<
         credential,
         tls: p.tls,
         tls_roots,
+        tls_client,
         timeouts: Timeouts {
             connect: ms(p.connect_timeout_ms),
             first_byte: ms(p.first_byte_timeout_ms),

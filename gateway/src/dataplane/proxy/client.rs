@@ -1,5 +1,5 @@
 //! The upstream HTTP client of one pool: hyper's pooled client (connection reuse, keep-alive),
-//! rustls for `tls = true` pools, and a resolver that only knows the addresses the config
+//! rustls for `tls = true` pools (with the pool's client certificate for mutual TLS), and a resolver that only knows the addresses the config
 //! resolved at load time — the gateway needs no DNS at run time, and a host name that is not a
 //! pool host cannot be reached through it.
 
@@ -25,7 +25,7 @@ use hyper_util::{
     rt::{TokioExecutor, TokioTimer},
 };
 
-use crate::config::Pool;
+use crate::config::{ClientCert, Pool};
 
 pub type HttpClient = Client<HttpsConnector<HttpConnector<StaticResolver>>, Full<Bytes>>;
 
@@ -89,8 +89,18 @@ pub fn build(pool: &Pool) -> anyhow::Result<HttpClient> {
     ))
     .with_safe_default_protocol_versions()
     .context("rustls protocol versions")?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    // mTLS: the certificate read at this config's load; a reload builds a new client, so a
+    // rotated certificate is used from the next new connection on.
+    let tls = match &pool.tls_client {
+        Some(cert) => {
+            warn_if_not_valid_now(&pool.name, cert);
+            tls.with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
+                cert.key.as_ref().clone(),
+            )))
+        }
+        None => tls.with_no_client_auth(),
+    };
     // The scheme of each request URI (from the pool's `tls`) decides plain or TLS.
     let https = HttpsConnectorBuilder::new()
         .with_tls_config(tls)
@@ -103,6 +113,22 @@ pub fn build(pool: &Pool) -> anyhow::Result<HttpClient> {
         .timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(60))
         .build(https))
+}
+
+/// An expired client certificate is not refused at load (the model server judges it, by its
+/// own clock), but it is said loudly: every handshake is about to fail.
+fn warn_if_not_valid_now(pool: &str, cert: &ClientCert) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let file = cert.cert_file.display();
+    if now > cert.not_after {
+        tracing::warn!(pool, file = %file, not_after = cert.not_after,
+            "the pool's client certificate has expired; model servers that check it will refuse the gateway");
+    } else if now < cert.not_before {
+        tracing::warn!(pool, file = %file, not_before = cert.not_before,
+            "the pool's client certificate is not valid yet; model servers that check it will refuse the gateway");
+    }
 }
 
 #[cfg(test)]

@@ -32,14 +32,14 @@ pub fn spawn(pools: &Pools, upstreams: &Upstreams) -> HealthCheckers {
             continue;
         };
         for host in &pool.hosts {
-            let task = tokio::spawn(run(upstream.clone(), host.clone()));
+            let task = tokio::spawn(run(upstream.clone(), pool.name.clone(), host.clone()));
             handles.push(task.abort_handle());
         }
     }
     HealthCheckers(handles)
 }
 
-async fn run(upstream: Arc<Upstream>, host: Arc<Host>) {
+async fn run(upstream: Arc<Upstream>, pool: String, host: Arc<Host>) {
     let mut tick = tokio::time::interval(upstream.health_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last: Option<bool> = None;
@@ -49,8 +49,10 @@ async fn run(upstream: Arc<Upstream>, host: Arc<Host>) {
         host.set_checked(ok.is_ok());
         if last != Some(ok.is_ok()) {
             match &ok {
-                Ok(()) => info!(host = %host.name, "upstream host healthy"),
-                Err(why) => warn!(host = %host.name, reason = %why, "upstream host unhealthy"),
+                Ok(()) => info!(pool, host = %host.name, "upstream host healthy"),
+                Err(why) => {
+                    warn!(pool, host = %host.name, reason = %why, "upstream host unhealthy")
+                }
             }
         }
         last = Some(ok.is_ok());
@@ -71,7 +73,9 @@ async fn probe(upstream: &Upstream, host: usize) -> Result<(), String> {
             .client
             .request(req)
             .await
-            .map_err(|e| e.to_string())?;
+            // The whole chain: a TLS refusal (the host does not accept the gateway's client
+            // certificate) is only named in the sources.
+            .map_err(|e| super::error_chain(&e))?;
         let status = resp.status();
         // Read the (small) body so the connection goes back to the pool for reuse.
         let _ = Limited::new(resp.into_body(), 64 * 1024).collect().await;

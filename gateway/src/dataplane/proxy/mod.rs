@@ -145,11 +145,15 @@ async fn dispatch(
             }
             Ok(Err(e)) if e.is_connect() => {
                 lease.failure();
-                warn!(host = %host.name, attempt, error = %e, "upstream connect failed; nothing sent");
+                // The whole chain: the TLS alert (an unknown CA, a certificate required or
+                // expired) sits below hyper's "client error (Connect)".
+                warn!(pool = %pool.name, host = %host.name, attempt, error = %error_chain(&e),
+                    "upstream connect failed; nothing sent");
             }
             Ok(Err(e)) => {
                 lease.failure();
-                warn!(host = %host.name, attempt, error = %e, "upstream request failed after sending");
+                warn!(pool = %pool.name, host = %host.name, attempt, error = %error_chain(&e),
+                    "upstream request failed after sending");
                 return Err(ApiError::bad_gateway(
                     "the inference server failed to answer",
                 ));
@@ -182,4 +186,16 @@ async fn dispatch(
     } else {
         Err(ApiError::bad_gateway("no inference host could be reached"))
     }
+}
+
+/// An error and its sources, `: `-joined.
+pub(super) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
