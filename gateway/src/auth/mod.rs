@@ -15,6 +15,7 @@ pub mod jwt;
 pub mod password;
 pub mod refresh;
 pub mod secrets;
+pub mod source;
 mod service;
 #[cfg(test)]
 mod service_tests;

@@ -63,6 +63,12 @@ fn bounds(auth: &AuthConfig) -> Result<(), Invalid> {
     if auth.refresh_idle_ttl_secs < 60 {
         return Err(bad("refresh_idle_ttl_secs", "must be at least 60"));
     }
+    if auth.refresh_reuse_grace_secs > 60 {
+        return Err(bad("refresh_reuse_grace_secs", "must be at most 60"));
+    }
+    for (i, p) in auth.trusted_proxies.iter().enumerate() {
+        crate::auth::source::parse_proxy(p).map_err(|r| bad(&format!("trusted_proxies[{i}]"), r))?;
+    }
     if auth.refresh_absolute_ttl_secs < auth.refresh_idle_ttl_secs {
         return Err(bad(
             "refresh_absolute_ttl_secs",
@@ -138,6 +144,20 @@ mod tests {
         assert!(e.key.starts_with("auth"), "{e}");
         assert!(e.reason.contains("bogus"), "{e}");
         assert!(load("[auth]\nalgorithm = \"HS256\"\nhs256_secret_file = \"k\"\n").is_ok());
+    }
+
+    #[test]
+    fn refresh_grace_and_trusted_proxies() {
+        let c = load("").unwrap();
+        assert_eq!(c.auth().refresh_reuse_grace_secs, 5);
+        assert!(c.auth().trusted_proxies.is_empty());
+        assert!(load("[auth]\nrefresh_reuse_grace_secs = 0\n").is_ok());
+        let e = load("[auth]\nrefresh_reuse_grace_secs = 61\n").unwrap_err();
+        assert_eq!(e.key, "auth.refresh_reuse_grace_secs");
+        assert!(load("[auth]\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]\n").is_ok());
+        let e = load("[auth]\ntrusted_proxies = [\"10.0.0.0/8\", \"lb.local\"]\n").unwrap_err();
+        assert_eq!(e.key, "auth.trusted_proxies[1]");
+        assert!(e.reason.contains("`lb.local` is not an IP address or CIDR"), "{e}");
     }
 
     #[test]
