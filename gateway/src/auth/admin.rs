@@ -350,6 +350,10 @@ mod grant_tests {
     use crate::{auth::AuthMethod, store::sqlite::SqliteStore};
 
     const ROLES: &str = r#"
+[pools.p]
+hosts = ["127.0.0.1:1"]
+[models.chat]
+pool = "p"
 [roles.user]
 permissions = ["model:chat", "inference:local"]
 [roles.keyadmin]
