@@ -213,7 +213,11 @@ impl Moat {
     pub fn start_with(server: &str, rest: &str, files: &[(&str, &str)]) -> Moat {
         let dir = tempfile::tempdir().unwrap();
         for (name, content) in files {
-            std::fs::write(dir.path().join(name), content).unwrap();
+            let path = dir.path().join(name);
+            std::fs::write(&path, content).unwrap();
+            // Private like a real secret: moat refuses a key file others can read.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         }
         // The harness's user `tester` has role `tester`: every model on every provider,
         // unless the test defines that role itself (authorization denies by default).

@@ -64,13 +64,16 @@ pub enum Sources<'a> {
 pub(super) struct Reader<'a> {
     sources: Sources<'a>,
     captured: RefCell<Captured>,
+    /// `server.user`: besides root, the one owner a secret file may have.
+    service_user: String,
 }
 
 impl<'a> Reader<'a> {
-    pub(super) fn new(sources: Sources<'a>) -> Self {
+    pub(super) fn new(sources: Sources<'a>, service_user: &str) -> Self {
         Self {
             sources,
             captured: Default::default(),
+            service_user: service_user.to_owned(),
         }
     }
 
@@ -127,6 +130,30 @@ impl<'a> Reader<'a> {
                     format!("{} was not read when the config loaded", path.display())
                 })?,
             };
+        self.captured
+            .borrow_mut()
+            .files
+            .insert(path.to_path_buf(), bytes.clone());
+        Ok(bytes)
+    }
+
+    /// A secret file (`Ok(None)`: it does not exist). Read from the system it must be a
+    /// regular file, not a symlink, owned by root, the service user or this process's user, and
+    /// without group or other access (`auth::secrets`); a replay gives what the supervisor's
+    /// checked read captured.
+    pub(super) fn secret_file(&self, path: &Path) -> Result<Option<Vec<u8>>, String> {
+        let bytes = match self.sources {
+            Sources::System | Sources::Lenient => {
+                let owners = crate::auth::secrets::secret_owners(&self.service_user);
+                match crate::auth::secrets::read_named_secret_file(path, &owners) {
+                    Ok(b) => Some(b.to_vec()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                    // The message names the file already.
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+            Sources::Replay(_) => return self.file(path),
+        };
         self.captured
             .borrow_mut()
             .files

@@ -20,7 +20,7 @@ pub(in crate::config) fn auth(
     if let Some(p) = &auth.hs256_secret_file {
         let path = base.join(p);
         let secret = reader
-            .file(&path)
+            .secret_file(&path)
             .map_err(|r| Invalid::new("auth.hs256_secret_file", r))?;
         if let Some(secret) = secret.filter(|s| s.len() < 32) {
             return Err(Invalid::new(
@@ -164,6 +164,9 @@ mod tests {
     fn a_short_hs256_secret_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("k"), "short").unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(dir.path().join("k"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
         let e = Config::from_str(
             &dir.path().join("moat.toml"),
             "[auth]\nalgorithm = \"HS256\"\nhs256_secret_file = \"k\"\n",
