@@ -145,10 +145,12 @@ impl Admin {
     ) -> Result<crate::store::User> {
         let name = username.to_owned();
         let tenant = p.tenant.clone();
-        self.store(p, state, move |a| Ok(a.users()?.into_iter().find(|u| u.username == name)))
-            .await?
-            .filter(|u| u.tenant == tenant)
-            .ok_or_else(|| ApiError::not_found(format!("no user `{username}` in your tenant")))
+        self.store(p, state, move |a| {
+            Ok(a.users()?.into_iter().find(|u| u.username == name))
+        })
+        .await?
+        .filter(|u| u.tenant == tenant)
+        .ok_or_else(|| ApiError::not_found(format!("no user `{username}` in your tenant")))
     }
 
     async fn own_key(
@@ -223,7 +225,9 @@ async fn add_user(
     let state = a.require(&p, "admin:users")?;
     let (name, tenant, roles) = (u.username.clone(), p.tenant.clone(), u.roles.clone());
     let id = a
-        .store(&p, &state, move |s| s.add_user(&name, &tenant, &roles, None))
+        .store(&p, &state, move |s| {
+            s.add_user(&name, &tenant, &roles, None)
+        })
         .await?;
     info!(by = %p.username, user_id = %id, tenant = %p.tenant, event = "user_added");
     Ok((
@@ -259,7 +263,8 @@ async fn set_roles(
     let state = a.require(&p, "admin:users")?;
     let u = a.own_user(&p, &state, &username).await?;
     let (name, roles) = (username.clone(), r.roles.clone());
-    a.store(&p, &state, move |s| s.set_user_roles(&name, &roles)).await?;
+    a.store(&p, &state, move |s| s.set_user_roles(&name, &roles))
+        .await?;
     a.identity.evict_user(&u.id);
     info!(by = %p.username, user_id = %u.id, event = "user_roles_changed");
     Ok(Json(json!({"username": username, "roles": r.roles})).into_response())
@@ -295,7 +300,9 @@ async fn create_key(
     let state = a.require(&p, "admin:keys")?;
     a.own_user(&p, &state, &k.user).await?;
     let created = a
-        .store(&p, &state, move |s| s.create_key(&k.user, &k.name, k.roles.as_deref(), k.expires_in_days))
+        .store(&p, &state, move |s| {
+            s.create_key(&k.user, &k.name, k.roles.as_deref(), k.expires_in_days)
+        })
         .await?;
     info!(by = %p.username, key_id = %created.key_id, event = "key_created");
     Ok((
@@ -325,7 +332,8 @@ async fn narrow_key(
     let state = a.require(&p, "admin:keys")?;
     a.own_key(&p, &state, &key_id).await?;
     let (id, roles) = (key_id.clone(), r.roles.clone());
-    a.store(&p, &state, move |s| s.narrow_key(&id, &roles)).await?;
+    a.store(&p, &state, move |s| s.narrow_key(&id, &roles))
+        .await?;
     a.identity.evict_key(&key_id);
     info!(by = %p.username, key_id = %key_id, event = "key_narrowed");
     Ok(Json(json!({"key_id": key_id, "roles": r.roles})).into_response())

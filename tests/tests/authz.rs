@@ -576,7 +576,7 @@ async fn admin_plane_is_separate_and_permissioned() {
     let moat = Moat::start(&config, &[]);
     let cfg = config_path(&moat);
     let addr = admin_addr(&moat);
-    let (ops, _) = principal(&cfg, "testing", "opsy", &["ops", "tester"], &["ops"]);
+    let (ops, _) = principal(&cfg, "testing", "opsy", &["ops", "tester"], &[]);
     let (other_ops, other_ops_id) = principal(&cfg, "other", "other-ops", &["ops"], &[]);
 
     // An inference key gets 403 on every admin route; the data plane has none at all.

@@ -55,9 +55,7 @@ impl Grantor<'_> {
     /// through (they grant nothing; a key may keep its user's stale role names).
     fn check(&self, what: &str, roles: &[String], undefined_ok: bool) -> anyhow::Result<()> {
         if !undefined_ok
-            && let Some(r) = roles
-                .iter()
-                .find(|r| !self.config.roles().contains_key(*r))
+            && let Some(r) = roles.iter().find(|r| !self.config.roles().contains_key(*r))
         {
             return Err(Forbidden(format!(
                 "{what}: role `{r}` is not defined in the config; only the root CLI grants it"
@@ -474,7 +472,11 @@ permissions = ["admin:*"]
                 let r = a.create_key(&holder, "k", None, None);
                 assert_eq!(r.is_ok(), *allowed, "{cell}: create_key");
                 let keys = w.root().keys(Some(&holder)).unwrap();
-                assert_eq!(keys.len(), usize::from(*allowed), "{cell}: keys in the store");
+                assert_eq!(
+                    keys.len(),
+                    usize::from(*allowed),
+                    "{cell}: keys in the store"
+                );
             }
         }
     }
@@ -515,10 +517,7 @@ permissions = ["admin:*"]
         let p = caller("acme", &["useradmin"]);
         let e = w.as_caller(&p).set_user_roles("boss", &[]).unwrap_err();
         assert!(e.downcast_ref::<Forbidden>().is_some(), "{e:#}");
-        assert_eq!(
-            root.users().unwrap()[0].roles,
-            roles(&["ops", "keyadmin"])
-        );
+        assert_eq!(root.users().unwrap()[0].roles, roles(&["ops", "keyadmin"]));
         // The root CLI stays all-powerful.
         root.create_key("boss", "root", None, None).unwrap();
         root.add_user("second-boss", "acme", &roles(&["ops"]), None)

@@ -703,7 +703,10 @@ mod tests {
         let (_, set) = ed_set();
         let c = serde_json::to_value(claims()).unwrap();
         // The plain header verifies: the refusal below is about the extra parameter only.
-        assert!(set.verify(&forge(&set, &header(&set), &c), &params(), now()).is_ok());
+        assert!(
+            set.verify(&forge(&set, &header(&set), &c), &params(), now())
+                .is_ok()
+        );
         for (name, value) in [
             ("cty", json!("JWT")),
             ("zip", json!("DEF")),

@@ -15,10 +15,10 @@ pub mod jwt;
 pub mod password;
 pub mod refresh;
 pub mod secrets;
-pub mod source;
 mod service;
 #[cfg(test)]
 mod service_tests;
+pub mod source;
 
 use axum::{extract::FromRequestParts, http::request::Parts};
 use serde::Serialize;

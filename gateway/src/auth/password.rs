@@ -487,7 +487,10 @@ mod tests {
         // A fourth subject is counted (not ignored): the oldest, `a`, makes room.
         t.failure("d");
         t.failure("d");
-        assert!(t.check("d").is_err(), "a new subject is still counted when full");
+        assert!(
+            t.check("d").is_err(),
+            "a new subject is still counted when full"
+        );
         assert_eq!(t.tracked(), 3);
         assert!(t.check("a").is_ok(), "the oldest was evicted");
         assert!(t.check("b").is_err() && t.check("c").is_err());
@@ -525,8 +528,13 @@ mod tests {
             .map(|i| {
                 let (gate, stored) = (gate.clone(), stored.clone());
                 tokio::spawn(async move {
-                    gate.check("alice", src, Zeroizing::new(format!("guess {i}")), Some(stored))
-                        .await
+                    gate.check(
+                        "alice",
+                        src,
+                        Zeroizing::new(format!("guess {i}")),
+                        Some(stored),
+                    )
+                    .await
                 })
             })
             .collect();
@@ -556,7 +564,10 @@ mod tests {
                 .await,
             Err(Refusal::Throttled(_))
         ));
-        assert_eq!(gate.check("u4", other, pw(), None).await, Err(Refusal::Invalid));
+        assert_eq!(
+            gate.check("u4", other, pw(), None).await,
+            Err(Refusal::Invalid)
+        );
     }
 
     #[tokio::test]

@@ -375,7 +375,10 @@ async fn a_rotated_token_is_regranted_within_the_grace_and_fatal_after_it() {
                 break;
             }
         }
-        assert!(std::time::Instant::now() < deadline, "the grace never ended");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the grace never ended"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert_eq!(

@@ -155,7 +155,10 @@ mod tests {
 
     #[test]
     fn headers_are_ignored_unless_the_peer_is_a_trusted_proxy() {
-        let spoof = headers(&[("x-forwarded-for", "203.0.113.9"), ("forwarded", "for=1.1.1.1")]);
+        let spoof = headers(&[
+            ("x-forwarded-for", "203.0.113.9"),
+            ("forwarded", "for=1.1.1.1"),
+        ]);
         let none = TrustedProxies::default();
         assert_eq!(none.client(ip("198.51.100.1"), &spoof), ip("198.51.100.1"));
         let lb = TrustedProxies::new(&["10.0.0.0/8".into()]);
@@ -184,7 +187,10 @@ mod tests {
         let h = headers(&[("forwarded", "for=unknown, for=10.0.0.5")]);
         assert_eq!(proxies.client(ip("10.9.9.9"), &h), ip("10.0.0.5"));
         // No header: the proxy itself.
-        assert_eq!(proxies.client(ip("10.9.9.9"), &HeaderMap::new()), ip("10.9.9.9"));
+        assert_eq!(
+            proxies.client(ip("10.9.9.9"), &HeaderMap::new()),
+            ip("10.9.9.9")
+        );
         assert_eq!(parse_proxy("10.1.2.3").unwrap().to_string(), "10.1.2.3/32");
         assert!(parse_proxy("10.0.0.0/33").is_err());
         assert!(parse_proxy("proxy.local").is_err());

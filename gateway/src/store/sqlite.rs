@@ -461,7 +461,8 @@ impl Store for SqliteStore {
                 .optional()?
                 .unwrap_or(false);
             if successor_live
-                && let Some(session) = session_in(&tx, &family_id, now)?.filter(|s| s.is_active(now))
+                && let Some(session) =
+                    session_in(&tx, &family_id, now)?.filter(|s| s.is_active(now))
             {
                 return Ok(RotateOutcome::Regranted { session });
             }

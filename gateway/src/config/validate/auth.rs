@@ -67,7 +67,8 @@ fn bounds(auth: &AuthConfig) -> Result<(), Invalid> {
         return Err(bad("refresh_reuse_grace_secs", "must be at most 60"));
     }
     for (i, p) in auth.trusted_proxies.iter().enumerate() {
-        crate::auth::source::parse_proxy(p).map_err(|r| bad(&format!("trusted_proxies[{i}]"), r))?;
+        crate::auth::source::parse_proxy(p)
+            .map_err(|r| bad(&format!("trusted_proxies[{i}]"), r))?;
     }
     if auth.refresh_absolute_ttl_secs < auth.refresh_idle_ttl_secs {
         return Err(bad(
@@ -157,7 +158,10 @@ mod tests {
         assert!(load("[auth]\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]\n").is_ok());
         let e = load("[auth]\ntrusted_proxies = [\"10.0.0.0/8\", \"lb.local\"]\n").unwrap_err();
         assert_eq!(e.key, "auth.trusted_proxies[1]");
-        assert!(e.reason.contains("`lb.local` is not an IP address or CIDR"), "{e}");
+        assert!(
+            e.reason.contains("`lb.local` is not an IP address or CIDR"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -60,7 +60,9 @@ fn read_credential(
             let file = base.join(file);
             let bytes = reader
                 .secret_file(&file)
-                .and_then(|b| b.ok_or_else(|| format!("cannot read {}: no such file", file.display())))
+                .and_then(|b| {
+                    b.ok_or_else(|| format!("cannot read {}: no such file", file.display()))
+                })
                 .map_err(|r| Invalid::new(key("api_key_file"), r))?;
             let text = String::from_utf8_lossy(&bytes);
             match text.lines().next().map(str::trim) {
@@ -153,10 +155,16 @@ mod tests {
         let pool = "[pools.gpu]\nhosts = [\"127.0.0.1:8000\"]\napi_key_file = \"s\"\n";
         let path = dir.path().join("s");
         let cfg = dir.path().join("moat.toml");
-        for (text, key) in [(hs, "auth.hs256_secret_file"), (pool, "pools.gpu.api_key_file")] {
+        for (text, key) in [
+            (hs, "auth.hs256_secret_file"),
+            (pool, "pools.gpu.api_key_file"),
+        ] {
             let load = || Config::from_str(&cfg, text);
             secret(&path, &"k".repeat(40));
-            assert!(load().is_ok(), "{key}: a private file owned by root is fine");
+            assert!(
+                load().is_ok(),
+                "{key}: a private file owned by root is fine"
+            );
 
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
             let e = load().unwrap_err();
