@@ -24,7 +24,9 @@ fn start(extra: &str) -> (Moat, String) {
     let moat = Moat::start(extra);
     moat.cli_ok(&["tenants", "add", "acme"], None);
     moat.cli_ok(
-        &["users", "add", "alice", "--tenant", "acme", "--role", "user"],
+        &[
+            "users", "add", "alice", "--tenant", "acme", "--role", "user",
+        ],
         None,
     );
     let out = moat.cli_ok(&["keys", "create", "--user", "alice", "--json"], None);
@@ -60,7 +62,10 @@ fn models_status(moat: &Moat, bearer: &str) -> u16 {
 #[test]
 fn racing_refreshes_within_the_grace_share_one_successor() {
     let (moat, key) = start("");
-    let (status, v) = send(token(&moat, &json!({"grant_type": "api_key", "api_key": key})));
+    let (status, v) = send(token(
+        &moat,
+        &json!({"grant_type": "api_key", "api_key": key}),
+    ));
     assert_eq!(status, 200, "{v}");
     let rt = v["refresh_token"].as_str().unwrap().to_owned();
     let n = 12;
@@ -79,8 +84,14 @@ fn racing_refreshes_within_the_grace_share_one_successor() {
     let answers: Vec<(u16, Value)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     for (status, v) in &answers {
         assert_eq!(*status, 200, "every racer is answered: {v}");
-        assert_eq!(v["refresh_token"], answers[0].1["refresh_token"], "one successor");
-        assert_eq!(models_status(&moat, v["access_token"].as_str().unwrap()), 200);
+        assert_eq!(
+            v["refresh_token"], answers[0].1["refresh_token"],
+            "one successor"
+        );
+        assert_eq!(
+            models_status(&moat, v["access_token"].as_str().unwrap()),
+            200
+        );
     }
     // The session goes on with that successor.
     let next = answers[0].1["refresh_token"].as_str().unwrap();
@@ -90,7 +101,10 @@ fn racing_refreshes_within_the_grace_share_one_successor() {
 #[test]
 fn a_spent_refresh_token_after_the_grace_ends_the_session() {
     let (moat, key) = start("[auth]\nrefresh_reuse_grace_secs = 1\n");
-    let (_, v) = send(token(&moat, &json!({"grant_type": "api_key", "api_key": key})));
+    let (_, v) = send(token(
+        &moat,
+        &json!({"grant_type": "api_key", "api_key": key}),
+    ));
     let rt1 = v["refresh_token"].as_str().unwrap().to_owned();
     let (status, v2) = send(token(&moat, &refresh(&rt1)));
     assert_eq!(status, 200, "{v2}");
@@ -120,7 +134,8 @@ fn a_spent_refresh_token_after_the_grace_ends_the_session() {
 
 /// A wrong password for a user nobody has, from `moat`'s point of view sent by `forwarded`.
 fn guess(moat: &Moat, forwarded: &str) -> u16 {
-    let body = json!({"grant_type": "password", "username": "nobody", "password": "wrong wrong wrong"});
+    let body =
+        json!({"grant_type": "password", "username": "nobody", "password": "wrong wrong wrong"});
     send(token(moat, &body).header("x-forwarded-for", forwarded)).0
 }
 
@@ -132,7 +147,11 @@ fn behind_a_trusted_proxy_the_forwarded_client_is_the_source() {
     );
     assert_eq!(guess(&moat, "203.0.113.1"), 401);
     assert_eq!(guess(&moat, "203.0.113.1"), 401);
-    assert_eq!(guess(&moat, "203.0.113.1"), 429, "that client is locked out");
+    assert_eq!(
+        guess(&moat, "203.0.113.1"),
+        429,
+        "that client is locked out"
+    );
     // Another client behind the same proxy is not.
     assert_eq!(guess(&moat, "203.0.113.2"), 401);
     // A client cannot pick its source: the proxy appends the real one on the right.

@@ -180,10 +180,9 @@ impl Throttle {
     pub fn reserve(&self, subject: &str) -> Result<(), u64> {
         let mut t = self.lock();
         let window = self.window;
-        if !t
-            .entries
+        if t.entries
             .get(subject)
-            .is_some_and(|e| e.first.elapsed() < window)
+            .is_none_or(|e| e.first.elapsed() >= window)
         {
             t.start(subject, self.capacity);
         }
