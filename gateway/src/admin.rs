@@ -7,9 +7,10 @@
 //! (`admin:keys`, `admin:users`, `admin:tenants`, `admin:policy`, `audit:read`); an inference
 //! key gets 403. Users and keys are administered within the caller's own tenant only; creating and
 //! listing tenants needs `admin:tenants`. What a caller may hand out (roles, keys) is bounded
-//! by what it holds, and global permissions never (`auth::admin` decides; a refusal is a 403). Changes take effect in this process at once (the
-//! identity caches are evicted) and in others within one epoch poll. Key secrets appear once,
-//! in the answer that creates them, and are never logged.
+//! by what it holds, and global permissions never (`auth::admin` decides; a refusal is a 403).
+//! Changes take effect in this process at once (the identity caches are evicted) and in others
+//! within one epoch poll. Key secrets appear once, in the answer that creates them, and are
+//! never logged.
 
 use std::sync::Arc;
 
