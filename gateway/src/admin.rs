@@ -6,9 +6,11 @@
 //! Every route needs a bearer (the same credentials as the data plane) and its own permission
 //! (`admin:keys`, `admin:users`, `admin:tenants`, `admin:policy`, `audit:read`); an inference
 //! key gets 403. Users and keys are administered within the caller's own tenant only; creating and
-//! listing tenants needs `admin:tenants`. Changes take effect in this process at once (the
-//! identity caches are evicted) and in others within one epoch poll. Key secrets appear once,
-//! in the answer that creates them, and are never logged.
+//! listing tenants needs `admin:tenants`. What a caller may hand out (roles, keys) is bounded
+//! by what it holds, and global permissions never (`auth::admin` decides; a refusal is a 403).
+//! Changes take effect in this process at once (the identity caches are evicted) and in others
+//! within one epoch poll. Key secrets appear once, in the answer that creates them, and are
+//! never logged.
 
 use std::sync::Arc;
 
@@ -26,7 +28,7 @@ use tracing::info;
 use arc_swap::ArcSwap;
 
 use crate::{
-    auth::{Identity, Principal, http as auth_http},
+    auth::{Identity, Principal, admin as auth_admin, http as auth_http},
     dataplane::authz::{self, Permissions},
     dataplane::state::SharedState,
     error::ApiError,
@@ -78,7 +80,12 @@ type Result<T> = std::result::Result<T, ApiError>;
 
 /// An identity operation the store or its checks refused (a bad name, no such user, …): a 400
 /// whose message is the reason, which never holds a secret.
+///
+/// A grant beyond the caller's own permissions is a 403 (`auth::admin` decides it).
 fn refused(e: anyhow::Error) -> ApiError {
+    if e.downcast_ref::<auth_admin::Forbidden>().is_some() {
+        return ApiError::forbidden(format!("{e:#}")).with_code("permission_denied");
+    }
     ApiError::bad_request(format!("{e:#}"))
 }
 
@@ -111,31 +118,51 @@ impl Admin {
         }
     }
 
-    /// Runs a store operation off the async threads.
+    /// Runs a store operation off the async threads, on behalf of `p` under the config of
+    /// `state`: what it may hand out is bounded by what it holds (`auth::admin`).
     async fn store<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&crate::auth::admin::Admin<'_>) -> anyhow::Result<T> + Send + 'static,
+        p: &Principal,
+        state: &SharedState,
+        f: impl FnOnce(&auth_admin::Admin<'_>) -> anyhow::Result<T> + Send + 'static,
     ) -> Result<T> {
-        let identity = self.identity.clone();
-        tokio::task::spawn_blocking(move || f(&identity.admin()))
-            .await
-            .map_err(|_| ApiError::internal())?
-            .map_err(refused)
+        let (identity, state, p) = (self.identity.clone(), state.clone(), p.clone());
+        tokio::task::spawn_blocking(move || {
+            f(&identity.admin_as(auth_admin::Grantor {
+                config: &state.config,
+                principal: &p,
+            }))
+        })
+        .await
+        .map_err(|_| ApiError::internal())?
+        .map_err(refused)
     }
 
     /// The user, if it is in the caller's tenant (otherwise it does not exist for the caller).
-    async fn own_user(&self, p: &Principal, username: &str) -> Result<crate::store::User> {
+    async fn own_user(
+        &self,
+        p: &Principal,
+        state: &SharedState,
+        username: &str,
+    ) -> Result<crate::store::User> {
         let name = username.to_owned();
         let tenant = p.tenant.clone();
-        self.store(move |a| Ok(a.users()?.into_iter().find(|u| u.username == name)))
-            .await?
-            .filter(|u| u.tenant == tenant)
-            .ok_or_else(|| ApiError::not_found(format!("no user `{username}` in your tenant")))
+        self.store(p, state, move |a| {
+            Ok(a.users()?.into_iter().find(|u| u.username == name))
+        })
+        .await?
+        .filter(|u| u.tenant == tenant)
+        .ok_or_else(|| ApiError::not_found(format!("no user `{username}` in your tenant")))
     }
 
-    async fn own_key(&self, p: &Principal, key_id: &str) -> Result<crate::store::ApiKeyRecord> {
+    async fn own_key(
+        &self,
+        p: &Principal,
+        state: &SharedState,
+        key_id: &str,
+    ) -> Result<crate::store::ApiKeyRecord> {
         let tenant = p.tenant.clone();
-        self.store(|a| a.keys(None))
+        self.store(p, state, |a| a.keys(None))
             .await?
             .into_iter()
             .find(|k| k.key_id == key_id && k.tenant == tenant)
@@ -144,8 +171,8 @@ impl Admin {
 }
 
 async fn list_tenants(State(a): State<Admin>, p: Principal) -> Result<Response> {
-    a.require(&p, "admin:tenants")?;
-    let t = a.store(|s| s.tenants()).await?;
+    let state = a.require(&p, "admin:tenants")?;
+    let t = a.store(&p, &state, |s| s.tenants()).await?;
     Ok(Json(json!({ "tenants": t })).into_response())
 }
 
@@ -160,9 +187,9 @@ async fn add_tenant(
     p: Principal,
     Body(t): Body<NewTenant>,
 ) -> Result<Response> {
-    a.require(&p, "admin:tenants")?;
+    let state = a.require(&p, "admin:tenants")?;
     let name = t.name.clone();
-    a.store(move |s| s.add_tenant(&name)).await?;
+    a.store(&p, &state, move |s| s.add_tenant(&name)).await?;
     info!(by = %p.username, tenant = %t.name, event = "tenant_added");
     Ok((
         axum::http::StatusCode::CREATED,
@@ -172,10 +199,10 @@ async fn add_tenant(
 }
 
 async fn list_users(State(a): State<Admin>, p: Principal) -> Result<Response> {
-    a.require(&p, "admin:users")?;
+    let state = a.require(&p, "admin:users")?;
     let tenant = p.tenant.clone();
     let users: Vec<_> = a
-        .store(|s| s.users())
+        .store(&p, &state, |s| s.users())
         .await?
         .into_iter()
         .filter(|u| u.tenant == tenant)
@@ -197,10 +224,12 @@ async fn add_user(
     p: Principal,
     Body(u): Body<NewUser>,
 ) -> Result<Response> {
-    a.require(&p, "admin:users")?;
+    let state = a.require(&p, "admin:users")?;
     let (name, tenant, roles) = (u.username.clone(), p.tenant.clone(), u.roles.clone());
     let id = a
-        .store(move |s| s.add_user(&name, &tenant, &roles, None))
+        .store(&p, &state, move |s| {
+            s.add_user(&name, &tenant, &roles, None)
+        })
         .await?;
     info!(by = %p.username, user_id = %id, tenant = %p.tenant, event = "user_added");
     Ok((
@@ -215,8 +244,8 @@ async fn disable_user(
     p: Principal,
     Path(username): Path<String>,
 ) -> Result<Response> {
-    a.require(&p, "admin:users")?;
-    a.own_user(&p, &username).await?;
+    let state = a.require(&p, "admin:users")?;
+    a.own_user(&p, &state, &username).await?;
     let changed = a.identity.disable_user(&username).await.map_err(refused)?;
     Ok(Json(json!({"username": username, "changed": changed})).into_response())
 }
@@ -233,20 +262,21 @@ async fn set_roles(
     Path(username): Path<String>,
     Body(r): Body<Roles>,
 ) -> Result<Response> {
-    a.require(&p, "admin:users")?;
-    let u = a.own_user(&p, &username).await?;
+    let state = a.require(&p, "admin:users")?;
+    let u = a.own_user(&p, &state, &username).await?;
     let (name, roles) = (username.clone(), r.roles.clone());
-    a.store(move |s| s.set_user_roles(&name, &roles)).await?;
+    a.store(&p, &state, move |s| s.set_user_roles(&name, &roles))
+        .await?;
     a.identity.evict_user(&u.id);
     info!(by = %p.username, user_id = %u.id, event = "user_roles_changed");
     Ok(Json(json!({"username": username, "roles": r.roles})).into_response())
 }
 
 async fn list_keys(State(a): State<Admin>, p: Principal) -> Result<Response> {
-    a.require(&p, "admin:keys")?;
+    let state = a.require(&p, "admin:keys")?;
     let tenant = p.tenant.clone();
     let keys: Vec<_> = a
-        .store(|s| s.keys(None))
+        .store(&p, &state, |s| s.keys(None))
         .await?
         .into_iter()
         .filter(|k| k.tenant == tenant)
@@ -269,10 +299,12 @@ async fn create_key(
     p: Principal,
     Body(k): Body<NewKey>,
 ) -> Result<Response> {
-    a.require(&p, "admin:keys")?;
-    a.own_user(&p, &k.user).await?;
+    let state = a.require(&p, "admin:keys")?;
+    a.own_user(&p, &state, &k.user).await?;
     let created = a
-        .store(move |s| s.create_key(&k.user, &k.name, k.roles.as_deref(), k.expires_in_days))
+        .store(&p, &state, move |s| {
+            s.create_key(&k.user, &k.name, k.roles.as_deref(), k.expires_in_days)
+        })
         .await?;
     info!(by = %p.username, key_id = %created.key_id, event = "key_created");
     Ok((
@@ -287,8 +319,8 @@ async fn revoke_key(
     p: Principal,
     Path(key_id): Path<String>,
 ) -> Result<Response> {
-    a.require(&p, "admin:keys")?;
-    a.own_key(&p, &key_id).await?;
+    let state = a.require(&p, "admin:keys")?;
+    a.own_key(&p, &state, &key_id).await?;
     let changed = a.identity.revoke_key(&key_id).await.map_err(refused)?;
     Ok(Json(json!({"key_id": key_id, "changed": changed})).into_response())
 }
@@ -299,10 +331,11 @@ async fn narrow_key(
     Path(key_id): Path<String>,
     Body(r): Body<Roles>,
 ) -> Result<Response> {
-    a.require(&p, "admin:keys")?;
-    a.own_key(&p, &key_id).await?;
+    let state = a.require(&p, "admin:keys")?;
+    a.own_key(&p, &state, &key_id).await?;
     let (id, roles) = (key_id.clone(), r.roles.clone());
-    a.store(move |s| s.narrow_key(&id, &roles)).await?;
+    a.store(&p, &state, move |s| s.narrow_key(&id, &roles))
+        .await?;
     a.identity.evict_key(&key_id);
     info!(by = %p.username, key_id = %key_id, event = "key_narrowed");
     Ok(Json(json!({"key_id": key_id, "roles": r.roles})).into_response())
@@ -337,7 +370,7 @@ async fn policy(
     let state = a.require(&p, "admin:policy")?;
     let roles = match &q.user {
         None => p.roles.clone(),
-        Some(u) => a.own_user(&p, u).await?.roles,
+        Some(u) => a.own_user(&p, &state, u).await?.roles,
     };
     Ok(Json(authz::effective(&state.config, &p.tenant, &roles)).into_response())
 }

@@ -16,6 +16,11 @@ pub const ADMIN_PERMISSIONS: &[&str] = &[
     "audit:read",
 ];
 
+/// Admin permissions that reach beyond the caller's own tenant (every tenant's list, the
+/// kernel's counters). Only the root CLI hands them out: the admin plane never grants them,
+/// not even to a caller that holds them (`auth::admin`).
+pub const GLOBAL_PERMISSIONS: &[&str] = &["admin:tenants", "audit:read"];
+
 /// One permission, as written in a role.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Permission {

@@ -202,9 +202,13 @@ impl Daemon {
         fs::read_to_string(&self.config).expect("read config")
     }
 
-    /// Writes a file next to the config.
+    /// Writes a file next to the config, private like a real secret (moat refuses a key file
+    /// others can read).
     pub fn write_file(&self, name: &str, content: &str) {
-        fs::write(self.dir.path().join(name), content).expect("write file");
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.dir.path().join(name);
+        fs::write(&path, content).expect("write file");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod file");
     }
 
     /// The temp folder (config, data dir, logs).

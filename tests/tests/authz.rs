@@ -547,7 +547,7 @@ async fn admin_plane_is_separate_and_permissioned() {
     );
     let moat = Daemon::gateway("", &config, &[]);
     let addr = admin_addr(&moat);
-    let (ops, _) = principal(&moat, "testing", "opsy", &["ops", "tester"], &["ops"]);
+    let (ops, _) = principal(&moat, "testing", "opsy", &["ops", "tester"], &[]);
     let (other_ops, other_ops_id) = principal(&moat, "other", "other-ops", &["ops"], &[]);
 
     // An inference key gets 403 on every admin route; the data plane has none at all.

@@ -176,7 +176,9 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 #[test]
 fn full_flow_and_no_plaintext_secret_in_the_database_or_log() {
-    let mut w = world("");
+    // No reuse grace: a spent token presented again is fatal at once (the grace is tested in
+    // `auth_hardening`).
+    let mut w = world("[auth]\nrefresh_reuse_grace_secs = 0\n");
     let mut secrets: Vec<String> = vec![PASSWORD.into(), w.key.clone()];
 
     // Public routes need no bearer; everything else does.
@@ -610,8 +612,8 @@ fn every_forged_or_broken_access_token_is_refused() {
 }
 
 #[test]
-fn concurrent_refreshes_of_one_token_have_exactly_one_winner() {
-    let w = world("");
+fn without_grace_concurrent_refreshes_of_one_token_have_exactly_one_winner() {
+    let w = world("[auth]\nrefresh_reuse_grace_secs = 0\n");
     let (_, rt) = tokens(token_json(
         &w,
         json!({"grant_type": "api_key", "api_key": w.key}),

@@ -172,7 +172,7 @@ fn missing(param: &str) -> ApiError {
 
 /// `POST /v1/auth/token`.
 pub async fn token(State(identity): State<Arc<Identity>>, req: Request) -> Response {
-    let source = source_ip(&req);
+    let source = identity.client_address(source_ip(&req), req.headers());
     let result = async {
         let (headers, body) = read_body(req).await?;
         let r: TokenRequest = parse_body(&headers, &body)?;

@@ -5,7 +5,8 @@
 //!
 //! Verification does not trust `jsonwebtoken`'s defaults (60 s leeway, `nbf` unchecked, only
 //! `exp` required, `typ` unchecked). Before the library sees a token we decode the raw header
-//! ourselves: `typ` must be `at+jwt`; `jku`, `x5u`, `x5c`, `jwk` and `crit` are refused; `kid`
+//! ourselves: only `alg`, `typ` and `kid` may appear (RFC 8725); `typ` must be `at+jwt`; `jku`,
+//! `x5u`, `x5c`, `jwk` and `crit` are named in the refusal; `kid`
 //! must name a key in our static set and `alg` must be that key's one algorithm (so `none` and
 //! HS256-signed-with-the-public-key confusion cannot pass). Then the library checks the
 //! signature, `exp`, `nbf`, `iss` and `aud` with our leeway, and the claim struct makes `sub`,
@@ -35,6 +36,10 @@ pub const MAX_LEEWAY_SECS: u64 = 30;
 pub const TYP: &str = "at+jwt";
 /// Headers that would let a token pick its own verification key or demand extensions.
 pub const FORBIDDEN_HEADERS: [&str; 5] = ["jku", "x5u", "x5c", "jwk", "crit"];
+/// The only header parameters an access token may carry (RFC 8725 §3.1: accept only what is
+/// understood). Anything else — `zip`, `cty`, `b64`, a private name — is refused before the
+/// signature is checked, even if the signature would verify.
+pub const ALLOWED_HEADERS: [&str; 3] = ["alg", "typ", "kid"];
 /// Longest token considered at all.
 const MAX_TOKEN_LEN: usize = 8 * 1024;
 /// The Ed25519 key set's file in the secrets folder.
@@ -64,6 +69,8 @@ pub enum JwtError {
     Malformed,
     #[error("forbidden header `{0}`")]
     ForbiddenHeader(&'static str),
+    #[error("unexpected header `{0}` (only alg, typ and kid are accepted)")]
+    UnexpectedHeader(String),
     #[error("`typ` is not at+jwt")]
     WrongType,
     #[error("unknown or retired key id")]
@@ -155,6 +162,14 @@ impl KeySet {
             if header.contains_key(name) {
                 return Err(JwtError::ForbiddenHeader(name));
             }
+        }
+        if let Some(extra) = header
+            .keys()
+            .find(|k| !ALLOWED_HEADERS.contains(&k.as_str()))
+        {
+            // Only the name, truncated: the header is attacker-controlled text bound for logs.
+            let name: String = extra.chars().take(32).filter(|c| !c.is_control()).collect();
+            return Err(JwtError::UnexpectedHeader(name));
         }
         match header.get("typ").and_then(Value::as_str) {
             Some(t)
@@ -679,6 +694,31 @@ mod tests {
             assert_eq!(
                 set.verify(&forge(&set, &h, &c), &params(), now()),
                 Err(JwtError::ForbiddenHeader(name))
+            );
+        }
+    }
+
+    #[test]
+    fn headers_beyond_alg_typ_kid_are_refused_even_when_signed() {
+        let (_, set) = ed_set();
+        let c = serde_json::to_value(claims()).unwrap();
+        // The plain header verifies: the refusal below is about the extra parameter only.
+        assert!(
+            set.verify(&forge(&set, &header(&set), &c), &params(), now())
+                .is_ok()
+        );
+        for (name, value) in [
+            ("cty", json!("JWT")),
+            ("zip", json!("DEF")),
+            ("b64", json!(false)),
+            ("x-private", json!({"a": 1})),
+        ] {
+            let mut h = header(&set);
+            h[name] = value;
+            assert_eq!(
+                set.verify(&forge(&set, &h, &c), &params(), now()),
+                Err(JwtError::UnexpectedHeader(name.to_owned())),
+                "{name}"
             );
         }
     }

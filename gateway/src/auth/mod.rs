@@ -5,7 +5,9 @@
 //! - [`Principal`] is what a handler receives once the caller is authenticated (an axum
 //!   extractor: take `principal: Principal` as a handler argument);
 //! - [`http`] holds the token, revoke and JWKS endpoints and the bearer middleware;
-//! - [`admin`] holds the operator's operations (the CLI, later the admin plane).
+//! - [`admin`] holds the operator's operations (the CLI, and the admin plane bounded by what
+//!   its caller holds);
+//! - [`source`] says which client a token request comes from (trusted proxies, IPv6 /64).
 
 pub mod admin;
 pub mod api_key;
@@ -18,6 +20,7 @@ pub mod secrets;
 mod service;
 #[cfg(test)]
 mod service_tests;
+pub mod source;
 
 use axum::{extract::FromRequestParts, http::request::Parts};
 use serde::Serialize;

@@ -4,9 +4,13 @@
 //! throttling per user and per source address.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     net::IpAddr,
-    sync::{Arc, Mutex, OnceLock, mpsc},
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
     time::{Duration, Instant},
 };
 
@@ -86,65 +90,142 @@ pub fn check_policy(password: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Failure counting with lock-out: after `max_failures` failures within `window`, the subject is
-/// refused until the window has passed since the first of them. A success clears it.
+/// Attempt counting with lock-out: after `max_failures` failed attempts within `window`, the
+/// subject is refused until the window has passed since the first of them. A success clears it.
+///
+/// An attempt is counted when it is *reserved*, before any hashing: concurrent guesses cannot
+/// all pass the check while the first ones are still hashing. A success then clears the count,
+/// an attempt that never ran (no hashing slot) gives its reservation back, a failure keeps it.
 pub struct Throttle {
     max_failures: u32,
     window: Duration,
-    entries: Mutex<HashMap<String, (Instant, u32)>>,
+    capacity: usize,
+    state: Mutex<Tracked>,
 }
 
-/// Subjects tracked at most; beyond it, stale entries are swept, then new subjects are not
-/// tracked (a flood of distinct names cannot grow memory without bound).
-const THROTTLE_CAPACITY: usize = 100_000;
+/// One subject's count.
+struct Entry {
+    first: Instant,
+    n: u32,
+    /// Position in [`Tracked::order`]; an order item with another `seq` is stale.
+    seq: u64,
+}
+
+/// The counted subjects, and the order in which they were first counted (oldest first), so
+/// that a full table evicts the oldest subject instead of no longer counting new ones.
+#[derive(Default)]
+struct Tracked {
+    entries: HashMap<String, Entry>,
+    order: VecDeque<(u64, String)>,
+    next_seq: u64,
+}
+
+impl Tracked {
+    /// Starts counting `subject` afresh, evicting the oldest subjects past `capacity`.
+    fn start(&mut self, subject: &str, capacity: usize) {
+        if !self.entries.contains_key(subject) {
+            while self.entries.len() >= capacity {
+                let Some((seq, oldest)) = self.order.pop_front() else {
+                    break;
+                };
+                if self.entries.get(&oldest).is_some_and(|e| e.seq == seq) {
+                    self.entries.remove(&oldest);
+                }
+            }
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.order.push_back((seq, subject.to_owned()));
+        // Stale order items (cleared or restarted subjects) are dropped in bulk, so the queue
+        // stays within a small multiple of the table.
+        if self.order.len() > 2 * capacity.max(16) {
+            let entries = &self.entries;
+            self.order
+                .retain(|(seq, s)| entries.get(s).is_some_and(|e| e.seq == *seq));
+        }
+        self.entries.insert(
+            subject.to_owned(),
+            Entry {
+                first: Instant::now(),
+                n: 0,
+                seq,
+            },
+        );
+    }
+}
+
+/// Subjects tracked at most by default; past it the oldest is evicted (never: stop counting).
+pub const THROTTLE_CAPACITY: usize = 100_000;
 
 impl Throttle {
     pub fn new(max_failures: u32, window: Duration) -> Self {
+        Self::with_capacity(max_failures, window, THROTTLE_CAPACITY)
+    }
+
+    pub fn with_capacity(max_failures: u32, window: Duration, capacity: usize) -> Self {
         Self {
             max_failures: max_failures.max(1),
             window,
-            entries: Mutex::new(HashMap::new()),
+            capacity: capacity.max(1),
+            state: Mutex::new(Tracked::default()),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, u32)>> {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tracked> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts one attempt for `subject`, atomically with the lock-out check. `Err(seconds)`
+    /// while the subject is locked out (nothing is counted then).
+    pub fn reserve(&self, subject: &str) -> Result<(), u64> {
+        let mut t = self.lock();
+        let window = self.window;
+        if t.entries
+            .get(subject)
+            .is_none_or(|e| e.first.elapsed() >= window)
+        {
+            t.start(subject, self.capacity);
+        }
+        let Some(e) = t.entries.get_mut(subject) else {
+            return Ok(()); // capacity ≥ 1: `start` always leaves the subject in
+        };
+        if e.n >= self.max_failures {
+            return Err((window.saturating_sub(e.first.elapsed())).as_secs().max(1));
+        }
+        e.n += 1;
+        Ok(())
+    }
+
+    /// Gives back a reservation whose attempt never ran.
+    pub fn release(&self, subject: &str) {
+        if let Some(e) = self.lock().entries.get_mut(subject) {
+            e.n = e.n.saturating_sub(1);
+        }
+    }
+
+    /// A failed attempt outside [`Self::reserve`] (counted at once).
+    pub fn failure(&self, subject: &str) {
+        let _ = self.reserve(subject);
     }
 
     /// `Err(seconds)` while the subject is locked out.
     pub fn check(&self, subject: &str) -> Result<(), u64> {
-        let map = self.lock();
-        match map.get(subject) {
-            Some((first, n)) if *n >= self.max_failures => {
-                let elapsed = first.elapsed();
-                if elapsed < self.window {
-                    Err((self.window - elapsed).as_secs().max(1))
-                } else {
-                    Ok(())
-                }
+        let t = self.lock();
+        match t.entries.get(subject) {
+            Some(e) if e.n >= self.max_failures && e.first.elapsed() < self.window => {
+                Err((self.window - e.first.elapsed()).as_secs().max(1))
             }
             _ => Ok(()),
         }
     }
 
-    pub fn failure(&self, subject: &str) {
-        let mut map = self.lock();
-        if map.len() >= THROTTLE_CAPACITY && !map.contains_key(subject) {
-            let w = self.window;
-            map.retain(|_, (first, _)| first.elapsed() < w);
-            if map.len() >= THROTTLE_CAPACITY {
-                return;
-            }
-        }
-        let e = map.entry(subject.to_owned()).or_insert((Instant::now(), 0));
-        if e.0.elapsed() >= self.window {
-            *e = (Instant::now(), 0);
-        }
-        e.1 += 1;
+    pub fn success(&self, subject: &str) {
+        self.lock().entries.remove(subject);
     }
 
-    pub fn success(&self, subject: &str) {
-        self.lock().remove(subject);
+    /// Subjects counted now.
+    pub fn tracked(&self) -> usize {
+        self.lock().entries.len()
     }
 }
 
@@ -219,6 +300,8 @@ pub struct PasswordGate {
     queue_timeout: Duration,
     per_user: Throttle,
     per_source: Throttle,
+    /// argon2 verifications started (for tests and a sanity check of the throttles).
+    verifications: AtomicU64,
 }
 
 impl PasswordGate {
@@ -234,6 +317,7 @@ impl PasswordGate {
             queue_timeout: Duration::from_secs(2),
             per_user: Throttle::new(max_failures_per_user, lockout),
             per_source: Throttle::new(max_failures_per_source, lockout),
+            verifications: AtomicU64::new(0),
         }
     }
 
@@ -241,8 +325,16 @@ impl PasswordGate {
         username.to_lowercase()
     }
 
+    /// How many password verifications reached argon2.
+    pub fn verifications(&self) -> u64 {
+        self.verifications.load(Ordering::Relaxed)
+    }
+
     /// Runs the check. `stored` is `None` when the user is unknown, disabled or has no password
     /// (the hash still runs, against a dummy). `Ok(())` only when the password matches.
+    ///
+    /// `source` is the client address (see `auth::source`); IPv6 clients are counted per /64,
+    /// since one host usually holds a whole /64.
     pub async fn check(
         &self,
         username: &str,
@@ -251,19 +343,25 @@ impl PasswordGate {
         stored: Option<String>,
     ) -> Result<(), Refusal> {
         let user = Self::user_subject(username);
-        let src = source.to_string();
-        self.per_user.check(&user).map_err(Refusal::Throttled)?;
-        self.per_source.check(&src).map_err(Refusal::Throttled)?;
+        let src = super::source::throttle_key(source);
+        // Counted before hashing: a burst of guesses cannot outrun the count.
+        self.per_user.reserve(&user).map_err(Refusal::Throttled)?;
+        if let Err(secs) = self.per_source.reserve(&src) {
+            self.per_user.release(&user);
+            return Err(Refusal::Throttled(secs));
+        }
         if password.len() > MAX_LEN {
-            self.per_user.failure(&user);
-            self.per_source.failure(&src);
             return Err(Refusal::Invalid);
         }
         let permit =
             tokio::time::timeout(self.queue_timeout, self.slots.clone().acquire_owned()).await;
         let Ok(Ok(permit)) = permit else {
+            // Never ran: not an attempt.
+            self.per_user.release(&user);
+            self.per_source.release(&src);
             return Err(Refusal::Busy(1));
         };
+        self.verifications.fetch_add(1, Ordering::Relaxed);
         let ok = self
             .pool
             .run(move || {
@@ -274,10 +372,9 @@ impl PasswordGate {
             .unwrap_or(false);
         if ok {
             self.per_user.success(&user);
+            self.per_source.release(&src);
             Ok(())
         } else {
-            self.per_user.failure(&user);
-            self.per_source.failure(&src);
             Err(Refusal::Invalid)
         }
     }
@@ -375,6 +472,100 @@ mod tests {
             gate.check("dave", other, pw("the right password"), Some(stored))
                 .await,
             Ok(())
+        );
+    }
+
+    #[test]
+    fn a_full_throttle_evicts_the_oldest_and_keeps_counting() {
+        let t = Throttle::with_capacity(2, Duration::from_secs(60), 3);
+        for s in ["a", "b", "c"] {
+            t.failure(s);
+            t.failure(s);
+            assert!(t.check(s).is_err(), "{s} locked");
+        }
+        // A fourth subject is counted (not ignored): the oldest, `a`, makes room.
+        t.failure("d");
+        t.failure("d");
+        assert!(
+            t.check("d").is_err(),
+            "a new subject is still counted when full"
+        );
+        assert_eq!(t.tracked(), 3);
+        assert!(t.check("a").is_ok(), "the oldest was evicted");
+        assert!(t.check("b").is_err() && t.check("c").is_err());
+        // Churn far past the capacity: the table stays bounded and the newest still counts.
+        for i in 0..1000 {
+            t.failure(&format!("s{i}"));
+        }
+        t.failure("s999");
+        assert!(t.check("s999").is_err());
+        assert_eq!(t.tracked(), 3);
+        assert!(t.lock().order.len() <= 2 * 16 + 1);
+    }
+
+    #[test]
+    fn reservations_count_before_the_outcome_and_can_be_given_back() {
+        let t = Throttle::new(2, Duration::from_secs(60));
+        assert!(t.reserve("a").is_ok());
+        assert!(t.reserve("a").is_ok());
+        assert!(t.reserve("a").is_err(), "two in flight use up the limit");
+        t.release("a");
+        assert!(t.reserve("a").is_ok(), "a released slot can be taken again");
+        t.success("a");
+        assert!(t.check("a").is_ok());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_guesses_reach_argon2_at_most_the_limit() {
+        const LIMIT: u32 = 5;
+        let mut gate = PasswordGate::new(2, LIMIT, 1000, Duration::from_secs(60));
+        gate.queue_timeout = Duration::from_secs(600);
+        let gate = Arc::new(gate);
+        let stored = hash("the right password");
+        let src: IpAddr = "192.0.2.7".parse().unwrap();
+        let guesses: Vec<_> = (0..100)
+            .map(|i| {
+                let (gate, stored) = (gate.clone(), stored.clone());
+                tokio::spawn(async move {
+                    gate.check(
+                        "alice",
+                        src,
+                        Zeroizing::new(format!("guess {i}")),
+                        Some(stored),
+                    )
+                    .await
+                })
+            })
+            .collect();
+        let mut invalid = 0;
+        for g in guesses {
+            match g.await.unwrap() {
+                Err(Refusal::Invalid) => invalid += 1,
+                Err(Refusal::Throttled(_)) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(gate.verifications(), u64::from(LIMIT));
+        assert_eq!(invalid, LIMIT);
+    }
+
+    #[tokio::test]
+    async fn ipv6_sources_are_counted_per_64() {
+        let gate = PasswordGate::new(1, 100, 2, Duration::from_secs(60));
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let pw = || Zeroizing::new("wrong".to_owned());
+        assert_eq!(gate.check("u1", a, pw(), None).await, Err(Refusal::Invalid));
+        assert_eq!(gate.check("u2", b, pw(), None).await, Err(Refusal::Invalid));
+        assert!(matches!(
+            gate.check("u3", "2001:db8:1:2:abcd::1".parse().unwrap(), pw(), None)
+                .await,
+            Err(Refusal::Throttled(_))
+        ));
+        assert_eq!(
+            gate.check("u4", other, pw(), None).await,
+            Err(Refusal::Invalid)
         );
     }
 

@@ -66,26 +66,76 @@ pub fn secrets_dir(data_dir: &Path) -> PathBuf {
     data_dir.join(SECRETS_DIR)
 }
 
-/// Reads a secret file, refusing one that others can read or write.
+/// Reads a secret file, refusing a symlink and one that others can read or write.
 pub fn read_secret_file(path: &Path) -> io::Result<Zeroizing<Vec<u8>>> {
-    let mut f = fs::File::open(path).map_err(|e| {
-        // Keep the kind (NotFound means "create it"); name the file.
-        io::Error::new(e.kind(), format!("{}: {e}", path.display()))
-    })?;
-    let mode = f.metadata()?.permissions().mode();
-    if mode & 0o077 != 0 {
-        return Err(io::Error::new(
+    read_checked(path, None)
+}
+
+/// Reads a secret file the config names (`auth.hs256_secret_file`, a pool's `api_key_file`):
+/// as [`read_secret_file`], and it must also be owned by one of `owners` (root, the service
+/// user, whoever runs this process).
+pub fn read_named_secret_file(path: &Path, owners: &[u32]) -> io::Result<Zeroizing<Vec<u8>>> {
+    read_checked(path, Some(owners))
+}
+
+/// Opens without following a symlink (the check below would otherwise judge the link's
+/// target, which its owner can swap at will), then judges the opened file itself (`fstat`),
+/// so nothing can change between the check and the read.
+fn read_checked(path: &Path, owners: Option<&[u32]>) -> io::Result<Zeroizing<Vec<u8>>> {
+    use std::os::unix::fs::MetadataExt;
+    let refuse = |why: String| {
+        Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
-            format!(
-                "{} has mode {:o}: a secret file must not be readable by group or others (chmod 600)",
-                path.display(),
-                mode & 0o777
-            ),
+            format!("{}: {why}", path.display()),
+        ))
+    };
+    let mut f = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return refuse(
+                "is a symbolic link; a secret file is named by its own path, not a link".into(),
+            );
+        }
+        // Keep the kind (NotFound means "create it"); name the file.
+        Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+    };
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return refuse("is not a regular file".into());
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        return refuse(format!(
+            "has mode {:o}: a secret file must not be readable or writable by group or others \
+             (chmod 600)",
+            mode & 0o777
+        ));
+    }
+    if let Some(owners) = owners
+        && !owners.contains(&meta.uid())
+    {
+        return refuse(format!(
+            "is owned by uid {}: a secret file must be owned by root or the service user",
+            meta.uid()
         ));
     }
     let mut buf = Zeroizing::new(Vec::new());
     f.read_to_end(&mut buf)?;
     Ok(buf)
+}
+
+/// Who may own a secret file the config names: root, the service user (if it exists), and
+/// whoever runs this process (an unprivileged developer's own files).
+pub fn secret_owners(service_user: &str) -> Vec<u32> {
+    let mut owners = vec![0, nix::unistd::geteuid().as_raw()];
+    if let Ok(Some(u)) = nix::unistd::User::from_name(service_user) {
+        owners.push(u.uid.as_raw());
+    }
+    owners
 }
 
 /// Writes `bytes` to `path` atomically (temp file + rename), mode 0600 from creation on.

@@ -26,6 +26,7 @@ use super::{
     password::{PasswordGate, Refusal},
     refresh,
     secrets::{self, Pepper, random_base62},
+    source::TrustedProxies,
 };
 use crate::{
     config::{AuthConfig, Config},
@@ -120,6 +121,10 @@ pub struct Identity {
     /// every request all the same.
     token_cache: TtlCache<[u8; 32], Arc<AccessClaims>>,
     passwords: PasswordGate,
+    /// Whose forwarding headers name the client for the per-source throttle.
+    proxies: TrustedProxies,
+    /// How long a just-rotated refresh token still gets its successor again (seconds).
+    refresh_grace: i64,
     /// Moves on every local invalidation; a cache fill started before a move is discarded.
     generation: AtomicU64,
     /// The store's revocation epoch as last seen.
@@ -198,6 +203,8 @@ impl Identity {
                 auth.password_max_failures_per_source,
                 Duration::from_secs(auth.password_lockout_secs),
             ),
+            proxies: TrustedProxies::new(&auth.trusted_proxies),
+            refresh_grace: auth.refresh_reuse_grace_secs as i64,
             generation: AtomicU64::new(0),
             epoch: AtomicI64::new(epoch),
             poll: Duration::from_millis(auth.revocation_poll_ms),
@@ -442,6 +449,12 @@ impl Identity {
             .await
     }
 
+    /// The client address of a token request from `peer` (for the per-source throttle): the
+    /// peer, or the client a trusted proxy names (`auth.trusted_proxies`).
+    pub fn client_address(&self, peer: IpAddr, headers: &axum::http::HeaderMap) -> IpAddr {
+        self.proxies.client(peer, headers)
+    }
+
     /// `grant_type=password`.
     pub async fn grant_password(
         &self,
@@ -481,17 +494,21 @@ impl Identity {
 
     /// `grant_type=refresh_token`: single use, rotated; a spent token revokes its family.
     ///
-    /// Of concurrent refreshes with one token exactly one wins; the others present a spent
-    /// token, which is indistinguishable from a replay, so they also end the session (the
-    /// winner's new tokens included). Clients must serialise their refreshes.
+    /// Of concurrent refreshes with one token exactly one rotates it. Within
+    /// `auth.refresh_reuse_grace_secs` of that, the same token presented again gets the same
+    /// successor (derived from the token, see `auth::refresh`) with a fresh access token, as
+    /// long as the successor itself is unspent; a spent token after the grace, or one whose
+    /// successor was already rotated, is a replay and ends the session (the newest tokens
+    /// included).
     pub async fn grant_refresh(&self, token: &str) -> Result<TokenResponse, AuthError> {
         if !refresh::is_well_formed(token) {
             return Err(AuthError::InvalidGrant);
         }
         let presented = refresh::hash(&self.pepper, token);
-        let next = refresh::mint();
+        let next = refresh::successor(&self.pepper, token);
         let next_hash = refresh::hash(&self.pepper, &next);
         let idle = now() + self.refresh_idle;
+        let grace = self.refresh_grace;
         let outcome = self
             .db(move |s| {
                 s.rotate_refresh(
@@ -501,11 +518,16 @@ impl Identity {
                         idle_expires_at: idle,
                     },
                     now(),
+                    grace,
                 )
             })
             .await?;
         let session = match outcome {
             RotateOutcome::Rotated { session } => session,
+            RotateOutcome::Regranted { session } => {
+                info!(event = "refresh_regranted", sid = %session.family_id, "a just-rotated refresh token came back within the grace; same successor");
+                session
+            }
             RotateOutcome::Unknown => {
                 info!(
                     event = "auth_failed",
@@ -570,6 +592,16 @@ impl Identity {
         super::admin::Admin {
             store: self.store.as_ref(),
             pepper: &self.pepper,
+            caller: None,
+        }
+    }
+
+    /// The same operations on behalf of an admin-plane caller: bounded by what it holds (see
+    /// `auth::admin`).
+    pub fn admin_as<'a>(&'a self, caller: super::admin::Grantor<'a>) -> super::admin::Admin<'a> {
+        super::admin::Admin {
+            caller: Some(caller),
+            ..self.admin()
         }
     }
 

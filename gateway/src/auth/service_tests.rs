@@ -76,8 +76,9 @@ impl Store for Counting {
         token_hmac: &[u8],
         next: &NewRefreshToken<'_>,
         now: i64,
+        grace_secs: i64,
     ) -> StoreResult<RotateOutcome> {
-        self.inner.rotate_refresh(token_hmac, next, now)
+        self.inner.rotate_refresh(token_hmac, next, now, grace_secs)
     }
     fn session(&self, family_id: &str, now: i64) -> StoreResult<Option<Session>> {
         self.inner.session(family_id, now)
@@ -107,11 +108,16 @@ struct Fixture {
 const PASSWORD: &str = "a long enough password";
 
 fn fixture() -> Fixture {
+    fixture_with("")
+}
+
+/// The fixture with more `[auth]` lines.
+fn fixture_with(auth: &str) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let config = Config::from_str(
         &dir.path().join("moat.toml"),
         &format!(
-            "[server]\ndata_dir = \"{}\"\n[auth]\npassword_concurrency = 2\n",
+            "[server]\ndata_dir = \"{}\"\n[auth]\npassword_concurrency = 2\n{auth}",
             dir.path().join("data").display()
         ),
     )
@@ -124,6 +130,7 @@ fn fixture() -> Fixture {
     let admin = Admin {
         store: store.as_ref(),
         pepper: id.pepper(),
+        caller: None,
     };
     admin.add_tenant("acme").unwrap();
     admin
@@ -257,7 +264,7 @@ async fn in_process_revocations_take_effect_without_waiting_for_the_poll() {
 
 #[tokio::test]
 async fn password_grant_refresh_rotation_and_reuse_detection() {
-    let f = fixture();
+    let f = fixture_with("refresh_reuse_grace_secs = 0\n");
     let t1 =
         f.id.grant_password("alice", Zeroizing::new(PASSWORD.into()), src())
             .await
@@ -303,8 +310,8 @@ async fn password_grant_refresh_rotation_and_reuse_detection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_refreshes_of_one_token_have_exactly_one_winner() {
-    let f = fixture();
+async fn without_grace_concurrent_refreshes_of_one_token_have_exactly_one_winner() {
+    let f = fixture_with("refresh_reuse_grace_secs = 0\n");
     let t = f.id.grant_api_key(&f.key).await.unwrap();
     let rt = Arc::new(t.refresh_token.clone());
     let mut tasks = Vec::new();
@@ -320,6 +327,93 @@ async fn concurrent_refreshes_of_one_token_have_exactly_one_winner() {
         }
     }
     assert_eq!(wins, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn within_the_grace_concurrent_refreshes_all_get_the_same_successor() {
+    let f = fixture();
+    let t = f.id.grant_api_key(&f.key).await.unwrap();
+    let rt = Arc::new(t.refresh_token.clone());
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (id, rt) = (f.id.clone(), rt.clone());
+        tasks.push(tokio::spawn(async move { id.grant_refresh(&rt).await }));
+    }
+    let mut successors = std::collections::BTreeSet::new();
+    let mut access = std::collections::BTreeSet::new();
+    for t in tasks {
+        let r = t.await.unwrap().expect("every racer is answered");
+        assert!(f.id.authenticate(&r.access_token).await.is_ok());
+        successors.insert(r.refresh_token.to_string());
+        access.insert(r.access_token);
+    }
+    assert_eq!(successors.len(), 1, "one successor for all");
+    assert_eq!(access.len(), 16, "a fresh access token each");
+    // The session goes on with that successor.
+    let next = successors.pop_first().unwrap();
+    f.id.grant_refresh(&next).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_rotated_token_is_regranted_within_the_grace_and_fatal_after_it() {
+    let f = fixture_with("refresh_reuse_grace_secs = 1\n");
+    let t1 = f.id.grant_api_key(&f.key).await.unwrap();
+    let t2 = f.id.grant_refresh(&t1.refresh_token).await.unwrap();
+    // Right away: the same successor again, a new access token, the session intact.
+    let again = f.id.grant_refresh(&t1.refresh_token).await.unwrap();
+    assert_eq!(*again.refresh_token, *t2.refresh_token);
+    assert_ne!(again.access_token, t2.access_token);
+    assert!(f.id.authenticate(&t2.access_token).await.is_ok());
+    // Presented again until the grace is over: every answer inside it is that same successor;
+    // the first one after it is a refusal that ends the session.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match f.id.grant_refresh(&t1.refresh_token).await {
+            Ok(r) => assert_eq!(*r.refresh_token, *t2.refresh_token),
+            Err(e) => {
+                assert_eq!(e, AuthError::InvalidGrant);
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the grace never ended"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        f.id.grant_refresh(&t2.refresh_token).await.unwrap_err(),
+        AuthError::InvalidGrant,
+        "reuse after the grace revokes the family"
+    );
+    assert_eq!(
+        f.id.authenticate(&t2.access_token).await,
+        Err(AuthError::InvalidAccessToken)
+    );
+    assert!(
+        f.store
+            .security_events()
+            .unwrap()
+            .iter()
+            .any(|e| e.kind == "refresh_reuse_detected")
+    );
+}
+
+#[tokio::test]
+async fn within_the_grace_a_token_whose_successor_moved_on_is_a_replay() {
+    let f = fixture();
+    let t1 = f.id.grant_api_key(&f.key).await.unwrap();
+    let t2 = f.id.grant_refresh(&t1.refresh_token).await.unwrap();
+    let t3 = f.id.grant_refresh(&t2.refresh_token).await.unwrap();
+    assert_eq!(
+        f.id.grant_refresh(&t1.refresh_token).await.unwrap_err(),
+        AuthError::InvalidGrant
+    );
+    assert_eq!(
+        f.id.grant_refresh(&t3.refresh_token).await.unwrap_err(),
+        AuthError::InvalidGrant,
+        "the family is revoked"
+    );
 }
 
 #[tokio::test]
@@ -356,6 +450,7 @@ async fn disabling_a_user_ends_keys_and_sessions() {
     let admin = Admin {
         store: f.store.as_ref(),
         pepper: f.id.pepper(),
+        caller: None,
     };
     admin.disable_user("alice").unwrap();
     f.id.poll_epoch().await;

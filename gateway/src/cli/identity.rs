@@ -112,6 +112,8 @@ impl Opened {
         Admin {
             store: &self.store,
             pepper: &self.pepper,
+            // The root CLI: all-powerful.
+            caller: None,
         }
     }
 }

@@ -64,13 +64,16 @@ pub enum Sources<'a> {
 pub(super) struct Reader<'a> {
     sources: Sources<'a>,
     captured: RefCell<Captured>,
+    /// `server.user`: besides root, the one owner a secret file may have.
+    service_user: String,
 }
 
 impl<'a> Reader<'a> {
-    pub(super) fn new(sources: Sources<'a>) -> Self {
+    pub(super) fn new(sources: Sources<'a>, service_user: &str) -> Self {
         Self {
             sources,
             captured: Default::default(),
+            service_user: service_user.to_owned(),
         }
     }
 
@@ -134,26 +137,35 @@ impl<'a> Reader<'a> {
         Ok(bytes)
     }
 
-    /// A secret file (a private key): like [`Reader::required_file`], but from the system only
-    /// if group and others cannot read it, the check every secret file of moat gets. A replay
-    /// trusts the load that captured it.
-    pub(super) fn required_secret_file(&self, path: &Path) -> Result<Vec<u8>, String> {
+    /// A secret file (`Ok(None)`: it does not exist). Read from the system it must be a
+    /// regular file, not a symlink, owned by root, the service user or this process's user, and
+    /// without group or other access (`auth::secrets`); a replay gives what the supervisor's
+    /// checked read captured.
+    pub(super) fn secret_file(&self, path: &Path) -> Result<Option<Vec<u8>>, String> {
         let bytes = match self.sources {
-            Sources::System | Sources::Lenient => crate::auth::secrets::read_secret_file(path)
-                .map(|b| b.to_vec())
-                .map_err(|e| match e.kind() {
-                    std::io::ErrorKind::NotFound => {
-                        format!("cannot read {}: no such file", path.display())
-                    }
-                    _ => e.to_string(),
-                })?,
-            Sources::Replay(_) => return self.required_file(path),
+            Sources::System | Sources::Lenient => {
+                let owners = crate::auth::secrets::secret_owners(&self.service_user);
+                match crate::auth::secrets::read_named_secret_file(path, &owners) {
+                    Ok(b) => Some(b.to_vec()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                    // The message names the file already.
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+            Sources::Replay(_) => return self.file(path),
         };
         self.captured
             .borrow_mut()
             .files
-            .insert(path.to_path_buf(), Some(bytes.clone()));
+            .insert(path.to_path_buf(), bytes.clone());
         Ok(bytes)
+    }
+
+    /// A secret file that must exist (a private key): [`Reader::secret_file`]'s checks, and a
+    /// missing file is an error.
+    pub(super) fn required_secret_file(&self, path: &Path) -> Result<Vec<u8>, String> {
+        self.secret_file(path)?
+            .ok_or_else(|| format!("cannot read {}: no such file", path.display()))
     }
 
     pub(super) fn required_file(&self, path: &Path) -> Result<Vec<u8>, String> {

@@ -233,7 +233,6 @@ impl Config {
 
     /// Every section's check, in order; the first problem wins.
     fn check(path: &Path, text: &str, sources: Sources<'_>) -> Result<Config, Invalid> {
-        let reader = Reader::new(sources);
         let de = toml::Deserializer::new(text);
         let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
@@ -241,6 +240,7 @@ impl Config {
             Invalid::new(key, e.into_inner().message().trim())
         })?;
         let base = path.parent().unwrap_or(Path::new("/"));
+        let reader = Reader::new(sources, &raw.server.user);
 
         let pools = validate::pools(&raw.pools, base, &reader)?;
         validate::models(&raw.models, &pools)?;

@@ -353,6 +353,10 @@ pub struct AuthConfig {
     pub refresh_idle_ttl_secs: u64,
     /// A session ends this long after login, however often it is refreshed.
     pub refresh_absolute_ttl_secs: u64,
+    /// How long a just-rotated refresh token may be presented again and get the same
+    /// successor (concurrent refreshes of one client); after it, a spent token revokes its
+    /// session. 0: no grace. At most 60.
+    pub refresh_reuse_grace_secs: u64,
     /// Ed25519 only: a new signing key after this long.
     pub signing_key_rotation_secs: u64,
     /// Ed25519 only: how long a replaced key still verifies; at least the token lifetime plus
@@ -371,6 +375,10 @@ pub struct AuthConfig {
     pub password_max_failures_per_source: u32,
     /// How long a user or source address stays locked out after too many failures.
     pub password_lockout_secs: u64,
+    /// Proxies (CIDRs or addresses) whose `Forwarded` / `X-Forwarded-For` name the client for
+    /// the per-source password throttle. Empty (default): the peer address is the source and
+    /// the headers are never read.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for AuthConfig {
@@ -384,6 +392,7 @@ impl Default for AuthConfig {
             leeway_secs: 5,
             refresh_idle_ttl_secs: 24 * 3600,
             refresh_absolute_ttl_secs: 30 * 24 * 3600,
+            refresh_reuse_grace_secs: 5,
             signing_key_rotation_secs: 7 * 24 * 3600,
             signing_key_overlap_secs: 3600,
             cache_ttl_secs: 30,
@@ -393,6 +402,7 @@ impl Default for AuthConfig {
             password_max_failures_per_user: 5,
             password_max_failures_per_source: 20,
             password_lockout_secs: 900,
+            trusted_proxies: Vec::new(),
         }
     }
 }

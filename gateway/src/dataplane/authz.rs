@@ -23,7 +23,7 @@ use crate::{
     auth::Principal,
     config::Config,
     error::ApiError,
-    policy_grammar::{ADMIN_PERMISSIONS, Permission},
+    policy_grammar::{ADMIN_PERMISSIONS, GLOBAL_PERMISSIONS, Permission},
 };
 
 /// The union of a principal's roles' permissions.
@@ -77,6 +77,46 @@ impl Permissions {
 
     pub fn admin(&self, perm: &str) -> bool {
         self.admin.contains(perm)
+    }
+
+    /// What `wanted` holds that `self` does not, as permission strings (empty: `self` covers
+    /// it). A wildcard is covered only by the same wildcard.
+    pub fn missing(&self, wanted: &Permissions) -> Vec<String> {
+        let mut out = Vec::new();
+        if wanted.all_models && !self.all_models {
+            out.push("model:*".to_owned());
+        }
+        out.extend(
+            wanted
+                .models
+                .iter()
+                .filter(|m| !self.model(m))
+                .map(|m| format!("model:{m}")),
+        );
+        if wanted.all_providers && !self.all_providers {
+            out.push("inference:*".to_owned());
+        }
+        out.extend(
+            wanted
+                .providers
+                .iter()
+                .filter(|p| !self.provider(p))
+                .map(|p| format!("inference:{p}")),
+        );
+        if wanted.logprobs && !self.logprobs {
+            out.push("logprobs".to_owned());
+        }
+        out.extend(wanted.admin.difference(&self.admin).cloned());
+        out
+    }
+
+    /// The global permissions (see [`GLOBAL_PERMISSIONS`]) among these.
+    pub fn global(&self) -> Vec<String> {
+        GLOBAL_PERMISSIONS
+            .iter()
+            .filter(|g| self.admin.contains(**g))
+            .map(|g| g.to_string())
+            .collect()
     }
 
     /// Sorted permission strings, for the effective-policy view.

@@ -133,6 +133,9 @@ pub enum RotateOutcome {
     /// The token was live: it is now spent and the new one is stored in the same family.
     /// `session` is the family's state read in the same transaction (active).
     Rotated { session: Session },
+    /// The token was spent within the grace and its successor (the `next` asked for) is
+    /// still the family's live token: hand that successor out again. `session` as above.
+    Regranted { session: Session },
     /// No such token.
     Unknown,
     /// The token was already spent: the whole family is now revoked and a
@@ -179,11 +182,16 @@ pub trait Store: Send + Sync + 'static {
     /// Spends `token_hmac` and stores `next` in its family, atomically: of two concurrent calls
     /// with the same token exactly one gets `Rotated`. The new token's idle deadline is capped
     /// at the family's absolute deadline.
+    ///
+    /// A token spent at most `grace_secs` ago whose successor is `next` and still unspent (the
+    /// caller derives `next` from the token, so a second presentation names the same one) gets
+    /// `Regranted`, and nothing changes; any other spent token is a reuse.
     fn rotate_refresh(
         &self,
         token_hmac: &[u8],
         next: &NewRefreshToken<'_>,
         now: i64,
+        grace_secs: i64,
     ) -> StoreResult<RotateOutcome>;
     /// The family with its owner's and key's state; `now` decides whether the key expired.
     fn session(&self, family_id: &str, now: i64) -> StoreResult<Option<Session>>;

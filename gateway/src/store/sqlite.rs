@@ -416,6 +416,7 @@ impl Store for SqliteStore {
         token_hmac: &[u8],
         next: &NewRefreshToken<'_>,
         now: i64,
+        grace_secs: i64,
     ) -> StoreResult<RotateOutcome> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -442,6 +443,30 @@ impl Store for SqliteStore {
         let Some((family_id, spent_at, idle_exp, revoked, abs_exp, user_id, key_id)) = found else {
             return Ok(RotateOutcome::Unknown);
         };
+        if let Some(spent) = spent_at
+            && grace_secs > 0
+            && now <= spent + grace_secs
+            && !revoked
+            && now < abs_exp
+        {
+            // Within the grace: the same client racing itself, if the successor it would get
+            // is the one this token was rotated to and nobody moved past it yet.
+            let successor_live = tx
+                .query_row(
+                    "SELECT spent_at IS NULL FROM refresh_tokens \
+                     WHERE token_hmac = ?1 AND family_id = ?2",
+                    params![next.token_hmac, family_id],
+                    |r| r.get::<_, bool>(0),
+                )
+                .optional()?
+                .unwrap_or(false);
+            if successor_live
+                && let Some(session) =
+                    session_in(&tx, &family_id, now)?.filter(|s| s.is_active(now))
+            {
+                return Ok(RotateOutcome::Regranted { session });
+            }
+        }
         if spent_at.is_some() {
             // A spent token came back: either its holder or a thief has a copy. End the whole
             // family so neither can go on, and leave a trace.
@@ -641,7 +666,7 @@ mod tests {
             token_hmac: h,
             idle_expires_at: 200,
         };
-        match s.rotate_refresh(b"t1", &next(b"t2"), 20).unwrap() {
+        match s.rotate_refresh(b"t1", &next(b"t2"), 20, 0).unwrap() {
             RotateOutcome::Rotated { session } => {
                 assert_eq!(session.family_id, "f1");
                 assert_eq!(session.tenant, "acme");
@@ -651,14 +676,14 @@ mod tests {
         let epoch = s.auth_epoch().unwrap();
         // The spent token again: reuse, the family dies, the newest token with it.
         assert_eq!(
-            s.rotate_refresh(b"t1", &next(b"t3"), 21).unwrap(),
+            s.rotate_refresh(b"t1", &next(b"t3"), 21, 0).unwrap(),
             RotateOutcome::Reused {
                 family_id: "f1".into()
             }
         );
         assert!(s.auth_epoch().unwrap() > epoch);
         assert_eq!(
-            s.rotate_refresh(b"t2", &next(b"t4"), 22).unwrap(),
+            s.rotate_refresh(b"t2", &next(b"t4"), 22, 0).unwrap(),
             RotateOutcome::Dead {
                 family_id: "f1".into()
             }
@@ -669,7 +694,7 @@ mod tests {
         assert_eq!(ev[0].kind, "refresh_reuse_detected");
         assert_eq!(ev[0].family_id.as_deref(), Some("f1"));
         assert_eq!(
-            s.rotate_refresh(b"zz", &next(b"t5"), 22).unwrap(),
+            s.rotate_refresh(b"zz", &next(b"t5"), 22, 0).unwrap(),
             RotateOutcome::Unknown
         );
     }
@@ -684,7 +709,7 @@ mod tests {
         };
         // Idle deadline of t1 is 100.
         assert!(matches!(
-            s.rotate_refresh(b"t1", &next, 100).unwrap(),
+            s.rotate_refresh(b"t1", &next, 100, 0).unwrap(),
             RotateOutcome::Dead { .. }
         ));
     }
@@ -697,14 +722,14 @@ mod tests {
             token_hmac: b"t2",
             idle_expires_at: 5000,
         };
-        s.rotate_refresh(b"t1", &next, 20).unwrap();
+        s.rotate_refresh(b"t1", &next, 20, 0).unwrap();
         let t3 = NewRefreshToken {
             token_hmac: b"t3",
             idle_expires_at: 6000,
         };
         // Absolute deadline is 1000: t2 is dead there even though its idle time was 5000.
         assert!(matches!(
-            s.rotate_refresh(b"t2", &t3, 1000).unwrap(),
+            s.rotate_refresh(b"t2", &t3, 1000, 0).unwrap(),
             RotateOutcome::Dead { .. }
         ));
     }

@@ -364,6 +364,7 @@ async fn policy(args: &Args, sim: &Sim, tmp: &Path) -> Result<()> {
     let admin = moat::auth::admin::Admin {
         store: &store,
         pepper: &pepper,
+        caller: None,
     };
     // (key, a model its roles allow)
     let mut keys: Vec<(String, usize)> = Vec::new();

@@ -20,7 +20,7 @@ pub(in crate::config) fn auth(
     if let Some(p) = &auth.hs256_secret_file {
         let path = base.join(p);
         let secret = reader
-            .file(&path)
+            .secret_file(&path)
             .map_err(|r| Invalid::new("auth.hs256_secret_file", r))?;
         if let Some(secret) = secret.filter(|s| s.len() < 32) {
             return Err(Invalid::new(
@@ -62,6 +62,13 @@ fn bounds(auth: &AuthConfig) -> Result<(), Invalid> {
     }
     if auth.refresh_idle_ttl_secs < 60 {
         return Err(bad("refresh_idle_ttl_secs", "must be at least 60"));
+    }
+    if auth.refresh_reuse_grace_secs > 60 {
+        return Err(bad("refresh_reuse_grace_secs", "must be at most 60"));
+    }
+    for (i, p) in auth.trusted_proxies.iter().enumerate() {
+        crate::auth::source::parse_proxy(p)
+            .map_err(|r| bad(&format!("trusted_proxies[{i}]"), r))?;
     }
     if auth.refresh_absolute_ttl_secs < auth.refresh_idle_ttl_secs {
         return Err(bad(
@@ -141,9 +148,29 @@ mod tests {
     }
 
     #[test]
+    fn refresh_grace_and_trusted_proxies() {
+        let c = load("").unwrap();
+        assert_eq!(c.auth().refresh_reuse_grace_secs, 5);
+        assert!(c.auth().trusted_proxies.is_empty());
+        assert!(load("[auth]\nrefresh_reuse_grace_secs = 0\n").is_ok());
+        let e = load("[auth]\nrefresh_reuse_grace_secs = 61\n").unwrap_err();
+        assert_eq!(e.key, "auth.refresh_reuse_grace_secs");
+        assert!(load("[auth]\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]\n").is_ok());
+        let e = load("[auth]\ntrusted_proxies = [\"10.0.0.0/8\", \"lb.local\"]\n").unwrap_err();
+        assert_eq!(e.key, "auth.trusted_proxies[1]");
+        assert!(
+            e.reason.contains("`lb.local` is not an IP address or CIDR"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn a_short_hs256_secret_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("k"), "short").unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(dir.path().join("k"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
         let e = Config::from_str(
             &dir.path().join("moat.toml"),
             "[auth]\nalgorithm = \"HS256\"\nhs256_secret_file = \"k\"\n",

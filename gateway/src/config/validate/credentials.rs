@@ -59,7 +59,10 @@ fn read_credential(
         (None, Some(file)) => {
             let file = base.join(file);
             let bytes = reader
-                .required_file(&file)
+                .secret_file(&file)
+                .and_then(|b| {
+                    b.ok_or_else(|| format!("cannot read {}: no such file", file.display()))
+                })
                 .map_err(|r| Invalid::new(key("api_key_file"), r))?;
             let text = String::from_utf8_lossy(&bytes);
             match text.lines().next().map(str::trim) {
@@ -120,10 +123,18 @@ fn parse_ca_pem(path: &Path, pem: &[u8]) -> Result<Vec<Vec<u8>>, String> {
 mod tests {
     use crate::config::{Config, tests::load};
 
+    use std::{os::unix::fs::PermissionsExt, path::Path};
+
+    /// A private file, as a secret should be.
+    fn secret(path: &Path, text: &str) {
+        std::fs::write(path, text).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
     #[test]
     fn credential_is_read_from_a_file_and_not_printed() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("key"), "sk-upstream\n").unwrap();
+        secret(&dir.path().join("key"), "sk-upstream\n");
         let c = Config::from_str(
             &dir.path().join("moat.toml"),
             "[pools.gpu]\nhosts = [\"127.0.0.1:8000\"]\napi_key_file = \"key\"\n",
@@ -132,6 +143,72 @@ mod tests {
         let cred = c.pools["gpu"].credential.as_ref().unwrap();
         assert_eq!(cred.expose(), "sk-upstream");
         assert!(!format!("{c:?}").contains("sk-upstream"));
+    }
+
+    /// Every secret file the config names is refused when others can reach it, when it is a
+    /// symlink, or when its owner is neither root nor the service user; the error names key,
+    /// file and reason.
+    #[test]
+    fn secret_files_are_checked_for_mode_owner_and_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let hs = "[auth]\nalgorithm = \"HS256\"\nhs256_secret_file = \"s\"\n";
+        let pool = "[pools.gpu]\nhosts = [\"127.0.0.1:8000\"]\napi_key_file = \"s\"\n";
+        let path = dir.path().join("s");
+        let cfg = dir.path().join("moat.toml");
+        for (text, key) in [
+            (hs, "auth.hs256_secret_file"),
+            (pool, "pools.gpu.api_key_file"),
+        ] {
+            let load = || Config::from_str(&cfg, text);
+            secret(&path, &"k".repeat(40));
+            assert!(
+                load().is_ok(),
+                "{key}: a private file owned by root is fine"
+            );
+
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+            let e = load().unwrap_err();
+            assert_eq!(e.key, key);
+            assert_eq!(
+                e.reason,
+                format!(
+                    "{}: has mode 640: a secret file must not be readable or writable by group \
+                     or others (chmod 600)",
+                    path.display()
+                )
+            );
+
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            // Owned by some other account (the tests run as root, who may give files away).
+            std::os::unix::fs::chown(&path, Some(54_321), None).unwrap();
+            let e = load().unwrap_err();
+            assert_eq!(e.key, key);
+            assert_eq!(
+                e.reason,
+                format!(
+                    "{}: is owned by uid 54321: a secret file must be owned by root or the \
+                     service user",
+                    path.display()
+                )
+            );
+            std::os::unix::fs::chown(&path, Some(0), None).unwrap();
+
+            // A link to a perfectly private file is still refused.
+            let target = dir.path().join("target");
+            secret(&target, &"k".repeat(40));
+            std::fs::remove_file(&path).unwrap();
+            std::os::unix::fs::symlink(&target, &path).unwrap();
+            let e = load().unwrap_err();
+            assert_eq!(e.key, key);
+            assert_eq!(
+                e.reason,
+                format!(
+                    "{}: is a symbolic link; a secret file is named by its own path, not a link",
+                    path.display()
+                )
+            );
+            std::fs::remove_file(&path).unwrap();
+        }
     }
 
     #[test]
