@@ -44,7 +44,7 @@ impl Setup {
             .map(|p| format!("\"127.0.0.1:{p}\""))
             .collect();
         let toml = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"nobody\"\n\
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"moat\"\n\
              [pools.gpu]\nhosts = [{}]\n\
              [segmentation]\ngateway_cgroup = \"{}/gateway\"\npin_root = \"{}\"\n{extra}",
             hosts.join(", "),
@@ -95,9 +95,9 @@ fn worker_runs_unprivileged_in_the_gateway_cgroup_and_is_restarted() {
     assert_eq!(http_get(listen, "/healthz").unwrap().0, 200);
 
     let status = proc_status(pid);
-    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
-    let uid = nobody.uid.to_string();
-    let gid = nobody.gid.to_string();
+    let service = nix::unistd::User::from_name("moat").unwrap().unwrap();
+    let uid = service.uid.to_string();
+    let gid = service.gid.to_string();
     assert_eq!(
         status["Uid"].split_whitespace().collect::<Vec<_>>(),
         [uid.as_str(); 4],
