@@ -111,9 +111,9 @@ fn a_process_of_the_workers_own_uid_cannot_trace_or_read_it() {
     let s = Setup::new("moat");
     let (daemon, pid) = s.start();
     assert_eq!(http_get(daemon.listen_addr(), "/healthz").unwrap().0, 200);
-    // The kernel gives a non-dumpable process's /proc entries to root.
-    let owner = std::fs::metadata(format!("/proc/{pid}")).unwrap().uid();
-    assert_eq!(owner, 0, "/proc/{pid} of a non-dumpable worker belongs to root");
+    // The kernel gives a non-dumpable process's /proc files to root.
+    let owner = std::fs::metadata(format!("/proc/{pid}/status")).unwrap().uid();
+    assert_eq!(owner, 0, "/proc/{pid}/status of a non-dumpable worker belongs to root");
 
     let moat = service_user();
     let out = Command::new(bin("moat-privsep"))
