@@ -85,7 +85,10 @@ fn proc_field(pid: u32, key: &str) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()
         .lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}:")).map(|v| v.trim().to_owned()))
+        .find_map(|l| {
+            l.strip_prefix(&format!("{key}:"))
+                .map(|v| v.trim().to_owned())
+        })
         .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
 }
 
@@ -112,8 +115,13 @@ fn a_process_of_the_workers_own_uid_cannot_trace_or_read_it() {
     let (daemon, pid) = s.start();
     assert_eq!(http_get(daemon.listen_addr(), "/healthz").unwrap().0, 200);
     // The kernel gives a non-dumpable process's /proc files to root.
-    let owner = std::fs::metadata(format!("/proc/{pid}/status")).unwrap().uid();
-    assert_eq!(owner, 0, "/proc/{pid}/status of a non-dumpable worker belongs to root");
+    let owner = std::fs::metadata(format!("/proc/{pid}/status"))
+        .unwrap()
+        .uid();
+    assert_eq!(
+        owner, 0,
+        "/proc/{pid}/status of a non-dumpable worker belongs to root"
+    );
 
     let moat = service_user();
     let out = Command::new(bin("moat-privsep"))
@@ -316,7 +324,11 @@ fn a_symlinked_data_dir_is_refused_and_links_inside_it_are_not_followed() {
         "{err}"
     );
     let meta = std::fs::metadata(&target).unwrap();
-    assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o755), "target untouched");
+    assert_eq!(
+        (meta.uid(), meta.mode() & 0o777),
+        (0, 0o755),
+        "target untouched"
+    );
 
     // A link planted inside the data directory: the data directory is handed over, the link's
     // target keeps its owner and mode.

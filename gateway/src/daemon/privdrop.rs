@@ -79,7 +79,10 @@ impl ServiceUser {
     pub fn ensure_dedicated(&self) -> Result<()> {
         let mut others = Vec::new();
         for entry in std::fs::read_dir("/proc").context("cannot list /proc")? {
-            let Some(pid) = entry?.file_name().to_str().and_then(|n| n.parse::<u32>().ok())
+            let Some(pid) = entry?
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
             else {
                 continue;
             };

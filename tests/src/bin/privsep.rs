@@ -115,9 +115,7 @@ fn peek(pid: i32) {
     };
     // PTRACE_SEIZE does not stop the target; this process exits right after, which detaches.
     // SAFETY: ptrace with integer arguments.
-    let attach = outcome(unsafe {
-        libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0)
-    });
+    let attach = outcome(unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0) });
     // One byte from an address that is surely mapped in a Rust program: its own stack guard is
     // not, but the permission check comes before the address is looked at.
     let mut byte = 0u8;
@@ -131,9 +129,7 @@ fn peek(pid: i32) {
     };
     // SAFETY: valid local buffer; the remote one is the kernel's to check.
     let vm_readv = outcome(unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) } as i64);
-    println!(
-        "{{\"environ\":\"{environ}\",\"attach\":\"{attach}\",\"vm_readv\":\"{vm_readv}\"}}"
-    );
+    println!("{{\"environ\":\"{environ}\",\"attach\":\"{attach}\",\"vm_readv\":\"{vm_readv}\"}}");
 }
 
 fn errno_name(errno: i32) -> String {
