@@ -99,7 +99,7 @@ impl ServiceUser {
             };
             let uid = self.uid.as_raw().to_string();
             let owned = field("Uid:").split_whitespace().any(|u| u == uid);
-            if !owned || field("State:").starts_with('Z') || is_moat(pid) {
+            if !owned || field("State:").starts_with('Z') || is_moat(pid, field("Name:")) {
                 continue;
             }
             others.push(format!("{pid} ({})", field("Name:")));
@@ -127,13 +127,16 @@ impl ServiceUser {
     }
 }
 
-/// Whether `/proc/<pid>/exe` is a program called `moat`.
-fn is_moat(pid: u32) -> bool {
-    std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| {
-        exe.file_name()
+/// Whether `/proc/<pid>/exe` is a program called `moat`. A process that is exiting has no
+/// executable left to read: then its name (`comm`) decides, since it runs nothing anymore.
+fn is_moat(pid: u32, name: &str) -> bool {
+    match std::fs::read_link(format!("/proc/{pid}/exe")) {
+        Ok(exe) => exe
+            .file_name()
             .and_then(|n| n.to_str())
-            .is_some_and(|n| n.trim_end_matches(" (deleted)") == "moat")
-    })
+            .is_some_and(|n| n.trim_end_matches(" (deleted)") == "moat"),
+        Err(_) => name == "moat",
+    }
 }
 
 /// The data directory belongs to the service user, mode 0700: the worker keeps its store and
