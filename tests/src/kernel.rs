@@ -1,9 +1,12 @@
 //! Real-kernel test fixtures. Each fixture owns what it creates and removes it on drop, also
 //! when the test panics: cgroups under the cgroup2 mount, a pin root under /sys/fs/bpf, and
-//! spawned processes.
+//! spawned processes. Beside them what the tests probe the hooks with: [`probe`] (one
+//! `moat-probe` run), [`ProbeLoop`] (connects in a loop while the test changes something),
+//! [`listener`] (something to connect to).
 
 use std::{
-    net::SocketAddr,
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -53,6 +56,25 @@ impl TestCgroup {
 
     pub fn path(&self) -> &Path {
         &self.cgroup.path
+    }
+
+    /// This cgroup as the gateway of a policy.
+    pub fn gateway_identity(&self) -> segment::GatewayIdentity {
+        segment::GatewayIdentity {
+            cgroup_id: self.cgroup.id,
+            level: self.cgroup.level,
+        }
+    }
+}
+
+/// The gateway-side policy of the config file `toml`, with `gateway` as the gateway cgroup
+/// (for tests that attach programs themselves, without a daemon).
+pub fn policy_for(toml: &str, gateway: &TestCgroup) -> segment::Policy {
+    let config =
+        moat::config::Config::from_str(Path::new("/test/moat.toml"), toml).expect("test config");
+    segment::Policy {
+        gateway: Some(gateway.gateway_identity()),
+        ..segment::Policy::from_config(&config)
     }
 }
 
@@ -150,4 +172,91 @@ pub fn probe(cgroup: Option<&Path>, action: &str, args: &[String]) -> ProbeRun {
 pub fn try_from(cgroup: Option<&Path>, action: &str, targets: &[SocketAddr]) -> Vec<i32> {
     let args: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
     probe(cgroup, action, &args).errnos()
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: one clock for every process of the machine, so a test can
+/// compare its own instants with those `moat-probe loop` stamps its attempts with.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// A listener on `bind` (e.g. `127.0.0.1:0`, or `[::]:0` for both families) that accepts and
+/// closes connections for the rest of the test process: a target that answers at once.
+pub fn listener(bind: &str) -> SocketAddr {
+    let l = TcpListener::bind(bind).unwrap_or_else(|e| panic!("bind {bind}: {e}"));
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || l.incoming().for_each(drop));
+    addr
+}
+
+/// `moat-probe loop` in a cgroup: TCP connects to its targets in turn, from the moment
+/// [`ProbeLoop::start`] returns until [`ProbeLoop::finish`].
+pub struct ProbeLoop {
+    child: KillOnDrop,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+/// What a [`ProbeLoop`] saw on one target.
+#[derive(Debug, Clone)]
+pub struct LoopTarget {
+    /// Every errno seen (0 = connected), in order, each once.
+    pub errnos: Vec<i32>,
+    /// How many attempts of each errno: the probe's own JSON, for messages.
+    pub counts: Value,
+    /// Attempts that ran wholly inside the window given to [`ProbeLoop::finish`].
+    pub in_window: u64,
+}
+
+impl ProbeLoop {
+    pub fn start(cgroup: &Path, targets: &[SocketAddr]) -> ProbeLoop {
+        let mut child = Command::new(crate::bin("moat-probe"))
+            .arg("--cgroup")
+            .arg(cgroup)
+            .arg("loop")
+            .args(targets.iter().map(ToString::to_string))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start moat-probe loop");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready", "moat-probe loop");
+        ProbeLoop {
+            child: KillOnDrop(child),
+            out,
+        }
+    }
+
+    /// Stops the loop; per target, what it saw, counting as `in_window` the attempts that
+    /// started at or after `t0` and ended by `t1` ([`monotonic_ns`] instants).
+    pub fn finish(mut self, t0: u64, t1: u64) -> Vec<LoopTarget> {
+        let mut stdin = self.child.0.stdin.take().unwrap();
+        writeln!(stdin, "window {t0} {t1}").unwrap();
+        drop(stdin);
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        let v: Value = serde_json::from_str(&line).expect("moat-probe loop output is JSON");
+        v["results"]
+            .as_array()
+            .expect("results")
+            .iter()
+            .map(|r| LoopTarget {
+                errnos: r["counts"]
+                    .as_object()
+                    .expect("counts")
+                    .keys()
+                    .map(|k| k.parse().expect("errno"))
+                    .collect(),
+                counts: r["counts"].clone(),
+                in_window: r["in_window"].as_u64().expect("in_window"),
+            })
+            .collect()
+    }
 }

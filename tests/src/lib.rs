@@ -1,16 +1,15 @@
 //! Helpers for moat's end-to-end tests: start real `moat` and `moat-sim` processes (killed on
 //! drop, panics included), and talk HTTP to them.
 //!
-//! The binaries are taken from the target folder the test executable runs from
-//! (`target/debug/deps/<test>` → `target/debug/`); `cargo xtask test` builds them first.
-//! [`kernel`] holds throw-away cgroups, pin roots and probes for the real-kernel tests;
-//! [`moatd`] a real `moat serve` with its own data dir and port, and its CLI; [`daemon`] a
-//! `moat serve` on a config of the test's own; [`netns`] network namespaces.
+//! The binaries are found in one place, [`bin_dir`]. [`daemon`] is the one `moat serve`
+//! fixture; [`http`] the one HTTP client; [`kernel`] throw-away cgroups, pin roots and probes
+//! for the real-kernel tests; [`netns`] network namespaces; [`Sim`] the inference simulator
+//! (async), [`PoolSim`] the same in front of a daemon that enforces (blocking).
 
 pub mod bench;
 pub mod daemon;
+pub mod http;
 pub mod kernel;
-pub mod moatd;
 pub mod netns;
 
 use std::{
@@ -19,22 +18,22 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex, mpsc},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Request, Response, StatusCode, body::Incoming, header::HeaderMap};
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
-};
+pub use daemon::Daemon;
+pub use http::{Events, eventually, fetch, get_json, post_json, send};
+use hyper::StatusCode;
 use serde_json::Value;
 
-/// The folder holding the workspace's binaries for this build profile: the test executable's
+/// The folder holding the workspace's binaries: `$MOAT_TEST_BIN_DIR` when set (binaries
+/// copied elsewhere, e.g. into a VM), else the test executable's profile folder
 /// (`target/<profile>/deps/<test>` → `target/<profile>`), or a binary's own folder (the
 /// benchmarks run from `target/release`).
 pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("MOAT_TEST_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
     let exe = std::env::current_exe().expect("current_exe");
     let dir = exe.parent().expect("executable in a folder");
     if dir.file_name().is_some_and(|n| n == "deps") {
@@ -137,11 +136,6 @@ impl Drop for Proc {
     }
 }
 
-/// The cgroup test daemons put their workers in: not the production `moat.gateway`, whose
-/// egress a daemon running on the same machine in enforce mode locks down (the tests' upstreams
-/// would then be unreachable).
-pub const TEST_CGROUP: &str = "moat.tests";
-
 /// A running `moat-sim`.
 pub struct Sim {
     pub proc: Proc,
@@ -192,255 +186,73 @@ impl Sim {
     }
 }
 
-/// A running `moat serve` with its own temp folder (config, data dir) and an API key made
-/// through the CLI (`moat tenants add`, `moat users add`, `moat keys create`).
-pub struct Moat {
-    pub proc: Proc,
+/// A `moat-sim` serving a pool of a daemon that enforces, for plain `#[test]`s: its `/_sim/*`
+/// control routes are on a second port as well, because the kernel reserves the inference
+/// port ([`PoolSim::addr`]) for the gateway (the test itself gets `EPERM` there), so the test
+/// reads the counters on the other one.
+pub struct PoolSim {
+    /// The inference port, for the config's `hosts`.
     pub addr: SocketAddr,
-    pub dir: tempfile::TempDir,
-    /// A valid API key (`moat_…`) of user `tester` in tenant `testing`.
-    pub key: String,
+    /// The control port.
+    pub control: SocketAddr,
+    _proc: Proc,
 }
 
-impl Moat {
-    /// Writes a config (a `[server]` table on a free port and a temp data dir, segmentation
-    /// off, then `rest`) and starts `moat serve` with it. `files` are written next to it.
-    pub fn start(rest: &str, files: &[(&str, &str)]) -> Moat {
-        Self::start_with("", rest, files)
-    }
-
-    /// As [`Moat::start`], with extra `[server]` keys (TOML lines).
-    pub fn start_with(server: &str, rest: &str, files: &[(&str, &str)]) -> Moat {
-        let dir = tempfile::tempdir().unwrap();
-        for (name, content) in files {
-            std::fs::write(dir.path().join(name), content).unwrap();
-        }
-        // The harness's user `tester` has role `tester`: every model on every provider,
-        // unless the test defines that role itself (authorization denies by default).
-        let role = if rest.contains("[roles.tester]") {
-            ""
-        } else {
-            "[roles.tester]\npermissions = [\"model:*\", \"inference:*\", \"logprobs\"]\n"
-        };
-        let config = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\n{server}\n\
-             [segmentation]\nmode = \"off\"\ngateway_cgroup = \"{TEST_CGROUP}\"\n\n{role}\n{rest}\n"
-        );
-        let path = dir.path().join("moat.toml");
-        std::fs::write(&path, config).unwrap();
-        let key = create_key(&path);
-        let mut cmd = Command::new(bin("moat"));
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(&path)
-            .env("MOAT_LOG", "info");
-        let (proc, addr) = Proc::spawn(cmd, "moat serve", |line| {
-            let v: Value = serde_json::from_str(line).ok()?;
-            (v["message"] == "data plane listening")
-                .then(|| v["listen"].as_str()?.parse().ok())
-                .flatten()
+impl PoolSim {
+    pub fn start() -> PoolSim {
+        let mut cmd = Command::new(bin("moat-sim"));
+        cmd.args(["--listen", "127.0.0.1:0", "--control-listen", "127.0.0.1:0"]);
+        // `CONTROL` is printed after `LISTENING`, whose line is kept by then.
+        let (proc, control) = Proc::spawn(cmd, "moat-sim", |line| {
+            line.strip_prefix("CONTROL ")
+                .and_then(|a| a.trim().parse().ok())
         });
-        Moat {
-            proc,
+        let addr = proc
+            .output()
+            .lines()
+            .find_map(|l| l.strip_prefix("LISTENING ")?.trim().parse().ok())
+            .expect("moat-sim prints LISTENING before CONTROL");
+        PoolSim {
             addr,
-            dir,
-            key,
+            control,
+            _proc: proc,
         }
     }
 
-    /// `Authorization: Bearer <key>`.
-    pub fn bearer(&self) -> (&'static str, String) {
-        ("authorization", format!("Bearer {}", self.key))
+    /// Inference requests the simulator has answered so far.
+    pub fn requests(&self) -> u64 {
+        let r = http::Client::new()
+            .get(format!("http://{}/_sim/stats", self.control))
+            .send()
+            .expect("sim stats");
+        assert_eq!(r.status(), StatusCode::OK, "sim stats");
+        let stats: Value = r.json().expect("sim stats JSON");
+        stats["requests"].as_u64().expect("requests count")
     }
+}
 
-    /// POSTs JSON to `path` with the API key (and `extra` headers); parses the JSON answer.
-    pub async fn post(
-        &self,
-        path: &str,
-        body: &Value,
-        extra: &[(&str, &str)],
-    ) -> (StatusCode, HeaderMap, Value) {
-        let (k, v) = self.bearer();
-        let mut headers = vec![(k, v.as_str())];
-        headers.extend_from_slice(extra);
-        post_json(&self.url(path), body, &headers).await
-    }
-
-    /// POSTs JSON to `path` with the API key; the answer's body is left unread (streams).
-    pub async fn open(&self, path: &str, body: &Value) -> Response<Incoming> {
-        let (k, v) = self.bearer();
-        send(
-            "POST",
-            &self.url(path),
-            &[("content-type", "application/json"), (k, v.as_str())],
-            body.to_string(),
-        )
-        .await
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
-    /// Waits until `/readyz` answers 200.
-    pub async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let (status, body) = get_json(&self.url("/readyz")).await;
-            if status == StatusCode::OK {
-                return;
+/// Every entry below `dir` (not `dir` itself), folders included, recursively.
+pub fn entries_below(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p.clone());
             }
-            assert!(
-                Instant::now() < deadline,
-                "moat never became ready: {body}\n{}",
-                self.proc.output()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            out.push(p);
         }
     }
-
-    pub fn logs(&self) -> String {
-        self.proc.output()
-    }
+    out
 }
 
-/// Makes tenant `testing`, user `tester` and an API key for it with the `moat` CLI on the
-/// store of the config at `config`; returns the key.
-pub fn create_key(config: &Path) -> String {
-    let moat = |args: &[&str]| daemon::moat_cli(config, args);
-    moat(&["tenants", "add", "testing"]);
-    moat(&[
-        "users", "add", "tester", "--tenant", "testing", "--role", "tester",
-    ]);
-    let out = moat(&["keys", "create", "--user", "tester", "--json"]);
-    let v: Value = serde_json::from_str(out.trim()).expect("keys create --json");
-    v["key"].as_str().expect("key").to_owned()
-}
-
-fn client() -> Client<HttpConnector, Full<Bytes>> {
-    Client::builder(TokioExecutor::new()).build_http()
-}
-
-/// Sends a request and returns the response with its body unread (for streams).
-pub async fn send(
-    method: &str,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: impl Into<Bytes>,
-) -> Response<Incoming> {
-    let mut req = Request::builder().method(method).uri(url);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let req = req.body(Full::new(body.into())).unwrap();
-    client()
-        .request(req)
-        .await
-        .unwrap_or_else(|e| panic!("{method} {url}: {e}"))
-}
-
-/// A whole response: status, headers, body bytes.
-pub async fn fetch(
-    method: &str,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: impl Into<Bytes>,
-) -> (StatusCode, HeaderMap, Bytes) {
-    let resp = send(method, url, headers, body).await;
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, headers, body)
-}
-
-pub async fn get_json(url: &str) -> (StatusCode, Value) {
-    let (status, _, body) = fetch("GET", url, &[], Bytes::new()).await;
-    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
-}
-
-/// POSTs a JSON body (with `extra` headers) and parses the JSON answer.
-pub async fn post_json(
-    url: &str,
-    body: &Value,
-    extra: &[(&str, &str)],
-) -> (StatusCode, HeaderMap, Value) {
-    let mut headers = vec![("content-type", "application/json")];
-    headers.extend_from_slice(extra);
-    let (status, headers, body) = fetch("POST", url, &headers, body.to_string()).await;
-    let value = serde_json::from_slice(&body)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
-    (status, headers, value)
-}
-
-/// Reads server-sent events from a response as they arrive: each `data:` payload with the
-/// time it arrived. Stops at the end of the body or on a body error (reported as `Err`).
-pub struct Events {
-    body: Incoming,
-    buf: Vec<u8>,
-}
-
-impl Events {
-    pub fn new(resp: Response<Incoming>) -> Self {
-        Events {
-            body: resp.into_body(),
-            buf: Vec::new(),
-        }
-    }
-
-    /// The next event's data, `Ok(None)` at the end of the stream.
-    pub async fn next(&mut self) -> Result<Option<String>, String> {
-        loop {
-            if let Some(pos) = self.buf.windows(2).position(|w| w == b"\n\n") {
-                let event: Vec<u8> = self.buf.drain(..pos + 2).collect();
-                let text = String::from_utf8_lossy(&event).into_owned();
-                let data: Vec<&str> = text
-                    .lines()
-                    .filter_map(|l| l.strip_prefix("data:"))
-                    .map(str::trim_start)
-                    .collect();
-                if data.is_empty() {
-                    continue;
-                }
-                return Ok(Some(data.join("\n")));
-            }
-            match self.body.frame().await {
-                None => {
-                    return if self.buf.iter().all(u8::is_ascii_whitespace) {
-                        Ok(None)
-                    } else {
-                        Err(format!(
-                            "stream ended inside an event: {:?}",
-                            String::from_utf8_lossy(&self.buf)
-                        ))
-                    };
-                }
-                Some(Err(e)) => return Err(e.to_string()),
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        self.buf.extend_from_slice(&data);
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Polls `cond` every 20 ms until it holds or `within` passed; returns whether it held.
-pub async fn eventually<F, Fut>(within: Duration, mut cond: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if cond().await {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Every file below `dir`, recursively.
+pub fn files_below(dir: &Path) -> Vec<PathBuf> {
+    entries_below(dir)
+        .into_iter()
+        .filter(|p| !p.is_dir())
+        .collect()
 }
 
 /// A Python with the official `openai` package: a virtualenv under `target/py-venv`, made

@@ -2,61 +2,37 @@
 //! unprivileged worker in the gateway cgroup, restarts it when it dies, reloads on SIGHUP, and
 //! refuses to start when enforcement cannot be put in place.
 
-use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use moat_tests::{
-    bin,
-    daemon::{Daemon, http_get, http_request, moat_cli},
-    kernel::{EPERM, TestCgroup, TestPins, require_root, try_from, unique},
+    PoolSim,
+    daemon::Daemon,
+    http::Client,
+    kernel::{EPERM, listener, require_root, try_from},
 };
 use nix::sys::signal::Signal;
 
-/// A listener that accepts and closes connections for the rest of the test process.
-fn listener() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || l.incoming().for_each(drop));
-    port
+/// Writes the fixture's enforcing gateway config ([`Daemon::enforcing_config`]) with pool
+/// `hosts` checked every 200 ms, and `extra`.
+fn write(d: &Daemon, hosts: &[SocketAddr], extra: &str) {
+    d.write_config(&d.enforcing_config(hosts, "health_interval_ms = 200", extra));
 }
 
-struct Setup {
-    dir: tempfile::TempDir,
-    cfg: std::path::PathBuf,
-    base: TestCgroup,
-    pins: TestPins,
+/// A chat completion for model `m` through the gateway must be answered 200.
+fn chat_ok(d: &Daemon, what: &str) {
+    let r = d.chat("m").send().expect("chat through moat");
+    let status = r.status();
+    assert_eq!(status, 200, "{what}: {}", r.text().unwrap_or_default());
 }
 
-impl Setup {
-    fn new() -> Setup {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = dir.path().join("moat.toml");
-        Setup {
-            cfg,
-            base: TestCgroup::new(unique("moat-test")),
-            pins: TestPins::new(),
-            dir,
-        }
-    }
-
-    fn write(&self, pool_ports: &[u16], extra: &str) {
-        let hosts: Vec<String> = pool_ports
-            .iter()
-            .map(|p| format!("\"127.0.0.1:{p}\""))
-            .collect();
-        let toml = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"moat\"\n\
-             [pools.gpu]\nhosts = [{}]\n\
-             [segmentation]\ngateway_cgroup = \"{}/gateway\"\npin_root = \"{}\"\n{extra}",
-            hosts.join(", "),
-            self.base.relative.display(),
-            self.pins.root.display()
-        );
-        std::fs::write(&self.cfg, toml).unwrap();
-    }
-
-    fn gateway_cgroup(&self) -> TestCgroup {
-        self.base.child("gateway")
-    }
+/// `GET path` on `addr` with a bearer key: (status, body).
+fn get(addr: SocketAddr, path: &str, key: &str) -> (u16, String) {
+    let r = Client::new()
+        .get(format!("http://{addr}{path}"))
+        .bearer_auth(key)
+        .send()
+        .unwrap();
+    (r.status().as_u16(), r.text().unwrap())
 }
 
 fn proc_status(pid: u32) -> std::collections::BTreeMap<String, String> {
@@ -85,14 +61,15 @@ fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
 #[test]
 fn worker_runs_unprivileged_in_the_gateway_cgroup_and_is_restarted() {
     require_root();
-    let s = Setup::new();
-    let pool = listener();
-    s.write(&[pool], "");
-    let gateway = s.gateway_cgroup();
-    let daemon = Daemon::start(&s.cfg, &s.dir.path().join("serve.log"));
-    let pid = worker_pid(&daemon.wait_log("worker started"));
-    let listen = daemon.listen_addr();
-    assert_eq!(http_get(listen, "/healthz").unwrap().0, 200);
+    let mut d = Daemon::enforcing();
+    let upstream = PoolSim::start();
+    let pool_addr = upstream.addr;
+    write(&d, &[pool_addr], "");
+    d.create_tester_key();
+    let gateway = d.cgroup().child("gateway");
+    d.start();
+    let pid = worker_pid(&d.wait_log("worker started"));
+    assert_eq!(d.get("/healthz").send().unwrap().status(), 200);
 
     let status = proc_status(pid);
     let service = nix::unistd::User::from_name("moat").unwrap().unwrap();
@@ -123,9 +100,12 @@ fn worker_runs_unprivileged_in_the_gateway_cgroup_and_is_restarted() {
             .any(|l| l == format!("0::/{}", gateway.relative.display())),
         "worker cgroup: {cgroup}"
     );
-    // The worker is the gateway: it reaches the pool, a bystander does not.
-    let pool_addr: SocketAddr = format!("127.0.0.1:{pool}").parse().unwrap();
-    let outsider = s.base.child("outsider");
+    // The worker is the gateway: a request through it is answered by the pool's simulator,
+    // while a bystander's connect to the same host is refused.
+    let before = upstream.requests();
+    chat_ok(&d, "chat through the gateway");
+    assert_eq!(upstream.requests(), before + 1, "the simulator answered it");
+    let outsider = d.cgroup().child("outsider");
     assert_eq!(
         try_from(Some(outsider.path()), "tcp", &[pool_addr]),
         [EPERM]
@@ -133,17 +113,15 @@ fn worker_runs_unprivileged_in_the_gateway_cgroup_and_is_restarted() {
 
     // A dead worker is replaced.
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
-    let again = worker_pid(&daemon.wait_log_nth("worker started", 1));
+    let again = worker_pid(&d.wait_log_nth("worker started", 1));
     assert_ne!(again, pid);
-    daemon.wait_log("worker died; restarting");
+    d.wait_log("worker died; restarting");
     wait_until("the new worker to serve", || {
-        http_get(listen, "/healthz").is_ok_and(|r| r.0 == 200)
+        d.get("/healthz").send().is_ok_and(|r| r.status() == 200)
     });
 
     // SIGKILL of the supervisor: the worker follows it, the kernel guard stays.
-    let mut daemon = daemon;
-    daemon.child.kill().unwrap();
-    daemon.child.wait().unwrap();
+    d.kill();
     wait_until("the worker to exit with its supervisor", || {
         !Path::new(&format!("/proc/{again}")).exists()
     });
@@ -157,32 +135,39 @@ fn worker_runs_unprivileged_in_the_gateway_cgroup_and_is_restarted() {
 #[test]
 fn sighup_applies_kernel_policy_and_worker_config_together() {
     require_root();
-    let s = Setup::new();
-    let (first, second) = (listener(), listener());
-    s.write(&[first], "");
-    let _gateway = s.gateway_cgroup();
-    let outsider = s.base.child("outsider");
-    let daemon = Daemon::start(&s.cfg, &s.dir.path().join("serve.log"));
-    daemon.wait_log("worker started");
-    let listen = daemon.listen_addr();
+    let mut d = Daemon::enforcing();
+    let (first_sim, second_sim) = (PoolSim::start(), PoolSim::start());
+    let (a, b) = (first_sim.addr, second_sim.addr);
+    write(&d, &[a], "");
+    d.create_tester_key();
+    let _gateway = d.cgroup().child("gateway");
+    let outsider = d.cgroup().child("outsider");
+    d.start();
+    d.wait_log("worker started");
     let out = Some(outsider.path());
-    let (a, b): (SocketAddr, SocketAddr) = (
-        format!("127.0.0.1:{first}").parse().unwrap(),
-        format!("127.0.0.1:{second}").parse().unwrap(),
-    );
     assert_eq!(try_from(out, "tcp", &[a, b]), [EPERM, 0]);
+    chat_ok(&d, "before the reload");
+    assert_eq!(first_sim.requests(), 1, "the first host answered");
+    assert_eq!(second_sim.requests(), 0, "the second is no pool host yet");
 
-    // A new pool host: protected after the reload.
-    s.write(&[first, second], "");
-    daemon.signal(Signal::SIGHUP);
-    daemon.wait_log("config reloaded");
+    // A new pool host: protected after the reload, and routed to (ties take turns, so a
+    // few requests reach it) through the gateway's egress lockdown.
+    write(&d, &[a, b], "");
+    d.signal(Signal::SIGHUP);
+    d.wait_log("config reloaded");
     assert_eq!(try_from(out, "tcp", &[a, b]), [EPERM, EPERM]);
-    assert_eq!(http_get(listen, "/healthz").unwrap().0, 200);
+    assert_eq!(d.get("/healthz").send().unwrap().status(), 200);
+    let mut sent = 0;
+    while second_sim.requests() == 0 {
+        assert!(sent < 20, "20 requests and none reached the new host");
+        chat_ok(&d, "after the reload");
+        sent += 1;
+    }
 
     // A broken file is refused, and nothing changes.
-    s.write(&[second], "[server.extra]\n");
-    daemon.signal(Signal::SIGHUP);
-    daemon.wait_log("config reload refused");
+    write(&d, &[b], "[server.extra]\n");
+    d.signal(Signal::SIGHUP);
+    d.wait_log("config reload refused");
     assert_eq!(
         try_from(out, "tcp", &[a, b]),
         [EPERM, EPERM],
@@ -190,69 +175,63 @@ fn sighup_applies_kernel_policy_and_worker_config_together() {
     );
 
     // So is a valid file that changes a key only a restart can change.
-    let moved = std::fs::read_to_string(&s.cfg)
-        .unwrap()
+    let moved = d
+        .read_config()
         .replace("[server.extra]\n", "")
         .replace("127.0.0.1:0", "127.0.0.1:1");
-    std::fs::write(&s.cfg, moved).unwrap();
-    daemon.signal(Signal::SIGHUP);
-    let refused = daemon.wait_log_nth("config reload refused", 1);
+    d.write_config(&moved);
+    d.signal(Signal::SIGHUP);
+    let refused = d.wait_log_nth("config reload refused", 1);
     assert_eq!(refused["key"], "server.listen");
     assert_eq!(try_from(out, "tcp", &[a, b]), [EPERM, EPERM]);
-    assert_eq!(http_get(listen, "/healthz").unwrap().0, 200);
+    assert_eq!(d.get("/healthz").send().unwrap().status(), 200);
+    chat_ok(&d, "the running config still serves");
 }
 
 #[test]
 fn refuses_to_start_when_enforcement_cannot_be_put_in_place() {
     require_root();
-    let s = Setup::new();
-    s.write(&[listener()], "");
+    let mut d = Daemon::enforcing();
+    write(&d, &[listener("127.0.0.1:0")], "");
     // A pin root outside any bpffs: the hooks cannot be pinned, so enforcement is impossible.
-    let bad = std::fs::read_to_string(&s.cfg).unwrap().replace(
-        &s.pins.root.display().to_string(),
-        &s.dir.path().join("not-bpffs").display().to_string(),
+    let bad = d.read_config().replace(
+        &d.pin_root().display().to_string(),
+        &d.dir().join("not-bpffs").display().to_string(),
     );
-    std::fs::write(&s.cfg, bad).unwrap();
-    let out = Command::new(bin("moat"))
-        .args(["serve", "-c"])
-        .arg(&s.cfg)
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "moat serve must refuse to run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    d.write_config(&bad);
+    let (status, stderr) = d.run_to_exit(None);
+    assert!(!status.success(), "moat serve must refuse to run");
     assert!(
         stderr.contains("kernel enforcement is required"),
         "{stderr}"
     );
     assert!(stderr.contains("not on a bpffs"), "{stderr}");
-    assert!(
-        !String::from_utf8_lossy(&out.stderr).contains("worker started"),
-        "nothing serves"
-    );
+    assert!(!stderr.contains("worker started"), "nothing serves");
 
     // With segmentation off it runs, and says enforcement is off.
-    let off = std::fs::read_to_string(&s.cfg)
-        .unwrap()
+    let off = d
+        .read_config()
         .replace("[segmentation]\n", "[segmentation]\nmode = \"off\"\n");
-    std::fs::write(&s.cfg, off).unwrap();
-    let _gateway = s.gateway_cgroup();
-    let daemon = Daemon::start(&s.cfg, &s.dir.path().join("off.log"));
-    daemon.wait_log("segmentation is off");
-    daemon.wait_log("worker started");
-    assert_eq!(http_get(daemon.listen_addr(), "/healthz").unwrap().0, 200);
+    d.write_config(&off);
+    let _gateway = d.cgroup().child("gateway");
+    d.start();
+    d.wait_log("segmentation is off");
+    d.wait_log("worker started");
+    assert_eq!(d.get("/healthz").send().unwrap().status(), 200);
 }
 
 #[test]
 fn kernel_counters_reach_the_admin_plane_metrics() {
     require_root();
-    let s = Setup::new();
-    let pool = listener();
-    s.write(
-        &[pool],
+    let mut d = Daemon::enforcing();
+    let pool_addr = listener("127.0.0.1:0");
+    write(
+        &d,
+        &[pool_addr],
         "[admin]\nlisten = \"127.0.0.1:0\"\n[roles.ops]\npermissions = [\"audit:read\"]\n\
          [roles.user]\npermissions = [\"model:*\", \"inference:*\"]\n",
     );
-    let cli = |args: &[&str]| moat_cli(&s.cfg, args);
+    let cli = |args: &[&str]| d.cli_ok(args, None);
     cli(&["tenants", "add", "ops"]);
     cli(&[
         "users", "add", "auditor", "--tenant", "ops", "--role", "ops",
@@ -264,17 +243,16 @@ fn kernel_counters_reach_the_admin_plane_metrics() {
         v["key"].as_str().unwrap().to_owned()
     };
     let (auditor, app) = (key("auditor"), key("app"));
-    let _gateway = s.gateway_cgroup();
-    let daemon = Daemon::start(&s.cfg, &s.dir.path().join("serve.log"));
-    let admin: SocketAddr = daemon.wait_log("admin plane listening")["listen"]
+    let _gateway = d.cgroup().child("gateway");
+    d.start();
+    let admin: SocketAddr = d.wait_log("admin plane listening")["listen"]
         .as_str()
         .unwrap()
         .parse()
         .unwrap();
 
     // Two refused connects, then the counters (pushed every 2 s) show them.
-    let outsider = s.base.child("outsider");
-    let pool_addr: SocketAddr = format!("127.0.0.1:{pool}").parse().unwrap();
+    let outsider = d.cgroup().child("outsider");
     for _ in 0..2 {
         assert_eq!(
             try_from(Some(outsider.path()), "tcp", &[pool_addr]),
@@ -282,7 +260,7 @@ fn kernel_counters_reach_the_admin_plane_metrics() {
         );
     }
     let denied = || -> u64 {
-        let (status, body) = http_request(admin, "GET", "/metrics", Some(&auditor), None).unwrap();
+        let (status, body) = get(admin, "/metrics", &auditor);
         assert_eq!(status, 200, "{body}");
         body.lines()
             .find(|l| {
@@ -293,17 +271,6 @@ fn kernel_counters_reach_the_admin_plane_metrics() {
     };
     wait_until("the deny counter on /metrics", || denied() >= 2);
     // An inference key is refused there; the data plane has no such route.
-    assert_eq!(
-        http_request(admin, "GET", "/metrics", Some(&app), None)
-            .unwrap()
-            .0,
-        403
-    );
-    let data = daemon.listen_addr();
-    assert_eq!(
-        http_request(data, "GET", "/metrics", Some(&auditor), None)
-            .unwrap()
-            .0,
-        404
-    );
+    assert_eq!(get(admin, "/metrics", &app).0, 403);
+    assert_eq!(get(d.addr(), "/metrics", &auditor).0, 404);
 }

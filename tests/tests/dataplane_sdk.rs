@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use moat_tests::{Moat, Sim, python_with_openai, tests_dir};
+use moat_tests::{Daemon, Sim, python_with_openai, tests_dir};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_python_sdk_works_through_moat() {
@@ -19,13 +19,13 @@ async fn the_official_python_sdk_works_through_moat() {
          [roles.tester]\npermissions = [\"model:chat\", \"inference:local\"]\n",
         sim.addr
     );
-    let moat = Moat::start(&config, &[]);
-    moat.wait_ready().await;
+    let moat = Daemon::gateway("", &config, &[]);
+    moat.wait_pools_ready().await;
 
     let run = tokio::process::Command::new(python)
         .arg(tests_dir().join("python/openai_sdk.py"))
         .env("MOAT_BASE_URL", moat.url("/v1"))
-        .env("MOAT_API_KEY", &moat.key)
+        .env("MOAT_API_KEY", moat.key())
         .env("MOAT_MODEL", "chat")
         .env("MOAT_DENIED_MODEL", "secret")
         .env("MOAT_SIM_URL", sim.url(""))
@@ -40,11 +40,11 @@ async fn the_official_python_sdk_works_through_moat() {
     assert!(
         out.status.success() && stdout.trim_end().ends_with("OK"),
         "SDK script failed:\n{stdout}\n{stderr}\n--- moat log ---\n{}",
-        moat.logs()
+        moat.log()
     );
     let stats = sim.stats().await;
     assert!(
-        !stats.to_string().contains(&moat.key),
+        !stats.to_string().contains(moat.key()),
         "the client's key reached the upstream: {stats}"
     );
 }

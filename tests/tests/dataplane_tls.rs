@@ -6,7 +6,7 @@
 
 use std::{path::Path, process::Command, sync::Arc, time::Duration};
 
-use moat_tests::{Events, Moat, Sim, eventually, get_json};
+use moat_tests::{Daemon, Events, Sim, eventually, get_json};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
@@ -136,9 +136,11 @@ async fn tls_pools_trust_only_their_ca() {
 
     // The right CA: health checks and requests go over TLS.
     let ca = std::fs::read_to_string(pki.path().join("good-ca.pem")).unwrap();
-    let moat = Moat::start(&config(port, Some("ca.pem")), &[("ca.pem", &ca)]);
-    moat.wait_ready().await;
-    let (status, _, answer) = moat.post("/v1/chat/completions", &chat(false), &[]).await;
+    let moat = Daemon::gateway("", &config(port, Some("ca.pem")), &[("ca.pem", &ca)]);
+    moat.wait_pools_ready().await;
+    let (status, _, answer) = moat
+        .post_json("/v1/chat/completions", &chat(false), &[])
+        .await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["choices"][0]["message"]["content"], "over tls");
     let resp = moat.open("/v1/chat/completions", &chat(true)).await;
@@ -156,19 +158,23 @@ async fn tls_pools_trust_only_their_ca() {
     // A CA that did not sign the host's certificate: the handshake fails, so the host is
     // never ready and no request reaches it.
     let other = std::fs::read_to_string(pki.path().join("other-ca.pem")).unwrap();
-    let wrong = Moat::start(&config(port, Some("ca.pem")), &[("ca.pem", &other)]);
+    let wrong = Daemon::gateway("", &config(port, Some("ca.pem")), &[("ca.pem", &other)]);
     let refused = eventually(Duration::from_secs(3), || async {
-        wrong.logs().contains("upstream host unhealthy")
+        wrong.log().contains("upstream host unhealthy")
     })
     .await;
-    assert!(refused, "{}", wrong.logs());
+    assert!(refused, "{}", wrong.log());
     let (status, _) = get_json(&wrong.url("/readyz")).await;
     assert_eq!(status, 503);
-    let (status, _, body) = wrong.post("/v1/chat/completions", &chat(false), &[]).await;
+    let (status, _, body) = wrong
+        .post_json("/v1/chat/completions", &chat(false), &[])
+        .await;
     assert!(status == 503 || status == 502, "{status}: {body}");
     // Only the default webpki roots: a private CA is not trusted either.
-    let webpki = Moat::start(&config(port, None), &[]);
-    let (status, _, _) = webpki.post("/v1/chat/completions", &chat(false), &[]).await;
+    let webpki = Daemon::gateway("", &config(port, None), &[]);
+    let (status, _, _) = webpki
+        .post_json("/v1/chat/completions", &chat(false), &[])
+        .await;
     assert!(status == 503 || status == 502, "{status}");
     assert_eq!(
         sim.requests().await,

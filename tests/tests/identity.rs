@@ -13,28 +13,29 @@ use std::{
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use ed25519_dalek::{Signer, SigningKey};
 use hmac::{KeyInit, Mac};
-use moat_tests::moatd::{Moat, files_below};
-use reqwest::blocking::{Client, Response};
+use moat_tests::{
+    daemon::Daemon,
+    files_below,
+    http::{Client, Reply as Response},
+};
 use serde_json::{Value, json};
 
 const PASSWORD: &str = "correct horse battery staple";
 
 fn client() -> Client {
-    Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
+    Client::new()
 }
 
 /// A daemon with tenant `acme`, user `alice` (password, roles user+ops) and one API key.
 struct World {
-    moat: Moat,
+    moat: Daemon,
     key: String,
     key_id: String,
 }
 
 fn world(extra: &str) -> World {
-    let moat = Moat::start(extra);
+    let mut moat = Daemon::no_upstream(extra);
+    moat.start();
     moat.cli_ok(&["tenants", "add", "acme"], None);
     moat.cli_ok(
         &[
@@ -137,6 +138,18 @@ fn assert_ok(r: Response) {
 }
 
 /// Asserts an OpenAI-shaped error with `status`; returns the body.
+/// A CLI run refused as the CLI refuses: exit status 1, nothing on stdout, `reason` on stderr.
+fn assert_refused(out: &std::process::Output, reason: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(reason), "expected {reason:?} in: {err}");
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 fn assert_error(r: Response, status: u16) -> Value {
     assert_eq!(r.status().as_u16(), status);
     let v: Value = r.json().unwrap();
@@ -317,7 +330,7 @@ fn full_flow_and_no_plaintext_secret_in_the_database_or_log() {
         401,
     );
 
-    let log = w.moat.log_text();
+    let log = w.moat.log();
     assert!(
         log.contains("refresh_reuse_detected"),
         "no reuse event in the log:\n{log}"
@@ -332,7 +345,7 @@ fn full_flow_and_no_plaintext_secret_in_the_database_or_log() {
     // Every plaintext secret used, against every byte moat wrote: the database (and its WAL),
     // the log. Secret files are 0600 and hold only server secrets.
     let mut files = files_below(&w.moat.data_dir());
-    files.push(w.moat.log.clone());
+    files.push(w.moat.log_path().to_path_buf());
     assert!(files.iter().any(|f| f.ends_with("moat.db")));
     for f in &files {
         let bytes = std::fs::read(f).unwrap();
@@ -394,7 +407,7 @@ struct Forger {
 }
 
 impl Forger {
-    fn new(moat: &Moat) -> Forger {
+    fn new(moat: &Daemon) -> Forger {
         let path = moat.data_dir().join("secrets/jwt-ed25519.json");
         let file: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
         let newest = file["keys"]
@@ -759,20 +772,23 @@ fn cli_refuses_bad_input_and_passwd_works() {
     let out = w
         .moat
         .cli(&["users", "add", "bob", "--tenant", "nope"], None);
-    assert!(!out.status.success());
+    assert_refused(&out, "tenant `nope` not found");
     let out = w.moat.cli(
         &["users", "add", "bob", "--tenant", "acme", "--password"],
         Some("short\n"),
     );
-    assert!(!out.status.success());
+    assert_refused(&out, "a password needs at least");
     let out = w.moat.cli(
         &["keys", "create", "--user", "alice", "--role", "admin"],
         None,
     );
-    assert!(
-        !out.status.success(),
-        "a key must not widen its user's roles"
+    // A key must not widen its user's roles.
+    assert_refused(
+        &out,
+        "user `alice` does not have role `admin`: a key can only narrow its user's roles",
     );
+    let users = w.moat.cli_ok(&["users", "list", "--json"], None);
+    assert!(!users.contains("\"bob\""), "no user was made: {users}");
     w.moat.cli_ok(
         &["users", "passwd", "alice"],
         Some("a brand new password\n"),
@@ -824,12 +840,16 @@ fn hs256_mode_issues_verifiable_tokens_and_publishes_no_key() {
 
 #[test]
 fn a_short_hs256_secret_stops_the_daemon_from_starting() {
-    let m = Moat::configure("[auth]\nalgorithm = \"HS256\"\nhs256_secret_file = \"short.key\"\n");
-    let path = m.dir.path().join("short.key");
+    let mut m =
+        Daemon::no_upstream("[auth]\nalgorithm = \"HS256\"\nhs256_secret_file = \"short.key\"\n");
+    let path = m.dir().join("short.key");
     std::fs::write(&path, [7u8; 31]).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let out = m.serve_expecting_failure();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("32 bytes"), "{err}");
+    let (status, err) = m.run_to_exit(None);
+    assert_eq!(status.code(), Some(1), "{err}");
+    let want = format!(
+        "key `auth.hs256_secret_file`: {} holds 31 bytes; an HS256 secret needs at least 32 bytes",
+        path.display()
+    );
+    assert!(err.contains(&want), "expected {want:?} in: {err}");
 }

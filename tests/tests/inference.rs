@@ -8,11 +8,11 @@
 
 use std::{
     io::{Read, Write},
+    net::SocketAddr,
     net::TcpStream,
     path::Path,
-    process::{Command, Stdio},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -20,19 +20,25 @@ use std::{
 
 use moat::{
     config::{Config, InferenceGuard},
-    segment::inference::{Guard, GuardPins, IngressDeny},
+    segment::{
+        DenyRecord,
+        inference::{Guard, GuardPins, IngressDeny},
+    },
 };
 use moat_tests::{
-    bin,
-    daemon::{http_get, segment_status, wait_for_log},
-    kernel::{KillOnDrop, TestCgroup, TestPins, require_root, unique},
+    daemon::Daemon,
+    kernel::{TestPins, require_root},
     netns::{Echo, Lab, Outcome, PortReservation, sa, tcp_echo, udp_echo},
 };
+use nix::sys::signal::SIGHUP;
 
 /// How long a client waits before calling a flow dropped.
 const DROP_WAIT: Duration = Duration::from_millis(800);
 /// How long an allowed flow may take.
 const OK_WAIT: Duration = Duration::from_secs(3);
+/// Gateway round trips and rogue datagrams that must fall between the first and the last
+/// policy change of a test under traffic, for its "never failed" to mean anything.
+const MIN_DURING: u64 = 20;
 
 fn guard_toml(port: u16, allowed: &[&str], attach: &str, interfaces: &[&str]) -> String {
     let list = |v: &[&str]| {
@@ -71,18 +77,41 @@ fn drain(guard: &Guard) -> Vec<IngressDeny> {
     events
 }
 
+/// The start of most tests here (root required): a model port reserved in the main namespace,
+/// the three-host lab and an echo server on that port inside the inference host.
+fn lab_with_model() -> (PortReservation, Lab, Echo) {
+    require_root();
+    let model = PortReservation::new();
+    let lab = Lab::new();
+    let echo = Echo::start(&lab.inference, model.port);
+    (model, lab, echo)
+}
+
 fn host(addr: &str, len: u8) -> String {
     format!("{addr}/{len}")
 }
 
+/// The guard admits the rogue host and not the gateway (an allowlist switched to the rogue
+/// host, and whatever must leave it so): the rogue host's TCP is echoed, the gateway's SYN is
+/// dropped (its connect times out).
+fn assert_rogue_in_gateway_out(lab: &Lab, rogue_to: SocketAddr, gw_to: SocketAddr, what: &str) {
+    assert_eq!(
+        tcp_echo(&lab.rogue, rogue_to, OK_WAIT).0,
+        Outcome::Echoed,
+        "{what}: the rogue host is admitted"
+    );
+    assert_eq!(
+        tcp_echo(&lab.gateway, gw_to, DROP_WAIT).0,
+        Outcome::TimedOut,
+        "{what}: the gateway is dropped"
+    );
+}
+
 #[test]
 fn cgroup_skb_guard_admits_only_the_gateway() {
-    require_root();
-    let model = PortReservation::new();
-    let unguarded = PortReservation::new();
+    let (model, lab, echo) = lab_with_model();
     let port = model.port;
-    let lab = Lab::new();
-    let echo = Echo::start(&lab.inference, port);
+    let unguarded = PortReservation::new();
     let _open = Echo::start(&lab.inference, unguarded.port);
     let pins = TestPins::new();
     let gateways = [host(Lab::GW4, 32), host(Lab::GW6, 128)];
@@ -221,11 +250,8 @@ fn cgroup_skb_guard_admits_only_the_gateway() {
 
 #[test]
 fn tc_guard_covers_exactly_its_interfaces() {
-    require_root();
-    let model = PortReservation::new();
+    let (model, lab, echo) = lab_with_model();
     let port = model.port;
-    let lab = Lab::new();
-    let echo = Echo::start(&lab.inference, port);
     let pins = TestPins::new();
     let gateways = [host(Lab::GW4, 32), host(Lab::GW6, 128)];
     let gw: Vec<&str> = gateways.iter().map(String::as_str).collect();
@@ -391,21 +417,27 @@ fn tc_guard_uninstalls_after_its_interface_is_gone() {
 /// (the same datagram reaches the server when no guard is attached: the control).
 #[test]
 fn tc_guard_refuses_header_chains_it_cannot_walk() {
-    require_root();
-    let model = PortReservation::new();
+    let (model, lab, echo) = lab_with_model();
     let port = model.port;
-    let lab = Lab::new();
-    let echo = Echo::start(&lab.inference, port);
     let pins = TestPins::new();
     let rogue6: std::net::Ipv6Addr = Lab::ROGUE6.parse().unwrap();
     let send = || {
         let packet = udp6_behind_dstopts(rogue6, Lab::INF_ROGUE6.parse().unwrap(), port, 5);
         lab.rogue
             .run(|| send_raw6(&packet, Lab::INF_ROGUE6.parse().unwrap()));
-        std::thread::sleep(Duration::from_millis(300));
-        echo.udp_count_from(rogue6.into())
     };
-    assert_eq!(send(), 1, "control: without a guard the datagram arrives");
+    let arrived = || echo.udp_count_from(rogue6.into());
+    let wait_for = |what: &str, cond: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    send();
+    wait_for("control: without a guard the datagram arrives", &|| {
+        arrived() == 1
+    });
 
     let gw = host(Lab::GW6, 128);
     let cfg = guard_config(port, &[&gw], "tc", &[Lab::IF_FROM_ROGUE]);
@@ -414,12 +446,16 @@ fn tc_guard_refuses_header_chains_it_cannot_walk() {
         .run(|| Guard::install_or_adopt(&pins.pins, &cfg))
         .unwrap();
     let dropped = guard.maps().counters().unwrap()[3];
+    send();
+    // Once the tc hook counted the drop, the datagram's fate is sealed: it cannot arrive later.
+    wait_for("the tc hook to drop the datagram", &|| {
+        guard.maps().counters().unwrap()[3] > dropped
+    });
     assert_eq!(
-        send(),
+        arrived(),
         1,
         "the guarded port is not reached behind a long header chain"
     );
-    assert!(guard.maps().counters().unwrap()[3] > dropped);
     let events = drain(&guard);
     let ev = events
         .iter()
@@ -504,6 +540,10 @@ struct Traffic {
     ok: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
     sent: Arc<AtomicU64>,
+    /// (start, end) of every gateway round trip, and when each rogue datagram was sent: what
+    /// [`Traffic::between`] counts.
+    round_trips: Arc<Mutex<Vec<(Instant, Instant)>>>,
+    sends: Arc<Mutex<Vec<Instant>>>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -515,11 +555,15 @@ impl Traffic {
             Arc::new(AtomicU64::new(0)),
             Arc::new(AtomicU64::new(0)),
         );
+        let round_trips = Arc::new(Mutex::new(Vec::new()));
+        let sends = Arc::new(Mutex::new(Vec::new()));
         let gateway = {
             let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            let spans = round_trips.clone();
             let to = sa(Lab::INF_GW4, port);
             lab.gateway.spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
+                    let start = Instant::now();
                     let round_trip = TcpStream::connect_timeout(&to, OK_WAIT).and_then(|mut s| {
                         s.set_read_timeout(Some(OK_WAIT))?;
                         s.write_all(b"ping")?;
@@ -530,17 +574,19 @@ impl Traffic {
                         Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
                         Err(_) => failed.fetch_add(1, Ordering::Relaxed),
                     };
+                    spans.lock().unwrap().push((start, Instant::now()));
                 }
             })
         };
         let rogue = {
-            let (stop, sent) = (stop.clone(), sent.clone());
+            let (stop, sent, times) = (stop.clone(), sent.clone(), sends.clone());
             let to = sa(Lab::INF_ROGUE4, port);
             lab.rogue.spawn(move || {
                 let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
                 while !stop.load(Ordering::Relaxed) {
                     if s.send_to(b"ping", to).is_ok() {
                         sent.fetch_add(1, Ordering::Relaxed);
+                        times.lock().unwrap().push(Instant::now());
                     }
                     std::thread::sleep(Duration::from_micros(200));
                 }
@@ -551,7 +597,30 @@ impl Traffic {
             ok,
             failed,
             sent,
+            round_trips,
+            sends,
             threads: vec![gateway, rogue],
+        }
+    }
+
+    /// Gateway round trips that ran wholly between `t0` and `t1`, and rogue datagrams sent
+    /// in between: the traffic that overlapped what the test did then.
+    fn between(&self, t0: Instant, t1: Instant) -> (u64, u64) {
+        let trips = self.round_trips.lock().unwrap();
+        let sends = self.sends.lock().unwrap();
+        (
+            trips.iter().filter(|(s, e)| *s >= t0 && *e <= t1).count() as u64,
+            sends.iter().filter(|t| **t >= t0 && **t <= t1).count() as u64,
+        )
+    }
+
+    /// Waits (up to 10 s) until both loops have completed a round, so what the test does next
+    /// happens under traffic.
+    fn wait_running(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.round_trips.lock().unwrap().is_empty() || self.sends.lock().unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "the traffic loops did not start");
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
@@ -569,17 +638,14 @@ impl Traffic {
     }
 }
 
-/// An upgrade adopts with no gap: 20 back-to-back install-or-adopt runs (each reuses the pinned
-/// maps and switches the pinned link to a freshly loaded program) while the gateway runs TCP
-/// round trips and the rogue host sends UDP: no gateway failure, no rogue datagram through,
-/// the same link throughout.
+/// An upgrade adopts with no gap: at least 20 back-to-back install-or-adopt runs (each reuses
+/// the pinned maps and switches the pinned link to a freshly loaded program) while the gateway
+/// runs TCP round trips and the rogue host sends UDP: no gateway failure, no rogue datagram
+/// through, the same link throughout.
 #[test]
 fn adopting_again_and_again_leaves_no_gap() {
-    require_root();
-    let model = PortReservation::new();
+    let (model, lab, echo) = lab_with_model();
     let port = model.port;
-    let lab = Lab::new();
-    let echo = Echo::start(&lab.inference, port);
     let pins = TestPins::new();
     let gw = host(Lab::GW4, 32);
     let cfg = guard_config(port, &[&gw], "cgroup_skb", &[]);
@@ -593,8 +659,13 @@ fn adopting_again_and_again_leaves_no_gap() {
     drop(first);
 
     let traffic = Traffic::start(&lab, port);
-    std::thread::sleep(Duration::from_millis(100));
-    for _ in 0..20 {
+    traffic.wait_running();
+    // At least 20 adoptions, for at least a second (a stall of a loaded machine cannot leave
+    // the loops idle all along).
+    let first = Instant::now();
+    let mut adoptions = 0;
+    while adoptions < 20 || first.elapsed() < Duration::from_secs(1) {
+        adoptions += 1;
         let g = Guard::install_or_adopt(&pins.pins, &cfg).unwrap();
         assert!(g.adopted());
         let (l, p) = link_of();
@@ -602,11 +673,12 @@ fn adopting_again_and_again_leaves_no_gap() {
         assert_ne!(p, program, "switched to the new program");
         program = p;
     }
-    std::thread::sleep(Duration::from_millis(100));
+    let (trips, datagrams) = traffic.between(first, Instant::now());
     let (ok, failed, sent) = traffic.stop();
     assert!(
-        ok > 10 && sent > 10,
-        "too little traffic: {ok} round trips, {sent} datagrams"
+        trips >= MIN_DURING && datagrams >= MIN_DURING,
+        "too little traffic during {adoptions} adoptions: {trips} round trips, {datagrams} \
+         datagrams (of {ok} and {sent})"
     );
     assert_eq!(
         failed, 0,
@@ -623,11 +695,8 @@ fn adopting_again_and_again_leaves_no_gap() {
 /// both and must never get a datagram through.
 #[test]
 fn guard_policy_flips_never_change_a_shared_verdict() {
-    require_root();
-    let model = PortReservation::new();
+    let (model, lab, echo) = lab_with_model();
     let port = model.port;
-    let lab = Lab::new();
-    let echo = Echo::start(&lab.inference, port);
     let pins = TestPins::new();
     let gw = host(Lab::GW4, 32);
     let a = guard_config(port, &[&gw, "198.18.7.0/24"], "cgroup_skb", &[]);
@@ -640,24 +709,32 @@ fn guard_policy_flips_never_change_a_shared_verdict() {
     let mut guard = Guard::install_or_adopt(&pins.pins, &a).unwrap();
 
     let traffic = Traffic::start(&lab, port);
-    // Let both loops run before the first flip.
-    std::thread::sleep(Duration::from_millis(100));
+    traffic.wait_running();
+    // At least 1,000 flips, for at least a second (so a stall of a loaded machine cannot
+    // leave the loops idle all along), an even number of them.
     let started = Instant::now();
-    for i in 0..1000 {
-        guard.apply(if i % 2 == 0 { &b } else { &a }).unwrap();
+    let mut flips = 0;
+    while flips < 1000 || started.elapsed() < Duration::from_secs(1) || flips % 2 == 1 {
+        guard.apply(if flips % 2 == 0 { &b } else { &a }).unwrap();
+        flips += 1;
     }
-    let flipping = started.elapsed();
-    std::thread::sleep(Duration::from_millis(100));
+    let last_flip = Instant::now();
+    let (trips, datagrams) = traffic.between(started, last_flip);
     let (ok, failed, sent) = traffic.stop();
+    let flipping = last_flip - started;
     assert!(
-        ok > 10,
-        "too few gateway round trips ({ok}) during {flipping:?}"
+        trips >= MIN_DURING,
+        "only {trips} gateway round trips (of {ok}) ran between the first and the last of \
+         {flips} flips ({flipping:?}); at least {MIN_DURING} must"
     );
     assert_eq!(
         failed, 0,
         "gateway round trips failed during flips ({ok} ok)"
     );
-    assert!(sent > 10, "too few rogue datagrams ({sent})");
+    assert!(
+        datagrams >= MIN_DURING,
+        "only {datagrams} rogue datagrams (of {sent}) were sent during the flips"
+    );
     assert!(
         !echo.udp_sources().contains(&Lab::ROGUE4.parse().unwrap()),
         "a rogue datagram got through during the flips"
@@ -673,34 +750,27 @@ fn guard_policy_flips_never_change_a_shared_verdict() {
 /// `moat segment uninstall` removing it.
 #[test]
 fn daemon_runs_the_guard_on_an_inference_host() {
-    require_root();
-    let model = PortReservation::new();
+    let (model, lab, _echo) = lab_with_model();
     let port = model.port;
-    let lab = Lab::new();
-    let _echo = Echo::start(&lab.inference, port);
-    let pins = TestPins::new();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("moat.toml");
-    let write_cfg = |guard: &str| {
-        let toml = format!(
+    let mut daemon = Daemon::enforcing();
+    let write_cfg = |daemon: &Daemon, guard: &str| {
+        daemon.write_config(&format!(
             "[server]\ndata_dir = \"data\"\n\
              [segmentation]\npin_root = \"{}\"\n{guard}",
-            pins.root.display()
-        );
-        std::fs::write(&cfg, toml).unwrap();
+            daemon.pin_root().display()
+        ));
     };
     let gw4 = host(Lab::GW4, 32);
     let gw6 = host(Lab::GW6, 128);
     let rogue4 = host(Lab::ROGUE4, 32);
-    write_cfg(&guard_toml(port, &[&gw4, &gw6], "cgroup_skb", &[]));
+    write_cfg(&daemon, &guard_toml(port, &[&gw4, &gw6], "cgroup_skb", &[]));
     let gw_to = sa(Lab::INF_GW4, port);
     let rogue_to = sa(Lab::INF_ROGUE4, port);
 
-    let log1 = dir.path().join("serve1.log");
-    let mut daemon = start_daemon(&lab, &cfg, &log1);
-    wait_for_log(&log1, "inference guard active", 0);
-    wait_for_log(&log1, "guard only, no data plane", 0);
-    let before = segment_status(&cfg);
+    daemon.start_in(&lab.inference);
+    daemon.wait_log("inference guard active");
+    daemon.wait_log("guard only, no data plane");
+    let before = daemon.segment_status();
     assert_eq!(
         before["installed"], false,
         "no gateway side on an inference host"
@@ -718,7 +788,7 @@ fn daemon_runs_the_guard_on_an_inference_host() {
     let (udp, src_port) = udp_echo(&lab.rogue, rogue_to, DROP_WAIT);
     assert_eq!(udp, Outcome::TimedOut);
     // The deny event reaches the daemon's structured log with source, destination, protocol.
-    let event = wait_for_log(&log1, &format!("\"src_port\":{src_port}"), 0);
+    let event = daemon.wait_log(&format!("\"src_port\":{src_port}"));
     assert_eq!(event["event"], "kernel_ingress_deny");
     assert_eq!(event["src_addr"], Lab::ROGUE4);
     assert_eq!(event["dst_port"], port);
@@ -726,20 +796,19 @@ fn daemon_runs_the_guard_on_an_inference_host() {
     assert_eq!(event["hook"], "cgroup_skb");
 
     // SIGHUP with a new allowlist: the rogue host in, the gateway out.
-    write_cfg(&guard_toml(port, &[&rogue4], "cgroup_skb", &[]));
-    hup(&daemon);
-    wait_for_log(&log1, "inference guard reloaded", 0);
-    assert_eq!(tcp_echo(&lab.rogue, rogue_to, OK_WAIT).0, Outcome::Echoed);
-    assert_eq!(
-        tcp_echo(&lab.gateway, gw_to, DROP_WAIT).0,
-        Outcome::TimedOut
-    );
+    write_cfg(&daemon, &guard_toml(port, &[&rogue4], "cgroup_skb", &[]));
+    daemon.signal(SIGHUP);
+    daemon.wait_log("inference guard reloaded");
+    assert_rogue_in_gateway_out(&lab, rogue_to, gw_to, "the reloaded allowlist");
 
     // A bad file on SIGHUP is refused, names the key, and changes nothing.
-    let good = std::fs::read_to_string(&cfg).unwrap();
-    write_cfg(&guard_toml(port, &["not-an-address"], "cgroup_skb", &[]));
-    hup(&daemon);
-    let refused = wait_for_log(&log1, "config reload refused", 0);
+    let good = daemon.read_config();
+    write_cfg(
+        &daemon,
+        &guard_toml(port, &["not-an-address"], "cgroup_skb", &[]),
+    );
+    daemon.signal(SIGHUP);
+    let refused = daemon.wait_log("config reload refused");
     assert!(
         refused["error"]
             .as_str()
@@ -747,49 +816,39 @@ fn daemon_runs_the_guard_on_an_inference_host() {
             .contains("segmentation.inference.allowed_gateways[0]"),
         "{refused}"
     );
-    assert_eq!(tcp_echo(&lab.rogue, rogue_to, OK_WAIT).0, Outcome::Echoed);
-    assert_eq!(
-        tcp_echo(&lab.gateway, gw_to, DROP_WAIT).0,
-        Outcome::TimedOut
-    );
+    assert_rogue_in_gateway_out(&lab, rogue_to, gw_to, "a refused file changes nothing");
     // A valid file whose guard cannot attach (no such interface) changes nothing either:
     // not the allowlist it carries, not the links.
     let both_with_missing_if = guard_toml(port, &[&gw4], "both", &["nosuchif0"]);
-    write_cfg(&both_with_missing_if);
-    hup(&daemon);
-    let failed = wait_for_log(&log1, "the inference guard does not apply", 0);
+    write_cfg(&daemon, &both_with_missing_if);
+    daemon.signal(SIGHUP);
+    let failed = daemon.wait_log("the inference guard does not apply");
     assert!(
         failed["error"].as_str().unwrap().contains("nosuchif0"),
         "{failed}"
     );
-    assert_eq!(tcp_echo(&lab.rogue, rogue_to, OK_WAIT).0, Outcome::Echoed);
-    assert_eq!(
-        tcp_echo(&lab.gateway, gw_to, DROP_WAIT).0,
-        Outcome::TimedOut
+    assert_rogue_in_gateway_out(
+        &lab,
+        rogue_to,
+        gw_to,
+        "a guard that cannot attach changes nothing",
     );
     assert_eq!(
-        segment_status(&cfg)["inference"]["links"],
+        daemon.segment_status()["inference"]["links"],
         before["inference"]["links"]
     );
-    std::fs::write(&cfg, good).unwrap();
+    daemon.write_config(&good);
 
     // SIGKILL: nothing is cleaned up, the last policy holds.
-    daemon.0.kill().unwrap();
-    daemon.0.wait().unwrap();
-    assert_eq!(
-        tcp_echo(&lab.gateway, gw_to, DROP_WAIT).0,
-        Outcome::TimedOut,
-        "fail-static"
-    );
-    assert_eq!(tcp_echo(&lab.rogue, rogue_to, OK_WAIT).0, Outcome::Echoed);
+    daemon.kill();
+    assert_rogue_in_gateway_out(&lab, rogue_to, gw_to, "fail-static");
 
     // A restart adopts the pinned guard instead of stacking a second one.
-    let log2 = dir.path().join("serve2.log");
-    daemon = start_daemon(&lab, &cfg, &log2);
-    wait_for_log(&log2, "adopted the pinned inference guard", 0);
-    wait_for_log(&log2, "inference guard active", 0);
+    daemon.start_in(&lab.inference);
+    daemon.wait_log("adopted the pinned inference guard");
+    daemon.wait_log("inference guard active");
     // The same link, switched in place to the restarted binary's program.
-    let after = segment_status(&cfg);
+    let after = daemon.segment_status();
     let (link_before, link_after) = (&before["inference"]["links"], &after["inference"]["links"]);
     assert_eq!(
         link_after.as_array().unwrap().len(),
@@ -809,26 +868,17 @@ fn daemon_runs_the_guard_on_an_inference_host() {
         tcp_echo(&lab.gateway, gw_to, DROP_WAIT).0,
         Outcome::TimedOut
     );
-    drop(daemon);
+    daemon.kill();
 
-    let removed = Command::new(bin("moat"))
-        .args(["segment", "uninstall", "-c"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(
-        removed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&removed.stderr)
-    );
+    daemon.cli_ok(&["segment", "uninstall"], None);
     assert_eq!(
         tcp_echo(&lab.gateway, gw_to, OK_WAIT).0,
         Outcome::Echoed,
         "open after uninstall"
     );
-    assert_eq!(segment_status(&cfg)["inference"]["installed"], false);
+    assert_eq!(daemon.segment_status()["inference"]["installed"], false);
     assert!(
-        !GuardPins::new(&pins.pins).dir().exists(),
+        !GuardPins::new(daemon.pins()).dir().exists(),
         "uninstall removes the pins"
     );
 }
@@ -885,49 +935,41 @@ fn tcx_ingress(lab: &Lab, ifname: &str) -> usize {
 /// the gateway side is refused and changes nothing.
 #[test]
 fn gateway_and_guard_on_one_host_reload_together() {
-    require_root();
-    let model = PortReservation::new();
-    let (pool1, pool2) = (PortReservation::new(), PortReservation::new());
+    let (model, lab, _echo) = lab_with_model();
     let port = model.port;
-    let lab = Lab::new();
-    let _echo = Echo::start(&lab.inference, port);
-    let base = TestCgroup::new(unique("moat-test"));
-    let _gateway_cgroup = base.child("gateway");
-    let pins = TestPins::new();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("moat.toml");
-    let write_cfg = |pool: Option<u16>, guard: &str| {
+    let (pool1, pool2) = (PortReservation::new(), PortReservation::new());
+    let mut daemon = Daemon::enforcing();
+    let _gateway_cgroup = daemon.cgroup().child("gateway");
+    let write_cfg = |daemon: &Daemon, pool: Option<u16>, guard: &str| {
         let pools = pool
             .map(|p| format!("[pools.gpu]\nhosts = [\"127.0.0.1:{p}\"]\n"))
             .unwrap_or_default();
-        let toml = format!(
-            "[server]\nlisten = \"127.0.0.1:8080\"\ndata_dir = \"data\"\nuser = \"moat\"\n{pools}\
+        daemon.write_config(&format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"moat\"\n{pools}\
              [segmentation]\ngateway_cgroup = \"{}/gateway\"\npin_root = \"{}\"\n{guard}",
-            base.relative.display(),
-            pins.root.display()
-        );
-        std::fs::write(&cfg, toml).unwrap();
+            daemon.cgroup().relative.display(),
+            daemon.pin_root().display()
+        ));
     };
     let (gw4, rogue4) = (host(Lab::GW4, 32), host(Lab::ROGUE4, 32));
     write_cfg(
+        &daemon,
         Some(pool1.port),
         &guard_toml(port, &[&gw4], "cgroup_skb", &[]),
     );
     let (gw_to, rogue_to) = (sa(Lab::INF_GW4, port), sa(Lab::INF_ROGUE4, port));
 
-    let log = dir.path().join("serve.log");
-    let daemon = start_daemon(&lab, &cfg, &log);
-    wait_for_log(&log, "inference guard active", 0);
-    wait_for_log(&log, "worker started", 0);
-    let health = lab
-        .inference
-        .run(|| http_get(sa("127.0.0.1", 8080), "/healthz"))
-        .unwrap();
+    daemon.start_in(&lab.inference);
+    daemon.wait_log("inference guard active");
+    daemon.wait_log("worker started");
+    let healthz = daemon.get("/healthz");
+    let health = lab.inference.run(|| healthz.send()).unwrap();
     assert_eq!(
-        health.0, 200,
+        health.status(),
+        200,
         "the worker serves inside the inference host's namespace"
     );
-    let st = segment_status(&cfg);
+    let st = daemon.segment_status();
     assert_eq!(st["installed"], true, "gateway side");
     assert_eq!(st["inference"]["installed"], true, "inference guard");
     assert_eq!(tcp_echo(&lab.gateway, gw_to, OK_WAIT).0, Outcome::Echoed);
@@ -938,18 +980,15 @@ fn gateway_and_guard_on_one_host_reload_together() {
 
     // One SIGHUP: a new pool host and a new allowlist.
     write_cfg(
+        &daemon,
         Some(pool2.port),
         &guard_toml(port, &[&rogue4], "cgroup_skb", &[]),
     );
-    hup(&daemon);
-    wait_for_log(&log, "config reloaded: routing and kernel policy", 0);
-    wait_for_log(&log, "inference guard reloaded", 0);
-    assert_eq!(tcp_echo(&lab.rogue, rogue_to, OK_WAIT).0, Outcome::Echoed);
-    assert_eq!(
-        tcp_echo(&lab.gateway, gw_to, DROP_WAIT).0,
-        Outcome::TimedOut
-    );
-    let protected: Vec<String> = segment_status(&cfg)["destinations"]
+    daemon.signal(SIGHUP);
+    daemon.wait_log("config reloaded: routing and kernel policy");
+    daemon.wait_log("inference guard reloaded");
+    assert_rogue_in_gateway_out(&lab, rogue_to, gw_to, "the reloaded allowlist");
+    let protected: Vec<String> = daemon.segment_status()["destinations"]
         .as_array()
         .unwrap()
         .iter()
@@ -966,9 +1005,9 @@ fn gateway_and_guard_on_one_host_reload_together() {
     );
 
     // Dropping the pools would turn this gateway into an inference host: refused.
-    write_cfg(None, &guard_toml(port, &[&gw4], "cgroup_skb", &[]));
-    hup(&daemon);
-    let refused = wait_for_log(&log, "config reload refused", 0);
+    write_cfg(&daemon, None, &guard_toml(port, &[&gw4], "cgroup_skb", &[]));
+    daemon.signal(SIGHUP);
+    let refused = daemon.wait_log("config reload refused");
     assert!(
         refused["error"]
             .as_str()
@@ -976,11 +1015,7 @@ fn gateway_and_guard_on_one_host_reload_together() {
             .contains("removes the gateway side"),
         "{refused}"
     );
-    assert_eq!(tcp_echo(&lab.rogue, rogue_to, OK_WAIT).0, Outcome::Echoed);
-    assert_eq!(
-        tcp_echo(&lab.gateway, gw_to, DROP_WAIT).0,
-        Outcome::TimedOut
-    );
+    assert_rogue_in_gateway_out(&lab, rogue_to, gw_to, "a refused reload changes nothing");
 }
 
 /// Fail closed: a guard the config asks for that cannot attach stops `moat serve` from
@@ -990,22 +1025,13 @@ fn daemon_refuses_to_start_when_the_guard_cannot_attach() {
     require_root();
     let model = PortReservation::new();
     let lab = Lab::new();
-    let pins = TestPins::new();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("moat.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[segmentation]\npin_root = \"{}\"\n{}",
-            pins.root.display(),
-            guard_toml(model.port, &[], "tc", &["nosuchif0"])
-        ),
-    )
-    .unwrap();
-    let log = dir.path().join("serve.log");
-    let mut daemon = start_daemon(&lab, &cfg, &log);
-    let status = daemon.0.wait().unwrap();
-    let text = std::fs::read_to_string(&log).unwrap();
+    let mut daemon = Daemon::enforcing();
+    daemon.write_config(&format!(
+        "[segmentation]\npin_root = \"{}\"\n{}",
+        daemon.pin_root().display(),
+        guard_toml(model.port, &[], "tc", &["nosuchif0"])
+    ));
+    let (status, text) = daemon.run_to_exit(Some(&lab.inference));
     assert!(
         !status.success(),
         "moat serve must refuse to start:\n{text}"
@@ -1015,29 +1041,7 @@ fn daemon_refuses_to_start_when_the_guard_cannot_attach() {
         "{text}"
     );
     assert!(
-        !GuardPins::new(&pins.pins).dir().exists(),
+        !GuardPins::new(daemon.pins()).dir().exists(),
         "nothing half-installed is left behind"
     );
-}
-
-fn start_daemon(lab: &Lab, cfg: &Path, log: &Path) -> KillOnDrop {
-    let log = std::fs::File::create(log).unwrap();
-    KillOnDrop(
-        lab.inference
-            .command(bin("moat"))
-            .args(["serve", "-c"])
-            .arg(cfg)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start moat serve"),
-    )
-}
-
-fn hup(daemon: &KillOnDrop) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon.0.id() as i32),
-        nix::sys::signal::SIGHUP,
-    )
-    .unwrap();
 }

@@ -10,75 +10,70 @@ use std::{
     },
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use moat_tests::{
-    bin,
-    daemon::{Daemon, http_get},
-    kernel::{TestCgroup, TestPins, require_root, unique},
-};
+use moat_tests::{bin, daemon::Daemon, kernel::require_root};
 use nix::{sys::signal::Signal, unistd::User};
 
-/// One daemon's folder, config and kernel state (removed on drop).
+/// One enforcing daemon (the fixture) with one pool, running as `user`, data in `data`.
 struct Setup {
-    dir: tempfile::TempDir,
-    cfg: PathBuf,
-    _base: TestCgroup,
-    _pins: TestPins,
+    d: Daemon,
 }
 
 impl Setup {
-    /// A gateway with one pool, enforcement on, running as `user`, data in `data`.
     fn new(user: &str) -> Setup {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = dir.path().join("moat.toml");
-        let base = TestCgroup::new(unique("moat-test"));
-        let pins = TestPins::new();
-        let toml = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"{user}\"\n\
-             [pools.gpu]\nhosts = [\"127.0.0.1:9\"]\n\
-             [segmentation]\ngateway_cgroup = \"{}/gateway\"\npin_root = \"{}\"\n",
-            base.relative.display(),
-            pins.root.display()
-        );
-        std::fs::write(&cfg, toml).unwrap();
-        Setup {
-            dir,
-            cfg,
-            _base: base,
-            _pins: pins,
-        }
+        let d = Daemon::enforcing();
+        let toml = d
+            .enforcing_config(&["127.0.0.1:9".parse().unwrap()], "", "")
+            .replace("user = \"moat\"", &format!("user = \"{user}\""));
+        d.write_config(&toml);
+        Setup { d }
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.d.dir().join(name)
     }
 
-    /// Starts `moat serve` and returns it with its worker's pid.
-    fn start(&self) -> (Daemon, u32) {
-        let daemon = Daemon::start(&self.cfg, &self.path("serve.log"));
-        let pid = worker_pid(&daemon, 0);
-        (daemon, pid)
+    /// Starts `moat serve` and returns its worker's pid.
+    fn start(&mut self) -> u32 {
+        self.d.start();
+        worker_pid(self.d.log_path(), 0)
     }
 
     /// Runs `moat serve`, which must refuse to start; returns what it printed.
-    fn refused(&self) -> String {
-        let out = Command::new(bin("moat"))
-            .args(["serve", "--config"])
-            .arg(&self.cfg)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "moat serve must refuse to start");
-        String::from_utf8_lossy(&out.stderr).into_owned()
+    fn refused(&mut self) -> String {
+        let (status, log) = self.d.run_to_exit(None);
+        assert!(!status.success(), "moat serve must refuse to start:\n{log}");
+        log
+    }
+
+    /// The data plane answers `GET /healthz` with 200.
+    fn healthy(&self) -> bool {
+        self.d
+            .get("/healthz")
+            .send()
+            .is_ok_and(|r| r.status() == 200)
     }
 }
 
-fn worker_pid(daemon: &Daemon, nth: usize) -> u32 {
-    daemon.wait_log_nth("worker started", nth)["pid"]
-        .as_u64()
-        .expect("worker pid in the log") as u32
+/// The pid of the `nth` worker started, from the daemon's log.
+fn worker_pid(log: &Path, nth: usize) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let pid = text
+            .lines()
+            .filter(|l| l.contains("worker started"))
+            .nth(nth)
+            .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .and_then(|v| v["pid"].as_u64());
+        if let Some(pid) = pid {
+            return pid as u32;
+        }
+        assert!(Instant::now() < deadline, "no worker #{nth} in:\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn proc_field(pid: u32, key: &str) -> String {
@@ -111,9 +106,9 @@ fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
 #[test]
 fn a_process_of_the_workers_own_uid_cannot_trace_or_read_it() {
     require_root();
-    let s = Setup::new("moat");
-    let (daemon, pid) = s.start();
-    assert_eq!(http_get(daemon.listen_addr(), "/healthz").unwrap().0, 200);
+    let mut s = Setup::new("moat");
+    let pid = s.start();
+    assert!(s.healthy());
     // The kernel gives a non-dumpable process's /proc files to root.
     let owner = std::fs::metadata(format!("/proc/{pid}/status"))
         .unwrap()
@@ -140,7 +135,7 @@ fn a_process_of_the_workers_own_uid_cannot_trace_or_read_it() {
 #[test]
 fn nobody_and_a_user_that_runs_other_programs_are_refused() {
     require_root();
-    let s = Setup::new("nobody");
+    let mut s = Setup::new("nobody");
     let err = s.refused();
     assert!(
         err.contains("server.user") && err.contains("nobody"),
@@ -155,7 +150,7 @@ fn nobody_and_a_user_that_runs_other_programs_are_refused() {
         .gid(other.gid.as_raw())
         .spawn()
         .unwrap();
-    let s = Setup::new("daemon");
+    let mut s = Setup::new("daemon");
     let err = s.refused();
     let _ = sleeper.kill();
     let _ = sleeper.wait();
@@ -207,21 +202,18 @@ fn the_seccomp_filter_kills_forbidden_calls_and_allows_the_workers_own() {
 #[test]
 fn the_worker_serves_under_seccomp_and_is_restarted_when_killed_by_sigsys() {
     require_root();
-    let s = Setup::new("moat");
-    let (daemon, pid) = s.start();
-    let listen = daemon.listen_addr();
+    let mut s = Setup::new("moat");
+    let pid = s.start();
     assert_eq!(proc_field(pid, "Seccomp"), "2", "filter mode");
-    assert_eq!(http_get(listen, "/healthz").unwrap().0, 200);
+    assert!(s.healthy());
 
     // What the kernel does to a forbidden call; the supervisor must treat it as any death.
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGSYS).unwrap();
-    let again = worker_pid(&daemon, 1);
+    let again = worker_pid(s.d.log_path(), 1);
     assert_ne!(again, pid);
-    daemon.wait_log("worker died; restarting");
+    s.d.wait_log("worker died; restarting");
     assert_eq!(proc_field(again, "Seccomp"), "2");
-    wait_until("the new worker to serve", || {
-        http_get(listen, "/healthz").is_ok_and(|r| r.0 == 200)
-    });
+    wait_until("the new worker to serve", || s.healthy());
 }
 
 #[test]
@@ -234,11 +226,12 @@ fn the_worker_has_small_limits_and_no_descriptor_it_was_not_given() {
     let leaked = std::fs::File::create(&marker).unwrap();
     let leaked_fd = std::os::fd::AsRawFd::as_raw_fd(&leaked);
     const LEAKED_AT: i32 = 77;
-    let log = s.path("serve.log");
+    let log = s.path("serve-leak.log");
     let mut cmd = Command::new(bin("moat"));
     cmd.args(["serve", "--config"])
-        .arg(&s.cfg)
+        .arg(s.d.config_path())
         .env("MOAT_LOG", "info")
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());
     // SAFETY: dup2 between fork and exec; the copy has no close-on-exec flag.
@@ -250,12 +243,16 @@ fn the_worker_has_small_limits_and_no_descriptor_it_was_not_given() {
             Ok(())
         });
     }
-    let daemon = Daemon {
-        child: cmd.spawn().unwrap(),
-        log,
-    };
-    let pid = worker_pid(&daemon, 0);
-    let supervisor = daemon.pid();
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let serve = Killed(cmd.spawn().unwrap());
+    let pid = worker_pid(&log, 0);
+    let supervisor = serve.0.id();
     assert!(
         Path::new(&format!("/proc/{supervisor}/fd/{LEAKED_AT}")).exists(),
         "the supervisor did inherit the leaked descriptor (else this test proves nothing)"
@@ -313,7 +310,7 @@ fn a_symlinked_data_dir_is_refused_and_links_inside_it_are_not_followed() {
     require_root();
     // The data directory replaced by a link to a root-owned folder: following it would give
     // that folder to the service user.
-    let s = Setup::new("moat");
+    let mut s = Setup::new("moat");
     let target = s.path("elsewhere");
     std::fs::create_dir(&target).unwrap();
     std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -332,13 +329,13 @@ fn a_symlinked_data_dir_is_refused_and_links_inside_it_are_not_followed() {
 
     // A link planted inside the data directory: the data directory is handed over, the link's
     // target keeps its owner and mode.
-    let s = Setup::new("moat");
+    let mut s = Setup::new("moat");
     let precious = s.path("precious");
     std::fs::write(&precious, "root's").unwrap();
     std::fs::set_permissions(&precious, std::fs::Permissions::from_mode(0o644)).unwrap();
     std::fs::create_dir(s.path("data")).unwrap();
     std::os::unix::fs::symlink(&precious, s.path("data").join("planted")).unwrap();
-    let (_daemon, _pid) = s.start();
+    let _pid = s.start();
     let data = std::fs::symlink_metadata(s.path("data")).unwrap();
     assert_eq!(data.uid(), service_user().uid.as_raw());
     assert_eq!(data.mode() & 0o777, 0o700);
@@ -346,7 +343,7 @@ fn a_symlinked_data_dir_is_refused_and_links_inside_it_are_not_followed() {
     assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o644));
 
     // A data directory that belongs to a third user is not taken over.
-    let s = Setup::new("moat");
+    let mut s = Setup::new("moat");
     let other = User::from_name("daemon").unwrap().expect("user daemon");
     std::fs::create_dir(s.path("data")).unwrap();
     nix::unistd::chown(&s.path("data"), Some(other.uid), Some(other.gid)).unwrap();

@@ -5,54 +5,29 @@
 //! parallel and leave nothing behind, even when they fail.
 
 use std::{
-    io::{BufRead, BufReader},
-    net::{SocketAddr, TcpListener},
-    path::Path,
-    process::{Command, Stdio},
-    time::Instant,
+    net::SocketAddr,
+    time::{Duration, Instant},
 };
 
-use moat::{
-    config::Config,
-    segment::{Deny, Enforcer, GatewayIdentity, Policy},
-};
+use moat::segment::{Deny, DenyRecord, Enforcer};
 use moat_tests::{
-    bin,
-    daemon::{Daemon, moat_cli, segment_status},
-    kernel::{EPERM, KillOnDrop, TestCgroup, TestPins, probe, require_root, try_from, unique},
+    daemon::Daemon,
+    kernel,
+    kernel::{
+        EPERM, ProbeLoop, TestCgroup, TestPins, monotonic_ns, policy_for, probe, require_root,
+        try_from, unique,
+    },
 };
 use serde_json::Value;
 
 /// A dual-stack listener on `[::]:0` (accepts IPv4 and IPv6) that accepts and closes every
 /// connection until the test process ends, so probes never fill its backlog.
 fn listener() -> u16 {
-    let l = TcpListener::bind("[::]:0").expect("bind dual-stack listener");
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for conn in l.incoming() {
-            drop(conn);
-        }
-    });
-    port
+    kernel::listener("[::]:0").port()
 }
 
 fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
-}
-
-fn config(toml: &str) -> Config {
-    Config::from_str(Path::new("/test/moat.toml"), toml).expect("test config")
-}
-
-fn policy_for(toml: &str, gateway: &TestCgroup) -> Policy {
-    let identity = GatewayIdentity {
-        cgroup_id: gateway.cgroup.id,
-        level: gateway.cgroup.level,
-    };
-    Policy {
-        gateway: Some(identity),
-        ..Policy::from_config(&config(toml))
-    }
 }
 
 #[test]
@@ -170,6 +145,11 @@ fn deny_events_carry_who_and_where() {
     assert_eq!(udp_event.addr.to_string(), "::1");
 }
 
+/// Attempts per target that must run wholly between the first and the last flip for the flip
+/// test to mean anything (a loopback connect takes tens of microseconds; the flips last at
+/// least a second).
+const MIN_DURING_FLIPS: u64 = 50;
+
 /// Flips between two policies 1,000 times while probes connect from outside and inside the
 /// gateway cgroup. Destinations whose verdict is the same in both policies must never see a
 /// different answer.
@@ -188,65 +168,50 @@ fn policy_flips_never_change_a_shared_verdict() {
     let mut enforcer = Enforcer::install_or_adopt(&pins.pins, &policy_a).unwrap();
 
     let targets = [
-        format!("127.0.0.1:{p_both}"),
-        format!("127.0.0.1:{p_never}"),
+        addr(&format!("127.0.0.1:{p_both}")),
+        addr(&format!("127.0.0.1:{p_never}")),
     ];
-    let start_loop = |cgroup: &Path| {
-        let mut child = Command::new(bin("moat-probe"))
-            .arg("--cgroup")
-            .arg(cgroup)
-            .arg("loop")
-            .args(&targets)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ready");
-        (KillOnDrop(child), out)
-    };
-    let (mut outside, outside_out) = start_loop(outsider.path());
-    let (mut inside, inside_out) = start_loop(gateway.path());
+    let outside = ProbeLoop::start(outsider.path(), &targets);
+    let inside = ProbeLoop::start(gateway.path(), &targets);
 
+    // At least 1,000 flips, for at least a second (so a stall of a loaded machine cannot
+    // leave the probes idle all along), an even number of them.
     let started = Instant::now();
-    for i in 0..1000 {
+    let first_flip = monotonic_ns();
+    let mut flips = 0;
+    while flips < 1000 || started.elapsed() < Duration::from_secs(1) || flips % 2 == 1 {
         enforcer
-            .apply(if i % 2 == 0 { &policy_b } else { &policy_a })
+            .apply(if flips % 2 == 0 { &policy_b } else { &policy_a })
             .unwrap();
+        flips += 1;
     }
+    let last_flip = monotonic_ns();
     let flipping = started.elapsed();
 
-    let finish = |probe: &mut KillOnDrop, mut out: BufReader<std::process::ChildStdout>| -> Value {
-        drop(probe.0.stdin.take());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap()
-    };
-    let outside = finish(&mut outside, outside_out);
-    let inside = finish(&mut inside, inside_out);
+    // Each probe reports how many of its attempts ran wholly between the first and the last
+    // flip, the only ones that prove anything about the flips.
+    let outside = outside.finish(first_flip, last_flip);
+    let inside = inside.finish(first_flip, last_flip);
 
     // [target index] → the only errno allowed.
-    let expect = |run: &Value, who: &str, wanted: [i64; 2]| {
-        for (i, want) in wanted.iter().enumerate() {
-            let counts = run["results"][i]["counts"].as_object().unwrap();
-            let total: u64 = counts.values().map(|v| v.as_u64().unwrap()).sum();
+    let expect = |run: &[moat_tests::kernel::LoopTarget], who: &str, wanted: [i32; 2]| {
+        for ((seen, target), want) in run.iter().zip(&targets).zip(wanted) {
+            let during = seen.in_window;
             assert!(
-                total > 10,
-                "{who}: too few attempts on {} during {flipping:?}",
-                targets[i]
+                during >= MIN_DURING_FLIPS,
+                "{who}: only {during} attempts on {target} ran between the first and the last \
+                 of {flips} flips ({flipping:?}); at least {MIN_DURING_FLIPS} must"
             );
             assert_eq!(
-                counts.keys().cloned().collect::<Vec<_>>(),
-                vec![want.to_string()],
-                "{who} → {}: every answer must be errno {want} (seen {counts:?})",
-                targets[i]
+                seen.errnos,
+                [want],
+                "{who} → {target}: every answer must be errno {want} (seen {})",
+                seen.counts
             );
         }
     };
-    expect(&outside, "outsider", [EPERM as i64, 0]);
-    expect(&inside, "gateway", [0, EPERM as i64]);
+    expect(&outside, "outsider", [EPERM, 0]);
+    expect(&inside, "gateway", [0, EPERM]);
 
     // The flips themselves took effect.
     let out = Some(outsider.path());
@@ -266,28 +231,26 @@ fn policy_flips_never_change_a_shared_verdict() {
 fn daemon_enforcement_is_fail_static_and_uninstallable() {
     require_root();
     let port = listener();
-    let base = TestCgroup::new(unique("moat-test"));
+    let mut daemon = Daemon::enforcing();
+    let base = daemon.cgroup();
     let outsider = base.child("outsider");
     // The daemon creates `gateway` itself; the test holds it (and a child) to remove them.
     let gateway = base.child("gateway");
     let worker = gateway.child("worker");
-    let pins = TestPins::new();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("moat.toml");
     let toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"moat\"\n\
          [pools.gpu]\nhosts = [\"127.0.0.1:{port}\"]\n\
          [segmentation]\ngateway_cgroup = \"{}/gateway\"\npin_root = \"{}\"\n",
         base.relative.display(),
-        pins.root.display()
+        daemon.pin_root().display()
     );
-    std::fs::write(&cfg, &toml).unwrap();
+    daemon.write_config(&toml);
     let target = addr(&format!("127.0.0.1:{port}"));
     let out = Some(outsider.path());
 
-    let mut daemon = Daemon::start(&cfg, &dir.path().join("serve1.log"));
+    daemon.start();
     daemon.wait_log("worker started");
-    let before = segment_status(&cfg);
+    let before = daemon.segment_status();
     assert_eq!(before["installed"], true);
     assert_eq!(try_from(out, "tcp", &[target]), [EPERM]);
     // The gateway cgroup's children are the gateway too.
@@ -304,15 +267,14 @@ fn daemon_enforcement_is_fail_static_and_uninstallable() {
     assert_eq!(event["dst_port"], port);
 
     // A broken config on SIGHUP is refused and the policy stays.
-    std::fs::write(&cfg, "[segmentation]\nbogus = true\n").unwrap();
+    daemon.write_config("[segmentation]\nbogus = true\n");
     daemon.signal(nix::sys::signal::SIGHUP);
     daemon.wait_log("config reload refused");
     assert_eq!(try_from(out, "tcp", &[target]), [EPERM]);
-    std::fs::write(&cfg, &toml).unwrap();
+    daemon.write_config(&toml);
 
     // SIGKILL: no clean-up runs, enforcement stays.
-    daemon.child.kill().unwrap();
-    daemon.child.wait().unwrap();
+    daemon.kill();
     assert_eq!(
         try_from(out, "tcp", &[target]),
         [EPERM],
@@ -320,10 +282,10 @@ fn daemon_enforcement_is_fail_static_and_uninstallable() {
     );
 
     // A restart adopts the pinned links rather than attaching a second copy.
-    daemon = Daemon::start(&cfg, &dir.path().join("serve2.log"));
+    daemon.start();
     daemon.wait_log("adopted pinned kernel enforcement");
     daemon.wait_log("worker started");
-    let after = segment_status(&cfg);
+    let after = daemon.segment_status();
     let ids = |s: &Value, field: &str| -> Vec<Value> {
         s["links"]
             .as_array()
@@ -347,14 +309,14 @@ fn daemon_enforcement_is_fail_static_and_uninstallable() {
         [EPERM],
         "enforced after the in-place update"
     );
-    drop(daemon);
+    daemon.kill();
 
-    moat_cli(&cfg, &["segment", "uninstall"]);
+    daemon.cli_ok(&["segment", "uninstall"], None);
     assert_eq!(
         try_from(out, "tcp", &[target]),
         [0],
         "reachable after uninstall"
     );
-    assert_eq!(segment_status(&cfg)["installed"], false);
-    assert!(!pins.pins.dir().exists(), "uninstall removes the pins");
+    assert_eq!(daemon.segment_status()["installed"], false);
+    assert!(!daemon.pins().dir().exists(), "uninstall removes the pins");
 }

@@ -6,7 +6,7 @@
 //! OpenAI simulator. Root required; never skipped. Everything is removed on drop.
 
 use std::{
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, ErrorKind},
     net::{SocketAddr, TcpStream},
     path::Path,
     process::Stdio,
@@ -14,13 +14,13 @@ use std::{
 };
 
 use moat_tests::{
-    bin, create_key,
-    daemon::{http_request, wait_for_log},
-    kernel::{EPERM, KillOnDrop, TestCgroup, TestPins, require_root, unique},
+    bin,
+    daemon::Daemon,
+    http::Client,
+    kernel::{EPERM, KillOnDrop, require_root},
     netns::{Lab, Netns, PortReservation, sa},
 };
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
 /// `moat-sim` listening on `0.0.0.0:port` inside `ns`.
 fn sim(ns: &Netns, port: u16) -> KillOnDrop {
@@ -39,45 +39,51 @@ fn sim(ns: &Netns, port: u16) -> KillOnDrop {
     KillOnDrop(child)
 }
 
-/// `moat serve` inside `ns`, killed on drop (also when the test fails).
-fn serve(ns: &Netns, cfg: &Path, log: &Path) -> KillOnDrop {
-    KillOnDrop(
-        ns.command(bin("moat"))
-            .args(["serve", "-c"])
-            .arg(cfg)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .expect("start moat serve"),
-    )
-}
-
-fn signal(daemon: &KillOnDrop, sig: Signal) {
-    kill(Pid::from_raw(daemon.0.id() as i32), sig).unwrap();
-}
-
-fn chat(ns: &Netns, moat: SocketAddr, key: &str) -> u16 {
-    let body = r#"{"model":"m","messages":[{"role":"user","content":"hello"}]}"#;
-    let key = key.to_owned();
-    ns.run(move || http_request(moat, "POST", "/v1/chat/completions", Some(&key), Some(body)))
-        .map(|(status, _)| status)
+/// A chat request through the gateway `moat`, sent from inside `ns`: its status (0: no answer).
+fn chat(ns: &Netns, moat: &Daemon) -> u16 {
+    let request = moat.chat("m");
+    ns.run(move || request.send())
+        .map(|r| r.status().as_u16())
         .unwrap_or(0)
 }
 
 /// Requests the simulator on the inference host has seen.
 fn sim_requests(lab: &Lab, port: u16) -> u64 {
-    let (status, body) = lab
+    let url = format!("http://{}/_sim/stats", sa("127.0.0.1", port));
+    let r = lab
         .inference
-        .run(move || http_request(sa("127.0.0.1", port), "GET", "/_sim/stats", None, None))
+        .run(move || Client::new().get(url).send())
         .expect("sim stats");
-    assert_eq!(status, 200);
-    let v: serde_json::Value = serde_json::from_str(&body).expect("stats JSON");
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().expect("stats JSON");
     v["requests"].as_u64().expect("requests count")
 }
 
-/// Whether a TCP connect from `ns` to `to` gets through within a second.
-fn tcp_reaches(ns: &Netns, to: SocketAddr) -> bool {
-    ns.run(move || TcpStream::connect_timeout(&to, Duration::from_secs(1)).is_ok())
+/// What a TCP connect from `ns` to `to` sees within a second: `Ok` when the handshake
+/// completed; `Err(TimedOut)` when no answer came at all (the SYN was dropped, what the ingress
+/// guard does), any other error kind otherwise (refused: nothing listens).
+fn tcp_connect(ns: &Netns, to: SocketAddr) -> Result<(), ErrorKind> {
+    ns.run(move || {
+        TcpStream::connect_timeout(&to, Duration::from_secs(1))
+            .map(drop)
+            .map_err(|e| e.kind())
+    })
+}
+
+/// The inference host's guard drops the rogue host's SYNs to `port` (a connect that times
+/// out, not one refused), while the same listener still completes a handshake with a process
+/// in the gateway cgroup — the control: a dead simulator would fail both.
+fn assert_guarded(lab: &Lab, gateway_cgroup: &Path, port: u16, what: &str) {
+    assert_eq!(
+        tcp_connect(&lab.rogue, sa(Lab::INF_ROGUE4, port)),
+        Err(ErrorKind::TimedOut),
+        "{what}: the rogue host's SYN must be dropped"
+    );
+    assert_eq!(
+        probe_errno(&lab.gateway, gateway_cgroup, sa(Lab::INF_GW4, port)),
+        0,
+        "{what}: control, the gateway reaches the same listener"
+    );
 }
 
 /// `moat-probe tcp` from inside `ns`, in `cgroup`.
@@ -108,16 +114,15 @@ fn gateway_inference_and_rogue_hosts() {
     let (p1, p2) = (port1.port, port2.port);
     let _sim1 = sim(&lab.inference, p1);
     let sim2 = sim(&lab.inference, p2);
-    let dir = tempfile::tempdir().unwrap();
-    let base = TestCgroup::new(unique("moat-test"));
-    let gateway_cgroup = base.child("gateway");
-    let outsider = base.child("outsider");
-    let (gw_pins, inf_pins) = (TestPins::new(), TestPins::new());
+    let (mut gateway, mut inference) = (Daemon::enforcing(), Daemon::enforcing());
+    let gateway_cgroup = gateway.cgroup().child("gateway");
+    let outsider = gateway.cgroup().child("outsider");
 
     // Controls: without moat, the rogue host and a bystander on the gateway host both reach
     // the model port — so what is refused below is refused by moat.
-    assert!(
-        tcp_reaches(&lab.rogue, sa(Lab::INF_ROGUE4, p1)),
+    assert_eq!(
+        tcp_connect(&lab.rogue, sa(Lab::INF_ROGUE4, p1)),
+        Ok(()),
         "lab wiring: rogue → model"
     );
     assert_eq!(
@@ -127,27 +132,21 @@ fn gateway_inference_and_rogue_hosts() {
 
     // The inference host: the guard admits only the gateway's addresses (and loopback, for
     // the simulator's counters, as an operator would for local health checks).
-    let inf_cfg = dir.path().join("inference.toml");
-    let inference_toml = |ports: &[u16]| {
+    let inference_toml = |pin_root: &Path, ports: &[u16]| {
         format!(
             "[segmentation]\npin_root = \"{}\"\n[segmentation.inference]\nmodel_ports = {ports:?}\n\
              allowed_gateways = [\"{}\", \"{}\", \"127.0.0.1\"]\n",
-            inf_pins.root.display(),
+            pin_root.display(),
             Lab::GW4,
             Lab::GW6
         )
     };
-    std::fs::write(&inf_cfg, inference_toml(&[p1])).unwrap();
-    let mut inference = serve(&lab.inference, &inf_cfg, &dir.path().join("inference.log"));
-    wait_for_log(
-        &dir.path().join("inference.log"),
-        "inference guard active",
-        0,
-    );
+    inference.write_config(&inference_toml(inference.pin_root(), &[p1]));
+    inference.start_in(&lab.inference);
+    inference.wait_log("inference guard active");
 
     // The gateway host: one pool on the inference host.
-    let gw_cfg = dir.path().join("gateway.toml");
-    let gateway_toml = |ports: &[u16]| {
+    let gateway_toml = |pin_root: &Path, ports: &[u16]| {
         let hosts: Vec<String> = ports
             .iter()
             .map(|p| format!("\"{}:{p}\"", Lab::INF_GW4))
@@ -160,19 +159,16 @@ fn gateway_inference_and_rogue_hosts() {
              [segmentation]\ngateway_cgroup = \"{}\"\npin_root = \"{}\"\n",
             hosts.join(", "),
             gateway_cgroup.relative.display(),
-            gw_pins.root.display()
+            pin_root.display()
         )
     };
-    std::fs::write(&gw_cfg, gateway_toml(&[p1])).unwrap();
-    let key = create_key(&gw_cfg);
-    let gw_log = dir.path().join("gateway.log");
-    let mut gateway = serve(&lab.gateway, &gw_cfg, &gw_log);
-    let listening = wait_for_log(&gw_log, "data plane listening", 0);
-    let moat: SocketAddr = listening["listen"].as_str().unwrap().parse().unwrap();
+    gateway.write_config(&gateway_toml(gateway.pin_root(), &[p1]));
+    gateway.create_tester_key();
+    gateway.start_in(&lab.gateway);
 
     // The gateway reaches the simulator through moat.
     let before = sim_requests(&lab, p1);
-    assert_eq!(chat(&lab.gateway, moat, &key), 200, "chat through moat");
+    assert_eq!(chat(&lab.gateway, &gateway), 200, "chat through moat");
     assert_eq!(
         sim_requests(&lab, p1),
         before + 1,
@@ -182,37 +178,27 @@ fn gateway_inference_and_rogue_hosts() {
     // The rogue host is dropped by the inference host's guard; a rogue process on the gateway
     // host, outside the gateway cgroup, gets EPERM from its own kernel.
     let model1 = sa(Lab::INF_GW4, p1);
-    assert!(
-        !tcp_reaches(&lab.rogue, sa(Lab::INF_ROGUE4, p1)),
-        "rogue host reached the model port"
-    );
+    assert_guarded(&lab, gateway_cgroup.path(), p1, "model port");
     assert_eq!(probe_errno(&lab.gateway, outsider.path(), model1), EPERM);
 
     // SIGHUP with a new pool host: routing, the gateway's connect hooks and the inference
     // host's guard change together.
-    std::fs::write(&inf_cfg, inference_toml(&[p1, p2])).unwrap();
-    signal(&inference, Signal::SIGHUP);
-    wait_for_log(
-        &dir.path().join("inference.log"),
-        "inference guard reloaded",
-        0,
-    );
-    std::fs::write(&gw_cfg, gateway_toml(&[p1, p2])).unwrap();
-    signal(&gateway, Signal::SIGHUP);
-    wait_for_log(&gw_log, "config reloaded", 0);
+    inference.write_config(&inference_toml(inference.pin_root(), &[p1, p2]));
+    inference.signal(Signal::SIGHUP);
+    inference.wait_log("inference guard reloaded");
+    gateway.write_config(&gateway_toml(gateway.pin_root(), &[p1, p2]));
+    gateway.signal(Signal::SIGHUP);
+    gateway.wait_log("config reloaded");
     let model2 = sa(Lab::INF_GW4, p2);
     assert_eq!(
         probe_errno(&lab.gateway, outsider.path(), model2),
         EPERM,
         "new host protected"
     );
-    assert!(
-        !tcp_reaches(&lab.rogue, sa(Lab::INF_ROGUE4, p2)),
-        "new port guarded"
-    );
+    assert_guarded(&lab, gateway_cgroup.path(), p2, "new port");
     let before2 = sim_requests(&lab, p2);
     for _ in 0..6 {
-        assert_eq!(chat(&lab.gateway, moat, &key), 200);
+        assert_eq!(chat(&lab.gateway, &gateway), 200);
     }
     assert!(
         sim_requests(&lab, p2) > before2,
@@ -222,17 +208,18 @@ fn gateway_inference_and_rogue_hosts() {
 
     // SIGKILL both supervisors: both guards stay.
     for daemon in [&mut gateway, &mut inference] {
-        daemon.0.kill().unwrap();
-        daemon.0.wait().unwrap();
+        daemon.kill();
     }
     assert_eq!(
         probe_errno(&lab.gateway, outsider.path(), model1),
         EPERM,
         "gateway guard after SIGKILL"
     );
-    assert!(
-        !tcp_reaches(&lab.rogue, sa(Lab::INF_ROGUE4, p1)),
-        "inference guard after SIGKILL"
+    assert_guarded(
+        &lab,
+        gateway_cgroup.path(),
+        p1,
+        "inference guard after SIGKILL",
     );
     // The gateway cgroup still reaches the model: the kernel never needed the daemon for that.
     assert_eq!(probe_errno(&lab.gateway, gateway_cgroup.path(), model1), 0);

@@ -203,15 +203,12 @@ fn run(cmd: &mut Command) -> Result<()> {
 
 /// Kernel tests clean up after themselves, even when they fail; a test process killed outright
 /// cannot. Before a run, remove what an earlier killed run may have left: its pin roots (which
-/// unpins its programs) and its empty cgroups.
+/// unpins its programs), its empty cgroups and its network namespaces. Each is named
+/// `moat-test-…-<pid>-<n>` or `moat-bench-…-<pid>-<n>` after the process that made it; what
+/// belongs to a process still alive (another run on this machine) is left alone.
 fn sweep_stale_test_state() {
-    let prefixes = ["moat-test-", "moat-bench-"];
-    let stale = |name: &std::ffi::OsStr| {
-        let name = name.to_string_lossy();
-        prefixes.iter().any(|p| name.starts_with(p))
-    };
     if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
-        for e in entries.flatten().filter(|e| stale(&e.file_name())) {
+        for e in entries.flatten().filter(|e| is_stale(&e.file_name())) {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
@@ -221,21 +218,40 @@ fn sweep_stale_test_state() {
         (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
     });
     if let Some(Ok(entries)) = cgroup2.map(std::fs::read_dir) {
-        for e in entries.flatten().filter(|e| stale(&e.file_name())) {
+        for e in entries.flatten().filter(|e| is_stale(&e.file_name())) {
             remove_cgroup_tree(&e.path());
         }
     }
-    // Network namespaces of the inference tests (`moat-test-<role>-<pid>-<n>`) whose test
-    // process is gone; deleting one removes its veth pairs too.
+    // Deleting a network namespace removes its veth pairs too.
     if let Ok(entries) = std::fs::read_dir("/run/netns") {
-        for e in entries.flatten().filter(|e| stale(&e.file_name())) {
+        for e in entries.flatten().filter(|e| is_stale(&e.file_name())) {
             let name = e.file_name().to_string_lossy().into_owned();
-            let pid = name.rsplit('-').nth(1).unwrap_or_default();
-            if !Path::new("/proc").join(pid).exists() {
-                let _ = Command::new("ip").args(["netns", "del", &name]).status();
-            }
+            let _ = Command::new("ip").args(["netns", "del", &name]).status();
         }
     }
+}
+
+/// Whether `name` is a test's or benchmark's (`moat-test-…`, `moat-bench-…`) whose owner is
+/// gone: the owner's pid is the second-to-last `-` field; a name without one is stale.
+fn is_stale(name: &std::ffi::OsStr) -> bool {
+    let name = name.to_string_lossy();
+    if !["moat-test-", "moat-bench-"]
+        .iter()
+        .any(|p| name.starts_with(p))
+    {
+        return false;
+    }
+    match owner_pid(&name) {
+        Some(pid) => !Path::new("/proc").join(pid.to_string()).exists(),
+        None => true,
+    }
+}
+
+/// The pid in `<prefix>-<pid>-<n>`.
+fn owner_pid(name: &str) -> Option<u32> {
+    let mut fields = name.rsplit('-');
+    fields.next()?.parse::<u32>().ok()?;
+    fields.next()?.parse().ok()
 }
 
 /// Removes a cgroup tree depth first; cgroups that still hold processes stay.
@@ -248,4 +264,27 @@ fn remove_cgroup_tree(dir: &Path) {
         }
     }
     let _ = std::fs::remove_dir(dir);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_owner_pid_is_the_second_to_last_field() {
+        assert_eq!(owner_pid("moat-test-4242-7"), Some(4242));
+        assert_eq!(owner_pid("moat-test-gw-4242-0"), Some(4242));
+        assert_eq!(owner_pid("moat-test-gw"), None);
+        assert_eq!(owner_pid("moat-test-4242"), None);
+    }
+
+    #[test]
+    fn entries_of_a_live_process_are_not_stale() {
+        let mine = format!("moat-test-{}-0", std::process::id());
+        assert!(!is_stale(mine.as_ref()));
+        // No process has pid u32::MAX (pid_max is at most 2^22).
+        assert!(is_stale(format!("moat-bench-{}-0", u32::MAX).as_ref()));
+        assert!(is_stale("moat-test-nopid".as_ref()));
+        assert!(!is_stale("other-1-0".as_ref()));
+    }
 }

@@ -14,6 +14,36 @@ pub const MAX_DESTINATIONS: u32 = 65_536;
 /// Ring buffer size for deny events (bytes, a power of two multiple of the page size).
 pub const EVENTS_BYTES: u32 = 256 * 1024;
 
+/// The names of the gateway side's maps and programs in the eBPF object, which are also the file
+/// names of their pins. aya-ebpf's `#[map(name = ...)]` takes only a literal, so
+/// `ebpf/programs/src/main.rs` spells each name again; a unit test of the daemon
+/// (`segment::object`) checks the built object holds exactly these names.
+pub mod names {
+    pub const MAP_ACTIVE: &str = "MOAT_ACTIVE";
+    pub const MAP_SLOTS: &str = "MOAT_SLOTS";
+    pub const MAP_DEST4: [&str; 2] = ["MOAT_DEST4_0", "MOAT_DEST4_1"];
+    pub const MAP_DEST6: [&str; 2] = ["MOAT_DEST6_0", "MOAT_DEST6_1"];
+    pub const MAP_COUNTERS: &str = "MOAT_COUNTERS";
+    pub const MAP_EVENTS: &str = "MOAT_EVENTS";
+
+    /// Every map of the gateway side.
+    pub const MAPS: [&str; 8] = [
+        MAP_ACTIVE,
+        MAP_SLOTS,
+        MAP_DEST4[0],
+        MAP_DEST4[1],
+        MAP_DEST6[0],
+        MAP_DEST6[1],
+        MAP_COUNTERS,
+        MAP_EVENTS,
+    ];
+
+    pub const PROG_CONNECT4: &str = "connect4";
+    pub const PROG_CONNECT6: &str = "connect6";
+    pub const PROG_SENDMSG4: &str = "sendmsg4";
+    pub const PROG_SENDMSG6: &str = "sendmsg6";
+}
+
 /// Flags stored as the value of a destination trie entry.
 pub mod dest {
     /// Only the gateway cgroup (and its descendants) may reach this destination.
@@ -64,7 +94,7 @@ pub mod slot_flags {
 
 /// Which hook produced a counter or an event.
 #[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Hook {
     Connect4 = 0,
     Connect6 = 1,
@@ -87,10 +117,10 @@ impl Hook {
     /// The name of the program (and of its pinned link) in the eBPF object.
     pub fn program_name(self) -> &'static str {
         match self {
-            Hook::Connect4 => "connect4",
-            Hook::Connect6 => "connect6",
-            Hook::Sendmsg4 => "sendmsg4",
-            Hook::Sendmsg6 => "sendmsg6",
+            Hook::Connect4 => names::PROG_CONNECT4,
+            Hook::Connect6 => names::PROG_CONNECT6,
+            Hook::Sendmsg4 => names::PROG_SENDMSG4,
+            Hook::Sendmsg6 => names::PROG_SENDMSG6,
         }
     }
 }
@@ -147,6 +177,33 @@ pub struct DenyEvent {
 /// Inference host: the ingress guard's shared types. The guard drops packets to a model port
 /// unless their source lies in an allowed gateway prefix for that port.
 pub mod guard {
+    /// The names of the guard's maps and programs in the eBPF object (and of their pins); see
+    /// [`crate::names`] for why `ebpf/programs/src/guard.rs` spells them again.
+    pub mod names {
+        pub const MAP_ACTIVE: &str = "MOAT_IN_ACTIVE";
+        pub const MAP_PORTS: [&str; 2] = ["MOAT_IN_PORTS_0", "MOAT_IN_PORTS_1"];
+        pub const MAP_SRC4: [&str; 2] = ["MOAT_IN_SRC4_0", "MOAT_IN_SRC4_1"];
+        pub const MAP_SRC6: [&str; 2] = ["MOAT_IN_SRC6_0", "MOAT_IN_SRC6_1"];
+        pub const MAP_COUNTERS: &str = "MOAT_IN_COUNTERS";
+        pub const MAP_EVENTS: &str = "MOAT_IN_EVENTS";
+
+        /// Every map of the guard.
+        pub const MAPS: [&str; 9] = [
+            MAP_ACTIVE,
+            MAP_PORTS[0],
+            MAP_PORTS[1],
+            MAP_SRC4[0],
+            MAP_SRC4[1],
+            MAP_SRC6[0],
+            MAP_SRC6[1],
+            MAP_COUNTERS,
+            MAP_EVENTS,
+        ];
+
+        pub const PROG_CGROUP_SKB: &str = "guard_cgroup_skb";
+        pub const PROG_TC: &str = "guard_tc";
+    }
+
     /// Capacity of each guarded-port map (per policy slot).
     pub const MAX_PORTS: u32 = 1024;
     /// Capacity of each allowed-source trie (per address family, per policy slot).
@@ -198,8 +255,8 @@ pub mod guard {
         /// The name of the program in the eBPF object.
         pub fn program_name(self) -> &'static str {
             match self {
-                IngressHook::CgroupSkb => "guard_cgroup_skb",
-                IngressHook::Tc => "guard_tc",
+                IngressHook::CgroupSkb => names::PROG_CGROUP_SKB,
+                IngressHook::Tc => names::PROG_TC,
             }
         }
 

@@ -24,6 +24,8 @@ use moat_common::{
     },
 };
 
+// Map names and program fn names are the ones in `moat_common::guard::names`; see the note in
+// `main.rs`.
 #[map(name = "MOAT_IN_ACTIVE")]
 static ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
 

@@ -31,6 +31,9 @@ use moat_common::{
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
 
+// Map names and program fn names are the ones in `moat_common::names`: `#[map]` takes only a
+// literal, so they are spelled again here, and the daemon's test of the built object
+// (`segment::object`) fails if the two drift apart.
 #[map(name = "MOAT_ACTIVE")]
 static ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
 

@@ -341,7 +341,7 @@ fn pin_in_scratch_dir(bpf: &mut Ebpf, bpffs_mounts: &[String]) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let pin = dir.join("map");
     let r = bpf
-        .map(segment::inference::MAP_COUNTERS)
+        .map(moat_common::guard::names::MAP_COUNTERS)
         .context("no map to pin")
         .and_then(|m| Ok(m.pin(&pin)?));
     let _ = std::fs::remove_file(&pin);

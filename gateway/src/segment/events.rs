@@ -1,151 +1,147 @@
-//! Deny events from the kernel: decoding the ring buffer records and logging them.
+//! Deny events from the kernel, for both sides: decoding a ring buffer record and reading a
+//! ring buffer into the log at a bounded rate. What a record holds is each side's own
+//! ([`super::gateway::Deny`], [`super::inference::IngressDeny`]).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
 
-use moat_common::{DenyEvent, DenyReason, Hook};
-use serde::Serialize;
+use anyhow::Result;
+use aya::maps::{MapData, RingBuf};
+use tokio::io::{Interest, unix::AsyncFd};
 
-/// A decoded deny event, as it goes to the log (and later the audit trail).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Deny {
-    pub pid: u32,
-    pub cgroup_id: u64,
-    pub hook: &'static str,
-    pub reason: &'static str,
-    pub protocol: &'static str,
-    pub addr: IpAddr,
-    pub port: u16,
-}
+/// A kernel deny record as it goes to the log.
+pub trait DenyRecord: Sized {
+    /// The record as the program writes it (`moat_common`).
+    type Raw: aya::Pod;
+    /// What the ring buffer is called in errors and warnings.
+    const KIND: &'static str;
+    /// The `event` of the line that sums up records the rate limit held back.
+    const SUPPRESSED_EVENT: &'static str;
+    /// `None` for a record with unknown values (a newer program than this daemon).
+    fn from_raw(raw: Self::Raw) -> Option<Self>;
+    fn log(&self);
 
-impl Deny {
     /// Decodes one ring buffer record; `None` for a record of the wrong size or with unknown
-    /// enum values (a newer program than this daemon).
-    pub fn decode(bytes: &[u8]) -> Option<Deny> {
-        if bytes.len() < size_of::<DenyEvent>() {
+    /// values.
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < size_of::<Self::Raw>() {
             return None;
         }
-        // SAFETY: the length is checked and DenyEvent is plain old data; the record may be
-        // unaligned, hence read_unaligned.
-        let ev: DenyEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-        let addr = match ev.family {
-            4 => IpAddr::V4(Ipv4Addr::new(
-                ev.addr[0], ev.addr[1], ev.addr[2], ev.addr[3],
-            )),
-            6 => IpAddr::V6(Ipv6Addr::from(ev.addr)),
-            _ => return None,
-        };
-        Some(Deny {
-            pid: ev.pid,
-            cgroup_id: ev.cgroup_id,
-            hook: Hook::from_u8(ev.hook)?.program_name(),
-            reason: match DenyReason::from_u8(ev.reason)? {
-                DenyReason::NotGateway => "not_gateway",
-                DenyReason::GatewayEgress => "gateway_egress",
-            },
-            protocol: match ev.protocol as i32 {
-                libc::IPPROTO_TCP => "tcp",
-                libc::IPPROTO_UDP => "udp",
-                _ => "other",
-            },
-            addr,
-            port: ev.port,
-        })
-    }
-
-    pub fn log(&self) {
-        tracing::warn!(
-            event = "kernel_deny",
-            pid = self.pid,
-            cgroup_id = self.cgroup_id,
-            hook = self.hook,
-            reason = self.reason,
-            protocol = self.protocol,
-            dst_addr = %self.addr,
-            dst_port = self.port,
-            "connection refused by the kernel"
-        );
+        // SAFETY: the length is checked and the record type is plain old data; the record may
+        // be unaligned, hence read_unaligned.
+        let raw: Self::Raw = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        Self::from_raw(raw)
     }
 }
 
-impl super::pinned::DenyRecord for Deny {
-    const KIND: &'static str = "deny-event";
-    const SUPPRESSED_EVENT: &'static str = "kernel_deny_suppressed";
+/// The IP protocol's name in a deny log line.
+pub fn protocol_name(protocol: i32) -> &'static str {
+    match protocol {
+        libc::IPPROTO_TCP => "tcp",
+        libc::IPPROTO_UDP => "udp",
+        _ => "other",
+    }
+}
 
-    fn decode(bytes: &[u8]) -> Option<Self> {
-        Deny::decode(bytes)
+/// Logs every record of `ring` (at most [`Limiter::PER_SECOND`] a second) until the task is
+/// dropped.
+pub fn spawn_ring_logger<R: DenyRecord>(
+    ring: RingBuf<MapData>,
+) -> Result<tokio::task::JoinHandle<()>> {
+    // SAFETY: the ring buffer owns its map fd, which stays open and unchanged for as long as
+    // the AsyncFd owns the ring buffer.
+    let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("cannot poll the {} ring buffer: {e}", R::KIND))?;
+    Ok(tokio::spawn(async move {
+        let mut limiter = Limiter::new(R::SUPPRESSED_EVENT);
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            let ring = guard.get_inner_mut();
+            while let Some(item) = ring.next() {
+                match R::decode(&item) {
+                    Some(record) if limiter.admit() => record.log(),
+                    Some(_) => {}
+                    None => tracing::warn!(len = item.len(), kind = R::KIND, "undecodable event"),
+                }
+            }
+            guard.clear_ready();
+        }
+    }))
+}
+
+/// Admits at most [`Limiter::PER_SECOND`] log lines a second; the rest are counted and
+/// reported in one summary line, so a flood cannot fill the disk with log lines. The kernel's
+/// per-CPU counters still count every deny.
+#[derive(Debug)]
+pub struct Limiter {
+    summary_event: &'static str,
+    window: Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl Limiter {
+    pub const PER_SECOND: u32 = 200;
+
+    pub fn new(summary_event: &'static str) -> Limiter {
+        Limiter {
+            summary_event,
+            window: Instant::now(),
+            logged: 0,
+            suppressed: 0,
+        }
     }
 
-    fn log(&self) {
-        Deny::log(self)
+    /// Whether one more line may be logged now.
+    pub fn admit(&mut self) -> bool {
+        self.admit_at(Instant::now())
     }
+
+    fn admit_at(&mut self, now: Instant) -> bool {
+        if now.duration_since(self.window) >= Duration::from_secs(1) {
+            if self.suppressed > 0 {
+                tracing::warn!(
+                    event = self.summary_event,
+                    suppressed = self.suppressed,
+                    "deny events not logged individually (rate limit)"
+                );
+            }
+            self.window = now;
+            self.logged = 0;
+            self.suppressed = 0;
+        }
+        if self.logged < Self::PER_SECOND {
+            self.logged += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+}
+
+/// A record's bytes as the program writes them, for the decoders' tests.
+#[cfg(test)]
+pub(super) fn raw_bytes<T: aya::Pod>(record: &T) -> Vec<u8> {
+    // SAFETY: plain old data viewed as bytes, for exactly its size.
+    unsafe { std::slice::from_raw_parts((record as *const T).cast::<u8>(), size_of::<T>()) }
+        .to_vec()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn raw(ev: DenyEvent) -> Vec<u8> {
-        // SAFETY: DenyEvent is plain old data without padding.
-        unsafe {
-            std::slice::from_raw_parts(
-                (&ev as *const DenyEvent).cast::<u8>(),
-                size_of::<DenyEvent>(),
-            )
-        }
-        .to_vec()
-    }
-
     #[test]
-    fn decodes_ipv4_and_ipv6_records() {
-        let mut addr = [0u8; 16];
-        addr[..4].copy_from_slice(&[10, 0, 0, 7]);
-        let ev = DenyEvent {
-            cgroup_id: 42,
-            pid: 7,
-            port: 8000,
-            hook: 2,
-            reason: 1,
-            protocol: 17,
-            family: 4,
-            addr,
-        };
-        let d = Deny::decode(&raw(ev)).unwrap();
-        assert_eq!((d.pid, d.cgroup_id, d.port), (7, 42, 8000));
-        assert_eq!(
-            (d.hook, d.reason, d.protocol),
-            ("sendmsg4", "gateway_egress", "udp")
-        );
-        assert_eq!(d.addr.to_string(), "10.0.0.7");
-
-        let ev = DenyEvent {
-            family: 6,
-            addr: std::net::Ipv6Addr::LOCALHOST.octets(),
-            hook: 1,
-            reason: 0,
-            protocol: 6,
-            ..ev
-        };
-        let d = Deny::decode(&raw(ev)).unwrap();
-        assert_eq!(
-            (d.hook, d.reason, d.protocol),
-            ("connect6", "not_gateway", "tcp")
-        );
-        assert_eq!(d.addr.to_string(), "::1");
-    }
-
-    #[test]
-    fn refuses_short_or_unknown_records() {
-        let ev = DenyEvent {
-            cgroup_id: 1,
-            pid: 1,
-            port: 1,
-            hook: 9,
-            reason: 0,
-            protocol: 6,
-            family: 4,
-            addr: [0; 16],
-        };
-        assert_eq!(Deny::decode(&raw(ev)), None, "unknown hook");
-        assert_eq!(Deny::decode(&raw(ev)[..10]), None, "short record");
+    fn a_flood_is_logged_at_most_per_second_quota() {
+        let mut l = Limiter::new("test_suppressed");
+        let t0 = l.window;
+        let logged = (0..500).filter(|_| l.admit_at(t0)).count();
+        assert_eq!(logged, Limiter::PER_SECOND as usize);
+        assert_eq!(l.suppressed, 500 - Limiter::PER_SECOND as u64);
+        // The next second starts a new quota.
+        assert!(l.admit_at(t0 + Duration::from_millis(1001)));
+        assert_eq!(l.suppressed, 0);
     }
 }

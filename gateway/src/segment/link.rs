@@ -1,6 +1,6 @@
-//! Operations on pinned bpf links that aya 0.14 has no wrapper for: switching a link to a new
-//! program in place (`BPF_LINK_UPDATE`, for upgrades with no gap) and detaching it now
-//! (`BPF_LINK_DETACH`).
+//! The bpf links of both sides: pinning a new one, switching a pinned one to a new program in
+//! place (`BPF_LINK_UPDATE`, for upgrades with no gap: aya 0.14 has no wrapper for it),
+//! detaching one now (`BPF_LINK_DETACH`, likewise), and reading their ids for `status`.
 //!
 //! Unlinking a pin only drops a reference: the kernel frees the link (and detaches the program)
 //! later, after an RCU grace period and a workqueue run. `uninstall` must not return while the
@@ -9,13 +9,20 @@
 
 use std::{
     ffi::CString,
+    fs::File,
     io,
     os::{
         fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
         unix::ffi::OsStrExt,
     },
-    path::Path,
+    path::{Path, PathBuf},
 };
+
+use anyhow::{Context, Result};
+use aya::programs::links::{FdLink, PinnedLink};
+
+use super::pin_paths::remove_pin;
+use crate::cgroup;
 
 /// `enum bpf_cmd` values from the kernel UAPI (`include/uapi/linux/bpf.h`).
 const BPF_OBJ_GET: libc::c_long = 7;
@@ -47,7 +54,7 @@ fn open_pinned(path: &Path) -> io::Result<Option<OwnedFd>> {
 }
 
 /// Detaches the link pinned at `path` now. `Ok(false)` when nothing is pinned there.
-pub fn detach_pinned(path: &Path) -> io::Result<bool> {
+fn detach_pinned(path: &Path) -> io::Result<bool> {
     let Some(link) = open_pinned(path)? else {
         return Ok(false);
     };
@@ -59,7 +66,7 @@ pub fn detach_pinned(path: &Path) -> io::Result<bool> {
 
 /// Atomically switches the link pinned at `path` to `program`. `Ok(false)` when nothing is
 /// pinned there.
-pub fn update_pinned(path: &Path, program: BorrowedFd<'_>) -> io::Result<bool> {
+fn update_pinned(path: &Path, program: BorrowedFd<'_>) -> io::Result<bool> {
     let Some(link) = open_pinned(path)? else {
         return Ok(false);
     };
@@ -68,4 +75,44 @@ pub fn update_pinned(path: &Path, program: BorrowedFd<'_>) -> io::Result<bool> {
     let mut attr = [lo_hi(link.as_raw_fd(), program.as_raw_fd()), 0, 0];
     bpf(BPF_LINK_UPDATE, &mut attr)?;
     Ok(true)
+}
+
+/// Switches the link pinned at `path` to `program`, if one is pinned there (see
+/// [`update_pinned`]).
+pub fn switch_pinned(path: &Path, program: BorrowedFd<'_>) -> Result<bool> {
+    update_pinned(path, program)
+        .with_context(|| format!("cannot switch link {} to the new program", path.display()))
+}
+
+/// Detaches the link pinned at `path` now and removes its pin; returns how many pins were
+/// removed.
+pub fn detach_and_unpin(path: &Path) -> Result<usize> {
+    detach_pinned(path).with_context(|| format!("cannot detach {}", path.display()))?;
+    remove_pin(path)
+}
+
+/// Pins a freshly attached link.
+pub fn pin(link: FdLink, path: &Path) -> Result<()> {
+    link.pin(path)
+        .with_context(|| format!("cannot pin link {}", path.display()))?;
+    Ok(())
+}
+
+/// The cgroup2 root, where both sides' cgroup hooks attach, opened for an attach.
+pub fn cgroup_root() -> Result<(PathBuf, File)> {
+    let path = cgroup::cgroup2_mount()?;
+    let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    Ok((path, file))
+}
+
+/// The kernel's ids of the link pinned at `path` and of the program it runs; `None`s when
+/// nothing (readable) is pinned there.
+pub fn pinned_ids(path: &Path) -> (Option<u32>, Option<u32>) {
+    let info = PinnedLink::from_pin(path)
+        .ok()
+        .and_then(|l| FdLink::from(l).info().ok());
+    (
+        info.as_ref().map(|i| i.id()),
+        info.as_ref().map(|i| i.program_id()),
+    )
 }

@@ -26,7 +26,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use super::median;
-use crate::moatd::Moat;
+use crate::{daemon::Daemon, http::Client};
 
 const PASSWORD: &str = "benchmark password 1";
 
@@ -42,18 +42,9 @@ pub fn run(secs: u32, rounds: u32, connections: u32, flooders: u32) -> Result<()
     if Command::new("wrk").arg("--version").output().is_err() {
         bail!("wrk is not installed (`cargo xtask setup` installs it)");
     }
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("bench binary folder")?;
-    let mut moat = Moat::configure("[auth]\naccess_token_ttl_secs = 900\n");
-    let binary = dir.join("moat");
-    if !binary.is_file() {
-        bail!(
-            "{} is missing: `cargo xtask bench` builds it",
-            binary.display()
-        );
-    }
-    moat.binary = Some(binary);
-    let moat = moat.spawn_and_wait();
+    // The benchmark runs the `moat` next to itself (`target/release`): `crate::bin`.
+    let mut moat = Daemon::no_upstream("[auth]\naccess_token_ttl_secs = 900\n");
+    moat.start();
     moat.cli_ok(&["tenants", "add", "bench"], None);
     moat.cli_ok(
         &[
@@ -72,9 +63,8 @@ pub fn run(secs: u32, rounds: u32, connections: u32, flooders: u32) -> Result<()
         .cli_ok(&["keys", "create", "--user", "bench"], None)
         .trim()
         .to_owned();
-    let client = reqwest::blocking::Client::new();
-    let v: Value = client
-        .post(moat.url("/v1/auth/token"))
+    let v: Value = moat
+        .post("/v1/auth/token")
         .json(&json!({"grant_type": "api_key", "api_key": key}))
         .send()?
         .json()?;
@@ -149,10 +139,7 @@ fn with_flood(
         .map(|_| {
             let (stop, ok, url) = (stop.clone(), ok.clone(), url.to_owned());
             std::thread::spawn(move || {
-                let c = reqwest::blocking::Client::builder()
-                    .timeout(Duration::from_secs(30))
-                    .build()
-                    .expect("client");
+                let c = Client::new();
                 let body =
                     json!({"grant_type": "password", "username": "bench", "password": PASSWORD});
                 while !stop.load(Ordering::Relaxed) {

@@ -40,10 +40,7 @@ pub fn run(connects: u32, rounds: u32) -> Result<()> {
     let gateway = base.child("gateway");
     let outside = Cgroup::of_pid(std::process::id())?;
     let pins = TestPins::new();
-    let identity = GatewayIdentity {
-        cgroup_id: gateway.cgroup.id,
-        level: gateway.cgroup.level,
-    };
+    let identity = gateway.gateway_identity();
     let small = policy(identity, protected.port(), 10);
     let large = policy(identity, protected.port(), 10_000);
 
@@ -144,7 +141,7 @@ fn costed(
 /// (run time, runs) of the connect4 program behind this run's pinned link.
 fn connect4_stats(pins: &TestPins) -> Result<(Duration, u64)> {
     let status = moat::segment::status(&pins.pins)?;
-    let id = status.links[0]
+    let id = status.gateway.links[0]
         .program_id
         .context("connect4 is not attached")?;
     for info in aya::programs::loaded_programs() {

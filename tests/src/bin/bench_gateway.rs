@@ -20,7 +20,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use http_body_util::BodyExt;
-use moat_tests::{Moat, Sim, send};
+use moat_tests::{Daemon, Sim, send};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -255,15 +255,15 @@ async fn run(args: Args) -> Result<()> {
         "[pools.gpu]\nhosts = [\"{}\"]\n\n[models.bench]\npool = \"gpu\"\nmax_tokens = 64\n",
         sim.addr
     );
-    let moat = Moat::start(&config, &[]);
-    moat.wait_ready().await;
+    let moat = Daemon::gateway("", &config, &[]);
+    moat.wait_pools_ready().await;
     let tmp = tempfile::tempdir()?;
-    let nginx = nginx(tmp.path(), sim.addr, &moat.key)?;
+    let nginx = nginx(tmp.path(), sim.addr, moat.key())?;
 
     let direct = sim.url("/v1/chat/completions");
     let via_nginx = format!("http://127.0.0.1:{}/v1/chat/completions", nginx.port);
     let via_moat = moat.url("/v1/chat/completions");
-    let key = moat.key.clone();
+    let key = moat.key().to_owned();
     let targets: [(&str, &str, Option<&str>); 3] = [
         ("direct", &direct, None),
         ("nginx", &via_nginx, Some(&key)),
@@ -356,9 +356,9 @@ async fn policy(args: &Args, sim: &Sim, tmp: &Path) -> Result<()> {
     // Generous quotas, so every request is counted but none refused.
     config += "[quotas.tenant]\nrequests_per_minute = 100000000\ntokens_per_minute = 100000000000\n\
                [quotas.key]\nrequests_per_minute = 100000000\nconcurrent_requests = 10000\n";
-    let moat = Moat::start(&config, &[]);
-    moat.wait_ready().await;
-    let cfg = moat::config::Config::load(&moat.dir.path().join("moat.toml"))?;
+    let moat = Daemon::gateway("", &config, &[]);
+    moat.wait_pools_ready().await;
+    let cfg = moat::config::Config::load(&moat.dir().join("moat.toml"))?;
     let store = moat::store::sqlite::SqliteStore::open_in(&cfg.data_dir)?;
     let pepper = moat::auth::secrets::Pepper::load_or_create(&cfg.data_dir)?;
     let admin = moat::auth::admin::Admin {
@@ -393,7 +393,7 @@ async fn policy(args: &Args, sim: &Sim, tmp: &Path) -> Result<()> {
         }
     }
     let url = moat.url("/v1/chat/completions");
-    let single = policy_wrk(tmp, &url, &[(moat.key.clone(), 0)], args)?;
+    let single = policy_wrk(tmp, &url, &[(moat.key().to_owned(), 0)], args)?;
     let many = policy_wrk(tmp, &url, &keys, args)?;
     println!(
         "\npolicy: {ROLES} roles, {MODELS} models, {} keys in 10 tenants; json c=32, wrk -t2, {} s",

@@ -14,6 +14,9 @@
 //! - `POST /_sim/reset`: zero the counters.
 //!
 //! Prints `LISTENING <addr>` on stdout once bound (use `--listen 127.0.0.1:0` for a free port).
+//! With `--control-listen ADDR` the `/_sim/*` routes are served on that address too (printed as
+//! `CONTROL <addr>` next): a test can then read the counters of a simulator whose inference
+//! port the kernel reserves for the gateway.
 
 use std::{
     collections::BTreeMap,
@@ -41,6 +44,9 @@ use serde_json::{Value, json};
 struct Args {
     #[arg(long, default_value = "127.0.0.1:8000")]
     listen: SocketAddr,
+    /// A second listener for the `/_sim/*` control routes alone.
+    #[arg(long)]
+    control_listen: Option<SocketAddr>,
     /// Name reported as `system_fingerprint`, so tests can tell hosts apart.
     #[arg(long, default_value = "moat-sim")]
     name: String,
@@ -175,6 +181,14 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
         println!("LISTENING {}", listener.local_addr()?);
+        let control = match args.control_listen {
+            Some(addr) => {
+                let l = tokio::net::TcpListener::bind(addr).await?;
+                println!("CONTROL {}", l.local_addr()?);
+                Some(l)
+            }
+            None => None,
+        };
         let sim = Arc::new(Sim {
             args,
             stats: Mutex::default(),
@@ -189,7 +203,15 @@ fn main() -> anyhow::Result<()> {
             .route("/_sim/stats", get(stats))
             .route("/_sim/fail", post(fail))
             .route("/_sim/reset", post(reset))
-            .with_state(sim);
+            .with_state(sim.clone());
+        if let Some(l) = control {
+            let control = Router::new()
+                .route("/_sim/stats", get(stats))
+                .route("/_sim/fail", post(fail))
+                .route("/_sim/reset", post(reset))
+                .with_state(sim);
+            tokio::spawn(async move { axum::serve(l, control).await });
+        }
         // Small SSE frames must leave at once, as a real server's would (no Nagle).
         let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
             let _ = tcp.set_nodelay(true);

@@ -1,10 +1,11 @@
-//! Ingress deny events: decoding the guard's ring buffer records and logging them, with a cap
-//! on how many lines a packet flood can write.
+//! The guard's deny events: what a dropped packet's record holds, and its log line.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use moat_common::guard::{IngressDenyEvent, IngressHook};
 use serde::Serialize;
+
+use crate::segment::events::{self, DenyRecord};
 
 /// A decoded ingress deny event, as it goes to the log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -18,15 +19,12 @@ pub struct IngressDeny {
     pub dst_port: u16,
 }
 
-impl IngressDeny {
-    /// Decodes one record; `None` for a record of the wrong size or with unknown values.
-    pub fn decode(bytes: &[u8]) -> Option<IngressDeny> {
-        if bytes.len() < size_of::<IngressDenyEvent>() {
-            return None;
-        }
-        // SAFETY: the length is checked and the event is plain old data; the record may be
-        // unaligned, hence read_unaligned.
-        let ev: IngressDenyEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+impl DenyRecord for IngressDeny {
+    type Raw = IngressDenyEvent;
+    const KIND: &'static str = "ingress deny-event";
+    const SUPPRESSED_EVENT: &'static str = "kernel_ingress_deny_suppressed";
+
+    fn from_raw(ev: IngressDenyEvent) -> Option<IngressDeny> {
         let addr = |b: [u8; 16]| match ev.family {
             4 => Some(IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))),
             6 => Some(IpAddr::V6(Ipv6Addr::from(b))),
@@ -37,11 +35,7 @@ impl IngressDeny {
         Some(IngressDeny {
             hook: IngressHook::from_u8(ev.hook)?.label(),
             ifindex: ev.ifindex,
-            protocol: match ev.protocol as i32 {
-                libc::IPPROTO_TCP => "tcp",
-                libc::IPPROTO_UDP => "udp",
-                _ => "other",
-            },
+            protocol: events::protocol_name(i32::from(ev.protocol)),
             src_addr: addr(ev.src)?,
             src_port: ev.src_port,
             dst_addr: addr(ev.dst)?,
@@ -49,7 +43,7 @@ impl IngressDeny {
         })
     }
 
-    pub fn log(&self) {
+    fn log(&self) {
         tracing::warn!(
             event = "kernel_ingress_deny",
             hook = self.hook,
@@ -61,19 +55,6 @@ impl IngressDeny {
             dst_port = self.dst_port,
             "packet to a model port dropped by the kernel"
         );
-    }
-}
-
-impl super::super::pinned::DenyRecord for IngressDeny {
-    const KIND: &'static str = "ingress deny-event";
-    const SUPPRESSED_EVENT: &'static str = "kernel_ingress_deny_suppressed";
-
-    fn decode(bytes: &[u8]) -> Option<Self> {
-        IngressDeny::decode(bytes)
-    }
-
-    fn log(&self) {
-        IngressDeny::log(self)
     }
 }
 
@@ -93,14 +74,7 @@ mod tests {
             src: [192, 0, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             dst: [192, 0, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
         };
-        // SAFETY: plain old data viewed as bytes.
-        unsafe {
-            std::slice::from_raw_parts(
-                (&ev as *const IngressDenyEvent).cast::<u8>(),
-                size_of_val(&ev),
-            )
-        }
-        .to_vec()
+        events::raw_bytes(&ev)
     }
 
     #[test]

@@ -31,13 +31,7 @@ impl GuardPolicy {
         if !self.ports.contains(&port) {
             return None;
         }
-        let src = match src {
-            IpAddr::V6(v6) => v6
-                .to_ipv4_mapped()
-                .map(IpAddr::V4)
-                .unwrap_or(IpAddr::V6(v6)),
-            v4 => v4,
-        };
+        let src = crate::segment::pinned_maps::unmap_v4(src);
         Some(
             self.sources
                 .iter()

@@ -3,24 +3,20 @@
 use std::fmt;
 
 use anyhow::Result;
-use aya::programs::links::{FdLink, PinnedLink};
-use moat_common::guard::{EVENTS_LOST_COUNTER, IngressHook, counter_index};
 use serde::Serialize;
 
-use super::{GuardMaps, GuardPins};
+use super::{GuardMaps, GuardPins, GuardStatus};
+use crate::segment::{
+    link,
+    status::{SideStatus, or_dash},
+};
 
-#[derive(Debug, Serialize)]
-pub struct GuardStatus {
-    pub pin_dir: String,
-    /// Every map and program of the guard is pinned.
-    pub installed: bool,
-    pub links: Vec<GuardLinkStatus>,
-    pub active_slot: Option<u32>,
+/// The active policy, as `status` shows it.
+#[derive(Debug, Default, Serialize)]
+pub struct GuardPolicyStatus {
     pub model_ports: Vec<u16>,
     /// `port` → allowed source prefixes.
     pub allowed: Vec<AllowedStatus>,
-    pub counters: Vec<GuardCounters>,
-    pub events_lost: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -39,7 +35,7 @@ pub struct AllowedStatus {
 
 #[derive(Debug, Serialize)]
 pub struct GuardCounters {
-    pub hook: &'static str,
+    pub hook: String,
     pub allowed: u64,
     pub dropped: u64,
 }
@@ -50,57 +46,39 @@ pub fn status(pins: &GuardPins) -> Result<GuardStatus> {
         .links()
         .into_iter()
         .map(|at| {
-            let info = PinnedLink::from_pin(pins.link(&at))
-                .ok()
-                .and_then(|l| FdLink::from(l).info().ok());
+            let (link_id, program_id) = link::pinned_ids(&pins.link(&at));
             GuardLinkStatus {
                 attachment: at.pin_name(),
-                link_id: info.as_ref().map(|i| i.id()),
-                program_id: info.as_ref().map(|i| i.program_id()),
+                link_id,
+                program_id,
             }
         })
         .collect();
-    let mut status = GuardStatus {
-        pin_dir: pins.dir().display().to_string(),
-        installed: pins.complete(),
-        links,
-        active_slot: None,
-        model_ports: Vec::new(),
-        allowed: Vec::new(),
-        counters: Vec::new(),
-        events_lost: 0,
-    };
-    if !status.installed {
-        return Ok(status);
-    }
-    let maps = GuardMaps::open(pins)?;
+    SideStatus::read(pins, links, policy_status, |c| GuardCounters {
+        hook: c.hook,
+        allowed: c.allowed,
+        dropped: c.denied,
+    })
+}
+
+fn policy_status(maps: &GuardMaps) -> Result<GuardPolicyStatus> {
     let policy = maps.read_active()?;
-    status.active_slot = Some(maps.active_slot()?);
-    status.model_ports = policy.ports.iter().copied().collect();
-    status.allowed = policy
-        .ports
-        .iter()
-        .map(|&port| AllowedStatus {
-            port,
-            sources: policy
-                .sources
-                .iter()
-                .filter(|(p, _)| *p == port)
-                .map(|(_, n)| n.to_string())
-                .collect(),
-        })
-        .collect();
-    let counters = maps.counters()?;
-    status.counters = IngressHook::ALL
-        .iter()
-        .map(|&hook| GuardCounters {
-            hook: hook.label(),
-            allowed: counters[counter_index(hook, false) as usize],
-            dropped: counters[counter_index(hook, true) as usize],
-        })
-        .collect();
-    status.events_lost = counters[EVENTS_LOST_COUNTER as usize];
-    Ok(status)
+    Ok(GuardPolicyStatus {
+        model_ports: policy.ports.iter().copied().collect(),
+        allowed: policy
+            .ports
+            .iter()
+            .map(|&port| AllowedStatus {
+                port,
+                sources: policy
+                    .sources
+                    .iter()
+                    .filter(|(p, _)| *p == port)
+                    .map(|(_, n)| n.to_string())
+                    .collect(),
+            })
+            .collect(),
+    })
 }
 
 impl fmt::Display for GuardStatus {
@@ -130,15 +108,11 @@ impl fmt::Display for GuardStatus {
                 f,
                 "  link {:<20} link {:>6}  program {:>6}",
                 l.attachment,
-                l.link_id
-                    .map(|v| v.to_string())
-                    .unwrap_or_else(|| "-".into()),
-                l.program_id
-                    .map(|v| v.to_string())
-                    .unwrap_or_else(|| "-".into())
+                or_dash(l.link_id),
+                or_dash(l.program_id)
             )?;
         }
-        for a in &self.allowed {
+        for a in &self.policy.allowed {
             let from = if a.sources.is_empty() {
                 "nobody".to_owned()
             } else {

@@ -127,13 +127,7 @@ impl Policy {
     /// The verdict this policy gives, computed in userspace the way the kernel does — used by
     /// tests and by `moat segment status` to explain entries.
     pub fn flags_for(&self, ip: IpAddr, port: u16) -> u32 {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6
-                .to_ipv4_mapped()
-                .map(IpAddr::V4)
-                .unwrap_or(IpAddr::V6(v6)),
-            v4 => v4,
-        };
+        let ip = crate::segment::pinned_maps::unmap_v4(ip);
         self.destinations
             .iter()
             .filter(|(r, _)| r.port == port && r.net.contains(&ip))
