@@ -151,14 +151,14 @@ impl Daemon {
     }
 
     /// The config of a gateway that enforces, for a fixture made by [`Daemon::enforcing`]:
-    /// started as root, its worker runs as `nobody` in `<the fixture's cgroup>/gateway`; pool
+    /// started as root, its worker runs as `moat` in `<the fixture's cgroup>/gateway`; pool
     /// `gpu` on `hosts` (then the `pool` settings lines), model `m` on it, role `tester` (of
     /// [`Daemon::create_tester_key`]) may use every model; the fixture's pin root; then
     /// `extra`, which continues the `[segmentation]` table.
     pub fn enforcing_config(&self, hosts: &[SocketAddr], pool: &str, extra: &str) -> String {
         let hosts: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"nobody\"\n\
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"moat\"\n\
              [pools.gpu]\nhosts = [{}]\n{pool}\n[models.m]\npool = \"gpu\"\n\
              [roles.tester]\npermissions = [\"model:*\", \"inference:*\"]\n\
              [segmentation]\ngateway_cgroup = \"{}/gateway\"\npin_root = \"{}\"\n{extra}",

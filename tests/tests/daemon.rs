@@ -72,9 +72,9 @@ fn worker_runs_unprivileged_in_the_gateway_cgroup_and_is_restarted() {
     assert_eq!(d.get("/healthz").send().unwrap().status(), 200);
 
     let status = proc_status(pid);
-    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
-    let uid = nobody.uid.to_string();
-    let gid = nobody.gid.to_string();
+    let service = nix::unistd::User::from_name("moat").unwrap().unwrap();
+    let uid = service.uid.to_string();
+    let gid = service.gid.to_string();
     assert_eq!(
         status["Uid"].split_whitespace().collect::<Vec<_>>(),
         [uid.as_str(); 4],

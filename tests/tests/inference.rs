@@ -945,7 +945,7 @@ fn gateway_and_guard_on_one_host_reload_together() {
             .map(|p| format!("[pools.gpu]\nhosts = [\"127.0.0.1:{p}\"]\n"))
             .unwrap_or_default();
         daemon.write_config(&format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"nobody\"\n{pools}\
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"moat\"\n{pools}\
              [segmentation]\ngateway_cgroup = \"{}/gateway\"\npin_root = \"{}\"\n{guard}",
             daemon.cgroup().relative.display(),
             daemon.pin_root().display()

@@ -226,7 +226,7 @@ fn every_restart_only_key_is_refused_on_reload() {
         ),
         (
             "server.user",
-            toml(&[a.addr, b.addr], "").replace("user = \"nobody\"", "user = \"daemon\""),
+            toml(&[a.addr, b.addr], "").replace("user = \"moat\"", "user = \"daemon\""),
         ),
         (
             "server.data_dir",
@@ -296,7 +296,7 @@ fn every_restart_only_key_is_refused_on_reload() {
         model.port
     );
     let gateway_side = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"nobody\"\n[segmentation]\ngateway_cgroup = \"{}/gateway\"\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"moat\"\n[segmentation]\ngateway_cgroup = \"{}/gateway\"\n\
          pin_root = \"{}\"\n{guard}",
         daemon.cgroup().relative.display(),
         pin_root

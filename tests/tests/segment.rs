@@ -238,7 +238,7 @@ fn daemon_enforcement_is_fail_static_and_uninstallable() {
     let gateway = base.child("gateway");
     let worker = gateway.child("worker");
     let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"nobody\"\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"moat\"\n\
          [pools.gpu]\nhosts = [\"127.0.0.1:{port}\"]\n\
          [segmentation]\ngateway_cgroup = \"{}/gateway\"\npin_root = \"{}\"\n",
         base.relative.display(),

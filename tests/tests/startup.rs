@@ -27,8 +27,8 @@ fn data_dir_secrets_and_database_have_the_stated_modes_and_owner() {
     let mut d = Daemon::enforcing();
     let _gateway = d.cgroup().child("gateway");
     d.write_config(&d.enforcing_config(&["127.0.0.1:9".parse().unwrap()], "", ""));
-    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
-    let (uid, gid) = (nobody.uid.as_raw(), nobody.gid.as_raw());
+    let service = nix::unistd::User::from_name("moat").unwrap().unwrap();
+    let (uid, gid) = (service.uid.as_raw(), service.gid.as_raw());
     let data = d.data_dir();
     let secrets = data.join("secrets");
 

@@ -152,7 +152,7 @@ fn gateway_inference_and_rogue_hosts() {
             .map(|p| format!("\"{}:{p}\"", Lab::INF_GW4))
             .collect();
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"nobody\"\n\
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"moat\"\n\
              [pools.gpu]\nhosts = [{}]\nhealth_interval_ms = 200\n\
              [models.m]\npool = \"gpu\"\n\
              [roles.tester]\npermissions = [\"model:*\", \"inference:*\"]\n\

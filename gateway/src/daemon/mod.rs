@@ -6,6 +6,7 @@
 pub mod control;
 pub mod inference_host;
 pub mod privdrop;
+pub mod seccomp;
 pub mod serve;
 pub mod supervisor;
 pub mod worker;

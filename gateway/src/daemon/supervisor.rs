@@ -3,8 +3,11 @@
 //!
 //! - loads and pins the eBPF side (or adopts the pins) and creates the gateway cgroup;
 //! - binds the data-plane listener (so ports below 1024 work) and passes it down;
-//! - spawns the worker into the gateway cgroup as the service user with no capabilities, and
-//!   restarts it with back-off when it dies;
+//! - refuses a service user shared with other programs, and hands the worker its data
+//!   directory without following links;
+//! - spawns the worker into the gateway cgroup as the service user with no capabilities,
+//!   small resource limits and only the descriptors meant for it, and restarts it with
+//!   back-off when it dies (also when its seccomp filter killed it);
 //! - logs the kernel's deny events;
 //! - on SIGHUP re-reads the config and applies kernel policy and worker config together.
 //!
@@ -51,6 +54,7 @@ pub fn run(config: Config) -> Result<()> {
     // A gateway that is also an inference host guards its own model ports too.
     let guard = inference_host::start_guard(&config)?;
     let user = ServiceUser::lookup(&config.server().user)?;
+    user.ensure_dedicated()?;
     prepare_data_dir(&config.data_dir, &user)?;
     let seg = config.segmentation();
     // Without enforcement there is no gateway cgroup to join: a daemon with segmentation off

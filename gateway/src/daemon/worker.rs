@@ -2,6 +2,9 @@
 //! listener the supervisor bound and passed down, and swaps in each config the supervisor
 //! sends over the control channel — in-flight requests finish on the router they started on,
 //! new ones get the new router, none is dropped.
+//!
+//! Its first acts, before it serves anything: follow the supervisor's death, become
+//! non-dumpable, install the seccomp filter (`privdrop`, `seccomp`).
 
 use std::{
     convert::Infallible,
@@ -27,7 +30,7 @@ use crate::{
     daemon::control::{
         self, ENV_ADMIN_FD, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SUPERVISOR_PID, FromWorker, ToWorker,
     },
-    daemon::privdrop,
+    daemon::{privdrop, seccomp},
     dataplane::app,
     dataplane::proxy,
     dataplane::quota::Quotas,
@@ -88,6 +91,10 @@ pub fn run() -> Result<()> {
     };
     let supervisor: i32 = fd(ENV_SUPERVISOR_PID)?;
     privdrop::exit_with_parent(supervisor);
+    // Before anything reads a request: no same-uid process may trace this one, and the
+    // system calls it has no use for kill it (see `seccomp`).
+    privdrop::make_undumpable()?;
+    seccomp::install()?;
     // SAFETY: the supervisor passed these descriptors to this process for it alone.
     let listener = std::net::TcpListener::from(unsafe { OwnedFd::from_raw_fd(fd(ENV_LISTEN_FD)?) });
     let control =

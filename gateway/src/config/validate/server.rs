@@ -10,6 +10,16 @@ pub(in crate::config) fn server(server: &ServerConfig) -> Result<(), Invalid> {
     if server.user.is_empty() {
         return Err(Invalid::new("server.user", "must not be empty"));
     }
+    // Shared by every program that wants "no privileges": any of them could signal the worker
+    // and read its data directory. (`moat serve` also refuses the overflow uid under any name,
+    // and a user that runs other programs.)
+    if server.user == "nobody" {
+        return Err(Invalid::new(
+            "server.user",
+            "must not be `nobody`, an account other programs share: give moat a user of its own \
+             (default `moat`)",
+        ));
+    }
     Ok(())
 }
 
@@ -41,6 +51,9 @@ mod tests {
     fn server_values_are_bounded() {
         let e = load("[server]\nuser = \"\"\n").unwrap_err();
         assert_eq!(e.key, "server.user");
+        let e = load("[server]\nuser = \"nobody\"\n").unwrap_err();
+        assert_eq!(e.key, "server.user");
+        assert!(e.reason.contains("nobody"), "{e}");
         let e = load("[server]\nmax_body_bytes = 0\n").unwrap_err();
         assert_eq!(e.key, "server.max_body_bytes");
     }
