@@ -5,6 +5,7 @@
 //! all of the checks passed. Neither the body nor the answer is ever logged.
 
 mod json;
+mod reserve;
 pub mod validate;
 
 use axum::{
@@ -20,7 +21,9 @@ use tracing::{debug, info};
 
 use crate::{
     auth::Principal,
+    dataplane::answer,
     dataplane::authz::{self, Permissions},
+    dataplane::cache_salt,
     dataplane::metered,
     dataplane::proxy::{self, Outbound},
     dataplane::quota::Ask,
@@ -112,10 +115,19 @@ async fn handle(
         .get::<RequestId>()
         .cloned()
         .unwrap_or_else(RequestId::generate);
+    // The pool's prefix-cache scope for this principal (the field is the gateway's alone).
+    let salt = state.config.pools.get(&route.pool).and_then(|p| {
+        cache_salt::salt(
+            state.identity.pepper(),
+            p.prefix_cache_isolation,
+            &principal,
+        )
+    });
+    let (model, stream, hide_usage) = (valid.model.clone(), valid.stream, valid.hide_usage);
     let out = Outbound {
         path: endpoint.path(),
-        body: valid.body,
-        stream: valid.stream,
+        body: valid.upstream_body(salt)?,
+        stream,
         request_id,
     };
     // 10. a healthy host of the pool authorization chose (a dedicated tenant's own pool only),
@@ -123,12 +135,10 @@ async fn handle(
     let resp = proxy::forward(&state.pools, &state.upstreams, &route.pool, out).await;
     // 11. meter the answer: reconcile the reservation, release the slots when it ends, end
     // it if the credential is revoked meanwhile.
-    Ok(metered::meter(
-        resp,
-        ticket,
-        state.identity.clone(),
-        principal,
-    ))
+    let resp = metered::meter(resp, ticket, state.identity.clone(), principal);
+    // 12. the answer as the client may see it: the public model name, and no usage event the
+    // client did not ask for (metering read it above).
+    Ok(answer::rewrite(resp, &model, hide_usage))
 }
 
 /// One line per refused request: who was refused and why, never what they sent.
