@@ -1,7 +1,8 @@
 //! The OpenAI-compatible endpoints: `GET /v1/models`, and the inference endpoints, which run
-//! steps 5–11 of the pipeline (numbered as in `app` and docs/data-plane.md): content type, body size,
-//! strict parsing (`validate`), authorization (`authz`), quotas (`quota`), then hand-off to the
-//! pool (`proxy`) and metering of the answer (`metered`). Nothing reaches an upstream before
+//! steps 5–12 of the pipeline (numbered as in `app` and docs/data-plane.md): content type, body size,
+//! strict parsing (`validate`, the token reservation in `reserve`), authorization (`authz`),
+//! the prefix-cache salt (`cache_salt`), quotas (`quota`), then hand-off to the pool (`proxy`),
+//! metering of the answer (`metered`) and what the client sees of it (`answer`). Nothing reaches an upstream before
 //! all of the checks passed. Neither the body nor the answer is ever logged.
 
 mod json;
@@ -71,7 +72,7 @@ pub async fn embeddings(
     handle(Endpoint::Embeddings, state, principal, req).await
 }
 
-/// Steps 5–11 of the pipeline, in order (1–4 ran in the layers, see `app`). The principal's
+/// Steps 5–12 of the pipeline, in order (1–4 ran in the layers, see `app`). The principal's
 /// tenant and roles come from the credential only (the `Principal` extractor refuses a request
 /// the bearer check did not pass); nothing in the body or the headers can change them.
 async fn handle(
@@ -101,20 +102,6 @@ async fn handle(
         valid.logprobs,
     )
     .inspect_err(|e| refused(&principal, &valid.model, e, "authorization denied"))?;
-    // 9. quotas: charged only if every limit passes.
-    let ask = Ask {
-        tokens: valid.reserve_tokens,
-        stream: valid.stream,
-    };
-    let ticket = state
-        .quotas
-        .acquire(&state.config, &principal, ask)
-        .inspect_err(|e| refused(&principal, &valid.model, e, "quota denied"))?;
-    let request_id = parts
-        .extensions
-        .get::<RequestId>()
-        .cloned()
-        .unwrap_or_else(RequestId::generate);
     // The pool's prefix-cache scope for this principal (the field is the gateway's alone).
     let salt = state.config.pools.get(&route.pool).and_then(|p| {
         cache_salt::salt(
@@ -124,9 +111,24 @@ async fn handle(
         )
     });
     let (model, stream, hide_usage) = (valid.model.clone(), valid.stream, valid.hide_usage);
+    let ask = Ask {
+        tokens: valid.reserve_tokens,
+        stream,
+    };
+    let body = valid.upstream_body(salt)?;
+    // 9. quotas: charged only if every limit passes.
+    let ticket = state
+        .quotas
+        .acquire(&state.config, &principal, ask)
+        .inspect_err(|e| refused(&principal, &model, e, "quota denied"))?;
+    let request_id = parts
+        .extensions
+        .get::<RequestId>()
+        .cloned()
+        .unwrap_or_else(RequestId::generate);
     let out = Outbound {
         path: endpoint.path(),
-        body: valid.upstream_body(salt)?,
+        body,
         stream,
         request_id,
     };
