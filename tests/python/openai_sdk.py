@@ -26,6 +26,7 @@ r = client.chat.completions.create(
 )
 assert r.choices[0].message.content == text, r
 assert r.usage.completion_tokens == 9, r.usage
+assert r.model == model, r.model  # the public name, never the upstream's id
 
 # A streamed chat, with usage at the end.
 parts, usage = [], None
@@ -43,6 +44,21 @@ for chunk in stream:
 assert "".join(parts) == text, parts
 assert len(parts) == 9, parts
 assert usage is not None and usage.completion_tokens == 9, usage
+
+# A streamed chat without usage: the usage event moat asks for on its own is not shown, and
+# every chunk names the public model.
+parts, chunks = [], 0
+for chunk in client.chat.completions.create(
+    model=model, messages=[{"role": "user", "content": text}], stream=True
+):
+    chunks += 1
+    assert chunk.usage is None, chunk
+    assert chunk.choices, chunk
+    assert chunk.model == model, chunk.model
+    if chunk.choices[0].delta.content:
+        parts.append(chunk.choices[0].delta.content)
+assert "".join(parts) == text, parts
+assert chunks == 11, chunks  # the role, 9 tokens, the finish
 
 # An embedding (the SDK asks for base64 and decodes it).
 e = client.embeddings.create(model=model, input=["one", "two", "three"])

@@ -116,6 +116,19 @@ pub struct Pool {
     pub ejection: Ejection,
     /// Attempts per request, each on another host (only failures that reached nothing).
     pub max_attempts: u32,
+    /// Who shares the hosts' KV prefix cache (`cache_salt` set by the gateway).
+    pub prefix_cache_isolation: PrefixCacheIsolation,
+}
+
+/// A pool's `prefix_cache_isolation`: the scope of the `cache_salt` the gateway sets on each
+/// generation request, so that only requests of the same scope can hit each other's cached
+/// prefixes (a cache hit is observable in timing, which would leak other tenants' prompts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefixCacheIsolation {
+    Tenant,
+    User,
+    /// No `cache_salt` (the servers do not know the field, e.g. a hosted API).
+    Off,
 }
 
 /// A pool's client certificate and key, read and checked when the config loads: the key

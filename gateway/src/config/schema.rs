@@ -122,6 +122,10 @@ pub struct PoolConfig {
     /// The tenant this pool belongs to: it serves that (dedicated) tenant only.
     #[serde(default)]
     pub dedicated_to: Option<String>,
+    /// Who may share the hosts' KV prefix cache (vLLM's `cache_salt`): `tenant` (default),
+    /// `user`, or `off` (no `cache_salt` is sent; for servers that do not know the field).
+    #[serde(default = "default_prefix_cache_isolation")]
+    pub prefix_cache_isolation: String,
 }
 
 fn default_connect_timeout_ms() -> u64 {
@@ -153,6 +157,9 @@ fn default_eject_max_ms() -> u64 {
 }
 fn default_max_attempts() -> u32 {
     3
+}
+fn default_prefix_cache_isolation() -> String {
+    "tenant".to_owned()
 }
 
 fn default_provider() -> String {

@@ -1,11 +1,14 @@
 //! The request pipeline of the worker (see docs/data-plane.md): the router and
 //! its layers (`app`), the state every handler reaches (`state`), the OpenAI endpoints
 //! (`openai`), authorization and pool choice (`authz`), quotas (`quota`), host choice within a
-//! pool (`route`), the upstream proxy (`proxy`), the metering of answers (`metered`), health
+//! pool (`route`), the prefix-cache scope (`cache_salt`), the upstream proxy (`proxy`), the
+//! metering of answers (`metered`), what the client sees of an answer (`answer`), health
 //! endpoints and request ids.
 
+pub mod answer;
 pub mod app;
 pub mod authz;
+pub mod cache_salt;
 pub mod health;
 pub mod metered;
 pub mod openai;

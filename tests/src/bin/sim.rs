@@ -7,8 +7,9 @@
 //!
 //! Control plane for tests (never behind the gateway):
 //! - `GET /_sim/stats`: requests, completed, cancelled (the client went away), failed
-//!   (injected), in flight, health checks, and the last request's headers and body;
-//! - `POST /_sim/fail` `{"mode": "none|error500|hang|reset_mid_stream|hang_mid_stream",
+//!   (injected), in flight, health checks, the last request's headers and body, and the
+//!   `cache_salt` of every request in order (`cache_salts`, `null` where none was sent);
+//! - `POST /_sim/fail` `{"mode": "none|error500|error400|hang|reset_mid_stream|hang_mid_stream",
 //!   "after_chunks": 2, "count": 1}`: inject a failure into the next `count` requests (all when
 //!   absent);
 //! - `POST /_sim/reset`: zero the counters.
@@ -93,6 +94,8 @@ enum Mode {
     #[default]
     None,
     Error500,
+    /// A 400 whose words carry internals (model id, paths, limits), as vLLM's do.
+    Error400,
     Hang,
     ResetMidStream,
     HangMidStream,
@@ -127,6 +130,7 @@ struct Stats {
     by_path: BTreeMap<String, u64>,
     last_headers: BTreeMap<String, String>,
     last_body: Value,
+    cache_salts: Vec<Value>,
 }
 
 struct Sim {
@@ -316,6 +320,10 @@ fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(body)).into_response()
 }
 
+/// What a real server's refusal gives away: its model id, its limits, its paths.
+const INTERNALS: &str = "model meta-llama/Sim-70B-Instruct: max_num_batched_tokens=8192 \
+    exceeded (vllm 0.6.3, /opt/vllm/entrypoints/openai/serving_engine.py)";
+
 fn authorized(sim: &Sim, headers: &HeaderMap) -> bool {
     match &sim.args.api_key {
         None => true,
@@ -344,6 +352,8 @@ async fn admit(sim: &Shared, path: &str, req: Request) -> Result<Value, Response
             .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("?").to_owned()))
             .collect();
         s.last_body = value.clone();
+        s.cache_salts
+            .push(value.get("cache_salt").cloned().unwrap_or(Value::Null));
     }
     if !authorized(sim, &parts.headers) {
         return Err(error(StatusCode::UNAUTHORIZED, "bad upstream credential"));
@@ -464,6 +474,10 @@ async fn generate(sim: Shared, kind: Kind, req: Request) -> Response {
         Some(Mode::Error500) => {
             track.outcome = Some("failed");
             return error(StatusCode::INTERNAL_SERVER_ERROR, "simulated failure");
+        }
+        Some(Mode::Error400) => {
+            track.outcome = Some("failed");
+            return error(StatusCode::BAD_REQUEST, INTERNALS);
         }
         Some(Mode::Hang) => {
             // Held until the caller gives up; `track` then records a cancellation.
@@ -697,6 +711,7 @@ async fn stats(State(sim): State<Shared>) -> Json<Value> {
         "by_path": s.by_path,
         "last_headers": s.last_headers,
         "last_body": s.last_body,
+        "cache_salts": s.cache_salts,
     }))
 }
 

@@ -5,7 +5,9 @@
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
 use super::{Invalid, client_cert, credentials};
-use crate::config::{Ejection, HealthCheck, Pool, PoolConfig, Timeouts, capture::Reader};
+use crate::config::{
+    Ejection, HealthCheck, Pool, PoolConfig, PrefixCacheIsolation, Timeouts, capture::Reader,
+};
 
 pub(in crate::config) fn pools(
     pools: &BTreeMap<String, PoolConfig>,
@@ -64,6 +66,17 @@ fn pool(name: &str, p: &PoolConfig, base: &Path, reader: &Reader<'_>) -> Result<
     if !p.health_path.starts_with('/') {
         return Err(Invalid::new(key("health_path"), "must start with `/`"));
     }
+    let prefix_cache_isolation = match p.prefix_cache_isolation.as_str() {
+        "tenant" => PrefixCacheIsolation::Tenant,
+        "user" => PrefixCacheIsolation::User,
+        "off" => PrefixCacheIsolation::Off,
+        _ => {
+            return Err(Invalid::new(
+                key("prefix_cache_isolation"),
+                "must be `tenant`, `user` or `off`",
+            ));
+        }
+    };
     let credential = credentials::credential(name, p, base, reader)?;
     let tls_roots = credentials::tls_roots(name, p, base, reader)?;
     let tls_client = client_cert::client_cert(name, p, base, reader)?;
@@ -97,6 +110,7 @@ fn pool(name: &str, p: &PoolConfig, base: &Path, reader: &Reader<'_>) -> Result<
             max: ms(p.eject_max_ms),
         },
         max_attempts: p.max_attempts,
+        prefix_cache_isolation,
     })
 }
 
@@ -139,6 +153,21 @@ mod tests {
         assert_eq!(c.models()["m"].max_n, 1);
         assert_eq!(c.server().max_body_bytes, 1024 * 1024);
         assert!(p.credential.is_none());
+        assert_eq!(
+            p.prefix_cache_isolation,
+            crate::config::PrefixCacheIsolation::Tenant
+        );
+        let c =
+            load("[pools.gpu]\nhosts = [\"127.0.0.1:8000\"]\nprefix_cache_isolation = \"user\"\n")
+                .unwrap();
+        assert_eq!(
+            c.pools["gpu"].prefix_cache_isolation,
+            crate::config::PrefixCacheIsolation::User
+        );
+        let e =
+            load("[pools.gpu]\nhosts = [\"127.0.0.1:8000\"]\nprefix_cache_isolation = \"all\"\n")
+                .unwrap_err();
+        assert_eq!(e.key, "pools.gpu.prefix_cache_isolation");
         let e =
             load("[pools.gpu]\nhosts = [\"127.0.0.1:8000\"]\nidle_timeout_ms = 0\n").unwrap_err();
         assert_eq!(e.key, "pools.gpu.idle_timeout_ms");

@@ -1,10 +1,12 @@
 //! The OpenAI-compatible endpoints: `GET /v1/models`, and the inference endpoints, which run
-//! steps 5–11 of the pipeline (numbered as in `app` and docs/data-plane.md): content type, body size,
-//! strict parsing (`validate`), authorization (`authz`), quotas (`quota`), then hand-off to the
-//! pool (`proxy`) and metering of the answer (`metered`). Nothing reaches an upstream before
+//! steps 5–12 of the pipeline (numbered as in `app` and docs/data-plane.md): content type, body size,
+//! strict parsing (`validate`, the token reservation in `reserve`), authorization (`authz`),
+//! the prefix-cache salt (`cache_salt`), quotas (`quota`), then hand-off to the pool (`proxy`),
+//! metering of the answer (`metered`) and what the client sees of it (`answer`). Nothing reaches an upstream before
 //! all of the checks passed. Neither the body nor the answer is ever logged.
 
 mod json;
+mod reserve;
 pub mod validate;
 
 use axum::{
@@ -20,7 +22,9 @@ use tracing::{debug, info};
 
 use crate::{
     auth::Principal,
+    dataplane::answer,
     dataplane::authz::{self, Permissions},
+    dataplane::cache_salt,
     dataplane::metered,
     dataplane::proxy::{self, Outbound},
     dataplane::quota::Ask,
@@ -68,7 +72,7 @@ pub async fn embeddings(
     handle(Endpoint::Embeddings, state, principal, req).await
 }
 
-/// Steps 5–11 of the pipeline, in order (1–4 ran in the layers, see `app`). The principal's
+/// Steps 5–12 of the pipeline, in order (1–4 ran in the layers, see `app`). The principal's
 /// tenant and roles come from the credential only (the `Principal` extractor refuses a request
 /// the bearer check did not pass); nothing in the body or the headers can change them.
 async fn handle(
@@ -98,15 +102,25 @@ async fn handle(
         valid.logprobs,
     )
     .inspect_err(|e| refused(&principal, &valid.model, e, "authorization denied"))?;
-    // 9. quotas: charged only if every limit passes.
+    // The pool's prefix-cache scope for this principal (the field is the gateway's alone).
+    let salt = state.config.pools.get(&route.pool).and_then(|p| {
+        cache_salt::salt(
+            state.identity.pepper(),
+            p.prefix_cache_isolation,
+            &principal,
+        )
+    });
+    let (model, stream, hide_usage) = (valid.model.clone(), valid.stream, valid.hide_usage);
     let ask = Ask {
         tokens: valid.reserve_tokens,
-        stream: valid.stream,
+        stream,
     };
+    let body = valid.upstream_body(salt)?;
+    // 9. quotas: charged only if every limit passes.
     let ticket = state
         .quotas
         .acquire(&state.config, &principal, ask)
-        .inspect_err(|e| refused(&principal, &valid.model, e, "quota denied"))?;
+        .inspect_err(|e| refused(&principal, &model, e, "quota denied"))?;
     let request_id = parts
         .extensions
         .get::<RequestId>()
@@ -114,8 +128,8 @@ async fn handle(
         .unwrap_or_else(RequestId::generate);
     let out = Outbound {
         path: endpoint.path(),
-        body: valid.body,
-        stream: valid.stream,
+        body,
+        stream,
         request_id,
     };
     // 10. a healthy host of the pool authorization chose (a dedicated tenant's own pool only),
@@ -123,12 +137,10 @@ async fn handle(
     let resp = proxy::forward(&state.pools, &state.upstreams, &route.pool, out).await;
     // 11. meter the answer: reconcile the reservation, release the slots when it ends, end
     // it if the credential is revoked meanwhile.
-    Ok(metered::meter(
-        resp,
-        ticket,
-        state.identity.clone(),
-        principal,
-    ))
+    let resp = metered::meter(resp, ticket, state.identity.clone(), principal);
+    // 12. the answer as the client may see it: the public model name, and no usage event the
+    // client did not ask for (metering read it above).
+    Ok(answer::rewrite(resp, &model, hide_usage))
 }
 
 /// One line per refused request: who was refused and why, never what they sent.

@@ -5,12 +5,18 @@
 //! "not given" on optional parameters, as in OpenAI's API.
 //!
 //! A valid body is rewritten for the upstream: the public model name becomes the upstream's
-//! model id, and `max_tokens` is set to the model's cap when the request sets no limit.
+//! model id, `max_tokens` is set to the model's cap when the request sets no limit, and a
+//! stream always asks for its usage (`stream_options.include_usage`), so that no stream escapes
+//! the reconciliation of its token reservation (the answer drops that usage event again when
+//! the client did not ask for it, see `dataplane::answer`).
+//!
+//! Fields the gateway owns are refused from a client, by name: `cache_salt` (the KV prefix
+//! cache scope, set per pool from the principal, see `dataplane::cache_salt`).
 
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
-use super::json::parse_strict;
+use super::{json::parse_strict, reserve};
 use crate::{
     config::{Config, ModelConfig},
     error::ApiError,
@@ -37,17 +43,37 @@ impl Endpoint {
 /// A request that passed every check, ready for its pool.
 #[derive(Debug)]
 pub struct Validated {
+    pub endpoint: Endpoint,
     /// Public model name (as the client asked and the policy knows it).
     pub model: String,
     pub stream: bool,
-    /// The body to send upstream.
-    pub body: Bytes,
+    /// The body to send upstream (see [`Validated::upstream_body`]).
+    pub body: Map<String, Value>,
     /// Asks for `logprobs`, `top_logprobs` or `logit_bias` (needs the `logprobs` permission).
     pub logprobs: bool,
-    /// Tokens to reserve against the tokens-per-minute quotas: the completion cap times the
-    /// number of choices, plus the prompt estimated at one token per 4 bytes of the body.
+    /// Tokens to reserve against the tokens-per-minute quotas (see `reserve`).
     pub reserve_tokens: u64,
+    /// A stream whose usage event the gateway asked for on its own behalf: the answer drops
+    /// it again.
+    pub hide_usage: bool,
 }
+
+impl Validated {
+    /// The upstream's body, with the gateway's `cache_salt` (generation endpoints only).
+    pub fn upstream_body(mut self, cache_salt: Option<String>) -> Result<Bytes> {
+        if let Some(salt) = cache_salt
+            && self.endpoint != Endpoint::Embeddings
+        {
+            self.body.insert(CACHE_SALT.into(), Value::String(salt));
+        }
+        serde_json::to_vec(&self.body)
+            .map(Bytes::from)
+            .map_err(|_| ApiError::internal())
+    }
+}
+
+/// Set by the gateway only (see `dataplane::cache_salt`).
+const CACHE_SALT: &str = "cache_salt";
 
 const ROLES: &[&str] = &[
     "system",
@@ -93,6 +119,12 @@ pub fn validate(endpoint: Endpoint, bytes: &[u8], config: &Config) -> Result<Val
         );
     };
 
+    if body.contains_key(CACHE_SALT) {
+        return Err(bad(
+            CACHE_SALT,
+            "`cache_salt` is set by the gateway and may not be sent",
+        ));
+    }
     for (name, value) in &body {
         if value.is_null() && !matches!(name.as_str(), "model" | "messages" | "input") {
             continue;
@@ -123,31 +155,37 @@ pub fn validate(endpoint: Endpoint, bytes: &[u8], config: &Config) -> Result<Val
         body.get(*k)
             .is_some_and(|v| !v.is_null() && *v != Value::Bool(false))
     });
+    let asked_usage = body
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     rewrite(endpoint, &mut body, &model, model_config);
-    let completion = ["max_tokens", "max_completion_tokens"]
-        .iter()
-        .find_map(|k| body.get(*k).and_then(Value::as_u64))
-        .unwrap_or(0);
-    let choices = ["n", "best_of"]
-        .iter()
-        .filter_map(|k| body.get(*k).and_then(Value::as_u64))
-        .max()
-        .unwrap_or(1)
-        .max(1);
-    let reserve_tokens = completion.saturating_mul(choices) + (bytes.len() as u64).div_ceil(4);
-    let body = serde_json::to_vec(&Value::Object(body)).map_err(|_| ApiError::internal())?;
+    if stream && !asked_usage {
+        // `continuous_usage_stats` only applies with `include_usage`: dropping it changes
+        // nothing the client would have seen.
+        body.insert(
+            "stream_options".into(),
+            serde_json::json!({"include_usage": true}),
+        );
+    }
+    let reserve_tokens = reserve::tokens(endpoint, &body, bytes.len());
     Ok(Validated {
+        endpoint,
         model,
         stream,
-        body: Bytes::from(body),
+        body,
         logprobs,
         reserve_tokens,
+        hide_usage: stream && !asked_usage,
     })
 }
 
 fn rewrite(endpoint: Endpoint, body: &mut Map<String, Value>, model: &str, m: &ModelConfig) {
-    let upstream = m.upstream_model.as_deref().unwrap_or(model);
-    body.insert("model".into(), Value::String(upstream.to_owned()));
+    body.insert(
+        "model".into(),
+        Value::String(upstream_model(model, m).to_owned()),
+    );
     if endpoint != Endpoint::Embeddings {
         let limited = ["max_tokens", "max_completion_tokens"]
             .iter()
@@ -156,6 +194,11 @@ fn rewrite(endpoint: Endpoint, body: &mut Map<String, Value>, model: &str, m: &M
             body.insert("max_tokens".into(), m.max_tokens.into());
         }
     }
+}
+
+/// The model id the upstream knows `model` by.
+pub fn upstream_model<'a>(model: &'a str, m: &'a ModelConfig) -> &'a str {
+    m.upstream_model.as_deref().unwrap_or(model)
 }
 
 fn chat_param(name: &str, v: &Value, m: &ModelConfig) -> Result<()> {
@@ -478,7 +521,7 @@ mod tests {
         )
         .unwrap();
         assert!(v.stream);
-        let up: Value = serde_json::from_slice(&v.body).unwrap();
+        let up = Value::Object(v.body.clone());
         assert_eq!(up["model"], "org/M");
         assert_eq!(up["max_tokens"], 100, "the cap is injected when unset");
         let v = check(
@@ -486,7 +529,7 @@ mod tests {
             r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":7}"#,
         )
         .unwrap();
-        let up: Value = serde_json::from_slice(&v.body).unwrap();
+        let up = Value::Object(v.body.clone());
         assert_eq!(up["max_tokens"], 7);
         assert!(!v.stream);
     }
@@ -565,7 +608,7 @@ mod tests {
         assert!(check(e, r#"{"model":"m","input":"x","encoding_format":"base64"}"#).is_ok());
         assert!(check(e, r#"{"model":"m","input":[[1,2],[3]]}"#).is_ok());
         let v = check(e, r#"{"model":"m","input":["a","b"]}"#).unwrap();
-        let up: Value = serde_json::from_slice(&v.body).unwrap();
+        let up = Value::Object(v.body.clone());
         assert!(up.get("max_tokens").is_none());
         assert_eq!(
             param(e, r#"{"model":"m","input":["a",1]}"#).1.unwrap(),
@@ -591,6 +634,200 @@ mod tests {
                 .unwrap(),
             "best_of"
         );
+    }
+
+    #[test]
+    fn a_client_cache_salt_is_refused_on_every_endpoint() {
+        for (e, body) in [
+            (
+                CHAT,
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"cache_salt":"s"}"#,
+            ),
+            (
+                Endpoint::Completions,
+                r#"{"model":"m","prompt":"x","cache_salt":"s"}"#,
+            ),
+            (
+                Endpoint::Embeddings,
+                r#"{"model":"m","input":"x","cache_salt":"s"}"#,
+            ),
+            // Even `null`, which elsewhere means "not given": the field is the gateway's.
+            (
+                CHAT,
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"cache_salt":null}"#,
+            ),
+        ] {
+            let e = check(e, body).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{body}");
+            assert_eq!(e.param.as_deref(), Some("cache_salt"), "{body}");
+            assert!(e.message.contains("set by the gateway"), "{}", e.message);
+        }
+        // The gateway's own salt goes to the generation endpoints only.
+        let v = check(
+            CHAT,
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#,
+        )
+        .unwrap();
+        let up: Value =
+            serde_json::from_slice(&v.upstream_body(Some("salt".into())).unwrap()).unwrap();
+        assert_eq!(up["cache_salt"], "salt");
+        let v = check(Endpoint::Embeddings, r#"{"model":"m","input":"x"}"#).unwrap();
+        let up: Value =
+            serde_json::from_slice(&v.upstream_body(Some("salt".into())).unwrap()).unwrap();
+        assert!(up.get("cache_salt").is_none());
+    }
+
+    #[test]
+    fn every_stream_asks_for_usage_and_hides_what_the_client_did_not_ask_for() {
+        let msgs = r#""messages":[{"role":"user","content":"x"}]"#;
+        let v = check(CHAT, &format!(r#"{{"model":"m",{msgs},"stream":true}}"#)).unwrap();
+        assert_eq!(
+            v.body["stream_options"],
+            serde_json::json!({"include_usage": true})
+        );
+        assert!(v.hide_usage);
+        let v = check(
+            CHAT,
+            &format!(
+                r#"{{"model":"m",{msgs},"stream":true,"stream_options":{{"include_usage":false,"continuous_usage_stats":true}}}}"#
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            v.body["stream_options"],
+            serde_json::json!({"include_usage": true})
+        );
+        assert!(v.hide_usage);
+        let v = check(
+            CHAT,
+            &format!(
+                r#"{{"model":"m",{msgs},"stream":true,"stream_options":{{"include_usage":true}}}}"#
+            ),
+        )
+        .unwrap();
+        assert!(!v.hide_usage, "the client asked: its usage event stays");
+        let v = check(
+            Endpoint::Completions,
+            r#"{"model":"m","prompt":"x","stream":true}"#,
+        )
+        .unwrap();
+        assert_eq!(v.body["stream_options"]["include_usage"], true);
+        let v = check(CHAT, &format!(r#"{{"model":"m",{msgs}}}"#)).unwrap();
+        assert!(v.body.get("stream_options").is_none() && !v.hide_usage);
+    }
+
+    /// The reservation of `body` minus its prompt estimate (a quarter of its bytes).
+    fn generation(e: Endpoint, body: &str) -> u64 {
+        check(e, body).unwrap().reserve_tokens - (body.len() as u64).div_ceil(4)
+    }
+
+    #[test]
+    fn the_reservation_takes_the_larger_completion_cap() {
+        let msgs = r#""messages":[{"role":"user","content":"x"}]"#;
+        // The bypass: a small `max_tokens` first, a large `max_completion_tokens` after.
+        let g = |extra: &str| generation(CHAT, &format!(r#"{{"model":"m",{msgs},{extra}}}"#));
+        assert_eq!(
+            g(r#""max_tokens":1,"max_completion_tokens":90,"stream":true"#),
+            90
+        );
+        assert_eq!(g(r#""max_completion_tokens":90,"max_tokens":1"#), 90);
+        assert_eq!(g(r#""max_tokens":50"#), 50);
+        assert_eq!(g(r#""max_completion_tokens":60"#), 60);
+        assert_eq!(g(r#""stream":false"#), 100, "no cap given: the model's cap");
+        // The model's cap holds for both.
+        for k in ["max_tokens", "max_completion_tokens"] {
+            let body = format!(r#"{{"model":"m",{msgs},"{k}":101}}"#);
+            assert_eq!(param(CHAT, &body).1.as_deref(), Some(k), "{body}");
+        }
+    }
+
+    #[test]
+    fn the_reservation_multiplies_by_choices() {
+        let msgs = r#""messages":[{"role":"user","content":"x"}]"#;
+        let g = |extra: &str| generation(CHAT, &format!(r#"{{"model":"m",{msgs},{extra}}}"#));
+        assert_eq!(g(r#""max_tokens":10,"n":2"#), 20);
+        assert_eq!(g(r#""max_completion_tokens":10,"n":2,"max_tokens":3"#), 20);
+        let c = Endpoint::Completions;
+        assert_eq!(
+            generation(c, r#"{"model":"m","prompt":"x","max_tokens":10,"n":2}"#),
+            20
+        );
+    }
+
+    #[test]
+    fn the_reservation_multiplies_by_best_of() {
+        let c = Endpoint::Completions;
+        // `best_of` sequences are generated even though `n` are returned.
+        assert_eq!(
+            generation(
+                c,
+                r#"{"model":"m","prompt":"x","max_tokens":10,"n":1,"best_of":2}"#
+            ),
+            20
+        );
+        assert_eq!(
+            generation(
+                c,
+                r#"{"model":"m","prompt":"x","max_tokens":10,"best_of":2}"#
+            ),
+            20
+        );
+    }
+
+    #[test]
+    fn the_reservation_multiplies_by_prompts() {
+        let c = Endpoint::Completions;
+        let g = |prompt: &str| {
+            generation(
+                c,
+                &format!(r#"{{"model":"m","prompt":{prompt},"max_tokens":10,"n":2}}"#),
+            )
+        };
+        assert_eq!(g(r#"["a","b","c"]"#), 60, "3 prompts × 2 choices × 10");
+        assert_eq!(g(r#"[[1,2],[3]]"#), 40, "2 token-id prompts");
+        assert_eq!(g(r#"[1,2,3]"#), 20, "one prompt of token ids");
+        assert_eq!(g(r#""abc""#), 20);
+    }
+
+    #[test]
+    fn the_reservation_counts_token_id_inputs() {
+        // Token ids take ~2 bytes each: the byte estimate alone would count half of them.
+        let ids: Vec<String> = (0..200).map(|i| (i % 10).to_string()).collect();
+        let body = format!(r#"{{"model":"m","input":[[{}]]}}"#, ids.join(","));
+        assert!(body.len() / 4 < 200);
+        assert_eq!(
+            check(Endpoint::Embeddings, &body).unwrap().reserve_tokens,
+            200
+        );
+        let body = format!(
+            r#"{{"model":"m","prompt":[[{}]],"max_tokens":1}}"#,
+            ids.join(",")
+        );
+        assert_eq!(
+            check(Endpoint::Completions, &body).unwrap().reserve_tokens,
+            201
+        );
+        // Text inputs: a quarter of the bytes, more inputs more tokens.
+        let one = r#"{"model":"m","input":["aaaaaaaaaaaaaaaa"]}"#;
+        let three =
+            r#"{"model":"m","input":["aaaaaaaaaaaaaaaa","aaaaaaaaaaaaaaaa","aaaaaaaaaaaaaaaa"]}"#;
+        let r = |b: &str| check(Endpoint::Embeddings, b).unwrap().reserve_tokens;
+        assert_eq!(r(one), (one.len() as u64).div_ceil(4));
+        assert_eq!(r(three), (three.len() as u64).div_ceil(4));
+        assert!(r(three) >= r(one) + 8);
+    }
+
+    #[test]
+    fn the_reservation_counts_tools_as_prompt() {
+        let msgs = r#""messages":[{"role":"user","content":"x"}]"#;
+        let plain = format!(r#"{{"model":"m",{msgs},"max_tokens":5}}"#);
+        let tool = r#"{"type":"function","function":{"name":"lookup","description":"looks a thing up in a large catalogue","parameters":{"type":"object","properties":{"q":{"type":"string"}}}}}"#;
+        let tools =
+            format!(r#"{{"model":"m",{msgs},"max_tokens":5,"tools":[{tool},{tool},{tool}]}}"#);
+        let r = |b: &str| check(CHAT, b).unwrap().reserve_tokens;
+        assert_eq!(r(&plain), 5 + (plain.len() as u64).div_ceil(4));
+        assert_eq!(r(&tools), 5 + (tools.len() as u64).div_ceil(4));
+        assert!(r(&tools) >= r(&plain) + 3 * tool.len() as u64 / 4);
     }
 
     #[test]

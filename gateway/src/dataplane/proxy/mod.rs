@@ -10,12 +10,14 @@
 //!   may have started; a retry could run it twice).
 //! - no response head within `first_byte_timeout_ms`: 504, not retried, the attempt is dropped
 //!   (which closes the connection, so the upstream sees the request cancelled).
-//! - upstream 5xx: 502 without the upstream's words (they may carry internals); 4xx is relayed.
+//! - upstream 5xx: 502 without the upstream's words (they may carry internals); 4xx keeps its
+//!   status but not its words either (`refusal`).
 
 mod body;
 pub mod client;
 pub mod headers;
 pub mod health;
+mod refusal;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -170,6 +172,12 @@ async fn dispatch(
                     )));
                 }
                 let (parts, incoming) = resp.into_parts();
+                if status.is_client_error() {
+                    // The host did its job: refusing is an answer, not a failure.
+                    lease.success();
+                    let e = refusal::refusal(status, incoming, upstream.idle, &host.name).await;
+                    return Err(e);
+                }
                 let sse = headers::is_event_stream(&parts.headers);
                 let body = ProxyBody::new(incoming, sse, upstream.idle, lease);
                 let mut resp = Response::new(Body::new(body));

@@ -1,0 +1,472 @@
+//! What the client sees of a successful answer ([`Answer`]), on its way out after metering:
+//!
+//! - the `model` field says the public model name the client asked for, never the upstream's
+//!   model id (`meta-llama/…`: an internal detail), in a JSON answer and in every stream event;
+//! - on a stream whose client did not ask for usage, the usage event the gateway asked for on
+//!   its own behalf (so that the reservation is always reconciled) is taken out; the rest of
+//!   the stream, `data: [DONE]` included, is unchanged.
+//!
+//! Cheap by design: nothing is reserialized. The top-level `model` value is found by a small
+//! JSON scanner ([`ModelField`]) and spliced; events are handled one by one as they arrive
+//! (the proxy hands them over whole), and a JSON answer is held back only while the scanner
+//! is inside a top-level string, so it streams through too. Only a candidate usage event is
+//! parsed.
+
+use std::{
+    ops::Range,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use axum::{body::Body, response::Response};
+use bytes::{Bytes, BytesMut};
+use http_body::Frame;
+
+use crate::dataplane::proxy::headers::is_event_stream;
+
+/// Wraps a successful answer (anything else is the gateway's own words and passes as is).
+pub fn rewrite(resp: Response, public_model: &str, hide_usage: bool) -> Response {
+    if !resp.status().is_success() {
+        return resp;
+    }
+    let sse = is_event_stream(resp.headers());
+    let model = serde_json::to_vec(public_model).map_or_else(|_| Bytes::new(), Bytes::from);
+    let (parts, inner) = resp.into_parts();
+    let body = Answer {
+        inner,
+        model,
+        hide_usage: sse && hide_usage,
+        sse,
+        held: BytesMut::new(),
+        scan: (!sse).then(ModelField::default),
+        done: false,
+    };
+    Response::from_parts(parts, Body::new(body))
+}
+
+pub struct Answer {
+    inner: Body,
+    /// The public model name as a JSON string (quotes included).
+    model: Bytes,
+    hide_usage: bool,
+    sse: bool,
+    /// SSE: the start of an event not yet complete; JSON: bytes held while the scanner is in a
+    /// top-level string that may be the model's name.
+    held: BytesMut,
+    /// JSON: the scanner, until the model field is found or known absent.
+    scan: Option<ModelField>,
+    done: bool,
+}
+
+impl Answer {
+    /// SSE: the complete events of `held` + `data`, rewritten; the incomplete tail is held.
+    fn events(&mut self, data: Bytes) -> Bytes {
+        let buf = if self.held.is_empty() {
+            data
+        } else {
+            self.held.extend_from_slice(&data);
+            self.held.split().freeze()
+        };
+        let mut out = BytesMut::with_capacity(buf.len() + self.model.len());
+        let mut at = 0;
+        while let Some(len) = event_len(&buf[at..]) {
+            self.event(&buf[at..at + len], &mut out);
+            at += len;
+        }
+        self.held.extend_from_slice(&buf[at..]);
+        out.freeze()
+    }
+
+    /// One event (with its blank line) into `out`: the model spliced, or nothing at all if it
+    /// is the usage event to hide.
+    fn event(&self, ev: &[u8], out: &mut BytesMut) {
+        let Some(payload) = data_line(ev) else {
+            out.extend_from_slice(ev);
+            return;
+        };
+        let json = &ev[payload.clone()];
+        if self.hide_usage && is_usage_event(json) {
+            return;
+        }
+        match ModelField::default().scan(json) {
+            Scan::Found(r) if json[r.clone()] != self.model[..] => {
+                out.extend_from_slice(&ev[..payload.start + r.start]);
+                out.extend_from_slice(&self.model);
+                out.extend_from_slice(&ev[payload.start + r.end..]);
+            }
+            _ => out.extend_from_slice(ev),
+        }
+    }
+
+    /// JSON: what of `held` + `data` can go now, the model spliced once found.
+    fn json(&mut self, data: Bytes) -> Bytes {
+        let Some(scan) = &mut self.scan else {
+            return data;
+        };
+        self.held.extend_from_slice(&data);
+        match scan.scan(&self.held) {
+            Scan::Found(r) => {
+                self.scan = None;
+                let mut out = BytesMut::with_capacity(self.held.len() + self.model.len());
+                out.extend_from_slice(&self.held[..r.start]);
+                out.extend_from_slice(&self.model);
+                out.extend_from_slice(&self.held[r.end..]);
+                self.held.clear();
+                out.freeze()
+            }
+            Scan::Absent => {
+                self.scan = None;
+                self.held.split().freeze()
+            }
+            Scan::More => {
+                let keep = scan.hold_from();
+                scan.rebase(keep);
+                self.held.split_to(keep).freeze()
+            }
+        }
+    }
+}
+
+impl http_body::Body for Answer {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = &mut *self;
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    let out = if this.sse {
+                        this.events(data)
+                    } else {
+                        this.json(data)
+                    };
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(out))));
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(None) => {
+                    // Whatever is left (an unterminated last event, a JSON tail) goes as it is.
+                    this.done = true;
+                    let rest = this.held.split().freeze();
+                    return Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+/// The length of the first complete event of `buf` (through its blank line), if any.
+fn event_len(buf: &[u8]) -> Option<usize> {
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The span of the payload of an event's `data:` line when it is a JSON object. An event of
+/// several `data:` lines is not one an OpenAI server sends; it is left alone.
+fn data_line(ev: &[u8]) -> Option<Range<usize>> {
+    let start = if ev.starts_with(b"data:") {
+        0
+    } else {
+        ev.windows(6).position(|w| w == b"\ndata:")? + 1
+    };
+    let mut from = start + 5;
+    if ev.get(from) == Some(&b' ') {
+        from += 1;
+    }
+    let end = ev[from..]
+        .iter()
+        .position(|b| *b == b'\n' || *b == b'\r')
+        .map_or(ev.len(), |i| from + i);
+    if ev[end..].windows(6).any(|w| w == b"\ndata:") || ev.get(from) != Some(&b'{') {
+        return None;
+    }
+    Some(from..end)
+}
+
+/// The usage event of a stream: a usage object and no choices. Only an event that carries a
+/// usage object is parsed (the others say `"usage":null` or nothing).
+fn is_usage_event(json: &[u8]) -> bool {
+    let Some(at) = json.windows(7).position(|w| w == b"\"usage\"") else {
+        return false;
+    };
+    let after = json[at + 7..]
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b':' | b'\n' | b'\r'));
+    if after != Some(&b'{') {
+        return false;
+    }
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(json) else {
+        return false;
+    };
+    v["usage"].is_object() && v["choices"].as_array().is_some_and(Vec::is_empty)
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Scan {
+    /// The span of the top-level `model` string value, quotes included.
+    Found(Range<usize>),
+    /// Not a JSON object, or its `model` is not a string, or it has none.
+    Absent,
+    /// Not yet seen: give more of the document.
+    More,
+}
+
+/// A resumable scan of a JSON document for the value of its top-level `model` key. It only
+/// tracks strings (with escapes) and nesting: at depth 1, a string followed by `:` is a key,
+/// and a quote can only open or close a string (inside one it is escaped), so nothing in a
+/// message's content can be mistaken for the key.
+#[derive(Debug, Default)]
+struct ModelField {
+    pos: usize,
+    depth: u32,
+    started: bool,
+    in_str: bool,
+    escaped: bool,
+    str_start: usize,
+    /// The last string closed at depth 1 was `"model"`.
+    last_was_model: bool,
+    /// A `:` followed `"model"` at depth 1: the next value is the model's.
+    want_value: bool,
+}
+
+impl ModelField {
+    fn scan(&mut self, buf: &[u8]) -> Scan {
+        while self.pos < buf.len() {
+            let i = self.pos;
+            let b = buf[i];
+            self.pos += 1;
+            if self.in_str {
+                if self.escaped {
+                    self.escaped = false;
+                } else if b == b'\\' {
+                    self.escaped = true;
+                } else if b == b'"' {
+                    self.in_str = false;
+                    if self.depth == 1 {
+                        if self.want_value {
+                            return Scan::Found(self.str_start..i + 1);
+                        }
+                        self.last_was_model = &buf[self.str_start..=i] == b"\"model\"";
+                    }
+                }
+                continue;
+            }
+            if matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+                continue;
+            }
+            if !self.started {
+                if b != b'{' {
+                    return Scan::Absent;
+                }
+                self.started = true;
+                self.depth = 1;
+                continue;
+            }
+            if self.want_value && b != b'"' {
+                return Scan::Absent;
+            }
+            match b {
+                b'"' => {
+                    self.in_str = true;
+                    self.str_start = i;
+                }
+                b':' if self.depth == 1 => {
+                    self.want_value = self.last_was_model;
+                    self.last_was_model = false;
+                }
+                b'{' | b'[' => self.depth += 1,
+                b'}' | b']' => {
+                    self.depth -= 1;
+                    if self.depth == 0 {
+                        return Scan::Absent;
+                    }
+                }
+                _ => self.last_was_model = false,
+            }
+        }
+        Scan::More
+    }
+
+    /// Where the bytes still needed start: a top-level string being read may be the key or
+    /// the value; everything before can go.
+    fn hold_from(&self) -> usize {
+        if self.in_str && self.depth == 1 {
+            self.str_start
+        } else {
+            self.pos
+        }
+    }
+
+    /// The first `n` bytes of the buffer were sent and dropped.
+    fn rebase(&mut self, n: usize) {
+        self.pos -= n;
+        self.str_start = self.str_start.saturating_sub(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::{StatusCode, header};
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    fn found(json: &str) -> Option<String> {
+        match ModelField::default().scan(json.as_bytes()) {
+            Scan::Found(r) => Some(json[r].to_owned()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn only_the_top_level_model_key_is_found() {
+        assert_eq!(
+            found(r#"{"id":"x","model":"org/M","choices":[]}"#).as_deref(),
+            Some(r#""org/M""#)
+        );
+        assert_eq!(
+            found(r#" { "model" : "a\"b" }"#).as_deref(),
+            Some(r#""a\"b""#)
+        );
+        // Nested, inside content, as a value, not a string: not the field.
+        assert_eq!(
+            found(r#"{"data":[{"model":"inner"}],"model":"top"}"#).as_deref(),
+            Some(r#""top""#)
+        );
+        assert_eq!(
+            found(r#"{"c":"say \"model\":\"x\"","model":"top"}"#).as_deref(),
+            Some(r#""top""#)
+        );
+        assert_eq!(found(r#"{"x":"model","y":"model"}"#), None);
+        assert_eq!(found(r#"{"model":null,"x":"model"}"#), None);
+        assert_eq!(found(r#"[{"model":"a"}]"#), None);
+        assert_eq!(ModelField::default().scan(br#"{"id":"x","mod"#), Scan::More);
+    }
+
+    /// A body of the given frames.
+    struct Chunks(std::collections::VecDeque<Bytes>);
+
+    impl http_body::Body for Chunks {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    async fn through(
+        content_type: &str,
+        chunks: &[&str],
+        model: &str,
+        hide_usage: bool,
+    ) -> (Vec<String>, String) {
+        let body = Body::new(Chunks(
+            chunks.iter().map(|c| Bytes::from(c.to_string())).collect(),
+        ));
+        let resp = Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, content_type)
+            .body(body)
+            .unwrap();
+        let mut body = rewrite(resp, model, hide_usage).into_body();
+        let mut frames = Vec::new();
+        while let Some(f) = body.frame().await {
+            frames.push(String::from_utf8(f.unwrap().into_data().unwrap().to_vec()).unwrap());
+        }
+        let all = frames.concat();
+        (frames, all)
+    }
+
+    const CHUNK: &str = r#"data: {"id":"c","object":"chat.completion.chunk","model":"meta-llama/L-3","choices":[{"index":0,"delta":{"content":"\"model\":\"meta-llama/L-3\""}}]}"#;
+    const USAGE: &str = r#"data: {"id":"c","object":"chat.completion.chunk","model":"meta-llama/L-3","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#;
+
+    #[tokio::test]
+    async fn every_event_names_the_public_model() {
+        let ev = format!("{CHUNK}\n\n");
+        let usage = format!("{USAGE}\n\n");
+        let (_, all) = through(
+            "text/event-stream",
+            &[&ev, &ev, &usage, "data: [DONE]\n\n"],
+            "chat",
+            false,
+        )
+        .await;
+        let want_chunk = CHUNK.replacen(r#""model":"meta-llama/L-3""#, r#""model":"chat""#, 1);
+        let want_usage = USAGE.replace("meta-llama/L-3", "chat");
+        assert_eq!(
+            all,
+            format!("{want_chunk}\n\n{want_chunk}\n\n{want_usage}\n\ndata: [DONE]\n\n")
+        );
+        // The content that merely looks like the field is untouched.
+        assert!(all.contains(r#"\"model\":\"meta-llama/L-3\""#));
+    }
+
+    #[tokio::test]
+    async fn the_usage_event_the_client_did_not_ask_for_is_dropped() {
+        let ev = format!("{CHUNK}\n\n");
+        // An event split over two frames, and the usage event with [DONE] in one frame.
+        let (half1, half2) = ev.split_at(20);
+        let tail = format!("{USAGE}\r\n\r\ndata: [DONE]\n\n");
+        let (frames, all) = through(
+            "text/event-stream; charset=utf-8",
+            &[half1, half2, &ev, &tail],
+            "chat",
+            true,
+        )
+        .await;
+        let want_chunk = CHUNK.replacen("meta-llama/L-3", "chat", 1);
+        assert_eq!(
+            all,
+            format!("{want_chunk}\n\n{want_chunk}\n\ndata: [DONE]\n\n")
+        );
+        assert!(frames.iter().all(|f| f.ends_with("\n\n")), "{frames:?}");
+        // An event carrying `"usage":null` with choices is not the usage event.
+        let with_null = format!(
+            "{}\n\n",
+            CHUNK.replace(r#""choices""#, r#""usage":null,"choices""#)
+        );
+        let (_, all) = through("text/event-stream", &[&with_null], "chat", true).await;
+        assert!(all.contains(r#""usage":null"#) && all.contains(r#""model":"chat""#));
+    }
+
+    #[tokio::test]
+    async fn a_json_answer_names_the_public_model_even_in_pieces() {
+        let body = r#"{"object":"list","data":[{"object":"embedding","embedding":[0.1,-2e-3],"index":0}],"model":"org/E-5","usage":{"total_tokens":1}}"#;
+        let want = body.replace("org/E-5", r#"pub\"lic"#);
+        for at in [0, 5, 60, body.find("org/E").unwrap(), body.len() - 3] {
+            let (a, b) = body.split_at(at);
+            let (_, all) = through("application/json", &[a, b], "pub\"lic", true).await;
+            assert_eq!(all, want, "split at {at}");
+        }
+        // Not an object: untouched.
+        let (_, all) = through("application/json", &["[1,2]"], "chat", false).await;
+        assert_eq!(all, "[1,2]");
+    }
+}

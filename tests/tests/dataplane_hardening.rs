@@ -1,0 +1,280 @@
+//! End-to-end data-plane hardening: a real `moat serve` in front of a real `moat-sim`.
+//!
+//! - quotas cannot be talked around: the larger completion cap is reserved, and every stream
+//!   is reconciled (the gateway asks for usage and hides it from a client that did not);
+//! - the prefix cache is the gateway's: tenants get different `cache_salt`s, a tenant always
+//!   the same one, and a client's own salt never reaches the upstream;
+//! - answers say no more than they must: an upstream refusal keeps its status, not its words;
+//!   `model` is the public name in JSON answers and in every stream event.
+
+use moat_tests::{Events, Moat, Sim, daemon::moat_cli};
+use serde_json::{Value, json};
+
+const CHAT: &str = "/v1/chat/completions";
+
+/// One pool over `sim`, model `chat` (upstream id `org/chat-upstream`); `extra` is appended.
+async fn start(sim: &Sim, extra: &str) -> Moat {
+    let moat = Moat::start(
+        &format!(
+            "[pools.gpu]\nhosts = [\"{}\"]\nhealth_interval_ms = 100\n\n\
+             [models.chat]\npool = \"gpu\"\nupstream_model = \"org/chat-upstream\"\n\n{extra}\n",
+            sim.addr
+        ),
+        &[],
+    );
+    moat.wait_ready().await;
+    moat
+}
+
+fn chat(content: &str) -> Value {
+    json!({"model": "chat", "messages": [{"role": "user", "content": content}]})
+}
+
+/// A new user (role `tester`) in `tenant` and a key for it.
+fn key_in(moat: &Moat, tenant: &str, user: &str) -> String {
+    let cfg = moat.dir.path().join("moat.toml");
+    if tenant != "testing" {
+        moat_cli(&cfg, &["tenants", "add", tenant]);
+    }
+    moat_cli(
+        &cfg,
+        &["users", "add", user, "--tenant", tenant, "--role", "tester"],
+    );
+    let out = moat_cli(&cfg, &["keys", "create", "--user", user, "--json"]);
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    v["key"].as_str().unwrap().to_owned()
+}
+
+async fn post_as(moat: &Moat, key: &str, path: &str, body: &Value) -> (u16, Value) {
+    let auth = format!("Bearer {key}");
+    let (status, _, v) =
+        moat_tests::post_json(&moat.url(path), body, &[("authorization", &auth)]).await;
+    (status.as_u16(), v)
+}
+
+/// The data of every event of a stream (the stream must end cleanly).
+async fn stream(moat: &Moat, body: &Value) -> Vec<String> {
+    let resp = moat.open(CHAT, body).await;
+    assert_eq!(resp.status(), 200);
+    let mut events = Events::new(resp);
+    let mut out = Vec::new();
+    while let Some(data) = events.next().await.expect("a clean stream") {
+        out.push(data);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_larger_completion_cap_is_reserved() {
+    let sim = Sim::start(&[]);
+    let moat = start(&sim, "[quotas.key]\ntokens_per_minute = 100\n").await;
+    // A small `max_tokens` before a large `max_completion_tokens` (which vLLM and SGLang
+    // honour): the request may generate 4096 tokens, so it can never fit 100 a minute.
+    let mut body = chat("hi");
+    body["max_tokens"] = json!(1);
+    body["max_completion_tokens"] = json!(4096);
+    body["stream"] = json!(true);
+    let (status, _, v) = moat.post(CHAT, &body, &[]).await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["code"], "tokens_exceed_quota", "{v}");
+    assert_eq!(sim.requests().await, 0, "the request reached the upstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_stream_is_reconciled_and_shows_only_what_was_asked() {
+    let sim = Sim::start(&[]);
+    let mut body = chat("hi");
+    body["max_tokens"] = json!(80);
+    body["stream"] = json!(true);
+    // Two reservations never fit the quota; one reservation plus one reconciled stream does.
+    let reserve = 80 + body.to_string().len().div_ceil(4);
+    let quota = 2 * reserve - 1;
+    let moat = start(
+        &sim,
+        &format!("[quotas.key]\ntokens_per_minute = {quota}\n"),
+    )
+    .await;
+
+    let events = stream(&moat, &body).await;
+    // The client did not ask for usage: none reaches it, the stream still ends with [DONE].
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e).unwrap();
+        assert!(v.get("usage").is_none(), "a usage event leaked: {e}");
+        assert_eq!(v["model"], "chat", "{e}");
+    }
+    // ... but the upstream was asked for it, and it was used to reconcile the reservation.
+    let stats = sim.stats().await;
+    assert_eq!(
+        stats["last_body"]["stream_options"],
+        json!({"include_usage": true})
+    );
+    let second = stream(&moat, &body).await;
+    assert_eq!(second.last().unwrap(), "[DONE]");
+
+    // A client that asks for usage gets it, with the public model name.
+    let mut asked = body.clone();
+    asked["stream_options"] = json!({"include_usage": true});
+    asked["max_tokens"] = json!(8);
+    let events = stream(&moat, &asked).await;
+    let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(usage["choices"], json!([]), "{usage}");
+    assert!(usage["usage"]["total_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(usage["model"], "chat");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_never_share_a_prefix_cache() {
+    let sim = Sim::start(&[]);
+    let moat = start(&sim, "").await;
+    let same_tenant = key_in(&moat, "testing", "tester2");
+    let other_tenant = key_in(&moat, "acme", "alice");
+    for key in [&moat.key, &same_tenant, &other_tenant] {
+        let (status, v) = post_as(&moat, key, CHAT, &chat("hello")).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    // Completions too; embeddings carry none.
+    let completion = json!({"model": "chat", "prompt": "hello"});
+    let (status, v) = post_as(&moat, &other_tenant, "/v1/completions", &completion).await;
+    assert_eq!(status, 200, "{v}");
+    let embedding = json!({"model": "chat", "input": "hello"});
+    let (status, v) = post_as(&moat, &moat.key, "/v1/embeddings", &embedding).await;
+    assert_eq!(status, 200, "{v}");
+
+    let salts = sim.stats().await["cache_salts"].clone();
+    let salt = |i: usize| {
+        salts[i]
+            .as_str()
+            .unwrap_or_else(|| panic!("{salts}"))
+            .to_owned()
+    };
+    assert_eq!(
+        salt(0),
+        salt(1),
+        "one tenant keeps its own cache hits: {salts}"
+    );
+    assert_ne!(
+        salt(0),
+        salt(2),
+        "two tenants share a prefix cache: {salts}"
+    );
+    assert_eq!(salt(2), salt(3), "{salts}");
+    assert_eq!(salts[4], Value::Null, "{salts}");
+    assert_eq!(salt(0).len(), 22);
+    assert!(
+        salt(0)
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    );
+
+    // A client's own salt is refused, by name, and never reaches the upstream.
+    let before = sim.requests().await;
+    for salt in [
+        json!("guessed"),
+        json!(salt(2)),
+        json!(null),
+        json!({"x": 1}),
+    ] {
+        let mut body = chat("hello");
+        body["cache_salt"] = salt;
+        let (status, _, v) = moat.post(CHAT, &body, &[]).await;
+        assert_eq!(status, 400, "{v}");
+        assert_eq!(v["error"]["param"], "cache_salt", "{v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    }
+    assert_eq!(sim.requests().await, before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_can_isolate_users_or_nothing() {
+    let users = Sim::start(&[]);
+    let off = Sim::start(&[]);
+    let moat = Moat::start(
+        &format!(
+            "[pools.users]\nhosts = [\"{}\"]\nhealth_interval_ms = 100\n\
+             prefix_cache_isolation = \"user\"\n\
+             [pools.off]\nhosts = [\"{}\"]\nhealth_interval_ms = 100\n\
+             prefix_cache_isolation = \"off\"\n\
+             [models.a]\npool = \"users\"\n[models.b]\npool = \"off\"\n",
+            users.addr, off.addr
+        ),
+        &[],
+    );
+    moat.wait_ready().await;
+    let colleague = key_in(&moat, "testing", "tester2");
+    for key in [&moat.key, &colleague, &moat.key] {
+        for model in ["a", "b"] {
+            let mut body = chat("hello");
+            body["model"] = json!(model);
+            let (status, v) = post_as(&moat, key, CHAT, &body).await;
+            assert_eq!(status, 200, "{v}");
+        }
+    }
+    let salts = users.stats().await["cache_salts"].clone();
+    assert_ne!(salts[0], salts[1], "two users, one salt: {salts}");
+    assert_eq!(salts[0], salts[2], "{salts}");
+    assert!(salts[0].is_string(), "{salts}");
+    assert_eq!(
+        off.stats().await["cache_salts"],
+        json!([null, null, null]),
+        "`off` sends no salt"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_refusal_keeps_its_status_not_its_words() {
+    let sim = Sim::start(&[]);
+    let moat = start(&sim, "").await;
+    sim.fail(json!({"mode": "error400", "count": 1})).await;
+    let (status, _, v) = moat.post(CHAT, &chat("mysecretprompt"), &[]).await;
+    assert_eq!(status, 400, "{v}");
+    let text = v.to_string();
+    for internal in ["meta-llama", "/opt", "vllm", "8192", "org/chat-upstream"] {
+        assert!(
+            !text.contains(internal),
+            "{internal} reached the client: {v}"
+        );
+    }
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    assert_eq!(v["error"]["code"], "upstream_refused", "{v}");
+    assert!(v["error"]["message"].is_string());
+    // The operator's log has the upstream's words, never the prompt.
+    let logs = moat.logs();
+    assert!(logs.contains("max_num_batched_tokens"), "{logs}");
+    assert!(!logs.contains("mysecretprompt"), "the prompt was logged");
+    // A refusal does not count against the host: the next request is served.
+    let (status, _, v) = moat.post(CHAT, &chat("hi"), &[]).await;
+    assert_eq!(status, 200, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_name_the_public_model() {
+    let sim = Sim::start(&[]);
+    let moat = start(&sim, "").await;
+    let (status, _, v) = moat.post(CHAT, &chat("hi"), &[]).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["model"], "chat", "{v}");
+    assert_eq!(sim.stats().await["last_body"]["model"], "org/chat-upstream");
+    let completion = json!({"model": "chat", "prompt": "hi"});
+    let (status, _, v) = moat.post("/v1/completions", &completion, &[]).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["model"], "chat", "{v}");
+    let embedding = json!({"model": "chat", "input": ["a", "b"]});
+    let (status, _, v) = moat.post("/v1/embeddings", &embedding, &[]).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["model"], "chat", "{v}");
+    assert_eq!(v["data"].as_array().unwrap().len(), 2);
+
+    let mut body = chat("hi");
+    body["stream"] = json!(true);
+    let events = stream(&moat, &body).await;
+    assert!(events.len() > 3);
+    assert!(
+        !events.iter().any(|e| e.contains("org/chat-upstream")),
+        "{events:?}"
+    );
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e).unwrap();
+        assert_eq!(v["model"], "chat", "{e}");
+    }
+}
