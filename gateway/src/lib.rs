@@ -12,6 +12,8 @@ pub mod dataplane;
 pub mod error;
 pub mod logging;
 pub mod metrics;
+pub mod permissions;
 pub mod policy_grammar;
+pub mod secret_files;
 pub mod segment;
 pub mod store;

@@ -20,7 +20,7 @@ use zeroize::Zeroizing;
 
 use super::{Principal, api_key, now, password, secrets::Pepper};
 use crate::config::Config;
-use crate::dataplane::authz::Permissions;
+use crate::permissions::Permissions;
 use crate::policy_grammar::{check_name, check_role};
 use crate::store::{ApiKeyRecord, NewApiKey, NewUser, Store, StoreError, Tenant, User};
 

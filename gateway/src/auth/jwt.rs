@@ -28,10 +28,7 @@ use zeroize::Zeroizing;
 
 use super::secrets::{self, random_base62};
 
-/// Hard ceiling on an access token's lifetime, whatever the config says.
-pub const MAX_LIFETIME_SECS: u64 = 15 * 60;
-/// Hard ceiling on clock-skew leeway.
-pub const MAX_LEEWAY_SECS: u64 = 30;
+pub use crate::config::{MAX_LEEWAY_SECS, MAX_LIFETIME_SECS, SigningAlgorithm};
 /// The `typ` header every access token carries (RFC 9068).
 pub const TYP: &str = "at+jwt";
 /// Headers that would let a token pick its own verification key or demand extensions.
@@ -83,14 +80,6 @@ pub enum JwtError {
     LifetimeTooLong,
     #[error("{0}")]
     Rejected(String),
-}
-
-/// Which algorithm signs new tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-pub enum SigningAlgorithm {
-    #[default]
-    EdDSA,
-    HS256,
 }
 
 /// One verification (and maybe signing) key: exactly one algorithm.

@@ -12,6 +12,8 @@ use std::net::IpAddr;
 use axum::http::HeaderMap;
 use ipnet::IpNet;
 
+use crate::config::parse_proxy;
+
 /// The key a source address is counted under: an IPv4 address (IPv4-mapped IPv6 included) as
 /// itself, an IPv6 address by its /64, which one host or home usually holds whole.
 pub fn throttle_key(ip: IpAddr) -> String {
@@ -25,15 +27,6 @@ pub fn throttle_key(ip: IpAddr) -> String {
             }
         },
     }
-}
-
-/// Parses one `auth.trusted_proxies` entry: a CIDR, or a bare address (one host).
-pub fn parse_proxy(entry: &str) -> Result<IpNet, String> {
-    entry
-        .parse::<IpNet>()
-        .map(|n| n.trunc())
-        .or_else(|_| entry.parse::<IpAddr>().map(IpNet::from))
-        .map_err(|_| format!("`{entry}` is not an IP address or CIDR (like 10.0.0.0/8)"))
 }
 
 /// The proxies whose forwarding headers are believed (`auth.trusted_proxies`).

@@ -144,8 +144,8 @@ impl<'a> Reader<'a> {
     pub(super) fn secret_file(&self, path: &Path) -> Result<Option<Vec<u8>>, String> {
         let bytes = match self.sources {
             Sources::System | Sources::Lenient => {
-                let owners = crate::auth::secrets::secret_owners(&self.service_user);
-                match crate::auth::secrets::read_named_secret_file(path, &owners) {
+                let owners = crate::secret_files::secret_owners(&self.service_user);
+                match crate::secret_files::read_named_secret_file(path, &owners) {
                     Ok(b) => Some(b.to_vec()),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
                     // The message names the file already.

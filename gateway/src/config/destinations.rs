@@ -125,6 +125,15 @@ pub fn parse_destination(
         .collect())
 }
 
+/// Parses one `auth.trusted_proxies` entry: a CIDR, or a bare address (one host).
+pub fn parse_proxy(entry: &str) -> Result<IpNet, String> {
+    entry
+        .parse::<IpNet>()
+        .map(|n| n.trunc())
+        .or_else(|_| entry.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("`{entry}` is not an IP address or CIDR (like 10.0.0.0/8)"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,12 +24,13 @@ use std::{
 
 pub use capture::{Captured, Sources};
 pub use destinations::{
-    DestinationRule, parse_destination, parse_source_prefix, resolve_host_port,
+    DestinationRule, parse_destination, parse_proxy, parse_source_prefix, resolve_host_port,
 };
 use ipnet::IpNet;
 pub use schema::{
-    AdminConfig, AuthConfig, GuardAttach, InferenceGuardConfig, ModelConfig, PoolConfig, Quota,
-    QuotasConfig, RoleConfig, SegmentationConfig, SegmentationMode, ServerConfig, TenantConfig,
+    AdminConfig, AuthConfig, GuardAttach, InferenceGuardConfig, MAX_LEEWAY_SECS, MAX_LIFETIME_SECS,
+    ModelConfig, PoolConfig, Quota, QuotasConfig, RoleConfig, SegmentationConfig, SegmentationMode,
+    ServerConfig, SigningAlgorithm, TenantConfig,
 };
 
 use self::{capture::Reader, schema::RawConfig, validate::Invalid};

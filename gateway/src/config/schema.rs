@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The file as written; every table may be left out.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -349,7 +349,7 @@ pub struct AuthConfig {
     /// `aud` of the access tokens moat issues (and the only one it accepts).
     pub audience: String,
     /// `EdDSA` (Ed25519, default; keys generated and rotated in the data directory) or `HS256`.
-    pub algorithm: crate::auth::jwt::SigningAlgorithm,
+    pub algorithm: SigningAlgorithm,
     /// HS256 only: file holding the secret (≥ 32 bytes); created with 32 random bytes if
     /// missing. Default: `<data_dir>/secrets/jwt-hs256.key`.
     pub hs256_secret_file: Option<PathBuf>,
@@ -412,4 +412,17 @@ impl Default for AuthConfig {
             trusted_proxies: Vec::new(),
         }
     }
+}
+
+/// Hard ceiling on an access token's lifetime, whatever the config says.
+pub const MAX_LIFETIME_SECS: u64 = 15 * 60;
+/// Hard ceiling on clock-skew leeway.
+pub const MAX_LEEWAY_SECS: u64 = 30;
+
+/// Which algorithm signs new tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+pub enum SigningAlgorithm {
+    #[default]
+    EdDSA,
+    HS256,
 }

@@ -38,7 +38,7 @@ impl From<rusqlite::Error> for StoreError {
 impl SqliteStore {
     /// Opens (creating if needed) `data_dir/moat.db` and brings its schema up to date.
     pub fn open_in(data_dir: &Path) -> StoreResult<Self> {
-        crate::auth::secrets::ensure_private_dir(data_dir)
+        crate::secret_files::ensure_private_dir(data_dir)
             .map_err(|e| StoreError::Backend(format!("{}: {e}", data_dir.display())))?;
         Self::open(&data_dir.join(DB_FILE))
     }

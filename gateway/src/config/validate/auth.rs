@@ -6,8 +6,8 @@ use std::path::Path;
 
 use super::Invalid;
 use crate::{
-    auth::jwt::{MAX_LEEWAY_SECS, MAX_LIFETIME_SECS, SigningAlgorithm},
     config::{AuthConfig, capture::Reader},
+    config::{MAX_LEEWAY_SECS, MAX_LIFETIME_SECS, SigningAlgorithm},
 };
 
 pub(in crate::config) fn auth(
@@ -67,8 +67,7 @@ fn bounds(auth: &AuthConfig) -> Result<(), Invalid> {
         return Err(bad("refresh_reuse_grace_secs", "must be at most 60"));
     }
     for (i, p) in auth.trusted_proxies.iter().enumerate() {
-        crate::auth::source::parse_proxy(p)
-            .map_err(|r| bad(&format!("trusted_proxies[{i}]"), r))?;
+        crate::config::parse_proxy(p).map_err(|r| bad(&format!("trusted_proxies[{i}]"), r))?;
     }
     if auth.refresh_absolute_ttl_secs < auth.refresh_idle_ttl_secs {
         return Err(bad(
