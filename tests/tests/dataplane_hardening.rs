@@ -7,7 +7,9 @@
 //! - answers say no more than they must: an upstream refusal keeps its status, not its words;
 //!   `model` is the public name in JSON answers and in every stream event.
 
-use moat_tests::{Events, Moat, Sim, daemon::moat_cli};
+use std::time::Duration;
+
+use moat_tests::{Events, Moat, Sim, daemon::moat_cli, eventually};
 use serde_json::{Value, json};
 
 const CHAT: &str = "/v1/chat/completions";
@@ -239,8 +241,13 @@ async fn an_upstream_refusal_keeps_its_status_not_its_words() {
     assert_eq!(v["error"]["code"], "upstream_refused", "{v}");
     assert!(v["error"]["message"].is_string());
     // The operator's log has the upstream's words, never the prompt.
+    // (The log is read from the process's output as it comes: wait for the line.)
+    let logged = eventually(Duration::from_secs(5), || async {
+        moat.logs().contains("max_num_batched_tokens")
+    })
+    .await;
     let logs = moat.logs();
-    assert!(logs.contains("max_num_batched_tokens"), "{logs}");
+    assert!(logged, "the upstream's words were not logged: {logs}");
     assert!(!logs.contains("mysecretprompt"), "the prompt was logged");
     // A refusal does not count against the host: the next request is served.
     let (status, _, v) = moat.post(CHAT, &chat("hi"), &[]).await;
