@@ -99,7 +99,7 @@ impl ServiceUser {
             };
             let uid = self.uid.as_raw().to_string();
             let owned = field("Uid:").split_whitespace().any(|u| u == uid);
-            if !owned || field("State:").starts_with('Z') || is_moat(pid, field("Name:")) {
+            if !owned || field("State:").starts_with('Z') || is_moat(pid) {
                 continue;
             }
             others.push(format!("{pid} ({})", field("Name:")));
@@ -127,15 +127,16 @@ impl ServiceUser {
     }
 }
 
-/// Whether `/proc/<pid>/exe` is a program called `moat`. A process that is exiting has no
-/// executable left to read: then its name (`comm`) decides, since it runs nothing anymore.
-fn is_moat(pid: u32, name: &str) -> bool {
+/// Whether `/proc/<pid>/exe` is a program called `moat`. A process with no executable left
+/// to read (root may read any) is exiting — a worker of a daemon that just stopped, say — and
+/// runs nothing anymore: it does not count either.
+fn is_moat(pid: u32) -> bool {
     match std::fs::read_link(format!("/proc/{pid}/exe")) {
         Ok(exe) => exe
             .file_name()
             .and_then(|n| n.to_str())
             .is_some_and(|n| n.trim_end_matches(" (deleted)") == "moat"),
-        Err(_) => name == "moat",
+        Err(_) => true,
     }
 }
 
