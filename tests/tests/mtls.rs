@@ -281,7 +281,7 @@ fn mtls_keeps_a_rogue_host_with_the_gateways_address_out() {
     // supervisor. No passive ejection in the way of the failure checks below.
     install_client(d, &certs, "gateway-client");
     gateway.write_config(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"nobody\"\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"moat\"\n\
          [pools.gpu]\nhosts = [\"{}:{p}\"]\ntls = true\ntls_ca_file = \"{}\"\n\
          tls_client_cert_file = \"client.pem\"\ntls_client_key_file = \"client.key\"\n\
          health_interval_ms = 200\neject_after_failures = 1000\n\
