@@ -127,6 +127,16 @@ impl ServiceUser {
     }
 }
 
+/// Names the calling process `moat` (its `comm`). Exec'd through `/proc/self/fd/N`, the
+/// worker would be called `N`, and [`is_moat`] goes by the name when the executable is gone
+/// (another daemon's worker exiting while a supervisor starts).
+pub fn name_moat() -> Result<()> {
+    // SAFETY: prctl with a NUL-terminated string that outlives the call.
+    check(unsafe { libc::prctl(libc::PR_SET_NAME, c"moat".as_ptr(), 0, 0, 0) })
+        .context("prctl(PR_SET_NAME)")?;
+    Ok(())
+}
+
 /// Whether `/proc/<pid>/exe` is a program called `moat`. A process that is exiting has no
 /// executable left to read: then its name (`comm`) decides, since it runs nothing anymore.
 fn is_moat(pid: u32, name: &str) -> bool {
