@@ -127,17 +127,26 @@ impl Daemon {
     /// CLI; the key is [`Daemon::key`] from then on.
     pub fn create_tester_key(&mut self) -> String {
         self.cli_ok(&["tenants", "add", "testing"], None);
-        self.cli_ok(
-            &[
-                "users", "add", "tester", "--tenant", "testing", "--role", "tester",
-            ],
-            None,
-        );
-        let out = self.cli_ok(&["keys", "create", "--user", "tester", "--json"], None);
-        let v: Value = serde_json::from_str(out.trim()).expect("keys create --json");
-        let key = v["key"].as_str().expect("key").to_owned();
+        self.add_user("testing", "tester", &["tester"]);
+        let key = self.create_key("tester");
         self.key = Some(key.clone());
         key
+    }
+
+    /// Adds user `name` with `roles` to `tenant` (which must exist) with the CLI.
+    pub fn add_user(&self, tenant: &str, name: &str, roles: &[&str]) {
+        let mut args = vec!["users", "add", name, "--tenant", tenant];
+        for role in roles {
+            args.extend(["--role", role]);
+        }
+        self.cli_ok(&args, None);
+    }
+
+    /// Creates an API key for user `user` with the CLI; returns it.
+    pub fn create_key(&self, user: &str) -> String {
+        let out = self.cli_ok(&["keys", "create", "--user", user, "--json"], None);
+        let v: Value = serde_json::from_str(out.trim()).expect("keys create --json");
+        v["key"].as_str().expect("key").to_owned()
     }
 
     /// A fixture with a cgroup and a pin root of its own, for a daemon that enforces: the
@@ -482,6 +491,38 @@ impl Daemon {
             body.to_string(),
         )
         .await
+    }
+
+    /// The admin plane's address (a config with `[admin] listen`), from the log.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.wait_log("admin plane listening")["listen"]
+            .as_str()
+            .expect("listen field")
+            .parse()
+            .expect("admin listen address")
+    }
+
+    /// Calls the admin plane: `method path` with `key` as the bearer and `body` as JSON;
+    /// returns the status and the JSON answer (`Null` when the answer is not JSON).
+    pub async fn admin(
+        &self,
+        method: &str,
+        path: &str,
+        key: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let auth = format!("Bearer {key}");
+        let mut headers = vec![("authorization", auth.as_str())];
+        if body.is_some() {
+            headers.push(("content-type", "application/json"));
+        }
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let url = format!("http://{}{path}", self.admin_addr());
+        let (status, _, bytes) = http::fetch(method, &url, &headers, body).await;
+        (
+            status.as_u16(),
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
     }
 
     /// Waits until `/readyz` answers 200 (every pool has a healthy host).

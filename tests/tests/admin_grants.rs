@@ -11,50 +11,12 @@
 //! - a taken username is refused the same way whether it is taken in the caller's tenant or
 //!   in another one (no directory of other tenants' users).
 
-use std::path::{Path, PathBuf};
-
-use moat_tests::{Moat, Sim, daemon::moat_cli, fetch};
+use moat_tests::{Daemon, Sim};
 use serde_json::{Value, json};
 
-fn cli(config: &Path, args: &[&str]) -> String {
-    moat_cli(config, args)
-}
-
-/// A user in tenant `acme` with `roles`, and (if `key`) a key with all of them.
-fn user(config: &Path, name: &str, roles: &[&str], key: bool) -> Option<String> {
-    let mut args = vec!["users", "add", name, "--tenant", "acme"];
-    for r in roles {
-        args.extend(["--role", r]);
-    }
-    cli(config, &args);
-    key.then(|| {
-        let out = cli(config, &["keys", "create", "--user", name, "--json"]);
-        let v: Value = serde_json::from_str(out.trim()).unwrap();
-        v["key"].as_str().unwrap().to_owned()
-    })
-}
-
-/// The admin listener's address, from the daemon's log.
-fn admin_addr(moat: &Moat) -> String {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        for line in moat.logs().lines() {
-            if let Ok(v) = serde_json::from_str::<Value>(line)
-                && v["message"] == "admin plane listening"
-            {
-                return v["listen"].as_str().unwrap().to_owned();
-            }
-        }
-        assert!(std::time::Instant::now() < deadline, "no admin listener");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
-
 struct Plane {
+    moat: Daemon,
     _sim: Sim,
-    _moat: Moat,
-    addr: String,
-    config: PathBuf,
 }
 
 impl Plane {
@@ -69,36 +31,24 @@ impl Plane {
              [roles.ops]\npermissions = [\"admin:*\"]\n",
             sim.addr
         );
-        let moat = Moat::start(&config, &[]);
-        let config = moat.dir.path().join("moat.toml");
-        cli(&config, &["tenants", "add", "acme"]);
-        cli(&config, &["tenants", "add", "beta"]);
-        let addr = admin_addr(&moat);
-        Plane {
-            _sim: sim,
-            _moat: moat,
-            addr,
-            config,
-        }
+        let moat = Daemon::gateway("", &config, &[]);
+        moat.cli_ok(&["tenants", "add", "acme"], None);
+        moat.cli_ok(&["tenants", "add", "beta"], None);
+        Plane { moat, _sim: sim }
+    }
+
+    /// A user in tenant `acme` with `roles`, and (if `key`) a key with all of them.
+    fn user(&self, name: &str, roles: &[&str], key: bool) -> Option<String> {
+        self.moat.add_user("acme", name, roles);
+        key.then(|| self.moat.create_key(name))
     }
 
     async fn call(&self, method: &str, path: &str, key: &str, body: Option<Value>) -> (u16, Value) {
-        let auth = format!("Bearer {key}");
-        let mut headers = vec![("authorization", auth.as_str())];
-        if body.is_some() {
-            headers.push(("content-type", "application/json"));
-        }
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let url = format!("http://{}{path}", self.addr);
-        let (status, _, bytes) = fetch(method, &url, &headers, body).await;
-        (
-            status.as_u16(),
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
+        self.moat.admin(method, path, key, body).await
     }
 
     fn roles_of(&self, name: &str) -> Vec<String> {
-        let out = cli(&self.config, &["users", "list", "--json"]);
+        let out = self.moat.cli_ok(&["users", "list", "--json"], None);
         let v: Value = serde_json::from_str(out.trim()).unwrap();
         let users = v.as_array().or(v["users"].as_array()).cloned().unwrap();
         let u = users.iter().find(|u| u["username"] == name).unwrap();
@@ -106,7 +56,9 @@ impl Plane {
     }
 
     fn key_count(&self, name: &str) -> usize {
-        let out = cli(&self.config, &["keys", "list", "--user", name, "--json"]);
+        let out = self
+            .moat
+            .cli_ok(&["keys", "list", "--user", name, "--json"], None);
         let v: Value = serde_json::from_str(out.trim()).unwrap();
         v.as_array().or(v["keys"].as_array()).map_or(0, Vec::len)
     }
@@ -128,7 +80,6 @@ fn assert_denied(cell: &str, status: u16, v: &Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_permissions_times_target_roles() {
     let plane = Plane::start();
-    let cfg = &plane.config;
     // (caller's roles, may it: create a user with / set on a user / mint a key for a holder of
     // `user`, `keyadmin`, `ops`).
     #[allow(clippy::type_complexity)]
@@ -152,10 +103,10 @@ async fn admin_permissions_times_target_roles() {
     ];
     let targets = ["user", "keyadmin", "ops"];
     for target in targets {
-        user(cfg, &format!("holder-{target}"), &[target], false);
+        plane.user(&format!("holder-{target}"), &[target], false);
     }
     for (name, held, users_ok, keys_ok) in matrix {
-        let key = user(cfg, &format!("caller-{name}"), held, true).unwrap();
+        let key = plane.user(&format!("caller-{name}"), held, true).unwrap();
         for (i, target) in targets.iter().enumerate() {
             let cell = format!("caller {held:?} handing out `{target}`");
 
@@ -170,7 +121,7 @@ async fn admin_permissions_times_target_roles() {
             }
 
             let plain = format!("plain-{name}-{target}");
-            user(cfg, &plain, &[], false);
+            plane.user(&plain, &[], false);
             let path = format!("/admin/users/{plain}/roles");
             let (status, v) = plane
                 .call("POST", &path, &key, Some(json!({"roles": [target]})))
@@ -201,10 +152,9 @@ async fn admin_permissions_times_target_roles() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_key_with_the_boss_rights_and_no_self_promotion() {
     let plane = Plane::start();
-    let cfg = &plane.config;
-    user(cfg, "boss", &["ops", "keyadmin"], false);
-    let keyadmin = user(cfg, "keys-person", &["keyadmin"], true).unwrap();
-    let useradmin = user(cfg, "users-person", &["useradmin"], true).unwrap();
+    plane.user("boss", &["ops", "keyadmin"], false);
+    let keyadmin = plane.user("keys-person", &["keyadmin"], true).unwrap();
+    let useradmin = plane.user("users-person", &["useradmin"], true).unwrap();
 
     // The key admin asks for a key of the boss: refused, with the reason; none was made.
     let (status, v) = plane
@@ -251,10 +201,9 @@ async fn no_key_with_the_boss_rights_and_no_self_promotion() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_taken_username_answers_the_same_wherever_it_is_taken() {
     let plane = Plane::start();
-    let cfg = &plane.config;
-    let admin = user(cfg, "people-admin", &["useradmin"], true).unwrap();
-    user(cfg, "in-acme", &[], false);
-    cli(cfg, &["users", "add", "in-beta", "--tenant", "beta"]);
+    let admin = plane.user("people-admin", &["useradmin"], true).unwrap();
+    plane.user("in-acme", &[], false);
+    plane.moat.add_user("beta", "in-beta", &[]);
 
     let create = |name: &str| json!({"username": name});
     let (own_status, own) = plane

@@ -8,38 +8,28 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moat_tests::moatd::Moat;
-use reqwest::blocking::{Client, RequestBuilder};
+use moat_tests::{
+    Daemon,
+    http::{Client, Request},
+};
 use serde_json::{Value, json};
 
-fn client() -> Client {
-    Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
-
 /// A daemon with user `alice` in tenant `acme` and an API key for it.
-fn start(extra: &str) -> (Moat, String) {
-    let moat = Moat::start(extra);
+fn start(extra: &str) -> (Daemon, String) {
+    let mut moat = Daemon::no_upstream(extra);
+    moat.start();
     moat.cli_ok(&["tenants", "add", "acme"], None);
-    moat.cli_ok(
-        &[
-            "users", "add", "alice", "--tenant", "acme", "--role", "user",
-        ],
-        None,
-    );
-    let out = moat.cli_ok(&["keys", "create", "--user", "alice", "--json"], None);
-    let v: Value = serde_json::from_str(&out).unwrap();
-    (moat, v["key"].as_str().unwrap().to_owned())
+    moat.add_user("acme", "alice", &["user"]);
+    let key = moat.create_key("alice");
+    (moat, key)
 }
 
-fn token(moat: &Moat, body: &Value) -> RequestBuilder {
-    client().post(moat.url("/v1/auth/token")).json(body)
+fn token(moat: &Daemon, body: &Value) -> Request {
+    Client::new().post(moat.url("/v1/auth/token")).json(body)
 }
 
 /// (status, body) of a token request.
-fn send(r: RequestBuilder) -> (u16, Value) {
+fn send(r: Request) -> (u16, Value) {
     let r = r.send().unwrap();
     let status = r.status().as_u16();
     (status, r.json().unwrap_or(Value::Null))
@@ -49,8 +39,8 @@ fn refresh(rt: &str) -> Value {
     json!({"grant_type": "refresh_token", "refresh_token": rt})
 }
 
-fn models_status(moat: &Moat, bearer: &str) -> u16 {
-    client()
+fn models_status(moat: &Daemon, bearer: &str) -> u16 {
+    Client::new()
         .get(moat.url("/v1/models"))
         .bearer_auth(bearer)
         .send()
@@ -75,7 +65,7 @@ fn racing_refreshes_within_the_grace_share_one_successor() {
         .map(|_| {
             let (barrier, url, body) = (barrier.clone(), url.clone(), refresh(&rt));
             std::thread::spawn(move || {
-                let c = client();
+                let c = Client::new();
                 barrier.wait();
                 send(c.post(url).json(&body))
             })
@@ -129,11 +119,11 @@ fn a_spent_refresh_token_after_the_grace_ends_the_session() {
     // That reuse revoked the session: its newest tokens are dead too.
     assert_eq!(send(token(&moat, &refresh(&rt2))).0, 401);
     assert_eq!(models_status(&moat, &at2), 401);
-    assert!(moat.log_text().contains("refresh_reuse_detected"));
+    assert!(moat.log().contains("refresh_reuse_detected"));
 }
 
 /// A wrong password for a user nobody has, from `moat`'s point of view sent by `forwarded`.
-fn guess(moat: &Moat, forwarded: &str) -> u16 {
+fn guess(moat: &Daemon, forwarded: &str) -> u16 {
     let body =
         json!({"grant_type": "password", "username": "nobody", "password": "wrong wrong wrong"});
     send(token(moat, &body).header("x-forwarded-for", forwarded)).0

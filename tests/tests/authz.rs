@@ -508,34 +508,6 @@ async fn narrowed_key_and_removed_role_lose_access_and_revoked_streams_end() {
     assert!(ended.is_ok(), "the stream of a disabled user kept going");
 }
 
-/// The admin plane's address, from the daemon's log.
-fn admin_addr(moat: &Daemon) -> String {
-    moat.wait_log("admin plane listening")["listen"]
-        .as_str()
-        .expect("listen field")
-        .to_owned()
-}
-
-async fn admin(
-    addr: &str,
-    method: &str,
-    path: &str,
-    key: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let auth = format!("Bearer {key}");
-    let mut headers = vec![("authorization", auth.as_str())];
-    if body.is_some() {
-        headers.push(("content-type", "application/json"));
-    }
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let (status, _, bytes) = fetch(method, &format!("http://{addr}{path}"), &headers, body).await;
-    (
-        status.as_u16(),
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_plane_is_separate_and_permissioned() {
     let sim = Sim::start(&[]);
@@ -546,7 +518,6 @@ async fn admin_plane_is_separate_and_permissioned() {
         sim.addr
     );
     let moat = Daemon::gateway("", &config, &[]);
-    let addr = admin_addr(&moat);
     let (ops, _) = principal(&moat, "testing", "opsy", &["ops", "tester"], &[]);
     let (other_ops, other_ops_id) = principal(&moat, "other", "other-ops", &["ops"], &[]);
 
@@ -557,66 +528,63 @@ async fn admin_plane_is_separate_and_permissioned() {
         ("GET", "/admin/tenants"),
         ("GET", "/admin/policy"),
     ] {
-        let (status, v) = admin(&addr, m, path, moat.key(), None).await;
+        let (status, v) = moat.admin(m, path, moat.key(), None).await;
         assert_eq!(status, 403, "{path}: {v}");
         assert_eq!(v["error"]["type"], "permission_error");
         let auth = format!("Bearer {ops}");
         let (status, _, _) = fetch(m, &moat.url(path), &[("authorization", &auth)], "").await;
         assert_eq!(status, 404, "{path} on the data plane");
     }
-    let (status, v) = admin(&addr, "GET", "/admin/keys", "moat_nope", None).await;
+    let (status, v) = moat.admin("GET", "/admin/keys", "moat_nope", None).await;
     assert_eq!(status, 401, "{v}");
     assert_eq!(v["error"]["type"], "authentication_error", "{v}");
 
     // Users and keys made over the admin plane, in the admin's tenant.
-    let (status, v) = admin(
-        &addr,
-        "POST",
-        "/admin/users",
-        &ops,
-        Some(json!({"username": "dave", "roles": ["tester"]})),
-    )
-    .await;
+    let (status, v) = moat
+        .admin(
+            "POST",
+            "/admin/users",
+            &ops,
+            Some(json!({"username": "dave", "roles": ["tester"]})),
+        )
+        .await;
     assert_eq!(status, 201, "{v}");
     assert_eq!(v["tenant"], "testing");
-    let (status, v) = admin(
-        &addr,
-        "POST",
-        "/admin/users",
-        &ops,
-        Some(json!({"username": "eve", "tenant": "other"})),
-    )
-    .await;
+    let (status, v) = moat
+        .admin(
+            "POST",
+            "/admin/users",
+            &ops,
+            Some(json!({"username": "eve", "tenant": "other"})),
+        )
+        .await;
     assert_eq!(status, 400, "no tenant field: {v}");
     assert_eq!(v["error"]["type"], "invalid_request_error");
-    let (status, v) = admin(
-        &addr,
-        "POST",
-        "/admin/keys",
-        &ops,
-        Some(json!({"user": "dave"})),
-    )
-    .await;
+    let (status, v) = moat
+        .admin("POST", "/admin/keys", &ops, Some(json!({"user": "dave"})))
+        .await;
     assert_eq!(status, 201, "{v}");
     let (dave, dave_id) = (
         v["key"].as_str().unwrap().to_owned(),
         v["key_id"].as_str().unwrap().to_owned(),
     );
     assert_eq!(chat(&moat, &dave, ask("chat"), &[]).await.0, 200);
-    let (status, v) = admin(&addr, "GET", "/admin/policy?user=dave", &ops, None).await;
+    let (status, v) = moat
+        .admin("GET", "/admin/policy?user=dave", &ops, None)
+        .await;
     assert_eq!(status, 200);
     assert_eq!(v["models"]["chat"]["pool"], "p", "{v}");
 
     // Another tenant's admin cannot touch it: to it the key does not exist.
     let path = format!("/admin/keys/{dave_id}/revoke");
-    let (status, v) = admin(&addr, "POST", &path, &other_ops, None).await;
+    let (status, v) = moat.admin("POST", &path, &other_ops, None).await;
     assert_eq!(status, 404, "{v}");
     assert_eq!(
         v["error"]["message"],
         format!("no key `{dave_id}` in your tenant"),
         "{v}"
     );
-    let (status, v) = admin(&addr, "GET", "/admin/keys", &other_ops, None).await;
+    let (status, v) = moat.admin("GET", "/admin/keys", &other_ops, None).await;
     assert_eq!(status, 200, "{v}");
     let listed: Vec<&str> = v["keys"]
         .as_array()
@@ -629,7 +597,7 @@ async fn admin_plane_is_separate_and_permissioned() {
         [other_ops_id.as_str()],
         "only its own tenant's keys"
     );
-    let (status, v) = admin(&addr, "GET", "/admin/keys", &ops, None).await;
+    let (status, v) = moat.admin("GET", "/admin/keys", &ops, None).await;
     assert_eq!(status, 200, "{v}");
     assert!(
         v["keys"]
@@ -641,20 +609,20 @@ async fn admin_plane_is_separate_and_permissioned() {
     );
 
     // Narrowed in this process: the very next request is judged on the new roles.
-    let (status, v) = admin(
-        &addr,
-        "POST",
-        &format!("/admin/keys/{dave_id}/narrow"),
-        &ops,
-        Some(json!({"roles": []})),
-    )
-    .await;
+    let (status, v) = moat
+        .admin(
+            "POST",
+            &format!("/admin/keys/{dave_id}/narrow"),
+            &ops,
+            Some(json!({"roles": []})),
+        )
+        .await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v, json!({"key_id": dave_id, "roles": []}));
     let (status, v, _) = chat(&moat, &dave, ask("chat"), &[]).await;
     assert_eq!(status, 403, "{v}");
     assert_eq!(v["error"]["type"], "permission_error", "{v}");
-    let (status, v) = admin(&addr, "POST", &path, &ops, None).await;
+    let (status, v) = moat.admin("POST", &path, &ops, None).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v, json!({"key_id": dave_id, "changed": true}));
     assert_eq!(

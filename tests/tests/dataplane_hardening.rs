@@ -7,16 +7,15 @@
 //! - answers say no more than they must: an upstream refusal keeps its status, not its words;
 //!   `model` is the public name in JSON answers and in every stream event.
 
-use std::time::Duration;
-
-use moat_tests::{Events, Moat, Sim, daemon::moat_cli, eventually};
+use moat_tests::{Daemon, Events, Sim};
 use serde_json::{Value, json};
 
 const CHAT: &str = "/v1/chat/completions";
 
 /// One pool over `sim`, model `chat` (upstream id `org/chat-upstream`); `extra` is appended.
-async fn start(sim: &Sim, extra: &str) -> Moat {
-    let moat = Moat::start(
+async fn start(sim: &Sim, extra: &str) -> Daemon {
+    let moat = Daemon::gateway(
+        "",
         &format!(
             "[pools.gpu]\nhosts = [\"{}\"]\nhealth_interval_ms = 100\n\n\
              [models.chat]\npool = \"gpu\"\nupstream_model = \"org/chat-upstream\"\n\n{extra}\n",
@@ -24,7 +23,7 @@ async fn start(sim: &Sim, extra: &str) -> Moat {
         ),
         &[],
     );
-    moat.wait_ready().await;
+    moat.wait_pools_ready().await;
     moat
 }
 
@@ -33,21 +32,15 @@ fn chat(content: &str) -> Value {
 }
 
 /// A new user (role `tester`) in `tenant` and a key for it.
-fn key_in(moat: &Moat, tenant: &str, user: &str) -> String {
-    let cfg = moat.dir.path().join("moat.toml");
+fn key_in(moat: &Daemon, tenant: &str, user: &str) -> String {
     if tenant != "testing" {
-        moat_cli(&cfg, &["tenants", "add", tenant]);
+        moat.cli_ok(&["tenants", "add", tenant], None);
     }
-    moat_cli(
-        &cfg,
-        &["users", "add", user, "--tenant", tenant, "--role", "tester"],
-    );
-    let out = moat_cli(&cfg, &["keys", "create", "--user", user, "--json"]);
-    let v: Value = serde_json::from_str(out.trim()).unwrap();
-    v["key"].as_str().unwrap().to_owned()
+    moat.add_user(tenant, user, &["tester"]);
+    moat.create_key(user)
 }
 
-async fn post_as(moat: &Moat, key: &str, path: &str, body: &Value) -> (u16, Value) {
+async fn post_as(moat: &Daemon, key: &str, path: &str, body: &Value) -> (u16, Value) {
     let auth = format!("Bearer {key}");
     let (status, _, v) =
         moat_tests::post_json(&moat.url(path), body, &[("authorization", &auth)]).await;
@@ -55,7 +48,7 @@ async fn post_as(moat: &Moat, key: &str, path: &str, body: &Value) -> (u16, Valu
 }
 
 /// The data of every event of a stream (the stream must end cleanly).
-async fn stream(moat: &Moat, body: &Value) -> Vec<String> {
+async fn stream(moat: &Daemon, body: &Value) -> Vec<String> {
     let resp = moat.open(CHAT, body).await;
     assert_eq!(resp.status(), 200);
     let mut events = Events::new(resp);
@@ -76,7 +69,7 @@ async fn the_larger_completion_cap_is_reserved() {
     body["max_tokens"] = json!(1);
     body["max_completion_tokens"] = json!(4096);
     body["stream"] = json!(true);
-    let (status, _, v) = moat.post(CHAT, &body, &[]).await;
+    let (status, _, v) = moat.post_json(CHAT, &body, &[]).await;
     assert_eq!(status, 400, "{v}");
     assert_eq!(v["error"]["code"], "tokens_exceed_quota", "{v}");
     assert_eq!(sim.requests().await, 0, "the request reached the upstream");
@@ -131,7 +124,7 @@ async fn tenants_never_share_a_prefix_cache() {
     let moat = start(&sim, "").await;
     let same_tenant = key_in(&moat, "testing", "tester2");
     let other_tenant = key_in(&moat, "acme", "alice");
-    for key in [&moat.key, &same_tenant, &other_tenant] {
+    for key in [moat.key(), &same_tenant, &other_tenant] {
         let (status, v) = post_as(&moat, key, CHAT, &chat("hello")).await;
         assert_eq!(status, 200, "{v}");
     }
@@ -140,7 +133,7 @@ async fn tenants_never_share_a_prefix_cache() {
     let (status, v) = post_as(&moat, &other_tenant, "/v1/completions", &completion).await;
     assert_eq!(status, 200, "{v}");
     let embedding = json!({"model": "chat", "input": "hello"});
-    let (status, v) = post_as(&moat, &moat.key, "/v1/embeddings", &embedding).await;
+    let (status, v) = post_as(&moat, moat.key(), "/v1/embeddings", &embedding).await;
     assert_eq!(status, 200, "{v}");
 
     let salts = sim.stats().await["cache_salts"].clone();
@@ -179,7 +172,7 @@ async fn tenants_never_share_a_prefix_cache() {
     ] {
         let mut body = chat("hello");
         body["cache_salt"] = salt;
-        let (status, _, v) = moat.post(CHAT, &body, &[]).await;
+        let (status, _, v) = moat.post_json(CHAT, &body, &[]).await;
         assert_eq!(status, 400, "{v}");
         assert_eq!(v["error"]["param"], "cache_salt", "{v}");
         assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
@@ -191,7 +184,8 @@ async fn tenants_never_share_a_prefix_cache() {
 async fn a_pool_can_isolate_users_or_nothing() {
     let users = Sim::start(&[]);
     let off = Sim::start(&[]);
-    let moat = Moat::start(
+    let moat = Daemon::gateway(
+        "",
         &format!(
             "[pools.users]\nhosts = [\"{}\"]\nhealth_interval_ms = 100\n\
              prefix_cache_isolation = \"user\"\n\
@@ -202,9 +196,9 @@ async fn a_pool_can_isolate_users_or_nothing() {
         ),
         &[],
     );
-    moat.wait_ready().await;
+    moat.wait_pools_ready().await;
     let colleague = key_in(&moat, "testing", "tester2");
-    for key in [&moat.key, &colleague, &moat.key] {
+    for key in [moat.key(), &colleague, moat.key()] {
         for model in ["a", "b"] {
             let mut body = chat("hello");
             body["model"] = json!(model);
@@ -228,7 +222,7 @@ async fn an_upstream_refusal_keeps_its_status_not_its_words() {
     let sim = Sim::start(&[]);
     let moat = start(&sim, "").await;
     sim.fail(json!({"mode": "error400", "count": 1})).await;
-    let (status, _, v) = moat.post(CHAT, &chat("mysecretprompt"), &[]).await;
+    let (status, _, v) = moat.post_json(CHAT, &chat("mysecretprompt"), &[]).await;
     assert_eq!(status, 400, "{v}");
     let text = v.to_string();
     for internal in ["meta-llama", "/opt", "vllm", "8192", "org/chat-upstream"] {
@@ -240,17 +234,13 @@ async fn an_upstream_refusal_keeps_its_status_not_its_words() {
     assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
     assert_eq!(v["error"]["code"], "upstream_refused", "{v}");
     assert!(v["error"]["message"].is_string());
-    // The operator's log has the upstream's words, never the prompt.
-    // (The log is read from the process's output as it comes: wait for the line.)
-    let logged = eventually(Duration::from_secs(5), || async {
-        moat.logs().contains("max_num_batched_tokens")
-    })
-    .await;
-    let logs = moat.logs();
-    assert!(logged, "the upstream's words were not logged: {logs}");
+    // The operator's log has the upstream's words (written after the answer may have gone
+    // out: waited for), never the prompt.
+    moat.wait_log("max_num_batched_tokens");
+    let logs = moat.log();
     assert!(!logs.contains("mysecretprompt"), "the prompt was logged");
     // A refusal does not count against the host: the next request is served.
-    let (status, _, v) = moat.post(CHAT, &chat("hi"), &[]).await;
+    let (status, _, v) = moat.post_json(CHAT, &chat("hi"), &[]).await;
     assert_eq!(status, 200, "{v}");
 }
 
@@ -258,16 +248,16 @@ async fn an_upstream_refusal_keeps_its_status_not_its_words() {
 async fn answers_name_the_public_model() {
     let sim = Sim::start(&[]);
     let moat = start(&sim, "").await;
-    let (status, _, v) = moat.post(CHAT, &chat("hi"), &[]).await;
+    let (status, _, v) = moat.post_json(CHAT, &chat("hi"), &[]).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["model"], "chat", "{v}");
     assert_eq!(sim.stats().await["last_body"]["model"], "org/chat-upstream");
     let completion = json!({"model": "chat", "prompt": "hi"});
-    let (status, _, v) = moat.post("/v1/completions", &completion, &[]).await;
+    let (status, _, v) = moat.post_json("/v1/completions", &completion, &[]).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["model"], "chat", "{v}");
     let embedding = json!({"model": "chat", "input": ["a", "b"]});
-    let (status, _, v) = moat.post("/v1/embeddings", &embedding, &[]).await;
+    let (status, _, v) = moat.post_json("/v1/embeddings", &embedding, &[]).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["model"], "chat", "{v}");
     assert_eq!(v["data"].as_array().unwrap().len(), 2);

@@ -18,13 +18,12 @@ use std::{
 };
 
 use moat_tests::{
-    bin, create_key,
-    daemon::{http_request, wait_for_log},
-    kernel::{KillOnDrop, TestCgroup, TestPins, require_root, unique},
+    Daemon, bin,
+    http::{Client, Request},
+    kernel::{KillOnDrop, require_root},
     netns::{Lab, Netns, PortReservation, sa},
 };
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject};
 use serde_json::Value;
 
@@ -139,12 +138,13 @@ impl TlsSim {
 
     fn stats(&self, lab: &Lab) -> Value {
         let control = self.control;
-        let (status, body) = lab
+        let url = format!("http://{control}/_sim/stats");
+        let r = lab
             .inference
-            .run(move || http_request(control, "GET", "/_sim/stats", None, None))
+            .run(move || Client::new().get(url).send())
             .expect("sim stats");
-        assert_eq!(status, 200);
-        serde_json::from_str(&body).unwrap()
+        assert_eq!(r.status(), 200);
+        r.json().unwrap()
     }
 
     /// Inference requests answered so far.
@@ -153,10 +153,12 @@ impl TlsSim {
     }
 }
 
-fn chat(ns: &Netns, moat: SocketAddr, key: &str) -> (u16, String) {
-    let body = r#"{"model":"m","messages":[{"role":"user","content":"hello"}]}"#;
-    let key = key.to_owned();
-    ns.run(move || http_request(moat, "POST", "/v1/chat/completions", Some(&key), Some(body)))
+/// Sends `request` (a chat through the gateway, [`Daemon::chat`]) from inside `ns`: its
+/// status and body (0 and nothing: no answer).
+fn chat(ns: &Netns, request: &Request) -> (u16, String) {
+    let request = request.clone();
+    ns.run(move || request.send())
+        .map(|r| (r.status().as_u16(), r.text().unwrap_or_default()))
         .unwrap_or((0, String::new()))
 }
 
@@ -257,80 +259,47 @@ fn mtls_keeps_a_rogue_host_with_the_gateways_address_out() {
     let lab = Lab::new();
     let port = PortReservation::new();
     let p = port.port;
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+    let (mut gateway, mut inference) = (Daemon::enforcing(), Daemon::enforcing());
+    let d = gateway.dir().to_path_buf();
+    let d = d.as_path();
     let certs = certs_init(d, "certs", Lab::INF_GW4);
     let other = certs_init(d, "other", Lab::INF_GW4);
     let sim = TlsSim::start(&lab.inference, p, &certs, Lab::INF_GW4);
-    let base = TestCgroup::new(unique("moat-test"));
-    let gateway_cgroup = base.child("gateway");
-    let (gw_pins, inf_pins) = (TestPins::new(), TestPins::new());
+    let gateway_cgroup = gateway.cgroup().child("gateway");
 
     // The inference host: the guard (cgroup_skb) admits only the gateway's address.
-    let inf_cfg = d.join("inference.toml");
-    std::fs::write(
-        &inf_cfg,
-        format!(
-            "[segmentation]\npin_root = \"{}\"\n[segmentation.inference]\nmodel_ports = [{p}]\n\
-             allowed_gateways = [\"{}\"]\nattach = \"cgroup_skb\"\n",
-            inf_pins.root.display(),
-            Lab::GW4,
-        ),
-    )
-    .unwrap();
-    let inf_log = d.join("inference.log");
-    let _inference = KillOnDrop(
-        lab.inference
-            .command(bin("moat"))
-            .args(["serve", "-c"])
-            .arg(&inf_cfg)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&inf_log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for_log(&inf_log, "inference guard active", 0);
+    inference.write_config(&format!(
+        "[segmentation]\npin_root = \"{}\"\n[segmentation.inference]\nmodel_ports = [{p}]\n\
+         allowed_gateways = [\"{}\"]\nattach = \"cgroup_skb\"\n",
+        inference.pin_root().display(),
+        Lab::GW4,
+    ));
+    inference.start_in(&lab.inference);
+    inference.wait_log("inference guard active");
 
     // The gateway: one mTLS pool; its key is root-only, the worker gets it from the
     // supervisor. No passive ejection in the way of the failure checks below.
     install_client(d, &certs, "gateway-client");
-    let gw_cfg = d.join("gateway.toml");
-    std::fs::write(
-        &gw_cfg,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"nobody\"\n\
-             [pools.gpu]\nhosts = [\"{}:{p}\"]\ntls = true\ntls_ca_file = \"{}\"\n\
-             tls_client_cert_file = \"client.pem\"\ntls_client_key_file = \"client.key\"\n\
-             health_interval_ms = 200\neject_after_failures = 1000\n\
-             [models.m]\npool = \"gpu\"\n\
-             [roles.tester]\npermissions = [\"model:*\", \"inference:*\"]\n\
-             [segmentation]\ngateway_cgroup = \"{}\"\npin_root = \"{}\"\n",
-            Lab::INF_GW4,
-            certs.join("ca.pem").display(),
-            gateway_cgroup.relative.display(),
-            gw_pins.root.display()
-        ),
-    )
-    .unwrap();
-    let key = create_key(&gw_cfg);
-    let gw_log = d.join("gateway.log");
-    let gateway = KillOnDrop(
-        lab.gateway
-            .command(bin("moat"))
-            .args(["serve", "-c"])
-            .arg(&gw_cfg)
-            .env("MOAT_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&gw_log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let hup = || kill(Pid::from_raw(gateway.0.id() as i32), Signal::SIGHUP).unwrap();
-    let listening = wait_for_log(&gw_log, "data plane listening", 0);
-    let moat: SocketAddr = listening["listen"].as_str().unwrap().parse().unwrap();
+    gateway.write_config(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nuser = \"moat\"\n\
+         [pools.gpu]\nhosts = [\"{}:{p}\"]\ntls = true\ntls_ca_file = \"{}\"\n\
+         tls_client_cert_file = \"client.pem\"\ntls_client_key_file = \"client.key\"\n\
+         health_interval_ms = 200\neject_after_failures = 1000\n\
+         [models.m]\npool = \"gpu\"\n\
+         [roles.tester]\npermissions = [\"model:*\", \"inference:*\"]\n\
+         [segmentation]\ngateway_cgroup = \"{}\"\npin_root = \"{}\"\n",
+        Lab::INF_GW4,
+        certs.join("ca.pem").display(),
+        gateway_cgroup.relative.display(),
+        gateway.pin_root().display()
+    ));
+    gateway.create_tester_key();
+    gateway.start_in(&lab.gateway);
+    let hup = || gateway.signal(Signal::SIGHUP);
+    let request = gateway.chat("m");
 
     // 1. The gateway's requests pass: the model server took its certificate.
-    assert_eq!(chat(&lab.gateway, moat, &key).0, 200, "chat over mTLS");
+    assert_eq!(chat(&lab.gateway, &request).0, 200, "chat over mTLS");
     assert_eq!(sim.requests(&lab), 1);
     assert_eq!(
         sim.stats(&lab)["last_client_cert"],
@@ -345,7 +314,7 @@ fn mtls_keeps_a_rogue_host_with_the_gateways_address_out() {
             let mut statuses = Vec::new();
             let deadline = Instant::now() + Duration::from_secs(20);
             while statuses.len() < 60 && Instant::now() < deadline {
-                statuses.push(chat(&lab.gateway, moat, &key).0);
+                statuses.push(chat(&lab.gateway, &request).0);
                 std::thread::sleep(Duration::from_millis(20));
             }
             statuses
@@ -353,7 +322,7 @@ fn mtls_keeps_a_rogue_host_with_the_gateways_address_out() {
         std::thread::sleep(Duration::from_millis(300));
         install_client(d, d, "rotated");
         hup();
-        wait_for_log(&gw_log, "config reloaded", 0);
+        gateway.wait_log_nth("config reloaded", 0);
         loader.join().unwrap()
     });
     let failed = statuses.iter().filter(|s| **s != 200).count();
@@ -362,7 +331,7 @@ fn mtls_keeps_a_rogue_host_with_the_gateways_address_out() {
         failed, 0,
         "requests failed across the rotation: {statuses:?}"
     );
-    assert_eq!(chat(&lab.gateway, moat, &key).0, 200);
+    assert_eq!(chat(&lab.gateway, &request).0, 200);
     assert_eq!(
         sim.stats(&lab)["last_client_cert"],
         der_b64(&d.join("rotated.pem")),
@@ -373,14 +342,14 @@ fn mtls_keeps_a_rogue_host_with_the_gateways_address_out() {
     //    running certificate stays.
     std::fs::copy(other.join("gateway-client.pem"), d.join("client.pem")).unwrap();
     hup();
-    let refused = wait_for_log(&gw_log, "config reload refused", 0);
+    let refused = gateway.wait_log_nth("config reload refused", 0);
     let why = refused.to_string();
     assert!(
         why.contains("tls_client_key_file") && why.contains("is not the key of"),
         "{why}"
     );
     assert_eq!(
-        chat(&lab.gateway, moat, &key).0,
+        chat(&lab.gateway, &request).0,
         200,
         "the old certificate stays"
     );
@@ -391,11 +360,11 @@ fn mtls_keeps_a_rogue_host_with_the_gateways_address_out() {
     let refused_by_server = |stem_dir: &Path, stem: &str, alert: &str, nth: usize| {
         install_client(d, stem_dir, stem);
         hup();
-        wait_for_log(&gw_log, "config reloaded", nth);
+        gateway.wait_log_nth("config reloaded", nth);
         let before = sim.requests(&lab);
-        let line = wait_for_log(&gw_log, alert, 0);
+        let line = gateway.wait_log_nth(alert, 0);
         assert_eq!(line["pool"], "gpu", "{line}");
-        let (status, body) = chat(&lab.gateway, moat, &key);
+        let (status, body) = chat(&lab.gateway, &request);
         assert!(status == 503 || status == 502, "{status} {body}");
         assert!(body.contains("inference"), "{body}");
         assert_eq!(
@@ -407,22 +376,18 @@ fn mtls_keeps_a_rogue_host_with_the_gateways_address_out() {
     refused_by_server(&other, "gateway-client", "UnknownCA", 1);
     issue_client(&certs, d, "expired", now() - 10 * 86_400, now() - 86_400);
     refused_by_server(d, "expired", "CertificateExpired", 2);
-    wait_for_log(&gw_log, "client certificate has expired", 0);
+    gateway.wait_log_nth("client certificate has expired", 0);
     install_client(d, d, "rotated");
     hup();
-    wait_for_log(&gw_log, "config reloaded", 3);
+    gateway.wait_log_nth("config reloaded", 3);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while chat(&lab.gateway, moat, &key).0 != 200 {
+    while chat(&lab.gateway, &request).0 != 200 {
         assert!(Instant::now() < deadline, "back to a good certificate");
         std::thread::sleep(Duration::from_millis(100));
     }
 
     // `moat doctor` shows the pool's mode and warns: the rotated certificate lives a day.
-    let out = Command::new(bin("moat"))
-        .args(["doctor", "--json", "-c"])
-        .arg(&gw_cfg)
-        .output()
-        .unwrap();
+    let out = gateway.cli(&["doctor", "--json"], None);
     let report: Value = serde_json::from_slice(&out.stdout).expect("doctor JSON");
     let pool = &report["pools"][0];
     assert_eq!(pool["pool"], "gpu");

@@ -127,6 +127,15 @@ impl ServiceUser {
     }
 }
 
+/// Names the calling process `moat` (its `comm`): exec'd through `/proc/self/fd/N`, the worker
+/// would show as `N` in `ps` and in the dedicated-user check's refusal.
+pub fn name_moat() -> Result<()> {
+    // SAFETY: prctl with a NUL-terminated string that outlives the call.
+    check(unsafe { libc::prctl(libc::PR_SET_NAME, c"moat".as_ptr(), 0, 0, 0) })
+        .context("prctl(PR_SET_NAME)")?;
+    Ok(())
+}
+
 /// Whether `/proc/<pid>/exe` is a program called `moat`. A process with no executable left
 /// to read (root may read any) is exiting — a worker of a daemon that just stopped, say — and
 /// runs nothing anymore: it does not count either.

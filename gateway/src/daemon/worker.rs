@@ -91,6 +91,7 @@ pub fn run() -> Result<()> {
     };
     let supervisor: i32 = fd(ENV_SUPERVISOR_PID)?;
     privdrop::exit_with_parent(supervisor);
+    privdrop::name_moat()?;
     // Before anything reads a request: no same-uid process may trace this one, and the
     // system calls it has no use for kill it (see `seccomp`).
     privdrop::make_undumpable()?;
