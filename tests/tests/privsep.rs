@@ -119,7 +119,13 @@ fn a_process_of_the_workers_own_uid_cannot_trace_or_read_it() {
     );
 
     let moat = service_user();
-    let out = Command::new(bin("moat-privsep"))
+    // The build tree may sit under a folder the service user cannot search (a `mktemp -d`
+    // clone is 0700): run a copy from a folder it can.
+    let exe_dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(exe_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = exe_dir.path().join("moat-privsep");
+    std::fs::copy(bin("moat-privsep"), &exe).unwrap();
+    let out = Command::new(&exe)
         .args(["peek", &pid.to_string()])
         .uid(moat.uid.as_raw())
         .gid(moat.gid.as_raw())
