@@ -260,3 +260,14 @@ impl ProbeLoop {
             .collect()
     }
 }
+
+/// Polls `ok` every 100 ms for up to 15 s, for plain `#[test]`s; panics naming `what`.
+pub fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+    for _ in 0..150 {
+        if ok() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}");
+}

@@ -2,13 +2,13 @@
 //! unprivileged worker in the gateway cgroup, restarts it when it dies, reloads on SIGHUP, and
 //! refuses to start when enforcement cannot be put in place.
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{net::SocketAddr, path::Path};
 
 use moat_tests::{
     PoolSim,
     daemon::Daemon,
     http::Client,
-    kernel::{EPERM, listener, require_root, try_from},
+    kernel::{EPERM, listener, require_root, try_from, wait_until},
 };
 use nix::sys::signal::Signal;
 
@@ -46,16 +46,6 @@ fn proc_status(pid: u32) -> std::collections::BTreeMap<String, String> {
 
 fn worker_pid(event: &serde_json::Value) -> u32 {
     event["pid"].as_u64().expect("worker pid in the log") as u32
-}
-
-fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
-    for _ in 0..150 {
-        if ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}");
 }
 
 #[test]

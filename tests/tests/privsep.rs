@@ -13,7 +13,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moat_tests::{bin, daemon::Daemon, kernel::require_root};
+use moat_tests::{
+    bin,
+    daemon::Daemon,
+    kernel::{require_root, wait_until},
+};
 use nix::{sys::signal::Signal, unistd::User};
 
 /// One enforcing daemon (the fixture) with one pool, running as `user`, data in `data`.
@@ -91,16 +95,6 @@ fn service_user() -> User {
     User::from_name("moat")
         .unwrap()
         .expect("the `moat` user (cargo xtask setup)")
-}
-
-fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
-    for _ in 0..150 {
-        if ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}");
 }
 
 #[test]
