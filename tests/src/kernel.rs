@@ -198,7 +198,9 @@ pub fn listener(bind: &str) -> SocketAddr {
 /// `moat-probe loop` in a cgroup: TCP connects to its targets in turn, from the moment
 /// [`ProbeLoop::start`] returns until [`ProbeLoop::finish`].
 pub struct ProbeLoop {
-    child: KillOnDrop,
+    /// Held for its `Drop`: a failing test does not leave the loop running.
+    _child: KillOnDrop,
+    stdin: std::process::ChildStdin,
     out: BufReader<std::process::ChildStdout>,
 }
 
@@ -229,17 +231,27 @@ impl ProbeLoop {
         out.read_line(&mut line).unwrap();
         assert_eq!(line.trim(), "ready", "moat-probe loop");
         ProbeLoop {
-            child: KillOnDrop(child),
+            stdin: child.stdin.take().unwrap(),
+            _child: KillOnDrop(child),
             out,
         }
+    }
+
+    /// Rounds (one attempt on every target) the loop has finished so far.
+    pub fn rounds(&mut self) -> u64 {
+        writeln!(self.stdin, "rounds").unwrap();
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        line.trim()
+            .parse()
+            .expect("moat-probe loop answers `rounds` with a count")
     }
 
     /// Stops the loop; per target, what it saw, counting as `in_window` the attempts that
     /// started at or after `t0` and ended by `t1` ([`monotonic_ns`] instants).
     pub fn finish(mut self, t0: u64, t1: u64) -> Vec<LoopTarget> {
-        let mut stdin = self.child.0.stdin.take().unwrap();
-        writeln!(stdin, "window {t0} {t1}").unwrap();
-        drop(stdin);
+        writeln!(self.stdin, "window {t0} {t1}").unwrap();
+        drop(self.stdin);
         let mut line = String::new();
         self.out.read_line(&mut line).unwrap();
         let v: Value = serde_json::from_str(&line).expect("moat-probe loop output is JSON");

@@ -99,6 +99,7 @@ fn reloads_under_traffic_refuse_nothing_both_configs_allow() {
     /// `MIN_RUN`, so a stall of the machine cannot leave the probes idle all along.
     const RELOADS: usize = 6;
     const MIN_RUN: Duration = Duration::from_secs(3);
+    const MIN_PROBES: u64 = 50;
     require_root();
     let mut daemon = Daemon::enforcing();
     let (a, b) = (PoolSim::start(), PoolSim::start());
@@ -123,15 +124,28 @@ fn reloads_under_traffic_refuse_nothing_both_configs_allow() {
         "control: a request before the reloads"
     );
 
-    let inside = ProbeLoop::start(gateway.path(), &[side, allowed]);
-    let outside = ProbeLoop::start(outsider.path(), &[side, allowed]);
+    let mut inside = ProbeLoop::start(gateway.path(), &[side, allowed]);
+    let mut outside = ProbeLoop::start(outsider.path(), &[side, allowed]);
     let clients = Clients::start(4, daemon.chat("m"));
     clients.wait_running();
     let (t0, first) = (monotonic_ns(), Instant::now());
+    let (inside_at_start, outside_at_start) = (inside.rounds(), outside.rounds());
+    // Enough connects ran wholly during the reloads (a round in flight at the start may have
+    // begun before it: hence the `+ 1`).
+    let mut probes_overlapped = || {
+        inside.rounds() > inside_at_start + MIN_PROBES + 1
+            && outside.rounds() > outside_at_start + MIN_PROBES + 1
+    };
     let mut b_between_reloads = 0;
     let mut reloads = 0;
-    // An even number of reloads, so the last one removes B.
-    while reloads < RELOADS || first.elapsed() < MIN_RUN || reloads % 2 == 1 {
+    // An even number of reloads, so the last one removes B; on until the probes overlapped
+    // enough of them, however slow the machine.
+    while reloads < RELOADS || first.elapsed() < MIN_RUN || reloads % 2 == 1 || !probes_overlapped()
+    {
+        assert!(
+            first.elapsed() < Duration::from_secs(120),
+            "the probes finished too few connects in two minutes of reloads"
+        );
         let (i, adds_b) = (reloads, reloads % 2 == 0);
         reloads += 1;
         daemon.write_config(if adds_b { &both } else { &one });
@@ -183,7 +197,7 @@ fn reloads_under_traffic_refuse_nothing_both_configs_allow() {
                 seen.counts
             );
             assert!(
-                during >= 50,
+                during >= MIN_PROBES,
                 "{who} → {target}: only {during} connects ran during the reloads"
             );
         }
