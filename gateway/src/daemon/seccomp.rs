@@ -288,7 +288,12 @@ fn allowed(own_pid: u32) -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
         libc::TCGETS,
         libc::TIOCGWINSZ,
     ]
-    .map(|request| request as u64);
+    // `Ioctl` is u64 only on some targets.
+    .map(|request| {
+        #[allow(clippy::unnecessary_cast)]
+        let request = request as u64;
+        request
+    });
     rules.insert(libc::SYS_ioctl, any_of(1, &ioctl)?);
 
     let own = u64::from(own_pid);
