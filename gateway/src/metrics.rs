@@ -139,9 +139,15 @@ mod tests {
                 denied: 2,
             }],
             gateway_events_lost: 1,
+            gateway_links: vec![LinkAttached {
+                hook: "connect4".into(),
+                attached: false,
+            }],
             ..Default::default()
         };
         let text = c.render();
+        assert!(text.contains("# TYPE moat_kernel_link_attached gauge"));
+        assert!(text.contains("moat_kernel_link_attached{hook=\"connect4\"} 0"));
         assert!(text.contains("# TYPE moat_kernel_connect_total counter"));
         assert!(
             text.contains("moat_kernel_connect_total{hook=\"connect4\",verdict=\"allowed\"} 7")

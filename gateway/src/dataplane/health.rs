@@ -60,3 +60,58 @@ pub async fn readyz(State(state): State<SharedState>) -> Response {
     });
     (status, Json(body)).into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::{
+        auth::Identity,
+        config::Config,
+        dataplane::state::AppState,
+        metrics::{KernelCounters, LinkAttached},
+    };
+
+    async fn body(state: &SharedState) -> serde_json::Value {
+        let resp = readyz(State(state.clone())).await;
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    /// `/readyz` reports what the kernel runs (as the supervisor last saw it), not what the
+    /// config says: a hook whose link is not attached makes it `degraded`, named.
+    #[tokio::test]
+    async fn readyz_reports_the_kernels_link_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::from_str(
+            &dir.path().join("moat.toml"),
+            &format!(
+                "[server]\ndata_dir = \"{}\"\n[pools.p]\nhosts = [\"127.0.0.1:1\"]\n\
+                 [segmentation]\nmode = \"enforce\"\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let identity = Identity::open(&config).unwrap();
+        let state: SharedState = Arc::new(AppState::new(config, identity, Arc::default()).unwrap());
+        let links = |severed: &str| KernelCounters {
+            gateway_links: ["connect4", "cgroup_egress"]
+                .map(|h| LinkAttached {
+                    hook: h.into(),
+                    attached: h != severed,
+                })
+                .to_vec(),
+            ..Default::default()
+        };
+        state.kernel.store(Arc::new(links("")));
+        assert_eq!(body(&state).await["segmentation"], "enforce");
+        state.kernel.store(Arc::new(links("connect4")));
+        let b = body(&state).await;
+        assert_eq!(b["segmentation"], "degraded");
+        assert_eq!(b["status"], "not_ready");
+        assert_eq!(b["hooks_not_attached"], serde_json::json!(["connect4"]));
+    }
+}
