@@ -283,3 +283,53 @@ pub fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
     }
     panic!("timed out waiting for {what}");
 }
+
+/// An nftables table of the test's own (`inet`, named uniquely), deleted on drop — also when
+/// the test panics — so no NAT rule outlives the test. Tests keep their rules to loopback
+/// addresses and ports they reserved.
+pub struct NftTable {
+    pub name: String,
+}
+
+impl NftTable {
+    /// Creates table `inet <unique name>` holding `chains` (nft syntax, the table's body).
+    pub fn new(chains: &str) -> NftTable {
+        let name = unique("moat_test").replace('-', "_");
+        let table = NftTable { name };
+        let ruleset = format!("table inet {} {{\n{chains}\n}}\n", table.name);
+        nft(&["-f", "-"], Some(&ruleset));
+        table
+    }
+}
+
+impl Drop for NftTable {
+    fn drop(&mut self) {
+        let out = Command::new("nft")
+            .args(["delete", "table", "inet", &self.name])
+            .output();
+        if !out.is_ok_and(|o| o.status.success()) {
+            eprintln!("warning: cannot delete nft table inet {}", self.name);
+        }
+    }
+}
+
+/// Runs `nft` (installed by `cargo xtask setup`), panicking with its stderr on failure.
+fn nft(args: &[&str], stdin: Option<&str>) {
+    let mut child = Command::new("nft")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run nft (install it with `cargo xtask setup`)");
+    if let Some(s) = stdin {
+        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "nft {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        stdin.unwrap_or("")
+    );
+}
