@@ -51,15 +51,29 @@ pub fn open_writer(
     .with_context(|| format!("cannot open the audit log in {}", dir.display()))
 }
 
-/// The actor name of whoever runs a CLI command: `cli:<user>` (the real uid's name).
+static CLI_ACTOR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The actor name of whoever runs a CLI command: `cli:<user>`, with `(sudo <user>)` when run
+/// through sudo. Fixed by the first call, which the CLI makes before it becomes the service
+/// user.
 pub fn cli_actor() -> String {
-    let uid = nix::unistd::getuid();
-    let name = nix::unistd::User::from_uid(uid)
-        .ok()
-        .flatten()
-        .map(|u| u.name)
-        .unwrap_or_else(|| uid.to_string());
-    format!("cli:{name}")
+    CLI_ACTOR
+        .get_or_init(|| {
+            let uid = nix::unistd::getuid();
+            let name = nix::unistd::User::from_uid(uid)
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+                .unwrap_or_else(|| uid.to_string());
+            match std::env::var("SUDO_USER") {
+                Ok(s) if !s.is_empty() && uid.is_root() => {
+                    let s: String = s.chars().filter(|c| !c.is_control()).take(64).collect();
+                    format!("cli:{name} (sudo {s})")
+                }
+                _ => format!("cli:{name}"),
+            }
+        })
+        .clone()
 }
 
 /// Whether `dir` holds an audit log.

@@ -118,7 +118,7 @@ pub fn verify(
             .and_then(|v| v.get("seq").and_then(|s| s.as_u64()));
         if !line.complete {
             report.first_bad = Some(bad(
-                seq_of,
+                seq_of.or(last_seq.map(|s| s + 1)),
                 "the last line is cut off (no newline): the file was truncated".into(),
             ));
             return Ok(report);
@@ -158,7 +158,8 @@ pub fn verify(
             }
             None => None,
             Some(last) if rec.seq > last + 1 => Some(format!(
-                "seq jumps from {last} to {}: records {}..{} were deleted",
+                "seq jumps from {last} to {}: records {}..{} are missing here (deleted, or \
+                 moved further down)",
                 rec.seq,
                 last + 1,
                 rec.seq - 1

@@ -236,6 +236,7 @@ impl Identity {
     /// Authenticates the token of an `Authorization: Bearer` header.
     pub async fn authenticate(&self, bearer: &str) -> Result<Principal, AuthError> {
         if bearer.starts_with(refresh::PREFIX) {
+            Self::audit_failure("bearer", "refresh token presented as a bearer", None, None);
             return Err(AuthError::RefreshTokenAsBearer);
         }
         if bearer.starts_with(api_key::PREFIX) {
@@ -244,6 +245,7 @@ impl Identity {
         if bearer.bytes().filter(|&b| b == b'.').count() == 2 {
             return self.verify_access_token(bearer).await;
         }
+        Self::audit_failure("bearer", "not an API key or access token", None, None);
         Err(AuthError::InvalidApiKey)
     }
 

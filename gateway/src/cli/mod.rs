@@ -192,6 +192,8 @@ fn store_config(path: &std::path::Path) -> anyhow::Result<Config> {
         crate::daemon::privdrop::prepare_data_dir(&config.data_dir, &user)?;
         let writer = crate::audit::open_writer(&config, Some(user.gid.as_raw()), false)?;
         crate::audit::sink::install_writer(writer, crate::audit::Source::Cli);
+        // Who runs the command, named while still that user.
+        crate::audit::cli_actor();
         user.become_now()?;
     } else {
         let writer = crate::audit::open_writer(&config, None, false)?;

@@ -424,7 +424,7 @@ fn listeners(config: &Config) -> Vec<Listener> {
         name: "data plane".into(),
         address: config.server().listen.to_string(),
         exposes: "/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, \
-                  /oauth/token, /oauth/revoke, /.well-known/jwks.json, /healthz, /readyz"
+                  /v1/auth/token, /v1/auth/revoke, /.well-known/jwks.json, /healthz, /readyz"
             .into(),
     }];
     if let Some(a) = config.admin().listen {
