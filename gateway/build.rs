@@ -11,8 +11,24 @@ use std::{env, fs, path::PathBuf};
 
 /// Dependencies whose versions `moat doctor` reports.
 const KEY_DEPENDENCIES: &[&str] = &[
-    "aya", "aya-obj", "axum", "hyper", "tokio", "rustls", "serde", "toml", "clap", "tracing",
-    "libc", "nix",
+    "aya",
+    "aya-obj",
+    "axum",
+    "hyper",
+    "tokio",
+    "rustls",
+    "serde",
+    "toml",
+    "clap",
+    "tracing",
+    "libc",
+    "nix",
+    "argon2",
+    "jsonwebtoken",
+    "ed25519-dalek",
+    "hmac",
+    "sha2",
+    "rusqlite",
 ];
 
 fn dependency_versions(lock: &str) -> String {
@@ -47,6 +63,16 @@ fn main() {
         .map(|l| dependency_versions(&l))
         .unwrap_or_default();
     println!("cargo:rustc-env=MOAT_DEPENDENCY_VERSIONS={versions}");
+    // The compiler this binary was built with (`moat audit report`).
+    let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let rustc_version = std::process::Command::new(rustc)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=MOAT_RUSTC_VERSION={rustc_version}");
 
     println!("cargo:rerun-if-env-changed=MOAT_BPF_OBJECT");
     println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");

@@ -4,7 +4,8 @@
 //! never the data-plane port, which has no admin route at all).
 //!
 //! Every route needs a bearer (the same credentials as the data plane) and its own permission
-//! (`admin:keys`, `admin:users`, `admin:tenants`, `admin:policy`, `audit:read`); an inference
+//! (`admin:keys`, `admin:users`, `admin:tenants`, `admin:policy`, `audit:read` for `/metrics`
+//! and `/admin/audit`); an inference
 //! key gets 403. Users and keys are administered within the caller's own tenant only; creating and
 //! listing tenants needs `admin:tenants`. What a caller may hand out (roles, keys) is bounded
 //! by what it holds, and global permissions never (`auth::admin` decides; a refusal is a 403).
@@ -66,6 +67,7 @@ pub fn router(
         .route("/admin/keys/{key_id}/revoke", post(revoke_key))
         .route("/admin/keys/{key_id}/narrow", post(narrow_key))
         .route("/admin/policy", get(policy))
+        .route("/admin/audit", get(audit_records))
         .route_layer(middleware::from_fn_with_state(
             identity,
             auth_http::require_bearer,
@@ -111,6 +113,13 @@ impl Admin {
             Ok(state)
         } else {
             info!(user = %p.username, tenant = %p.tenant, permission = perm, "admin denied");
+            crate::audit::emit(crate::audit::Event::AuthzDenied {
+                permission: perm.to_owned(),
+                user_id: Some(p.user_id.clone()),
+                key_id: p.key_id.clone(),
+                tenant: Some(p.tenant.clone()),
+                plane: "admin".into(),
+            });
             Err(
                 ApiError::forbidden(format!("this needs the `{perm}` permission"))
                     .with_code("permission_denied"),
@@ -246,7 +255,11 @@ async fn disable_user(
 ) -> Result<Response> {
     let state = a.require(&p, "admin:users")?;
     a.own_user(&p, &state, &username).await?;
-    let changed = a.identity.disable_user(&username).await.map_err(refused)?;
+    // As the caller (not the root identity), so the audit record names who did it.
+    let name = username.clone();
+    let (user_id, changed) = a.store(&p, &state, move |s| s.disable_user(&name)).await?;
+    a.identity.evict_user(&user_id);
+    info!(by = %p.username, user_id = %user_id, event = "user_disabled");
     Ok(Json(json!({"username": username, "changed": changed})).into_response())
 }
 
@@ -321,7 +334,10 @@ async fn revoke_key(
 ) -> Result<Response> {
     let state = a.require(&p, "admin:keys")?;
     a.own_key(&p, &state, &key_id).await?;
-    let changed = a.identity.revoke_key(&key_id).await.map_err(refused)?;
+    let id = key_id.clone();
+    let changed = a.store(&p, &state, move |s| s.revoke_key(&id)).await?;
+    a.identity.evict_key(&key_id);
+    info!(by = %p.username, key_id = %key_id, event = "key_revoked");
     Ok(Json(json!({"key_id": key_id, "changed": changed})).into_response())
 }
 
@@ -373,4 +389,51 @@ async fn policy(
         Some(u) => a.own_user(&p, &state, u).await?.roles,
     };
     Ok(Json(authz::effective(&state.config, &p.tenant, &roles)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    #[serde(default)]
+    since: u64,
+    limit: Option<usize>,
+}
+
+/// Most records one `GET /admin/audit` answers with; page on with `since`.
+const AUDIT_PAGE_MAX: usize = 10_000;
+
+/// `GET /admin/audit?since=<seq>&limit=<n>`: records after `since`, oldest first (needs
+/// `audit:read`). A caller that also holds `admin:tenants` sees every record; any other
+/// only its own tenant's. `next` is the `since` of the next page.
+async fn audit_records(
+    State(a): State<Admin>,
+    p: Principal,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> Result<Response> {
+    let state = a.require(&p, "audit:read")?;
+    let q: AuditQuery = serde_urlencoded::from_str(q.as_deref().unwrap_or(""))
+        .map_err(|e| ApiError::bad_request(format!("query: {e}")))?;
+    let limit = q.limit.unwrap_or(1000);
+    if limit == 0 || limit > AUDIT_PAGE_MAX {
+        return Err(ApiError::bad_request(format!(
+            "limit must be between 1 and {AUDIT_PAGE_MAX}"
+        )));
+    }
+    let everyone = Permissions::of(&state.config, &p.roles).admin("admin:tenants");
+    let tenant = (!everyone).then(|| p.tenant.clone());
+    let dir = state.config.audit_dir();
+    let records = tokio::task::spawn_blocking(move || {
+        crate::audit::read::since(&dir, q.since, tenant.as_deref(), limit)
+    })
+    .await
+    .map_err(|_| ApiError::internal())?
+    .map_err(|e| {
+        tracing::error!(error = %e, "cannot read the audit log");
+        ApiError::internal()
+    })?;
+    let next = records
+        .last()
+        .and_then(|r| r.get("seq").and_then(serde_json::Value::as_u64))
+        .unwrap_or(q.since);
+    Ok(Json(json!({ "records": records, "next": next })).into_response())
 }

@@ -3,6 +3,7 @@
 //! tests and benchmarks in `tests/` drive the same library.
 
 pub mod admin;
+pub mod audit;
 pub mod auth;
 pub mod cgroup;
 pub mod cli;

@@ -99,9 +99,26 @@ pub struct CreatedKey {
 }
 
 impl Admin<'_> {
+    /// Records a change in the audit log, naming who made it: `admin:<username>` for an
+    /// admin-plane caller, `cli:<unix user>` for the CLI.
+    fn record(&self, action: &str, target: &str, tenant: Option<&str>, roles: &[String]) {
+        let actor = match &self.caller {
+            Some(c) => format!("admin:{}", c.principal.username),
+            None => crate::audit::cli_actor(),
+        };
+        crate::audit::emit(crate::audit::Event::IdentityChange {
+            actor,
+            action: action.to_owned(),
+            target: target.to_owned(),
+            tenant: tenant.map(str::to_owned),
+            roles: roles.to_vec(),
+        });
+    }
+
     pub fn add_tenant(&self, name: &str) -> anyhow::Result<()> {
         check_name("tenant", name)?;
         self.store.create_tenant(name, now())?;
+        self.record("tenant_added", name, Some(name), &[]);
         Ok(())
     }
 
@@ -155,7 +172,10 @@ impl Admin<'_> {
             roles,
             now: now(),
         }) {
-            Ok(()) => Ok(id),
+            Ok(()) => {
+                self.record("user_added", &id, Some(tenant), roles);
+                Ok(id)
+            }
             Err(StoreError::Conflict(_)) if self.caller.is_some() => Err(NameUnavailable.into()),
             Err(e) => Err(e.into()),
         }
@@ -165,6 +185,7 @@ impl Admin<'_> {
         password::check_policy(password).map_err(anyhow::Error::msg)?;
         let u = self.user(username)?;
         self.store.set_password(&u.id, &password::hash(password))?;
+        self.record("password_set", &u.id, Some(&u.tenant), &[]);
         Ok(())
     }
 
@@ -172,6 +193,9 @@ impl Admin<'_> {
     pub fn disable_user(&self, username: &str) -> anyhow::Result<(String, bool)> {
         let u = self.user(username)?;
         let changed = self.store.disable_user(&u.id, now())?;
+        if changed {
+            self.record("user_disabled", &u.id, Some(&u.tenant), &[]);
+        }
         Ok((u.id, changed))
     }
 
@@ -188,6 +212,7 @@ impl Admin<'_> {
             c.check(&format!("roles for `{username}`"), roles, false)?;
         }
         self.store.set_user_roles(&u.id, roles, now())?;
+        self.record("user_roles_changed", &u.id, Some(&u.tenant), roles);
         Ok(u.id)
     }
 
@@ -202,6 +227,7 @@ impl Admin<'_> {
             }
         }
         self.store.set_api_key_roles(key_id, roles, now())?;
+        self.record("key_narrowed", key_id, Some(&k.tenant), roles);
         Ok(())
     }
 
@@ -265,6 +291,7 @@ impl Admin<'_> {
                 expires_at,
             }) {
                 Ok(()) => {
+                    self.record("key_created", &key.key_id, Some(&u.tenant), &roles);
                     return Ok(CreatedKey {
                         key_id: key.key_id,
                         plaintext: key.plaintext,
@@ -293,10 +320,14 @@ impl Admin<'_> {
 
     /// Revokes a key and ends the sessions opened with it. False if it was already revoked.
     pub fn revoke_key(&self, key_id: &str) -> anyhow::Result<bool> {
-        if self.own_key(key_id)?.is_none() {
+        let Some(k) = self.own_key(key_id)? else {
             bail!("no key `{key_id}`");
+        };
+        let changed = self.store.revoke_api_key(key_id, now())?;
+        if changed {
+            self.record("key_revoked", key_id, Some(&k.tenant), &[]);
         }
-        Ok(self.store.revoke_api_key(key_id, now())?)
+        Ok(changed)
     }
 }
 

@@ -60,6 +60,7 @@ pub async fn require_bearer(
     next: Next,
 ) -> Response {
     let Some(token) = bearer(req.headers()) else {
+        Identity::audit_failure("bearer", "missing bearer", None, None);
         return unauthorized(AuthError::MissingBearer);
     };
     match identity.authenticate(token).await {

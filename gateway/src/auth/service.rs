@@ -195,6 +195,18 @@ impl Identity {
         })
     }
 
+    /// For the live expiry check of `moat audit report`: this service, issuing access tokens
+    /// that live `ttl` seconds. `leeway` replaces the verifier's clock-skew allowance: only
+    /// the report's tests use it, to show the check fails when expiry is not enforced as
+    /// configured.
+    pub fn for_expiry_probe(mut self, ttl: u64, leeway: Option<u64>) -> Self {
+        self.access_ttl = ttl;
+        if let Some(l) = leeway {
+            self.params.leeway = l;
+        }
+        self
+    }
+
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
@@ -224,6 +236,7 @@ impl Identity {
     /// Authenticates the token of an `Authorization: Bearer` header.
     pub async fn authenticate(&self, bearer: &str) -> Result<Principal, AuthError> {
         if bearer.starts_with(refresh::PREFIX) {
+            Self::audit_failure("bearer", "refresh token presented as a bearer", None, None);
             return Err(AuthError::RefreshTokenAsBearer);
         }
         if bearer.starts_with(api_key::PREFIX) {
@@ -232,7 +245,38 @@ impl Identity {
         if bearer.bytes().filter(|&b| b == b'.').count() == 2 {
             return self.verify_access_token(bearer).await;
         }
+        Self::audit_failure("bearer", "not an API key or access token", None, None);
         Err(AuthError::InvalidApiKey)
+    }
+
+    /// Records a refused credential (ids only, never the credential).
+    pub(crate) fn audit_failure(
+        method: &str,
+        reason: &str,
+        key_id: Option<&str>,
+        sid: Option<&str>,
+    ) {
+        crate::audit::emit(crate::audit::Event::AuthFailure {
+            method: method.to_owned(),
+            reason: reason.to_owned(),
+            user_id: None,
+            key_id: key_id.map(str::to_owned),
+            sid: sid.map(str::to_owned),
+            source: None,
+        });
+    }
+
+    /// Records an accepted credential. Called where a credential is checked against the store
+    /// or a token's signature (cache misses, token grants), not on every cached request: one
+    /// record per verification, not per request.
+    pub(crate) fn audit_success(method: &str, p: &Principal) {
+        crate::audit::emit(crate::audit::Event::AuthSuccess {
+            method: method.to_owned(),
+            user_id: Some(p.user_id.clone()),
+            key_id: p.key_id.clone(),
+            sid: p.session_id.clone(),
+            tenant: Some(p.tenant.clone()),
+        });
     }
 
     /// Verifies an API key. A malformed key or a bad checksum is refused before any look-up.
@@ -243,6 +287,7 @@ impl Identity {
                 method = "api_key",
                 reason = "malformed"
             );
+            Self::audit_failure("api_key", "malformed", None, None);
             return Err(AuthError::InvalidApiKey);
         };
         let key_id = parsed.key_id.to_owned();
@@ -252,6 +297,7 @@ impl Identity {
                 return Ok(c.principal.clone());
             }
             info!(event = "auth_failed", method = "api_key", key_id = %key_id, reason = "bad secret");
+            Self::audit_failure("api_key", "bad secret", Some(&key_id), None);
             return Err(AuthError::InvalidApiKey);
         }
         let generation = self.generation.load(Ordering::Acquire);
@@ -261,14 +307,17 @@ impl Identity {
             // Same work as a wrong secret, so timing does not tell unknown ids apart.
             let _ = parsed.matches(&self.pepper, &[0u8; 32]);
             info!(event = "auth_failed", method = "api_key", key_id = %key_id, reason = "unknown key");
+            Self::audit_failure("api_key", "unknown key", Some(&key_id), None);
             return Err(AuthError::InvalidApiKey);
         };
         if !parsed.matches(&self.pepper, &rec.secret_hmac) {
             info!(event = "auth_failed", method = "api_key", key_id = %key_id, reason = "bad secret");
+            Self::audit_failure("api_key", "bad secret", Some(&key_id), None);
             return Err(AuthError::InvalidApiKey);
         }
         if !rec.is_active(t) {
             info!(event = "auth_failed", method = "api_key", key_id = %key_id, reason = "inactive key");
+            Self::audit_failure("api_key", "inactive key", Some(&key_id), None);
             return Err(AuthError::InvalidApiKey);
         }
         let principal = Principal {
@@ -280,6 +329,7 @@ impl Identity {
             roles: effective_roles(&rec.user_roles, Some(&rec.roles)),
             method: AuthMethod::ApiKey,
         };
+        Self::audit_success("api_key", &principal);
         if self.generation.load(Ordering::Acquire) == generation {
             self.key_cache.insert(
                 key_id,
@@ -299,12 +349,13 @@ impl Identity {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let claims = match self.token_cache.get(&digest) {
             Some(c) if c.exp + self.params.leeway as i64 > t => c,
-            Some(_) => {
+            Some(c) => {
                 info!(
                     event = "auth_failed",
                     method = "access_token",
                     reason = "expired"
                 );
+                Self::audit_failure("access_token", "expired", None, Some(&c.sid));
                 return Err(AuthError::InvalidAccessToken);
             }
             None => match self.keys.current().verify(token, &self.params, t) {
@@ -315,16 +366,24 @@ impl Identity {
                 }
                 Err(e) => {
                     info!(event = "auth_failed", method = "access_token", reason = %e);
+                    Self::audit_failure("access_token", &e.to_string(), None, None);
                     return Err(AuthError::InvalidAccessToken);
                 }
             },
         };
         let Some(p) = self.session_principal(&claims.sid).await? else {
             info!(event = "auth_failed", method = "access_token", sid = %claims.sid, reason = "session ended");
+            Self::audit_failure("access_token", "session ended", None, Some(&claims.sid));
             return Err(AuthError::InvalidAccessToken);
         };
         if p.user_id != claims.sub || p.tenant != claims.tenant {
             info!(event = "auth_failed", method = "access_token", sid = %claims.sid, reason = "claims do not match the session");
+            Self::audit_failure(
+                "access_token",
+                "claims do not match the session",
+                None,
+                Some(&claims.sid),
+            );
             return Err(AuthError::InvalidAccessToken);
         }
         Ok(p)

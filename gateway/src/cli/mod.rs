@@ -1,9 +1,12 @@
 //! The `moat` command line: one subcommand per operator task. `identity` holds the users, keys
-//! and tenants commands, `doctor` the host check, `certs` the mutual-TLS material.
+//! and tenants commands, `doctor` the host check, `certs` the mutual-TLS material, `audit` the
+//! audit log's verification and the security report.
 
+pub mod audit;
 pub mod certs;
 pub mod doctor;
 pub mod identity;
+pub mod report;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -70,6 +73,12 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::cli::certs::CertsCommand,
     },
+    /// The audit log and the security report: `verify` checks the log, `report` describes
+    /// this installation's credentials, algorithms, listeners, hooks and attack surface.
+    Audit {
+        #[command(subcommand)]
+        command: crate::cli::audit::AuditCommand,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -93,7 +102,10 @@ pub enum ConfigCommand {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let _log = logging::init();
-    match run(cli) {
+    let result = run(cli);
+    // Identity commands record their changes; they are on disk before the command ends.
+    crate::audit::sink::flush(std::time::Duration::from_secs(5));
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("moat: {e:#}");
@@ -161,6 +173,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             crate::cli::identity::tenants(&store_config(&cli.config)?, command)?
         }
         Command::Certs { command } => crate::cli::certs::run(command)?,
+        Command::Audit { command } => return crate::cli::audit::run(&cli.config, command),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -168,12 +181,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// Loads the config for a command that works on the store. Run as root, the command first
 /// becomes the service user, so every file it creates in the data directory (database, WAL,
 /// secrets) stays readable and writable by the unprivileged worker.
+///
+/// The audit log is opened before that (as root: the key and the log are root's), so the
+/// command records its changes through descriptors it keeps; it never rotates the log (the
+/// daemon does).
 fn store_config(path: &std::path::Path) -> anyhow::Result<Config> {
     let config = Config::load_lenient(path)?;
     if nix::unistd::geteuid().is_root() {
         let user = crate::daemon::privdrop::ServiceUser::lookup(&config.server().user)?;
         crate::daemon::privdrop::prepare_data_dir(&config.data_dir, &user)?;
+        let writer = crate::audit::open_writer(&config, Some(user.gid.as_raw()), false)?;
+        crate::audit::sink::install_writer(writer, crate::audit::Source::Cli);
+        // Who runs the command, named while still that user.
+        crate::audit::cli_actor();
         user.become_now()?;
+    } else {
+        let writer = crate::audit::open_writer(&config, None, false)?;
+        crate::audit::sink::install_writer(writer, crate::audit::Source::Cli);
     }
     Ok(config)
 }

@@ -28,9 +28,9 @@ pub use destinations::{
 };
 use ipnet::IpNet;
 pub use schema::{
-    AdminConfig, AuthConfig, GuardAttach, InferenceGuardConfig, MAX_LEEWAY_SECS, MAX_LIFETIME_SECS,
-    ModelConfig, PoolConfig, Quota, QuotasConfig, RoleConfig, SegmentationConfig, SegmentationMode,
-    ServerConfig, SigningAlgorithm, TenantConfig,
+    AdminConfig, AuditConfig, AuthConfig, GuardAttach, InferenceGuardConfig, MAX_LEEWAY_SECS,
+    MAX_LIFETIME_SECS, ModelConfig, PoolConfig, Quota, QuotasConfig, RoleConfig,
+    SegmentationConfig, SegmentationMode, ServerConfig, SigningAlgorithm, TenantConfig,
 };
 
 use self::{capture::Reader, schema::RawConfig, validate::Invalid};
@@ -280,6 +280,24 @@ impl Config {
     /// `[server]`.
     pub fn server(&self) -> &ServerConfig {
         &self.raw.server
+    }
+
+    /// A pool as written (file names the validated [`Pool`] no longer keeps).
+    pub fn raw_pool(&self, name: &str) -> Option<&PoolConfig> {
+        self.raw.pools.get(name)
+    }
+
+    /// `[audit]`.
+    pub fn audit(&self) -> &AuditConfig {
+        &self.raw.audit
+    }
+
+    /// Where the audit log lives.
+    pub fn audit_dir(&self) -> PathBuf {
+        match &self.raw.audit.dir {
+            Some(d) => self.path.parent().unwrap_or(Path::new("/")).join(d),
+            None => self.data_dir.join("audit"),
+        }
     }
 
     /// `[admin]`.

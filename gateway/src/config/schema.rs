@@ -24,6 +24,7 @@ pub struct RawConfig {
     /// Default quotas, for tenants without their own.
     pub quotas: QuotasConfig,
     pub admin: AdminConfig,
+    pub audit: AuditConfig,
 }
 
 /// `[server]`: the data plane's listener and the worker's user and data. A key left out takes
@@ -208,6 +209,29 @@ pub struct AdminConfig {
     /// A loopback address (never the data plane's); absent: no admin plane (the CLI still
     /// works on the store).
     pub listen: Option<SocketAddr>,
+}
+
+/// `[audit]`: the audit trail (see docs/operations.md, Audit log).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// The log's directory (root's, 0750); relative to the config's folder. Default:
+    /// `audit` in the data directory.
+    pub dir: Option<PathBuf>,
+    /// The current file is rotated once it reaches this size.
+    pub max_file_bytes: u64,
+    /// Also send each record to syslog (`LOG_AUTHPRIV`; journald picks it up).
+    pub syslog: bool,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            max_file_bytes: 64 * 1024 * 1024,
+            syslog: false,
+        }
+    }
 }
 
 /// A role: a named set of permissions (see [`crate::policy_grammar::Permission`] for the grammar).

@@ -15,6 +15,9 @@ pub const ENV_CONTROL_FD: &str = "MOAT_CONTROL_FD";
 /// The admin plane's listener, when `admin.listen` is set.
 pub const ENV_ADMIN_FD: &str = "MOAT_ADMIN_FD";
 pub const ENV_SUPERVISOR_PID: &str = "MOAT_SUPERVISOR_PID";
+/// The worker's end of the audit socket: it sends its audit events there, one datagram
+/// each, and the supervisor writes them (the worker cannot write the log itself).
+pub const ENV_AUDIT_FD: &str = "MOAT_AUDIT_FD";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

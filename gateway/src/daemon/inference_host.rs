@@ -82,6 +82,12 @@ pub fn apply(guard: &mut Option<Guard>, config: &Config) -> Result<()> {
 /// Runs an inference host: the guard alone, until SIGTERM/SIGINT.
 pub fn run(config: Config) -> Result<()> {
     let mut guard = start_guard(&config)?;
+    let audit_source = if nix::unistd::geteuid().is_root() {
+        crate::audit::Source::Supervisor
+    } else {
+        crate::audit::Source::Standalone
+    };
+    crate::audit::start_daemon(&config, None, audit_source)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -117,6 +123,7 @@ pub fn run(config: Config) -> Result<()> {
             }
         }
         info!("stopped; the inference guard stays in place");
+        crate::audit::stop_daemon();
         Ok(())
     })
 }

@@ -11,6 +11,8 @@
 //! - logs the kernel's deny events;
 //! - checks every few seconds that the kernel still runs every hook, and restores a link or a
 //!   pin removed behind its back (`kernel_enforcement_restored`);
+//! - owns the audit log: writes its own events and those the worker sends over the audit
+//!   socket (the worker has no write access to the log);
 //! - on SIGHUP re-reads the config and applies kernel policy and worker config together.
 //!
 //! Reload order, so no connection is wrongly refused during the swap: the kernel first gets
@@ -34,10 +36,12 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
+    audit,
     cgroup::Cgroup,
     config::{Config, SegmentationMode},
     daemon::control::{
-        self, ENV_ADMIN_FD, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SUPERVISOR_PID, FromWorker, ToWorker,
+        self, ENV_ADMIN_FD, ENV_AUDIT_FD, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SUPERVISOR_PID,
+        FromWorker, ToWorker,
     },
     daemon::inference_host,
     daemon::privdrop::{DropPlan, ServiceUser, prepare_data_dir},
@@ -58,6 +62,9 @@ pub fn run(config: Config) -> Result<()> {
     let user = ServiceUser::lookup(&config.server().user)?;
     user.ensure_dedicated()?;
     prepare_data_dir(&config.data_dir, &user)?;
+    // First, so the start and everything after it is on record.
+    let audit = audit::start_daemon(&config, Some(user.gid.as_raw()), audit::Source::Supervisor)?;
+    let (audit_in, audit_out) = std::os::unix::net::UnixDatagram::pair()?;
     let seg = config.segmentation();
     // Without enforcement there is no gateway cgroup to join: a daemon with segmentation off
     // must not land in the cgroup another, enforcing daemon owns.
@@ -109,7 +116,15 @@ pub fn run(config: Config) -> Result<()> {
         if let Some(g) = &guard {
             g.spawn_event_logger()?;
         }
-        Supervisor {
+        audit_in.set_nonblocking(true)?;
+        let audit_in = tokio::net::UnixDatagram::from_std(audit_in)?;
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; audit::sink::MAX_DATAGRAM];
+            while let Ok(n) = audit_in.recv(&mut buf).await {
+                audit::sink::queue_from_worker(&audit, &buf[..n]);
+            }
+        });
+        let result = Supervisor {
             guard,
             config,
             user,
@@ -118,9 +133,12 @@ pub fn run(config: Config) -> Result<()> {
             enforcer,
             listener,
             admin,
+            audit_out,
         }
         .run()
-        .await
+        .await;
+        audit::stop_daemon();
+        result
     })
 }
 
@@ -142,6 +160,8 @@ struct Supervisor {
     guard: Option<Guard>,
     listener: std::net::TcpListener,
     admin: Option<std::net::TcpListener>,
+    /// The worker's end of the audit socket (each worker inherits it).
+    audit_out: std::os::unix::net::UnixDatagram,
 }
 
 /// A running worker and its end of the control channel.
@@ -200,6 +220,7 @@ impl Supervisor {
                     }
                     Event::Stop => {
                         stop_worker(&mut worker).await;
+                        info!("supervisor stopping");
                         info!("supervisor stopped; kernel enforcement stays in place");
                         return Ok(());
                     }
@@ -208,6 +229,14 @@ impl Supervisor {
                             backoff = BACKOFF_FIRST;
                         }
                         error!(pid = worker.pid, status = ?status, restart_in_ms = backoff.as_millis() as u64, "worker died; restarting");
+                        audit::emit(audit::Event::WorkerRestart {
+                            pid: worker.pid,
+                            status: match &status {
+                                Ok(s) => s.to_string(),
+                                Err(e) => e.to_string(),
+                            },
+                            restart_in_ms: backoff.as_millis() as u64,
+                        });
                         if self.sleep_or_stop(backoff, &mut term, &mut int).await {
                             return Ok(());
                         }
@@ -230,7 +259,11 @@ impl Supervisor {
 
     async fn spawn_worker(&self) -> Result<Worker> {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
-        let mut inherit = vec![self.listener.as_raw_fd(), theirs.as_raw_fd()];
+        let mut inherit = vec![
+            self.listener.as_raw_fd(),
+            theirs.as_raw_fd(),
+            self.audit_out.as_raw_fd(),
+        ];
         inherit.extend(self.admin.as_ref().map(|a| a.as_raw_fd()));
         let cgroup = self.cgroup.as_ref().map(|c| c.path.as_path());
         let plan = DropPlan::new(cgroup, self.user.clone(), inherit)?;
@@ -246,6 +279,7 @@ impl Supervisor {
             .env(ENV_LISTEN_FD, self.listener.as_raw_fd().to_string())
             .env(ENV_CONTROL_FD, theirs.as_raw_fd().to_string())
             .env(ENV_SUPERVISOR_PID, std::process::id().to_string())
+            .env(ENV_AUDIT_FD, self.audit_out.as_raw_fd().to_string())
             .envs(
                 self.admin
                     .as_ref()
@@ -327,12 +361,25 @@ impl Supervisor {
         let _ = worker.requests.write_all(msg.as_bytes()).await;
     }
 
+    /// SIGHUP: reloads, and records the outcome with the old and new config digests.
     async fn reload(&mut self, worker: &mut Worker) {
+        let old_digest = audit::chain::digest(&self.config.source);
+        let new_text = std::fs::read_to_string(&self.config.path).unwrap_or_default();
+        let outcome = self.try_reload(worker).await;
+        audit::emit(audit::Event::ConfigReload {
+            old_digest,
+            new_digest: audit::chain::digest(&new_text),
+            applied: outcome.is_ok(),
+            error: outcome.err(),
+        });
+    }
+
+    async fn try_reload(&mut self, worker: &mut Worker) -> Result<(), String> {
         let new = match Config::load(&self.config.path) {
             Ok(c) => c,
             Err(e) => {
                 error!(error = %e, "config reload refused; the running config stays");
-                return;
+                return Err(e.to_string());
             }
         };
         if let Some(what) = needs_restart(&self.config, &new) {
@@ -340,17 +387,17 @@ impl Supervisor {
                 key = what,
                 "config reload refused: this key changes only with a restart; the running config stays"
             );
-            return;
+            return Err(format!("{what} changes only with a restart"));
         }
         if let Err(e) = inference_host::check_reload(&self.guard, &self.config, &new) {
             error!(error = %format!("{e:#}"), "config reload refused; the running config stays");
-            return;
+            return Err(format!("{e:#}"));
         }
         // The guard first: it applies all or nothing, and is rolled back below if the rest of
         // the reload is refused.
         if let Err(e) = inference_host::apply(&mut self.guard, &new) {
             error!(error = %format!("{e:#}"), "config reload refused: the inference guard does not apply; the running config stays");
-            return;
+            return Err(format!("{e:#}"));
         }
         let old_policy = policy(&self.config, self.gateway);
         let new_policy = policy(&new, self.gateway);
@@ -360,7 +407,7 @@ impl Supervisor {
             error!(error = %format!("{e:#}"), "config reload refused: the kernel policy does not apply; the old one stays");
             let _ = enforcer.apply(&old_policy);
             self.restore_guard();
-            return;
+            return Err(format!("{e:#}"));
         }
         let outcome = apply(worker, &new).await;
         let applied = matches!(outcome, Ok(FromWorker::Applied));
@@ -377,6 +424,7 @@ impl Supervisor {
                     "config reloaded: routing and kernel policy"
                 );
                 self.config = new;
+                Ok(())
             }
             Ok(FromWorker::Refused { error }) => {
                 error!(
@@ -384,10 +432,12 @@ impl Supervisor {
                     "config reload refused by the worker; the running config stays"
                 );
                 self.restore_guard();
+                Err(error)
             }
             Err(e) => {
                 error!(error = %format!("{e:#}"), "config reload failed; the running config stays");
                 self.restore_guard();
+                Err(format!("{e:#}"))
             }
         }
     }
@@ -413,6 +463,9 @@ fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
     }
     if old.data_dir != new.data_dir {
         return Some("server.data_dir");
+    }
+    if old.audit() != new.audit() {
+        return Some("audit");
     }
     // The worker's identity service (signing keys, caches, lifetimes) is built once at start.
     if old.auth() != new.auth() {

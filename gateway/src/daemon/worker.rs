@@ -28,7 +28,8 @@ use crate::{
     auth::Identity,
     config::{Config, Sources},
     daemon::control::{
-        self, ENV_ADMIN_FD, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SUPERVISOR_PID, FromWorker, ToWorker,
+        self, ENV_ADMIN_FD, ENV_AUDIT_FD, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SUPERVISOR_PID,
+        FromWorker, ToWorker,
     },
     daemon::{privdrop, seccomp},
     dataplane::app,
@@ -103,6 +104,10 @@ pub fn run() -> Result<()> {
         std::os::unix::net::UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd(ENV_CONTROL_FD)?) });
     listener.set_nonblocking(true)?;
     control.set_nonblocking(true)?;
+    // SAFETY: as above.
+    crate::audit::sink::install_datagram(std::os::unix::net::UnixDatagram::from(unsafe {
+        OwnedFd::from_raw_fd(fd(ENV_AUDIT_FD)?)
+    }))?;
     let admin = match std::env::var(ENV_ADMIN_FD) {
         // SAFETY: as above.
         Ok(_) => Some(std::net::TcpListener::from(unsafe {
@@ -269,6 +274,7 @@ pub async fn serve_standalone(config: Config) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     info!(listen = %listener.local_addr()?, "data plane listening (single process, no kernel enforcement)");
+    crate::audit::start_daemon(&config, None, crate::audit::Source::Standalone)?;
     let shared = Shared::open(&config, Default::default())?;
     let _upkeep = shared.identity.spawn_upkeep();
     let current = Arc::new(ArcSwap::from_pointee(shared.build(config)?));
@@ -278,10 +284,13 @@ pub async fn serve_standalone(config: Config) -> Result<()> {
             return;
         };
         while hup.recv().await.is_some() {
-            match Config::load(&path)
+            let old_digest = crate::audit::chain::digest(&reloads.load().state.config.source);
+            let new_text = std::fs::read_to_string(&path).unwrap_or_default();
+            let outcome = Config::load(&path)
                 .map_err(anyhow::Error::from)
-                .and_then(|c| shared.build(c))
-            {
+                .and_then(|c| shared.build(c));
+            let error = outcome.as_ref().err().map(|e| format!("{e:#}"));
+            match outcome {
                 Ok(serving) => {
                     reloads.store(Arc::new(serving));
                     info!("config reloaded");
@@ -290,7 +299,15 @@ pub async fn serve_standalone(config: Config) -> Result<()> {
                     error!(error = %format!("{e:#}"), "config reload refused; the running config stays")
                 }
             }
+            crate::audit::emit(crate::audit::Event::ConfigReload {
+                old_digest,
+                new_digest: crate::audit::chain::digest(&new_text),
+                applied: error.is_none(),
+                error,
+            });
         }
     });
-    serve(listener, current, std::future::pending()).await
+    let served = serve(listener, current, std::future::pending()).await;
+    crate::audit::stop_daemon();
+    served
 }

@@ -53,8 +53,27 @@ pub fn choose_pool(config: &Config, tenant: &str, model: &str) -> Option<PoolCho
     })
 }
 
-/// Why a principal may not use a model, or the pool it goes to.
+/// Why a principal may not use a model, or the pool it goes to. A refusal is recorded in the
+/// audit log.
 pub fn authorize(
+    config: &Config,
+    principal: &Principal,
+    perms: &Permissions,
+    model: &str,
+    wants_logprobs: bool,
+) -> Result<PoolChoice, ApiError> {
+    decide(config, principal, perms, model, wants_logprobs).inspect_err(|_| {
+        crate::audit::emit(crate::audit::Event::AuthzDenied {
+            permission: format!("model:{model}"),
+            user_id: Some(principal.user_id.clone()),
+            key_id: principal.key_id.clone(),
+            tenant: Some(principal.tenant.clone()),
+            plane: "data".into(),
+        })
+    })
+}
+
+fn decide(
     config: &Config,
     principal: &Principal,
     perms: &Permissions,

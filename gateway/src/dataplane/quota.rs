@@ -166,6 +166,11 @@ impl Quotas {
             let c = map.entry(s.clone()).or_default();
             c.expire(now);
             if let Some((what, retry)) = c.refuse(q, &ask, now) {
+                crate::audit::emit(crate::audit::Event::QuotaDenied {
+                    tenant: p.tenant.clone(),
+                    user_id: Some(p.user_id.clone()),
+                    limit: format!("{who}:{what}"),
+                });
                 return Err(ApiError::new(
                     StatusCode::TOO_MANY_REQUESTS,
                     "requests",

@@ -16,9 +16,13 @@ pub trait DenyRecord: Sized {
     const KIND: &'static str;
     /// The `event` of the line that sums up records the rate limit held back.
     const SUPPRESSED_EVENT: &'static str;
+    /// `gateway` or `inference`, in the audit record.
+    const SIDE: &'static str;
     /// `None` for a record with unknown values (a newer program than this daemon).
     fn from_raw(raw: Self::Raw) -> Option<Self>;
     fn log(&self);
+    /// The record for the audit log.
+    fn audit(&self) -> crate::audit::Event;
 
     /// Decodes one ring buffer record; `None` for a record of the wrong size or with unknown
     /// values.
@@ -52,7 +56,7 @@ pub fn spawn_ring_logger<R: DenyRecord>(
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("cannot poll the {} ring buffer: {e}", R::KIND))?;
     Ok(tokio::spawn(async move {
-        let mut limiter = Limiter::new(R::SUPPRESSED_EVENT);
+        let mut limiter = Limiter::new(R::SUPPRESSED_EVENT, R::SIDE);
         loop {
             let Ok(mut guard) = fd.readable_mut().await else {
                 return;
@@ -60,7 +64,10 @@ pub fn spawn_ring_logger<R: DenyRecord>(
             let ring = guard.get_inner_mut();
             while let Some(item) = ring.next() {
                 match R::decode(&item) {
-                    Some(record) if limiter.admit() => record.log(),
+                    Some(record) if limiter.admit() => {
+                        record.log();
+                        crate::audit::emit(record.audit());
+                    }
                     Some(_) => {}
                     None => tracing::warn!(len = item.len(), kind = R::KIND, "undecodable event"),
                 }
@@ -70,12 +77,14 @@ pub fn spawn_ring_logger<R: DenyRecord>(
     }))
 }
 
-/// Admits at most [`Limiter::PER_SECOND`] log lines a second; the rest are counted and
-/// reported in one summary line, so a flood cannot fill the disk with log lines. The kernel's
+/// Admits at most [`Limiter::PER_SECOND`] log lines (and audit records) a second; the rest are
+/// counted and reported in one summary line and one `kernel_deny_suppressed` audit record, so
+/// a flood cannot fill the disk. The kernel's
 /// per-CPU counters still count every deny.
 #[derive(Debug)]
 pub struct Limiter {
     summary_event: &'static str,
+    side: &'static str,
     window: Instant,
     logged: u32,
     suppressed: u64,
@@ -84,9 +93,10 @@ pub struct Limiter {
 impl Limiter {
     pub const PER_SECOND: u32 = 200;
 
-    pub fn new(summary_event: &'static str) -> Limiter {
+    pub fn new(summary_event: &'static str, side: &'static str) -> Limiter {
         Limiter {
             summary_event,
+            side,
             window: Instant::now(),
             logged: 0,
             suppressed: 0,
@@ -106,6 +116,10 @@ impl Limiter {
                     suppressed = self.suppressed,
                     "deny events not logged individually (rate limit)"
                 );
+                crate::audit::emit(crate::audit::Event::KernelDenySuppressed {
+                    side: self.side.to_owned(),
+                    suppressed: self.suppressed,
+                });
             }
             self.window = now;
             self.logged = 0;
@@ -135,7 +149,7 @@ mod tests {
 
     #[test]
     fn a_flood_is_logged_at_most_per_second_quota() {
-        let mut l = Limiter::new("test_suppressed");
+        let mut l = Limiter::new("test_suppressed", "gateway");
         let t0 = l.window;
         let logged = (0..500).filter(|_| l.admit_at(t0)).count();
         assert_eq!(logged, Limiter::PER_SECOND as usize);

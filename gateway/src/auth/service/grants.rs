@@ -89,6 +89,18 @@ impl Identity {
             Some(key_id) => info!(event = "session_opened", user_id, sid = %sid, key_id),
             None => info!(event = "session_opened", user_id, sid = %sid),
         }
+        crate::audit::emit(crate::audit::Event::AuthSuccess {
+            method: if key_id.is_some() {
+                "api_key_grant"
+            } else {
+                "password"
+            }
+            .to_owned(),
+            user_id: Some(user_id.to_owned()),
+            key_id: key_id.map(str::to_owned),
+            sid: Some(sid.clone()),
+            tenant: Some(tenant.to_owned()),
+        });
         Ok(self.response(self.issue_access(user_id, tenant, &sid), rt))
     }
 
@@ -130,10 +142,26 @@ impl Identity {
             Ok(()) => {}
             Err(Refusal::Invalid) => {
                 info!(event = "auth_failed", method = "password", user_id = user.as_ref().map_or("", |u| u.id.as_str()), source = %source);
+                crate::audit::emit(crate::audit::Event::AuthFailure {
+                    method: "password".into(),
+                    reason: "invalid credentials".into(),
+                    user_id: user.as_ref().map(|u| u.id.clone()),
+                    key_id: None,
+                    sid: None,
+                    source: Some(source.to_string()),
+                });
                 return Err(AuthError::InvalidGrant);
             }
             Err(Refusal::Throttled(s)) => {
                 info!(event = "auth_throttled", method = "password", source = %source);
+                crate::audit::emit(crate::audit::Event::AuthFailure {
+                    method: "password".into(),
+                    reason: "throttled".into(),
+                    user_id: None,
+                    key_id: None,
+                    sid: None,
+                    source: Some(source.to_string()),
+                });
                 return Err(AuthError::Throttled(s));
             }
             Err(Refusal::Busy(s)) => return Err(AuthError::Busy(s)),
@@ -184,19 +212,40 @@ impl Identity {
                     method = "refresh_token",
                     reason = "unknown token"
                 );
+                Self::audit_failure("refresh_token", "unknown token", None, None);
                 return Err(AuthError::InvalidGrant);
             }
             RotateOutcome::Dead { family_id } => {
                 info!(event = "auth_failed", method = "refresh_token", sid = %family_id, reason = "session ended or token expired");
+                Self::audit_failure(
+                    "refresh_token",
+                    "session ended or token expired",
+                    None,
+                    Some(&family_id),
+                );
                 return Err(AuthError::InvalidGrant);
             }
             RotateOutcome::Reused { family_id } => {
                 self.evict_session(&family_id);
                 warn!(event = "refresh_reuse_detected", sid = %family_id, "a spent refresh token was presented again; the session is revoked");
+                crate::audit::emit(crate::audit::Event::RefreshReuse {
+                    sid: family_id.clone(),
+                });
+                crate::audit::emit(crate::audit::Event::SessionRevoked {
+                    sid: family_id.clone(),
+                    reason: "refresh_token_reuse".into(),
+                });
                 return Err(AuthError::InvalidGrant);
             }
         };
         let access = self.issue_access(&session.user_id, &session.tenant, &session.family_id);
+        crate::audit::emit(crate::audit::Event::AuthSuccess {
+            method: "refresh_token".into(),
+            user_id: Some(session.user_id.clone()),
+            key_id: None,
+            sid: Some(session.family_id.clone()),
+            tenant: Some(session.tenant.clone()),
+        });
         Ok(self.response(access, next))
     }
 
@@ -225,6 +274,10 @@ impl Identity {
         self.evict_session(&sid);
         if revoked {
             info!(event = "session_revoked", sid = %sid);
+            crate::audit::emit(crate::audit::Event::SessionRevoked {
+                sid: sid.clone(),
+                reason: "revoked_by_client".into(),
+            });
         }
         Ok(())
     }

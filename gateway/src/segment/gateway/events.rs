@@ -23,6 +23,7 @@ impl DenyRecord for Deny {
     type Raw = DenyEvent;
     const KIND: &'static str = "deny-event";
     const SUPPRESSED_EVENT: &'static str = "kernel_deny_suppressed";
+    const SIDE: &'static str = "gateway";
 
     fn from_raw(ev: DenyEvent) -> Option<Deny> {
         let addr = match ev.family {
@@ -58,6 +59,24 @@ impl DenyRecord for Deny {
             dst_port = self.port,
             "connection refused by the kernel"
         );
+    }
+
+    fn audit(&self) -> crate::audit::Event {
+        crate::audit::Event::KernelDeny {
+            side: Self::SIDE.into(),
+            hook: self.hook.into(),
+            detail: [
+                ("pid", self.pid.to_string()),
+                ("cgroup_id", self.cgroup_id.to_string()),
+                ("reason", self.reason.into()),
+                ("protocol", self.protocol.into()),
+                ("dst_addr", self.addr.to_string()),
+                ("dst_port", self.port.to_string()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+        }
     }
 }
 

@@ -23,6 +23,7 @@ impl DenyRecord for IngressDeny {
     type Raw = IngressDenyEvent;
     const KIND: &'static str = "ingress deny-event";
     const SUPPRESSED_EVENT: &'static str = "kernel_ingress_deny_suppressed";
+    const SIDE: &'static str = "inference";
 
     fn from_raw(ev: IngressDenyEvent) -> Option<IngressDeny> {
         let addr = |b: [u8; 16]| match ev.family {
@@ -55,6 +56,24 @@ impl DenyRecord for IngressDeny {
             dst_port = self.dst_port,
             "packet to a model port dropped by the kernel"
         );
+    }
+
+    fn audit(&self) -> crate::audit::Event {
+        crate::audit::Event::KernelDeny {
+            side: Self::SIDE.into(),
+            hook: self.hook.into(),
+            detail: [
+                ("ifindex", self.ifindex.to_string()),
+                ("protocol", self.protocol.into()),
+                ("src_addr", self.src_addr.to_string()),
+                ("src_port", self.src_port.to_string()),
+                ("dst_addr", self.dst_addr.to_string()),
+                ("dst_port", self.dst_port.to_string()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+        }
     }
 }
 
