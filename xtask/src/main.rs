@@ -184,7 +184,15 @@ fn test(extra: &[String]) -> Result<()> {
         args.push("--");
         args.extend(extra.iter().map(String::as_str));
     }
-    cargo(&args)
+    cargo(&args)?;
+    if extra.is_empty() {
+        // The identity suite once more on the shared store: same tests, PostgreSQL instead of
+        // SQLite (the fixture starts a throw-away server per daemon).
+        run(Command::new("cargo")
+            .args(["test", "-p", "moat-tests", "--test", "identity"])
+            .env("MOAT_TEST_STORE", "postgres"))?;
+    }
+    Ok(())
 }
 
 fn cargo(args: &[&str]) -> Result<()> {

@@ -24,6 +24,33 @@ pub struct RawConfig {
     /// Default quotas, for tenants without their own.
     pub quotas: QuotasConfig,
     pub admin: AdminConfig,
+    /// Where identity lives: the embedded SQLite file or a shared PostgreSQL.
+    pub store: StoreConfig,
+}
+
+/// `[store]`: the identity store's engine.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+    /// `postgres://user@host:port/db` (with `kind = "postgres"`); never a password.
+    pub url: Option<String>,
+    /// File holding the database password (first line; relative to the config's folder).
+    pub password_file: Option<PathBuf>,
+    /// Environment variable holding the database password instead.
+    pub password_env: Option<String>,
+    /// Connections per replica (PostgreSQL).
+    pub pool_size: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// One SQLite file in the data directory: one gateway host.
+    #[default]
+    Sqlite,
+    /// A PostgreSQL database shared by every replica.
+    Postgres,
 }
 
 /// `[server]`: the data plane's listener and the worker's user and data. A key left out takes
