@@ -14,7 +14,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moat_tests::{Daemon, Events, Sim, daemon::with_role, http::Client, servers::Pg};
+use moat_tests::{
+    Daemon, Events, Sim,
+    daemon::with_role,
+    http::Client,
+    servers::{Pg, Redis},
+};
 use serde_json::{Value, json};
 
 const CHAT: &str = "/v1/chat/completions";
@@ -285,4 +290,127 @@ fn postgres_killed_under_load_cached_credentials_go_on_and_the_rest_get_503() {
         statuses.iter().filter(|&&s| s != 200).collect::<Vec<_>>()
     );
     drop(a);
+}
+
+/// Two replicas whose quotas live in `redis`, with `quotas` (TOML lines of `[quotas]` after
+/// the backend) and a chat model on `sim`.
+fn quota_pair(pg: &Pg, redis: &Redis, sim: &Sim, quotas: &str) -> (Daemon, Daemon, String) {
+    let rest = format!(
+        "[quotas]\nbackend = \"redis\"\nredis_url = \"{}\"\n{quotas}\n\
+         [pools.p]\nhosts = [\"{}\"]\n[models.chat]\npool = \"p\"\n",
+        redis.url(),
+        sim.addr
+    );
+    let (a, b, key, _) = pair(pg, &rest);
+    (a, b, key)
+}
+
+fn chat_status(url: &str, key: &str) -> (u16, Option<String>, Value) {
+    let r = Client::new()
+        .post(url)
+        .bearer_auth(key)
+        .json(
+            &json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}],
+                      "max_tokens": 4}),
+        )
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    let retry = r
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    (status, retry, r.json().unwrap_or(Value::Null))
+}
+
+/// `n` chats from `threads` threads, alternating between the replicas; the statuses.
+fn load(
+    urls: [String; 2],
+    key: &str,
+    n: usize,
+    threads: usize,
+) -> Vec<(u16, Option<String>, Value)> {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let (urls, key, next) = (urls.clone(), key.to_owned(), next.clone());
+            std::thread::spawn(move || {
+                let mut out = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= n {
+                        return out;
+                    }
+                    out.push(chat_status(&urls[i % 2], &key));
+                }
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_quota_of_100_per_minute_admits_exactly_100_across_two_replicas() {
+    let pg = Pg::start();
+    let redis = Redis::start();
+    let sim = Sim::start(&[]);
+    let (a, b, key) = quota_pair(
+        &pg,
+        &redis,
+        &sim,
+        "[quotas.key]\nrequests_per_minute = 100\n",
+    );
+    let results = load([a.url(CHAT), b.url(CHAT)], &key, 160, 8);
+    let ok = results.iter().filter(|r| r.0 == 200).count();
+    let refused: Vec<_> = results.iter().filter(|r| r.0 != 200).collect();
+    assert_eq!(ok, 100, "admitted across both replicas");
+    for (status, retry, body) in &refused {
+        assert_eq!(*status, 429, "{body}");
+        assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
+        let retry: u64 = retry.as_deref().unwrap().parse().unwrap();
+        assert!((1..=60).contains(&retry), "{retry}");
+    }
+}
+
+#[test]
+fn redis_killed_under_load_denies_with_503_or_counts_locally_as_configured() {
+    let pg = Pg::start();
+    let sim = Sim::start(&[]);
+    for posture in ["deny", "local"] {
+        let mut redis = Redis::start();
+        let (a, b, key) = quota_pair(
+            &pg,
+            &redis,
+            &sim,
+            &format!(
+                "on_backend_error = \"{posture}\"\n[quotas.key]\nrequests_per_minute = 1000\n"
+            ),
+        );
+        let urls = [a.url(CHAT), b.url(CHAT)];
+        let before = load(urls.clone(), &key, 20, 4);
+        assert!(before.iter().all(|r| r.0 == 200), "{posture}: {before:?}");
+        redis.kill();
+        let after = load(urls.clone(), &key, 40, 4);
+        for (status, retry, body) in &after {
+            match posture {
+                "deny" => {
+                    assert_eq!(*status, 503, "{body}");
+                    assert_eq!(body["error"]["code"], "quota_backend_unavailable", "{body}");
+                    assert!(retry.is_some(), "503 without Retry-After");
+                }
+                _ => assert_eq!(*status, 200, "{body}"),
+            }
+        }
+        let needle = match posture {
+            "deny" => "refusing quota-limited requests with 503",
+            _ => "COUNTING ON THIS REPLICA ONLY",
+        };
+        for d in [&a, &b] {
+            d.wait_log(needle);
+        }
+    }
 }

@@ -29,8 +29,9 @@ pub use destinations::{
 use ipnet::IpNet;
 pub use schema::{
     AdminConfig, AuthConfig, GuardAttach, InferenceGuardConfig, MAX_LEEWAY_SECS, MAX_LIFETIME_SECS,
-    ModelConfig, PoolConfig, Quota, QuotasConfig, RoleConfig, SegmentationConfig, SegmentationMode,
-    ServerConfig, SigningAlgorithm, StoreConfig, StoreKind, TenantConfig,
+    ModelConfig, OnBackendError, PoolConfig, Quota, QuotaBackendKind, QuotasConfig, RoleConfig,
+    SegmentationConfig, SegmentationMode, ServerConfig, SigningAlgorithm, StoreConfig, StoreKind,
+    TenantConfig,
 };
 
 use self::{capture::Reader, schema::RawConfig, validate::Invalid};

@@ -258,8 +258,33 @@ pub struct TenantConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QuotasConfig {
+    /// Where the counters live: this replica's memory, or Redis shared by every replica.
+    pub backend: QuotaBackendKind,
+    /// `redis://host:port/` (with `backend = "redis"`).
+    pub redis_url: Option<String>,
+    /// What a request gets while Redis is unreachable.
+    pub on_backend_error: OnBackendError,
     pub tenant: Quota,
     pub key: Quota,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuotaBackendKind {
+    #[default]
+    Memory,
+    Redis,
+}
+
+/// The posture while the shared quota counters are unreachable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnBackendError {
+    /// 503 with `Retry-After` for every request a quota applies to.
+    #[default]
+    Deny,
+    /// Count on this replica alone (each replica admits up to the limit), logged loudly.
+    Local,
 }
 
 /// Limits over a sliding minute and on concurrency; an absent limit is unlimited.
