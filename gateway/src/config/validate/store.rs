@@ -98,3 +98,58 @@ pub(in crate::config) fn store(
     };
     Ok(password)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::Config;
+
+    fn refused(text: &str) -> (String, String) {
+        let e = Config::from_str(Path::new("/nonexistent/moat.toml"), text).unwrap_err();
+        (e.key, e.reason)
+    }
+
+    #[test]
+    fn store_and_quota_backends_are_checked_at_load() {
+        let (key, reason) =
+            refused("[store]\nkind = \"postgres\"\nurl = \"postgres://moat:hunter2@db/moat\"\n");
+        assert_eq!(key, "store.url");
+        assert!(reason.contains("password"), "{reason}");
+        assert!(!reason.contains("hunter2"), "the refusal repeats no secret");
+        assert_eq!(refused("[store]\nkind = \"postgres\"\n").0, "store.url");
+        assert_eq!(
+            refused("[store]\nurl = \"postgres://moat@db/moat\"\n").0,
+            "store.url",
+            "a URL without kind = postgres"
+        );
+        assert_eq!(
+            refused(
+                "[store]\nkind = \"postgres\"\nurl = \"postgres://moat@db/moat\"\n\
+                 password_env = \"MOAT_TEST_UNSET_VARIABLE\"\n"
+            )
+            .0,
+            "store.password_env"
+        );
+        assert_eq!(
+            refused("[quotas]\nbackend = \"redis\"\n").0,
+            "quotas.redis_url"
+        );
+        let (key, reason) =
+            refused("[quotas]\nbackend = \"redis\"\nredis_url = \"redis://:pw@cache:6379/\"\n");
+        assert_eq!(key, "quotas.redis_url");
+        assert!(reason.contains("password"), "{reason}");
+        assert_eq!(
+            refused("[quotas]\nredis_url = \"redis://cache:6379/\"\n").0,
+            "quotas.redis_url"
+        );
+        let ok = Config::from_str(
+            Path::new("/nonexistent/moat.toml"),
+            "[store]\nkind = \"postgres\"\nurl = \"postgres://moat@db/moat\"\n\
+             [quotas]\nbackend = \"redis\"\nredis_url = \"redis://cache:6379/\"\n\
+             on_backend_error = \"local\"\n",
+        )
+        .unwrap();
+        assert!(ok.store_password.is_none());
+    }
+}
