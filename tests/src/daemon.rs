@@ -56,8 +56,15 @@ pub struct Daemon {
     // Dropped in this order, after the process is gone: pins, cgroup, folder.
     pins: Option<TestPins>,
     cgroup: Option<TestCgroup>,
+    /// The PostgreSQL server of a fixture on the shared store ([`STORE_ENV`]); after the
+    /// process is gone.
+    pg: Option<(crate::servers::Pg, String)>,
     dir: tempfile::TempDir,
 }
+
+/// `MOAT_TEST_STORE=postgres` runs the suites built on [`Daemon::off`] against a throw-away
+/// PostgreSQL ([`crate::servers::Pg`]) instead of the embedded SQLite file.
+pub const STORE_ENV: &str = "MOAT_TEST_STORE";
 
 impl Daemon {
     /// A fixture with an empty temp folder; write its config with [`Daemon::write_config`].
@@ -72,6 +79,7 @@ impl Daemon {
             runs: 0,
             pins: None,
             cgroup: None,
+            pg: None,
             dir,
         }
     }
@@ -86,10 +94,36 @@ impl Daemon {
     /// A fixture with the plain test config: a `[server]` table on port 0 with a data dir (and
     /// `server` lines), kernel segmentation off, then `rest`.
     pub fn off(server: &str, rest: &str) -> Daemon {
-        Daemon::with_config(&format!(
+        let mut store = String::new();
+        let pg = match std::env::var(STORE_ENV).as_deref() {
+            Ok("postgres") => {
+                let pg = crate::servers::Pg::start();
+                let url = pg.create_database();
+                store = pg.store_toml(&url, "pgpass");
+                let db = url.rsplit('/').next().unwrap().to_owned();
+                Some((pg, db))
+            }
+            Ok("sqlite") | Err(_) => None,
+            Ok(other) => panic!("{STORE_ENV}={other}: sqlite or postgres"),
+        };
+        let mut d = Daemon::with_config(&format!(
             "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\n{server}\n\
-             [segmentation]\nmode = \"off\"\ngateway_cgroup = \"{TEST_CGROUP}\"\n\n{rest}\n"
-        ))
+             [segmentation]\nmode = \"off\"\ngateway_cgroup = \"{TEST_CGROUP}\"\n\n{rest}\n{store}"
+        ));
+        if let Some(pg) = pg {
+            d.write_file("pgpass", pg.0.password());
+            d.pg = Some(pg);
+        }
+        d
+    }
+
+    /// On the shared store ([`STORE_ENV`]): everything the database holds, dumped as SQL to a
+    /// file in the fixture's folder. `None` on SQLite (the store is `data/moat.db`).
+    pub fn store_dump(&self) -> Option<PathBuf> {
+        let (pg, db) = self.pg.as_ref()?;
+        let to = self.dir.path().join("store-dump.sql");
+        pg.dump(db, &to);
+        Some(to)
     }
 
     /// A fixture (not started) for tests that never proxy: the plain test config

@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod http;
 pub mod kernel;
 pub mod netns;
+pub mod servers;
 
 use std::{
     io::{BufRead, BufReader},

@@ -7,6 +7,7 @@
 //!   inference host when no real one listens on 127.0.0.1:8000)
 //! - `bench`  benchmarks (`segment`, …), printed as ratios measured in one run
 
+mod replicas;
 mod setup;
 
 use std::{
@@ -44,6 +45,10 @@ enum Cmd {
     Run {
         #[arg(long, default_value = "examples/moat.toml")]
         config: PathBuf,
+        /// Instead: this many gateway replicas sharing a throw-away PostgreSQL and Redis
+        /// (docs/replicas.md), in front of the same demo inference host.
+        #[arg(long)]
+        replicas: Option<u16>,
     },
     /// Run a benchmark and print its ratios.
     Bench {
@@ -69,12 +74,15 @@ fn main() -> Result<()> {
             setup::run()?;
             test(&args)
         }
-        Cmd::Run { config } => {
+        Cmd::Run { config, replicas } => {
             setup::run()?;
             build(true)?;
             // Stand-in GPU: the simulator on the example config's inference host, unless a
             // real server already listens there. Killed when the daemon exits.
             let _sim = demo_inference_host(&root)?;
+            if let Some(n) = replicas {
+                return replicas::run(&root, n, DEMO_INFERENCE_HOST);
+            }
             let status = Command::new(root.join("target/release/moat"))
                 .args(["serve", "--config"])
                 .arg(&config)
@@ -187,7 +195,15 @@ fn test(extra: &[String]) -> Result<()> {
         args.push("--");
         args.extend(extra.iter().map(String::as_str));
     }
-    cargo(&args)
+    cargo(&args)?;
+    if extra.is_empty() {
+        // The identity suite once more on the shared store: same tests, PostgreSQL instead of
+        // SQLite (the fixture starts a throw-away server per daemon).
+        run(Command::new("cargo")
+            .args(["test", "-p", "moat-tests", "--test", "identity"])
+            .env("MOAT_TEST_STORE", "postgres"))?;
+    }
+    Ok(())
 }
 
 fn cargo(args: &[&str]) -> Result<()> {

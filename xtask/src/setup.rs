@@ -18,8 +18,9 @@ use anyhow::{Context, Result, bail};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages: tools the tests drive (ip, bpftool, nft for the NAT tests), benchmarks
-/// (wrk, nginx) and the
-/// virtualenv for the OpenAI SDK tests, openssl for the upstream TLS test certificates.
+/// (wrk, nginx) and the virtualenv for the OpenAI SDK tests, openssl for the upstream TLS test
+/// certificates, and the servers of the shared store and quotas (the replica tests start
+/// throw-away instances of PostgreSQL and Redis from these packages' binaries).
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "bpftool",
@@ -28,6 +29,8 @@ const APT_PACKAGES: &[&str] = &[
     "nginx-light",
     "python3-venv",
     "openssl",
+    "postgresql",
+    "redis-server",
 ];
 
 pub fn run() -> Result<()> {

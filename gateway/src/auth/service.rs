@@ -33,7 +33,7 @@ use super::{
 use crate::{
     config::{AuthConfig, Config},
     error::ApiError,
-    store::{Session, Store, StoreResult, sqlite::SqliteStore},
+    store::{Session, Store, StoreResult},
 };
 
 /// Why authentication failed. Each maps to one fixed client answer; the variants that must not
@@ -119,8 +119,8 @@ pub struct Identity {
 impl Identity {
     /// Opens the configured store and secrets (creating them on first start).
     pub fn open(config: &Config) -> anyhow::Result<Arc<Self>> {
-        let store = SqliteStore::open_in(&config.data_dir)?;
-        Ok(Arc::new(Self::new(config, Arc::new(store))?))
+        let store = crate::store::open(config)?;
+        Ok(Arc::new(Self::new(config, store)?))
     }
 
     /// Builds the service over `store`, with secrets from the config's data directory.
@@ -541,16 +541,26 @@ impl Identity {
     }
 
     /// Background upkeep: the revocation-epoch poll and signing-key rotation. Ends when the
-    /// service is dropped.
+    /// service is dropped. A store that announces epoch moves (PostgreSQL `NOTIFY`) wakes the
+    /// poll at once; the interval stays as the fallback.
     pub fn spawn_upkeep(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let weak = Arc::downgrade(self);
         let (poll, signing_check) = (self.poll, self.signing_check);
+        let signal = self.store.epoch_signal();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(poll);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut last_signing = tokio::time::Instant::now();
             loop {
-                tick.tick().await;
+                match &signal {
+                    Some(s) => tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = s.notified() => {}
+                    },
+                    None => {
+                        tick.tick().await;
+                    }
+                }
                 let Some(me) = weak.upgrade() else { return };
                 me.poll_epoch().await;
                 if last_signing.elapsed() >= signing_check {

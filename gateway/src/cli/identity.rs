@@ -12,7 +12,7 @@ use zeroize::Zeroizing;
 use crate::{
     auth::{admin::Admin, secrets::Pepper},
     config::Config,
-    store::sqlite::SqliteStore,
+    store::Store,
 };
 
 #[derive(Subcommand, Debug)]
@@ -95,14 +95,18 @@ pub enum TenantsCommand {
 }
 
 struct Opened {
-    store: SqliteStore,
+    store: std::sync::Arc<dyn Store>,
     pepper: Pepper,
 }
 
 impl Opened {
     fn new(config: &Config) -> anyhow::Result<Self> {
-        let store = SqliteStore::open_in(&config.data_dir)
-            .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
+        let store = crate::store::open(config).with_context(|| match config.store().kind {
+            crate::config::StoreKind::Sqlite => {
+                format!("cannot open the store in {}", config.data_dir.display())
+            }
+            crate::config::StoreKind::Postgres => "cannot open the PostgreSQL store".to_owned(),
+        })?;
         let pepper =
             Pepper::load_or_create(&config.data_dir).context("cannot read or create the pepper")?;
         Ok(Self { store, pepper })
@@ -110,7 +114,7 @@ impl Opened {
 
     fn admin(&self) -> Admin<'_> {
         Admin {
-            store: &self.store,
+            store: self.store.as_ref(),
             pepper: &self.pepper,
             // The root CLI: all-powerful.
             caller: None,

@@ -10,6 +10,7 @@ pub mod report;
 
 use std::{path::PathBuf, process::ExitCode};
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::{config::Config, logging, segment};
@@ -68,6 +69,11 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::cli::identity::TenantsCommand,
     },
+    /// The identity store: bring its schema up to date.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// Certificates for mutual TLS between the gateway and its model servers.
     Certs {
         #[command(subcommand)]
@@ -91,6 +97,14 @@ pub enum SegmentCommand {
     },
     /// Detach and remove everything moat pinned (enforcement stops).
     Uninstall,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StoreCommand {
+    /// Apply the pending schema migrations (SQLite or PostgreSQL, per `[store]`) and print the
+    /// version. Replicas also migrate when they start; run this first to roll out a new schema
+    /// before the replicas.
+    Migrate,
 }
 
 #[derive(Subcommand, Debug)]
@@ -171,6 +185,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Tenants { command } => {
             crate::cli::identity::tenants(&store_config(&cli.config)?, command)?
+        }
+        Command::Store {
+            command: StoreCommand::Migrate,
+        } => {
+            let config = store_config(&cli.config)?;
+            crate::store::open(&config).context("cannot open the store")?;
+            println!(
+                "store schema at version {} ({:?})",
+                crate::store::MIGRATIONS.len(),
+                config.store().kind
+            );
         }
         Command::Certs { command } => crate::cli::certs::run(command)?,
         Command::Audit { command } => return crate::cli::audit::run(&cli.config, command),

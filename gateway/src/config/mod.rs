@@ -29,8 +29,9 @@ pub use destinations::{
 use ipnet::IpNet;
 pub use schema::{
     AdminConfig, AuditConfig, AuthConfig, GuardAttach, InferenceGuardConfig, MAX_LEEWAY_SECS,
-    MAX_LIFETIME_SECS, ModelConfig, PoolConfig, Quota, QuotasConfig, RoleConfig,
-    SegmentationConfig, SegmentationMode, ServerConfig, SigningAlgorithm, TenantConfig,
+    MAX_LIFETIME_SECS, ModelConfig, OnBackendError, PoolConfig, Quota, QuotaBackendKind,
+    QuotasConfig, RoleConfig, SegmentationConfig, SegmentationMode, ServerConfig,
+    SigningAlgorithm, StoreConfig, StoreKind, TenantConfig,
 };
 
 use self::{capture::Reader, schema::RawConfig, validate::Invalid};
@@ -81,6 +82,8 @@ pub struct Config {
     pub inference: Option<InferenceGuard>,
     /// Everything the load read from outside the file's text (see [`Captured`]).
     pub captured: Captured,
+    /// The shared store's password (`[store] password_file` / `password_env`).
+    pub store_password: Option<Secret>,
 }
 
 /// A pool after validation: its hosts resolved, its credential and CAs read, its durations
@@ -263,6 +266,7 @@ impl Config {
         validate::admin(&raw.admin, &raw.server)?;
         let seg = validate::segmentation(&raw.segmentation, &reader)?;
         validate::auth(&raw.auth, base, &reader)?;
+        let store_password = validate::store(&raw.store, base, &reader)?;
 
         Ok(Config {
             path: path.to_path_buf(),
@@ -274,6 +278,7 @@ impl Config {
             extra_protected: seg.extra_protected,
             inference: seg.inference,
             captured: reader.into_captured(),
+            store_password,
         })
     }
 
@@ -313,6 +318,11 @@ impl Config {
     /// `[auth]`.
     pub fn auth(&self) -> &AuthConfig {
         &self.raw.auth
+    }
+
+    /// `[store]`.
+    pub fn store(&self) -> &StoreConfig {
+        &self.raw.store
     }
 
     /// `[models]`: public name → where it is served and its request limits.

@@ -25,6 +25,33 @@ pub struct RawConfig {
     pub quotas: QuotasConfig,
     pub admin: AdminConfig,
     pub audit: AuditConfig,
+    /// Where identity lives: the embedded SQLite file or a shared PostgreSQL.
+    pub store: StoreConfig,
+}
+
+/// `[store]`: the identity store's engine.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+    /// `postgres://user@host:port/db` (with `kind = "postgres"`); never a password.
+    pub url: Option<String>,
+    /// File holding the database password (first line; relative to the config's folder).
+    pub password_file: Option<PathBuf>,
+    /// Environment variable holding the database password instead.
+    pub password_env: Option<String>,
+    /// Connections per replica (PostgreSQL).
+    pub pool_size: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// One SQLite file in the data directory: one gateway host.
+    #[default]
+    Sqlite,
+    /// A PostgreSQL database shared by every replica.
+    Postgres,
 }
 
 /// `[server]`: the data plane's listener and the worker's user and data. A key left out takes
@@ -259,8 +286,33 @@ pub struct TenantConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QuotasConfig {
+    /// Where the counters live: this replica's memory, or Redis shared by every replica.
+    pub backend: QuotaBackendKind,
+    /// `redis://host:port/` (with `backend = "redis"`).
+    pub redis_url: Option<String>,
+    /// What a request gets while Redis is unreachable.
+    pub on_backend_error: OnBackendError,
     pub tenant: Quota,
     pub key: Quota,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuotaBackendKind {
+    #[default]
+    Memory,
+    Redis,
+}
+
+/// The posture while the shared quota counters are unreachable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnBackendError {
+    /// 503 with `Retry-After` for every request a quota applies to.
+    #[default]
+    Deny,
+    /// Count on this replica alone (each replica admits up to the limit), logged loudly.
+    Local,
 }
 
 /// Limits over a sliding minute and on concurrency; an absent limit is unlimited.

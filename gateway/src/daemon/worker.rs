@@ -53,7 +53,7 @@ impl Shared {
         let identity = Identity::open(config).context("cannot open the identity store")?;
         Ok(Shared {
             identity,
-            quotas: Arc::default(),
+            quotas: Arc::new(Quotas::from_config(config).context("cannot set up the quotas")?),
             kernel,
         })
     }

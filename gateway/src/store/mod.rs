@@ -1,15 +1,44 @@
 //! The store: tenants, users, API keys (hashes only), refresh-token families and their tokens,
-//! security events. [`Store`] is the seam a shared PostgreSQL will implement later; the embedded
-//! default is [`sqlite::SqliteStore`] (WAL, in the data directory, schema from `migrations/`).
+//! security events, the revocation epoch. Two engines behind [`Store`]: the embedded default
+//! [`sqlite::SqliteStore`] (WAL, in the data directory) and [`postgres::PostgresStore`], shared
+//! by several gateway replicas. Both take their schema from the one list [`MIGRATIONS`]
+//! (`gateway/migrations/`, written for SQLite; [`postgres_dialect`] adapts the few type names).
 //!
 //! The trait is synchronous: SQLite calls are short, and async callers run them on the blocking
 //! pool (see [`crate::auth`]). Every operation that must hold under concurrency (rotating a
 //! refresh token, revoking a family) is one transaction inside the implementation, never a
 //! read-then-write by the caller.
 
+pub mod postgres;
 pub mod sqlite;
 
+use std::sync::Arc;
+
 use serde::Serialize;
+
+use crate::config::{Config, StoreKind};
+
+/// The schema, in order, for both engines. Never edit a shipped migration: add the next one.
+pub const MIGRATIONS: &[&str] = &[include_str!("../../migrations/0001_identity.sql")];
+
+/// A migration as PostgreSQL takes it: the SQLite text with its storage classes renamed
+/// (`INTEGER` → `BIGINT`, `BLOB` → `BYTEA`, an autoincrement key → `BIGSERIAL`) and `STRICT`
+/// dropped. The migrations keep to the SQL both engines share, so this is all it takes.
+pub fn postgres_dialect(sqlite: &str) -> String {
+    sqlite
+        .replace("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY")
+        .replace("INTEGER", "BIGINT")
+        .replace("BLOB", "BYTEA")
+        .replace(") STRICT;", ");")
+}
+
+/// Opens the configured store, bringing its schema up to date.
+pub fn open(config: &Config) -> StoreResult<Arc<dyn Store>> {
+    Ok(match config.store().kind {
+        StoreKind::Sqlite => Arc::new(sqlite::SqliteStore::open_in(&config.data_dir)?),
+        StoreKind::Postgres => Arc::new(postgres::PostgresStore::open(config)?),
+    })
+}
 
 /// A store failure. Callers map it to a 500/503; its text never carries a secret.
 #[derive(Debug, thiserror::Error)]
@@ -201,5 +230,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// The revocation epoch (see the migration): moves on every change that ends a credential.
     fn auth_epoch(&self) -> StoreResult<i64>;
+    /// Woken whenever the epoch may have moved in another process (PostgreSQL `NOTIFY`), so
+    /// the caller checks at once instead of at its next poll. `None`: polling only.
+    fn epoch_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
+        None
+    }
     fn security_events(&self) -> StoreResult<Vec<SecurityEvent>>;
 }

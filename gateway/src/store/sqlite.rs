@@ -10,12 +10,9 @@ use std::{os::unix::fs::PermissionsExt, path::Path, sync::Mutex, time::Duration}
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{
-    ApiKeyRecord, NewApiKey, NewFamily, NewRefreshToken, NewUser, RotateOutcome, SecurityEvent,
-    Session, Store, StoreError, StoreResult, Tenant, User,
+    ApiKeyRecord, MIGRATIONS, NewApiKey, NewFamily, NewRefreshToken, NewUser, RotateOutcome,
+    SecurityEvent, Session, Store, StoreError, StoreResult, Tenant, User,
 };
-
-/// The schema, in order. Never edit a shipped migration: add the next one.
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/0001_identity.sql")];
 
 /// The database file's name in the data directory.
 pub const DB_FILE: &str = "moat.db";

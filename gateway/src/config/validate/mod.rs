@@ -10,6 +10,7 @@ mod models;
 mod pools;
 mod segmentation;
 mod server;
+mod store;
 mod tenancy;
 
 use std::collections::BTreeMap;
@@ -20,6 +21,7 @@ pub(super) use self::{
     pools::pools,
     segmentation::segmentation,
     server::{admin, server},
+    store::store,
     tenancy::tenancy,
 };
 

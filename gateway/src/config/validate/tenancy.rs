@@ -96,6 +96,31 @@ pub(in crate::config) fn tenancy(raw: &RawConfig) -> Result<(), Invalid> {
         }
         Ok(())
     };
+    match (raw.quotas.backend, &raw.quotas.redis_url) {
+        (crate::config::QuotaBackendKind::Redis, None) => {
+            return Err(Invalid::new(
+                "quotas.redis_url",
+                "`backend = \"redis\"` needs `redis_url = \"redis://host:port/\"`",
+            ));
+        }
+        (crate::config::QuotaBackendKind::Redis, Some(url)) => {
+            let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
+                .map_err(|e| Invalid::new("quotas.redis_url", format!("not a Redis URL: {e}")))?;
+            if info.redis_settings().password().is_some() {
+                return Err(Invalid::new(
+                    "quotas.redis_url",
+                    "the URL carries a password; moat does not take secrets in its config",
+                ));
+            }
+        }
+        (crate::config::QuotaBackendKind::Memory, Some(_)) => {
+            return Err(Invalid::new(
+                "quotas.redis_url",
+                "only for `backend = \"redis\"`",
+            ));
+        }
+        (crate::config::QuotaBackendKind::Memory, None) => {}
+    }
     check_quota("quotas.tenant", &raw.quotas.tenant)?;
     check_quota("quotas.key", &raw.quotas.key)?;
     for (name, t) in &raw.tenants {

@@ -210,6 +210,7 @@ impl Local {
                     who: c.who,
                     what,
                     retry_after,
+                    unavailable: false,
                 });
             }
         }

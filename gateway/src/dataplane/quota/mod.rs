@@ -21,6 +21,7 @@
 //! reload counts the requests admitted from then on, not those already running.
 
 pub mod local;
+pub mod redis;
 
 use std::{future::Future, pin::Pin, sync::Arc};
 
@@ -72,6 +73,8 @@ pub struct Refusal {
     pub what: &'static str,
     /// Seconds until the request would fit (at least 1).
     pub retry_after: u64,
+    /// The counters could not be reached (`on_backend_error = "deny"`): a 503, not a 429.
+    pub unavailable: bool,
 }
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -113,6 +116,19 @@ impl Default for Quotas {
 impl Quotas {
     pub fn new(backend: Arc<dyn QuotaBackend>) -> Self {
         Self { backend }
+    }
+
+    /// The backend `[quotas]` names: this process's memory, or Redis shared by the replicas.
+    /// Chosen when the worker starts (a reload keeps it).
+    pub fn from_config(config: &Config) -> anyhow::Result<Self> {
+        let q = config.quotas();
+        Ok(match q.backend {
+            crate::config::QuotaBackendKind::Memory => Self::default(),
+            crate::config::QuotaBackendKind::Redis => {
+                let url = q.redis_url.as_deref().unwrap_or_default();
+                Self::new(redis::RedisQuotas::new(url, q.on_backend_error)?)
+            }
+        })
     }
 
     /// Admits the request and charges it to its key and its tenant, or refuses it with a 429
@@ -175,6 +191,11 @@ impl Quotas {
         }
         match self.backend.reserve(&charges[..n], ask).await {
             Ok(hold) => Ok(Ticket { hold: Some(hold) }),
+            Err(r) if r.unavailable => Err(ApiError::unavailable(
+                "quota counters unavailable; try again",
+            )
+            .with_code("quota_backend_unavailable")
+            .with_retry_after(r.retry_after)),
             Err(r) => Err({
                 crate::audit::emit(crate::audit::Event::QuotaDenied {
                     tenant: p.tenant.clone(),

@@ -1,0 +1,454 @@
+//! End to end: two gateway replicas (two real `moat serve`) on one real PostgreSQL
+//! ([`moat_tests::servers`]), identity made with the real CLI.
+//!
+//! - a key created through one replica works on the other;
+//! - a key revoked through replica A is refused by replica B within 100 ms (measured; B's
+//!   revocation poll is set far longer, so only `LISTEN/NOTIFY` can do it), and B's open
+//!   stream for it ends;
+//! - concurrent refreshes of one token, spread over both replicas, have exactly one winner;
+//! - PostgreSQL killed under load: credentials B verified before go on from its cache,
+//!   anything else is a 503, and no other 5xx appears.
+
+use std::{
+    sync::{Arc, Barrier},
+    time::{Duration, Instant},
+};
+
+use moat_tests::{
+    Daemon, Events, Sim,
+    daemon::with_role,
+    http::Client,
+    servers::{Pg, Redis},
+};
+use serde_json::{Value, json};
+
+const CHAT: &str = "/v1/chat/completions";
+
+/// One replica's config: the shared database, `rest` (pools, models, auth...).
+fn replica(pg: &Pg, db: &str, rest: &str) -> Daemon {
+    let rest = with_role(rest, "user", "\"model:*\", \"inference:*\"");
+    let d = Daemon::off("", &format!("{rest}\n{}", pg.store_toml(db, "pgpass")));
+    d.write_file("pgpass", pg.password());
+    d
+}
+
+/// Gives `b` the pepper of `a` (every replica reads the same pepper from its own file: API
+/// keys and refresh tokens are stored as HMACs under it). `a` must have made its own.
+fn share_pepper(a: &Daemon, b: &Daemon) {
+    // The CLI makes b's data directory and a pepper with the right owner and mode; then its
+    // bytes are replaced in place.
+    b.cli_ok(&["tenants", "list"], None);
+    let pepper = std::fs::read(a.data_dir().join("secrets/pepper")).expect("a's pepper");
+    std::fs::write(b.data_dir().join("secrets/pepper"), pepper).expect("b's pepper");
+}
+
+/// Two started replicas on one database; tenant `acme`, user `alice` (role `user`), and a
+/// key made through A: returns (a, b, key, key id).
+fn pair(pg: &Pg, rest: &str) -> (Daemon, Daemon, String, String) {
+    let db = pg.create_database();
+    let mut a = replica(pg, &db, rest);
+    let mut b = replica(pg, &db, rest);
+    // One HS256 secret for configs that use it: access tokens then verify on every replica.
+    for d in [&a, &b] {
+        d.write_file(
+            "jwt.key",
+            "0123456789abcdef0123456789abcdef-shared-test-secret",
+        );
+    }
+    a.cli_ok(&["tenants", "add", "acme"], None);
+    a.cli_ok(
+        &[
+            "users", "add", "alice", "--tenant", "acme", "--role", "user",
+        ],
+        None,
+    );
+    let v: Value = serde_json::from_str(
+        a.cli_ok(&["keys", "create", "--user", "alice", "--json"], None)
+            .trim(),
+    )
+    .unwrap();
+    share_pepper(&a, &b);
+    a.start();
+    b.start();
+    (
+        a,
+        b,
+        v["key"].as_str().unwrap().to_owned(),
+        v["key_id"].as_str().unwrap().to_owned(),
+    )
+}
+
+fn models_status(d: &Daemon, key: &str) -> u16 {
+    Client::new()
+        .get(d.url("/v1/models"))
+        .bearer_auth(key)
+        .send()
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[test]
+fn a_key_made_on_one_replica_works_on_the_other_and_the_schema_is_migrated_once() {
+    let pg = Pg::start();
+    let (a, b, key, _) = pair(
+        &pg,
+        "[pools.local]\nhosts = [\"127.0.0.1:9\"]\n[models.m]\npool = \"local\"\n",
+    );
+    assert_eq!(models_status(&a, &key), 200);
+    assert_eq!(models_status(&b, &key), 200);
+    // A wrong secret with the right id is refused on both.
+    let mut bad = key.clone();
+    bad.replace_range(key.len() - 10..key.len() - 6, "AAAA");
+    assert_eq!(models_status(&b, &bad), 401);
+    // `moat store migrate` against the migrated database: nothing to do, same version.
+    let out = b.cli_ok(&["store", "migrate"], None);
+    assert!(out.contains("version 1"), "{out}");
+    let db = a.read_config();
+    let db = db
+        .lines()
+        .find_map(|l| l.strip_prefix("url = \""))
+        .and_then(|u| u.rsplit('/').next())
+        .map(|u| u.trim_end_matches('"').to_owned())
+        .unwrap();
+    assert_eq!(pg.psql(&db, "SELECT version FROM moat_schema").trim(), "1");
+    // Nothing identity-shaped is in either replica's data directory: it is all in PostgreSQL.
+    for d in [&a, &b] {
+        assert!(!d.data_dir().join("moat.db").exists());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_revoked_on_a_is_refused_by_b_within_100_ms_and_its_stream_on_b_ends() {
+    let pg = Pg::start();
+    let sim = Sim::start(&["--chunks", "400", "--tokens-per-sec", "20"]);
+    let rest = format!(
+        // B's poll is 10 s: only the notification can make the 100 ms.
+        "[auth]\nrevocation_poll_ms = 10000\n\
+         [pools.p]\nhosts = [\"{}\"]\n[models.chat]\npool = \"p\"\n",
+        sim.addr
+    );
+    let (a, b, key, key_id) = tokio::task::block_in_place(|| pair(&pg, &rest));
+    // B has verified (and cached) the key.
+    assert_eq!(tokio::task::block_in_place(|| models_status(&b, &key)), 200);
+    let body = json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}],
+                      "max_tokens": 400, "stream": true});
+    let resp = moat_tests::send(
+        "POST",
+        &b.url(CHAT),
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &format!("Bearer {key}")),
+        ],
+        body.to_string(),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let mut events = Events::new(resp);
+    assert!(events.next().await.unwrap().is_some());
+
+    // Revoke through replica A (its CLI, on its config: the shared store).
+    tokio::task::block_in_place(|| a.cli_ok(&["keys", "revoke", &key_id], None));
+    let revoked = Instant::now();
+    let refused_after = tokio::task::block_in_place(|| {
+        loop {
+            let status = models_status(&b, &key);
+            if status == 401 {
+                return revoked.elapsed();
+            }
+            assert_eq!(status, 200);
+            assert!(
+                revoked.elapsed() < Duration::from_secs(5),
+                "B never refused the revoked key"
+            );
+        }
+    });
+    eprintln!("revocation reached replica B after {refused_after:?}");
+    assert!(
+        refused_after < Duration::from_millis(100),
+        "B refused the key {refused_after:?} after the revocation"
+    );
+    // B's open stream for the key ends, saying why.
+    let mut last = String::new();
+    let ended = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match events.next().await {
+                Ok(Some(e)) => last = e,
+                _ => return,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "B kept streaming for a revoked key");
+    assert!(last.contains("revoked"), "the last event says why: {last}");
+    drop(a);
+}
+
+#[test]
+fn concurrent_refreshes_of_one_token_on_two_replicas_have_exactly_one_winner() {
+    let pg = Pg::start();
+    let (a, b, key, _) = pair(
+        &pg,
+        "[auth]\nrefresh_reuse_grace_secs = 0\nalgorithm = \"HS256\"\nhs256_secret_file = \"jwt.key\"\n\
+         [pools.local]\nhosts = [\"127.0.0.1:9\"]\n[models.m]\npool = \"local\"\n",
+    );
+    let v: Value = Client::new()
+        .post(a.url("/v1/auth/token"))
+        .json(&json!({"grant_type": "api_key", "api_key": key}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let rt = v["refresh_token"]
+        .as_str()
+        .expect("refresh token")
+        .to_owned();
+    let n = 12;
+    let barrier = Arc::new(Barrier::new(n));
+    let urls = [a.url("/v1/auth/token"), b.url("/v1/auth/token")];
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let (barrier, url, rt) = (barrier.clone(), urls[i % 2].clone(), rt.clone());
+            std::thread::spawn(move || {
+                let c = Client::new();
+                barrier.wait();
+                c.post(url)
+                    .json(&json!({"grant_type": "refresh_token", "refresh_token": rt}))
+                    .send()
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 200).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|&s| s == 200 || s == 401),
+        "{statuses:?}"
+    );
+    // A loser presented a spent token: the family is revoked, so the access token from the
+    // first grant is refused on both replicas now.
+    let at = v["access_token"].as_str().unwrap();
+    assert_eq!(models_status(&a, at), 401);
+    assert_eq!(models_status(&b, at), 401);
+}
+
+#[test]
+fn with_one_hs256_secret_an_access_token_from_a_works_on_b() {
+    let pg = Pg::start();
+    let (a, b, key, _) = pair(
+        &pg,
+        "[auth]\nalgorithm = \"HS256\"\nhs256_secret_file = \"jwt.key\"\n\
+         [pools.local]\nhosts = [\"127.0.0.1:9\"]\n[models.m]\npool = \"local\"\n",
+    );
+    let v: Value = Client::new()
+        .post(a.url("/v1/auth/token"))
+        .json(&json!({"grant_type": "api_key", "api_key": key}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let at = v["access_token"].as_str().expect("access token");
+    assert_eq!(models_status(&b, at), 200);
+    // Refreshed on B, the new access token works on A.
+    let v: Value = Client::new()
+        .post(b.url("/v1/auth/token"))
+        .json(&json!({"grant_type": "refresh_token", "refresh_token": v["refresh_token"]}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let at2 = v["access_token"].as_str().expect("refreshed access token");
+    assert_eq!(models_status(&a, at2), 200);
+}
+
+#[test]
+fn postgres_killed_under_load_cached_credentials_go_on_and_the_rest_get_503() {
+    let mut pg = Pg::start();
+    let (a, b, key, _) = pair(
+        &pg,
+        "[auth]\ncache_ttl_secs = 60\n\
+         [pools.local]\nhosts = [\"127.0.0.1:9\"]\n[models.m]\npool = \"local\"\n",
+    );
+    // A second key, never presented to B before the store goes away.
+    let v: Value = serde_json::from_str(
+        a.cli_ok(&["keys", "create", "--user", "alice", "--json"], None)
+            .trim(),
+    )
+    .unwrap();
+    let unseen = v["key"].as_str().unwrap().to_owned();
+    assert_eq!(models_status(&b, &key), 200);
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let url = b.url("/v1/models");
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, url, key) = (stop.clone(), url.clone(), key.clone());
+            std::thread::spawn(move || {
+                let c = Client::new();
+                let mut statuses = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    statuses.push(
+                        c.get(&url)
+                            .bearer_auth(&key)
+                            .send()
+                            .unwrap()
+                            .status()
+                            .as_u16(),
+                    );
+                }
+                statuses
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    pg.kill();
+    std::thread::sleep(Duration::from_millis(700));
+    // Unseen credentials: the store cannot vouch for them.
+    let r = Client::new().get(&url).bearer_auth(&unseen).send().unwrap();
+    let status = r.status().as_u16();
+    let body: Value = r.json().unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["type"], "server_error", "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("store"),
+        "{body}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let statuses: Vec<u16> = load.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    assert!(statuses.len() > 10, "{}", statuses.len());
+    assert!(
+        statuses.iter().all(|&s| s == 200),
+        "a credential verified before the outage kept working: {:?}",
+        statuses.iter().filter(|&&s| s != 200).collect::<Vec<_>>()
+    );
+    drop(a);
+}
+
+/// Two replicas whose quotas live in `redis`, with `quotas` (TOML lines of `[quotas]` after
+/// the backend) and a chat model on `sim`.
+fn quota_pair(pg: &Pg, redis: &Redis, sim: &Sim, quotas: &str) -> (Daemon, Daemon, String) {
+    let rest = format!(
+        "[quotas]\nbackend = \"redis\"\nredis_url = \"{}\"\n{quotas}\n\
+         [pools.p]\nhosts = [\"{}\"]\n[models.chat]\npool = \"p\"\n",
+        redis.url(),
+        sim.addr
+    );
+    let (a, b, key, _) = pair(pg, &rest);
+    (a, b, key)
+}
+
+fn chat_status(url: &str, key: &str) -> (u16, Option<String>, Value) {
+    let r = Client::new()
+        .post(url)
+        .bearer_auth(key)
+        .json(
+            &json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}],
+                      "max_tokens": 4}),
+        )
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    let retry = r
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    (status, retry, r.json().unwrap_or(Value::Null))
+}
+
+/// `n` chats from `threads` threads, alternating between the replicas; the statuses.
+fn load(
+    urls: [String; 2],
+    key: &str,
+    n: usize,
+    threads: usize,
+) -> Vec<(u16, Option<String>, Value)> {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let (urls, key, next) = (urls.clone(), key.to_owned(), next.clone());
+            std::thread::spawn(move || {
+                let mut out = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= n {
+                        return out;
+                    }
+                    out.push(chat_status(&urls[i % 2], &key));
+                }
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_quota_of_100_per_minute_admits_exactly_100_across_two_replicas() {
+    let pg = Pg::start();
+    let redis = Redis::start();
+    let sim = Sim::start(&[]);
+    let (a, b, key) = quota_pair(
+        &pg,
+        &redis,
+        &sim,
+        "[quotas.key]\nrequests_per_minute = 100\n",
+    );
+    let results = load([a.url(CHAT), b.url(CHAT)], &key, 160, 8);
+    let ok = results.iter().filter(|r| r.0 == 200).count();
+    let refused: Vec<_> = results.iter().filter(|r| r.0 != 200).collect();
+    assert_eq!(ok, 100, "admitted across both replicas");
+    for (status, retry, body) in &refused {
+        assert_eq!(*status, 429, "{body}");
+        assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
+        let retry: u64 = retry.as_deref().unwrap().parse().unwrap();
+        assert!((1..=60).contains(&retry), "{retry}");
+    }
+}
+
+#[test]
+fn redis_killed_under_load_denies_with_503_or_counts_locally_as_configured() {
+    let pg = Pg::start();
+    let sim = Sim::start(&[]);
+    for posture in ["deny", "local"] {
+        let mut redis = Redis::start();
+        let (a, b, key) = quota_pair(
+            &pg,
+            &redis,
+            &sim,
+            &format!(
+                "on_backend_error = \"{posture}\"\n[quotas.key]\nrequests_per_minute = 1000\n"
+            ),
+        );
+        let urls = [a.url(CHAT), b.url(CHAT)];
+        let before = load(urls.clone(), &key, 20, 4);
+        assert!(before.iter().all(|r| r.0 == 200), "{posture}: {before:?}");
+        redis.kill();
+        let after = load(urls.clone(), &key, 40, 4);
+        for (status, retry, body) in &after {
+            match posture {
+                "deny" => {
+                    assert_eq!(*status, 503, "{body}");
+                    assert_eq!(body["error"]["code"], "quota_backend_unavailable", "{body}");
+                    assert!(retry.is_some(), "503 without Retry-After");
+                }
+                _ => assert_eq!(*status, 200, "{body}"),
+            }
+        }
+        let needle = match posture {
+            "deny" => "refusing quota-limited requests with 503",
+            _ => "COUNTING ON THIS REPLICA ONLY",
+        };
+        for d in [&a, &b] {
+            d.wait_log(needle);
+        }
+    }
+}
