@@ -289,6 +289,7 @@ impl Supervisor {
     /// restores what was removed behind moat's back (`bpftool link detach`, a removed pin):
     /// see [`Enforcer::heal`].
     fn check_enforcement(&mut self) {
+        inference_host::heal(&mut self.guard, &self.config);
         let policy = policy(&self.config, self.gateway);
         if let Some(enforcer) = self.enforcer.as_mut()
             && let Err(e) = enforcer.heal(&policy)
