@@ -47,8 +47,8 @@ fn bpftool_detach(link_id: u64) {
     );
 }
 
-/// Every link kind of the gateway side, detached with `bpftool link detach` (and one pin
-/// removed) while the daemon runs: each comes back as a new, attached link, the supervisor
+/// Every link kind of the gateway side, detached with `bpftool link detach` (one link pin and
+/// one map pin removed instead) while the daemon runs: each comes back as a new, attached link, the supervisor
 /// logs what it found, and the probe that names the hook's kind of destination is refused
 /// again. `/readyz` and `moat segment status` report the kernel's state.
 #[test]
@@ -111,6 +111,19 @@ fn severed_and_missing_links_are_restored_while_the_daemon_runs() {
             "{hook}: refused again after the restoration"
         );
     }
+    // A map pin removed: the programs get a new map (the deny-event ring buffer here), and
+    // the daemon reads the new one.
+    std::fs::remove_file(daemon.pins().dir().join("maps/MOAT_EVENTS")).unwrap();
+    let line = daemon.wait_log_nth("kernel_enforcement_restored", cases.len());
+    assert_eq!(line["found"], "maps/MOAT_EVENTS (missing)", "{line}");
+    let denied = kernel::probe(out, "tcp", &[v4.to_string()]);
+    assert_eq!(denied.errnos(), [EPERM]);
+    let event = daemon.wait_log(&format!("\"pid\":{}", denied.pid));
+    assert_eq!(
+        event["event"], "kernel_deny",
+        "deny events still reach the log"
+    );
+
     let status = daemon.segment_status();
     assert_eq!(status["installed"], true, "{status:#}");
     let ready: Value = daemon.get("/readyz").send().unwrap().json().unwrap();
