@@ -145,6 +145,7 @@ fn doctor_reports_the_facts_of_this_machine() {
         hooks.keys().map(String::as_str).collect::<Vec<_>>(),
         [
             "bpffs_pin",
+            "cgroup_egress",
             "connect4",
             "connect6",
             "guard_cgroup_skb",
@@ -159,6 +160,7 @@ fn doctor_reports_the_facts_of_this_machine() {
     assert_eq!(hooks["guard_cgroup_skb"]["required"], true);
     assert_eq!(hooks["guard_tc"]["required"], false);
     assert_eq!(hooks["connect4"]["required"], false);
+    assert_eq!(hooks["cgroup_egress"]["required"], false);
 
     let attached = &r["attached"];
     assert_eq!(attached["installed"], false, "no gateway side pinned");

@@ -8,12 +8,12 @@
 //! do exactly that to every link kind and show a process outside the gateway cgroup refused
 //! again afterwards.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use moat_tests::{
     daemon::Daemon,
     kernel::{self, EPERM, NftTable, require_root, try_from},
-    netns::PortReservation,
+    netns::{Echo, Lab, Outcome, PortReservation, sa, tcp_echo},
 };
 use serde_json::Value;
 
@@ -47,8 +47,8 @@ fn bpftool_detach(link_id: u64) {
     );
 }
 
-/// Every link kind of the gateway side, detached with `bpftool link detach` (and one pin
-/// removed) while the daemon runs: each comes back as a new, attached link, the supervisor
+/// Every link kind of the gateway side, detached with `bpftool link detach` (one link pin and
+/// one map pin removed instead) while the daemon runs: each comes back as a new, attached link, the supervisor
 /// logs what it found, and the probe that names the hook's kind of destination is refused
 /// again. `/readyz` and `moat segment status` report the kernel's state.
 #[test]
@@ -111,6 +111,19 @@ fn severed_and_missing_links_are_restored_while_the_daemon_runs() {
             "{hook}: refused again after the restoration"
         );
     }
+    // A map pin removed: the programs get a new map (the deny-event ring buffer here), and
+    // the daemon reads the new one.
+    std::fs::remove_file(daemon.pins().dir().join("maps/MOAT_EVENTS")).unwrap();
+    let line = daemon.wait_log_nth("kernel_enforcement_restored", cases.len());
+    assert_eq!(line["found"], "maps/MOAT_EVENTS (missing)", "{line}");
+    let denied = kernel::probe(out, "tcp", &[v4.to_string()]);
+    assert_eq!(denied.errnos(), [EPERM]);
+    let event = daemon.wait_log(&format!("\"pid\":{}", denied.pid));
+    assert_eq!(
+        event["event"], "kernel_deny",
+        "deny events still reach the log"
+    );
+
     let status = daemon.segment_status();
     assert_eq!(status["installed"], true, "{status:#}");
     let ready: Value = daemon.get("/readyz").send().unwrap().json().unwrap();
@@ -171,4 +184,57 @@ fn a_restart_restores_a_link_severed_while_the_daemon_was_down() {
     let status = daemon.segment_status();
     assert_eq!(status["installed"], true, "{status:#}");
     assert_eq!(link_of(&status, "connect4")["state"], "attached");
+}
+
+/// The inference guard's link kinds — the `cgroup_skb` link at the cgroup2 root and a tcx
+/// link on an interface — detached with `bpftool link detach` under a guard-only daemon: each
+/// comes back as a new attached link, logged, and the rogue host stays dropped.
+#[test]
+fn severed_guard_links_are_restored_while_the_daemon_runs() {
+    require_root();
+    let model = PortReservation::new();
+    let port = model.port;
+    let lab = Lab::new();
+    let _echo = Echo::start(&lab.inference, port);
+    let mut daemon = Daemon::enforcing();
+    daemon.write_config(&format!(
+        "[segmentation]\npin_root = \"{}\"\n[segmentation.inference]\n\
+         model_ports = [{port}]\nallowed_gateways = [\"{}\"]\nattach = \"both\"\n\
+         interfaces = [\"{}\"]\n",
+        daemon.pin_root().display(),
+        Lab::GW4,
+        Lab::IF_FROM_ROGUE
+    ));
+    daemon.start_in(&lab.inference);
+    daemon.wait_log("inference guard active");
+    let rogue_to = sa(Lab::INF_ROGUE4, port);
+    let wait = Duration::from_millis(800);
+    let guard_link = |name: &str| -> Value {
+        let status = daemon.segment_status();
+        status["inference"]["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["attachment"] == name)
+            .unwrap_or_else(|| panic!("no guard link {name} in {status:#}"))
+            .clone()
+    };
+    let tc = format!("tc-{}", Lab::IF_FROM_ROGUE);
+    for (n, name) in ["cgroup_skb", tc.as_str()].into_iter().enumerate() {
+        assert_eq!(tcp_echo(&lab.rogue, rogue_to, wait).0, Outcome::TimedOut);
+        let before = guard_link(name);
+        assert_eq!(before["state"], "attached", "{before}");
+        let old_id = before["link_id"].as_u64().unwrap();
+        bpftool_detach(old_id);
+        let line = daemon.wait_log_nth("kernel_enforcement_restored", n);
+        assert_eq!(line["found"], format!("{name} (severed)"), "{line}");
+        let after = guard_link(name);
+        assert_eq!(after["state"], "attached", "{name} restored: {after}");
+        assert_ne!(after["link_id"].as_u64().unwrap(), old_id, "a new link");
+        assert_eq!(
+            tcp_echo(&lab.rogue, rogue_to, wait).0,
+            Outcome::TimedOut,
+            "{name}: the rogue host is dropped after the restoration"
+        );
+    }
 }

@@ -79,8 +79,23 @@ pub fn apply(guard: &mut Option<Guard>, config: &Config) -> Result<()> {
     Ok(())
 }
 
+/// Asks the kernel whether every wanted guard link is still attached and restores what was
+/// removed behind moat's back (see [`Guard::heal`]); the daemon calls it every few seconds.
+pub fn heal(guard: &mut Option<Guard>, config: &Config) {
+    if let (Some(g), Some(want)) = (guard.as_mut(), wanted(config))
+        && let Err(e) = g.heal(want)
+    {
+        error!(
+            event = "kernel_enforcement_degraded",
+            found = %g.check(want).join(", "),
+            error = %format!("{e:#}"),
+            "the inference guard is incomplete and could not be restored; retrying"
+        );
+    }
+}
+
 /// Runs an inference host: the guard alone, until SIGTERM/SIGINT.
-pub fn run(config: Config) -> Result<()> {
+pub fn run(mut config: Config) -> Result<()> {
     let mut guard = start_guard(&config)?;
     let audit_source = if nix::unistd::geteuid().is_root() {
         crate::audit::Source::Supervisor
@@ -100,8 +115,10 @@ pub fn run(config: Config) -> Result<()> {
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        let mut check = tokio::time::interval(crate::metrics::PUSH_EVERY);
         loop {
             tokio::select! {
+                _ = check.tick() => heal(&mut guard, &config),
                 _ = hup.recv() => {
                     let new = match Config::load(&config.path) {
                         Ok(c) => c,
@@ -114,8 +131,10 @@ pub fn run(config: Config) -> Result<()> {
                         error!(error = %format!("{e:#}"), "config reload refused; the running config stays");
                         continue;
                     }
-                    if let Err(e) = apply(&mut guard, &new) {
-                        error!(error = %format!("{e:#}"), "config reload refused: the inference guard does not apply; the running guard stays");
+                    match apply(&mut guard, &new) {
+                        // What the periodic check restores is the config in force.
+                        Ok(()) => config = new,
+                        Err(e) => error!(error = %format!("{e:#}"), "config reload refused: the inference guard does not apply; the running guard stays"),
                     }
                 }
                 _ = term.recv() => break,

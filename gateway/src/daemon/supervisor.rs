@@ -110,9 +110,10 @@ pub fn run(config: Config) -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        if let Some(e) = &enforcer {
-            e.spawn_event_logger()?;
-        }
+        let event_logger = enforcer
+            .as_ref()
+            .map(Enforcer::spawn_event_logger)
+            .transpose()?;
         if let Some(g) = &guard {
             g.spawn_event_logger()?;
         }
@@ -131,6 +132,7 @@ pub fn run(config: Config) -> Result<()> {
             cgroup,
             gateway,
             enforcer,
+            event_logger,
             listener,
             admin,
             audit_out,
@@ -156,6 +158,9 @@ struct Supervisor {
     cgroup: Option<Cgroup>,
     gateway: GatewayIdentity,
     enforcer: Option<Enforcer>,
+    /// Reads the gateway side's deny events into the log; replaced when a restoration had to
+    /// create the ring buffer anew.
+    event_logger: Option<tokio::task::JoinHandle<()>>,
     /// The inference guard, when this host also serves models (`[segmentation.inference]`).
     guard: Option<Guard>,
     listener: std::net::TcpListener,
@@ -323,16 +328,32 @@ impl Supervisor {
     /// restores what was removed behind moat's back (`bpftool link detach`, a removed pin):
     /// see [`Enforcer::heal`].
     fn check_enforcement(&mut self) {
+        inference_host::heal(&mut self.guard, &self.config);
         let policy = policy(&self.config, self.gateway);
-        if let Some(enforcer) = self.enforcer.as_mut()
-            && let Err(e) = enforcer.heal(&policy)
-        {
-            error!(
+        let Some(enforcer) = self.enforcer.as_mut() else {
+            return;
+        };
+        match enforcer.heal(&policy) {
+            // A map pin that was gone is a new map now: read the new ring buffer.
+            Ok(found) if found.iter().any(|f| f.starts_with("maps/")) => {
+                match enforcer.spawn_event_logger() {
+                    Ok(logger) => {
+                        if let Some(old) = self.event_logger.replace(logger) {
+                            old.abort();
+                        }
+                    }
+                    Err(e) => {
+                        error!(error = %format!("{e:#}"), "cannot read the new deny-event ring buffer")
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => error!(
                 event = "kernel_enforcement_degraded",
                 found = %enforcer.check().join(", "),
                 error = %format!("{e:#}"),
                 "kernel enforcement is incomplete and could not be restored; retrying"
-            );
+            ),
         }
     }
 

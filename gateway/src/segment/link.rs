@@ -1,7 +1,7 @@
 //! The bpf links of both sides: pinning a new one, switching a pinned one to a new program in
 //! place (`BPF_LINK_UPDATE`, for upgrades with no gap: aya 0.14 has no wrapper for it),
 //! detaching one now (`BPF_LINK_DETACH`, likewise), reading their ids for `status`, and asking
-//! the kernel whether a pinned cgroup link is still attached ([`cgroup_link_state`]).
+//! the kernel whether a pinned link is still attached ([`link_state`]).
 //!
 //! Unlinking a pin only drops a reference: the kernel frees the link (and detaches the program)
 //! later, after an RCU grace period and a workqueue run. `uninstall` must not return while the
@@ -79,13 +79,14 @@ fn update_pinned(path: &Path, program: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(true)
 }
 
-/// What the kernel says of a pinned cgroup link.
+/// What the kernel says of a pinned link (cgroup or tcx).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkState {
     /// Attached to a cgroup: its program runs.
     Attached { link_id: u32, program_id: u32 },
     /// The link object still exists (it is pinned) but was detached — `bpftool link detach`,
-    /// or its cgroup went away. Its program no longer runs, and it cannot be updated.
+    /// or its cgroup or interface went away. Its program no longer runs, and it cannot be
+    /// updated.
     Severed { link_id: u32 },
     /// Nothing is pinned there.
     Missing,
@@ -106,16 +107,18 @@ impl LinkState {
     }
 }
 
-/// Asks the kernel about the cgroup link pinned at `path` (`BPF_OBJ_GET_INFO_BY_FD`): a
-/// detached cgroup link reports cgroup id 0.
-pub fn cgroup_link_state(path: &Path) -> Result<LinkState> {
+/// Asks the kernel about the cgroup or tcx link pinned at `path` (`BPF_OBJ_GET_INFO_BY_FD`): a
+/// detached cgroup link reports cgroup id 0, a detached tcx link interface index 0.
+pub fn link_state(path: &Path) -> Result<LinkState> {
     let Some(link) =
         open_pinned(path).with_context(|| format!("cannot open {}", path.display()))?
     else {
         return Ok(LinkState::Missing);
     };
     // struct bpf_link_info: { __u32 type; __u32 id; __u32 prog_id; (pad) union { struct {
-    // __u64 cgroup_id; __u32 attach_type; } cgroup; … } } — the union starts at byte 16.
+    // __u64 cgroup_id; __u32 attach_type; } cgroup; struct { __u32 ifindex; __u32
+    // attach_type; } tcx; … } } — the union starts at byte 16. Its first 32 bits are 0 exactly
+    // when the link is detached: a cgroup id's low half is the cgroup's inode number, never 0.
     let mut info = [0u64; 8];
     // bpf_attr.info: { __u32 bpf_fd; __u32 info_len; __u64 info; }
     let mut attr = [
@@ -127,7 +130,7 @@ pub fn cgroup_link_state(path: &Path) -> Result<LinkState> {
         .with_context(|| format!("cannot read link info of {}", path.display()))?;
     let link_id = (info[0] >> 32) as u32;
     let program_id = info[1] as u32;
-    Ok(if info[2] == 0 {
+    Ok(if info[2] as u32 == 0 {
         LinkState::Severed { link_id }
     } else {
         LinkState::Attached {

@@ -86,7 +86,7 @@ impl Enforcer {
         Hook::ALL
             .iter()
             .map(|h| {
-                let state = link::cgroup_link_state(&self.pins.link(h));
+                let state = link::link_state(&self.pins.link(h));
                 (h.program_name(), state.is_ok_and(LinkState::attached))
             })
             .collect()
@@ -167,7 +167,7 @@ fn install(pins: &GatewayPins, policy: &Policy) -> Result<()> {
 /// more to do). One that was severed behind moat's back (`bpftool link detach`, a cgroup
 /// removed) cannot be updated: its pin is removed, so the caller attaches a new one.
 fn keep_or_restore(pinned: &std::path::Path, program: std::os::fd::BorrowedFd<'_>) -> Result<bool> {
-    match link::cgroup_link_state(pinned)? {
+    match link::link_state(pinned)? {
         LinkState::Attached { .. } => link::switch_pinned(pinned, program),
         LinkState::Severed { .. } => {
             remove_pin(pinned)?;
@@ -181,7 +181,7 @@ fn keep_or_restore(pinned: &std::path::Path, program: std::os::fd::BorrowedFd<'_
 fn not_enforcing(pins: &GatewayPins) -> Vec<String> {
     let mut found: Vec<String> = Hook::ALL
         .iter()
-        .filter_map(|h| match link::cgroup_link_state(&pins.link(h)) {
+        .filter_map(|h| match link::link_state(&pins.link(h)) {
             Ok(state) if state.attached() => None,
             Ok(state) => Some(format!("{} ({})", h.program_name(), state.label())),
             Err(e) => Some(format!("{} (unreadable: {e:#})", h.program_name())),

@@ -46,7 +46,7 @@ pub fn status(pins: &GatewayPins) -> Result<GatewayStatus> {
         .map(|hook| {
             let path = pins.link(hook);
             let (link_id, program_id) = link::pinned_ids(&path);
-            let state = link::cgroup_link_state(&path)
+            let state = link::link_state(&path)
                 .map(|s| s.label())
                 .unwrap_or("unreadable");
             LinkStatus {

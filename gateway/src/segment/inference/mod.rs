@@ -46,6 +46,7 @@ use super::{
     enforcement::Enforcement,
     link, object,
     pin_paths::{Pins, SidePins, remove_pin},
+    side::Side,
 };
 use crate::config::InferenceGuard;
 
@@ -63,11 +64,39 @@ impl Guard {
     pub fn install_or_adopt(pins: &Pins, guard: &InferenceGuard) -> Result<Guard> {
         let wanted = Attachment::wanted(guard);
         Enforcement::install_or_adopt_with(pins, |gpins| {
+            // Links severed behind moat's back are replaced instead of refusing the start.
+            let found = if gpins.links().is_empty() {
+                Vec::new()
+            } else {
+                not_attached(gpins, &wanted)
+            };
             converge(gpins, &GuardPolicy::from_config(guard))?;
             let maps = GuardMaps::open(gpins)?;
             reconcile(gpins, &wanted)?;
+            log_restored(&found, "adopt");
             Ok(maps)
         })
+    }
+
+    /// The wanted links the kernel does not report attached (`cgroup_skb (severed)`,
+    /// `tc-eth0 (missing)`) and the map pins that are gone. Empty when all is in place.
+    pub fn check(&self, guard: &InferenceGuard) -> Vec<String> {
+        not_attached(&self.pins, &Attachment::wanted(guard))
+    }
+
+    /// Restores what [`Guard::check`] finds: this binary's programs loaded again with the
+    /// pinned maps, attached links switched in place, severed or missing ones attached anew
+    /// and pinned; logs `kernel_enforcement_restored`. Returns what was found.
+    pub fn heal(&mut self, guard: &InferenceGuard) -> Result<Vec<String>> {
+        let found = self.check(guard);
+        if found.is_empty() {
+            return Ok(found);
+        }
+        converge(&self.pins, &GuardPolicy::from_config(guard))?;
+        self.maps = GuardMaps::open(&self.pins)?;
+        reconcile(&self.pins, &Attachment::wanted(guard))?;
+        log_restored(&found, "check");
+        Ok(found)
     }
 
     /// Applies a reloaded config, all or nothing: new links are attached first (they run the
@@ -82,6 +111,37 @@ impl Guard {
             return Err(e);
         }
         detach_unwanted(&self.pins, &wanted)
+    }
+}
+
+/// See [`Guard::check`]. Only links this daemon wants count: one that is pinned but no
+/// longer wanted is detached by [`reconcile`] anyway.
+fn not_attached(pins: &GuardPins, wanted: &[Attachment]) -> Vec<String> {
+    let mut found: Vec<String> = wanted
+        .iter()
+        .filter_map(|at| match link::link_state(&pins.link(at)) {
+            Ok(state) if state.attached() => None,
+            Ok(state) => Some(format!("{} ({})", at.pin_name(), state.label())),
+            Err(e) => Some(format!("{} (unreadable: {e:#})", at.pin_name())),
+        })
+        .collect();
+    found.extend(
+        Inference::MAPS
+            .iter()
+            .filter(|m| !pins.map(m).exists())
+            .map(|m| format!("inference/maps/{m} (missing)")),
+    );
+    found
+}
+
+fn log_restored(found: &[String], during: &'static str) {
+    if !found.is_empty() {
+        tracing::warn!(
+            event = "kernel_enforcement_restored",
+            found = %found.join(", "),
+            during,
+            "inference guard enforcement was removed behind moat's back; restored"
+        );
     }
 }
 
@@ -158,7 +218,13 @@ fn converge(pins: &GuardPins, policy: &GuardPolicy) -> Result<()> {
             .with_context(|| format!("cannot pin program {name}"))?;
         let fd = prog.fd()?;
         for at in links.iter().filter(|a| a.hook() == hook) {
-            link::switch_pinned(&pins.link(at), fd.as_fd())?;
+            let path = pins.link(at);
+            // A severed link cannot be updated: its pin goes, and `reconcile` attaches anew.
+            if link::link_state(&path)?.attached() {
+                link::switch_pinned(&path, fd.as_fd())?;
+            } else {
+                remove_pin(&path)?;
+            }
         }
     }
     Ok(())

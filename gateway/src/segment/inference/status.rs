@@ -23,6 +23,9 @@ pub struct GuardPolicyStatus {
 pub struct GuardLinkStatus {
     /// `cgroup_skb` or `tc-<interface>`.
     pub attachment: String,
+    /// What the kernel says of the pinned link: `attached` or `severed` (the daemon replaces
+    /// it within seconds).
+    pub state: &'static str,
     pub link_id: Option<u32>,
     pub program_id: Option<u32>,
 }
@@ -46,19 +49,30 @@ pub fn status(pins: &GuardPins) -> Result<GuardStatus> {
         .links()
         .into_iter()
         .map(|at| {
-            let (link_id, program_id) = link::pinned_ids(&pins.link(&at));
+            let path = pins.link(&at);
+            let (link_id, program_id) = link::pinned_ids(&path);
             GuardLinkStatus {
                 attachment: at.pin_name(),
+                state: link::link_state(&path)
+                    .map(|s| s.label())
+                    .unwrap_or("unreadable"),
                 link_id,
                 program_id,
             }
         })
         .collect();
-    SideStatus::read(pins, links, policy_status, |c| GuardCounters {
+    let mut status = SideStatus::read(pins, links, policy_status, |c| GuardCounters {
         hook: c.hook,
         allowed: c.allowed,
         dropped: c.denied,
-    })
+    })?;
+    status.not_attached = status
+        .links
+        .iter()
+        .filter(|l| l.state != "attached")
+        .map(|l| format!("{} ({})", l.attachment, l.state))
+        .collect();
+    Ok(status)
 }
 
 fn policy_status(maps: &GuardMaps) -> Result<GuardPolicyStatus> {
@@ -106,10 +120,11 @@ impl fmt::Display for GuardStatus {
         for l in &self.links {
             writeln!(
                 f,
-                "  link {:<20} link {:>6}  program {:>6}",
+                "  link {:<20} link {:>6}  program {:>6}  {}",
                 l.attachment,
                 or_dash(l.link_id),
-                or_dash(l.program_id)
+                or_dash(l.program_id),
+                l.state
             )?;
         }
         for a in &self.policy.allowed {
