@@ -1,9 +1,11 @@
-//! Kernel counters as Prometheus metrics.
+//! Kernel counters as Prometheus metrics (the gateway's own are in [`gateway`]).
 //!
 //! The per-CPU counters live in maps pinned by root, which the unprivileged worker cannot
 //! open; the supervisor reads them every [`PUSH_EVERY`] and sends a [`KernelCounters`]
 //! snapshot down the control channel, and the worker renders the latest one on the admin
 //! plane's `/metrics`.
+
+pub mod gateway;
 
 use std::{fmt::Write as _, time::Duration};
 
@@ -29,6 +31,11 @@ pub struct KernelCounters {
     /// Inference guard: packets to the model ports (absent without `[segmentation.inference]`).
     pub inference: Vec<HookCount>,
     pub inference_events_lost: u64,
+    /// The supervisor's audit writer: records written, and dropped.
+    #[serde(default)]
+    pub audit_written: u64,
+    #[serde(default)]
+    pub audit_dropped: u64,
 }
 
 impl KernelCounters {
