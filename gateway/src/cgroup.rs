@@ -97,15 +97,26 @@ fn remove_tree(path: &Path) -> io::Result<()> {
             remove_tree(&entry.path())?;
         }
     }
-    if let (Ok(procs), Ok(root)) = (
-        fs::read_to_string(path.join("cgroup.procs")),
-        cgroup2_mount(),
-    ) {
-        for pid in procs.lines() {
-            let _ = fs::write(root.join("cgroup.procs"), pid);
+    // A process that just exited can keep the cgroup busy for a moment after it was reaped (the
+    // kernel releases it asynchronously): move what is left out and retry for a while.
+    let mut attempts = 0;
+    loop {
+        if let (Ok(procs), Ok(root)) = (
+            fs::read_to_string(path.join("cgroup.procs")),
+            cgroup2_mount(),
+        ) {
+            for pid in procs.lines() {
+                let _ = fs::write(root.join("cgroup.procs"), pid);
+            }
+        }
+        match fs::remove_dir(path) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && attempts < 200 => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            result => return result,
         }
     }
-    fs::remove_dir(path)
 }
 
 #[cfg(test)]

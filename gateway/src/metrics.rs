@@ -31,11 +31,33 @@ pub struct KernelCounters {
     /// Inference guard: packets to the model ports (absent without `[segmentation.inference]`).
     pub inference: Vec<HookCount>,
     pub inference_events_lost: u64,
+    /// Gateway side, as the kernel reports it at the supervisor's last check: every hook's
+    /// link and whether it is attached (absent when segmentation is off).
+    #[serde(default)]
+    pub gateway_links: Vec<LinkAttached>,
     /// The supervisor's audit writer: records written, and dropped.
     #[serde(default)]
     pub audit_written: u64,
     #[serde(default)]
     pub audit_dropped: u64,
+}
+
+/// One hook's link, as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkAttached {
+    pub hook: String,
+    pub attached: bool,
+}
+
+impl KernelCounters {
+    /// The gateway hooks the kernel reports as not attached at the last check.
+    pub fn gateway_not_attached(&self) -> Vec<&str> {
+        self.gateway_links
+            .iter()
+            .filter(|l| !l.attached)
+            .map(|l| l.hook.as_str())
+            .collect()
+    }
 }
 
 impl KernelCounters {
@@ -66,6 +88,21 @@ impl KernelCounters {
             "moat_kernel_ingress_deny_events_lost_total",
             self.inference_events_lost,
         );
+        if !self.gateway_links.is_empty() {
+            let name = "moat_kernel_link_attached";
+            let _ = writeln!(
+                out,
+                "# HELP {name} 1 when the kernel reports the hook's link attached (checked every few seconds).\n# TYPE {name} gauge"
+            );
+            for l in &self.gateway_links {
+                let _ = writeln!(
+                    out,
+                    "{name}{{hook=\"{}\"}} {}",
+                    l.hook,
+                    u8::from(l.attached)
+                );
+            }
+        }
         out
     }
 }
@@ -109,9 +146,15 @@ mod tests {
                 denied: 2,
             }],
             gateway_events_lost: 1,
+            gateway_links: vec![LinkAttached {
+                hook: "connect4".into(),
+                attached: false,
+            }],
             ..Default::default()
         };
         let text = c.render();
+        assert!(text.contains("# TYPE moat_kernel_link_attached gauge"));
+        assert!(text.contains("moat_kernel_link_attached{hook=\"connect4\"} 0"));
         assert!(text.contains("# TYPE moat_kernel_connect_total counter"));
         assert!(
             text.contains("moat_kernel_connect_total{hook=\"connect4\",verdict=\"allowed\"} 7")

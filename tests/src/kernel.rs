@@ -198,7 +198,9 @@ pub fn listener(bind: &str) -> SocketAddr {
 /// `moat-probe loop` in a cgroup: TCP connects to its targets in turn, from the moment
 /// [`ProbeLoop::start`] returns until [`ProbeLoop::finish`].
 pub struct ProbeLoop {
-    child: KillOnDrop,
+    /// Held for its `Drop`: a failing test does not leave the loop running.
+    _child: KillOnDrop,
+    stdin: std::process::ChildStdin,
     out: BufReader<std::process::ChildStdout>,
 }
 
@@ -229,17 +231,27 @@ impl ProbeLoop {
         out.read_line(&mut line).unwrap();
         assert_eq!(line.trim(), "ready", "moat-probe loop");
         ProbeLoop {
-            child: KillOnDrop(child),
+            stdin: child.stdin.take().unwrap(),
+            _child: KillOnDrop(child),
             out,
         }
+    }
+
+    /// Rounds (one attempt on every target) the loop has finished so far.
+    pub fn rounds(&mut self) -> u64 {
+        writeln!(self.stdin, "rounds").unwrap();
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        line.trim()
+            .parse()
+            .expect("moat-probe loop answers `rounds` with a count")
     }
 
     /// Stops the loop; per target, what it saw, counting as `in_window` the attempts that
     /// started at or after `t0` and ended by `t1` ([`monotonic_ns`] instants).
     pub fn finish(mut self, t0: u64, t1: u64) -> Vec<LoopTarget> {
-        let mut stdin = self.child.0.stdin.take().unwrap();
-        writeln!(stdin, "window {t0} {t1}").unwrap();
-        drop(stdin);
+        writeln!(self.stdin, "window {t0} {t1}").unwrap();
+        drop(self.stdin);
         let mut line = String::new();
         self.out.read_line(&mut line).unwrap();
         let v: Value = serde_json::from_str(&line).expect("moat-probe loop output is JSON");
@@ -270,4 +282,54 @@ pub fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     panic!("timed out waiting for {what}");
+}
+
+/// An nftables table of the test's own (`inet`, named uniquely), deleted on drop — also when
+/// the test panics — so no NAT rule outlives the test. Tests keep their rules to loopback
+/// addresses and ports they reserved.
+pub struct NftTable {
+    pub name: String,
+}
+
+impl NftTable {
+    /// Creates table `inet <unique name>` holding `chains` (nft syntax, the table's body).
+    pub fn new(chains: &str) -> NftTable {
+        let name = unique("moat_test").replace('-', "_");
+        let table = NftTable { name };
+        let ruleset = format!("table inet {} {{\n{chains}\n}}\n", table.name);
+        nft(&["-f", "-"], Some(&ruleset));
+        table
+    }
+}
+
+impl Drop for NftTable {
+    fn drop(&mut self) {
+        let out = Command::new("nft")
+            .args(["delete", "table", "inet", &self.name])
+            .output();
+        if !out.is_ok_and(|o| o.status.success()) {
+            eprintln!("warning: cannot delete nft table inet {}", self.name);
+        }
+    }
+}
+
+/// Runs `nft` (installed by `cargo xtask setup`), panicking with its stderr on failure.
+fn nft(args: &[&str], stdin: Option<&str>) {
+    let mut child = Command::new("nft")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run nft (install it with `cargo xtask setup`)");
+    if let Some(s) = stdin {
+        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "nft {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        stdin.unwrap_or("")
+    );
 }

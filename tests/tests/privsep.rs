@@ -185,6 +185,10 @@ fn the_seccomp_filter_kills_forbidden_calls_and_allows_the_workers_own() {
         "keyctl",
         "io_uring_setup",
         "execve",
+        "personality",
+        "dumpable",
+        "kill-other",
+        "ioctl-other",
     ];
     if cfg!(target_arch = "x86_64") {
         forbidden.push("x32");

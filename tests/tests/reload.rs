@@ -99,6 +99,7 @@ fn reloads_under_traffic_refuse_nothing_both_configs_allow() {
     /// `MIN_RUN`, so a stall of the machine cannot leave the probes idle all along.
     const RELOADS: usize = 6;
     const MIN_RUN: Duration = Duration::from_secs(3);
+    const MIN_PROBES: u64 = 50;
     require_root();
     let mut daemon = Daemon::enforcing();
     let (a, b) = (PoolSim::start(), PoolSim::start());
@@ -123,15 +124,28 @@ fn reloads_under_traffic_refuse_nothing_both_configs_allow() {
         "control: a request before the reloads"
     );
 
-    let inside = ProbeLoop::start(gateway.path(), &[side, allowed]);
-    let outside = ProbeLoop::start(outsider.path(), &[side, allowed]);
+    let mut inside = ProbeLoop::start(gateway.path(), &[side, allowed]);
+    let mut outside = ProbeLoop::start(outsider.path(), &[side, allowed]);
     let clients = Clients::start(4, daemon.chat("m"));
     clients.wait_running();
     let (t0, first) = (monotonic_ns(), Instant::now());
+    let (inside_at_start, outside_at_start) = (inside.rounds(), outside.rounds());
+    // Enough connects ran wholly during the reloads (a round in flight at the start may have
+    // begun before it: hence the `+ 1`).
+    let mut probes_overlapped = || {
+        inside.rounds() > inside_at_start + MIN_PROBES + 1
+            && outside.rounds() > outside_at_start + MIN_PROBES + 1
+    };
     let mut b_between_reloads = 0;
     let mut reloads = 0;
-    // An even number of reloads, so the last one removes B.
-    while reloads < RELOADS || first.elapsed() < MIN_RUN || reloads % 2 == 1 {
+    // An even number of reloads, so the last one removes B; on until the probes overlapped
+    // enough of them, however slow the machine.
+    while reloads < RELOADS || first.elapsed() < MIN_RUN || reloads % 2 == 1 || !probes_overlapped()
+    {
+        assert!(
+            first.elapsed() < Duration::from_secs(120),
+            "the probes finished too few connects in two minutes of reloads"
+        );
         let (i, adds_b) = (reloads, reloads % 2 == 0);
         reloads += 1;
         daemon.write_config(if adds_b { &both } else { &one });
@@ -183,7 +197,7 @@ fn reloads_under_traffic_refuse_nothing_both_configs_allow() {
                 seen.counts
             );
             assert!(
-                during >= 50,
+                during >= MIN_PROBES,
                 "{who} → {target}: only {during} connects ran during the reloads"
             );
         }
@@ -344,4 +358,116 @@ fn every_restart_only_key_is_refused_on_reload() {
     daemon.signal(Signal::SIGHUP);
     daemon.wait_log("config reloaded");
     assert_eq!(try_from(out, "tcp", &[a.addr, b.addr]), [EPERM, EPERM]);
+}
+
+/// Reloads under load on keep-alive connections: 32 clients send chat requests as fast as they
+/// can over pooled connections while the config is reloaded (a quota changed back and forth,
+/// so every reload builds a new data plane) ten times. Every request is answered 200, none
+/// is dropped or reset, and the requests did run across the reloads.
+#[test]
+fn a_reload_under_load_drops_no_request() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+
+    const CLIENTS: usize = 32;
+    const RELOADS: usize = 10;
+    require_root();
+    let mut daemon = Daemon::enforcing();
+    let sim = PoolSim::start();
+    let with_quota = |rpm: u64| {
+        config(&daemon, &[sim.addr], "") + &format!("[quotas.key]\nrequests_per_minute = {rpm}\n")
+    };
+    let (one, two) = (with_quota(10_000_000), with_quota(20_000_000));
+    daemon.write_config(&one);
+    daemon.create_tester_key();
+    let _gateway = daemon.cgroup().child("gateway");
+    daemon.start();
+    daemon.wait_log("worker started");
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(CLIENTS)
+        .build_http::<Full<Bytes>>();
+    let url: hyper::Uri = daemon.url("/v1/chat/completions").parse().unwrap();
+    let auth = format!("Bearer {}", daemon.key());
+    let body = Bytes::from_static(br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#);
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(Mutex::new(Vec::<(Instant, Instant, String)>::new()));
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (client, url, auth, body) =
+                (client.clone(), url.clone(), auth.clone(), body.clone());
+            let (stop, done) = (stop.clone(), done.clone());
+            runtime.spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let req = hyper::Request::post(url.clone())
+                        .header("authorization", &auth)
+                        .header("content-type", "application/json")
+                        .body(Full::new(body.clone()))
+                        .unwrap();
+                    let start = Instant::now();
+                    let outcome = match client.request(req).await {
+                        Ok(resp) => {
+                            let status = resp.status().as_u16();
+                            match resp.into_body().collect().await {
+                                Ok(_) => status.to_string(),
+                                Err(e) => format!("{status}, body broken: {e}"),
+                            }
+                        }
+                        Err(e) => format!("no answer: {e:?}"),
+                    };
+                    done.lock().unwrap().push((start, Instant::now(), outcome));
+                }
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while done.lock().unwrap().len() < 100 {
+        assert!(Instant::now() < deadline, "the load did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let first = Instant::now();
+    for i in 0..RELOADS {
+        daemon.write_config(if i % 2 == 0 { &two } else { &one });
+        daemon.signal(Signal::SIGHUP);
+        daemon.wait_log_nth("config reloaded", i);
+    }
+    let last = Instant::now();
+    // Some more load after the last reload, on the same connections.
+    let after = done.lock().unwrap().len();
+    while done.lock().unwrap().len() < after + 100 {
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(30),
+            "the load stopped"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stop.store(true, Ordering::Relaxed);
+    runtime.block_on(async {
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    let done = std::mem::take(&mut *done.lock().unwrap());
+    let failed: Vec<&String> = done.iter().map(|d| &d.2).filter(|s| *s != "200").collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed across the reloads: {:?}",
+        failed.len(),
+        done.len(),
+        &failed[..failed.len().min(5)]
+    );
+    let across = done
+        .iter()
+        .filter(|(s, e, _)| *s < last && *e > first)
+        .count();
+    assert!(
+        across >= CLIENTS,
+        "only {across} requests ran while the config was reloaded"
+    );
 }

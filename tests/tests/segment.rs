@@ -146,8 +146,7 @@ fn deny_events_carry_who_and_where() {
 }
 
 /// Attempts per target that must run wholly between the first and the last flip for the flip
-/// test to mean anything (a loopback connect takes tens of microseconds; the flips last at
-/// least a second).
+/// test to mean anything (the flips go on until this many have).
 const MIN_DURING_FLIPS: u64 = 50;
 
 /// Flips between two policies 1,000 times while probes connect from outside and inside the
@@ -171,19 +170,35 @@ fn policy_flips_never_change_a_shared_verdict() {
         addr(&format!("127.0.0.1:{p_both}")),
         addr(&format!("127.0.0.1:{p_never}")),
     ];
-    let outside = ProbeLoop::start(outsider.path(), &targets);
-    let inside = ProbeLoop::start(gateway.path(), &targets);
+    let mut outside = ProbeLoop::start(outsider.path(), &targets);
+    let mut inside = ProbeLoop::start(gateway.path(), &targets);
 
-    // At least 1,000 flips, for at least a second (so a stall of a loaded machine cannot
-    // leave the probes idle all along), an even number of them.
+    // At least 1,000 flips, an even number, and on until both loops finished enough attempts
+    // after the first flip: a loaded machine can stall the probes for a while, so the floor is
+    // reached by flipping longer, never by hoping.
     let started = Instant::now();
     let first_flip = monotonic_ns();
+    let (outside_at_start, inside_at_start) = (outside.rounds(), inside.rounds());
+    // A round in progress at the first flip may have started before it: hence the `+ 1`.
+    let overlapped =
+        |probe: &mut ProbeLoop, at_start: u64| probe.rounds() > at_start + MIN_DURING_FLIPS + 1;
     let mut flips = 0;
-    while flips < 1000 || started.elapsed() < Duration::from_secs(1) || flips % 2 == 1 {
+    loop {
         enforcer
             .apply(if flips % 2 == 0 { &policy_b } else { &policy_a })
             .unwrap();
         flips += 1;
+        if flips >= 1000
+            && flips % 64 == 0
+            && overlapped(&mut outside, outside_at_start)
+            && overlapped(&mut inside, inside_at_start)
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the probes finished too few attempts in a minute of flipping"
+        );
     }
     let last_flip = monotonic_ns();
     let flipping = started.elapsed();

@@ -49,6 +49,9 @@ enum Cmd {
     Bench {
         /// Which benchmark: segment, gateway, auth.
         name: String,
+        /// Extra arguments for the gateway benchmark (e.g. `--soak 60`; see its `--help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -81,15 +84,15 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Bench { name } => {
+        Cmd::Bench { name, args } => {
             setup::run()?;
             build(true)?;
             cargo(&["build", "--release", "-p", "moat-tests", "--bins"])?;
             match name.as_str() {
                 // The data plane against direct and nginx (wrk, nginx from `setup`).
-                "gateway" => run(&mut Command::new(
-                    root.join("target/release/moat-bench-gateway"),
-                )),
+                "gateway" => {
+                    run(Command::new(root.join("target/release/moat-bench-gateway")).args(&args))
+                }
                 _ => run(Command::new(root.join("target/release/moat-bench")).arg(&name)),
             }
         }

@@ -17,11 +17,13 @@ use anyhow::{Context, Result, bail};
 /// Pinned: built from source against the nightly toolchain's LLVM.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Debian packages: tools the tests drive (ip, bpftool), benchmarks (wrk, nginx) and the
+/// Debian packages: tools the tests drive (ip, bpftool, nft for the NAT tests), benchmarks
+/// (wrk, nginx) and the
 /// virtualenv for the OpenAI SDK tests, openssl for the upstream TLS test certificates.
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "bpftool",
+    "nftables",
     "wrk",
     "nginx-light",
     "python3-venv",

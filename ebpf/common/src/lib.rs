@@ -42,6 +42,8 @@ pub mod names {
     pub const PROG_CONNECT6: &str = "connect6";
     pub const PROG_SENDMSG4: &str = "sendmsg4";
     pub const PROG_SENDMSG6: &str = "sendmsg6";
+    /// The `cgroup_skb/egress` program that judges packets after NAT.
+    pub const PROG_EGRESS: &str = "cgroup_egress";
 }
 
 /// Flags stored as the value of a destination trie entry.
@@ -100,10 +102,22 @@ pub enum Hook {
     Connect6 = 1,
     Sendmsg4 = 2,
     Sendmsg6 = 3,
+    /// `cgroup_skb/egress`: TCP SYNs and UDP datagrams judged by their destination after NAT
+    /// (netfilter's OUTPUT and POSTROUTING hooks, socket-level load balancers).
+    Egress = 4,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 4] = [
+    pub const ALL: [Hook; 5] = [
+        Hook::Connect4,
+        Hook::Connect6,
+        Hook::Sendmsg4,
+        Hook::Sendmsg6,
+        Hook::Egress,
+    ];
+
+    /// The `cgroup_sock_addr` hooks, which judge the address a process passes.
+    pub const SOCK_ADDR: [Hook; 4] = [
         Hook::Connect4,
         Hook::Connect6,
         Hook::Sendmsg4,
@@ -121,6 +135,7 @@ impl Hook {
             Hook::Connect6 => names::PROG_CONNECT6,
             Hook::Sendmsg4 => names::PROG_SENDMSG4,
             Hook::Sendmsg6 => names::PROG_SENDMSG6,
+            Hook::Egress => names::PROG_EGRESS,
         }
     }
 }
@@ -146,9 +161,10 @@ impl DenyReason {
 }
 
 /// Per-CPU counter slots: `hook * 2 + verdict` (verdict 0 = allowed, 1 = denied), then one
-/// slot counting deny events lost because the ring buffer was full.
-pub const COUNTERS: u32 = 9;
-pub const EVENTS_LOST_COUNTER: u32 = 8;
+/// slot counting deny events lost because the ring buffer was full. (Before the egress hook
+/// the array had 9 slots; a daemon that finds such a pinned array replaces it.)
+pub const COUNTERS: u32 = 11;
+pub const EVENTS_LOST_COUNTER: u32 = 10;
 
 pub fn counter_index(hook: Hook, denied: bool) -> u32 {
     hook as u32 * 2 + denied as u32
@@ -159,6 +175,8 @@ pub fn counter_index(hook: Hook, denied: bool) -> u32 {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DenyEvent {
     pub cgroup_id: u64,
+    /// 0 from the egress hook: a packet hook does not know the sending process (it may run
+    /// in softirq context), only the socket's cgroup.
     pub pid: u32,
     /// Destination port, host byte order.
     pub port: u16,
@@ -166,7 +184,8 @@ pub struct DenyEvent {
     pub hook: u8,
     /// [`DenyReason`] as u8.
     pub reason: u8,
-    /// IP protocol (6 TCP, 17 UDP) as the socket reports it.
+    /// IP protocol (6 TCP, 17 UDP) as the socket (connect hooks) or the packet (egress)
+    /// reports it.
     pub protocol: u32,
     /// 4 (IPv4, address in the first 4 bytes) or 6.
     pub family: u32,

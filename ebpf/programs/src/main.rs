@@ -8,10 +8,14 @@
 //! The policy is double-buffered (two slots, one `ACTIVE` index): the daemon fills the idle
 //! slot and flips the index with one 4-byte write, so a program run sees one whole policy.
 //!
+//! The `cgroup_skb/egress` hook in [`egress`] judges the same policy once more, on the packet's
+//! destination after NAT.
+//!
 //! Inference host: the ingress guard in [`guard`] (cgroup_skb and TC), with maps of its own.
 #![no_std]
 #![no_main]
 
+mod egress;
 mod guard;
 
 use aya_ebpf::{
@@ -76,7 +80,7 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 }
 
 /// The destination as the kernel hands it over: port and addresses in network byte order.
-struct Destination {
+pub(crate) struct Destination {
     port: [u8; 2],
     family: u32,
     addr: [u8; 16],

@@ -316,7 +316,7 @@ fn probe_hooks(bpffs_mounts: &[String]) -> Vec<HookCheck> {
     let scratch = PathBuf::from(format!("moat-doctor-{}", std::process::id()));
     let cg = Cgroup::ensure(&scratch);
     let mut bpf = segment::object().and_then(|o| Ok(Ebpf::load(o)?));
-    for hook in Hook::ALL {
+    for hook in Hook::SOCK_ADDR {
         let r = match (&cg, &mut bpf) {
             (Ok(cg), Ok(bpf)) => attach_sock_addr(bpf, hook.program_name(), &cg.path),
             (Err(e), _) => Err(anyhow!("{e:#}")),
@@ -329,7 +329,27 @@ fn probe_hooks(bpffs_mounts: &[String]) -> Vec<HookCheck> {
         ));
     }
     let r = match (&cg, &mut bpf) {
-        (Ok(cg), Ok(bpf)) => attach_cgroup_skb(bpf, &cg.path),
+        (Ok(cg), Ok(bpf)) => attach_cgroup_skb(
+            bpf,
+            Hook::Egress.program_name(),
+            CgroupSkbAttachType::Egress,
+            &cg.path,
+        ),
+        (Err(e), _) => Err(anyhow!("{e:#}")),
+        (_, Err(e)) => Err(anyhow!("{e:#}")),
+    };
+    out.push(check(
+        Hook::Egress.program_name(),
+        "cgroup_skb egress (cgroup2 root on serve)",
+        r,
+    ));
+    let r = match (&cg, &mut bpf) {
+        (Ok(cg), Ok(bpf)) => attach_cgroup_skb(
+            bpf,
+            IngressHook::CgroupSkb.program_name(),
+            CgroupSkbAttachType::Ingress,
+            &cg.path,
+        ),
         (Err(e), _) => Err(anyhow!("{e:#}")),
         (_, Err(e)) => Err(anyhow!("{e:#}")),
     };
@@ -370,19 +390,19 @@ fn attach_sock_addr(bpf: &mut Ebpf, name: &str, cgroup: &Path) -> Result<()> {
     Ok(())
 }
 
-fn attach_cgroup_skb(bpf: &mut Ebpf, cgroup: &Path) -> Result<()> {
-    let name = IngressHook::CgroupSkb.program_name();
+fn attach_cgroup_skb(
+    bpf: &mut Ebpf,
+    name: &str,
+    attach_type: CgroupSkbAttachType,
+    cgroup: &Path,
+) -> Result<()> {
     let prog: &mut CgroupSkb = bpf
         .program_mut(name)
         .with_context(|| format!("no program {name}"))?
         .try_into()?;
     prog.load().context("load")?;
     let id = prog
-        .attach(
-            File::open(cgroup)?,
-            CgroupSkbAttachType::Ingress,
-            CgroupAttachMode::Single,
-        )
+        .attach(File::open(cgroup)?, attach_type, CgroupAttachMode::Single)
         .context("attach")?;
     prog.detach(id).context("detach")?;
     Ok(())

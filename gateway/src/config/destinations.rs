@@ -111,18 +111,43 @@ pub fn parse_destination(
         let net: IpNet = host
             .parse()
             .map_err(|_| format!("`{host}` is not an address prefix"))?;
-        return Ok(vec![DestinationRule {
-            net: net.trunc(),
-            port,
-        }]);
+        return Ok(fold_mapped_prefix(net.trunc())
+            .into_iter()
+            .map(|net| DestinationRule { net, port })
+            .collect());
     }
     Ok(resolve(entry)?
         .into_iter()
         .map(|a| DestinationRule {
-            net: IpNet::from(a.ip()),
+            net: IpNet::from(a.ip().to_canonical()),
             port,
         })
         .collect())
+}
+
+/// The kernel judges a destination written `::ffff:a.b.c.d` as the IPv4 host a.b.c.d (it
+/// is where the packet goes), so a prefix inside the IPv4-mapped range (`::ffff:0:0/96`) is
+/// the IPv4 prefix it maps; one wider than that range (`::/0`) covers the IPv6 prefix and
+/// every IPv4 address too. Anything else is unchanged.
+pub fn fold_mapped_prefix(net: IpNet) -> Vec<IpNet> {
+    let IpNet::V6(v6) = net else {
+        return vec![net];
+    };
+    const MAPPED: ipnet::Ipv6Net =
+        match ipnet::Ipv6Net::new(std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0), 96) {
+            Ok(n) => n,
+            Err(_) => panic!("valid prefix"),
+        };
+    if let Some(v4) = v6.addr().to_ipv4_mapped()
+        && v6.prefix_len() >= 96
+    {
+        let v4 = ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).expect("valid length");
+        return vec![IpNet::V4(v4.trunc())];
+    }
+    if v6.contains(&MAPPED) {
+        return vec![net, "0.0.0.0/0".parse().expect("valid prefix")];
+    }
+    vec![net]
 }
 
 /// Parses one `auth.trusted_proxies` entry: a CIDR, or a bare address (one host).
@@ -140,6 +165,23 @@ mod tests {
 
     fn parse_destination_sys(entry: &str) -> Result<Vec<DestinationRule>, String> {
         parse_destination(entry, &mut resolve_host_port)
+    }
+
+    #[test]
+    fn ipv4_mapped_destinations_fold_to_ipv4() {
+        let r = parse_destination_sys("[::ffff:10.0.0.5]:8000").unwrap();
+        assert_eq!(r[0].to_string(), "10.0.0.5/32:8000");
+        let r = parse_destination_sys("[::ffff:10.0.0.0/104]:8000").unwrap();
+        assert_eq!(r[0].to_string(), "10.0.0.0/8:8000");
+        let r = parse_destination_sys("[::ffff:0:0/96]:8000").unwrap();
+        assert_eq!(r[0].to_string(), "0.0.0.0/0:8000");
+        // Wider than the mapped range: the IPv6 prefix and all of IPv4.
+        let r = parse_destination_sys("[::/0]:8000").unwrap();
+        let r: Vec<String> = r.iter().map(ToString::to_string).collect();
+        assert_eq!(r, ["[::/0]:8000", "0.0.0.0/0:8000"]);
+        // A prefix that does not reach the mapped range stays as written.
+        let r = parse_destination_sys("[fd00::/8]:8000").unwrap();
+        assert_eq!(r[0].to_string(), "[fd00::/8]:8000");
     }
 
     #[test]

@@ -189,9 +189,13 @@ pub struct ModelConfig {
     /// Largest `n` (and `best_of`): each one is a whole generation on the GPU.
     #[serde(default = "default_max_n")]
     pub max_n: u64,
-    /// Most items in an embeddings `input` or a completions `prompt` array.
+    /// Most inputs in an embeddings `input` or a completions `prompt` array (strings or
+    /// token-id arrays; a flat array of token ids is one input).
     #[serde(default = "default_max_inputs")]
     pub max_inputs: usize,
+    /// Most entries in a chat request's `tools` (or `functions`).
+    #[serde(default = "default_max_tools")]
+    pub max_tools: usize,
     /// Dedicated tenant → its own pool for this model. A dedicated tenant is served from here
     /// and nowhere else; without an entry the model does not exist for it.
     #[serde(default)]
@@ -282,6 +286,9 @@ fn default_max_n() -> u64 {
 }
 fn default_max_inputs() -> usize {
     256
+}
+fn default_max_tools() -> usize {
+    128
 }
 
 /// Whether the kernel side is required.

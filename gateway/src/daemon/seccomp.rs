@@ -1,32 +1,31 @@
-//! The worker's seccomp filter: the system calls an internet-facing HTTP proxy has no use for,
-//! and that an attacker who took it over would reach for first, kill the whole process.
+//! The worker's seccomp filter: an **allow-list** with a default of kill. The worker may make
+//! the system calls an HTTP proxy built on tokio, hyper, rustls, SQLite and glibc makes, with
+//! their arguments narrowed where a call is also an escalation route; anything else kills the
+//! whole process (`SECCOMP_RET_KILL_PROCESS`), the supervisor logs the death and starts a new
+//! worker.
 //!
-//! **This is a deny-list** (default: allow). An allow-list with a default of KILL is the
-//! stronger form, but the worker's set of calls is the union of tokio, hyper, rustls/ring,
-//! SQLite, mimalloc and glibc, and a call missed there kills the worker on some rare path in
-//! production. The deny-list closes the known escalation and escape routes instead:
+//! What the list leaves out, by design (an attacker who took over the worker reaches for these
+//! first): `ptrace`, `process_vm_*`, `kcmp`, `bpf`, `perf_event_open`, `userfaultfd`,
+//! `io_uring_*` (whose operations would bypass this filter), the keyring calls, namespaces
+//! (`unshare`, `setns`, `clone` with a `CLONE_NEW*` flag), every mount call old and new,
+//! `chroot`, `pivot_root`, `open_by_handle_at`, `kexec_*`, modules, `reboot`, swap, clock
+//! setting, `execve`/`execveat` (the worker never runs a program), `setuid` and friends,
+//! `chmod`/`chown` by path, `mknod`, `ioperm`/`iopl`, `personality`, `syslog`.
 //!
-//! - sockets of any family but `AF_INET`, `AF_INET6` and `AF_UNIX` (the control channel):
-//!   no netlink, packet, vsock, …;
-//! - tracing and reading other processes: `ptrace`, `process_vm_readv/writev`, `kcmp`;
-//! - the kernel's attack surface the worker never needs: `bpf`, `perf_event_open`,
-//!   `userfaultfd`, `io_uring_*` (its operations would also bypass this filter), `keyctl`,
-//!   `add_key`, `request_key`;
-//! - namespaces and mounts: `unshare`, `setns`, `clone` with any `CLONE_NEW*` flag, `mount`,
-//!   `umount2`, the new mount API (`fsopen`, `fsmount`, `move_mount`, …), `pivot_root`,
-//!   `chroot`;
-//! - the machine itself: `kexec_*`, module loading, `reboot`, `swapon/off`, `acct`, clock
-//!   setting;
-//! - running another program: `execve`, `execveat` (the worker never execs).
+//! Narrowed by argument:
+//! - `socket`/`socketpair`: `AF_INET`, `AF_INET6` and `AF_UNIX` (the control channel) only;
+//! - `clone`: no namespace flag; `clone3` answers `ENOSYS` (its flags sit in memory a filter
+//!   cannot read), glibc then falls back to `clone`;
+//! - `prctl`: naming threads and reading state only (`PR_SET_DUMPABLE` back to 1 would undo
+//!   [`super::privdrop::make_undumpable`]);
+//! - `ioctl`: the non-blocking, close-on-exec, bytes-readable and terminal queries the
+//!   runtime and the logger make;
+//! - `kill`/`tgkill`/`tkill`: only to this process (glibc's `abort` and `raise`), never to
+//!   another process of the service user.
 //!
-//! A denied call is `SECCOMP_RET_KILL_PROCESS`: the worker dies by SIGSYS, the supervisor
-//! logs it and starts a new one. `clone3` gets `ENOSYS` instead (its flags sit in memory a
-//! filter cannot read): glibc then falls back to `clone`, whose flags are checked. A call for
-//! another architecture (32-bit `int 0x80`, x32) is killed too, so the deny-list cannot be
-//! stepped around by syscall number.
-//!
-//! The filter needs `no_new_privs` (set by the privilege drop) and is installed on every
-//! thread at once (`TSYNC`): the log writer thread exists before the worker starts.
+//! A call for another architecture (32-bit `int 0x80`, x32) is killed too. The filter needs
+//! `no_new_privs` (set by the privilege drop) and is installed on every thread at once
+//! (`TSYNC`): the log writer thread exists before the worker starts.
 
 use std::collections::BTreeMap;
 
@@ -48,10 +47,10 @@ pub fn install() -> Result<()> {
 fn programs() -> Result<Vec<BpfProgram>> {
     let arch = TargetArch::try_from(std::env::consts::ARCH)
         .context("no seccomp filter for this architecture")?;
-    let deny = SeccompFilter::new(
-        denied()?,
-        SeccompAction::Allow,
+    let allow = SeccompFilter::new(
+        allowed(std::process::id())?,
         SeccompAction::KillProcess,
+        SeccompAction::Allow,
         arch,
     )?;
     let clone3 = SeccompFilter::new(
@@ -60,101 +59,246 @@ fn programs() -> Result<Vec<BpfProgram>> {
         SeccompAction::Errno(libc::ENOSYS as u32),
         arch,
     )?;
-    let mut programs = vec![deny.try_into()?, clone3.try_into()?];
-    programs.extend(x32_guard());
+    // The allow-list last: installing a filter takes `prctl(PR_SET_NO_NEW_PRIVS)` and `seccomp`,
+    // which the worker has no use for once it runs.
+    let mut programs: Vec<BpfProgram> = x32_guard().into_iter().collect();
+    programs.push(clone3.try_into()?);
+    programs.push(allow.try_into()?);
     Ok(programs)
 }
 
-/// The system calls that kill the worker, unconditionally (empty rule list) or when one of
-/// their rules matches.
-fn denied() -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
+/// The calls the worker may make, each unconditionally (an empty rule list) or when one of its
+/// rules holds (the conditions of one rule must all hold). `own_pid`: the only process the
+/// worker may signal.
+fn allowed(own_pid: u32) -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
     let always = [
-        libc::SYS_ptrace,
-        libc::SYS_process_vm_readv,
-        libc::SYS_process_vm_writev,
-        libc::SYS_kcmp,
-        libc::SYS_bpf,
-        libc::SYS_perf_event_open,
-        libc::SYS_userfaultfd,
-        libc::SYS_io_uring_setup,
-        libc::SYS_io_uring_enter,
-        libc::SYS_io_uring_register,
-        libc::SYS_keyctl,
-        libc::SYS_add_key,
-        libc::SYS_request_key,
-        libc::SYS_unshare,
-        libc::SYS_setns,
-        libc::SYS_mount,
-        libc::SYS_umount2,
-        libc::SYS_fsopen,
-        libc::SYS_fsconfig,
-        libc::SYS_fsmount,
-        libc::SYS_fspick,
-        libc::SYS_move_mount,
-        libc::SYS_open_tree,
-        libc::SYS_mount_setattr,
-        libc::SYS_pivot_root,
-        libc::SYS_chroot,
-        libc::SYS_open_by_handle_at,
-        libc::SYS_kexec_load,
-        libc::SYS_kexec_file_load,
-        libc::SYS_init_module,
-        libc::SYS_finit_module,
-        libc::SYS_delete_module,
-        libc::SYS_reboot,
-        libc::SYS_swapon,
-        libc::SYS_swapoff,
-        libc::SYS_acct,
-        libc::SYS_settimeofday,
-        libc::SYS_clock_settime,
-        libc::SYS_clock_adjtime,
-        libc::SYS_adjtimex,
-        libc::SYS_execve,
-        libc::SYS_execveat,
+        // Descriptors and plain I/O.
+        libc::SYS_read,
+        libc::SYS_write,
+        libc::SYS_readv,
+        libc::SYS_writev,
+        libc::SYS_pread64,
+        libc::SYS_pwrite64,
+        libc::SYS_preadv,
+        libc::SYS_pwritev,
+        libc::SYS_preadv2,
+        libc::SYS_pwritev2,
+        libc::SYS_close,
+        libc::SYS_close_range,
+        libc::SYS_lseek,
+        libc::SYS_dup,
+        libc::SYS_dup2,
+        libc::SYS_dup3,
+        libc::SYS_fcntl,
+        libc::SYS_pipe2,
+        libc::SYS_eventfd2,
+        libc::SYS_sendfile,
+        libc::SYS_splice,
+        // Files: config, certificates, the SQLite store and its journal, /proc reads.
+        libc::SYS_open,
+        libc::SYS_openat,
+        libc::SYS_stat,
+        libc::SYS_fstat,
+        libc::SYS_lstat,
+        libc::SYS_newfstatat,
+        libc::SYS_statx,
+        libc::SYS_statfs,
+        libc::SYS_fstatfs,
+        libc::SYS_access,
+        libc::SYS_faccessat,
+        libc::SYS_faccessat2,
+        libc::SYS_readlink,
+        libc::SYS_readlinkat,
+        libc::SYS_getdents64,
+        libc::SYS_getcwd,
+        libc::SYS_fsync,
+        libc::SYS_fdatasync,
+        libc::SYS_ftruncate,
+        libc::SYS_fallocate,
+        libc::SYS_fadvise64,
+        libc::SYS_flock,
+        libc::SYS_unlink,
+        libc::SYS_unlinkat,
+        libc::SYS_rename,
+        libc::SYS_renameat,
+        libc::SYS_renameat2,
+        libc::SYS_fchmod,
+        libc::SYS_fchown,
+        libc::SYS_umask,
+        // The worker creates the identity secrets at first start: a private folder, a file
+        // published with a hard link so two starts cannot both create it, its mode set.
+        libc::SYS_mkdir,
+        libc::SYS_mkdirat,
+        libc::SYS_chmod,
+        libc::SYS_fchmodat,
+        libc::SYS_link,
+        libc::SYS_linkat,
+        // Memory.
+        libc::SYS_brk,
+        libc::SYS_mmap,
+        libc::SYS_munmap,
+        libc::SYS_mremap,
+        libc::SYS_mprotect,
+        libc::SYS_madvise,
+        libc::SYS_mincore,
+        libc::SYS_membarrier,
+        // Threads, scheduling, resources.
+        libc::SYS_exit,
+        libc::SYS_exit_group,
+        libc::SYS_set_robust_list,
+        libc::SYS_get_robust_list,
+        libc::SYS_set_tid_address,
+        libc::SYS_rseq,
+        libc::SYS_arch_prctl,
+        libc::SYS_futex,
+        libc::SYS_futex_waitv,
+        libc::SYS_sched_yield,
+        libc::SYS_sched_getaffinity,
+        libc::SYS_sched_setaffinity,
+        libc::SYS_sched_getparam,
+        libc::SYS_sched_getscheduler,
+        libc::SYS_getpriority,
+        // Lowering a thread's own priority (the password hashers); raising needs a capability.
+        libc::SYS_setpriority,
+        libc::SYS_getrlimit,
+        libc::SYS_prlimit64,
+        libc::SYS_getrusage,
+        libc::SYS_times,
+        libc::SYS_sysinfo,
+        libc::SYS_uname,
+        libc::SYS_getpid,
+        libc::SYS_getppid,
+        libc::SYS_gettid,
+        libc::SYS_getuid,
+        libc::SYS_geteuid,
+        libc::SYS_getgid,
+        libc::SYS_getegid,
+        libc::SYS_getresuid,
+        libc::SYS_getresgid,
+        libc::SYS_getgroups,
+        libc::SYS_getpgrp,
+        libc::SYS_getpgid,
+        libc::SYS_getsid,
+        libc::SYS_capget,
+        libc::SYS_getrandom,
+        libc::SYS_restart_syscall,
+        // Signals (tokio's signal handling and the runtime's own).
+        libc::SYS_rt_sigaction,
+        libc::SYS_rt_sigprocmask,
+        libc::SYS_rt_sigreturn,
+        libc::SYS_rt_sigtimedwait,
+        libc::SYS_rt_sigpending,
+        libc::SYS_rt_sigsuspend,
+        libc::SYS_sigaltstack,
+        // Waiting and time.
+        libc::SYS_epoll_create,
+        libc::SYS_epoll_create1,
+        libc::SYS_epoll_ctl,
+        libc::SYS_epoll_wait,
+        libc::SYS_epoll_pwait,
+        libc::SYS_epoll_pwait2,
+        libc::SYS_poll,
+        libc::SYS_ppoll,
+        libc::SYS_select,
+        libc::SYS_pselect6,
+        libc::SYS_timerfd_create,
+        libc::SYS_timerfd_settime,
+        libc::SYS_timerfd_gettime,
+        libc::SYS_nanosleep,
+        libc::SYS_clock_nanosleep,
+        libc::SYS_clock_gettime,
+        libc::SYS_clock_getres,
+        libc::SYS_gettimeofday,
+        libc::SYS_time,
+        // Network (the family is checked at `socket`).
+        libc::SYS_bind,
+        libc::SYS_listen,
+        libc::SYS_accept,
+        libc::SYS_accept4,
+        libc::SYS_connect,
+        libc::SYS_getsockname,
+        libc::SYS_getpeername,
+        libc::SYS_setsockopt,
+        libc::SYS_getsockopt,
+        libc::SYS_sendto,
+        libc::SYS_recvfrom,
+        libc::SYS_sendmsg,
+        libc::SYS_recvmsg,
+        libc::SYS_sendmmsg,
+        libc::SYS_recvmmsg,
+        libc::SYS_shutdown,
+        // Allowed here, answered ENOSYS by the second filter.
+        libc::SYS_clone3,
     ];
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         always.into_iter().map(|nr| (nr, vec![])).collect();
 
-    // socket(domain, …) and socketpair(domain, …): a domain other than the three the worker
-    // uses. The conditions of one rule must all hold.
-    let other_family = || -> Result<SeccompRule> {
-        let ne = |family: i32| {
-            SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, family as u64)
-        };
-        Ok(SeccompRule::new(vec![
-            ne(libc::AF_INET)?,
-            ne(libc::AF_INET6)?,
-            ne(libc::AF_UNIX)?,
-        ])?)
+    let arg_is = |arg: u8, value: u64| -> Result<SeccompRule> {
+        Ok(SeccompRule::new(vec![SeccompCondition::new(
+            arg,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            value,
+        )?])?)
     };
-    rules.insert(libc::SYS_socket, vec![other_family()?]);
-    rules.insert(libc::SYS_socketpair, vec![other_family()?]);
+    let any_of = |arg: u8, values: &[u64]| -> Result<Vec<SeccompRule>> {
+        values.iter().map(|&v| arg_is(arg, v)).collect()
+    };
 
-    // clone(flags, …) with any namespace flag: one rule per flag, any of them matches.
-    let namespaces = [
-        libc::CLONE_NEWNS,
-        libc::CLONE_NEWUTS,
-        libc::CLONE_NEWIPC,
-        libc::CLONE_NEWUSER,
-        libc::CLONE_NEWPID,
-        libc::CLONE_NEWNET,
-        libc::CLONE_NEWCGROUP,
-    ];
+    let families = [libc::AF_INET, libc::AF_INET6, libc::AF_UNIX].map(|f| f as u64);
+    rules.insert(libc::SYS_socket, any_of(0, &families)?);
+    rules.insert(libc::SYS_socketpair, any_of(0, &[libc::AF_UNIX as u64])?);
+
+    // clone(flags, …) without any namespace flag.
+    let namespaces = (libc::CLONE_NEWNS
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUSER
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWNET
+        | libc::CLONE_NEWCGROUP) as u64;
     // (CLONE_NEWTIME shares its bit with clone(2)'s exit signal: it exists for clone3 and
-    // unshare only, both denied.)
-    let clone_rules = namespaces
-        .into_iter()
-        .map(|flag| {
-            let flag = flag as u64;
-            Ok(SeccompRule::new(vec![SeccompCondition::new(
-                0,
-                SeccompCmpArgLen::Qword,
-                SeccompCmpOp::MaskedEq(flag),
-                flag,
-            )?])?)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    rules.insert(libc::SYS_clone, clone_rules);
+    // unshare only, neither of which gets through.)
+    rules.insert(
+        libc::SYS_clone,
+        vec![SeccompRule::new(vec![SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Qword,
+            SeccompCmpOp::MaskedEq(namespaces),
+            0,
+        )?])?],
+    );
+
+    const PR_SET_VMA: u64 = 0x5356_4d41; // glibc names its anonymous mappings with it
+    let prctl = [
+        libc::PR_SET_NAME as u64,
+        libc::PR_GET_NAME as u64,
+        libc::PR_GET_DUMPABLE as u64,
+        libc::PR_GET_NO_NEW_PRIVS as u64,
+        libc::PR_CAPBSET_READ as u64,
+        PR_SET_VMA,
+    ];
+    rules.insert(libc::SYS_prctl, any_of(0, &prctl)?);
+
+    let ioctl = [
+        libc::FIONBIO,
+        libc::FIOCLEX,
+        libc::FIONCLEX,
+        libc::FIONREAD,
+        libc::TCGETS,
+        libc::TIOCGWINSZ,
+    ]
+    // `Ioctl` is u64 only on some targets.
+    .map(|request| {
+        #[allow(clippy::unnecessary_cast)]
+        let request = request as u64;
+        request
+    });
+    rules.insert(libc::SYS_ioctl, any_of(1, &ioctl)?);
+
+    let own = u64::from(own_pid);
+    rules.insert(libc::SYS_kill, any_of(0, &[own])?);
+    rules.insert(libc::SYS_tgkill, any_of(0, &[own])?);
     Ok(rules)
 }
 

@@ -9,6 +9,8 @@
 //!   small resource limits and only the descriptors meant for it, and restarts it with
 //!   back-off when it dies (also when its seccomp filter killed it);
 //! - logs the kernel's deny events;
+//! - checks every few seconds that the kernel still runs every hook, and restores a link or a
+//!   pin removed behind its back (`kernel_enforcement_restored`);
 //! - owns the audit log: writes its own events and those the worker sends over the audit
 //!   socket (the worker has no write access to the log);
 //! - on SIGHUP re-reads the config and applies kernel policy and worker config together.
@@ -212,7 +214,10 @@ impl Supervisor {
                 };
                 match event {
                     Event::Reload => self.reload(&mut worker).await,
-                    Event::PushCounters => self.push_counters(&mut worker).await,
+                    Event::PushCounters => {
+                        self.check_enforcement();
+                        self.push_counters(&mut worker).await
+                    }
                     Event::Stop => {
                         stop_worker(&mut worker).await;
                         info!("supervisor stopping");
@@ -314,11 +319,39 @@ impl Supervisor {
         }
     }
 
-    /// Sends the worker the kernel's counters (it cannot read the pinned maps itself).
+    /// Asks the kernel whether every hook's link is still attached and every map pinned, and
+    /// restores what was removed behind moat's back (`bpftool link detach`, a removed pin):
+    /// see [`Enforcer::heal`].
+    fn check_enforcement(&mut self) {
+        let policy = policy(&self.config, self.gateway);
+        if let Some(enforcer) = self.enforcer.as_mut()
+            && let Err(e) = enforcer.heal(&policy)
+        {
+            error!(
+                event = "kernel_enforcement_degraded",
+                found = %enforcer.check().join(", "),
+                error = %format!("{e:#}"),
+                "kernel enforcement is incomplete and could not be restored; retrying"
+            );
+        }
+    }
+
+    /// Sends the worker the kernel's counters and link state (it cannot read the pinned maps
+    /// itself).
     async fn push_counters(&self, worker: &mut Worker) {
         let mut counters = crate::metrics::KernelCounters::default();
         if let Some(Ok((hooks, lost))) = self.enforcer.as_ref().map(Enforcer::hook_counts) {
             (counters.gateway, counters.gateway_events_lost) = (hooks, lost);
+        }
+        if let Some(enforcer) = &self.enforcer {
+            counters.gateway_links = enforcer
+                .links_attached()
+                .into_iter()
+                .map(|(hook, attached)| crate::metrics::LinkAttached {
+                    hook: hook.into(),
+                    attached,
+                })
+                .collect();
         }
         if let Some(Ok((hooks, lost))) = self.guard.as_ref().map(Guard::hook_counts) {
             (counters.inference, counters.inference_events_lost) = (hooks, lost);

@@ -60,8 +60,9 @@ impl Shared {
 
     /// Builds the data plane for one config. The one place a config becomes a router.
     fn build(&self, config: Config) -> Result<Serving> {
-        let state = AppState::new(config, self.identity.clone(), self.quotas.clone())
+        let mut state = AppState::new(config, self.identity.clone(), self.quotas.clone())
             .context("cannot set up the upstream pools")?;
+        state.kernel = self.kernel.clone();
         let state = Arc::new(state);
         let health = proxy::health::spawn(&state.pools, &state.upstreams);
         Ok(Serving {

@@ -9,7 +9,9 @@ use crate::{
     auth::Identity,
     config::Config,
     dataplane::{proxy::Upstreams, quota::Quotas, route::Pools},
+    metrics::KernelCounters,
 };
+use arc_swap::ArcSwap;
 
 pub struct AppState {
     pub config: Config,
@@ -20,6 +22,9 @@ pub struct AppState {
     pub upstreams: Upstreams,
     /// Quota counters: shared across reloads (owned by the worker's `Shared`).
     pub quotas: Arc<Quotas>,
+    /// The latest kernel snapshot the supervisor sent (counters and whether every hook's link
+    /// is attached), shared across reloads; `/readyz` reports from it.
+    pub kernel: Arc<ArcSwap<KernelCounters>>,
 }
 
 impl AppState {
@@ -36,6 +41,7 @@ impl AppState {
             pools,
             upstreams,
             quotas,
+            kernel: Arc::default(),
         })
     }
 }

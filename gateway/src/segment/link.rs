@@ -1,6 +1,7 @@
 //! The bpf links of both sides: pinning a new one, switching a pinned one to a new program in
 //! place (`BPF_LINK_UPDATE`, for upgrades with no gap: aya 0.14 has no wrapper for it),
-//! detaching one now (`BPF_LINK_DETACH`, likewise), and reading their ids for `status`.
+//! detaching one now (`BPF_LINK_DETACH`, likewise), reading their ids for `status`, and asking
+//! the kernel whether a pinned cgroup link is still attached ([`cgroup_link_state`]).
 //!
 //! Unlinking a pin only drops a reference: the kernel frees the link (and detaches the program)
 //! later, after an RCU grace period and a workqueue run. `uninstall` must not return while the
@@ -26,6 +27,7 @@ use crate::cgroup;
 
 /// `enum bpf_cmd` values from the kernel UAPI (`include/uapi/linux/bpf.h`).
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
 
@@ -75,6 +77,64 @@ fn update_pinned(path: &Path, program: BorrowedFd<'_>) -> io::Result<bool> {
     let mut attr = [lo_hi(link.as_raw_fd(), program.as_raw_fd()), 0, 0];
     bpf(BPF_LINK_UPDATE, &mut attr)?;
     Ok(true)
+}
+
+/// What the kernel says of a pinned cgroup link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    /// Attached to a cgroup: its program runs.
+    Attached { link_id: u32, program_id: u32 },
+    /// The link object still exists (it is pinned) but was detached — `bpftool link detach`,
+    /// or its cgroup went away. Its program no longer runs, and it cannot be updated.
+    Severed { link_id: u32 },
+    /// Nothing is pinned there.
+    Missing,
+}
+
+impl LinkState {
+    pub fn attached(self) -> bool {
+        matches!(self, LinkState::Attached { .. })
+    }
+
+    /// `attached`, `severed` or `missing`.
+    pub fn label(self) -> &'static str {
+        match self {
+            LinkState::Attached { .. } => "attached",
+            LinkState::Severed { .. } => "severed",
+            LinkState::Missing => "missing",
+        }
+    }
+}
+
+/// Asks the kernel about the cgroup link pinned at `path` (`BPF_OBJ_GET_INFO_BY_FD`): a
+/// detached cgroup link reports cgroup id 0.
+pub fn cgroup_link_state(path: &Path) -> Result<LinkState> {
+    let Some(link) =
+        open_pinned(path).with_context(|| format!("cannot open {}", path.display()))?
+    else {
+        return Ok(LinkState::Missing);
+    };
+    // struct bpf_link_info: { __u32 type; __u32 id; __u32 prog_id; (pad) union { struct {
+    // __u64 cgroup_id; __u32 attach_type; } cgroup; … } } — the union starts at byte 16.
+    let mut info = [0u64; 8];
+    // bpf_attr.info: { __u32 bpf_fd; __u32 info_len; __u64 info; }
+    let mut attr = [
+        u64::from(link.as_raw_fd() as u32) | ((size_of_val(&info) as u64) << 32),
+        info.as_mut_ptr() as u64,
+        0,
+    ];
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)
+        .with_context(|| format!("cannot read link info of {}", path.display()))?;
+    let link_id = (info[0] >> 32) as u32;
+    let program_id = info[1] as u32;
+    Ok(if info[2] == 0 {
+        LinkState::Severed { link_id }
+    } else {
+        LinkState::Attached {
+            link_id,
+            program_id,
+        }
+    })
 }
 
 /// Switches the link pinned at `path` to `program`, if one is pinned there (see

@@ -57,6 +57,8 @@ pub struct SideStatus<L, P, C> {
     pub policy: P,
     pub counters: Vec<C>,
     pub events_lost: u64,
+    /// Links the kernel reports as not attached (`hook (severed)`), gateway side.
+    pub not_attached: Vec<String>,
 }
 
 impl<L, P: Default, C> SideStatus<L, P, C> {
@@ -76,6 +78,7 @@ impl<L, P: Default, C> SideStatus<L, P, C> {
             policy: P::default(),
             counters: Vec::new(),
             events_lost: 0,
+            not_attached: Vec::new(),
         };
         if status.installed {
             let maps = S::open_maps(pins)?;

@@ -11,6 +11,11 @@
 //! Round-trip rates on a shared VM move by 5–20 % between runs; the connect4 program's own
 //! run time (kernel BPF statistics) is the stable figure, also printed as a share of a round
 //! trip.
+//!
+//! Then the `cgroup_egress` program, which every packet of the machine passes: a bulk TCP
+//! transfer over loopback by a process outside the gateway cgroup (the unrelated process every
+//! other workload is), with moat's hooks and without, as bytes per CPU-second of the process
+//! (sender and receiver), interleaved per round; and the program's own cost per packet.
 
 use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
@@ -76,6 +81,24 @@ pub fn run(connects: u32, rounds: u32) -> Result<()> {
         })?);
         eprintln!("round {}/{rounds} done", round + 1);
     }
+    // Bulk transfer by an unrelated process, with and without the hooks (10,000 entries).
+    let sink = sink_forever()?;
+    let mut bulk_samples: [Vec<f64>; 2] = Default::default();
+    let mut egress_cost = (Duration::ZERO, 0u64);
+    outside.add_pid(std::process::id())?;
+    for round in 0..rounds {
+        moat::segment::uninstall(&pins.pins)?;
+        std::thread::sleep(SETTLE);
+        bulk_samples[0].push(bulk(sink)?);
+        Enforcer::install_or_adopt(&pins.pins, &large)?;
+        std::thread::sleep(SETTLE);
+        let before = program_stats(&pins, "cgroup_egress")?;
+        bulk_samples[1].push(bulk(sink)?);
+        let after = program_stats(&pins, "cgroup_egress")?;
+        egress_cost.0 += after.0.saturating_sub(before.0);
+        egress_cost.1 += after.1 - before.1;
+        eprintln!("bulk round {}/{rounds} done", round + 1);
+    }
     moat::segment::uninstall(&pins.pins)?;
 
     let [none, small, large, by]: [f64; 4] = samples.map(median);
@@ -121,7 +144,77 @@ pub fn run(connects: u32, rounds: u32) -> Result<()> {
         100.0 * p_large / round_trip_ns,
         round_trip_ns / 1e3
     );
+    let [bulk_none, bulk_hooked] = bulk_samples.map(median);
+    println!(
+        "segment: bulk TCP over loopback by an unrelated process, {} MiB per sample (median of {rounds} rounds)",
+        BULK_BYTES >> 20
+    );
+    println!(
+        "  no hooks                         {:>10.0} MiB per CPU-second",
+        bulk_none / (1 << 20) as f64
+    );
+    println!(
+        "  hooks (10,000 entries)           {:>10.0} MiB per CPU-second   ratio to no hooks {:.3} (goal >= 0.97)",
+        bulk_hooked / (1 << 20) as f64,
+        bulk_hooked / bulk_none
+    );
+    println!(
+        "  cgroup_egress program, per packet: {:.0} ns ({} packets judged, {:.0} per MiB: GSO \
+         super-packets and ACKs)",
+        per_run(egress_cost),
+        egress_cost.1,
+        egress_cost.1 as f64 / (rounds as f64 * (BULK_BYTES >> 20) as f64)
+    );
     Ok(())
+}
+
+/// Bytes sent per sample of the bulk transfer.
+const BULK_BYTES: usize = 512 << 20;
+
+/// Sends [`BULK_BYTES`] to `sink` on a new connection and waits until the sink read them all;
+/// bytes per CPU-second of this process (sender, and the sink's thread; loopback delivery runs
+/// in their contexts).
+fn bulk(sink: SocketAddr) -> Result<f64> {
+    use std::io::{Read, Write};
+    let buf = vec![0x5au8; 256 << 10];
+    let start = process_cpu_time();
+    let mut s = TcpStream::connect(sink).with_context(|| format!("connect {sink}"))?;
+    let mut left = BULK_BYTES;
+    while left > 0 {
+        let n = left.min(buf.len());
+        s.write_all(&buf[..n])?;
+        left -= n;
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    // The sink closes once it read everything.
+    let mut rest = [0u8; 1];
+    let _ = s.read(&mut rest)?;
+    Ok(BULK_BYTES as f64 / (process_cpu_time() - start))
+}
+
+/// A loopback listener that reads every connection to its end, then closes it.
+fn sink_forever() -> Result<SocketAddr> {
+    use std::io::Read;
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 256 << 10];
+        for mut c in l.incoming().flatten() {
+            while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
+        }
+    });
+    Ok(addr)
+}
+
+/// Seconds of CPU time this process has used (user + system, every thread).
+fn process_cpu_time() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid clock id and out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 /// Runs `measure` and adds the connect4 program's run time and run count meanwhile to `cost`.
@@ -140,10 +233,19 @@ fn costed(
 
 /// (run time, runs) of the connect4 program behind this run's pinned link.
 fn connect4_stats(pins: &TestPins) -> Result<(Duration, u64)> {
+    program_stats(pins, "connect4")
+}
+
+/// (run time, runs) of the program behind this run's pinned link of `hook`.
+fn program_stats(pins: &TestPins, hook: &str) -> Result<(Duration, u64)> {
     let status = moat::segment::status(&pins.pins)?;
-    let id = status.gateway.links[0]
-        .program_id
-        .context("connect4 is not attached")?;
+    let id = status
+        .gateway
+        .links
+        .iter()
+        .find(|l| l.hook == hook)
+        .and_then(|l| l.program_id)
+        .with_context(|| format!("{hook} is not attached"))?;
     for info in aya::programs::loaded_programs() {
         let info = info?;
         if info.id() == id {

@@ -1,17 +1,27 @@
-//! `cargo xtask bench gateway`: what moat costs in front of an inference server, next to the
-//! reference every proxy is measured against.
+//! `cargo xtask bench gateway`: what moat costs in front of an inference server, next to nginx
+//! doing the same job, in one run on one machine.
 //!
-//! One run, one machine, the same load (wrk, fixed concurrency, a ~1 KB chat body) sent to:
-//! - `direct`: the upstream itself (`moat-sim`, answering at once);
-//! - `nginx`: nginx as a plain reverse proxy with a bearer check (keep-alive upstream pool,
+//! - **Upstream**: nginx answering at once (`return 200`): a fixed ~600-byte `chat.completion`
+//!   JSON, or a fixed 20-chunk SSE body (plus the usage event and `[DONE]`). It listens twice
+//!   for each kind: once for moat (a pool host, so segmentation protects it) and once for
+//!   `direct` and the nginx peer (segmentation lets only the gateway reach a pool host).
+//! - `direct`: wrk straight to the upstream;
+//! - `nginx`: nginx as a reverse proxy with a bearer check (keep-alive upstream pool,
 //!   buffering off, access log on as by default);
-//! - `moat`: moat with authentication on (an API key made with the CLI), access log on.
+//! - `moat`: moat enforcing (segmentation on, worker as `moat` in its cgroup), an API key,
+//!   access log on.
 //!
-//! Printed per case: requests/s, p50, p99, and the ratios to direct. Then a streaming case
-//! (20-chunk SSE answers): throughput under load, and sequential time to first chunk and
-//! per-chunk overhead measured with our own client.
+//! Each cell: a warm-up (default 3 s), then a measured run (default 15 s) of wrk (2 threads,
+//! keep-alive, a ~1 KB chat body); JSON and SSE at 32 and 64 connections. Printed per cell:
+//! requests/s, p50, p99, the ratio to direct, the p50 added, and the proxy's CPU time per 1,000
+//! requests (user + system of all its processes, from /proc). Then a soak (moat, JSON at the
+//! first concurrency, `--soak` seconds in 30-second slices: first slice vs last, RSS at start
+//! and end), the RSS of moat holding `--idle-streams` open streams and `--keepalive` idle
+//! keep-alive connections, sequential time to first chunk, and the policy case.
 
 use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
     path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -25,12 +35,24 @@ use serde_json::json;
 
 #[derive(Parser)]
 struct Args {
-    /// Seconds per load run.
-    #[arg(long, default_value_t = 8)]
+    /// Seconds per measured run.
+    #[arg(long, default_value_t = 15)]
     duration: u64,
-    /// Concurrency levels for the JSON case.
+    /// Seconds of warm-up before each measured run.
+    #[arg(long, default_value_t = 3)]
+    warmup: u64,
+    /// Concurrency levels (JSON and SSE).
     #[arg(long, default_value = "32,64", value_delimiter = ',')]
     concurrency: Vec<u32>,
+    /// Seconds of the soak (moat, JSON); 0 skips it.
+    #[arg(long, default_value_t = 300)]
+    soak: u64,
+    /// Open streams held for the memory figure; 0 skips it.
+    #[arg(long, default_value_t = 1000)]
+    idle_streams: u32,
+    /// Idle keep-alive connections held for the memory figure; 0 skips it.
+    #[arg(long, default_value_t = 10_000)]
+    keepalive: u32,
     /// Sequential streamed requests for the time-to-first-chunk measurement.
     #[arg(long, default_value_t = 200)]
     sequential: u32,
@@ -41,7 +63,12 @@ struct Args {
 
 struct Nginx {
     child: Child,
-    port: u16,
+}
+
+impl Nginx {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Nginx {
@@ -59,15 +86,17 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn nginx(dir: &Path, upstream: std::net::SocketAddr, key: &str) -> Result<Nginx> {
-    let port = free_port();
-    let d = dir.display();
+/// Starts nginx in `dir` with `servers` inside its `http` block.
+fn nginx(dir: &Path, name: &str, servers: &str, ports: &[u16]) -> Result<Nginx> {
+    let d = dir.join(name);
+    std::fs::create_dir_all(&d)?;
+    let d = d.display();
     let conf = format!(
         r#"daemon off;
 worker_processes auto;
 pid {d}/nginx.pid;
 error_log {d}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
+events {{ worker_connections 16384; }}
 http {{
     access_log {d}/nginx-access.log;
     client_body_temp_path {d}/body;
@@ -75,51 +104,102 @@ http {{
     fastcgi_temp_path {d}/fastcgi;
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
-    upstream inference {{ server {upstream}; keepalive 128; }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{
-            if ($http_authorization != "Bearer {key}") {{ return 401; }}
-            proxy_pass http://inference;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Authorization "";
-            proxy_buffering off;
-        }}
-    }}
+    keepalive_requests 1000000;
+{servers}
 }}
 "#
     );
-    let path = dir.join("nginx.conf");
+    let path = dir.join(format!("{name}.conf"));
     std::fs::write(&path, conf)?;
-    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+    let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
         .into_iter()
         .find(|p| Path::new(p).exists())
         .context("nginx not found (cargo xtask setup installs nginx-light)")?;
-    let child = Command::new(nginx)
+    let child = Command::new(bin)
         .arg("-p")
         .arg(dir)
         .arg("-c")
         .arg(&path)
         .arg("-e")
-        .arg(dir.join("nginx-error.log"))
+        .arg(dir.join(format!("{name}-error.log")))
         .stdout(Stdio::null())
         .spawn()
         .context("cannot start nginx")?;
-    let n = Nginx { child, port };
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(n);
+    let n = Nginx { child };
+    for port in ports {
+        let mut up = false;
+        for _ in 0..100 {
+            if TcpStream::connect(("127.0.0.1", *port)).is_ok() {
+                up = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        std::thread::sleep(Duration::from_millis(50));
+        if !up {
+            bail!("nginx {name} did not start on port {port}");
+        }
     }
-    bail!("nginx did not start on port {port}")
+    Ok(n)
+}
+
+/// The fixed non-streamed answer: a `chat.completion` of about 600 bytes.
+fn json_answer(model: &str) -> String {
+    let mut content = String::new();
+    let make = |content: &str| {
+        json!({
+            "id": "chatcmpl-bench0000000000000000", "object": "chat.completion",
+            "created": 1_700_000_000, "model": model, "system_fingerprint": "fp_bench",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                "logprobs": null, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 230, "completion_tokens": 64, "total_tokens": 294},
+        })
+        .to_string()
+    };
+    while make(&content).len() < 600 {
+        content.push_str("tok ");
+    }
+    make(&content)
+}
+
+/// The fixed stream: 20 content chunks, the finish chunk, the usage event, `[DONE]`.
+fn sse_answer(model: &str) -> String {
+    let chunk = |delta: serde_json::Value, finish: serde_json::Value, usage: bool| {
+        let mut v = json!({
+            "id": "chatcmpl-bench0000000000000000", "object": "chat.completion.chunk",
+            "created": 1_700_000_000, "model": model, "system_fingerprint": "fp_bench",
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+        });
+        if usage {
+            v["choices"] = json!([]);
+            v["usage"] =
+                json!({"prompt_tokens": 230, "completion_tokens": 20, "total_tokens": 250});
+        }
+        format!("data: {v}\n\n")
+    };
+    let mut s = chunk(
+        json!({"role": "assistant", "content": ""}),
+        json!(null),
+        false,
+    );
+    for i in 0..20 {
+        s += &chunk(json!({"content": format!("tok{i} ")}), json!(null), false);
+    }
+    s += &chunk(json!({}), json!("stop"), false);
+    s += &chunk(json!({}), json!(null), true);
+    s += "data: [DONE]\n\n";
+    s
+}
+
+/// An nginx `return 200` text (single-quoted: escape quotes and backslashes).
+fn nginx_text(s: &str) -> String {
+    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
 struct Load {
     rps: f64,
     p50_ms: f64,
     p99_ms: f64,
+    requests: u64,
     errors: u64,
 }
 
@@ -188,14 +268,79 @@ fn run_wrk(script: &Path, url: &str, conc: u32, secs: u64) -> Result<Load> {
             .map(|r| r.split_whitespace().next().unwrap_or("").to_owned())
     };
     let errors: u64 = field("NON2XX").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let requests = text
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
     Ok(Load {
         rps: field("Requests/sec:")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0),
         p50_ms: field("50%").map_or(f64::NAN, |v| ms(&v)),
         p99_ms: field("99%").map_or(f64::NAN, |v| ms(&v)),
+        requests,
         errors,
     })
+}
+
+/// `pid` and its descendants.
+fn tree(pid: u32) -> Vec<u32> {
+    let mut all = vec![pid];
+    let mut i = 0;
+    let procs: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            let after = &stat[stat.rfind(')')? + 2..];
+            let ppid = after.split_whitespace().nth(1)?.parse().ok()?;
+            Some((p, ppid))
+        })
+        .collect();
+    while i < all.len() {
+        let parent = all[i];
+        all.extend(
+            procs
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    all
+}
+
+/// CPU seconds (user + system) used so far by `pid` and its descendants.
+fn cpu_secs(pid: u32) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    tree(pid)
+        .iter()
+        .filter_map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            let f: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+            // Fields 14 and 15 of stat (utime, stime), counted after the command name.
+            Some(f[11].parse::<f64>().ok()? + f[12].parse::<f64>().ok()?)
+        })
+        .sum::<f64>()
+        / hz
+}
+
+/// Resident memory (MiB) of `pid` and its descendants.
+fn rss_mib(pid: u32) -> f64 {
+    tree(pid)
+        .iter()
+        .filter_map(|p| {
+            let status = std::fs::read_to_string(format!("/proc/{p}/status")).ok()?;
+            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+            line.split_whitespace().nth(1)?.parse::<f64>().ok()
+        })
+        .sum::<f64>()
+        / 1024.0
 }
 
 /// Sequential streamed requests: mean time to the first chunk and to the last.
@@ -225,11 +370,11 @@ async fn stream_timing(url: &str, bearer: Option<&str>, body: &str, n: u32) -> (
     (per(first), per(total))
 }
 
-fn chat_body(stream: bool) -> String {
+fn chat_body_for(model: &str, stream: bool) -> String {
     // About 1 KB, like a short system prompt and a question.
     let filler = "Please answer carefully and concisely. ".repeat(22);
     json!({
-        "model": "bench",
+        "model": model,
         "messages": [
             {"role": "system", "content": filler},
             {"role": "user", "content": "What is the capital of France?"},
@@ -240,8 +385,19 @@ fn chat_body(stream: bool) -> String {
     .to_string()
 }
 
+fn chat_body(stream: bool) -> String {
+    chat_body_for("bench", stream)
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
+    // Room for the idle connections of the memory figures (inherited by the upstreams).
+    let limit = libc::rlimit {
+        rlim_cur: 65_536,
+        rlim_max: 65_536,
+    };
+    // SAFETY: plain syscall with a valid pointer; failure leaves the limit as it was.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -249,59 +405,171 @@ fn main() -> Result<()> {
     rt.block_on(run(args))
 }
 
+/// One target of a cell: its name, its URL, the bearer it needs, the process whose CPU counts.
+struct Target {
+    name: &'static str,
+    url: String,
+    bearer: Option<String>,
+    pid: Option<u32>,
+}
+
 async fn run(args: Args) -> Result<()> {
-    let sim = Sim::start(&["--chunks", "20", "--model", "bench"]);
-    let config = format!(
-        "[pools.gpu]\nhosts = [\"{}\"]\n\n[models.bench]\npool = \"gpu\"\nmax_tokens = 64\n",
-        sim.addr
-    );
-    let moat = Daemon::gateway("", &config, &[]);
-    moat.wait_pools_ready().await;
     let tmp = tempfile::tempdir()?;
-    let nginx = nginx(tmp.path(), sim.addr, moat.key())?;
-
-    let direct = sim.url("/v1/chat/completions");
-    let via_nginx = format!("http://127.0.0.1:{}/v1/chat/completions", nginx.port);
-    let via_moat = moat.url("/v1/chat/completions");
-    let key = moat.key().to_owned();
-    let targets: [(&str, &str, Option<&str>); 3] = [
-        ("direct", &direct, None),
-        ("nginx", &via_nginx, Some(&key)),
-        ("moat", &via_moat, Some(&key)),
-    ];
-
-    println!(
-        "gateway benchmark: wrk -t2, {} s per run, ~{} B chat body, upstream moat-sim (20 tokens)",
-        args.duration,
-        chat_body(false).len()
-    );
-    let mut cases: Vec<(String, String)> = args
-        .concurrency
-        .iter()
-        .map(|c| (format!("json c={c}"), chat_body(false)))
-        .collect();
-    cases.push(("stream c=32 (20 chunks)".into(), chat_body(true)));
-    println!(
-        "\n{:<24} {:<7} {:>10} {:>9} {:>9} {:>8} {:>10} {:>10}",
-        "case", "target", "req/s", "p50 ms", "p99 ms", "ratio", "p50 added", "non-2xx"
-    );
-    for (i, (name, body)) in cases.iter().enumerate() {
-        let conc = args.concurrency.get(i).copied().unwrap_or(32);
-        let mut base: Option<Load> = None;
-        for (target, url, bearer) in &targets {
-            let l = wrk(tmp.path(), url, *bearer, body, conc, args.duration)?;
-            let (ratio, added) = match &base {
-                None => (1.0, 0.0),
-                Some(b) => (l.rps / b.rps, l.p50_ms - b.p50_ms),
-            };
-            println!(
-                "{:<24} {:<7} {:>10.0} {:>9.2} {:>9.2} {:>7.2}x {:>10.2} {:>10}",
-                name, target, l.rps, l.p50_ms, l.p99_ms, ratio, added, l.errors
+    // The static upstream: JSON on (moat's, direct's) ports, SSE likewise.
+    let [
+        json_moat,
+        json_direct,
+        sse_moat,
+        sse_direct,
+        peer_json,
+        peer_sse,
+    ] = [(); 6].map(|_| free_port());
+    let (json_text, sse_text) = (json_answer("m"), sse_answer("s"));
+    let mut servers = String::new();
+    for (ports, ctype, text) in [
+        ([json_moat, json_direct], "application/json", &json_text),
+        ([sse_moat, sse_direct], "text/event-stream", &sse_text),
+    ] {
+        for port in ports {
+            servers += &format!(
+                "    server {{ listen 127.0.0.1:{port} reuseport; access_log off;\n        \
+                 location / {{ default_type {ctype}; return 200 {}; }} }}\n",
+                nginx_text(text)
             );
-            if base.is_none() {
-                base = Some(l);
+        }
+    }
+    let upstream = nginx(
+        tmp.path(),
+        "upstream",
+        &servers,
+        &[json_moat, json_direct, sse_moat, sse_direct],
+    )?;
+
+    // moat, enforcing: its pool hosts are the upstream's moat ports.
+    let slow = Sim::start(&[
+        "--chunks",
+        "20",
+        "--model",
+        "slow",
+        "--tokens-per-sec",
+        "0.02",
+    ]);
+    let mut moat = Daemon::enforcing();
+    let host = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+    let config = moat.enforcing_config(&[host(json_moat)], "", "")
+        + &format!(
+            "\n[pools.sse]\nhosts = [\"{}\"]\n[models.s]\npool = \"sse\"\n\
+             [pools.slow]\nhosts = [\"{}\"]\nidle_timeout_ms = 600000\n\
+             [models.slow]\npool = \"slow\"\n",
+            host(sse_moat),
+            slow.addr
+        );
+    moat.write_config(&config);
+    moat.create_tester_key();
+    let _gateway = moat.cgroup().child("gateway");
+    moat.start();
+    moat.wait_pools_ready().await;
+    let key = moat.key().to_owned();
+
+    let peer = nginx(
+        tmp.path(),
+        "peer",
+        &format!(
+            "    upstream json {{ server 127.0.0.1:{json_direct}; keepalive 128; }}\n\
+             upstream sse {{ server 127.0.0.1:{sse_direct}; keepalive 128; }}\n{}{}",
+            peer_server(peer_json, "json", &key),
+            peer_server(peer_sse, "sse", &key)
+        ),
+        &[peer_json, peer_sse],
+    )?;
+
+    println!(
+        "gateway benchmark: wrk -t2 keep-alive, {} s warm-up + {} s per cell, ~{} B chat body; \
+         upstream nginx `return 200` ({} B JSON, {} B / 20-chunk SSE); moat enforcing, API key",
+        args.warmup,
+        args.duration,
+        chat_body_for("m", false).len(),
+        json_text.len(),
+        sse_text.len()
+    );
+    println!(
+        "\n{:<14} {:<7} {:>9} {:>8} {:>8} {:>7} {:>9} {:>12} {:>8}",
+        "case",
+        "target",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "ratio",
+        "p50 added",
+        "CPU ms/1000",
+        "non-2xx"
+    );
+    let path = "/v1/chat/completions";
+    for (kind, model, direct_port, peer_port) in [
+        ("json", "m", json_direct, peer_json),
+        ("sse", "s", sse_direct, peer_sse),
+    ] {
+        let body = chat_body_for(model, kind == "sse");
+        let targets = [
+            Target {
+                name: "direct",
+                url: format!("http://127.0.0.1:{direct_port}{path}"),
+                bearer: None,
+                pid: None,
+            },
+            Target {
+                name: "nginx",
+                url: format!("http://127.0.0.1:{peer_port}{path}"),
+                bearer: Some(key.clone()),
+                pid: Some(peer.pid()),
+            },
+            Target {
+                name: "moat",
+                url: moat.url(path),
+                bearer: Some(key.clone()),
+                pid: Some(moat.pid()),
+            },
+        ];
+        for conc in &args.concurrency {
+            let name = format!("{kind} c={conc}");
+            let mut base: Option<Load> = None;
+            for t in &targets {
+                let bearer = t.bearer.as_deref();
+                if args.warmup > 0 {
+                    wrk(tmp.path(), &t.url, bearer, &body, *conc, args.warmup)?;
+                }
+                let cpu0 = t.pid.map(cpu_secs);
+                let l = wrk(tmp.path(), &t.url, bearer, &body, *conc, args.duration)?;
+                let cpu = match (t.pid, cpu0) {
+                    (Some(p), Some(c0)) if l.requests > 0 => format!(
+                        "{:.1}",
+                        (cpu_secs(p) - c0) * 1000.0 / (l.requests as f64 / 1000.0)
+                    ),
+                    _ => "-".into(),
+                };
+                let (ratio, added) = match &base {
+                    None => (1.0, 0.0),
+                    Some(b) => (l.rps / b.rps, l.p50_ms - b.p50_ms),
+                };
+                println!(
+                    "{:<14} {:<7} {:>9.0} {:>8.2} {:>8.2} {:>6.2}x {:>9.2} {:>12} {:>8}",
+                    name, t.name, l.rps, l.p50_ms, l.p99_ms, ratio, added, cpu, l.errors
+                );
+                if base.is_none() {
+                    base = Some(l);
+                }
             }
         }
+    }
+
+    if args.soak > 0 {
+        soak(&args, tmp.path(), &moat, &key)?;
+    }
+    if args.idle_streams > 0 {
+        idle_streams(&args, &moat, &key)?;
+    }
+    if args.keepalive > 0 {
+        keepalive(&args, &moat)?;
     }
 
     println!(
@@ -312,24 +580,154 @@ async fn run(args: Args) -> Result<()> {
         "{:<7} {:>14} {:>10} {:>18}",
         "target", "first chunk", "total", "added per chunk"
     );
-    let body = chat_body(true);
+    let body = chat_body_for("s", true);
     let mut base_total = None;
-    for (target, url, bearer) in &targets {
-        let (first, total) = stream_timing(url, *bearer, &body, args.sequential).await;
+    for (target, url, bearer) in [
+        (
+            "direct",
+            format!("http://127.0.0.1:{sse_direct}{path}"),
+            None,
+        ),
+        (
+            "nginx",
+            format!("http://127.0.0.1:{peer_sse}{path}"),
+            Some(key.as_str()),
+        ),
+        ("moat", moat.url(path), Some(key.as_str())),
+    ] {
+        let (first, total) = stream_timing(&url, bearer, &body, args.sequential).await;
         let added = base_total.map_or(0.0, |b: f64| (total - b) / 20.0);
         println!("{target:<7} {first:>14.3} {total:>10.3} {added:>18.4}");
         base_total.get_or_insert(total);
     }
     println!(
-        "\nreference (issue 4): nginx keeps ~0.66x of direct for JSON and ~0.55x for 20-chunk \
-         streams on a 2-core machine; the goal is moat at or above nginx's ratio, with p50 \
-         added no more than nginx adds."
+        "\ngoal (issue 15): moat's ratio to direct at or above nginx's, p50 added at most \
+         nginx's + 0.1 ms, CPU per 1,000 requests at most nginx's, the soak flat within 5 %."
     );
-    drop(nginx);
+    drop(peer);
     drop(moat);
+    drop(upstream);
     if args.policy_keys > 0 {
+        let sim = Sim::start(&["--chunks", "20", "--model", "bench"]);
         policy(&args, &sim, tmp.path()).await?;
     }
+    Ok(())
+}
+
+/// The nginx peer's server on `port`: the bearer check, then `upstream`.
+fn peer_server(port: u16, upstream: &str, key: &str) -> String {
+    format!(
+        "    server {{\n        listen 127.0.0.1:{port} reuseport;\n        location / {{\n            \
+         if ($http_authorization != \"Bearer {key}\") {{ return 401; }}\n            \
+         proxy_pass http://{upstream};\n            proxy_http_version 1.1;\n            \
+         proxy_set_header Connection \"\";\n            proxy_set_header Authorization \"\";\n            \
+         proxy_buffering off;\n        }}\n    }}\n"
+    )
+}
+
+/// moat under the benchmark's JSON load for `--soak` seconds, in 30-second slices (or halves
+/// of a shorter soak): throughput of the first slice against the last, RSS at start and end.
+fn soak(args: &Args, dir: &Path, moat: &Daemon, key: &str) -> Result<()> {
+    let conc = args.concurrency.first().copied().unwrap_or(32);
+    let slice = 30.min(args.soak / 2).max(1);
+    let slices = (args.soak / slice).max(2);
+    let body = chat_body_for("m", false);
+    let url = moat.url("/v1/chat/completions");
+    let rss0 = rss_mib(moat.pid());
+    println!(
+        "\nsoak: moat, json c={conc}, {} s in {slices} slices of {slice} s",
+        slices * slice
+    );
+    let mut rates = Vec::new();
+    for _ in 0..slices {
+        let l = wrk(dir, &url, Some(key), &body, conc, slice)?;
+        rates.push(l.rps);
+        if l.errors > 0 {
+            println!("  slice with {} non-2xx", l.errors);
+        }
+    }
+    let rss1 = rss_mib(moat.pid());
+    let (first, last) = (rates[0], rates[rates.len() - 1]);
+    println!(
+        "  req/s per slice: {}",
+        rates
+            .iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!(
+        "  last / first slice: {:.3} (goal ≥ 0.95); RSS {rss0:.1} MiB at start, {rss1:.1} MiB at end",
+        last / first
+    );
+    Ok(())
+}
+
+/// RSS of moat with `--idle-streams` streams open (the upstream sends a chunk every 50 s).
+fn idle_streams(args: &Args, moat: &Daemon, key: &str) -> Result<()> {
+    let rss0 = rss_mib(moat.pid());
+    let body = chat_body_for("slow", true);
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: moat\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut conns = Vec::new();
+    for _ in 0..args.idle_streams {
+        let mut c = TcpStream::connect(moat.addr())?;
+        c.write_all(req.as_bytes())?;
+        conns.push(c);
+    }
+    // Count the streams whose head arrived (a 200), within a few seconds.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut open = 0;
+    for c in &mut conns {
+        let left = deadline.saturating_duration_since(Instant::now());
+        c.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+        let mut buf = [0u8; 12];
+        if c.read_exact(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.1 200") {
+            open += 1;
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let rss1 = rss_mib(moat.pid());
+    println!(
+        "\nidle streams: {open} of {} open; moat RSS {rss0:.1} MiB → {rss1:.1} MiB \
+         ({:.1} KiB per stream)",
+        args.idle_streams,
+        (rss1 - rss0) * 1024.0 / open.max(1) as f64
+    );
+    Ok(())
+}
+
+/// RSS of moat holding `--keepalive` idle keep-alive connections, each after one request.
+fn keepalive(args: &Args, moat: &Daemon) -> Result<()> {
+    let rss0 = rss_mib(moat.pid());
+    let req = b"GET /healthz HTTP/1.1\r\nHost: moat\r\n\r\n";
+    let mut conns = Vec::new();
+    let mut ok = 0;
+    for _ in 0..args.keepalive {
+        let Ok(mut c) = TcpStream::connect(moat.addr()) else {
+            break;
+        };
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut buf = [0u8; 12];
+        if c.write_all(req).is_ok()
+            && c.read_exact(&mut buf).is_ok()
+            && buf.starts_with(b"HTTP/1.1 200")
+        {
+            ok += 1;
+        }
+        conns.push(c);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let rss1 = rss_mib(moat.pid());
+    println!(
+        "keep-alive connections: {ok} of {} answered and held; moat RSS {rss0:.1} MiB → \
+         {rss1:.1} MiB ({:.1} KiB per connection)",
+        args.keepalive,
+        (rss1 - rss0) * 1024.0 / ok.max(1) as f64
+    );
     Ok(())
 }
 

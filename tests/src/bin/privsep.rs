@@ -57,6 +57,11 @@ fn seccomp(call: &str) {
             "process_vm_readv" => libc::syscall(libc::SYS_process_vm_readv, 1, 0, 0, 0, 0, 0),
             "keyctl" => libc::syscall(libc::SYS_keyctl, 0, 0, 0, 0, 0),
             "io_uring_setup" => libc::syscall(libc::SYS_io_uring_setup, 1, 0),
+            // Not on the allow-list, and harmless: proves the default is kill.
+            "personality" => libc::syscall(libc::SYS_personality, 0xffff_ffffu32),
+            "dumpable" => libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0).into(),
+            "kill-other" => libc::kill(1, 0).into(),
+            "ioctl-other" => libc::ioctl(0, libc::TIOCSTI, c"x".as_ptr()).into(),
             "execve" => {
                 let path = CString::new("/bin/true").unwrap();
                 let argv = [path.as_ptr(), std::ptr::null()];
@@ -73,7 +78,8 @@ fn seccomp(call: &str) {
 }
 
 /// What the worker does: IPv4, IPv6 and Unix sockets, new threads (glibc tries clone3, gets
-/// ENOSYS, falls back to clone), a TCP round trip on loopback.
+/// ENOSYS, falls back to clone), a TCP round trip on loopback, a signal check on itself,
+/// naming a thread.
 fn allowed() {
     use std::io::{Read, Write};
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("AF_INET socket");
@@ -97,6 +103,15 @@ fn allowed() {
         }
     }
     std::os::unix::net::UnixStream::pair().expect("socketpair(AF_UNIX)");
+    // SAFETY: signal 0 to this process (a check, nothing delivered); naming this thread.
+    unsafe {
+        assert_eq!(libc::kill(libc::getpid(), 0), 0, "kill(self, 0)");
+        assert_eq!(
+            libc::prctl(libc::PR_SET_NAME, c"privsep".as_ptr(), 0, 0, 0),
+            0,
+            "prctl(PR_SET_NAME)"
+        );
+    }
     println!("allowed calls work");
 }
 

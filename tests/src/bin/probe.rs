@@ -16,7 +16,9 @@
 //! - `loop ADDR…`         TCP connects round-robin until stdin closes; prints per-target counts
 //!   of each errno seen. A stdin line `window T0 T1` (CLOCK_MONOTONIC nanoseconds) makes it also
 //!   report, per target, `in_window`: how many attempts started at or after T0 and ended at or
-//!   before T1 — so a test can prove its probes ran while something else happened.
+//!   before T1 — so a test can prove its probes ran while something else happened. A stdin line
+//!   `rounds` is answered at once with the number of finished rounds (one attempt per target),
+//!   so the test can keep changing things until enough attempts overlapped the change.
 
 use std::{
     collections::BTreeMap,
@@ -26,7 +28,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -172,12 +174,16 @@ fn main() -> io::Result<()> {
         Action::Loop { targets } => {
             let stop = Arc::new(AtomicBool::new(false));
             let window = Arc::new(Mutex::new(None));
-            let (flag, win) = (stop.clone(), window.clone());
+            let rounds = Arc::new(AtomicU64::new(0));
+            let (flag, win, done) = (stop.clone(), window.clone(), rounds.clone());
             std::thread::spawn(move || {
                 for line in io::stdin().lines() {
                     let Ok(line) = line else { break };
                     let mut words = line.split_whitespace();
-                    if words.next() == Some("window")
+                    let word = words.next();
+                    if word == Some("rounds") {
+                        println!("{}", done.load(Ordering::Relaxed));
+                    } else if word == Some("window")
                         && let (Some(Ok(t0)), Some(Ok(t1))) = (
                             words.next().map(str::parse::<u64>),
                             words.next().map(str::parse::<u64>),
@@ -199,6 +205,7 @@ fn main() -> io::Result<()> {
                     *counts[i].entry(tcp(*t)).or_default() += 1;
                     spans[i].push((start, monotonic_ns()));
                 }
+                rounds.fetch_add(1, Ordering::Relaxed);
             }
             let window = *window.lock().unwrap();
             targets

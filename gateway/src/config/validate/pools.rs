@@ -38,7 +38,12 @@ fn pool(name: &str, p: &PoolConfig, base: &Path, reader: &Reader<'_>) -> Result<
                 format!("`{host}` is listed twice"),
             ));
         }
-        let resolved = reader.host(host).map_err(|r| Invalid::new(host_key(), r))?;
+        let mut resolved = reader.host(host).map_err(|r| Invalid::new(host_key(), r))?;
+        // `[::ffff:a.b.c.d]:port` is the IPv4 host a.b.c.d: the kernel judges it so, and
+        // the router connects there either way.
+        for a in &mut resolved {
+            a.set_ip(a.ip().to_canonical());
+        }
         addrs.extend(resolved.iter().copied());
         host_addrs.push(resolved);
     }

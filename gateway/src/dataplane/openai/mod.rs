@@ -123,6 +123,7 @@ async fn handle(
     let ticket = state
         .quotas
         .acquire(&state.config, &principal, ask)
+        .await
         .inspect_err(|e| refused(&principal, &model, e, "quota denied"))?;
     let request_id = parts
         .extensions

@@ -217,7 +217,8 @@ fn chat_param(name: &str, v: &Value, m: &ModelConfig) -> Result<()> {
         "stop" => stop(v),
         "user" | "service_tier" | "reasoning_effort" => string(name, v),
         "logit_bias" => logit_bias(v),
-        "tools" | "functions" | "modalities" => array(name, v),
+        "tools" | "functions" => tools(name, v, m),
+        "modalities" => array(name, v),
         "tool_choice" | "function_call" => string_or_object(name, v),
         "response_format" | "metadata" | "prediction" | "audio" | "web_search_options" => {
             object(name, v)
@@ -340,8 +341,9 @@ fn messages(v: &Value, m: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
-/// A prompt or embeddings input: a string, or a non-empty array of strings, of token ids, or
-/// of token-id arrays — at most `max_inputs` items.
+/// A prompt or embeddings input: a string, or a non-empty array of strings, of token ids (one
+/// tokenised input), or of token-id arrays — at most `max_inputs` inputs (a flat token-id array
+/// is one input, however many ids it holds: the body size bounds those).
 fn inputs(name: &str, v: &Value, m: &ModelConfig) -> Result<()> {
     let items = match v {
         Value::String(_) => return Ok(()),
@@ -353,28 +355,47 @@ fn inputs(name: &str, v: &Value, m: &ModelConfig) -> Result<()> {
             ));
         }
     };
-    if items.len() > m.max_inputs {
-        return Err(bad(
-            name,
-            format!("too many items: {} (at most {})", items.len(), m.max_inputs),
-        ));
-    }
     let token = |t: &Value| t.as_u64().is_some_and(|t| t <= u32::MAX as u64);
     let all = |f: &dyn Fn(&Value) -> bool| items.iter().all(f);
+    if all(&token) {
+        return Ok(());
+    }
     let ok = all(&Value::is_string)
-        || all(&token)
         || all(&|i| {
             i.as_array()
                 .is_some_and(|a| !a.is_empty() && a.iter().all(token))
         });
-    if ok {
-        Ok(())
-    } else {
-        Err(bad(
+    if !ok {
+        return Err(bad(
             name,
             format!("`{name}` items must all be strings, all token ids, or all token-id arrays"),
-        ))
+        ));
     }
+    if items.len() > m.max_inputs {
+        return Err(bad(
+            name,
+            format!(
+                "too many inputs: {} (at most {})",
+                items.len(),
+                m.max_inputs
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `tools` (or the older `functions`): an array of at most `max_tools` entries — each one is
+/// prompt the model reads on every turn.
+fn tools(name: &str, v: &Value, m: &ModelConfig) -> Result<()> {
+    array(name, v)?;
+    let count = v.as_array().map_or(0, Vec::len);
+    if count > m.max_tools {
+        return Err(bad(
+            name,
+            format!("too many {name}: {count} (at most {})", m.max_tools),
+        ));
+    }
+    Ok(())
 }
 
 fn tokens(name: &str, v: &Value, m: &ModelConfig) -> Result<()> {
@@ -496,7 +517,7 @@ mod tests {
             Path::new("/t.toml"),
             "[pools.p]\nhosts = [\"127.0.0.1:1\"]\n\
              [models.m]\npool = \"p\"\nupstream_model = \"org/M\"\nmax_messages = 2\n\
-             max_tokens = 100\nmax_n = 2\nmax_inputs = 3\n",
+             max_tokens = 100\nmax_n = 2\nmax_inputs = 3\nmax_tools = 2\n",
         )
         .unwrap()
     }
@@ -818,16 +839,47 @@ mod tests {
     }
 
     #[test]
+    fn a_flat_token_id_prompt_is_one_input_however_long() {
+        // max_inputs = 3: ten ids are one tokenised input; four token-id arrays are four.
+        let ids = (1..=10)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        for (endpoint, field) in [
+            (Endpoint::Completions, "prompt"),
+            (Endpoint::Embeddings, "input"),
+        ] {
+            let flat = format!(r#"{{"model":"m","{field}":[{ids}]}}"#);
+            assert!(check(endpoint, &flat).is_ok(), "{field}: {flat}");
+            let four = format!(r#"{{"model":"m","{field}":[[1],[2],[3],[4]]}}"#);
+            assert_eq!(param(endpoint, &four).1.unwrap(), field);
+        }
+    }
+
+    #[test]
+    fn tools_beyond_the_models_cap_are_refused() {
+        let msgs = r#""messages":[{"role":"user","content":"x"}]"#;
+        let tool = r#"{"type":"function","function":{"name":"f"}}"#;
+        for field in ["tools", "functions"] {
+            let two = format!(r#"{{"model":"m",{msgs},"{field}":[{tool},{tool}]}}"#);
+            assert!(check(CHAT, &two).is_ok(), "{two}");
+            let three = format!(r#"{{"model":"m",{msgs},"{field}":[{tool},{tool},{tool}]}}"#);
+            let (status, param_name) = param(CHAT, &three);
+            assert_eq!(status, StatusCode::BAD_REQUEST);
+            assert_eq!(param_name.unwrap(), field);
+        }
+    }
+
+    #[test]
     fn the_reservation_counts_tools_as_prompt() {
         let msgs = r#""messages":[{"role":"user","content":"x"}]"#;
         let plain = format!(r#"{{"model":"m",{msgs},"max_tokens":5}}"#);
         let tool = r#"{"type":"function","function":{"name":"lookup","description":"looks a thing up in a large catalogue","parameters":{"type":"object","properties":{"q":{"type":"string"}}}}}"#;
-        let tools =
-            format!(r#"{{"model":"m",{msgs},"max_tokens":5,"tools":[{tool},{tool},{tool}]}}"#);
+        let tools = format!(r#"{{"model":"m",{msgs},"max_tokens":5,"tools":[{tool},{tool}]}}"#);
         let r = |b: &str| check(CHAT, b).unwrap().reserve_tokens;
         assert_eq!(r(&plain), 5 + (plain.len() as u64).div_ceil(4));
         assert_eq!(r(&tools), 5 + (tools.len() as u64).div_ceil(4));
-        assert!(r(&tools) >= r(&plain) + 3 * tool.len() as u64 / 4);
+        assert!(r(&tools) >= r(&plain) + 2 * tool.len() as u64 / 4);
     }
 
     #[test]

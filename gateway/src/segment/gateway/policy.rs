@@ -55,6 +55,11 @@ impl Policy {
         for rule in &config.extra_protected {
             let nets = if rule.net.prefix_len() == full_len(rule.net) {
                 reachable_as(rule.net.addr())
+            } else if covers_loopback(rule.net) {
+                // A loopback prefix reaches the local host like a loopback host does.
+                let mut nets = reachable_as(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+                nets.push(rule.net);
+                nets
             } else {
                 vec![rule.net]
             };
@@ -150,11 +155,21 @@ fn truncate(net: IpNet, len: u8) -> IpNet {
         .trunc()
 }
 
+/// Whether `net` holds a loopback address (`127.0.0.0/8` or part of it, `::1/128`, or a wider
+/// prefix holding one of them): then the local host is reachable through it.
+fn covers_loopback(net: IpNet) -> bool {
+    match net {
+        IpNet::V4(n) => n.contains(&std::net::Ipv4Addr::LOCALHOST) || n.addr().is_loopback(),
+        IpNet::V6(n) => n.contains(&std::net::Ipv6Addr::LOCALHOST),
+    }
+}
+
 /// Every address under which a host address is reachable from this machine. A loopback
 /// service is reachable through the whole loopback range and through the unspecified
 /// address (`connect(0.0.0.0)` and `connect(::)` go to the local host), so all of them are
 /// protected together.
 fn reachable_as(ip: IpAddr) -> Vec<IpNet> {
+    let ip = ip.to_canonical();
     if ip.is_loopback() || ip.is_unspecified() {
         vec![
             "127.0.0.0/8".parse().unwrap(),
@@ -226,6 +241,55 @@ mod tests {
             assert_eq!(p.flags_for(ip.parse().unwrap(), 8000), both, "{ip}");
         }
         assert_eq!(p.flags_for("127.0.0.1".parse().unwrap(), 8001), 0);
+    }
+
+    /// A destination written IPv4-mapped lands in the IPv4 trie, which is where the programs
+    /// judge `::ffff:a.b.c.d` (it used to land in the IPv6 trie and protect nothing).
+    #[test]
+    fn ipv4_mapped_destinations_are_protected_as_ipv4() {
+        let p = policy(
+            "[pools.a]\nhosts = [\"[::ffff:10.0.0.5]:8000\"]\n\
+             [segmentation]\nextra_protected = [\"[::ffff:10.0.1.0/120]:9000\", \"[::ffff:10.0.2.7]:9001\"]\n",
+        );
+        let rules: Vec<String> = p.destinations.keys().map(ToString::to_string).collect();
+        assert_eq!(
+            rules,
+            ["10.0.0.5/32:8000", "10.0.1.0/24:9000", "10.0.2.7/32:9001"]
+        );
+        assert!(p.destinations.keys().all(|r| r.net.addr().is_ipv4()));
+        for (ip, port) in [
+            ("10.0.0.5", 8000),
+            ("::ffff:10.0.0.5", 8000),
+            ("10.0.1.77", 9000),
+            ("10.0.2.7", 9001),
+        ] {
+            assert_ne!(
+                p.flags_for(ip.parse().unwrap(), port) & dest::PROTECTED,
+                0,
+                "{ip}:{port}"
+            );
+        }
+    }
+
+    /// A loopback prefix reaches the local host like a loopback host: `::1`, `0.0.0.0` and
+    /// `::` are protected with it.
+    #[test]
+    fn loopback_prefix_gets_the_loopback_aliases() {
+        for prefix in ["127.0.0.0/8", "127.0.0.0/24", "[::ffff:127.0.0.0/104]"] {
+            let p = policy(&format!(
+                "[segmentation]\nextra_protected = [\"{prefix}:9000\"]\n"
+            ));
+            for ip in ["127.0.0.1", "::1", "0.0.0.0", "::", "::ffff:127.0.0.1"] {
+                assert_ne!(
+                    p.flags_for(ip.parse().unwrap(), 9000) & dest::PROTECTED,
+                    0,
+                    "{prefix}: {ip}"
+                );
+            }
+        }
+        // A prefix without loopback gets no aliases.
+        let p = policy("[segmentation]\nextra_protected = [\"10.0.0.0/8:9000\"]\n");
+        assert_eq!(p.flags_for("::1".parse().unwrap(), 9000), 0);
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub struct PolicyStatus {
 pub struct LinkStatus {
     pub hook: &'static str,
     pub pinned: bool,
+    /// What the kernel says of the pinned link: `attached`, `severed` (detached behind moat's
+    /// back; the daemon replaces it within seconds) or `missing`.
+    pub state: &'static str,
     pub link_id: Option<u32>,
     pub program_id: Option<u32>,
 }
@@ -43,15 +46,28 @@ pub fn status(pins: &GatewayPins) -> Result<GatewayStatus> {
         .map(|hook| {
             let path = pins.link(hook);
             let (link_id, program_id) = link::pinned_ids(&path);
+            let state = link::cgroup_link_state(&path)
+                .map(|s| s.label())
+                .unwrap_or("unreadable");
             LinkStatus {
                 hook: hook.program_name(),
                 pinned: path.exists(),
+                state,
                 link_id,
                 program_id,
             }
         })
         .collect();
-    SideStatus::read(pins, links, policy_status, |c| c)
+    let mut status = SideStatus::read(pins, links, policy_status, |c| c)?;
+    // Installed means enforced: every hook's link attached, as the kernel reports it.
+    status.not_attached = status
+        .links
+        .iter()
+        .filter(|l| l.state != "attached")
+        .map(|l| format!("{} ({})", l.hook, l.state))
+        .collect();
+    status.installed &= status.not_attached.is_empty();
+    Ok(status)
 }
 
 fn policy_status(maps: &PolicyMaps) -> Result<PolicyStatus> {
@@ -76,6 +92,14 @@ impl fmt::Display for GatewayStatus {
         writeln!(f, "pins: {}", self.pin_dir)?;
         if !self.installed {
             let partial = self.links.iter().any(|l| l.pinned);
+            if partial && !self.not_attached.is_empty() {
+                return writeln!(
+                    f,
+                    "gateway enforcement: DEGRADED, not attached: {} (a running daemon restores \
+                     them within seconds; otherwise restart it)",
+                    self.not_attached.join(", ")
+                );
+            }
             return writeln!(
                 f,
                 "gateway enforcement: {}",
@@ -94,10 +118,11 @@ impl fmt::Display for GatewayStatus {
         for l in &self.links {
             writeln!(
                 f,
-                "  hook {:<9} link {:>6}  program {:>6}",
+                "  hook {:<13} link {:>6}  program {:>6}  {}",
                 l.hook,
                 or_dash(l.link_id),
-                or_dash(l.program_id)
+                or_dash(l.program_id),
+                l.state
             )?;
         }
         match self.policy.gateway_cgroup_id {
@@ -125,7 +150,7 @@ impl fmt::Display for GatewayStatus {
         for c in &self.counters {
             writeln!(
                 f,
-                "  {:<9} allowed {:>10}  denied {:>8}",
+                "  {:<13} allowed {:>10}  denied {:>8}",
                 c.hook, c.allowed, c.denied
             )?;
         }
