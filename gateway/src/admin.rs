@@ -363,10 +363,27 @@ struct PolicyQuery {
     user: Option<String>,
 }
 
-/// Prometheus text: the kernel's allow/deny counters (needs `audit:read`).
+/// Prometheus text: the kernel's allow/deny counters and the gateway's own metrics (needs
+/// `audit:read`).
 async fn metrics(State(a): State<Admin>, p: Principal) -> Result<Response> {
-    a.require(&p, "audit:read")?;
-    let text = a.kernel.load().render();
+    let state = a.require(&p, "audit:read")?;
+    let kernel = a.kernel.load();
+    let mut text = kernel.render();
+    let pools: Vec<(String, Vec<(String, bool)>)> = state
+        .pools
+        .iter()
+        .map(|pool| {
+            let hosts = pool
+                .status()
+                .into_iter()
+                .map(|h| (h.host, h.ready))
+                .collect();
+            (pool.name.clone(), hosts)
+        })
+        .collect();
+    // Written by the supervisor; dropped there and here (the worker's full socket).
+    let dropped = kernel.audit_dropped + crate::audit::sink::counts().1;
+    crate::metrics::gateway::METRICS.render(&mut text, &pools, (kernel.audit_written, dropped));
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,

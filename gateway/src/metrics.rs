@@ -1,9 +1,11 @@
-//! Kernel counters as Prometheus metrics.
+//! Kernel counters as Prometheus metrics (the gateway's own are in [`gateway`]).
 //!
 //! The per-CPU counters live in maps pinned by root, which the unprivileged worker cannot
 //! open; the supervisor reads them every [`PUSH_EVERY`] and sends a [`KernelCounters`]
 //! snapshot down the control channel, and the worker renders the latest one on the admin
 //! plane's `/metrics`.
+
+pub mod gateway;
 
 use std::{fmt::Write as _, time::Duration};
 
@@ -33,6 +35,11 @@ pub struct KernelCounters {
     /// link and whether it is attached (absent when segmentation is off).
     #[serde(default)]
     pub gateway_links: Vec<LinkAttached>,
+    /// The supervisor's audit writer: records written, and dropped.
+    #[serde(default)]
+    pub audit_written: u64,
+    #[serde(default)]
+    pub audit_dropped: u64,
 }
 
 /// One hook's link, as the kernel reports it.

@@ -526,6 +526,35 @@ fn records_name_actors_cover_the_daemon_and_leak_no_secret() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o640);
     let key = fs::metadata(moat.data_dir().join("audit.key")).unwrap();
     assert_eq!((key.uid(), key.permissions().mode() & 0o777), (0, 0o600));
+    // As the worker's user: reading works, appending, replacing and removing do not, and the
+    // key cannot be read.
+    let svc = nix::unistd::User::from_name("moat").unwrap().unwrap();
+    let as_service_user = |script: &str| {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new("/bin/sh")
+            .args(["-c", script])
+            .uid(svc.uid.as_raw())
+            .gid(svc.gid.as_raw())
+            .current_dir("/")
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    let log = audit_dir(&moat).join("audit.log");
+    let log = log.display();
+    assert!(
+        as_service_user(&format!("head -c 1 {log} >/dev/null")),
+        "the worker's user reads the log"
+    );
+    assert!(!as_service_user(&format!("echo forged >> {log}")));
+    assert!(!as_service_user(&format!("rm -f {log}")));
+    assert!(!as_service_user(&format!("mv {log} {log}.x")));
+    assert!(!as_service_user(&format!(
+        "cat {} >/dev/null",
+        moat.data_dir().join("audit.key").display()
+    )));
+    assert!(fs::metadata(audit_dir(&moat).join("audit.log")).is_ok());
 
     // No secret anywhere in the audit log or the daemon's logs.
     let mut haystack = String::new();

@@ -138,6 +138,47 @@ fn a_connect_deny_flood_is_logged_at_the_stated_rate_with_a_summary() {
         || (refused(FLOOD), FLOOD as u64),
         || refused(1),
     );
+    // The audit log has the same events at the same rate, and the summary, and verifies.
+    let audit = daemon.data_dir().join("audit/audit.log");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let records = loop {
+        let records: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if records
+            .iter()
+            .any(|r| r["event"]["kind"] == "kernel_deny_suppressed")
+        {
+            break records;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no kernel_deny_suppressed audit record"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let denies: Vec<_> = records
+        .iter()
+        .filter(|r| r["event"]["kind"] == "kernel_deny")
+        .collect();
+    assert!(
+        denies.len() as u64 >= 200,
+        "{} kernel_deny records",
+        denies.len()
+    );
+    assert!(denies.len() < FLOOD, "the audit log is rate-limited too");
+    let d = &denies[0]["event"];
+    assert_eq!(d["side"], "gateway");
+    assert_eq!(d["detail"]["dst_addr"], pool.ip().to_string());
+    assert_eq!(denies[0]["source"], "supervisor");
+    let verified = daemon.cli(&["audit", "verify"], None);
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stdout)
+    );
 }
 
 /// Datagrams from a rogue host dropped by an inference host's guard (`kernel_ingress_deny`,

@@ -52,6 +52,7 @@ pub enum Msg {
 
 /// Records one event (see the module docs for where it goes).
 pub fn emit(event: Event) {
+    crate::metrics::gateway::METRICS.observe(&event);
     match SINK.get() {
         None => {}
         Some(Sink::Queue(tx, source)) => queue(tx, *source, event),

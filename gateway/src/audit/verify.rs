@@ -229,3 +229,77 @@ pub fn verify(
     }
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{
+        record::{Event, Source},
+        writer::{Options, Writer},
+    };
+
+    fn log(dir: &Path, key: u8, n: u32) -> Vec<String> {
+        let mut w = Writer::open(
+            dir,
+            AuditKey::for_tests(key),
+            Options {
+                max_file_bytes: u64::MAX,
+                rotate: false,
+                group: None,
+                syslog: false,
+            },
+        )
+        .unwrap();
+        for i in 0..n {
+            w.append(&[(
+                Source::Cli,
+                Event::RefreshReuse {
+                    sid: format!("s{i}"),
+                },
+            )])
+            .unwrap();
+        }
+        std::fs::read_to_string(dir.join(files::CURRENT))
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Writes `lines` as a copy and verifies it against `dir`'s head; the first bad seq.
+    fn first_bad(dir: &Path, lines: &[String], key: u8) -> Option<u64> {
+        let copy = dir.join("copy.log");
+        let mut text = lines.join("\n");
+        text.push('\n');
+        std::fs::write(&copy, text).unwrap();
+        let r = verify(&[copy], &AuditKey::for_tests(key), Some(dir), false).unwrap();
+        r.first_bad.map(|p| p.seq.unwrap())
+    }
+
+    #[test]
+    fn each_tampering_names_its_first_bad_record() {
+        let t = tempfile::tempdir().unwrap();
+        let (ours, theirs) = (t.path().join("a"), t.path().join("b"));
+        let lines = log(&ours, 1, 8);
+        let other = log(&theirs, 2, 8);
+        assert_eq!(first_bad(&ours, &lines, 1), None);
+        let mut edited = lines.clone();
+        edited[3] = edited[3].replace("\"s3\"", "\"s9\"");
+        assert_eq!(first_bad(&ours, &edited, 1), Some(4));
+        let mut deleted = lines.clone();
+        deleted.remove(3);
+        assert_eq!(first_bad(&ours, &deleted, 1), Some(5));
+        let mut inserted = lines.clone();
+        inserted.insert(5, lines[1].clone());
+        assert_eq!(first_bad(&ours, &inserted, 1), Some(2));
+        let mut swapped = lines.clone();
+        swapped.swap(3, 4);
+        assert_eq!(first_bad(&ours, &swapped, 1), Some(5));
+        assert_eq!(first_bad(&ours, &lines[..6], 1), Some(7));
+        let mut spliced = lines.clone();
+        spliced[3] = other[3].clone();
+        assert_eq!(first_bad(&ours, &spliced, 1), Some(4));
+        // The wrong key fails at once.
+        assert!(first_bad(&ours, &lines, 2).is_some());
+    }
+}

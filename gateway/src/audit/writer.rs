@@ -106,7 +106,8 @@ impl Writer {
         if me == 0 {
             std::os::unix::fs::fchown(&dir_file, Some(0), opts.group)?;
         }
-        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o750))?;
+        // On the opened directory, not the path (which could be swapped meanwhile).
+        dir_file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o750))?;
         let head = open_at(&dir_file, HEAD, libc::O_RDWR, opts.group)?;
         let log = open_at(
             &dir_file,

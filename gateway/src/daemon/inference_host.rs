@@ -97,12 +97,17 @@ pub fn heal(guard: &mut Option<Guard>, config: &Config) {
 /// Runs an inference host: the guard alone, until SIGTERM/SIGINT.
 pub fn run(mut config: Config) -> Result<()> {
     let mut guard = start_guard(&config)?;
-    let audit_source = if nix::unistd::geteuid().is_root() {
-        crate::audit::Source::Supervisor
-    } else {
-        crate::audit::Source::Standalone
-    };
-    crate::audit::start_daemon(&config, None, audit_source)?;
+    // A guard-only host keeps no data directory of its own unless told: its audit log (the
+    // guard's deny events, start and stop) is written when `audit.dir` names one.
+    let audited = config.audit().dir.is_some();
+    if audited {
+        let source = if nix::unistd::geteuid().is_root() {
+            crate::audit::Source::Supervisor
+        } else {
+            crate::audit::Source::Standalone
+        };
+        crate::audit::start_daemon(&config, None, source)?;
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -142,7 +147,9 @@ pub fn run(mut config: Config) -> Result<()> {
             }
         }
         info!("stopped; the inference guard stays in place");
-        crate::audit::stop_daemon();
+        if audited {
+            crate::audit::stop_daemon();
+        }
         Ok(())
     })
 }

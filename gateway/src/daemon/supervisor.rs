@@ -377,6 +377,7 @@ impl Supervisor {
         if let Some(Ok((hooks, lost))) = self.guard.as_ref().map(Guard::hook_counts) {
             (counters.inference, counters.inference_events_lost) = (hooks, lost);
         }
+        (counters.audit_written, counters.audit_dropped) = audit::sink::counts();
         let msg = control::encode(&ToWorker::Counters(counters));
         // A worker that is gone is noticed by the main loop; nothing to do here.
         let _ = worker.requests.write_all(msg.as_bytes()).await;

@@ -33,6 +33,7 @@ pub fn meter(
     ticket: Ticket,
     identity: Arc<Identity>,
     principal: Principal,
+    metrics: Timing,
 ) -> Response {
     if !resp.status().is_success() {
         ticket.refund();
@@ -64,8 +65,17 @@ pub fn meter(
             )
         }),
         done: false,
+        timing: Some(metrics),
+        first_byte: false,
+        tokens: None,
     };
     Response::from_parts(parts, Body::new(metered))
+}
+
+/// For the metrics: the request's model and when it went upstream (time to first token).
+pub struct Timing {
+    pub model: String,
+    pub sent: std::time::Instant,
 }
 
 type Check = Pin<Box<dyn Future<Output = bool> + Send>>;
@@ -87,10 +97,22 @@ pub struct Metered {
     check: Option<Check>,
     tick: Option<tokio::time::Interval>,
     done: bool,
+    /// The model and send time, for time to first token and the token counts.
+    timing: Option<Timing>,
+    first_byte: bool,
+    /// Prompt and completion tokens, as the usage reports them.
+    tokens: Option<(u64, u64)>,
 }
 
 impl Metered {
     fn observe(&mut self, chunk: &Bytes) {
+        if let Some(t) = &self.timing
+            && !chunk.is_empty()
+            && !self.first_byte
+        {
+            crate::metrics::gateway::METRICS.time_to_first_token(&t.model, t.sent.elapsed());
+            self.first_byte = true;
+        }
         if !self.sse {
             if self.scan.len() + chunk.len() <= USAGE_SCAN_LIMIT {
                 self.scan.extend_from_slice(chunk);
@@ -105,6 +127,7 @@ impl Metered {
                 && let Some(u) = total_tokens(data)
             {
                 self.usage = Some(u);
+                self.tokens = io_tokens(data);
             }
         }
         // A line longer than the scan limit carries no usage worth keeping.
@@ -116,6 +139,14 @@ impl Metered {
     fn finish(&mut self) {
         if !self.sse && self.usage.is_none() {
             self.usage = total_tokens(&self.scan);
+            if self.usage.is_some() {
+                self.tokens = io_tokens(&self.scan);
+            }
+        }
+        if let (Some(t), Some((input, output))) = (&self.timing, self.tokens)
+            && self.usage.is_some()
+        {
+            crate::metrics::gateway::METRICS.tokens(&t.model, input, output);
         }
         if let (Some(t), Some(u)) = (self.ticket.take(), self.usage) {
             t.reconcile(u);
@@ -152,6 +183,14 @@ impl Metered {
 /// carrying usage is parsed as JSON.
 fn mentions_usage(data: &[u8]) -> bool {
     data.windows(7).any(|w| w == b"\"usage\"")
+}
+
+/// `usage.prompt_tokens` and `usage.completion_tokens` (0 when absent, as for embeddings).
+fn io_tokens(json: &[u8]) -> Option<(u64, u64)> {
+    let v: serde_json::Value = serde_json::from_slice(json.trim_ascii()).ok()?;
+    let u = v.get("usage")?;
+    let n = |k: &str| u.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    Some((n("prompt_tokens"), n("completion_tokens")))
 }
 
 fn total_tokens(json: &[u8]) -> Option<u64> {

@@ -55,7 +55,10 @@ pub async fn layer(mut req: Request, next: Next) -> Response {
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "(no route)".to_owned());
     let started = Instant::now();
+    let model = crate::metrics::gateway::ModelSlot::default();
+    req.extensions_mut().insert(model.clone());
     let mut resp = next.run(req).instrument(span.clone()).await;
+    crate::metrics::gateway::METRICS.request(&route, model.get(), resp.status().as_u16());
     resp.headers_mut().insert(REQUEST_ID, id.header_value());
     span.in_scope(|| {
         info!(

@@ -91,6 +91,9 @@ async fn handle(
     let bytes = read_body(body, limit).await?;
     // 7. strict parse, the model's caps.
     let valid = validate::validate(endpoint, &bytes, &state.config)?;
+    if let Some(slot) = parts.extensions.get::<crate::metrics::gateway::ModelSlot>() {
+        slot.set(&valid.model);
+    }
     debug!(model = %valid.model, stream = valid.stream, bytes = bytes.len(), "request valid");
     // 8. authorize: permissions resolved now from the principal's current roles.
     let perms = Permissions::of(&state.config, &principal.roles);
@@ -135,10 +138,16 @@ async fn handle(
     };
     // 10. a healthy host of the pool authorization chose (a dedicated tenant's own pool only),
     // called with the pool's credential.
+    let sent = std::time::Instant::now();
     let resp = proxy::forward(&state.pools, &state.upstreams, &route.pool, out).await;
+    crate::metrics::gateway::METRICS.upstream_latency(&model, sent.elapsed());
     // 11. meter the answer: reconcile the reservation, release the slots when it ends, end
-    // it if the credential is revoked meanwhile.
-    let resp = metered::meter(resp, ticket, state.identity.clone(), principal);
+    // it if the credential is revoked meanwhile (and count its tokens, time its first byte).
+    let timing = metered::Timing {
+        model: model.clone(),
+        sent,
+    };
+    let resp = metered::meter(resp, ticket, state.identity.clone(), principal, timing);
     // 12. the answer as the client may see it: the public model name, and no usage event the
     // client did not ask for (metering read it above).
     Ok(answer::rewrite(resp, &model, hide_usage))
