@@ -347,10 +347,11 @@ struct PolicyQuery {
     user: Option<String>,
 }
 
-/// Prometheus text: the kernel's allow/deny counters (needs `audit:read`).
+/// Prometheus text: the kernel's allow/deny counters and the guardrails' (needs `audit:read`).
 async fn metrics(State(a): State<Admin>, p: Principal) -> Result<Response> {
     a.require(&p, "audit:read")?;
-    let text = a.kernel.load().render();
+    let mut text = a.kernel.load().render();
+    text.push_str(&crate::guardrails::metrics::render());
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,

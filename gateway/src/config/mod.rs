@@ -28,9 +28,10 @@ pub use destinations::{
 };
 use ipnet::IpNet;
 pub use schema::{
-    AdminConfig, AuthConfig, GuardAttach, InferenceGuardConfig, MAX_LEEWAY_SECS, MAX_LIFETIME_SECS,
-    ModelConfig, PoolConfig, Quota, QuotasConfig, RoleConfig, SegmentationConfig, SegmentationMode,
-    ServerConfig, SigningAlgorithm, TenantConfig,
+    AdminConfig, AuthConfig, ClassifierConfig, GuardAttach, GuardrailPolicyConfig,
+    GuardrailRuleConfig, GuardrailsConfig, InferenceGuardConfig, MAX_LEEWAY_SECS,
+    MAX_LIFETIME_SECS, ModelConfig, PoolConfig, Quota, QuotasConfig, RoleConfig,
+    SegmentationConfig, SegmentationMode, ServerConfig, SigningAlgorithm, TenantConfig,
 };
 
 use self::{capture::Reader, schema::RawConfig, validate::Invalid};
@@ -81,6 +82,8 @@ pub struct Config {
     pub inference: Option<InferenceGuard>,
     /// Everything the load read from outside the file's text (see [`Captured`]).
     pub captured: Captured,
+    /// `[guardrails]`, compiled once per load.
+    pub guardrails: std::sync::Arc<crate::guardrails::Guardrails>,
 }
 
 /// A pool after validation: its hosts resolved, its credential and CAs read, its durations
@@ -263,6 +266,7 @@ impl Config {
         validate::admin(&raw.admin, &raw.server)?;
         let seg = validate::segmentation(&raw.segmentation, &reader)?;
         validate::auth(&raw.auth, base, &reader)?;
+        let guardrails = validate::guardrails(&raw)?;
 
         Ok(Config {
             path: path.to_path_buf(),
@@ -273,6 +277,7 @@ impl Config {
             egress_allow: seg.egress_allow,
             extra_protected: seg.extra_protected,
             inference: seg.inference,
+            guardrails,
             captured: reader.into_captured(),
         })
     }
