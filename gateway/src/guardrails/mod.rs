@@ -30,7 +30,7 @@ use std::collections::BTreeMap;
 
 pub use policy::{InputAction, Policy};
 pub use screen::{Guard, screen};
-pub use stream::filter;
+pub use stream::{EventScreen, filter};
 
 use crate::config::{ClassifierConfig, GuardrailPolicyConfig, GuardrailsConfig};
 
@@ -163,6 +163,31 @@ impl Guardrails {
             tenant,
             roles,
         )
+    }
+
+    /// The rules `text` alone hits (normalised, with its decoded views), with their weights:
+    /// what the corpus runner and the benchmark measure.
+    pub fn rules_hit(&self, text: &str) -> Vec<(&str, f32)> {
+        let mut hit = vec![false; self.rules.rules.len()];
+        let n = normalize::normalize(text, self.decode_min_len);
+        self.rules.scan(&n.text, &mut hit);
+        for v in &n.views {
+            self.rules.scan(v, &mut hit);
+        }
+        if n.invisible > 0
+            && text
+                .chars()
+                .any(|c| normalize::is_invisible(c) && !matches!(c, '\u{200D}' | '\u{FE0E}' | '\u{FE0F}'))
+        {
+            self.rules.mark_invisible(&mut hit);
+        }
+        self.rules
+            .rules
+            .iter()
+            .zip(hit)
+            .filter(|(_, h)| *h)
+            .map(|(r, _)| (r.id.as_str(), r.weight))
+            .collect()
     }
 
     /// The tables that name roles, tenants and models (for the config's cross-checks).
