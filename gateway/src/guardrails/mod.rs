@@ -175,9 +175,9 @@ impl Guardrails {
             self.rules.scan(v, &mut hit);
         }
         if n.invisible > 0
-            && text
-                .chars()
-                .any(|c| normalize::is_invisible(c) && !matches!(c, '\u{200D}' | '\u{FE0E}' | '\u{FE0F}'))
+            && text.chars().any(|c| {
+                normalize::is_invisible(c) && !matches!(c, '\u{200D}' | '\u{FE0E}' | '\u{FE0F}')
+            })
         {
             self.rules.mark_invisible(&mut hit);
         }

@@ -42,6 +42,9 @@ struct Args {
     /// Skip the guardrails case (off vs on, filter costs).
     #[arg(long)]
     no_guardrails: bool,
+    /// Only the guardrails' in-process filter costs (no daemons, no load).
+    #[arg(long)]
+    filter_costs_only: bool,
 }
 
 struct Nginx {
@@ -247,6 +250,10 @@ fn chat_body(stream: bool) -> String {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if args.filter_costs_only {
+        filter_costs();
+        return Ok(());
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -500,7 +507,9 @@ async fn guardrails(args: &Args, sim: &Sim, tmp: &Path) -> Result<()> {
     for (label, d) in [("off", &off), ("on", &on)] {
         let url = d.url("/v1/chat/completions");
         let (first, total) = stream_timing(&url, Some(d.key()), &body, args.sequential).await;
-        println!("sequential stream, guardrails {label:<3}: first chunk {first:.3} ms, total {total:.3} ms");
+        println!(
+            "sequential stream, guardrails {label:<3}: first chunk {first:.3} ms, total {total:.3} ms"
+        );
         firsts.push(first);
     }
     println!(
@@ -552,7 +561,9 @@ fn filter_costs() {
         out += screen.feed(e.as_bytes()).len();
     }
     let per_chunk = start.elapsed().as_secs_f64() * 1e6 / events.len() as f64;
-    println!("output filter per stream chunk (parse, scan, re-emit): {per_chunk:.2} µs (goal < 5 µs; {out} B out)");
+    println!(
+        "output filter per stream chunk (parse, scan, re-emit): {per_chunk:.2} µs (goal < 5 µs; {out} B out)"
+    );
 
     let mb = {
         let base = "Please summarise the following support ticket and suggest next steps. \

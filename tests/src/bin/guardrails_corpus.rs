@@ -26,7 +26,10 @@ fn main() -> anyhow::Result<()> {
     let policy = moat::guardrails::Policy::default();
     // (label, category) -> (acted on, total)
     let mut counts: BTreeMap<(String, String), (u32, u32)> = BTreeMap::new();
-    for line in std::fs::read_to_string(&path)?.lines().filter(|l| !l.trim().is_empty()) {
+    for line in std::fs::read_to_string(&path)?
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+    {
         let v: Value = serde_json::from_str(line)?;
         let (label, category, source, text) = (
             v["label"].as_str().unwrap_or_default(),
@@ -61,10 +64,17 @@ fn main() -> anyhow::Result<()> {
         policy.threshold,
         policy.tool_threshold
     );
-    println!("{:10} {:22} {:>8} {:>8}", "label", "category", "acted", "rate");
+    println!(
+        "{:10} {:22} {:>8} {:>8}",
+        "label", "category", "acted", "rate"
+    );
     let mut totals: BTreeMap<String, (u32, u32)> = BTreeMap::new();
     for ((label, category), (hit, n)) in &counts {
-        let what = if label == "injection" { "detected" } else { "false pos" };
+        let what = if label == "injection" {
+            "detected"
+        } else {
+            "false pos"
+        };
         println!(
             "{label:10} {category:22} {hit:>4}/{n:<3} {:>6.1}% {what}",
             100.0 * *hit as f64 / *n as f64
