@@ -16,9 +16,9 @@
 //! 6. body size while reading (413);
 //! 7. strict parse and the model's caps (400; an unknown model 404), `openai::validate`;
 //! 8. authorization (403), `authz`;
-//! 9. quotas (429), `quota`;
-//! 9b. guardrails: the prompt screened (400 `prompt_injection_detected`), the operator's system
-//!     prompt and canary put in, `crate::guardrails`;
+//! 9. quotas (429), `quota`; then the guardrails (step 9b): the prompt screened (400
+//!    `prompt_injection_detected`), the operator's system prompt and canary put in,
+//!    `crate::guardrails`;
 //! 10. a healthy host of the pool authorization chose, called (`route`, `proxy`);
 //! 11. the answer metered as it is relayed (`metered`);
 //! 12. the answer as the client may see it: public model name, no usage it did not ask for
