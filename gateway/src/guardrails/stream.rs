@@ -10,7 +10,8 @@
 //!   `finish_reason: "content_filter"`, then `data: [DONE]`. Events stay in the upstream's
 //!   shape, so the SDKs read them as usual. A panic in the filter ends the stream the same way.
 //!
-//! Streamed tool-call arguments are not screened yet (see docs/guardrails.md).
+//! Streamed tool-call arguments (`delta.tool_calls[].function.arguments`) get a filter each,
+//! released the same way; what they hold goes with the choice's last event.
 
 use std::{
     collections::BTreeMap,
@@ -60,6 +61,7 @@ pub async fn filter(resp: Response, guard: Option<Guard>) -> Response {
             guard,
             buf: BytesMut::new(),
             choices: BTreeMap::new(),
+            tools: BTreeMap::new(),
             template: None,
             state: State::Open,
         };
@@ -149,6 +151,8 @@ pub struct SseFilter {
     buf: BytesMut,
     /// Each choice's filter, by index.
     choices: BTreeMap<u64, TextFilter>,
+    /// Each streamed tool call's arguments' filter, by (choice, tool-call index).
+    tools: BTreeMap<(u64, u64), TextFilter>,
     /// The last chunk's identity fields (id, object, created, model, system_fingerprint),
     /// for the events the filter writes itself.
     template: Option<Value>,
@@ -222,8 +226,68 @@ impl SseFilter {
                 choice["finish_reason"] = json!("content_filter");
                 cut = step.blocked;
             }
-            if last || step.blocked.is_some() {
+            if cut.is_none()
+                && let Some(calls) = choice
+                    .pointer_mut("/delta/tool_calls")
+                    .and_then(Value::as_array_mut)
+            {
+                for call in calls {
+                    let k = call.get("index").and_then(Value::as_u64).unwrap_or(0);
+                    let Some(args) = call.pointer("/function/arguments").and_then(Value::as_str)
+                    else {
+                        continue;
+                    };
+                    let f = self
+                        .tools
+                        .entry((index, k))
+                        .or_insert_with(|| TextFilter::new(g.hold_back));
+                    let step = f.push(args, false, &g.output, g.canary.as_deref());
+                    count(&step.redacted, step.blocked);
+                    call["function"]["arguments"] = Value::String(step.release);
+                    if step.blocked.is_some() {
+                        cut = step.blocked;
+                        break;
+                    }
+                }
+                if cut.is_some() {
+                    choice["finish_reason"] = json!("content_filter");
+                }
+            }
+            if last && cut.is_none() {
+                // What the tool-call filters of this choice hold goes with its last event.
+                let keys: Vec<(u64, u64)> = self
+                    .tools
+                    .range((index, 0)..=(index, u64::MAX))
+                    .map(|(k, _)| *k)
+                    .collect();
+                let mut rest = Vec::new();
+                for key in keys {
+                    let Some(mut f) = self.tools.remove(&key) else {
+                        continue;
+                    };
+                    let step = f.push("", true, &g.output, g.canary.as_deref());
+                    count(&step.redacted, step.blocked);
+                    if step.blocked.is_some() {
+                        choice["finish_reason"] = json!("content_filter");
+                        cut = step.blocked;
+                    }
+                    if !step.release.is_empty() {
+                        rest.push(json!({"index": key.1, "function": {"arguments": step.release}}));
+                    }
+                }
+                if !rest.is_empty() {
+                    match choice
+                        .pointer_mut("/delta/tool_calls")
+                        .and_then(Value::as_array_mut)
+                    {
+                        Some(calls) => calls.extend(rest),
+                        None => choice["delta"]["tool_calls"] = Value::Array(rest),
+                    }
+                }
+            }
+            if last || step.blocked.is_some() || cut.is_some() {
                 self.choices.remove(&index);
+                self.tools.retain(|k, _| k.0 != index);
             }
             any_left |= !is_empty_delta(choice, ptr);
         }
@@ -264,6 +328,23 @@ impl SseFilter {
 
     /// Releases what every choice still holds (the stream is ending).
     fn flush_all(&mut self, out: &mut BytesMut) {
+        let tools = std::mem::take(&mut self.tools);
+        for ((index, k), mut f) in tools {
+            let step = f.push("", true, &self.guard.output, self.guard.canary.as_deref());
+            count(&step.redacted, step.blocked);
+            if step.blocked.is_some() {
+                self.own_event(index, None, json!("content_filter"), out);
+                self.close(out, true);
+                return;
+            }
+            if !step.release.is_empty() {
+                let mut v = self.template.clone().unwrap_or_else(|| json!({}));
+                v["choices"] = json!([{"index": index, "delta": {"tool_calls": [{"index": k,
+                    "function": {"arguments": step.release}}]}, "logprobs": null,
+                    "finish_reason": null}]);
+                write_event(&v, out);
+            }
+        }
         let held = std::mem::take(&mut self.choices);
         for (index, mut f) in held {
             let step = f.push("", true, &self.guard.output, self.guard.canary.as_deref());
@@ -281,6 +362,7 @@ impl SseFilter {
 
     /// Ends the stream after a cut: the other choices end too, then `[DONE]`.
     fn close(&mut self, out: &mut BytesMut, others: bool) {
+        self.tools.clear();
         if others {
             let held: Vec<u64> = std::mem::take(&mut self.choices).into_keys().collect();
             for index in held {
@@ -379,6 +461,7 @@ impl EventScreen {
             guard,
             buf: BytesMut::new(),
             choices: BTreeMap::new(),
+            tools: BTreeMap::new(),
             template: None,
             state: State::Open,
         })
@@ -479,6 +562,7 @@ mod tests {
             guard: g,
             buf: BytesMut::new(),
             choices: BTreeMap::new(),
+            tools: BTreeMap::new(),
             template: None,
             state: State::Open,
         };
@@ -578,6 +662,44 @@ mod tests {
         assert_eq!(got, "The marker is ");
         assert_eq!(finishes, vec!["content_filter"]);
         assert!(done);
+    }
+
+    /// Tool-call arguments split over chunks are screened too.
+    #[test]
+    fn streamed_tool_call_arguments_are_redacted() {
+        let (class, secret) = &out::samples()[1];
+        let args = format!("{{\"token\": \"{secret}\"}}");
+        let (a, b) = args.split_at(20);
+        let call = |s: &str, finish: Option<&str>| {
+            let v = json!({"id": "c1", "object": "chat.completion.chunk", "created": 1,
+                "model": "m", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0,
+                "function": {"arguments": s}}]}, "logprobs": null, "finish_reason": finish}]});
+            format!("data: {v}\n\n")
+        };
+        let wire = format!(
+            "{}{}{}data: [DONE]\n\n",
+            call(a, None),
+            call(b, None),
+            chunk("", Some("tool_calls"))
+        );
+        let mut f = EventScreen::new(guard(None));
+        let out = String::from_utf8(f.feed(wire.as_bytes()).to_vec()).unwrap();
+        let mut got = String::new();
+        for ev in out
+            .split("\n\n")
+            .filter(|e| !e.is_empty() && !e.ends_with("[DONE]"))
+        {
+            let v: Value = serde_json::from_str(ev.strip_prefix("data: ").unwrap()).unwrap();
+            for c in v["choices"][0]["delta"]["tool_calls"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                got += c["function"]["arguments"].as_str().unwrap_or("");
+            }
+        }
+        assert_eq!(got, args.replace(secret.as_str(), &marker(*class)));
+        assert!(!out.contains(&secret[..20]), "{out}");
     }
 
     #[test]
