@@ -45,6 +45,9 @@ struct Args {
     /// Only the guardrails' in-process filter costs (no daemons, no load).
     #[arg(long)]
     filter_costs_only: bool,
+    /// Only the guardrails case (off vs on, then the filter costs).
+    #[arg(long)]
+    guardrails_only: bool,
 }
 
 struct Nginx {
@@ -263,6 +266,10 @@ fn main() -> Result<()> {
 
 async fn run(args: Args) -> Result<()> {
     let sim = Sim::start(&["--chunks", "20", "--model", "bench"]);
+    if args.guardrails_only {
+        let tmp = tempfile::tempdir()?;
+        return guardrails(&args, &sim, tmp.path()).await;
+    }
     let config = format!(
         "[pools.gpu]\nhosts = [\"{}\"]\n\n[models.bench]\npool = \"gpu\"\nmax_tokens = 64\n",
         sim.addr
