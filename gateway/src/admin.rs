@@ -384,6 +384,7 @@ async fn metrics(State(a): State<Admin>, p: Principal) -> Result<Response> {
     // Written by the supervisor; dropped there and here (the worker's full socket).
     let dropped = kernel.audit_dropped + crate::audit::sink::counts().1;
     crate::metrics::gateway::METRICS.render(&mut text, &pools, (kernel.audit_written, dropped));
+    text.push_str(&crate::guardrails::metrics::render());
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,

@@ -11,6 +11,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod error;
+pub mod guardrails;
 pub mod logging;
 pub mod metrics;
 pub mod permissions;

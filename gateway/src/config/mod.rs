@@ -28,10 +28,11 @@ pub use destinations::{
 };
 use ipnet::IpNet;
 pub use schema::{
-    AdminConfig, AuditConfig, AuthConfig, GuardAttach, InferenceGuardConfig, MAX_LEEWAY_SECS,
+    AdminConfig, AuditConfig, AuthConfig, ClassifierConfig, GuardAttach, GuardrailPolicyConfig,
+    GuardrailRuleConfig, GuardrailsConfig, InferenceGuardConfig, MAX_LEEWAY_SECS,
     MAX_LIFETIME_SECS, ModelConfig, OnBackendError, PoolConfig, Quota, QuotaBackendKind,
-    QuotasConfig, RoleConfig, SegmentationConfig, SegmentationMode, ServerConfig,
-    SigningAlgorithm, StoreConfig, StoreKind, TenantConfig,
+    QuotasConfig, RoleConfig, SegmentationConfig, SegmentationMode, ServerConfig, SigningAlgorithm,
+    StoreConfig, StoreKind, TenantConfig,
 };
 
 use self::{capture::Reader, schema::RawConfig, validate::Invalid};
@@ -84,6 +85,8 @@ pub struct Config {
     pub captured: Captured,
     /// The shared store's password (`[store] password_file` / `password_env`).
     pub store_password: Option<Secret>,
+    /// `[guardrails]`, compiled once per load.
+    pub guardrails: std::sync::Arc<crate::guardrails::Guardrails>,
 }
 
 /// A pool after validation: its hosts resolved, its credential and CAs read, its durations
@@ -267,6 +270,7 @@ impl Config {
         let seg = validate::segmentation(&raw.segmentation, &reader)?;
         validate::auth(&raw.auth, base, &reader)?;
         let store_password = validate::store(&raw.store, base, &reader)?;
+        let guardrails = validate::guardrails(&raw)?;
 
         Ok(Config {
             path: path.to_path_buf(),
@@ -277,6 +281,7 @@ impl Config {
             egress_allow: seg.egress_allow,
             extra_protected: seg.extra_protected,
             inference: seg.inference,
+            guardrails,
             captured: reader.into_captured(),
             store_password,
         })

@@ -25,6 +25,7 @@ pub struct RawConfig {
     pub quotas: QuotasConfig,
     pub admin: AdminConfig,
     pub audit: AuditConfig,
+    pub guardrails: GuardrailsConfig,
     /// Where identity lives: the embedded SQLite file or a shared PostgreSQL.
     pub store: StoreConfig,
 }
@@ -508,4 +509,127 @@ pub enum SigningAlgorithm {
     #[default]
     EdDSA,
     HS256,
+}
+
+/// `[guardrails]`: prompt screening and answer filtering (see `crate::guardrails` and
+/// docs/guardrails.md). Off unless `enabled`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardrailsConfig {
+    pub enabled: bool,
+    /// Use the rule set shipped with moat (`guardrails::rules::VERSION`).
+    pub shipped_rules: bool,
+    /// Invisible characters in a caller's text: `strip` (removed before the rules, reported as
+    /// `smuggling.invisible`) or `refuse` (the request is blocked).
+    pub invisible: String,
+    /// Base64 and hex runs at least this long are decoded for the rules (0: none).
+    pub decode_min_len: usize,
+    /// Bytes of a streamed answer held back until the filter has passed them.
+    pub hold_back_bytes: usize,
+    /// The defaults; `tenants`, `roles` and `models` override them key by key.
+    pub policy: GuardrailPolicyConfig,
+    pub tenants: BTreeMap<String, GuardrailPolicyConfig>,
+    pub roles: BTreeMap<String, GuardrailPolicyConfig>,
+    pub models: BTreeMap<String, GuardrailPolicyConfig>,
+    /// The operator's own rules.
+    pub rules: Vec<GuardrailRuleConfig>,
+    /// Model-based screening, for policies with `classifier = true`.
+    pub classifier: Option<ClassifierConfig>,
+}
+
+impl Default for GuardrailsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            shipped_rules: true,
+            invisible: "strip".into(),
+            decode_min_len: 24,
+            hold_back_bytes: 256,
+            policy: GuardrailPolicyConfig::default(),
+            tenants: BTreeMap::new(),
+            roles: BTreeMap::new(),
+            models: BTreeMap::new(),
+            rules: Vec::new(),
+            classifier: None,
+        }
+    }
+}
+
+/// A guardrail policy; every key may be left out (it then comes from the level below:
+/// built-in defaults, `[guardrails.policy]`, the model's, the tenant's, the roles').
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardrailPolicyConfig {
+    /// `block`, `flag` or `off`, for user, system and assistant content.
+    pub input: Option<String>,
+    /// The same for `tool`/`function` messages and tool-call arguments.
+    pub tool_input: Option<String>,
+    /// Score (sum of the weights of the rules hit) at which `input` acts.
+    pub threshold: Option<f32>,
+    /// Score at which `tool_input` acts.
+    pub tool_threshold: Option<f32>,
+    /// `allow` or `refuse` `system`/`developer` messages from callers.
+    pub system_messages: Option<String>,
+    /// A system message the gateway puts first in every chat request.
+    pub system_prompt: Option<String>,
+    /// Put a per-request canary in the system prompt; an answer that repeats it is cut.
+    pub canary: Option<bool>,
+    /// `redact`, `block` or `off` for every secret class.
+    pub secrets: Option<String>,
+    /// The PII classes screened: `email`, `phone`, `card`, `iban`.
+    pub pii: Option<Vec<String>>,
+    /// `redact` or `block` for the PII classes screened.
+    pub pii_action: Option<String>,
+    /// `redact`, `block` or `off` for markdown links and images to hosts off `link_allowlist`.
+    pub links: Option<String>,
+    pub link_allowlist: Option<Vec<String>>,
+    /// Per-class actions, over the keys above (`jwt = "block"`).
+    pub classes: Option<BTreeMap<String, String>>,
+    /// Also ask the classifier (`[guardrails.classifier]`).
+    pub classifier: Option<bool>,
+}
+
+/// An operator rule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardrailRuleConfig {
+    pub id: String,
+    /// A regex in the `regex` crate's syntax (linear time: no look-around, no
+    /// back-references), matched case-insensitive against the normalised text.
+    pub pattern: String,
+    #[serde(default = "default_rule_weight")]
+    pub weight: f32,
+}
+
+fn default_rule_weight() -> f32 {
+    1.0
+}
+
+/// `[guardrails.classifier]`: a prompt-guard or moderation model served through the pools.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassifierConfig {
+    /// A model of `[models]`; it is called on `/v1/chat/completions` with the text to judge as
+    /// the user message, and its answer's first word is the verdict.
+    pub model: String,
+    #[serde(default = "default_classifier_timeout")]
+    pub timeout_ms: u64,
+    /// `block` (default) or `allow` when the classifier fails or times out.
+    #[serde(default = "default_on_error")]
+    pub on_error: String,
+    /// Answers (first word, case-insensitive) that mean "injection".
+    #[serde(default = "default_unsafe_labels")]
+    pub unsafe_labels: Vec<String>,
+}
+
+fn default_classifier_timeout() -> u64 {
+    2000
+}
+fn default_on_error() -> String {
+    "block".into()
+}
+fn default_unsafe_labels() -> Vec<String> {
+    ["unsafe", "injection", "jailbreak"]
+        .map(String::from)
+        .to_vec()
 }

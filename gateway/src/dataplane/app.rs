@@ -16,13 +16,16 @@
 //! 6. body size while reading (413);
 //! 7. strict parse and the model's caps (400; an unknown model 404), `openai::validate`;
 //! 8. authorization (403), `authz`;
-//! 9. quotas (429), `quota`;
+//! 9. quotas (429), `quota`; then the guardrails (step 9b): the prompt screened (400
+//!    `prompt_injection_detected`), the operator's system prompt and canary put in,
+//!    `crate::guardrails`;
 //! 10. a healthy host of the pool authorization chose, called (`route`, `proxy`);
 //! 11. the answer metered as it is relayed (`metered`);
 //! 12. the answer as the client may see it: public model name, no usage it did not ask for
-//!     (`answer`).
+//!     (`answer`);
+//! 13. the answer screened by the guardrails' output filter (redacted or cut).
 //!
-//! Steps 1–2 are the layers below, 3–4 the routing and its `route_layer`, 5–12 the inference
+//! Steps 1–2 are the layers below, 3–4 the routing and its `route_layer`, 5–13 the inference
 //! handlers (`openai::handle`). Axum matches the route before any layer runs (so the access
 //! log can name the route pattern), but a 404/405 is answered by the fallbacks, inside layers
 //! 1 and 2: even a request to no route gets an id and the body cap.

@@ -18,6 +18,10 @@
 //! first concurrency, `--soak` seconds in 30-second slices: first slice vs last, RSS at start
 //! and end), the RSS of moat holding `--idle-streams` open streams and `--keepalive` idle
 //! keep-alive connections, sequential time to first chunk, and the policy case.
+//!
+//! Then the guardrails case: moat with guardrails off and on under the same load (its own
+//! simulator upstream), the hold-back window's added time to first token, and in process the
+//! filter's cost per stream chunk and its MB/s on 1 MB.
 
 use std::{
     io::{Read, Write},
@@ -59,6 +63,15 @@ struct Args {
     /// Keys in the policy case (50 roles, 20 models); 0 skips it.
     #[arg(long, default_value_t = 1000)]
     policy_keys: u32,
+    /// Skip the guardrails case (off vs on, filter costs).
+    #[arg(long)]
+    no_guardrails: bool,
+    /// Only the guardrails' in-process filter costs (no daemons, no load).
+    #[arg(long)]
+    filter_costs_only: bool,
+    /// Only the guardrails case (off vs on, then the filter costs).
+    #[arg(long)]
+    guardrails_only: bool,
 }
 
 struct Nginx {
@@ -391,6 +404,10 @@ fn chat_body(stream: bool) -> String {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if args.filter_costs_only {
+        filter_costs();
+        return Ok(());
+    }
     // Room for the idle connections of the memory figures (inherited by the upstreams).
     let limit = libc::rlimit {
         rlim_cur: 65_536,
@@ -414,6 +431,11 @@ struct Target {
 }
 
 async fn run(args: Args) -> Result<()> {
+    if args.guardrails_only {
+        let sim = Sim::start(&["--chunks", "20", "--model", "bench"]);
+        let tmp = tempfile::tempdir()?;
+        return guardrails(&args, &sim, tmp.path()).await;
+    }
     let tmp = tempfile::tempdir()?;
     // The static upstream: JSON on (moat's, direct's) ports, SSE likewise.
     let [
@@ -610,6 +632,10 @@ async fn run(args: Args) -> Result<()> {
     if args.policy_keys > 0 {
         let sim = Sim::start(&["--chunks", "20", "--model", "bench"]);
         policy(&args, &sim, tmp.path()).await?;
+    }
+    if !args.no_guardrails {
+        let sim = Sim::start(&["--chunks", "20", "--model", "bench"]);
+        guardrails(&args, &sim, tmp.path()).await?;
     }
     Ok(())
 }
@@ -842,4 +868,131 @@ fn policy_wrk(dir: &Path, url: &str, keys: &[(String, usize)], args: &Args) -> R
     let path = dir.join("policy.lua");
     std::fs::write(&path, script)?;
     run_wrk(&path, url, 32, args.duration)
+}
+
+/// The guardrails case: the same load through moat with guardrails off and on (shipped rules,
+/// every secret class redacted), then the filter's costs measured in process: per stream
+/// chunk, the rule scan of a 1 MB prompt, the output scan of 1 MB of answer.
+async fn guardrails(args: &Args, sim: &Sim, tmp: &Path) -> Result<()> {
+    let base = format!(
+        "[pools.gpu]\nhosts = [\"{}\"]\n\n[models.bench]\npool = \"gpu\"\nmax_tokens = 64\n",
+        sim.addr
+    );
+    let off = Daemon::gateway("", &base, &[]);
+    let on = Daemon::gateway(
+        "",
+        &format!("{base}[guardrails]\nenabled = true\n[guardrails.policy]\nsecrets = \"redact\"\n"),
+        &[],
+    );
+    off.wait_pools_ready().await;
+    on.wait_pools_ready().await;
+    println!(
+        "\nguardrails: the same moat, guardrails off and on (shipped rules {}, secrets redacted)",
+        moat::guardrails::rules::VERSION
+    );
+    println!(
+        "{:<24} {:<14} {:>10} {:>9} {:>9} {:>8}",
+        "case", "guardrails", "req/s", "p50 ms", "p99 ms", "ratio"
+    );
+    for (name, body) in [
+        ("json c=32 (1 KB prompt)", chat_body(false)),
+        ("stream c=32 (20 chunks)", chat_body(true)),
+    ] {
+        let mut first: Option<Load> = None;
+        for (label, d) in [("off", &off), ("on", &on)] {
+            let url = d.url("/v1/chat/completions");
+            let l = wrk(tmp, &url, Some(d.key()), &body, 32, args.duration)?;
+            let ratio = first.as_ref().map_or(1.0, |b| l.rps / b.rps);
+            println!(
+                "{:<24} {:<14} {:>10.0} {:>9.2} {:>9.2} {:>7.2}x",
+                name, label, l.rps, l.p50_ms, l.p99_ms, ratio
+            );
+            first.get_or_insert(l);
+        }
+    }
+    println!("goal: json ratio at least 0.9");
+    let body = chat_body(true);
+    let mut firsts = Vec::new();
+    for (label, d) in [("off", &off), ("on", &on)] {
+        let url = d.url("/v1/chat/completions");
+        let (first, total) = stream_timing(&url, Some(d.key()), &body, args.sequential).await;
+        println!(
+            "sequential stream, guardrails {label:<3}: first chunk {first:.3} ms, total {total:.3} ms"
+        );
+        firsts.push(first);
+    }
+    println!(
+        "hold-back window's added time to first token: {:.3} ms (the answer, 20 short tokens, \
+         fits in the 256-byte window: its first text leaves with the last)",
+        firsts[1] - firsts[0]
+    );
+    drop((off, on));
+    filter_costs();
+    Ok(())
+}
+
+/// In-process costs of the filter (no network): per stream chunk, per MB scanned.
+fn filter_costs() {
+    use moat::{
+        config::GuardrailsConfig,
+        guardrails::{EventScreen, Guard, Guardrails, Policy, output::TextFilter},
+    };
+    let g = Guardrails::build(&GuardrailsConfig {
+        enabled: true,
+        ..GuardrailsConfig::default()
+    })
+    .expect("default guardrails build");
+    let policy = Policy::default();
+    let guard = Guard {
+        flagged: vec![],
+        output: policy.output.clone(),
+        canary: Some("moat-canary-0011223344556677".into()),
+        hold_back: 256,
+        generation: true,
+    };
+    // 2000 chunks of a few words each, as a model streams them.
+    let words = "the quick brown fox jumps over the lazy dog and then ";
+    let events: Vec<String> = (0..2000)
+        .map(|i| {
+            let w = &words[(i * 4) % 40..(i * 4) % 40 + 5];
+            format!(
+                "data: {}\n\n",
+                json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                    "choices": [{"index": 0, "delta": {"content": w}, "logprobs": null,
+                    "finish_reason": null}]})
+            )
+        })
+        .collect();
+    let mut screen = EventScreen::new(guard);
+    let start = Instant::now();
+    let mut out = 0;
+    for e in &events {
+        out += screen.feed(e.as_bytes()).len();
+    }
+    let per_chunk = start.elapsed().as_secs_f64() * 1e6 / events.len() as f64;
+    println!(
+        "output filter per stream chunk (parse, scan, re-emit): {per_chunk:.2} µs (goal < 5 µs; {out} B out)"
+    );
+
+    let mb = {
+        let base = "Please summarise the following support ticket and suggest next steps. \
+                    The customer reports that the export fails with error 500 since Monday. ";
+        base.repeat((1 << 20) / base.len() + 1)[..1 << 20].to_owned()
+    };
+    let start = Instant::now();
+    let hits = g.rules_hit(&mb);
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "input scan of a 1 MB prompt (normalise + rules): {:.1} MB/s ({} rules hit)",
+        1.0 / secs,
+        hits.len()
+    );
+    let start = Instant::now();
+    let step = TextFilter::new(256).push(&mb, true, &policy.output, None);
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "output scan of a 1 MB answer (every secret class): {:.1} MB/s ({} redacted)",
+        1.0 / secs,
+        step.redacted.len()
+    );
 }

@@ -3,7 +3,11 @@
 //! Serves `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings` (JSON or SSE with
 //! `data: [DONE]` and `stream_options.include_usage`), `GET /v1/models` and `GET /health`.
 //! Answers are made of numbered tokens (`t0 t1 …`) or, with `--echo`, the words of the caller's
-//! last message. Timing: `--latency-ms` before the first byte, `--tokens-per-sec` between tokens.
+//! last message: each word is a stream chunk, unless the message contains `␞` (U+241E), which
+//! then marks the chunk boundaries exactly (so a test can split any text at any offset);
+//! `{{system}}` in it is replaced by the request's first system message (a model leaking its
+//! system prompt; in 5-character chunks when `␞` is used). With `--classifier WORD` the simulator is a prompt-guard model instead: it
+//! answers `unsafe` when the last user message contains WORD (any case), else `safe`. Timing: `--latency-ms` before the first byte, `--tokens-per-sec` between tokens.
 //!
 //! Control plane for tests (never behind the gateway):
 //! - `GET /_sim/stats`: requests, completed, cancelled (the client went away), failed
@@ -71,6 +75,10 @@ struct Args {
     /// Answer with the words of the caller's last message.
     #[arg(long)]
     echo: bool,
+    /// Act as a prompt-guard classifier: `unsafe` when the last user message contains this
+    /// word, else `safe`.
+    #[arg(long)]
+    classifier: Option<String>,
     /// Require `Authorization: Bearer <key>` on `/v1/*`.
     #[arg(long)]
     api_key: Option<String>,
@@ -384,6 +392,16 @@ fn last_user_text(body: &Value) -> String {
     }
 }
 
+/// The content of the request's first system message.
+fn first_system(body: &Value) -> String {
+    let msgs = body["messages"].as_array().cloned().unwrap_or_default();
+    msgs.iter()
+        .find(|m| m["role"] == "system")
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or("")
+        .to_owned()
+}
+
 fn prompt_text(body: &Value) -> String {
     match &body["prompt"] {
         Value::String(s) => s.clone(),
@@ -396,8 +414,28 @@ fn prompt_text(body: &Value) -> String {
     }
 }
 
+/// The chunk boundary marker of echo mode.
+const SPLIT: char = '\u{241E}';
+
 /// The answer's tokens: each word with its trailing space, so concatenation is the text.
 fn answer_tokens(sim: &Sim, source: &str, body: &Value) -> Vec<String> {
+    if let Some(word) = &sim.args.classifier {
+        let unsafe_ = source.to_lowercase().contains(&word.to_lowercase());
+        return vec![if unsafe_ { "unsafe" } else { "safe" }.to_owned()];
+    }
+    if sim.args.echo && source.contains(SPLIT) {
+        // The leaked prompt comes in chunks of 5 characters.
+        let chars: Vec<char> = first_system(body).chars().collect();
+        let system: Vec<String> = chars.chunks(5).map(|c| c.iter().collect()).collect();
+        let system = system.join(&SPLIT.to_string());
+        return source
+            .replace("{{system}}", &system)
+            .split(SPLIT)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect();
+    }
+    let source = &source.replace("{{system}}", &first_system(body));
     let words: Vec<String> = if sim.args.echo {
         source.split_whitespace().map(str::to_owned).collect()
     } else {

@@ -1,11 +1,12 @@
 //! Checks of the file as written, one function per section, run by `Config::parse` in this
 //! order: pools (with their credentials and TLS), models, server, tenancy (roles, tenants,
-//! dedicated pools, quotas), admin, segmentation, auth. Each returns the first problem it finds
+//! dedicated pools, quotas), admin, segmentation, auth, guardrails. Each returns the first problem it finds
 //! as an [`Invalid`]: the dotted key and the reason; the loader adds the file's name.
 
 mod auth;
 mod client_cert;
 mod credentials;
+mod guardrails;
 mod models;
 mod pools;
 mod segmentation;
@@ -17,6 +18,7 @@ use std::collections::BTreeMap;
 
 pub(super) use self::{
     auth::auth,
+    guardrails::guardrails,
     models::models,
     pools::pools,
     segmentation::segmentation,

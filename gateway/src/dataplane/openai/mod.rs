@@ -1,8 +1,10 @@
 //! The OpenAI-compatible endpoints: `GET /v1/models`, and the inference endpoints, which run
 //! steps 5–12 of the pipeline (numbered as in `app` and docs/data-plane.md): content type, body size,
 //! strict parsing (`validate`, the token reservation in `reserve`), authorization (`authz`),
-//! the prefix-cache salt (`cache_salt`), quotas (`quota`), then hand-off to the pool (`proxy`),
-//! metering of the answer (`metered`) and what the client sees of it (`answer`). Nothing reaches an upstream before
+//! the prefix-cache salt (`cache_salt`), quotas (`quota`), the guardrails' prompt screening
+//! (`crate::guardrails`), then hand-off to the pool (`proxy`),
+//! metering of the answer (`metered`), what the client sees of it (`answer`) and the guardrails'
+//! output filter. Nothing reaches an upstream before
 //! all of the checks passed. Neither the body nor the answer is ever logged.
 
 mod json;
@@ -31,6 +33,7 @@ use crate::{
     dataplane::request_id::RequestId,
     dataplane::state::SharedState,
     error::ApiError,
+    guardrails,
 };
 pub use validate::Endpoint;
 
@@ -118,13 +121,24 @@ async fn handle(
         tokens: valid.reserve_tokens,
         stream,
     };
-    let body = valid.upstream_body(salt)?;
     // 9. quotas: charged only if every limit passes.
     let ticket = state
         .quotas
         .acquire(&state.config, &principal, ask)
         .await
         .inspect_err(|e| refused(&principal, &model, e, "quota denied"))?;
+    // 9b. guardrails: the prompt screened, the operator's system prompt put in; a blocked
+    // prompt is refunded like any refused attempt.
+    let mut valid = valid;
+    let guard =
+        match guardrails::screen(&state, &principal, endpoint, &model, &mut valid.body).await {
+            Ok(guard) => guard,
+            Err(e) => {
+                ticket.refund();
+                return Err(e);
+            }
+        };
+    let body = valid.upstream_body(salt)?;
     let request_id = parts
         .extensions
         .get::<RequestId>()
@@ -150,7 +164,9 @@ async fn handle(
     let resp = metered::meter(resp, ticket, state.identity.clone(), principal, timing);
     // 12. the answer as the client may see it: the public model name, and no usage event the
     // client did not ask for (metering read it above).
-    Ok(answer::rewrite(resp, &model, hide_usage))
+    let resp = answer::rewrite(resp, &model, hide_usage);
+    // 13. the answer screened by the guardrails' output filter (secrets, PII, links, canary).
+    Ok(guardrails::filter(resp, guard).await)
 }
 
 /// One line per refused request: who was refused and why, never what they sent.

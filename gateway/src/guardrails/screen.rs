@@ -1,0 +1,433 @@
+//! Input screening (pipeline step 9b): every text a caller sends, wherever it sits in the
+//! body — chat message contents (strings or text parts), `tool`/`function` messages and
+//! tool-call arguments (the path of indirect injection: retrieved documents, tool results),
+//! completions prompts and suffixes, embeddings inputs — is normalised and matched against
+//! the rules. The weights of the distinct rules hit add up to a score per source (user content,
+//! tool content); a score at the source's threshold gets the policy's action.
+//!
+//! Then the body is rewritten for the policy: chat-template delimiters taken out of every
+//! caller text that is let through (they never reach the upstream from a caller), the
+//! operator's system prompt (with the canary) put first.
+
+use serde_json::{Map, Value};
+use tracing::{info, warn};
+
+use super::{
+    InputAction, Policy, canary, classifier, metrics,
+    normalize::{self, normalize},
+    output::OutputPolicy,
+};
+use crate::{
+    auth::Principal, dataplane::openai::Endpoint, dataplane::state::AppState, error::ApiError,
+};
+
+/// What the stage hands to the answer: its flags and what the output filter needs.
+#[derive(Debug, Clone)]
+pub struct Guard {
+    /// Rules that hit in a flagged request (for `x-moat-guardrail`).
+    pub flagged: Vec<String>,
+    pub output: OutputPolicy,
+    pub canary: Option<String>,
+    pub hold_back: usize,
+    /// Whether the answer has text to screen (not embeddings).
+    pub generation: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    User,
+    Tool,
+}
+
+#[derive(Debug)]
+/// One caller text: where it is (a JSON pointer, for `param`) and from which kind of source.
+struct Text {
+    pointer: String,
+    source: Source,
+}
+
+/// Runs the stage. `Ok(None)`: guardrails are off. An `Err` is the refusal to send (the
+/// caller refunds the quota ticket).
+pub async fn screen(
+    state: &AppState,
+    p: &Principal,
+    endpoint: Endpoint,
+    model: &str,
+    body: &mut Map<String, Value>,
+) -> Result<Option<Guard>, ApiError> {
+    let g = &state.config.guardrails;
+    if !g.enabled {
+        return Ok(None);
+    }
+    let policy = g.policy(model, &p.tenant, &p.roles);
+    let texts = collect(endpoint, body, &policy)?;
+    let rules = &g.rules;
+    let mut hit_user = vec![false; rules.rules.len()];
+    let mut hit_tool = vec![false; rules.rules.len()];
+    let mut first_param: [Option<String>; 2] = [None, None];
+    let mut with_delimiters = Vec::new();
+    for t in &texts {
+        let Some(raw) = pointer(body, &t.pointer) else {
+            continue;
+        };
+        let n = normalize(raw, g.decode_min_len);
+        let hits = match t.source {
+            Source::User => &mut hit_user,
+            Source::Tool => &mut hit_tool,
+        };
+        let before = hits.iter().filter(|h| **h).count();
+        rules.scan(&n.text, hits);
+        for v in &n.views {
+            rules.scan(v, hits);
+        }
+        if n.invisible > 0 && raw.chars().any(counts_as_smuggling) {
+            rules.mark_invisible(hits);
+            if g.refuse_invisible {
+                let action = match t.source {
+                    Source::User => policy.input,
+                    Source::Tool => policy.tool_input,
+                };
+                if action != InputAction::Off {
+                    return Err(block(p, &[super::rules::INVISIBLE_RULE.into()], &t.pointer));
+                }
+            }
+        }
+        if hits.iter().filter(|h| **h).count() > before {
+            first_param[t.source as usize].get_or_insert_with(|| t.pointer.clone());
+        }
+        if rules.strip_delimiters(raw).is_some() {
+            with_delimiters.push(t.pointer.clone());
+        }
+    }
+    let ids = |hits: &[bool]| -> (f32, Vec<String>) {
+        let mut score = 0.0;
+        let mut ids = Vec::new();
+        for (r, h) in rules.rules.iter().zip(hits) {
+            if *h {
+                score += r.weight;
+                ids.push(r.id.clone());
+            }
+        }
+        (score, ids)
+    };
+    let mut flagged = Vec::new();
+    let mut blocked: Option<(Vec<String>, String)> = None;
+    for (source, hits, action, threshold) in [
+        (Source::User, &hit_user, policy.input, policy.threshold),
+        (
+            Source::Tool,
+            &hit_tool,
+            policy.tool_input,
+            policy.tool_threshold,
+        ),
+    ] {
+        let (score, hit) = ids(hits);
+        if hit.is_empty() || action == InputAction::Off || score < threshold {
+            continue;
+        }
+        let param = first_param[source as usize].clone().unwrap_or_default();
+        metrics::input(&hit, action);
+        match action {
+            InputAction::Block => {
+                blocked.get_or_insert((hit, param));
+            }
+            _ => flagged.extend(hit),
+        }
+    }
+    if let Some((hit, param)) = blocked {
+        return Err(block(p, &hit, &param));
+    }
+    // The classifier, when the policy asks for it and the rules let the prompt through.
+    if policy.classifier
+        && let Some(cl) = &g.classifier
+    {
+        let all: Vec<&str> = texts
+            .iter()
+            .filter_map(|t| pointer(body, &t.pointer))
+            .collect();
+        let action = policy.input.max(policy.tool_input);
+        match classifier::judge(state, cl, &all.join("\n\n")).await {
+            Ok(false) => {}
+            Ok(true) if action == InputAction::Block => {
+                metrics::input(&["classifier".into()], action);
+                return Err(block(p, &["classifier".into()], ""));
+            }
+            Ok(true) => {
+                metrics::input(&["classifier".into()], action);
+                if action == InputAction::Flag {
+                    flagged.push("classifier".into());
+                }
+            }
+            Err(e) => {
+                warn!(model = %cl.model, error = %e, "guardrail classifier failed");
+                if cl.on_error == "block" {
+                    metrics::input(&["classifier.error".into()], InputAction::Block);
+                    return Err(ApiError::unavailable(
+                        "the prompt could not be screened; try again later",
+                    )
+                    .with_code("guardrail_unavailable"));
+                }
+            }
+        }
+    }
+    if !flagged.is_empty() {
+        flagged.sort();
+        flagged.dedup();
+        info!(
+            user = %p.username,
+            tenant = %p.tenant,
+            key_id = p.key_id.as_deref().unwrap_or("-"),
+            rules = %flagged.join(","),
+            "guardrail flagged the prompt"
+        );
+    }
+    // Delimiters never reach the upstream from a caller.
+    for ptr in &with_delimiters {
+        if let Some(v) = pointer_mut(body, ptr)
+            && let Some(s) = v.as_str()
+            && let Some(clean) = rules.strip_delimiters(s)
+        {
+            *v = Value::String(clean);
+        }
+    }
+    let canary = policy.canary.then(canary::new);
+    if endpoint == Endpoint::ChatCompletions {
+        let system = match (&policy.system_prompt, &canary) {
+            (Some(s), Some(c)) => Some(format!("{s}\n\n{}", canary::instruction(c))),
+            (Some(s), None) => Some(s.clone()),
+            (None, Some(c)) => Some(canary::instruction(c)),
+            (None, None) => None,
+        };
+        if let Some(system) = system
+            && let Some(Value::Array(msgs)) = body.get_mut("messages")
+        {
+            msgs.insert(0, serde_json::json!({"role": "system", "content": system}));
+        }
+    }
+    Ok(Some(Guard {
+        flagged,
+        output: policy.output,
+        canary: canary.filter(|_| endpoint == Endpoint::ChatCompletions),
+        hold_back: g.hold_back,
+        generation: endpoint != Endpoint::Embeddings,
+    }))
+}
+
+/// Invisible characters that are not part of ordinary emoji (the joiner and the variation
+/// selectors are removed for the rules too, but do not count as smuggling on their own).
+fn counts_as_smuggling(c: char) -> bool {
+    normalize::is_invisible(c) && !matches!(c, '\u{200D}' | '\u{FE0E}' | '\u{FE0F}')
+}
+
+/// The 400 of a blocked prompt, logged with the rules (never the text) and counted.
+fn block(p: &Principal, rules: &[String], param: &str) -> ApiError {
+    info!(
+        user = %p.username,
+        tenant = %p.tenant,
+        key_id = p.key_id.as_deref().unwrap_or("-"),
+        rules = %rules.join(","),
+        status = 400,
+        "guardrail blocked the prompt"
+    );
+    let e = ApiError::bad_request(format!(
+        "the request was blocked by the gateway's prompt-injection guardrails (rules: {})",
+        rules.join(", ")
+    ))
+    .with_code("prompt_injection_detected");
+    if param.is_empty() {
+        e
+    } else {
+        e.with_param(param)
+    }
+}
+
+/// Every caller text of the body, as `param`-style paths (`messages[1].content`), and the
+/// system-message policy applied.
+fn collect(
+    endpoint: Endpoint,
+    body: &Map<String, Value>,
+    policy: &Policy,
+) -> Result<Vec<Text>, ApiError> {
+    let mut out = Vec::new();
+    let strings = |v: &Value, at: String, source: Source, out: &mut Vec<Text>| match v {
+        Value::String(_) => out.push(Text {
+            pointer: at,
+            source,
+        }),
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                if item.is_string() {
+                    out.push(Text {
+                        pointer: format!("{at}[{i}]"),
+                        source,
+                    });
+                }
+            }
+        }
+        _ => {}
+    };
+    match endpoint {
+        Endpoint::Completions => {
+            for k in ["prompt", "suffix"] {
+                if let Some(v) = body.get(k) {
+                    strings(v, k.into(), Source::User, &mut out);
+                }
+            }
+        }
+        Endpoint::Embeddings => {
+            if let Some(v) = body.get("input") {
+                strings(v, "input".into(), Source::User, &mut out);
+            }
+        }
+        Endpoint::ChatCompletions => {
+            let msgs = body.get("messages").and_then(Value::as_array);
+            for (i, m) in msgs.into_iter().flatten().enumerate() {
+                let role = m.get("role").and_then(Value::as_str).unwrap_or("");
+                if policy.refuse_system && matches!(role, "system" | "developer") {
+                    return Err(ApiError::bad_request(format!(
+                        "`{role}` messages are set by the operator and may not be sent"
+                    ))
+                    .with_param(format!("messages[{i}].role"))
+                    .with_code("system_message_not_allowed"));
+                }
+                let source = if matches!(role, "tool" | "function") {
+                    Source::Tool
+                } else {
+                    Source::User
+                };
+                match m.get("content") {
+                    Some(Value::String(_)) => out.push(Text {
+                        pointer: format!("messages[{i}].content"),
+                        source,
+                    }),
+                    Some(Value::Array(parts)) => {
+                        for (j, part) in parts.iter().enumerate() {
+                            if part.get("text").is_some_and(Value::is_string) {
+                                out.push(Text {
+                                    pointer: format!("messages[{i}].content[{j}].text"),
+                                    source,
+                                });
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                let calls = m.get("tool_calls").and_then(Value::as_array);
+                for (j, c) in calls.into_iter().flatten().enumerate() {
+                    if c.pointer("/function/arguments")
+                        .is_some_and(Value::is_string)
+                    {
+                        out.push(Text {
+                            pointer: format!("messages[{i}].tool_calls[{j}].function.arguments"),
+                            source: Source::Tool,
+                        });
+                    }
+                }
+                if m.pointer("/function_call/arguments")
+                    .is_some_and(Value::is_string)
+                {
+                    out.push(Text {
+                        pointer: format!("messages[{i}].function_call.arguments"),
+                        source: Source::Tool,
+                    });
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `messages[1].content[0].text` as a JSON pointer (`/messages/1/content/0/text`).
+fn ptr_path(param: &str) -> String {
+    let mut out = String::with_capacity(param.len() + 4);
+    for part in param.split('.') {
+        let (name, idx) = part.split_once('[').unwrap_or((part, ""));
+        out.push('/');
+        out.push_str(name);
+        for i in idx.split('[').filter(|s| !s.is_empty()) {
+            out.push('/');
+            out.push_str(i.trim_end_matches(']'));
+        }
+    }
+    out
+}
+
+fn pointer_mut<'a>(body: &'a mut Map<String, Value>, param: &str) -> Option<&'a mut Value> {
+    let path = ptr_path(param);
+    let (first, rest) = path[1..].split_once('/').unwrap_or((&path[1..], ""));
+    let v = body.get_mut(first)?;
+    if rest.is_empty() {
+        Some(v)
+    } else {
+        v.pointer_mut(&format!("/{rest}"))
+    }
+}
+
+fn pointer<'a>(body: &'a Map<String, Value>, param: &str) -> Option<&'a str> {
+    let path = ptr_path(param);
+    let mut parts = path.split('/').skip(1);
+    let first = parts.next()?;
+    let mut v = body.get(first)?;
+    for p in parts {
+        v = match v {
+            Value::Array(a) => a.get(p.parse::<usize>().ok()?)?,
+            Value::Object(o) => o.get(p)?,
+            _ => return None,
+        };
+    }
+    v.as_str()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_become_pointers() {
+        assert_eq!(
+            ptr_path("messages[1].content[0].text"),
+            "/messages/1/content/0/text"
+        );
+        assert_eq!(ptr_path("prompt[2]"), "/prompt/2");
+        assert_eq!(ptr_path("input"), "/input");
+        let body: Map<String, Value> = serde_json::from_str(
+            r#"{"messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(pointer(&body, "messages[0].content[0].text"), Some("hi"));
+    }
+
+    #[test]
+    fn every_caller_text_is_collected_with_its_source() {
+        let body: Map<String, Value> = serde_json::from_str(
+            r#"{"messages":[
+                {"role":"system","content":"s"},
+                {"role":"user","content":[{"type":"text","text":"u"},{"type":"image_url","image_url":{"url":"x"}}]},
+                {"role":"assistant","content":null,"tool_calls":[{"id":"1","type":"function","function":{"name":"f","arguments":"{}"}}]},
+                {"role":"tool","tool_call_id":"1","content":"t"}
+            ]}"#,
+        )
+        .unwrap();
+        let texts = collect(Endpoint::ChatCompletions, &body, &Policy::default()).unwrap();
+        let got: Vec<(&str, Source)> = texts
+            .iter()
+            .map(|t| (t.pointer.as_str(), t.source))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("messages[0].content", Source::User),
+                ("messages[1].content[0].text", Source::User),
+                ("messages[2].tool_calls[0].function.arguments", Source::Tool),
+                ("messages[3].content", Source::Tool),
+            ]
+        );
+        let refuse = Policy {
+            refuse_system: true,
+            ..Policy::default()
+        };
+        let e = collect(Endpoint::ChatCompletions, &body, &refuse).unwrap_err();
+        assert_eq!(e.body()["error"]["code"], "system_message_not_allowed");
+        assert_eq!(e.body()["error"]["param"], "messages[0].role");
+    }
+}

@@ -1,0 +1,732 @@
+//! The output filter applied to an answer on its way out ([`filter`], pipeline step 13):
+//!
+//! - a JSON answer is read whole, each choice's text (and tool-call arguments) screened and
+//!   redacted, or cut at a `block` finding with `finish_reason: "content_filter"`; an answer
+//!   that cannot be parsed is refused (502), never passed unscreened;
+//! - a stream ([`SseFilter`]) is screened event by event: each choice's text goes through its
+//!   own [`TextFilter`] (the hold-back window), and each event carries only the text the
+//!   filter has released (events left with nothing to say are dropped); the rest is released
+//!   on the choice's last event. A `block` finding ends the stream: a last event with
+//!   `finish_reason: "content_filter"`, then `data: [DONE]`. Events stay in the upstream's
+//!   shape, so the SDKs read them as usual. A panic in the filter ends the stream the same way.
+//!
+//! Streamed tool-call arguments (`delta.tool_calls[].function.arguments`) get a filter each,
+//! released the same way; what they hold goes with the choice's last event.
+
+use std::{
+    collections::BTreeMap,
+    panic::{AssertUnwindSafe, catch_unwind},
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use axum::{
+    body::Body,
+    http::{HeaderValue, header},
+    response::{IntoResponse, Response},
+};
+use bytes::{Bytes, BytesMut};
+use http_body::Frame;
+use serde_json::{Value, json};
+use tracing::warn;
+
+use super::{
+    Guard, metrics,
+    output::{Class, TextFilter},
+};
+use crate::{dataplane::proxy::headers::is_event_stream, error::ApiError};
+
+/// Most of a JSON answer read to screen it.
+const JSON_LIMIT: usize = 16 << 20;
+
+/// Screens `resp` as `guard` says (nothing to do without one).
+pub async fn filter(resp: Response, guard: Option<Guard>) -> Response {
+    let Some(guard) = guard else {
+        return resp;
+    };
+    let mut resp = resp;
+    if !guard.flagged.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&guard.flagged.join(","))
+    {
+        resp.headers_mut().insert("x-moat-guardrail", v);
+    }
+    let active = guard.output.any() || guard.canary.is_some();
+    if !resp.status().is_success() || !guard.generation || !active {
+        return resp;
+    }
+    if is_event_stream(resp.headers()) {
+        let (parts, inner) = resp.into_parts();
+        let body = SseFilter {
+            inner,
+            guard,
+            buf: BytesMut::new(),
+            choices: BTreeMap::new(),
+            tools: BTreeMap::new(),
+            template: None,
+            state: State::Open,
+        };
+        return Response::from_parts(parts, Body::new(body));
+    }
+    let (mut parts, inner) = resp.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(inner, JSON_LIMIT).await else {
+        return ApiError::bad_gateway("the answer could not be screened").into_response();
+    };
+    match catch_unwind(AssertUnwindSafe(|| screen_json(&bytes, &guard))) {
+        Ok(Some(out)) => {
+            parts.headers.remove(header::CONTENT_LENGTH);
+            Response::from_parts(parts, Body::from(out))
+        }
+        _ => {
+            metrics::output(None, "error");
+            warn!("guardrail output filter failed on a JSON answer; refused");
+            ApiError::bad_gateway("the answer could not be screened")
+                .with_code("content_filter_failed")
+                .into_response()
+        }
+    }
+}
+
+/// A JSON answer, screened; `None` if it cannot be.
+fn screen_json(bytes: &[u8], g: &Guard) -> Option<Vec<u8>> {
+    let mut v: Value = serde_json::from_slice(bytes).ok()?;
+    let choices = v.get_mut("choices")?.as_array_mut()?;
+    for choice in choices {
+        let mut cut = false;
+        let fields: Vec<String> = {
+            let mut f = vec!["/text".to_owned(), "/message/content".to_owned()];
+            let calls = choice
+                .pointer("/message/tool_calls")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            f.extend((0..calls).map(|i| format!("/message/tool_calls/{i}/function/arguments")));
+            f
+        };
+        for field in fields {
+            let Some(slot) = choice.pointer_mut(&field) else {
+                continue;
+            };
+            let Some(text) = slot.as_str() else {
+                continue;
+            };
+            if cut {
+                *slot = Value::String(String::new());
+                continue;
+            }
+            let step =
+                TextFilter::new(g.hold_back).push(text, true, &g.output, g.canary.as_deref());
+            count(&step.redacted, step.blocked);
+            *slot = Value::String(step.release);
+            cut = step.blocked.is_some();
+        }
+        if cut {
+            choice["finish_reason"] = json!("content_filter");
+        }
+    }
+    serde_json::to_vec(&v).ok()
+}
+
+fn count(redacted: &[Class], blocked: Option<Class>) {
+    for c in redacted {
+        metrics::output(Some(*c), "redact");
+    }
+    if let Some(c) = blocked {
+        metrics::output(Some(c), "block");
+        // The class, never the text.
+        tracing::info!(class = c.name(), "guardrail cut the answer");
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum State {
+    Open,
+    /// Cut by the filter: the closing events are out, nothing more is read.
+    Closed,
+}
+
+/// A stream on its way out, screened (see the module docs).
+pub struct SseFilter {
+    inner: Body,
+    guard: Guard,
+    /// The start of an event not yet complete.
+    buf: BytesMut,
+    /// Each choice's filter, by index.
+    choices: BTreeMap<u64, TextFilter>,
+    /// Each streamed tool call's arguments' filter, by (choice, tool-call index).
+    tools: BTreeMap<(u64, u64), TextFilter>,
+    /// The last chunk's identity fields (id, object, created, model, system_fingerprint),
+    /// for the events the filter writes itself.
+    template: Option<Value>,
+    state: State,
+}
+
+impl SseFilter {
+    /// Every complete event of `buf` + `data`, screened, into `out`.
+    fn feed(&mut self, data: &[u8], out: &mut BytesMut) {
+        self.buf.extend_from_slice(data);
+        while self.state == State::Open {
+            let Some(len) = event_len(&self.buf) else {
+                break;
+            };
+            let ev = self.buf.split_to(len).freeze();
+            self.event(&ev, out);
+        }
+    }
+
+    fn event(&mut self, ev: &[u8], out: &mut BytesMut) {
+        let Some(payload) = data_payload(ev) else {
+            // Comments and other fields carry no text.
+            out.extend_from_slice(ev);
+            return;
+        };
+        if payload.trim_ascii() == b"[DONE]" {
+            self.flush_all(out);
+            out.extend_from_slice(ev);
+            return;
+        }
+        let Ok(mut v) = serde_json::from_slice::<Value>(payload) else {
+            // Not an event we can screen: it does not go out.
+            return;
+        };
+        let Some(choices) = v.get("choices").and_then(Value::as_array) else {
+            // An error event or the like: no text of a choice, but flush what is held first.
+            self.flush_all(out);
+            out.extend_from_slice(ev);
+            return;
+        };
+        if choices.is_empty() {
+            // The usage event comes after every choice ended.
+            self.flush_all(out);
+            out.extend_from_slice(ev);
+            return;
+        }
+        self.remember(&v);
+        let mut cut = None;
+        let mut any_left = false;
+        let g = &self.guard;
+        for choice in v["choices"].as_array_mut().into_iter().flatten() {
+            let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
+            let last = choice.get("finish_reason").is_some_and(|f| !f.is_null());
+            let ptr = if choice.get("delta").is_some() {
+                "/delta/content"
+            } else {
+                "/text"
+            };
+            let text = choice.pointer(ptr).and_then(Value::as_str).unwrap_or("");
+            let f = self
+                .choices
+                .entry(index)
+                .or_insert_with(|| TextFilter::new(g.hold_back));
+            let step = f.push(text, last, &g.output, g.canary.as_deref());
+            count(&step.redacted, step.blocked);
+            let had_text = choice.pointer(ptr).is_some_and(Value::is_string);
+            if had_text || !step.release.is_empty() {
+                set_text(choice, ptr, step.release.clone());
+            }
+            if step.blocked.is_some() {
+                choice["finish_reason"] = json!("content_filter");
+                cut = step.blocked;
+            }
+            if cut.is_none()
+                && let Some(calls) = choice
+                    .pointer_mut("/delta/tool_calls")
+                    .and_then(Value::as_array_mut)
+            {
+                for call in calls {
+                    let k = call.get("index").and_then(Value::as_u64).unwrap_or(0);
+                    let Some(args) = call.pointer("/function/arguments").and_then(Value::as_str)
+                    else {
+                        continue;
+                    };
+                    let f = self
+                        .tools
+                        .entry((index, k))
+                        .or_insert_with(|| TextFilter::new(g.hold_back));
+                    let step = f.push(args, false, &g.output, g.canary.as_deref());
+                    count(&step.redacted, step.blocked);
+                    call["function"]["arguments"] = Value::String(step.release);
+                    if step.blocked.is_some() {
+                        cut = step.blocked;
+                        break;
+                    }
+                }
+                if cut.is_some() {
+                    choice["finish_reason"] = json!("content_filter");
+                }
+            }
+            if last && cut.is_none() {
+                // What the tool-call filters of this choice hold goes with its last event.
+                let keys: Vec<(u64, u64)> = self
+                    .tools
+                    .range((index, 0)..=(index, u64::MAX))
+                    .map(|(k, _)| *k)
+                    .collect();
+                let mut rest = Vec::new();
+                for key in keys {
+                    let Some(mut f) = self.tools.remove(&key) else {
+                        continue;
+                    };
+                    let step = f.push("", true, &g.output, g.canary.as_deref());
+                    count(&step.redacted, step.blocked);
+                    if step.blocked.is_some() {
+                        choice["finish_reason"] = json!("content_filter");
+                        cut = step.blocked;
+                    }
+                    if !step.release.is_empty() {
+                        rest.push(json!({"index": key.1, "function": {"arguments": step.release}}));
+                    }
+                }
+                if !rest.is_empty() {
+                    match choice
+                        .pointer_mut("/delta/tool_calls")
+                        .and_then(Value::as_array_mut)
+                    {
+                        Some(calls) => calls.extend(rest),
+                        None => choice["delta"]["tool_calls"] = Value::Array(rest),
+                    }
+                }
+            }
+            if last || step.blocked.is_some() || cut.is_some() {
+                self.choices.remove(&index);
+                self.tools.retain(|k, _| k.0 != index);
+            }
+            any_left |= !is_empty_delta(choice, ptr);
+        }
+        if any_left || cut.is_some() {
+            write_event(&v, out);
+        }
+        if cut.is_some() {
+            self.close(out, true);
+        }
+    }
+
+    fn remember(&mut self, v: &Value) {
+        if self.template.is_none() {
+            let mut t = serde_json::Map::new();
+            for k in ["id", "object", "created", "model", "system_fingerprint"] {
+                if let Some(x) = v.get(k) {
+                    t.insert(k.into(), x.clone());
+                }
+            }
+            self.template = Some(Value::Object(t));
+        }
+    }
+
+    /// An event of the filter's own for one choice: `text` and/or a finish reason.
+    fn own_event(&self, index: u64, text: Option<String>, finish: Value, out: &mut BytesMut) {
+        let mut v = self.template.clone().unwrap_or_else(|| json!({}));
+        let chat = v["object"] != "text_completion";
+        let choice = if chat {
+            let delta = text.map_or_else(|| json!({}), |t| json!({"content": t}));
+            json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish})
+        } else {
+            json!({"index": index, "text": text.unwrap_or_default(), "logprobs": null,
+                "finish_reason": finish})
+        };
+        v["choices"] = json!([choice]);
+        write_event(&v, out);
+    }
+
+    /// Releases what every choice still holds (the stream is ending).
+    fn flush_all(&mut self, out: &mut BytesMut) {
+        let tools = std::mem::take(&mut self.tools);
+        for ((index, k), mut f) in tools {
+            let step = f.push("", true, &self.guard.output, self.guard.canary.as_deref());
+            count(&step.redacted, step.blocked);
+            if step.blocked.is_some() {
+                self.own_event(index, None, json!("content_filter"), out);
+                self.close(out, true);
+                return;
+            }
+            if !step.release.is_empty() {
+                let mut v = self.template.clone().unwrap_or_else(|| json!({}));
+                v["choices"] = json!([{"index": index, "delta": {"tool_calls": [{"index": k,
+                    "function": {"arguments": step.release}}]}, "logprobs": null,
+                    "finish_reason": null}]);
+                write_event(&v, out);
+            }
+        }
+        let held = std::mem::take(&mut self.choices);
+        for (index, mut f) in held {
+            let step = f.push("", true, &self.guard.output, self.guard.canary.as_deref());
+            count(&step.redacted, step.blocked);
+            if !step.release.is_empty() {
+                self.own_event(index, Some(step.release), Value::Null, out);
+            }
+            if step.blocked.is_some() {
+                self.own_event(index, None, json!("content_filter"), out);
+                self.close(out, false);
+                return;
+            }
+        }
+    }
+
+    /// Ends the stream after a cut: the other choices end too, then `[DONE]`.
+    fn close(&mut self, out: &mut BytesMut, others: bool) {
+        self.tools.clear();
+        if others {
+            let held: Vec<u64> = std::mem::take(&mut self.choices).into_keys().collect();
+            for index in held {
+                self.own_event(index, None, json!("content_filter"), out);
+            }
+        }
+        out.extend_from_slice(b"data: [DONE]\n\n");
+        self.state = State::Closed;
+        self.buf.clear();
+    }
+
+    /// The filter failed: end the stream as a cut.
+    fn fail(&mut self) -> Bytes {
+        metrics::output(None, "error");
+        warn!("guardrail output filter failed on a stream; cut");
+        let mut out = BytesMut::new();
+        let held: Vec<u64> = std::mem::take(&mut self.choices).into_keys().collect();
+        for index in held {
+            self.own_event(index, None, json!("content_filter"), &mut out);
+        }
+        out.extend_from_slice(b"data: [DONE]\n\n");
+        self.state = State::Closed;
+        out.freeze()
+    }
+}
+
+impl http_body::Body for SseFilter {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = &mut *self;
+        loop {
+            if this.state == State::Closed {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    let mut out = BytesMut::new();
+                    let r = catch_unwind(AssertUnwindSafe(|| this.feed(&data, &mut out)));
+                    let out = match r {
+                        Ok(()) => out.freeze(),
+                        Err(_) => this.fail(),
+                    };
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(out))));
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.state = State::Closed;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(None) => {
+                    // The upstream ended: an unterminated last event is screened like the
+                    // others, then whatever the choices hold is released.
+                    let mut out = BytesMut::new();
+                    let r = catch_unwind(AssertUnwindSafe(|| {
+                        if !this.buf.is_empty() {
+                            this.feed(b"\n\n", &mut out);
+                        }
+                        if this.state == State::Open {
+                            this.flush_all(&mut out);
+                        }
+                    }));
+                    let out = match r {
+                        Ok(()) => out.freeze(),
+                        Err(_) => this.fail(),
+                    };
+                    this.state = State::Closed;
+                    return Poll::Ready((!out.is_empty()).then(|| Ok(Frame::data(out))));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.state == State::Closed
+    }
+}
+
+/// The stream filter without a body around it: bytes of an upstream stream in, screened bytes
+/// out (for the benchmark, which measures the cost per chunk).
+pub struct EventScreen(SseFilter);
+
+impl EventScreen {
+    pub fn new(guard: Guard) -> Self {
+        Self(SseFilter {
+            inner: Body::empty(),
+            guard,
+            buf: BytesMut::new(),
+            choices: BTreeMap::new(),
+            tools: BTreeMap::new(),
+            template: None,
+            state: State::Open,
+        })
+    }
+
+    pub fn feed(&mut self, data: &[u8]) -> Bytes {
+        let mut out = BytesMut::new();
+        self.0.feed(data, &mut out);
+        out.freeze()
+    }
+}
+
+fn set_text(choice: &mut Value, ptr: &str, text: String) {
+    if ptr == "/text" {
+        choice["text"] = Value::String(text);
+    } else {
+        choice["delta"]["content"] = Value::String(text);
+    }
+}
+
+/// A choice that says nothing: no text, no finish, no role, no tool calls, no logprobs.
+fn is_empty_delta(choice: &Value, ptr: &str) -> bool {
+    let text_empty = choice
+        .pointer(ptr)
+        .and_then(Value::as_str)
+        .is_none_or(str::is_empty);
+    let finish = choice.get("finish_reason").is_some_and(|f| !f.is_null());
+    let logprobs = choice.get("logprobs").is_some_and(|l| !l.is_null());
+    let other_delta = choice
+        .get("delta")
+        .and_then(Value::as_object)
+        .is_some_and(|d| d.iter().any(|(k, v)| k != "content" && !v.is_null()));
+    text_empty && !finish && !logprobs && !other_delta
+}
+
+fn write_event(v: &Value, out: &mut BytesMut) {
+    out.extend_from_slice(b"data: ");
+    if let Ok(s) = serde_json::to_vec(v) {
+        out.extend_from_slice(&s);
+    }
+    out.extend_from_slice(b"\n\n");
+}
+
+/// The length of the first complete event of `buf` (through its blank line), if any.
+fn event_len(buf: &[u8]) -> Option<usize> {
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The payload of an event's `data:` lines (joined by newlines, as SSE says), if it has any.
+fn data_payload(ev: &[u8]) -> Option<&[u8]> {
+    let mut found = None;
+    for line in ev.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if let Some(d) = line.strip_prefix(b"data:") {
+            if found.is_some() {
+                // Several data lines: not what an OpenAI server sends; screened as one
+                // unparseable payload (dropped).
+                return Some(b"");
+            }
+            found = Some(d.strip_prefix(b" ").unwrap_or(d));
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guardrails::output::{OutputAction, marker, tests as out};
+
+    fn guard(canary: Option<&str>) -> Guard {
+        Guard {
+            flagged: vec![],
+            output: out::all_redact(),
+            canary: canary.map(str::to_owned),
+            hold_back: 64,
+            generation: true,
+        }
+    }
+
+    fn chunk(text: &str, finish: Option<&str>) -> String {
+        let v = json!({"id": "c1", "object": "chat.completion.chunk", "created": 1,
+            "model": "m", "choices": [{"index": 0, "delta": {"content": text},
+            "logprobs": null, "finish_reason": finish}]});
+        format!("data: {v}\n\n")
+    }
+
+    /// Runs the events through the filter in the given network pieces; returns the text the
+    /// client sees and the finish reasons.
+    fn run(g: Guard, wire: &[u8], pieces: &[usize]) -> (String, Vec<String>, bool) {
+        let mut f = SseFilter {
+            inner: Body::empty(),
+            guard: g,
+            buf: BytesMut::new(),
+            choices: BTreeMap::new(),
+            tools: BTreeMap::new(),
+            template: None,
+            state: State::Open,
+        };
+        let mut out = BytesMut::new();
+        let mut at = 0;
+        for p in pieces.iter().copied().chain([wire.len()]) {
+            let p = p.min(wire.len());
+            if p > at {
+                f.feed(&wire[at..p], &mut out);
+                at = p;
+            }
+        }
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        let mut content = String::new();
+        let mut finishes = Vec::new();
+        let mut done = false;
+        for ev in text.split("\n\n").filter(|e| !e.is_empty()) {
+            let d = ev
+                .strip_prefix("data: ")
+                .expect("every event is a data line");
+            if d == "[DONE]" {
+                done = true;
+                continue;
+            }
+            let v: Value = serde_json::from_str(d).expect("valid JSON");
+            let c = &v["choices"][0];
+            content += c["delta"]["content"].as_str().unwrap_or("");
+            if let Some(f) = c["finish_reason"].as_str() {
+                finishes.push(f.to_owned());
+            }
+        }
+        (content, finishes, done)
+    }
+
+    /// Each secret, split over 2 to 5 stream chunks at every offset, comes out redacted and
+    /// the stream stays well-formed.
+    #[test]
+    fn secrets_split_over_chunks_are_redacted() {
+        for (class, secret) in out::samples() {
+            let text = format!("key: {secret} end");
+            let want = text.replace(&secret, &marker(class));
+            let n = text.len();
+            for parts in 2..=5usize {
+                for first in 1..n {
+                    // Cuts at `first` and then evenly.
+                    let mut cuts: Vec<usize> = vec![first];
+                    for k in 1..parts - 1 {
+                        cuts.push(first + k * (n - first) / (parts - 1));
+                    }
+                    cuts.retain(|c| *c < n && text.is_char_boundary(*c));
+                    let mut wire = String::new();
+                    let mut at = 0;
+                    for c in cuts.iter().copied().chain([n]) {
+                        if c > at {
+                            wire += &chunk(&text[at..c], None);
+                            at = c;
+                        }
+                    }
+                    wire += &chunk("", Some("stop"));
+                    wire += "data: [DONE]\n\n";
+                    let (got, finishes, done) = run(guard(None), wire.as_bytes(), &[]);
+                    assert_eq!(got, want, "{class:?} {parts} parts at {first}");
+                    assert_eq!(finishes, vec!["stop"]);
+                    assert!(done);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn network_pieces_do_not_matter() {
+        let (class, secret) = &out::samples()[1];
+        let wire = format!(
+            "{}{}{}data: [DONE]\n\n",
+            chunk("a ", None),
+            chunk(secret, None),
+            chunk(" b", Some("stop"))
+        );
+        for cut in 1..wire.len() {
+            let (got, _, done) = run(guard(None), wire.as_bytes(), &[cut]);
+            assert_eq!(got, format!("a {} b", marker(*class)));
+            assert!(done);
+        }
+    }
+
+    #[test]
+    fn canary_cuts_the_stream_with_content_filter() {
+        let canary = "moat-canary-00112233aabbccdd";
+        let wire = format!(
+            "{}{}{}{}data: [DONE]\n\n",
+            chunk("The marker is moat-can", None),
+            chunk("ary-00112233", None),
+            chunk("aabbccdd and more", None),
+            chunk("", Some("stop"))
+        );
+        let (got, finishes, done) = run(guard(Some(canary)), wire.as_bytes(), &[]);
+        assert_eq!(got, "The marker is ");
+        assert_eq!(finishes, vec!["content_filter"]);
+        assert!(done);
+    }
+
+    /// Tool-call arguments split over chunks are screened too.
+    #[test]
+    fn streamed_tool_call_arguments_are_redacted() {
+        let (class, secret) = &out::samples()[1];
+        let args = format!("{{\"token\": \"{secret}\"}}");
+        let (a, b) = args.split_at(20);
+        let call = |s: &str, finish: Option<&str>| {
+            let v = json!({"id": "c1", "object": "chat.completion.chunk", "created": 1,
+                "model": "m", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0,
+                "function": {"arguments": s}}]}, "logprobs": null, "finish_reason": finish}]});
+            format!("data: {v}\n\n")
+        };
+        let wire = format!(
+            "{}{}{}data: [DONE]\n\n",
+            call(a, None),
+            call(b, None),
+            chunk("", Some("tool_calls"))
+        );
+        let mut f = EventScreen::new(guard(None));
+        let out = String::from_utf8(f.feed(wire.as_bytes()).to_vec()).unwrap();
+        let mut got = String::new();
+        for ev in out
+            .split("\n\n")
+            .filter(|e| !e.is_empty() && !e.ends_with("[DONE]"))
+        {
+            let v: Value = serde_json::from_str(ev.strip_prefix("data: ").unwrap()).unwrap();
+            for c in v["choices"][0]["delta"]["tool_calls"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                got += c["function"]["arguments"].as_str().unwrap_or("");
+            }
+        }
+        assert_eq!(got, args.replace(secret.as_str(), &marker(*class)));
+        assert!(!out.contains(&secret[..20]), "{out}");
+    }
+
+    #[test]
+    fn unparseable_events_do_not_pass() {
+        let wire = "data: {not json\n\ndata: [DONE]\n\n";
+        let (got, _, done) = run(guard(None), wire.as_bytes(), &[]);
+        assert_eq!(got, "");
+        assert!(done);
+    }
+
+    #[test]
+    fn json_answers_are_redacted_or_cut() {
+        let (class, secret) = &out::samples()[0];
+        let body = json!({"choices": [{"index": 0, "message": {"role": "assistant",
+            "content": format!("it is {secret}")}, "finish_reason": "stop"}]});
+        let out = screen_json(body.to_string().as_bytes(), &guard(None)).unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v["choices"][0]["message"]["content"],
+            format!("it is {}", marker(*class))
+        );
+        let mut g = guard(None);
+        g.output.set(*class, OutputAction::Block);
+        let out = screen_json(body.to_string().as_bytes(), &g).unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["choices"][0]["message"]["content"], "it is ");
+        assert_eq!(v["choices"][0]["finish_reason"], "content_filter");
+        assert!(screen_json(b"not json", &g).is_none());
+    }
+}
