@@ -442,18 +442,33 @@ async fn run(args: Args) -> Result<()> {
         peer_sse,
     ] = [(); 6].map(|_| free_port());
     let (json_text, sse_text) = (json_answer("m"), sse_answer("s"));
+    // The stream is a static file (longer than an nginx parameter may be); a POST to a static
+    // file is a 405 that `error_page` turns into the file, answered 200.
+    std::fs::write(tmp.path().join("sse.txt"), &sse_text)?;
+    {
+        // nginx's workers (not root) read it.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))?;
+        std::fs::set_permissions(
+            tmp.path().join("sse.txt"),
+            std::fs::Permissions::from_mode(0o644),
+        )?;
+    }
     let mut servers = String::new();
-    for (ports, ctype, text) in [
-        ([json_moat, json_direct], "application/json", &json_text),
-        ([sse_moat, sse_direct], "text/event-stream", &sse_text),
-    ] {
-        for port in ports {
-            servers += &format!(
-                "    server {{ listen 127.0.0.1:{port} reuseport; access_log off;\n        \
-                 location / {{ default_type {ctype}; return 200 {}; }} }}\n",
-                nginx_text(text)
-            );
-        }
+    for port in [json_moat, json_direct] {
+        servers += &format!(
+            "    server {{ listen 127.0.0.1:{port} reuseport; access_log off;\n        \
+             location / {{ default_type application/json; return 200 {}; }} }}\n",
+            nginx_text(&json_text)
+        );
+    }
+    for port in [sse_moat, sse_direct] {
+        servers += &format!(
+            "    server {{ listen 127.0.0.1:{port} reuseport; access_log off; root {};\n        \
+             location / {{ default_type text/event-stream; try_files /sse.txt =404; \
+             error_page 405 =200 $uri; }} }}\n",
+            tmp.path().display()
+        );
     }
     let upstream = nginx(
         tmp.path(),
