@@ -409,7 +409,7 @@ fn unknown_key_id_and_wrong_secret_get_byte_identical_401s_and_bad_checksums_are
 }
 
 /// Signs arbitrary header and claims with the daemon's own current Ed25519 key (read from its
-/// key file), so a refusal can only be about the defect under test.
+/// store, opened with its pepper), so a refusal can only be about the defect under test.
 struct Forger {
     key: SigningKey,
     kid: String,
@@ -417,22 +417,25 @@ struct Forger {
 
 impl Forger {
     fn new(moat: &Daemon) -> Forger {
-        let path = moat.data_dir().join("secrets/jwt-ed25519.json");
-        let file: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
-        let newest = file["keys"]
-            .as_array()
+        let config = moat::config::Config::load(moat.config_path()).unwrap();
+        let store = moat::store::open(&config).unwrap();
+        let pepper: [u8; 32] = std::fs::read(moat.data_dir().join("secrets/pepper"))
             .unwrap()
-            .iter()
-            .max_by_key(|k| k["created_at"].as_i64().unwrap())
+            .try_into()
             .unwrap();
+        let pepper = moat::auth::secrets::Pepper::from_bytes(pepper);
+        let file = moat::auth::jwt::stored_ed25519_keys(store.as_ref(), &pepper)
+            .unwrap()
+            .expect("the daemon made its signing keys");
+        let newest = file.keys.iter().max_by_key(|k| k.created_at).unwrap();
         let seed: [u8; 32] = URL_SAFE_NO_PAD
-            .decode(newest["seed"].as_str().unwrap())
+            .decode(&newest.seed)
             .unwrap()
             .try_into()
             .unwrap();
         Forger {
             key: SigningKey::from_bytes(&seed),
-            kid: newest["kid"].as_str().unwrap().to_owned(),
+            kid: newest.kid.clone(),
         }
     }
 

@@ -103,7 +103,8 @@ fn a_key_made_on_one_replica_works_on_the_other_and_the_schema_is_migrated_once(
     assert_eq!(models_status(&b, &bad), 401);
     // `moat store migrate` against the migrated database: nothing to do, same version.
     let out = b.cli_ok(&["store", "migrate"], None);
-    assert!(out.contains("version 1"), "{out}");
+    let version = moat::store::MIGRATIONS.len().to_string();
+    assert!(out.contains(&format!("version {version}")), "{out}");
     let db = a.read_config();
     let db = db
         .lines()
@@ -111,11 +112,20 @@ fn a_key_made_on_one_replica_works_on_the_other_and_the_schema_is_migrated_once(
         .and_then(|u| u.rsplit('/').next())
         .map(|u| u.trim_end_matches('"').to_owned())
         .unwrap();
-    assert_eq!(pg.psql(&db, "SELECT version FROM moat_schema").trim(), "1");
-    // Nothing identity-shaped is in either replica's data directory: it is all in PostgreSQL.
+    assert_eq!(
+        pg.psql(&db, "SELECT version FROM moat_schema").trim(),
+        version
+    );
+    // Nothing identity-shaped is in either replica's data directory: it is all in PostgreSQL,
+    // the signing keys too (one sealed row).
     for d in [&a, &b] {
         assert!(!d.data_dir().join("moat.db").exists());
+        assert!(!d.data_dir().join("secrets/jwt-ed25519.json").exists());
     }
+    assert_eq!(
+        pg.psql(&db, "SELECT count(*) FROM signing_keys").trim(),
+        "1"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,7 +199,7 @@ fn concurrent_refreshes_of_one_token_on_two_replicas_have_exactly_one_winner() {
     let pg = Pg::start();
     let (a, b, key, _) = pair(
         &pg,
-        "[auth]\nrefresh_reuse_grace_secs = 0\nalgorithm = \"HS256\"\nhs256_secret_file = \"jwt.key\"\n\
+        "[auth]\nrefresh_reuse_grace_secs = 0\n\
          [pools.local]\nhosts = [\"127.0.0.1:9\"]\n[models.m]\npool = \"local\"\n",
     );
     let v: Value = Client::new()
@@ -236,6 +246,71 @@ fn concurrent_refreshes_of_one_token_on_two_replicas_have_exactly_one_winner() {
     let at = v["access_token"].as_str().unwrap();
     assert_eq!(models_status(&a, at), 401);
     assert_eq!(models_status(&b, at), 401);
+}
+
+fn jwks(d: &Daemon) -> Value {
+    Client::new()
+        .get(d.url("/.well-known/jwks.json"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap()
+}
+
+#[test]
+fn the_default_eddsa_token_from_a_works_on_b_with_one_key_set_sealed_in_the_store() {
+    let pg = Pg::start();
+    let (a, b, key, _) = pair(
+        &pg,
+        "[pools.local]\nhosts = [\"127.0.0.1:9\"]\n[models.m]\npool = \"local\"\n",
+    );
+    // One key set for both: the same JWKS, one EdDSA key, and no key file on either disk.
+    let (ja, jb) = (jwks(&a), jwks(&b));
+    assert_eq!(ja, jb);
+    assert_eq!(ja["keys"][0]["alg"], "EdDSA", "{ja}");
+    for d in [&a, &b] {
+        assert!(!d.data_dir().join("secrets/jwt-ed25519.json").exists());
+    }
+    let v: Value = Client::new()
+        .post(a.url("/v1/auth/token"))
+        .json(&json!({"grant_type": "api_key", "api_key": key}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let at = v["access_token"].as_str().expect("access token");
+    assert_eq!(models_status(&b, at), 200);
+    assert_eq!(models_status(&a, at), 200);
+    let v: Value = Client::new()
+        .post(b.url("/v1/auth/token"))
+        .json(&json!({"grant_type": "refresh_token", "refresh_token": v["refresh_token"]}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let at2 = v["access_token"].as_str().expect("refreshed access token");
+    assert_eq!(models_status(&a, at2), 200);
+}
+
+#[test]
+fn a_replica_with_another_pepper_cannot_open_the_signing_keys_and_says_so() {
+    let pg = Pg::start();
+    let db = pg.create_database();
+    let rest = "[pools.local]\nhosts = [\"127.0.0.1:9\"]\n[models.m]\npool = \"local\"\n";
+    let mut a = replica(&pg, &db, rest);
+    a.start();
+    a.wait_log("worker started");
+    // C has its own pepper (made by the CLI), not A's.
+    let mut c = replica(&pg, &db, rest);
+    c.cli_ok(&["tenants", "list"], None);
+    let (status, log) = c.run_to_exit(None);
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("signing keys in the store cannot be decrypted with this replica's pepper"),
+        "{log}"
+    );
+    // A is unaffected.
+    assert_eq!(jwks(&a)["keys"][0]["alg"], "EdDSA");
 }
 
 #[test]
@@ -451,4 +526,83 @@ fn redis_killed_under_load_denies_with_503_or_counts_locally_as_configured() {
             d.wait_log(needle);
         }
     }
+}
+
+/// A chat on `url` from its own thread: its status, or `None` if none came within `wait`
+/// (admitted, and held by the hanging upstream).
+fn chat_within(url: &str, key: &str, wait: Duration) -> Option<u16> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (url, key) = (url.to_owned(), key.to_owned());
+    std::thread::spawn(move || {
+        let r = Client::new()
+            .post(url)
+            .bearer_auth(key)
+            .json(&json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}]}))
+            .send();
+        if let Ok(r) = r {
+            let _ = tx.send(r.status().as_u16());
+        }
+    });
+    rx.recv_timeout(wait).ok()
+}
+
+#[test]
+fn slots_held_by_a_killed_replica_come_back_after_the_lease_and_not_before() {
+    const LEASE_SECS: u64 = 6;
+    let pg = Pg::start();
+    let redis = Redis::start();
+    // An upstream that answers after a minute: an admitted chat holds its slot until then.
+    let sim = Sim::start(&["--latency-ms", "60000"]);
+    let (mut a, b, key) = quota_pair(
+        &pg,
+        &redis,
+        &sim,
+        &format!("redis_lease_secs = {LEASE_SECS}\n[quotas.key]\nconcurrent_requests = 2\n"),
+    );
+    let worker = a.wait_log("worker started")["pid"]
+        .as_u64()
+        .expect("worker pid") as i32;
+    // Two chats on A take both slots; B then refuses at once.
+    for _ in 0..2 {
+        assert_eq!(
+            chat_within(&a.url(CHAT), &key, Duration::from_millis(300)),
+            None
+        );
+    }
+    let (status, _, body) = chat_status(&b.url(CHAT), &key);
+    assert_eq!(status, 429, "{body}");
+    // A dies without any clean-up: its worker first (so no SIGTERM from the supervisor's
+    // death lets it settle), then the supervisor.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(worker),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    a.kill();
+    let killed = Instant::now();
+    let mut refusals_after_kill = 0;
+    let admitted = loop {
+        let sent = Instant::now();
+        match chat_within(&b.url(CHAT), &key, Duration::from_millis(1500)) {
+            Some(429) => refusals_after_kill += 1,
+            Some(other) => panic!("B answered {other} while A's slots were held"),
+            None => break sent.duration_since(killed),
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(LEASE_SECS + 10),
+            "A's slots never came back"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // A renewed its leases at most a third of a lease before it died, so they end between
+    // 2/3 of a lease and one lease after the kill.
+    assert!(refusals_after_kill > 0);
+    assert!(
+        admitted >= Duration::from_millis(LEASE_SECS * 1000 * 2 / 3 - 300),
+        "slots came back {admitted:?} after the kill, before the lease ran out"
+    );
+    assert!(
+        admitted <= Duration::from_secs(LEASE_SECS + 3),
+        "slots came back only {admitted:?} after the kill"
+    );
 }

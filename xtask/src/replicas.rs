@@ -168,7 +168,7 @@ pub fn run(root: &Path, replicas: u16, inference_host: &str) -> Result<()> {
     children.0.push(("redis".into(), child));
     wait_port(REDIS_PORT, "redis")?;
 
-    // The secrets every replica shares: the database password, one HS256 secret.
+    // The database password every replica shares (the pepper is copied below).
     let secret = |name: &str, content: &str| -> Result<()> {
         let p = dir.join(name);
         fs::write(&p, content)?;
@@ -176,12 +176,6 @@ pub fn run(root: &Path, replicas: u16, inference_host: &str) -> Result<()> {
         Ok(())
     };
     secret("db-password", &password)?;
-    let mut jwt = [0u8; 32];
-    fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut jwt))?;
-    secret(
-        "jwt-hs256.key",
-        &jwt.iter().map(|b| format!("{b:02x}")).collect::<String>(),
-    )?;
     let configs: Vec<PathBuf> = (0..replicas)
         .map(|i| {
             let path = dir.join(format!("replica-{i}.toml"));
@@ -189,7 +183,6 @@ pub fn run(root: &Path, replicas: u16, inference_host: &str) -> Result<()> {
                 "[server]\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"data-{i}\"\n\n\
                  [store]\nkind = \"postgres\"\nurl = \"postgres://moat@127.0.0.1:{PG_PORT}/postgres\"\n\
                  password_file = \"db-password\"\n\n\
-                 [auth]\nalgorithm = \"HS256\"\nhs256_secret_file = \"jwt-hs256.key\"\n\n\
                  [quotas]\nbackend = \"redis\"\nredis_url = \"redis://127.0.0.1:{REDIS_PORT}/\"\n\n\
                  [quotas.key]\nrequests_per_minute = 100\n\n\
                  [pools.local]\nhosts = [\"{inference_host}\"]\n\n\

@@ -1,7 +1,11 @@
 //! Access tokens: JWTs signed with EdDSA (Ed25519) by default or HS256 with a ≥ 32-byte secret.
 //!
-//! This module owns the signing key set (generation, rotation with an overlap window, the key
-//! file), issuing tokens, verifying them, and the JWKS document.
+//! This module owns the signing key set (generation, rotation with an overlap window, its
+//! sealed copy in the shared store), issuing tokens, verifying them, and the JWKS document.
+//!
+//! The Ed25519 key set lives in the store (every replica signs and verifies with the same
+//! keys), sealed under a key derived from the pepper ([`super::seal`]). Replicas change it by
+//! compare-and-swap on its version, so two replicas rotating at once agree on one new key.
 //!
 //! Verification does not trust `jsonwebtoken`'s defaults (60 s leeway, `nbf` unchecked, only
 //! `exp` required, `typ` unchecked). Before the library sees a token we decode the raw header
@@ -16,7 +20,8 @@
 use std::{
     io,
     path::{Path, PathBuf},
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant},
 };
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
@@ -26,7 +31,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use zeroize::Zeroizing;
 
-use super::secrets::{self, random_base62};
+use super::{
+    seal::Sealer,
+    secrets::{self, Pepper, random_base62},
+};
+use crate::store::Store;
 
 pub use crate::config::{MAX_LEEWAY_SECS, MAX_LIFETIME_SECS, SigningAlgorithm};
 /// The `typ` header every access token carries (RFC 9068).
@@ -39,8 +48,13 @@ pub const FORBIDDEN_HEADERS: [&str; 5] = ["jku", "x5u", "x5c", "jwk", "crit"];
 pub const ALLOWED_HEADERS: [&str; 3] = ["alg", "typ", "kid"];
 /// Longest token considered at all.
 const MAX_TOKEN_LEN: usize = 8 * 1024;
-/// The Ed25519 key set's file in the secrets folder.
+/// Where moat before the shared store kept the Ed25519 key set (secrets folder); moved into
+/// the store at first start.
 pub const ED25519_KEYS_FILE: &str = "jwt-ed25519.json";
+/// The HKDF info label (and associated data) of the signing keys' sealing key.
+pub const SIGNING_KEYS_PURPOSE: &str = "moat signing-keys seal v1";
+/// How often an unknown `kid` may send a replica to the store for keys another made.
+const RELOAD_EVERY: Duration = Duration::from_secs(1);
 
 /// The claims of a moat access token. Every field is required: a token missing one does not
 /// deserialise and is refused.
@@ -365,17 +379,68 @@ pub struct KeyRing {
 }
 
 enum Source {
-    Ed25519 { path: PathBuf, rotation: Rotation },
+    Stored(Box<Stored>),
     Hs256,
 }
 
+struct Stored {
+    store: Arc<dyn Store>,
+    sealer: Sealer,
+    rotation: Rotation,
+    /// The pre-store key file, moved into the store if the store has none yet.
+    legacy_file: PathBuf,
+    /// The pepper file, named when the sealed keys do not open.
+    pepper_file: PathBuf,
+    last_reload: Mutex<Option<Instant>>,
+}
+
+/// The key set as the store holds it, opened.
+fn stored_file(
+    store: &dyn Store,
+    sealer: &Sealer,
+    pepper_file: &Path,
+) -> io::Result<Option<(i64, EdKeyFile)>> {
+    let Some((version, sealed)) = store.signing_keys().map_err(io::Error::other)? else {
+        return Ok(None);
+    };
+    let plain = sealer.open(&sealed).map_err(|e| {
+        invalid(format!(
+            "the signing keys in the store {e} ({}): every replica needs the same pepper",
+            pepper_file.display()
+        ))
+    })?;
+    let file = serde_json::from_slice(&plain)
+        .map_err(|e| invalid(format!("the signing keys in the store: {e}")))?;
+    Ok(Some((version, file)))
+}
+
+/// The store's Ed25519 key set opened with `pepper` (for tools and tests that sign as moat).
+pub fn stored_ed25519_keys(store: &dyn Store, pepper: &Pepper) -> io::Result<Option<EdKeyFile>> {
+    let sealer = Sealer::new(pepper, SIGNING_KEYS_PURPOSE);
+    Ok(stored_file(store, &sealer, Path::new("pepper"))?.map(|(_, f)| f))
+}
+
 impl KeyRing {
-    /// Ed25519 keys in `secrets_dir/jwt-ed25519.json`, created on first start (mode 0600).
-    pub fn ed25519(secrets_dir: &Path, rotation: Rotation, now: i64) -> io::Result<Self> {
-        let path = secrets_dir.join(ED25519_KEYS_FILE);
-        let set = Self::maintain_file(&path, rotation, now)?;
+    /// Ed25519 keys shared through `store`, sealed under `pepper`; created by the first replica
+    /// (or moved there from `secrets_dir/jwt-ed25519.json`, which is then removed).
+    pub fn ed25519(
+        store: Arc<dyn Store>,
+        pepper: &Pepper,
+        secrets_dir: &Path,
+        rotation: Rotation,
+        now: i64,
+    ) -> io::Result<Self> {
+        let stored = Stored {
+            store,
+            sealer: Sealer::new(pepper, SIGNING_KEYS_PURPOSE),
+            rotation,
+            legacy_file: secrets_dir.join(ED25519_KEYS_FILE),
+            pepper_file: secrets_dir.join(secrets::PEPPER_FILE),
+            last_reload: Mutex::new(None),
+        };
+        let set = stored.maintain(now)?;
         Ok(Self {
-            source: Source::Ed25519 { path, rotation },
+            source: Source::Stored(Box::new(stored)),
             current: RwLock::new(Arc::new(set)),
         })
     }
@@ -398,20 +463,6 @@ impl KeyRing {
         })
     }
 
-    fn maintain_file(path: &Path, rotation: Rotation, now: i64) -> io::Result<KeySet> {
-        let mut file = match secrets::read_secret_file(path) {
-            Ok(bytes) => serde_json::from_slice::<EdKeyFile>(&bytes)
-                .map_err(|e| invalid(format!("{}: {e}", path.display())))?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => EdKeyFile::default(),
-            Err(e) => return Err(e),
-        };
-        if file.maintain(now, rotation.rotate_after, rotation.overlap) {
-            let text = Zeroizing::new(serde_json::to_vec_pretty(&file).map_err(invalid)?);
-            secrets::write_secret_file(path, &text)?;
-        }
-        file.key_set()
-    }
-
     pub fn current(&self) -> Arc<KeySet> {
         self.current
             .read()
@@ -419,16 +470,100 @@ impl KeyRing {
             .clone()
     }
 
-    /// Rotates if due and retires keys past their overlap. Returns the signing kid if it changed.
-    pub fn maintain(&self, now: i64) -> io::Result<Option<String>> {
-        let Source::Ed25519 { path, rotation } = &self.source else {
-            return Ok(None);
-        };
-        let set = Self::maintain_file(path, *rotation, now)?;
+    fn install(&self, set: KeySet) -> Option<String> {
         let before = self.current().signing_kid().to_owned();
         let kid = set.signing_kid().to_owned();
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
-        Ok((kid != before).then_some(kid))
+        (kid != before).then_some(kid)
+    }
+
+    /// Rotates if due and retires keys past their overlap (or adopts what another replica
+    /// did). Returns the signing kid if it changed.
+    pub fn maintain(&self, now: i64) -> io::Result<Option<String>> {
+        let Source::Stored(stored) = &self.source else {
+            return Ok(None);
+        };
+        let set = stored.maintain(now)?;
+        Ok(self.install(set))
+    }
+
+    /// Rereads the store's key set, at most once per [`RELOAD_EVERY`]: a token naming a kid
+    /// this replica has not seen may carry a key another replica just made. True if the set
+    /// was reread.
+    pub fn reload_if_allowed(&self) -> io::Result<bool> {
+        let Source::Stored(stored) = &self.source else {
+            return Ok(false);
+        };
+        {
+            let mut last = stored.last_reload.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < RELOAD_EVERY) {
+                return Ok(false);
+            }
+            *last = Some(Instant::now());
+        }
+        if let Some((_, file)) =
+            stored_file(stored.store.as_ref(), &stored.sealer, &stored.pepper_file)?
+        {
+            self.install(file.key_set()?);
+        }
+        Ok(true)
+    }
+
+    /// Whether the ring may learn keys from the store (Ed25519), so an unknown kid is worth a
+    /// reread.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.source, Source::Stored(_))
+    }
+}
+
+impl Stored {
+    /// One compare-and-swap round trip per change: read, maintain, write only the version
+    /// read. A replica that loses the race rereads and adopts the winner's keys.
+    fn maintain(&self, now: i64) -> io::Result<KeySet> {
+        for _ in 0..8 {
+            let current = stored_file(self.store.as_ref(), &self.sealer, &self.pepper_file)?;
+            let (expected, mut file, migrated) = match current {
+                Some((v, f)) => (Some(v), f, false),
+                None => match self.read_legacy()? {
+                    Some(f) => (None, f, true),
+                    None => (None, EdKeyFile::default(), false),
+                },
+            };
+            let changed = file.maintain(now, self.rotation.rotate_after, self.rotation.overlap);
+            if !changed && expected.is_some() {
+                return file.key_set();
+            }
+            let plain = Zeroizing::new(serde_json::to_vec(&file).map_err(invalid)?);
+            let sealed = self.sealer.seal(&plain);
+            if self
+                .store
+                .put_signing_keys(expected, &sealed, now)
+                .map_err(io::Error::other)?
+            {
+                if migrated {
+                    // The keys now live sealed in the store; no plain copy stays on disk.
+                    std::fs::remove_file(&self.legacy_file)?;
+                    tracing::info!(
+                        event = "signing_keys_moved_to_store",
+                        file = %self.legacy_file.display()
+                    );
+                }
+                return file.key_set();
+            }
+        }
+        Err(io::Error::other(
+            "the signing keys in the store kept changing under this replica",
+        ))
+    }
+
+    fn read_legacy(&self) -> io::Result<Option<EdKeyFile>> {
+        match secrets::read_secret_file(&self.legacy_file) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| invalid(format!("{}: {e}", self.legacy_file.display()))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -752,20 +887,39 @@ mod tests {
     }
 
     #[test]
-    fn key_file_is_created_0600_and_reloaded() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
+    fn key_set_is_shared_through_the_store_sealed_and_a_legacy_file_moves_in() {
         let rot = Rotation {
             rotate_after: 86_400,
             overlap: 3_600,
         };
-        let a = KeyRing::ed25519(dir.path(), rot, now()).unwrap();
+        let pepper = Pepper::from_bytes([3; 32]);
+        let dir = tempfile::tempdir().unwrap();
+        // A key file from before the shared store.
+        let mut legacy = EdKeyFile::default();
+        legacy.maintain(now(), 86_400, 3_600);
         let path = dir.path().join(ED25519_KEYS_FILE);
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
-        let b = KeyRing::ed25519(dir.path(), rot, now() + 5).unwrap();
+        secrets::write_secret_file(&path, &serde_json::to_vec(&legacy).unwrap()).unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::sqlite::SqliteStore::open_in(dir.path()).unwrap());
+        let a = KeyRing::ed25519(store.clone(), &pepper, dir.path(), rot, now()).unwrap();
+        assert_eq!(a.current().signing_kid(), legacy.keys[0].kid);
+        assert!(!path.exists(), "the plain key file is gone once moved");
+        // Sealed: the stored bytes do not contain the seed.
+        let (_, sealed) = store.signing_keys().unwrap().unwrap();
+        let seed = legacy.keys[0].seed.as_bytes();
+        assert!(!sealed.windows(seed.len()).any(|w| w == seed));
+        // A second replica with the same pepper uses the same keys; a rotation on it is
+        // adopted by the first.
+        let b = KeyRing::ed25519(store.clone(), &pepper, dir.path(), rot, now() + 5).unwrap();
         assert_eq!(a.current().signing_kid(), b.current().signing_kid());
-        let rotated = b.maintain(now() + 86_400).unwrap();
-        assert!(rotated.is_some());
+        let rotated = b.maintain(now() + 86_400).unwrap().expect("rotated");
+        assert!(a.reload_if_allowed().unwrap());
+        assert_eq!(a.current().signing_kid(), rotated);
+        assert!(!a.reload_if_allowed().unwrap(), "rate limited");
+        // Another pepper: a clear refusal naming the pepper file.
+        let e = KeyRing::ed25519(store, &Pepper::from_bytes([4; 32]), dir.path(), rot, now())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("pepper"), "{e}");
     }
 }

@@ -16,6 +16,7 @@ pub mod http;
 pub mod jwt;
 pub mod password;
 pub mod refresh;
+pub mod seal;
 pub mod secrets;
 mod service;
 #[cfg(test)]

@@ -90,6 +90,16 @@ impl Pepper {
         Self(Zeroizing::new(bytes))
     }
 
+    /// A 32-byte key for `purpose`, derived from the pepper with HKDF-SHA256 (`purpose` is the
+    /// info label, distinct for every use so no derived key doubles as another).
+    pub fn derive_key(&self, purpose: &str) -> Zeroizing<[u8; 32]> {
+        let mut out = Zeroizing::new([0u8; 32]);
+        hkdf::Hkdf::<sha2::Sha256>::new(None, &self.0[..])
+            .expand(purpose.as_bytes(), &mut out[..])
+            .expect("32 bytes is a valid HKDF-SHA256 length");
+        out
+    }
+
     /// HMAC-SHA256 over `domain` and `parts`, each length-prefixed so no two inputs collide.
     pub fn mac(&self, domain: &str, parts: &[&[u8]]) -> [u8; 32] {
         let mut m = HmacSha256::new_from_slice(&self.0[..]).expect("HMAC takes any key length");

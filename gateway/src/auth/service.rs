@@ -23,7 +23,7 @@ use super::{
     AuthMethod, Principal, api_key,
     cache::TtlCache,
     effective_roles,
-    jwt::{AccessClaims, KeyRing, Rotation, SigningAlgorithm, VerifyParams},
+    jwt::{AccessClaims, JwtError, KeyRing, Rotation, SigningAlgorithm, VerifyParams},
     now,
     password::PasswordGate,
     refresh,
@@ -91,7 +91,7 @@ struct CachedKey {
 pub struct Identity {
     store: Arc<dyn Store>,
     pepper: Pepper,
-    keys: KeyRing,
+    keys: Arc<KeyRing>,
     params: VerifyParams,
     access_ttl: u64,
     refresh_idle: i64,
@@ -130,6 +130,8 @@ impl Identity {
         let pepper = Pepper::load_or_create(&config.data_dir)?;
         let keys = match auth.algorithm {
             SigningAlgorithm::EdDSA => KeyRing::ed25519(
+                store.clone(),
+                &pepper,
                 &secrets_dir,
                 Rotation {
                     rotate_after: auth.signing_key_rotation_secs as i64,
@@ -167,7 +169,7 @@ impl Identity {
         Ok(Self {
             store,
             pepper,
-            keys,
+            keys: Arc::new(keys),
             params: VerifyParams {
                 issuer: auth.issuer.clone(),
                 audience: auth.audience.clone(),
@@ -343,6 +345,24 @@ impl Identity {
         Ok(principal)
     }
 
+    /// Checks a token's signature and claims; a kid this replica does not know sends it to
+    /// the store once (rate limited) for keys another replica just made.
+    async fn verify_signature(&self, token: &str, t: i64) -> Result<AccessClaims, JwtError> {
+        match self.keys.current().verify(token, &self.params, t) {
+            Err(JwtError::UnknownKey) if self.keys.is_shared() => {}
+            other => return other,
+        }
+        let keys = self.keys.clone();
+        match tokio::task::spawn_blocking(move || keys.reload_if_allowed()).await {
+            Ok(Ok(true)) => self.keys.current().verify(token, &self.params, t),
+            Ok(Ok(false)) | Err(_) => Err(JwtError::UnknownKey),
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot reread the signing keys");
+                Err(JwtError::UnknownKey)
+            }
+        }
+    }
+
     /// Verifies an access token and that its session still stands.
     pub async fn verify_access_token(&self, token: &str) -> Result<Principal, AuthError> {
         let t = now();
@@ -358,7 +378,7 @@ impl Identity {
                 Self::audit_failure("access_token", "expired", None, Some(&c.sid));
                 return Err(AuthError::InvalidAccessToken);
             }
-            None => match self.keys.current().verify(token, &self.params, t) {
+            None => match self.verify_signature(token, t).await {
                 Ok(c) => {
                     let c = Arc::new(c);
                     self.token_cache.insert(digest, c.clone());

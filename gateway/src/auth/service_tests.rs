@@ -95,6 +95,12 @@ impl Store for Counting {
     fn security_events(&self) -> StoreResult<Vec<SecurityEvent>> {
         self.inner.security_events()
     }
+    fn signing_keys(&self) -> StoreResult<Option<(i64, Vec<u8>)>> {
+        self.inner.signing_keys()
+    }
+    fn put_signing_keys(&self, e: Option<i64>, sealed: &[u8], now: i64) -> StoreResult<bool> {
+        self.inner.put_signing_keys(e, sealed, now)
+    }
 }
 
 struct Fixture {

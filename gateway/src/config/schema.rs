@@ -293,8 +293,21 @@ pub struct QuotasConfig {
     pub redis_url: Option<String>,
     /// What a request gets while Redis is unreachable.
     pub on_backend_error: OnBackendError,
+    /// How long a concurrency slot outlives its replica (seconds, default 30, 3 to 3600): the
+    /// holder renews its leases every third of this, so a replica that dies frees its slots
+    /// this long after its last renewal.
+    pub redis_lease_secs: Option<u64>,
     pub tenant: Quota,
     pub key: Quota,
+}
+
+/// The Redis lease length when `redis_lease_secs` is not set.
+pub const DEFAULT_REDIS_LEASE_SECS: u64 = 30;
+
+impl QuotasConfig {
+    pub fn redis_lease(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.redis_lease_secs.unwrap_or(DEFAULT_REDIS_LEASE_SECS))
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -19,7 +19,10 @@ use serde::Serialize;
 use crate::config::{Config, StoreKind};
 
 /// The schema, in order, for both engines. Never edit a shipped migration: add the next one.
-pub const MIGRATIONS: &[&str] = &[include_str!("../../migrations/0001_identity.sql")];
+pub const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/0001_identity.sql"),
+    include_str!("../../migrations/0002_signing_keys.sql"),
+];
 
 /// A migration as PostgreSQL takes it: the SQLite text with its storage classes renamed
 /// (`INTEGER` → `BIGINT`, `BLOB` → `BYTEA`, an autoincrement key → `BIGSERIAL`) and `STRICT`
@@ -236,4 +239,12 @@ pub trait Store: Send + Sync + 'static {
         None
     }
     fn security_events(&self) -> StoreResult<Vec<SecurityEvent>>;
+
+    /// The sealed Ed25519 signing key set and its version; `None` until a replica made one.
+    fn signing_keys(&self) -> StoreResult<Option<(i64, Vec<u8>)>>;
+    /// Stores `sealed` if the stored version is still `expected` (`None`: no key set yet),
+    /// as one conditional statement: of replicas writing at once exactly one gets `true`, the
+    /// others reread and adopt its keys.
+    fn put_signing_keys(&self, expected: Option<i64>, sealed: &[u8], now: i64)
+    -> StoreResult<bool>;
 }

@@ -802,4 +802,47 @@ impl Store for PostgresStore {
             .collect()
         })
     }
+
+    fn signing_keys(&self) -> StoreResult<Option<(i64, Vec<u8>)>> {
+        self.run(async {
+            let c = self.pool.get().await?;
+            let row = c
+                .query_opt("SELECT version, sealed FROM signing_keys WHERE id = 1", &[])
+                .await?;
+            Ok(match row {
+                Some(r) => Some((r.try_get(0)?, r.try_get(1)?)),
+                None => None,
+            })
+        })
+    }
+
+    fn put_signing_keys(
+        &self,
+        expected: Option<i64>,
+        sealed: &[u8],
+        now: i64,
+    ) -> StoreResult<bool> {
+        self.run(async {
+            let c = self.pool.get().await?;
+            let n = match expected {
+                None => {
+                    c.execute(
+                        "INSERT INTO signing_keys (id, version, sealed, updated_at) \
+                         VALUES (1, 1, $1, $2) ON CONFLICT (id) DO NOTHING",
+                        &[&sealed, &now],
+                    )
+                    .await?
+                }
+                Some(v) => {
+                    c.execute(
+                        "UPDATE signing_keys SET version = version + 1, sealed = $1, \
+                         updated_at = $2 WHERE id = 1 AND version = $3",
+                        &[&sealed, &now, &v],
+                    )
+                    .await?
+                }
+            };
+            Ok(n == 1)
+        })
+    }
 }

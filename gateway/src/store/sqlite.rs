@@ -572,6 +572,39 @@ impl Store for SqliteStore {
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+
+    fn signing_keys(&self) -> StoreResult<Option<(i64, Vec<u8>)>> {
+        let conn = self.lock();
+        Ok(conn
+            .query_row(
+                "SELECT version, sealed FROM signing_keys WHERE id = 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    fn put_signing_keys(
+        &self,
+        expected: Option<i64>,
+        sealed: &[u8],
+        now: i64,
+    ) -> StoreResult<bool> {
+        let conn = self.lock();
+        let n = match expected {
+            None => conn.execute(
+                "INSERT INTO signing_keys (id, version, sealed, updated_at) VALUES (1, 1, ?1, ?2) \
+                 ON CONFLICT (id) DO NOTHING",
+                params![sealed, now],
+            )?,
+            Some(v) => conn.execute(
+                "UPDATE signing_keys SET version = version + 1, sealed = ?1, updated_at = ?2 \
+                 WHERE id = 1 AND version = ?3",
+                params![sealed, now, v],
+            )?,
+        };
+        Ok(n == 1)
+    }
 }
 
 #[cfg(test)]

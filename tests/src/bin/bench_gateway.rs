@@ -72,6 +72,16 @@ struct Args {
     /// Only the guardrails case (off vs on, then the filter costs).
     #[arg(long)]
     guardrails_only: bool,
+    /// `postgres`: instead of the cells above, moat on the shared store (two replicas on a
+    /// throw-away PostgreSQL) against the embedded default, and revocation propagation.
+    #[arg(long, default_value = "sqlite")]
+    store: String,
+    /// `redis`: the shared-store case counts quotas in a throw-away Redis.
+    #[arg(long, default_value = "memory")]
+    quotas: String,
+    /// Revocations timed from replica A to replica B (shared-store case).
+    #[arg(long, default_value_t = 100)]
+    revocations: u32,
 }
 
 struct Nginx {
@@ -435,6 +445,13 @@ async fn run(args: Args) -> Result<()> {
         let sim = Sim::start(&["--chunks", "20", "--model", "bench"]);
         let tmp = tempfile::tempdir()?;
         return guardrails(&args, &sim, tmp.path()).await;
+    }
+    match (args.store.as_str(), args.quotas.as_str()) {
+        ("sqlite", "memory") => {}
+        ("sqlite" | "postgres", "memory" | "redis") => {
+            return tokio::task::block_in_place(|| shared_store(&args));
+        }
+        (s, q) => bail!("--store {s} --quotas {q}: sqlite|postgres and memory|redis"),
     }
     let tmp = tempfile::tempdir()?;
     // The static upstream: JSON on (moat's, direct's) ports, SSE likewise.
@@ -1010,4 +1027,163 @@ fn filter_costs() {
         1.0 / secs,
         step.redacted.len()
     );
+}
+
+/// `--store postgres --quotas redis`: moat with the embedded default (SQLite, quotas in memory)
+/// and moat on the shared backends, in front of one static nginx upstream in one run, each
+/// warmed up (its credential and policy caches filled) before it is measured; then the time a
+/// revocation through replica A takes to be refused by replica B, over `--revocations` keys.
+fn shared_store(args: &Args) -> Result<()> {
+    use moat_tests::servers::{Pg, Redis};
+
+    let tmp = tempfile::tempdir()?;
+    let port = free_port();
+    let text = json_answer("m");
+    let upstream = nginx(
+        tmp.path(),
+        "upstream",
+        &format!(
+            "    server {{ listen 127.0.0.1:{port} reuseport; access_log off;\n        \
+             location / {{ default_type application/json; return 200 {}; }} }}\n",
+            nginx_text(&text)
+        ),
+        &[port],
+    )?;
+    let pg = (args.store == "postgres").then(Pg::start);
+    let redis = (args.quotas == "redis").then(Redis::start);
+    // Every request is counted (generous quotas, none refused) on both.
+    let common = |quotas: &str| {
+        format!(
+            "[pools.local]\nhosts = [\"127.0.0.1:{port}\"]\n[models.m]\npool = \"local\"\n\
+             [roles.tester]\npermissions = [\"model:*\", \"inference:*\"]\n\
+             [quotas]\n{quotas}\n\
+             [quotas.tenant]\nrequests_per_minute = 100000000\ntokens_per_minute = 100000000000\n\
+             [quotas.key]\nrequests_per_minute = 100000000\nconcurrent_requests = 10000\n"
+        )
+    };
+    let mut embedded = Daemon::off("", &common(""));
+    embedded.create_tester_key();
+    embedded.start();
+    let shared_quotas = match &redis {
+        Some(r) => format!("backend = \"redis\"\nredis_url = \"{}\"", r.url()),
+        None => String::new(),
+    };
+    let store = match &pg {
+        Some(pg) => pg.store_toml(&pg.create_database(), "pgpass"),
+        None => String::new(),
+    };
+    let replica = || {
+        let d = Daemon::off("", &format!("{}\n{store}", common(&shared_quotas)));
+        if let Some(pg) = &pg {
+            d.write_file("pgpass", pg.password());
+        }
+        d
+    };
+    let mut a = replica();
+    let mut b = replica();
+    let key = a.create_tester_key();
+    // B reads A's pepper from its own file.
+    b.cli_ok(&["tenants", "list"], None);
+    std::fs::copy(
+        a.data_dir().join("secrets/pepper"),
+        b.data_dir().join("secrets/pepper"),
+    )?;
+    a.start();
+    b.start();
+    let embedded_key = embedded.key().to_owned();
+
+    println!(
+        "shared-store benchmark: wrk -t2 keep-alive, {} s warm-up + {} s per cell; upstream \
+         nginx `return 200`; embedded = SQLite + quotas in memory, shared = store {} + quotas {} \
+         (replica A measured)",
+        args.warmup, args.duration, args.store, args.quotas
+    );
+    println!(
+        "\n{:<10} {:<9} {:>9} {:>8} {:>8} {:>7} {:>10} {:>8}",
+        "case", "target", "req/s", "p50 ms", "p99 ms", "ratio", "p99 added", "non-2xx"
+    );
+    let body = chat_body_for("m", false);
+    let path = "/v1/chat/completions";
+    for conc in &args.concurrency {
+        let mut base: Option<Load> = None;
+        for (name, url, bearer) in [
+            ("embedded", embedded.url(path), embedded_key.as_str()),
+            ("shared", a.url(path), key.as_str()),
+        ] {
+            // The warm-up also fills the credential cache: the measured run is warm.
+            wrk(
+                tmp.path(),
+                &url,
+                Some(bearer),
+                &body,
+                *conc,
+                args.warmup.max(1),
+            )?;
+            let l = wrk(tmp.path(), &url, Some(bearer), &body, *conc, args.duration)?;
+            let (ratio, added) = match &base {
+                None => (1.0, 0.0),
+                Some(b) => (l.rps / b.rps, l.p99_ms - b.p99_ms),
+            };
+            println!(
+                "{:<10} {:<9} {:>9.0} {:>8.2} {:>8.2} {:>6.2}x {:>10.2} {:>8}",
+                format!("json c={conc}"),
+                name,
+                l.rps,
+                l.p50_ms,
+                l.p99_ms,
+                ratio,
+                added,
+                l.errors
+            );
+            base.get_or_insert(l);
+        }
+    }
+    drop(embedded);
+
+    if pg.is_some() && args.revocations > 0 {
+        let status = |d: &Daemon, key: &str| -> Result<u16> {
+            let mut s = TcpStream::connect(d.addr())?;
+            write!(
+                s,
+                "GET /v1/models HTTP/1.1\r\nHost: moat\r\nAuthorization: Bearer {key}\r\n\
+                 Connection: close\r\n\r\n"
+            )?;
+            let mut head = [0u8; 12];
+            s.read_exact(&mut head)?;
+            Ok(std::str::from_utf8(&head[9..12])?.parse()?)
+        };
+        let mut times = Vec::new();
+        for _ in 0..args.revocations {
+            let out = a.cli_ok(&["keys", "create", "--user", "tester", "--json"], None);
+            let v: serde_json::Value = serde_json::from_str(out.trim())?;
+            let (k, id) = (v["key"].as_str().unwrap(), v["key_id"].as_str().unwrap());
+            // B has verified and cached the key.
+            if status(&b, k)? != 200 {
+                bail!("replica B refused a fresh key");
+            }
+            a.cli_ok(&["keys", "revoke", id], None);
+            // Timed from the CLI's exit (the revocation committed) to B's first refusal.
+            let t = Instant::now();
+            loop {
+                match status(&b, k)? {
+                    401 => break,
+                    200 => {}
+                    other => bail!("replica B answered {other} during a revocation"),
+                }
+                if t.elapsed() > Duration::from_secs(10) {
+                    bail!("replica B never refused a revoked key");
+                }
+            }
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        times.sort_by(f64::total_cmp);
+        println!(
+            "\nrevocation A -> B, {} keys: median {:.1} ms, max {:.1} ms (goal: max under 100 ms)",
+            times.len(),
+            times[times.len() / 2],
+            times[times.len() - 1]
+        );
+    }
+    drop((a, b, upstream));
+    Ok(())
 }

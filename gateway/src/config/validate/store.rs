@@ -143,13 +143,24 @@ mod tests {
             refused("[quotas]\nredis_url = \"redis://cache:6379/\"\n").0,
             "quotas.redis_url"
         );
+        let redis = "[quotas]\nbackend = \"redis\"\nredis_url = \"redis://cache:6379/\"\n";
+        for bad in [0, 2, 3601] {
+            let (key, reason) = refused(&format!("{redis}redis_lease_secs = {bad}\n"));
+            assert_eq!(key, "quotas.redis_lease_secs");
+            assert!(reason.contains("between 3 and 3600"), "{reason}");
+        }
+        assert_eq!(
+            refused("[quotas]\nredis_lease_secs = 30\n").0,
+            "quotas.redis_lease_secs"
+        );
         let ok = Config::from_str(
             Path::new("/nonexistent/moat.toml"),
             "[store]\nkind = \"postgres\"\nurl = \"postgres://moat@db/moat\"\n\
              [quotas]\nbackend = \"redis\"\nredis_url = \"redis://cache:6379/\"\n\
-             on_backend_error = \"local\"\n",
+             on_backend_error = \"local\"\nredis_lease_secs = 5\n",
         )
         .unwrap();
         assert!(ok.store_password.is_none());
+        assert_eq!(ok.quotas().redis_lease(), std::time::Duration::from_secs(5));
     }
 }

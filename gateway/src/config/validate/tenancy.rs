@@ -121,6 +121,20 @@ pub(in crate::config) fn tenancy(raw: &RawConfig) -> Result<(), Invalid> {
         }
         (crate::config::QuotaBackendKind::Memory, None) => {}
     }
+    if let Some(secs) = raw.quotas.redis_lease_secs {
+        if raw.quotas.backend != crate::config::QuotaBackendKind::Redis {
+            return Err(Invalid::new(
+                "quotas.redis_lease_secs",
+                "only for `backend = \"redis\"`",
+            ));
+        }
+        if !(3..=3600).contains(&secs) {
+            return Err(Invalid::new(
+                "quotas.redis_lease_secs",
+                "must be between 3 and 3600 seconds",
+            ));
+        }
+    }
     check_quota("quotas.tenant", &raw.quotas.tenant)?;
     check_quota("quotas.key", &raw.quotas.key)?;
     for (name, t) in &raw.tenants {

@@ -126,7 +126,11 @@ impl Quotas {
             crate::config::QuotaBackendKind::Memory => Self::default(),
             crate::config::QuotaBackendKind::Redis => {
                 let url = q.redis_url.as_deref().unwrap_or_default();
-                Self::new(redis::RedisQuotas::new(url, q.on_backend_error)?)
+                Self::new(redis::RedisQuotas::new(
+                    url,
+                    q.on_backend_error,
+                    q.redis_lease(),
+                )?)
             }
         })
     }

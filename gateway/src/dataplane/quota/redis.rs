@@ -11,8 +11,8 @@
 //!   (or nothing, once it left the window).
 //! - **Concurrency slots are leases**: a sorted set per subject whose members are live
 //!   reservations scored by their lease's end. This replica renews its live leases every
-//!   [`LEASE`]/3; a replica that dies stops renewing and its slots free themselves within
-//!   [`LEASE`].
+//!   third of the lease (`[quotas] redis_lease_secs`, default 30 s); a replica that dies stops
+//!   renewing and its slots free themselves within one lease of its last renewal.
 //! - **Failure posture** ([`OnBackendError`]): Redis unreachable → `deny` (503 with
 //!   `Retry-After`) or `local` (this replica's own counters, logged loudly). Never uncounted.
 
@@ -31,8 +31,6 @@ use tracing::{error, warn};
 use super::{Ask, BoxFuture, Charge, QuotaBackend, Refusal, Reservation, SubjectKind, local};
 use crate::config::OnBackendError;
 
-/// How long a concurrency slot outlives its last renewal.
-pub const LEASE: Duration = Duration::from_secs(30);
 /// How long one call may take before Redis counts as unreachable.
 const TIMEOUT: Duration = Duration::from_millis(500);
 /// `Retry-After` of a refusal because Redis is unreachable.
@@ -155,6 +153,8 @@ pub struct RedisQuotas {
     instance: String,
     on_error: OnBackendError,
     fallback: local::Local,
+    /// How long a slot lives without renewal.
+    lease: Duration,
     /// Whether the last call failed (to log the outage and the recovery once each).
     down: Arc<AtomicBool>,
 }
@@ -175,7 +175,7 @@ fn limit(v: Option<u64>) -> i64 {
 impl RedisQuotas {
     /// Connects lazily (a replica starts, and follows its posture, while Redis is down) and
     /// starts the lease renewer on the current runtime.
-    pub fn new(url: &str, on_error: OnBackendError) -> anyhow::Result<Arc<Self>> {
+    pub fn new(url: &str, on_error: OnBackendError, lease: Duration) -> anyhow::Result<Arc<Self>> {
         let client = redis::Client::open(url)?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(TIMEOUT))
@@ -197,6 +197,7 @@ impl RedisQuotas {
             instance: rnd.iter().map(|b| format!("{b:02x}")).collect(),
             on_error,
             fallback: local::Local::default(),
+            lease,
             down: Arc::default(),
         });
         me.spawn_renewer();
@@ -205,8 +206,9 @@ impl RedisQuotas {
 
     fn spawn_renewer(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
+        let me_lease = self.lease;
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(LEASE / 3);
+            let mut tick = tokio::time::interval(me_lease / 3);
             loop {
                 tick.tick().await;
                 let Some(me) = weak.upgrade() else { return };
@@ -223,7 +225,7 @@ impl RedisQuotas {
                     for k in &keys {
                         inv.key(k);
                     }
-                    inv.arg(&id).arg(LEASE.as_millis() as u64);
+                    inv.arg(&id).arg(me.lease.as_millis() as u64);
                     if let Err(e) = inv.invoke_async::<i64>(&mut conn).await {
                         warn!(error = %e, "cannot renew quota leases in Redis");
                         break;
@@ -279,7 +281,7 @@ impl QuotaBackend for RedisQuotas {
                 .arg(ask.tokens)
                 .arg(u8::from(ask.stream))
                 .arg(&id)
-                .arg(LEASE.as_millis() as u64);
+                .arg(self.lease.as_millis() as u64);
             for c in charges {
                 inv.arg(limit(c.quota.requests_per_minute))
                     .arg(limit(c.quota.tokens_per_minute))
