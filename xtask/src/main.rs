@@ -6,8 +6,10 @@
 //! - `run`    setup + build + `moat serve` with `examples/moat.toml` (and `moat-sim` as its
 //!   inference host when no real one listens on 127.0.0.1:8000)
 //! - `bench`  benchmarks (`segment`, …), printed as ratios measured in one run
+//! - `vm-test` the kernel-facing suites inside qemu on Debian's kernels (see `vm/mod.rs`)
 
 mod setup;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -49,6 +51,25 @@ enum Cmd {
     Bench {
         /// Which benchmark: segment, gateway, auth.
         name: String,
+    },
+    /// Run the kernel-facing test suites inside qemu on Debian's kernels.
+    VmTest {
+        /// Which kernel: 6.1, 6.12 or all.
+        #[arg(long, default_value = "all")]
+        kernel: String,
+        /// Only this suite (repeatable; default: every kernel-facing suite).
+        #[arg(long = "test")]
+        tests: Vec<String>,
+        /// Extra arguments for each test executable (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Inside a VM guest only: pid 1 (or, with --run, the test runner).
+    #[command(hide = true)]
+    VmGuest {
+        #[arg(long)]
+        run: bool,
+        plan: PathBuf,
     },
 }
 
@@ -93,7 +114,36 @@ fn main() -> Result<()> {
                 _ => run(Command::new(root.join("target/release/moat-bench")).arg(&name)),
             }
         }
+        Cmd::VmTest {
+            kernel,
+            tests,
+            args,
+        } => {
+            setup::run()?;
+            vm_test(
+                &root,
+                &vm::Request {
+                    kernel,
+                    suites: tests,
+                    test_args: args,
+                },
+            )
+        }
+        Cmd::VmGuest { run: false, plan } => vm::guest::pid1(&plan),
+        Cmd::VmGuest { run: true, plan } => vm::guest::run_plan(&plan),
     }
+}
+
+/// Runs the VM suites and prints one line per kernel; fails when any kernel failed.
+fn vm_test(root: &Path, req: &vm::Request) -> Result<()> {
+    let outcomes = vm::run(root, req)?;
+    for o in &outcomes {
+        println!("{}", o.line);
+    }
+    if outcomes.iter().any(|o| !o.ok) {
+        bail!("vm-test failed");
+    }
+    Ok(())
 }
 
 /// The inference host of `examples/moat.toml`.

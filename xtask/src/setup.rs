@@ -18,7 +18,8 @@ use anyhow::{Context, Result, bail};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages: tools the tests drive (ip, bpftool), benchmarks (wrk, nginx) and the
-/// virtualenv for the OpenAI SDK tests, openssl for the upstream TLS test certificates.
+/// virtualenv for the OpenAI SDK tests, openssl for the upstream TLS test certificates; qemu
+/// and kmod (depmod, and modprobe inside the guest) for `cargo xtask vm-test`.
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "bpftool",
@@ -26,6 +27,8 @@ const APT_PACKAGES: &[&str] = &[
     "nginx-light",
     "python3-venv",
     "openssl",
+    "qemu-system-x86",
+    "kmod",
 ];
 
 pub fn run() -> Result<()> {
