@@ -2,7 +2,8 @@
 //!
 //! - `setup`  installs what this kind of machine lacks (idempotent, quiet when all is there)
 //! - `build`  the eBPF programs (nightly, bpfel-unknown-none) and then the `moat` binary
-//! - `test`   setup + build + fmt/clippy + the whole test suite (root tests included)
+//! - `test`   setup + build + fmt/clippy + the whole test suite (root tests included), then the
+//!   kernel-facing suites in a VM on Linux 6.1; prints the time each part took
 //! - `run`    setup + build + `moat serve` with `examples/moat.toml` (and `moat-sim` as its
 //!   inference host when no real one listens on 127.0.0.1:8000)
 //! - `bench`  benchmarks (`segment`, …), printed as ratios measured in one run
@@ -85,7 +86,7 @@ fn main() -> Result<()> {
         }
         Cmd::Test { args } => {
             setup::run()?;
-            test(&args)
+            test(&root, &args)
         }
         Cmd::Run { config } => {
             setup::run()?;
@@ -219,22 +220,68 @@ fn build_ebpf() -> Result<()> {
     ]))
 }
 
-fn test(extra: &[String]) -> Result<()> {
+/// The whole check: lint, the host's suites on the host's kernel, then the kernel-facing
+/// suites in a VM on the oldest supported kernel. Prints how long each part took (also when
+/// one fails).
+fn test(root: &Path, extra: &[String]) -> Result<()> {
     eprintln!("{}", setup::toolchain_report());
     sweep_stale_test_state();
-    build_ebpf()?;
-    cargo(&["fmt", "--all", "--", "--check"])
-        .context("cargo fmt --check: run `cargo fmt --all`")?;
-    run(Command::new("python3").arg(".ci/check-doc-links"))
-        .context("README.md or docs/ link to a file or heading that does not exist")?;
-    cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
-    cargo(&["build", "--bins"])?;
-    let mut args = vec!["test"];
-    if !extra.is_empty() {
-        args.push("--");
-        args.extend(extra.iter().map(String::as_str));
+    let mut timings = Timings::default();
+    let result = (|| {
+        timings.time("build eBPF", build_ebpf)?;
+        timings.time("fmt, doc links, clippy", || {
+            cargo(&["fmt", "--all", "--", "--check"])
+                .context("cargo fmt --check: run `cargo fmt --all`")?;
+            run(Command::new("python3").arg(".ci/check-doc-links"))
+                .context("README.md or docs/ link to a file or heading that does not exist")?;
+            cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])
+        })?;
+        timings.time("build binaries", || cargo(&["build", "--bins"]))?;
+        timings.time("tests on this kernel", || {
+            let mut args = vec!["test"];
+            if !extra.is_empty() {
+                args.push("--");
+                args.extend(extra.iter().map(String::as_str));
+            }
+            cargo(&args)
+        })?;
+        // The oldest kernel moat supports (Debian 12's); `cargo xtask vm-test` runs the rest.
+        timings.time("kernel suites in a VM (Linux 6.1)", || {
+            vm_test(
+                root,
+                &vm::Request {
+                    kernel: "6.1".into(),
+                    suites: Vec::new(),
+                    test_args: extra.to_vec(),
+                },
+            )
+        })
+    })();
+    timings.print();
+    result
+}
+
+/// Wall time per part of `cargo xtask test`.
+#[derive(Default)]
+struct Timings(Vec<(&'static str, std::time::Duration, bool)>);
+
+impl Timings {
+    fn time(&mut self, part: &'static str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+        let start = std::time::Instant::now();
+        let r = f();
+        self.0.push((part, start.elapsed(), r.is_ok()));
+        r
     }
-    cargo(&args)
+
+    fn print(&self) {
+        let total: std::time::Duration = self.0.iter().map(|t| t.1).sum();
+        eprintln!("time per part:");
+        for (part, took, ok) in &self.0 {
+            let mark = if *ok { "" } else { "  (failed)" };
+            eprintln!("  {part:<36} {:>7.1} s{mark}", took.as_secs_f64());
+        }
+        eprintln!("  {:<36} {:>7.1} s", "total", total.as_secs_f64());
+    }
 }
 
 fn cargo(args: &[&str]) -> Result<()> {

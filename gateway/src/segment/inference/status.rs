@@ -9,6 +9,7 @@ use super::{GuardMaps, GuardPins, GuardStatus};
 use crate::segment::{
     link,
     status::{SideStatus, or_dash},
+    tc,
 };
 
 /// The active policy, as `status` shows it.
@@ -23,6 +24,9 @@ pub struct GuardPolicyStatus {
 pub struct GuardLinkStatus {
     /// `cgroup_skb` or `tc-<interface>`.
     pub attachment: String,
+    /// How: `link` (a bpf link: cgroup_skb, or tcx on Linux 6.6+) or `netlink` (a cls_bpf
+    /// filter on the interface's clsact qdisc, on kernels without tcx).
+    pub via: &'static str,
     pub link_id: Option<u32>,
     pub program_id: Option<u32>,
 }
@@ -46,9 +50,15 @@ pub fn status(pins: &GuardPins) -> Result<GuardStatus> {
         .links()
         .into_iter()
         .map(|at| {
-            let (link_id, program_id) = link::pinned_ids(&pins.link(&at));
+            let path = pins.link(&at);
+            let (link_id, program_id) = link::pinned_ids(&path);
+            let via = match tc::pinned_is_program(&path) {
+                Some(true) => "netlink",
+                _ => "link",
+            };
             GuardLinkStatus {
                 attachment: at.pin_name(),
+                via,
                 link_id,
                 program_id,
             }
@@ -106,8 +116,9 @@ impl fmt::Display for GuardStatus {
         for l in &self.links {
             writeln!(
                 f,
-                "  link {:<20} link {:>6}  program {:>6}",
+                "  link {:<20} via {:<8} link {:>6}  program {:>6}",
                 l.attachment,
+                l.via,
                 or_dash(l.link_id),
                 or_dash(l.program_id)
             )?;
