@@ -120,6 +120,7 @@ fn out_dir(plan: &Path) -> PathBuf {
 /// The runner: each suite of the plan in turn, one console line per suite.
 pub fn run_plan(plan: &Path) -> Result<()> {
     let text = std::fs::read_to_string(plan).with_context(|| format!("read {}", plan.display()))?;
+    let scale = std::fs::read_to_string(out_dir(plan).join("time_scale")).unwrap_or_default();
     for line in text.lines().filter(|l| !l.is_empty()) {
         let mut fields = line.split('\t');
         let (Some(suite), Some(exe), Some(cwd)) = (fields.next(), fields.next(), fields.next())
@@ -131,6 +132,7 @@ pub fn run_plan(plan: &Path) -> Result<()> {
         let start = Instant::now();
         let status = Command::new(exe)
             .args(fields)
+            .env("MOAT_TEST_TIME_SCALE", scale.trim())
             .current_dir(cwd)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

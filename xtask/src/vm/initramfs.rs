@@ -71,6 +71,7 @@ mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 {ROOT_T
 mount -t 9p -o trans=virtio,version=9p2000.L,rw,msize=512000 {OUT_TAG} '/newroot{out}' \
     || fail "mount the output folder (9p)"
 umount /proc /sys
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
 exec switch_root /newroot {exec}
 "#,
         out = out_dir.display(),

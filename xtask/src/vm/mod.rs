@@ -45,6 +45,8 @@ pub const SUITES: &[&str] = &[
 
 /// How long a KVM guest may stay silent before KVM counts as unusable.
 const KVM_PROBE: Duration = Duration::from_secs(30);
+/// How much longer the fixtures wait for things under TCG than on the host.
+const TCG_TIME_SCALE: u32 = 10;
 /// A whole kernel's run, boot included; beyond this the guest is killed.
 const RUN_LIMIT: Duration = Duration::from_secs(80 * 60);
 
@@ -99,6 +101,7 @@ pub fn run(root: &Path, req: &Request) -> Result<Vec<Outcome>> {
         let _ = std::fs::remove_dir_all(&out_dir);
         std::fs::create_dir_all(&out_dir)?;
         let plan = out_dir.join("plan");
+
         let cwd = root.join("tests");
         let mut text = String::new();
         for suite in &suites {
@@ -142,6 +145,13 @@ pub fn run(root: &Path, req: &Request) -> Result<Vec<Outcome>> {
         )?;
         let boot = loop {
             let chosen = accel.unwrap_or(Accel::Kvm);
+            // Under TCG everything runs several times slower: the fixtures' waits stretch
+            // (see `moat_tests::patience`). Written per boot: the accelerator is known only then.
+            let scale = match chosen {
+                Accel::Kvm => 1,
+                Accel::Tcg => TCG_TIME_SCALE,
+            };
+            std::fs::write(out_dir.join("time_scale"), scale.to_string())?;
             match boot(&kernel, &initrd, &out_dir, chosen, accel.is_none())? {
                 Some(b) => {
                     accel = Some(chosen);
