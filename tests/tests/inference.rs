@@ -355,7 +355,7 @@ fn tc_guard_covers_exactly_its_interfaces() {
     assert_eq!(links(&guard), ["cgroup_skb"]);
     // The kernel releases an unpinned link from a work queue: wait until the tcx programs
     // are really gone, so the drop below is the cgroup_skb hook's own.
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + moat_tests::patience(Duration::from_secs(5));
     while ["lo", Lab::IF_FROM_GW, Lab::IF_FROM_ROGUE]
         .iter()
         .any(|i| tc_ingress(&lab, i) > 0)
@@ -429,7 +429,7 @@ fn tc_guard_refuses_header_chains_it_cannot_walk() {
     };
     let arrived = || echo.udp_count_from(rogue6.into());
     let wait_for = |what: &str, cond: &dyn Fn() -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + moat_tests::patience(Duration::from_secs(5));
         while !cond() {
             assert!(Instant::now() < deadline, "timed out waiting for: {what}");
             std::thread::sleep(Duration::from_millis(10));
@@ -618,7 +618,7 @@ impl Traffic {
     /// Waits (up to 10 s) until both loops have completed a round, so what the test does next
     /// happens under traffic.
     fn wait_running(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + moat_tests::patience(Duration::from_secs(10));
         while self.round_trips.lock().unwrap().is_empty() || self.sends.lock().unwrap().is_empty() {
             assert!(Instant::now() < deadline, "the traffic loops did not start");
             std::thread::sleep(Duration::from_millis(5));
