@@ -41,7 +41,10 @@ use crate::{
 pub const TEST_CGROUP: &str = "moat.tests";
 
 /// How long a daemon may take to say it serves, or a log line to appear.
-const WAIT: Duration = Duration::from_secs(20);
+/// How long a daemon gets to start or stop (see [`crate::patience`]).
+fn wait() -> Duration {
+    crate::patience(Duration::from_secs(20))
+}
 
 /// A `moat serve` of the test's own; see the module docs.
 pub struct Daemon {
@@ -287,7 +290,7 @@ impl Daemon {
             None => Command::new(crate::bin("moat")),
         };
         self.spawn(cmd);
-        let deadline = Instant::now() + WAIT;
+        let deadline = Instant::now() + wait();
         loop {
             let child = self.child.as_mut().expect("spawned");
             if let Some(status) = child.try_wait().expect("try_wait") {
@@ -296,7 +299,8 @@ impl Daemon {
             }
             assert!(
                 Instant::now() < deadline,
-                "moat serve still runs after {WAIT:?}:\n{}",
+                "moat serve still runs after {:?}:\n{}",
+                wait(),
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(20));
@@ -326,7 +330,7 @@ impl Daemon {
     }
 
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + WAIT;
+        let deadline = Instant::now() + wait();
         loop {
             let ready = self.log().lines().find_map(|line| {
                 let v: Value = serde_json::from_str(line).ok()?;
@@ -353,7 +357,8 @@ impl Daemon {
             }
             assert!(
                 Instant::now() < deadline,
-                "moat serve did not say it serves within {WAIT:?}:\n{}",
+                "moat serve did not say it serves within {:?}:\n{}",
+                wait(),
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(20));
@@ -404,7 +409,7 @@ impl Daemon {
         if let Some(c) = &mut self.child {
             let _ =
                 nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
+            let deadline = Instant::now() + crate::patience(Duration::from_secs(10));
             while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -424,7 +429,7 @@ impl Daemon {
     /// Waits for the `nth` (0-based) line of the current run's log containing `needle`;
     /// returns it parsed (a JSON string when it is not JSON).
     pub fn wait_log_nth(&self, needle: &str, nth: usize) -> Value {
-        let deadline = Instant::now() + WAIT;
+        let deadline = Instant::now() + wait();
         loop {
             let text = self.log();
             if let Some(line) = text.lines().filter(|l| l.contains(needle)).nth(nth) {
@@ -561,7 +566,7 @@ impl Daemon {
 
     /// Waits until `/readyz` answers 200 (every pool has a healthy host).
     pub async fn wait_pools_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + crate::patience(Duration::from_secs(15));
         loop {
             let (status, body) = http::get_json(&self.url("/readyz")).await;
             if status == StatusCode::OK {

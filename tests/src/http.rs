@@ -166,7 +166,7 @@ impl Request {
             .context("a runtime for a blocking request")?;
         let what = format!("{} {}", self.method, self.url);
         runtime.block_on(async move {
-            tokio::time::timeout(BLOCKING_TIMEOUT, async {
+            tokio::time::timeout(crate::patience(BLOCKING_TIMEOUT), async {
                 let headers: Vec<(&str, &str)> = self
                     .headers
                     .iter()
@@ -183,7 +183,12 @@ impl Request {
                 })
             })
             .await
-            .with_context(|| format!("{what}: no answer within {BLOCKING_TIMEOUT:?}"))?
+            .with_context(|| {
+                format!(
+                    "{what}: no answer within {:?}",
+                    crate::patience(BLOCKING_TIMEOUT)
+                )
+            })?
         })
     }
 }

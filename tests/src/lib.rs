@@ -44,6 +44,19 @@ pub fn bin_dir() -> PathBuf {
     }
 }
 
+/// `d` stretched by `$MOAT_TEST_TIME_SCALE` (default 1). For upper bounds on waiting for
+/// something to happen (a daemon to come up, an answer to arrive), never for a speed
+/// assertion: `cargo xtask vm-test` sets it when the guest runs under TCG, where everything
+/// takes several times longer.
+pub fn patience(d: Duration) -> Duration {
+    let scale = std::env::var("MOAT_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|s| s.parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1);
+    d * scale
+}
+
 /// Path of a workspace binary; panics with what to run when it was not built.
 pub fn bin(name: &str) -> PathBuf {
     let path = bin_dir().join(name);
@@ -101,7 +114,7 @@ impl Proc {
             child: Some(child),
             lines,
         };
-        match rx.recv_timeout(Duration::from_secs(20)) {
+        match rx.recv_timeout(patience(Duration::from_secs(20))) {
             Ok(v) => (proc, v),
             Err(_) => {
                 let status = proc.child.as_mut().unwrap().try_wait().ok().flatten();

@@ -60,7 +60,7 @@ fn check_flood(
     let (flood_id, denied) = flood();
     assert!(denied >= FLOOD as u64, "only {denied} denies in the flood");
     let mut trickle = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + moat_tests::patience(Duration::from_secs(15));
     let summary = loop {
         if let Some(s) = log_lines(log)
             .into_iter()
@@ -79,7 +79,7 @@ fn check_flood(
     // The last trickle came after the summary's trigger, so it is logged; once its line is
     // there, every line before it is too.
     let last = *trickle.last().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + moat_tests::patience(Duration::from_secs(15));
     while lines_with(&log_lines(log), event, field, last) == 0 {
         assert!(Instant::now() < deadline, "the last trickle is not logged");
         std::thread::sleep(Duration::from_millis(20));

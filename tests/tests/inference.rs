@@ -23,6 +23,7 @@ use moat::{
     segment::{
         DenyRecord,
         inference::{Guard, GuardPins, IngressDeny},
+        tc::TcMode,
     },
 };
 use moat_tests::{
@@ -266,7 +267,7 @@ fn tc_guard_covers_exactly_its_interfaces() {
         |g: &Guard| -> Vec<String> { g.pins().links().iter().map(|a| a.pin_name()).collect() };
     assert_eq!(links(&guard), ["tc-from-gw", "tc-from-rogue"]);
     for ifname in veths {
-        assert_eq!(tcx_ingress(&lab, ifname), 1, "one tcx program on {ifname}");
+        assert_eq!(tc_ingress(&lab, ifname), 1, "one TC program on {ifname}");
     }
 
     for to in [sa(Lab::INF_GW4, port), sa(Lab::INF_GW6, port)] {
@@ -354,12 +355,12 @@ fn tc_guard_covers_exactly_its_interfaces() {
     assert_eq!(links(&guard), ["cgroup_skb"]);
     // The kernel releases an unpinned link from a work queue: wait until the tcx programs
     // are really gone, so the drop below is the cgroup_skb hook's own.
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + moat_tests::patience(Duration::from_secs(5));
     while ["lo", Lab::IF_FROM_GW, Lab::IF_FROM_ROGUE]
         .iter()
-        .any(|i| tcx_ingress(&lab, i) > 0)
+        .any(|i| tc_ingress(&lab, i) > 0)
     {
-        assert!(Instant::now() < deadline, "tcx links still attached");
+        assert!(Instant::now() < deadline, "TC programs still attached");
         std::thread::sleep(Duration::from_millis(20));
     }
     let dropped_before = guard.maps().counters().unwrap()[1];
@@ -396,7 +397,7 @@ fn tc_guard_uninstalls_after_its_interface_is_gone() {
         .inference
         .run(|| Guard::install_or_adopt(&pins.pins, &cfg))
         .unwrap();
-    assert_eq!(tcx_ingress(&lab, Lab::IF_FROM_ROGUE), 1);
+    assert_eq!(tc_ingress(&lab, Lab::IF_FROM_ROGUE), 1);
     drop(lab);
     let status = moat::segment::status(&pins.pins).unwrap();
     assert_eq!(
@@ -428,7 +429,7 @@ fn tc_guard_refuses_header_chains_it_cannot_walk() {
     };
     let arrived = || echo.udp_count_from(rogue6.into());
     let wait_for = |what: &str, cond: &dyn Fn() -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + moat_tests::patience(Duration::from_secs(5));
         while !cond() {
             assert!(Instant::now() < deadline, "timed out waiting for: {what}");
             std::thread::sleep(Duration::from_millis(10));
@@ -628,7 +629,7 @@ impl Traffic {
     /// Waits (up to 10 s) until both loops have completed a round, so what the test does next
     /// happens under traffic.
     fn wait_running(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + moat_tests::patience(Duration::from_secs(10));
         while self.round_trips.lock().unwrap().is_empty() || self.sends.lock().unwrap().is_empty() {
             assert!(Instant::now() < deadline, "the traffic loops did not start");
             std::thread::sleep(Duration::from_millis(5));
@@ -936,11 +937,24 @@ fn udp_echo_with_ext(ns: &moat_tests::netns::Netns, to: std::net::SocketAddr, op
 }
 
 /// How many tcx ingress programs are attached to `ifname` in the lab's inference namespace.
-fn tcx_ingress(lab: &Lab, ifname: &str) -> usize {
-    lab.inference.run(|| {
-        aya::programs::SchedClassifier::query_tcx(ifname, aya::programs::TcAttachType::Ingress)
-            .map(|(_, progs)| progs.len())
-            .unwrap_or_else(|e| panic!("query tcx on {ifname}: {e}"))
+fn tc_ingress(lab: &Lab, ifname: &str) -> usize {
+    lab.inference.run(|| match TcMode::of_kernel() {
+        TcMode::Tcx => {
+            aya::programs::SchedClassifier::query_tcx(ifname, aya::programs::TcAttachType::Ingress)
+                .map(|(_, progs)| progs.len())
+                .unwrap_or_else(|e| panic!("query tcx on {ifname}: {e}"))
+        }
+        // Before Linux 6.6: cls_bpf filters on the clsact qdisc, as `tc` lists them.
+        TcMode::Netlink => {
+            let out = std::process::Command::new("tc")
+                .args(["filter", "show", "dev", ifname, "ingress"])
+                .output()
+                .expect("run tc");
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.contains(" bpf ") && l.contains("direct-action"))
+                .count()
+        }
     })
 }
 

@@ -63,7 +63,7 @@ impl Setup {
 
 /// The pid of the `nth` worker started, from the daemon's log.
 fn worker_pid(log: &Path, nth: usize) -> u32 {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + moat_tests::patience(Duration::from_secs(20));
     loop {
         let text = std::fs::read_to_string(log).unwrap_or_default();
         let pid = text

@@ -72,7 +72,7 @@ impl Clients {
 
     /// Waits (up to 10 s) until a request completed, so what follows happens under traffic.
     fn wait_running(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + moat_tests::patience(Duration::from_secs(10));
         while self.done.lock().unwrap().is_empty() {
             assert!(Instant::now() < deadline, "no request completed");
             std::thread::sleep(Duration::from_millis(10));
@@ -154,7 +154,7 @@ fn reloads_under_traffic_refuse_nothing_both_configs_allow() {
         if adds_b {
             // Let routing use the new host before it goes again.
             let before = b.requests();
-            let deadline = Instant::now() + Duration::from_secs(10);
+            let deadline = Instant::now() + moat_tests::patience(Duration::from_secs(10));
             while b.requests() < before + 3 {
                 assert!(Instant::now() < deadline, "the new host took no requests");
                 std::thread::sleep(Duration::from_millis(10));

@@ -19,8 +19,9 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages: tools the tests drive (ip, bpftool, nft for the NAT tests), benchmarks
 /// (wrk, nginx) and the virtualenv for the OpenAI SDK tests, openssl for the upstream TLS test
-/// certificates, and the servers of the shared store and quotas (the replica tests start
-/// throw-away instances of PostgreSQL and Redis from these packages' binaries).
+/// certificates, the servers of the shared store and quotas (the replica tests start
+/// throw-away instances of PostgreSQL and Redis from these packages' binaries), and qemu and
+/// kmod (depmod, and modprobe inside the guest) for `cargo xtask vm-test`.
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "bpftool",
@@ -31,6 +32,8 @@ const APT_PACKAGES: &[&str] = &[
     "openssl",
     "postgresql",
     "redis-server",
+    "qemu-system-x86",
+    "kmod",
 ];
 
 pub fn run() -> Result<()> {

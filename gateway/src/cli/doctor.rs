@@ -17,10 +17,7 @@ use std::{
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf,
-    programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SchedClassifier,
-        TcAttachType, links::FdLink,
-    },
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SchedClassifier},
 };
 use moat_common::{Hook, guard::IngressHook};
 use serde::Serialize;
@@ -303,7 +300,8 @@ pub fn run(config_path: &Path) -> Report {
 
 /// Loads and attaches every program type moat uses into throw-away attach points, then
 /// detaches: a cgroup of its own for the cgroup hooks, `lo` of a new network namespace for
-/// tcx, a directory of its own on the bpffs for pinning.
+/// TC (tcx, or a clsact filter before Linux 6.6), a directory of its own on the bpffs for
+/// pinning.
 fn probe_hooks(bpffs_mounts: &[String]) -> Vec<HookCheck> {
     let mut out = Vec::new();
     let check = |program: &'static str, hook: &'static str, r: Result<()>| HookCheck {
@@ -366,7 +364,12 @@ fn probe_hooks(bpffs_mounts: &[String]) -> Vec<HookCheck> {
         .unwrap_or_else(|_| Err(anyhow!("the tc probe panicked")));
     out.push(check(
         IngressHook::Tc.program_name(),
-        "tc ingress as a tcx link",
+        match segment::tc::TcMode::of_kernel() {
+            segment::tc::TcMode::Tcx => "tc ingress as a tcx link",
+            segment::tc::TcMode::Netlink => {
+                "tc ingress as a clsact qdisc filter via netlink (no tcx before Linux 6.6)"
+            }
+        },
         r,
     ));
     let r = match &mut bpf {
@@ -420,10 +423,9 @@ fn attach_tc_in_scratch_netns() -> Result<()> {
         .with_context(|| format!("no program {name}"))?
         .try_into()?;
     prog.load().context("load")?;
-    let id = prog.attach("lo", TcAttachType::Ingress).context("attach")?;
-    let link = prog.take_link(id)?;
-    FdLink::try_from(link)
-        .map_err(|_| anyhow!("attached through netlink, not tcx (moat needs Linux 6.6+)"))?;
+    // The way `serve` attaches: tcx, or a clsact filter on kernels without tcx. Both vanish
+    // with the scratch namespace.
+    segment::tc::attach(prog, "lo").context("attach")?;
     Ok(())
 }
 

@@ -30,6 +30,7 @@ impl<S: Side> Enforcement<S> {
         pins: &Pins,
         converge: impl FnOnce(&SidePins<S>) -> Result<S::Maps>,
     ) -> Result<Enforcement<S>> {
+        super::kernel::check()?;
         bpffs::ensure_bpffs(pins.root())?;
         let side = SidePins::<S>::new(pins);
         let adopted = !side.links().is_empty();

@@ -43,7 +43,7 @@ fn bpf(cmd: libc::c_long, attr: &mut [u64; 3]) -> io::Result<libc::c_long> {
 }
 
 /// Opens the object pinned at `path`; `None` when nothing is pinned there.
-fn open_pinned(path: &Path) -> io::Result<Option<OwnedFd>> {
+pub(super) fn open_pinned(path: &Path) -> io::Result<Option<OwnedFd>> {
     let cpath = CString::new(path.as_os_str().as_bytes())?;
     // bpf_attr.obj_get: { __u64 pathname; __u32 bpf_fd; __u32 file_flags; }
     let mut attr = [cpath.as_ptr() as u64, 0, 0];
@@ -148,9 +148,18 @@ pub fn switch_pinned(path: &Path, program: BorrowedFd<'_>) -> Result<bool> {
 }
 
 /// Detaches the link pinned at `path` now and removes its pin; returns how many pins were
-/// removed.
+/// removed. A program pinned there records a TC filter attached through netlink (see
+/// [`super::tc`]; the pin is named `tc-<interface>`): the filter is removed instead.
 pub fn detach_and_unpin(path: &Path) -> Result<usize> {
-    detach_pinned(path).with_context(|| format!("cannot detach {}", path.display()))?;
+    if super::tc::pinned_is_program(path) == Some(true) {
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let ifname = name
+            .strip_prefix("tc-")
+            .with_context(|| format!("a program pinned as a link: {}", path.display()))?;
+        super::tc::detach_filter(ifname)?;
+    } else {
+        detach_pinned(path).with_context(|| format!("cannot detach {}", path.display()))?;
+    }
     remove_pin(path)
 }
 
@@ -169,8 +178,15 @@ pub fn cgroup_root() -> Result<(PathBuf, File)> {
 }
 
 /// The kernel's ids of the link pinned at `path` and of the program it runs; `None`s when
-/// nothing (readable) is pinned there.
+/// nothing (readable) is pinned there. A program pinned there (a netlink TC filter's record)
+/// has no link id.
 pub fn pinned_ids(path: &Path) -> (Option<u32>, Option<u32>) {
+    if super::tc::pinned_is_program(path) == Some(true) {
+        let id = aya::programs::ProgramInfo::from_pin(path)
+            .ok()
+            .map(|i| i.id());
+        return (None, id);
+    }
     let info = PinnedLink::from_pin(path)
         .ok()
         .and_then(|l| FdLink::from(l).info().ok());

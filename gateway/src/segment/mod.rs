@@ -10,7 +10,8 @@
 //! embedded object and its loading ([`object`]), the bpffs ([`bpffs`]), the pin layout and
 //! pin removal ([`pin_paths`]), the handle on what is pinned ([`enforcement`]), the pinned maps ([`pinned_maps`], [`counters`]), links
 //! ([`link`]), deny events ([`events`]), `moat segment status` ([`status`]) and
-//! `moat segment uninstall` ([`uninstall`]).
+//! `moat segment uninstall` ([`uninstall`]). [`tc`] attaches TC programs as tcx links or, on
+//! kernels before 6.6, as clsact filters through netlink.
 
 mod bpffs;
 mod counters;
@@ -18,12 +19,14 @@ mod enforcement;
 mod events;
 pub mod gateway;
 pub mod inference;
+mod kernel;
 mod link;
 mod object;
 mod pin_paths;
 mod pinned_maps;
 mod side;
 mod status;
+pub mod tc;
 mod uninstall;
 
 pub use events::DenyRecord;

@@ -2,8 +2,9 @@
 //!
 //! This module owns the guard's pins (`<pin root>/v<schema>/inference/{maps,progs,links}`),
 //! its policy (guarded ports and the allowed gateway prefixes, double-buffered like the
-//! gateway side), its links (one `cgroup_skb` ingress link at the cgroup2 root and/or one tcx
-//! ingress link per listed interface), its status and its deny events.
+//! gateway side), its links (one `cgroup_skb` ingress link at the cgroup2 root and/or one TC
+//! ingress attachment per listed interface: a tcx link, or a clsact filter on kernels before
+//! 6.6, see [`super::tc`]), its status and its deny events.
 //!
 //! Life cycle, as on the gateway side — one converging path installs and adopts:
 //! 1. the object is loaded with every guard map bound to its pin (an existing pin is reused, so
@@ -29,7 +30,7 @@ use std::os::fd::AsFd;
 
 use anyhow::{Context, Result, bail};
 use aya::programs::{
-    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SchedClassifier, TcAttachType, links::FdLink,
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SchedClassifier, links::FdLink,
 };
 use moat_common::guard::IngressHook;
 use tracing::info;
@@ -47,6 +48,7 @@ use super::{
     link, object,
     pin_paths::{Pins, SidePins, remove_pin},
     side::Side,
+    tc,
 };
 use crate::config::InferenceGuard;
 
@@ -216,14 +218,26 @@ fn converge(pins: &GuardPins, policy: &GuardPolicy) -> Result<()> {
         remove_pin(&path)?;
         prog.pin(&path)
             .with_context(|| format!("cannot pin program {name}"))?;
-        let fd = prog.fd()?;
         for at in links.iter().filter(|a| a.hook() == hook) {
             let path = pins.link(at);
-            // A severed link cannot be updated: its pin goes, and `reconcile` attaches anew.
-            if link::link_state(&path)?.attached() {
-                link::switch_pinned(&path, fd.as_fd())?;
-            } else {
-                remove_pin(&path)?;
+            match at {
+                // A netlink filter's record: swap the filter's program, re-pin the record.
+                Attachment::Tc(ifname) if tc::pinned_is_program(&path) == Some(true) => {
+                    let p: &mut SchedClassifier =
+                        bpf.program_mut(name).expect("loaded").try_into()?;
+                    tc::replace_filter(p, ifname)?;
+                    remove_pin(&path)?;
+                    p.pin(&path)
+                        .with_context(|| format!("cannot pin {}", path.display()))?;
+                }
+                // A severed link cannot be updated: its pin goes, and `reconcile` attaches anew.
+                _ if link::link_state(&path)?.attached() => {
+                    let fd = bpf.program_mut(name).expect("loaded").fd()?;
+                    link::switch_pinned(&path, fd.as_fd())?;
+                }
+                _ => {
+                    remove_pin(&path)?;
+                }
             }
         }
     }
@@ -260,15 +274,16 @@ fn attach(pins: &GuardPins, at: &Attachment) -> Result<()> {
         Attachment::Tc(ifname) => {
             let mut prog = SchedClassifier::from_pin(pins.program(IngressHook::Tc))
                 .context("cannot open the pinned tc guard program")?;
-            let id = prog
-                .attach(ifname, TcAttachType::Ingress)
-                .with_context(|| format!("cannot attach tc ingress on interface {ifname}"))?;
-            FdLink::try_from(prog.take_link(id)?).map_err(|_| {
-                anyhow::anyhow!(
-                    "tc ingress on {ifname} was attached through netlink, not as a tcx link: \
-                     the guard needs Linux 6.6 or newer for pinned TC links"
-                )
-            })?
+            match tc::attach(&mut prog, ifname)? {
+                tc::Attached::Link(link) => link,
+                // The filter lives in the qdisc; the program pinned at the link pin records it.
+                tc::Attached::Filter => {
+                    let path = pins.link(at);
+                    return prog
+                        .pin(&path)
+                        .with_context(|| format!("cannot pin {}", path.display()));
+                }
+            }
         }
     };
     link::pin(fd_link, &pins.link(at))

@@ -9,6 +9,7 @@ use super::{GuardMaps, GuardPins, GuardStatus};
 use crate::segment::{
     link,
     status::{SideStatus, or_dash},
+    tc,
 };
 
 /// The active policy, as `status` shows it.
@@ -26,6 +27,9 @@ pub struct GuardLinkStatus {
     /// What the kernel says of the pinned link: `attached` or `severed` (the daemon replaces
     /// it within seconds).
     pub state: &'static str,
+    /// How: `link` (a bpf link: cgroup_skb, or tcx on Linux 6.6+) or `netlink` (a cls_bpf
+    /// filter on the interface's clsact qdisc, on kernels without tcx).
+    pub via: &'static str,
     pub link_id: Option<u32>,
     pub program_id: Option<u32>,
 }
@@ -51,11 +55,21 @@ pub fn status(pins: &GuardPins) -> Result<GuardStatus> {
         .map(|at| {
             let path = pins.link(&at);
             let (link_id, program_id) = link::pinned_ids(&path);
+            let via = match tc::pinned_is_program(&path) {
+                Some(true) => "netlink",
+                _ => "link",
+            };
             GuardLinkStatus {
                 attachment: at.pin_name(),
-                state: link::link_state(&path)
-                    .map(|s| s.label())
-                    .unwrap_or("unreadable"),
+                // A netlink filter's pin is its program, not a link the kernel can report on.
+                state: if via == "netlink" {
+                    "filter"
+                } else {
+                    link::link_state(&path)
+                        .map(|s| s.label())
+                        .unwrap_or("unreadable")
+                },
+                via,
                 link_id,
                 program_id,
             }
@@ -120,8 +134,9 @@ impl fmt::Display for GuardStatus {
         for l in &self.links {
             writeln!(
                 f,
-                "  link {:<20} link {:>6}  program {:>6}  {}",
+                "  link {:<20} via {:<8} link {:>6}  program {:>6}  {}",
                 l.attachment,
+                l.via,
                 or_dash(l.link_id),
                 or_dash(l.program_id),
                 l.state
