@@ -321,6 +321,47 @@ async fn guardrails_end_to_end() {
     ] {
         assert!(metrics.contains(line), "{line} missing:\n{metrics}");
     }
+    // The audit trail records each blocked prompt's rules (batched writes: wait for them),
+    // never its text.
+    let audit_url = format!("http://{}/admin/audit?since=0&limit=10000", d.admin_addr());
+    let auth = [("authorization", format!("Bearer {auditor}"))];
+    let mut hits = Vec::new();
+    for _ in 0..100 {
+        let (status, _, bytes) = http::fetch(
+            "GET",
+            &audit_url,
+            &[(auth[0].0, auth[0].1.as_str())],
+            String::new(),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(attack),
+            "the audit trail carries the prompt"
+        );
+        hits = v["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| {
+                r["event"]["kind"] == "guardrail_hit"
+                    && r["event"]["rule"] == "override.ignore_previous"
+                    && r["event"]["action"] == "block"
+            })
+            .cloned()
+            .collect();
+        if hits.len() >= 50 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        hits.len() >= 50,
+        "one guardrail_hit record per blocked prompt, got {}",
+        hits.len()
+    );
+    assert_eq!(hits[0]["event"]["tenant"], "testing");
     // The log names rules, never the text.
     let log = d.log();
     assert!(log.contains("override.ignore_previous"));

@@ -180,6 +180,7 @@ pub async fn screen(
             rules = %flagged.join(","),
             "guardrail flagged the prompt"
         );
+        audit_hits(p, &flagged, "flag");
     }
     // Delimiters never reach the upstream from a caller.
     for ptr in &with_delimiters {
@@ -219,6 +220,19 @@ fn counts_as_smuggling(c: char) -> bool {
     normalize::is_invisible(c) && !matches!(c, '\u{200D}' | '\u{FE0E}' | '\u{FE0F}')
 }
 
+/// One audit record per rule that hit: its name and what was done, never the text.
+fn audit_hits(p: &Principal, rules: &[String], action: &str) {
+    for rule in rules {
+        crate::audit::emit(crate::audit::Event::GuardrailHit {
+            rule: rule.clone(),
+            action: action.into(),
+            tenant: Some(p.tenant.clone()),
+            user_id: Some(p.user_id.clone()),
+            request_id: None,
+        });
+    }
+}
+
 /// The 400 of a blocked prompt, logged with the rules (never the text) and counted.
 fn block(p: &Principal, rules: &[String], param: &str) -> ApiError {
     info!(
@@ -229,6 +243,7 @@ fn block(p: &Principal, rules: &[String], param: &str) -> ApiError {
         status = 400,
         "guardrail blocked the prompt"
     );
+    audit_hits(p, rules, "block");
     let e = ApiError::bad_request(format!(
         "the request was blocked by the gateway's prompt-injection guardrails (rules: {})",
         rules.join(", ")
