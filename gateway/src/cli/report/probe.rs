@@ -177,9 +177,14 @@ async fn probe(config: &Config, scratch: &std::path::Path) -> anyhow::Result<Pro
 /// this user when not root.
 pub fn run_as_service_user(config: &Config) -> anyhow::Result<ProbeResult> {
     use std::io::Write;
+    use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
+    // As the worker: exec'd through a descriptor opened now, as root, since the service user
+    // may not be allowed to walk to the binary (a checkout under a 0700 folder, say).
     let exe = std::env::current_exe()?;
-    let mut cmd = std::process::Command::new(exe);
+    let exe =
+        std::fs::File::open(&exe).with_context(|| format!("cannot open {}", exe.display()))?;
+    let mut cmd = std::process::Command::new(format!("/proc/self/fd/{}", exe.as_raw_fd()));
     cmd.args(["audit", "probe"])
         .current_dir("/")
         .stdin(std::process::Stdio::piped())
