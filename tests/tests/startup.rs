@@ -65,11 +65,24 @@ fn data_dir_secrets_and_database_have_the_stated_modes_and_owner() {
     ] {
         assert_eq!(mode_owner(&file), (0o600, uid, gid), "{}", file.display());
     }
-    // And nothing else in there is open to group or others, nor someone else's.
+    // And nothing else in there is open to group or others, nor someone else's — but the
+    // audit trail, which root owns so the worker cannot rewrite it: its folder and files are
+    // readable by the service user's group, its HMAC key by root alone.
+    let audit = data.join("audit");
     for entry in entries_below(&data) {
         let (mode, u, g) = mode_owner(&entry);
-        let want = if entry.is_dir() { 0o700 } else { 0o600 };
-        assert_eq!((mode, u, g), (want, uid, gid), "{}", entry.display());
+        let want = if entry == audit {
+            (0o750, 0, gid)
+        } else if entry == data.join("audit.key") {
+            (0o600, 0, 0)
+        } else if entry.starts_with(&audit) {
+            (0o640, 0, gid)
+        } else if entry.is_dir() {
+            (0o700, uid, gid)
+        } else {
+            (0o600, uid, gid)
+        };
+        assert_eq!((mode, u, g), want, "{}", entry.display());
     }
 }
 
