@@ -19,3 +19,4 @@ pub mod policy_grammar;
 pub mod secret_files;
 pub mod segment;
 pub mod store;
+pub mod tls;

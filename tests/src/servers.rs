@@ -5,6 +5,8 @@
 //! - PostgreSQL refuses to run as root, so `initdb` and `postgres` run as `nobody`; TCP clients
 //!   authenticate with a password (scram-sha-256), which the fixture writes to a 0600 file the
 //!   gateway reads (`[store] password_file`).
+//! - [`Pg::start_tls`] serves TLS only (`hostssl` in `pg_hba.conf`) with a certificate from
+//!   a CA of the test's own; [`Redis::start_with_password`] needs `AUTH`.
 //! - Both are killed (SIGKILL) and their folders removed on drop, panics included; [`Pg::kill`]
 //!   and [`Redis::kill`] end them mid-test (the failure-posture tests).
 
@@ -94,11 +96,50 @@ pub struct Pg {
     bin: PathBuf,
     dir: tempfile::TempDir,
     databases: AtomicUsize,
+    /// TLS only: the server's certificate and key files in `run/`.
+    tls: bool,
+}
+
+/// A CA of the test's own and the PEM of the server certificate it signed for 127.0.0.1.
+pub struct TestCa {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl TestCa {
+    pub fn for_loopback() -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        TestCa {
+            ca_pem: ca_cert.pem(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
 }
 
 impl Pg {
     /// initdb into a temp folder and start the server; waits until it accepts connections.
     pub fn start() -> Pg {
+        Self::start_with(None)
+    }
+
+    /// A server that accepts TCP sessions over TLS only, with `ca`'s server certificate.
+    pub fn start_tls(ca: &TestCa) -> Pg {
+        Self::start_with(Some(ca))
+    }
+
+    fn start_with(tls: Option<&TestCa>) -> Pg {
         let bin = postgres_bin_dir();
         let dir = tempfile::Builder::new()
             .prefix("moat-pg-")
@@ -138,12 +179,35 @@ impl Pg {
             String::from_utf8_lossy(&out.stderr)
         );
         let _ = fs::remove_file(&pwfile);
+        if let Some(ca) = tls {
+            // PostgreSQL wants its key private to its user.
+            for (name, pem, mode) in [
+                ("server.crt", &ca.cert_pem, 0o644),
+                ("server.key", &ca.key_pem, 0o600),
+            ] {
+                let path = run.join(name);
+                fs::write(&path, pem).unwrap();
+                fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+                nix::unistd::chown(&path, Some(uid.into()), Some(gid.into())).unwrap();
+            }
+            let hba = data.join("pg_hba.conf");
+            let text = fs::read_to_string(&hba).unwrap();
+            let only_tls: String = text
+                .lines()
+                .map(|l| match l.strip_prefix("host ") {
+                    Some(rest) => format!("hostssl {rest}\n"),
+                    None => format!("{l}\n"),
+                })
+                .collect();
+            fs::write(&hba, only_tls).unwrap();
+        }
         let mut pg = Pg {
             child: None,
             port: 0,
             bin,
             dir,
             databases: AtomicUsize::new(0),
+            tls: tls.is_some(),
         };
         pg.spawn();
         pg
@@ -165,6 +229,19 @@ impl Pg {
                     self.dir.path().join("run").display()
                 ))
                 .args(["-c", "fsync=off", "-c", "max_connections=200"])
+                .args(if self.tls {
+                    let run = self.dir.path().join("run");
+                    vec![
+                        "-c".to_owned(),
+                        "ssl=on".to_owned(),
+                        "-c".to_owned(),
+                        format!("ssl_cert_file={}", run.join("server.crt").display()),
+                        "-c".to_owned(),
+                        format!("ssl_key_file={}", run.join("server.key").display()),
+                    ]
+                } else {
+                    Vec::new()
+                })
                 .current_dir(self.dir.path())
                 .uid(uid)
                 .gid(gid)
@@ -327,10 +404,20 @@ pub struct Redis {
     child: Option<Child>,
     pub port: u16,
     dir: tempfile::TempDir,
+    password: Option<String>,
 }
 
 impl Redis {
     pub fn start() -> Redis {
+        Self::start_with(None)
+    }
+
+    /// A server whose clients must `AUTH` with `password` first (`requirepass`).
+    pub fn start_with_password(password: &str) -> Redis {
+        Self::start_with(Some(password.to_owned()))
+    }
+
+    fn start_with(password: Option<String>) -> Redis {
         let dir = tempfile::Builder::new()
             .prefix("moat-redis-")
             .tempdir()
@@ -339,6 +426,7 @@ impl Redis {
             child: None,
             port: 0,
             dir,
+            password,
         };
         r.spawn();
         r
@@ -356,6 +444,10 @@ impl Redis {
             let mut child = Command::new(bin)
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .args(["--save", "", "--appendonly", "no"])
+                .args(match &self.password {
+                    Some(p) => vec!["--requirepass", p.as_str()],
+                    None => Vec::new(),
+                })
                 .arg("--dir")
                 .arg(self.dir.path())
                 .stdin(Stdio::null())

@@ -7,7 +7,9 @@
 //!   stream for it ends;
 //! - concurrent refreshes of one token, spread over both replicas, have exactly one winner;
 //! - PostgreSQL killed under load: credentials B verified before go on from its cache,
-//!   anything else is a 503, and no other 5xx appears.
+//!   anything else is a 503, and no other 5xx appears;
+//! - both backends behind their secrets: PostgreSQL over TLS only, verified against the
+//!   operator's CA, and Redis with a password.
 
 use std::{
     sync::{Arc, Barrier},
@@ -18,7 +20,7 @@ use moat_tests::{
     Daemon, Events, Sim,
     daemon::with_role,
     http::Client,
-    servers::{Pg, Redis},
+    servers::{Pg, Redis, TestCa},
 };
 use serde_json::{Value, json};
 
@@ -26,9 +28,26 @@ const CHAT: &str = "/v1/chat/completions";
 
 /// One replica's config: the shared database, `rest` (pools, models, auth...).
 fn replica(pg: &Pg, db: &str, rest: &str) -> Daemon {
+    replica_with(pg, db, "", rest, &[])
+}
+
+/// [`replica`] with more `[store]` lines and files beside the config.
+fn replica_with(
+    pg: &Pg,
+    db: &str,
+    store_extra: &str,
+    rest: &str,
+    files: &[(&str, &str)],
+) -> Daemon {
     let rest = with_role(rest, "user", "\"model:*\", \"inference:*\"");
-    let d = Daemon::off("", &format!("{rest}\n{}", pg.store_toml(db, "pgpass")));
+    let d = Daemon::off(
+        "",
+        &format!("{rest}\n{}{store_extra}", pg.store_toml(db, "pgpass")),
+    );
     d.write_file("pgpass", pg.password());
+    for (name, text) in files {
+        d.write_file(name, text);
+    }
     d
 }
 
@@ -45,9 +64,19 @@ fn share_pepper(a: &Daemon, b: &Daemon) {
 /// Two started replicas on one database; tenant `acme`, user `alice` (role `user`), and a
 /// key made through A: returns (a, b, key, key id).
 fn pair(pg: &Pg, rest: &str) -> (Daemon, Daemon, String, String) {
-    let db = pg.create_database();
-    let mut a = replica(pg, &db, rest);
-    let mut b = replica(pg, &db, rest);
+    pair_with(pg, &pg.create_database(), "", rest, &[])
+}
+
+/// [`pair`] on database `db`, with [`replica_with`]'s extras.
+fn pair_with(
+    pg: &Pg,
+    db: &str,
+    store_extra: &str,
+    rest: &str,
+    files: &[(&str, &str)],
+) -> (Daemon, Daemon, String, String) {
+    let mut a = replica_with(pg, db, store_extra, rest, files);
+    let mut b = replica_with(pg, db, store_extra, rest, files);
     // One HS256 secret for configs that use it: access tokens then verify on every replica.
     for d in [&a, &b] {
         d.write_file(
@@ -605,4 +634,83 @@ fn slots_held_by_a_killed_replica_come_back_after_the_lease_and_not_before() {
         admitted <= Duration::from_secs(LEASE_SECS + 3),
         "slots came back only {admitted:?} after the kill"
     );
+}
+
+#[test]
+fn replicas_reach_postgres_over_verified_tls_only_and_redis_with_its_password() {
+    const REDIS_PASSWORD: &str = "test-only-redis-password";
+    let ca = TestCa::for_loopback();
+    // The server refuses sessions without TLS (`hostssl` only).
+    let pg = Pg::start_tls(&ca);
+    let redis = Redis::start_with_password(REDIS_PASSWORD);
+    let sim = Sim::start(&[]);
+    let db = format!("{}?sslmode=require", pg.create_database());
+    let models = format!(
+        "[pools.p]\nhosts = [\"{}\"]\n[models.chat]\npool = \"p\"\n",
+        sim.addr
+    );
+    let quotas = format!(
+        "[quotas]\nbackend = \"redis\"\nredis_url = \"{}\"\n\
+         redis_password_file = \"redispass\"\n[quotas.key]\nrequests_per_minute = 5\n",
+        redis.url()
+    );
+    let files = [
+        ("ca.pem", ca.ca_pem.as_str()),
+        ("redispass", REDIS_PASSWORD),
+    ];
+    let (a, b, key, _) = pair_with(
+        &pg,
+        &db,
+        "ca_file = \"ca.pem\"\n",
+        &format!("{quotas}{models}"),
+        &files,
+    );
+    // The identity both replicas share travelled over TLS.
+    assert_eq!(models_status(&a, &key), 200);
+    assert_eq!(models_status(&b, &key), 200);
+    // Redis took the password: 5 per minute across both replicas, then 429s (a refused AUTH
+    // would have been 503s).
+    let statuses: Vec<u16> = load([a.url(CHAT), b.url(CHAT)], &key, 8, 1)
+        .into_iter()
+        .map(|r| r.0)
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 200).count(),
+        5,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|&s| s == 200 || s == 429),
+        "{statuses:?}"
+    );
+
+    // Without the password Redis refuses the replica: the documented 503 with Retry-After,
+    // never an uncounted pass.
+    let mut c = replica_with(
+        &pg,
+        &db,
+        "ca_file = \"ca.pem\"\n",
+        &format!(
+            "{}{models}",
+            quotas.replace("redis_password_file = \"redispass\"\n", "")
+        ),
+        &files,
+    );
+    share_pepper(&a, &c);
+    c.start();
+    let (status, retry, body) = chat_status(&c.url(CHAT), &key);
+    assert_eq!(status, 503, "{body}");
+    assert!(retry.is_some(), "{body}");
+    drop(c);
+
+    // Without the operator's CA the server's certificate is not trusted (webpki's roots do
+    // not know the test's CA), and without TLS the server refuses the session: the replica
+    // does not start, and says why.
+    let plain_db = db.trim_end_matches("?sslmode=require").to_owned();
+    for (db, extra, why) in [(&db, "", "certificate"), (&plain_db, "", "no encryption")] {
+        let mut d = replica_with(&pg, db, extra, &models, &files);
+        let (status, log) = d.run_to_exit(None);
+        assert!(!status.success(), "{log}");
+        assert!(log.contains(why), "{why}: {log}");
+    }
 }

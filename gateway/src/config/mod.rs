@@ -34,6 +34,7 @@ pub use schema::{
     QuotasConfig, RoleConfig, SegmentationConfig, SegmentationMode, ServerConfig, SigningAlgorithm,
     StoreConfig, StoreKind, TenantConfig,
 };
+pub use validate::{PgTls, pg_tls};
 
 use self::{capture::Reader, schema::RawConfig, validate::Invalid};
 
@@ -85,6 +86,10 @@ pub struct Config {
     pub captured: Captured,
     /// The shared store's password (`[store] password_file` / `password_env`).
     pub store_password: Option<Secret>,
+    /// The CAs (DER) for PostgreSQL over TLS (`[store] ca_file`); `None`: the webpki roots.
+    pub store_ca: Option<Vec<Vec<u8>>>,
+    /// Redis's password (`[quotas] redis_password_file` / `redis_password_env`).
+    pub redis_password: Option<Secret>,
     /// `[guardrails]`, compiled once per load.
     pub guardrails: std::sync::Arc<crate::guardrails::Guardrails>,
 }
@@ -269,7 +274,7 @@ impl Config {
         validate::admin(&raw.admin, &raw.server)?;
         let seg = validate::segmentation(&raw.segmentation, &reader)?;
         validate::auth(&raw.auth, base, &reader)?;
-        let store_password = validate::store(&raw.store, base, &reader)?;
+        let shared = validate::store(&raw, base, &reader)?;
         let guardrails = validate::guardrails(&raw)?;
 
         Ok(Config {
@@ -283,7 +288,9 @@ impl Config {
             inference: seg.inference,
             guardrails,
             captured: reader.into_captured(),
-            store_password,
+            store_password: shared.store_password,
+            store_ca: shared.store_ca,
+            redis_password: shared.redis_password,
         })
     }
 

@@ -36,7 +36,11 @@ pub struct RawConfig {
 pub struct StoreConfig {
     pub kind: StoreKind,
     /// `postgres://user@host:port/db` (with `kind = "postgres"`); never a password.
+    /// `?sslmode=require` speaks TLS and verifies the server's certificate.
     pub url: Option<String>,
+    /// PEM CAs that sign the PostgreSQL server's certificate (with `sslmode=require`;
+    /// default: the webpki roots). Relative to the config's folder.
+    pub ca_file: Option<PathBuf>,
     /// File holding the database password (first line; relative to the config's folder).
     pub password_file: Option<PathBuf>,
     /// Environment variable holding the database password instead.
@@ -289,8 +293,12 @@ pub struct TenantConfig {
 pub struct QuotasConfig {
     /// Where the counters live: this replica's memory, or Redis shared by every replica.
     pub backend: QuotaBackendKind,
-    /// `redis://host:port/` (with `backend = "redis"`).
+    /// `redis://[user@]host:port/` (with `backend = "redis"`); never a password.
     pub redis_url: Option<String>,
+    /// File holding the Redis password (`requirepass` or the ACL user's; first line).
+    pub redis_password_file: Option<PathBuf>,
+    /// Environment variable holding the Redis password instead.
+    pub redis_password_env: Option<String>,
     /// What a request gets while Redis is unreachable.
     pub on_backend_error: OnBackendError,
     /// How long a concurrency slot outlives its replica (seconds, default 30, 3 to 3600): the

@@ -18,7 +18,10 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, GenericClient, NoTls, Row, error::SqlState};
+use tokio_postgres::{AsyncMessage, GenericClient, Row, config::SslMode, error::SqlState};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::config::PgTls;
 use tracing::{info, warn};
 
 use super::{
@@ -57,7 +60,15 @@ impl From<tokio_postgres::Error> for StoreError {
 
 impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
-        StoreError::Backend(format!("cannot reach PostgreSQL: {e}"))
+        // The causes say what an operator must fix (a certificate nobody trusts, a refused
+        // password, no `hostssl` entry); the pool's own message only says that it failed.
+        let mut text = format!("cannot reach PostgreSQL: {e}");
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            text.push_str(&format!(": {c}"));
+            cause = c.source();
+        }
+        StoreError::Backend(text)
     }
 }
 
@@ -77,11 +88,28 @@ impl PostgresStore {
         if let Some(p) = &config.store_password {
             pg.password(p.expose());
         }
-        Self::connect(pg, sc.pool_size.unwrap_or(DEFAULT_POOL_SIZE))
+        // The config load refused every other sslmode (see `validate::store`).
+        pg.ssl_mode(match crate::config::pg_tls(url) {
+            PgTls::Require => SslMode::Require,
+            _ => SslMode::Disable,
+        });
+        let tls = crate::tls::client_with_roots(config.store_ca.as_deref(), "store.ca_file")
+            .map_err(|e| backend(format!("{e:#}")))?
+            .with_no_client_auth();
+        Self::connect(
+            pg,
+            MakeRustlsConnect::new(tls),
+            sc.pool_size.unwrap_or(DEFAULT_POOL_SIZE),
+        )
     }
 
-    /// Connects with `pg` (password included), `size` connections at most.
-    pub fn connect(mut pg: tokio_postgres::Config, size: usize) -> StoreResult<Self> {
+    /// Connects with `pg` (password and TLS mode included), `size` connections at most; `tls`
+    /// is used when `pg` asks for it.
+    pub fn connect(
+        mut pg: tokio_postgres::Config,
+        tls: MakeRustlsConnect,
+        size: usize,
+    ) -> StoreResult<Self> {
         pg.application_name("moat")
             .connect_timeout(WAIT)
             // A server that vanished without a FIN is noticed, not waited on forever.
@@ -95,7 +123,7 @@ impl PostgresStore {
             .map_err(backend)?;
         let mgr = Manager::from_config(
             pg.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -115,7 +143,7 @@ impl PostgresStore {
             signal: signal.clone(),
         };
         store.migrate()?;
-        store.rt().spawn(listen(pg, signal));
+        store.rt().spawn(listen(pg, tls, signal));
         Ok(store)
     }
 
@@ -185,10 +213,10 @@ impl Drop for PostgresStore {
 /// Keeps one connection `LISTEN`ing on [`CHANNEL`] and wakes `signal` on each notification,
 /// and once after every (re)connect (notifications sent meanwhile were missed). Reconnects
 /// with backoff; the callers' epoch poll covers the gaps.
-async fn listen(pg: tokio_postgres::Config, signal: Arc<Notify>) {
+async fn listen(pg: tokio_postgres::Config, tls: MakeRustlsConnect, signal: Arc<Notify>) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match pg.connect(NoTls).await {
+        match pg.connect(tls.clone()).await {
             Ok((client, mut conn)) => {
                 backoff = Duration::from_millis(100);
                 let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();

@@ -106,7 +106,7 @@ pub(super) fn tls_roots(
 }
 
 /// Parses a PEM bundle of CA certificates (DER out), refusing a file with none.
-fn parse_ca_pem(path: &Path, pem: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+pub(super) fn parse_ca_pem(path: &Path, pem: &[u8]) -> Result<Vec<Vec<u8>>, String> {
     use rustls_pki_types::{CertificateDer, pem::PemObject};
     let mut out = Vec::new();
     for cert in CertificateDer::pem_slice_iter(pem) {

@@ -16,6 +16,7 @@ mod tenancy;
 
 use std::collections::BTreeMap;
 
+pub use self::store::{PgTls, pg_tls};
 pub(super) use self::{
     auth::auth,
     guardrails::guardrails,

@@ -109,7 +109,8 @@ pub(in crate::config) fn tenancy(raw: &RawConfig) -> Result<(), Invalid> {
             if info.redis_settings().password().is_some() {
                 return Err(Invalid::new(
                     "quotas.redis_url",
-                    "the URL carries a password; moat does not take secrets in its config",
+                    "the URL carries a password; put it in `redis_password_file` or \
+                     `redis_password_env` instead",
                 ));
             }
         }

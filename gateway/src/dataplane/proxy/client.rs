@@ -13,7 +13,6 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Context as _;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
@@ -73,23 +72,10 @@ pub fn build(pool: &Pool) -> anyhow::Result<HttpClient> {
     http.set_connect_timeout(Some(pool.timeouts.connect));
     http.set_keepalive(Some(Duration::from_secs(30)));
 
-    let mut roots = rustls::RootCertStore::empty();
-    match &pool.tls_roots {
-        Some(ders) => {
-            for der in ders {
-                roots
-                    .add(der.clone().into())
-                    .with_context(|| format!("pools.{}.tls_ca_file: bad certificate", pool.name))?;
-            }
-        }
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .context("rustls protocol versions")?
-    .with_root_certificates(roots);
+    let tls = crate::tls::client_with_roots(
+        pool.tls_roots.as_deref(),
+        &format!("pools.{}.tls_ca_file", pool.name),
+    )?;
     // mTLS: the certificate read at this config's load; a reload builds a new client, so a
     // rotated certificate is used from the next new connection on.
     let tls = match &pool.tls_client {

@@ -128,6 +128,7 @@ impl Quotas {
                 let url = q.redis_url.as_deref().unwrap_or_default();
                 Self::new(redis::RedisQuotas::new(
                     url,
+                    config.redis_password.as_ref().map(|p| p.expose()),
                     q.on_backend_error,
                     q.redis_lease(),
                 )?)

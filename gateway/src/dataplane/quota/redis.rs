@@ -175,8 +175,18 @@ fn limit(v: Option<u64>) -> i64 {
 impl RedisQuotas {
     /// Connects lazily (a replica starts, and follows its posture, while Redis is down) and
     /// starts the lease renewer on the current runtime.
-    pub fn new(url: &str, on_error: OnBackendError, lease: Duration) -> anyhow::Result<Arc<Self>> {
-        let client = redis::Client::open(url)?;
+    pub fn new(
+        url: &str,
+        password: Option<&str>,
+        on_error: OnBackendError,
+        lease: Duration,
+    ) -> anyhow::Result<Arc<Self>> {
+        let mut info = redis::IntoConnectionInfo::into_connection_info(url)?;
+        if let Some(p) = password {
+            let settings = info.redis_settings().clone().set_password(p);
+            info = info.set_redis_settings(settings);
+        }
+        let client = redis::Client::open(info)?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(TIMEOUT))
             .set_response_timeout(Some(TIMEOUT))
