@@ -35,7 +35,11 @@ use super::{
     output::{Class, TextFilter},
 };
 use crate::{
-    dataplane::{metered::EndEarly, proxy::headers::is_event_stream},
+    dataplane::{
+        answer::{self, Data},
+        metered::EndEarly,
+        proxy::headers::is_event_stream,
+    },
     error::ApiError,
 };
 
@@ -193,7 +197,7 @@ impl SseFilter {
     fn feed(&mut self, data: &[u8], out: &mut BytesMut) {
         self.buf.extend_from_slice(data);
         while self.state == State::Open {
-            let Some(len) = event_len(&self.buf) else {
+            let Some(len) = answer::event_len(&self.buf) else {
                 break;
             };
             let ev = self.buf.split_to(len).freeze();
@@ -202,10 +206,16 @@ impl SseFilter {
     }
 
     fn event(&mut self, ev: &[u8], out: &mut BytesMut) {
-        let Some(payload) = data_payload(ev) else {
-            // Comments and other fields carry no text.
-            out.extend_from_slice(ev);
-            return;
+        let payload = match answer::data(ev) {
+            Data::One(r) => &ev[r],
+            // Several data lines: not what an OpenAI server sends; screened as one
+            // unparseable payload (dropped).
+            Data::Several => b"",
+            Data::None => {
+                // Comments and other fields carry no text.
+                out.extend_from_slice(ev);
+                return;
+            }
         };
         if payload.trim_ascii() == b"[DONE]" {
             self.flush_all(out);
@@ -540,33 +550,6 @@ fn write_event(v: &Value, out: &mut BytesMut) {
         out.extend_from_slice(&s);
     }
     out.extend_from_slice(b"\n\n");
-}
-
-/// The length of the first complete event of `buf` (through its blank line), if any.
-fn event_len(buf: &[u8]) -> Option<usize> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
-/// The payload of an event's `data:` lines (joined by newlines, as SSE says), if it has any.
-fn data_payload(ev: &[u8]) -> Option<&[u8]> {
-    let mut found = None;
-    for line in ev.split(|b| *b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if let Some(d) = line.strip_prefix(b"data:") {
-            if found.is_some() {
-                // Several data lines: not what an OpenAI server sends; screened as one
-                // unparseable payload (dropped).
-                return Some(b"");
-            }
-            found = Some(d.strip_prefix(b" ").unwrap_or(d));
-        }
-    }
-    found
 }
 
 #[cfg(test)]
