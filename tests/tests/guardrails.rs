@@ -48,7 +48,7 @@ fn config(sim: &str, guard: &str) -> String {
          [pools.gpu]\nhosts = [\"{sim}\"]\nhealth_interval_ms = 100\n\
          [pools.guard]\nhosts = [\"{guard}\"]\nhealth_interval_ms = 100\n\
          [models.chat]\npool = \"gpu\"\n\
-         [models.strict]\npool = \"gpu\"\n\
+         [models.strict]\npool = \"gpu\"\nmax_messages = 3\n\
          [models.guard]\npool = \"guard\"\n\
          [roles.ops]\npermissions = [\"audit:read\"]\n\
          [tenants.testing]\nkey_quota = {{ requests_per_minute = 40 }}\n\
@@ -250,6 +250,22 @@ async fn guardrails_end_to_end() {
     let (s, _, v) = post(&d, &key, &body).await;
     assert_eq!(s, 400);
     assert_eq!(v["error"]["code"], "system_message_not_allowed");
+    // The operator prompt counts in `max_messages` (3 for `strict`): three of the caller's
+    // are one too many, and nothing goes upstream.
+    let before = sim.requests().await;
+    body["messages"] = json!([{"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]);
+    let (s, _, v) = post(&d, &key, &body).await;
+    assert_eq!(s, 400, "{v}");
+    assert_eq!(v["error"]["param"], "messages");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("system prompt"),
+        "{v}"
+    );
+    assert_eq!(sim.requests().await, before);
 
     // Every class redacted in a plain answer.
     let moat_key = d.create_key("tester");
