@@ -194,12 +194,11 @@ pub async fn screen(
         }
     }
     let canary = policy.canary.then(canary::new);
-    if endpoint == Endpoint::ChatCompletions {
-        if let Some(system) = operator_message(&policy, canary.as_deref())
-            && let Some(Value::Array(msgs)) = body.get_mut("messages")
-        {
-            msgs.insert(0, serde_json::json!({"role": "system", "content": system}));
-        }
+    if endpoint == Endpoint::ChatCompletions
+        && let Some(system) = operator_message(&policy, canary.as_deref())
+        && let Some(Value::Array(msgs)) = body.get_mut("messages")
+    {
+        msgs.insert(0, serde_json::json!({"role": "system", "content": system}));
     }
     Ok(Some(Guard {
         flagged,
