@@ -7,7 +7,8 @@
 //! - every secret and PII class redacted in plain answers and in streams where it is split
 //!   over 2–5 chunks at every offset; the canary cut with `finish_reason: "content_filter"`;
 //! - the classifier pool, its verdicts and its error policy;
-//! - the counters on `/metrics`, and logs that never carry the text;
+//! - the counters on `/metrics`, the audit records of blocked prompts and of what answers
+//!   had redacted or cut (one per class and answer), and logs that never carry the text;
 //! - the official OpenAI Python SDK reading a filtered stream.
 
 use std::time::Duration;
@@ -47,7 +48,7 @@ fn config(sim: &str, guard: &str) -> String {
          [pools.gpu]\nhosts = [\"{sim}\"]\nhealth_interval_ms = 100\n\
          [pools.guard]\nhosts = [\"{guard}\"]\nhealth_interval_ms = 100\n\
          [models.chat]\npool = \"gpu\"\n\
-         [models.strict]\npool = \"gpu\"\n\
+         [models.strict]\npool = \"gpu\"\nmax_messages = 3\n\
          [models.guard]\npool = \"guard\"\n\
          [roles.ops]\npermissions = [\"audit:read\"]\n\
          [tenants.testing]\nkey_quota = {{ requests_per_minute = 40 }}\n\
@@ -118,6 +119,28 @@ async fn stream(d: &Daemon, key: &str, content: &str) -> (String, Vec<String>) {
     }
     assert!(done, "the stream ends with [DONE]");
     (text, finishes)
+}
+
+/// Every audit record `auditor` may read (all pages).
+async fn audit(d: &Daemon, auditor: &str) -> Vec<Value> {
+    let auth = format!("Bearer {auditor}");
+    let (mut out, mut since) = (Vec::new(), 0);
+    loop {
+        let url = format!(
+            "http://{}/admin/audit?since={since}&limit=10000",
+            d.admin_addr()
+        );
+        let (status, _, bytes) =
+            http::fetch("GET", &url, &[("authorization", &auth)], String::new()).await;
+        assert_eq!(status, 200);
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        let page = v["records"].as_array().unwrap();
+        if page.is_empty() {
+            return out;
+        }
+        since = v["next"].as_u64().unwrap();
+        out.extend(page.iter().cloned());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,6 +250,22 @@ async fn guardrails_end_to_end() {
     let (s, _, v) = post(&d, &key, &body).await;
     assert_eq!(s, 400);
     assert_eq!(v["error"]["code"], "system_message_not_allowed");
+    // The operator prompt counts in `max_messages` (3 for `strict`): three of the caller's
+    // are one too many, and nothing goes upstream.
+    let before = sim.requests().await;
+    body["messages"] = json!([{"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]);
+    let (s, _, v) = post(&d, &key, &body).await;
+    assert_eq!(s, 400, "{v}");
+    assert_eq!(v["error"]["param"], "messages");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("system prompt"),
+        "{v}"
+    );
+    assert_eq!(sim.requests().await, before);
 
     // Every class redacted in a plain answer.
     let moat_key = d.create_key("tester");
@@ -362,6 +401,75 @@ async fn guardrails_end_to_end() {
         hits.len()
     );
     assert_eq!(hits[0]["event"]["tenant"], "testing");
+
+    // The answer side: one record per class an answer hit (however often), naming the class
+    // and the action, never the text. (The auditor reads its own tenant's records: these are
+    // the first answers of `testing` with anything to redact or cut.)
+    let email = "jane.doe@corp.example.org";
+    let (s, _, v) = post(
+        &d,
+        &key,
+        &chat(&format!("a {JWT} b {JWT} c {email}"), false),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "a [REDACTED:jwt] b [REDACTED:jwt] c [REDACTED:email]"
+    );
+    let (_, finishes) = stream(&d, &key, &format!("leak{SPLIT}{{{{system}}}}")).await;
+    assert_eq!(finishes, ["content_filter"]);
+    let want = [
+        ("output.jwt", "redact"),
+        ("output.email", "redact"),
+        ("output.canary", "block"),
+    ];
+    let output_hits = |records: &[Value]| -> Vec<(String, String)> {
+        records
+            .iter()
+            .filter(|r| {
+                r["event"]["kind"] == "guardrail_hit"
+                    && r["event"]["rule"]
+                        .as_str()
+                        .is_some_and(|x| x.starts_with("output."))
+            })
+            .map(|r| {
+                assert_eq!(r["event"]["tenant"], "testing");
+                (
+                    r["event"]["rule"].as_str().unwrap().to_owned(),
+                    r["event"]["action"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let mut found = Vec::new();
+    for _ in 0..100 {
+        found = output_hits(&audit(&d, &auditor).await);
+        if want
+            .iter()
+            .all(|(r, a)| found.iter().any(|f| f.0 == *r && f.1 == *a))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Anything written late would show up by now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let records = audit(&d, &auditor).await;
+    let found_now = output_hits(&records);
+    assert!(found_now.len() >= found.len());
+    let mut got = found_now.clone();
+    got.sort();
+    let mut expected: Vec<(String, String)> = want
+        .iter()
+        .map(|(r, a)| (r.to_string(), a.to_string()))
+        .collect();
+    expected.sort();
+    assert_eq!(got, expected, "one record per class and answer");
+    let text = serde_json::to_string(&records).unwrap();
+    for never in [JWT, email] {
+        assert!(!text.contains(never), "the audit trail carries {never:?}");
+    }
     // The log names rules, never the text.
     let log = d.log();
     assert!(log.contains("override.ignore_previous"));

@@ -174,36 +174,57 @@ impl http_body::Body for Answer {
     }
 }
 
-/// The length of the first complete event of `buf` (through its blank line), if any.
-fn event_len(buf: &[u8]) -> Option<usize> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+/// The length of the first complete event of `buf` (through its blank line), if any. The data
+/// plane's one SSE event splitter (the guardrails' stream filter splits with it too).
+pub(crate) fn event_len(buf: &[u8]) -> Option<usize> {
+    let lf = memchr::memmem::find(buf, b"\n\n").map(|i| i + 2);
+    // A CRLF blank line can only come before the first LF one if it starts before it.
+    let crlf_in = &buf[..lf.map_or(buf.len(), |e| (e + 2).min(buf.len()))];
+    let crlf = memchr::memmem::find(crlf_in, b"\r\n\r\n").map(|i| i + 4);
     match (lf, crlf) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }
 }
 
-/// The span of the payload of an event's `data:` line when it is a JSON object. An event of
-/// several `data:` lines is not one an OpenAI server sends; it is left alone.
-fn data_line(ev: &[u8]) -> Option<Range<usize>> {
+/// An event's `data:` payload (its line, without the `data:` and one space).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Data {
+    /// No `data:` line (a comment, another field).
+    None,
+    One(Range<usize>),
+    /// Several `data:` lines: not what an OpenAI server sends.
+    Several,
+}
+
+/// The `data:` payload of one event (as [`event_len`] splits them).
+pub(crate) fn data(ev: &[u8]) -> Data {
     let start = if ev.starts_with(b"data:") {
         0
     } else {
-        ev.windows(6).position(|w| w == b"\ndata:")? + 1
+        match memchr::memmem::find(ev, b"\ndata:") {
+            Some(i) => i + 1,
+            None => return Data::None,
+        }
     };
     let mut from = start + 5;
     if ev.get(from) == Some(&b' ') {
         from += 1;
     }
-    let end = ev[from..]
-        .iter()
-        .position(|b| *b == b'\n' || *b == b'\r')
-        .map_or(ev.len(), |i| from + i);
-    if ev[end..].windows(6).any(|w| w == b"\ndata:") || ev.get(from) != Some(&b'{') {
-        return None;
+    let end = memchr::memchr2(b'\n', b'\r', &ev[from..]).map_or(ev.len(), |i| from + i);
+    if memchr::memmem::find(&ev[end..], b"\ndata:").is_some() {
+        return Data::Several;
     }
-    Some(from..end)
+    Data::One(from..end)
+}
+
+/// The span of the payload of an event's `data:` line when it is a JSON object. An event of
+/// several `data:` lines is not one an OpenAI server sends; it is left alone.
+fn data_line(ev: &[u8]) -> Option<Range<usize>> {
+    match data(ev) {
+        Data::One(r) if ev.get(r.start) == Some(&b'{') => Some(r),
+        _ => None,
+    }
 }
 
 /// The usage event of a stream: a usage object and no choices. Only an event that carries a

@@ -6,7 +6,10 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -26,14 +29,33 @@ const REVOCATION_CHECK: Duration = Duration::from_millis(100);
 /// Most of a non-streamed answer kept to read its `usage` from.
 const USAGE_SCAN_LIMIT: usize = 4 << 20;
 
+/// Put in a metered answer's extensions for whoever ends the answer early on purpose (the
+/// guardrails' output filter cutting a stream): the request is then charged its prompt and
+/// what the upstream generated up to the cut, not its whole reservation. (An answer that ends
+/// early otherwise, client gone or upstream broken, keeps the reservation.)
+#[derive(Debug, Clone, Default)]
+pub struct EndEarly(Arc<AtomicBool>);
+
+impl EndEarly {
+    /// The answer is being ended on purpose.
+    pub fn cut(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    fn is_cut(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// Wraps an answer: refunds a failed attempt at once; otherwise meters the body (see
-/// [`Metered`]).
+/// [`Metered`]). `reserved` is what the ticket reserved, and of it the prompt's estimate.
 pub fn meter(
     resp: Response,
     ticket: Ticket,
     identity: Arc<Identity>,
     principal: Principal,
     metrics: Timing,
+    reserved: Reserved,
 ) -> Response {
     if !resp.status().is_success() {
         ticket.refund();
@@ -44,7 +66,9 @@ pub fn meter(
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
-    let (parts, body) = resp.into_parts();
+    let (mut parts, body) = resp.into_parts();
+    let end_early = EndEarly::default();
+    parts.extensions.insert(end_early.clone());
     let generation = identity.generation();
     let metered = Metered {
         inner: body,
@@ -68,8 +92,18 @@ pub fn meter(
         timing: Some(metrics),
         first_byte: false,
         tokens: None,
+        end_early,
+        reserved,
+        events: 0,
     };
     Response::from_parts(parts, Body::new(metered))
+}
+
+/// The tokens a request reserved, and of them its prompt's estimate.
+#[derive(Debug, Clone, Copy)]
+pub struct Reserved {
+    pub prompt: u64,
+    pub total: u64,
 }
 
 /// For the metrics: the request's model and when it went upstream (time to first token).
@@ -102,6 +136,11 @@ pub struct Metered {
     first_byte: bool,
     /// Prompt and completion tokens, as the usage reports them.
     tokens: Option<(u64, u64)>,
+    end_early: EndEarly,
+    reserved: Reserved,
+    /// The stream's events seen so far (one token an event, as OpenAI-compatible servers
+    /// stream them): with the prompt, the charge of a stream cut early.
+    events: u64,
 }
 
 impl Metered {
@@ -122,12 +161,16 @@ impl Metered {
         self.scan.extend_from_slice(chunk);
         while let Some(i) = self.scan.iter().position(|b| *b == b'\n') {
             let line = self.scan.split_to(i + 1);
-            if let Some(data) = line.strip_prefix(b"data:")
-                && mentions_usage(data)
+            let Some(data) = line.strip_prefix(b"data:") else {
+                continue;
+            };
+            if mentions_usage(data)
                 && let Some(u) = total_tokens(data)
             {
                 self.usage = Some(u);
                 self.tokens = io_tokens(data);
+            } else if data.trim_ascii() != b"[DONE]" {
+                self.events += 1;
             }
         }
         // A line longer than the scan limit carries no usage worth keeping.
@@ -198,6 +241,20 @@ fn total_tokens(json: &[u8]) -> Option<u64> {
     v.get("usage")?.get("total_tokens")?.as_u64()
 }
 
+impl Drop for Metered {
+    /// An answer cut on purpose before its usage came ([`EndEarly`]): charged its prompt and
+    /// the events generated up to the cut, at most the reservation. Any other early end keeps
+    /// the reservation.
+    fn drop(&mut self) {
+        if self.end_early.is_cut()
+            && let Some(t) = self.ticket.take()
+        {
+            let used = self.reserved.prompt.saturating_add(self.events);
+            t.reconcile(used.min(self.reserved.total));
+        }
+    }
+}
+
 impl http_body::Body for Metered {
     type Data = Bytes;
     type Error = axum::Error;
@@ -254,7 +311,130 @@ impl http_body::Body for Metered {
 
 #[cfg(test)]
 mod tests {
-    use super::{mentions_usage, total_tokens};
+    use std::sync::Mutex;
+
+    use http_body_util::BodyExt as _;
+
+    use super::*;
+    use crate::{
+        auth::AuthMethod, config::Config, dataplane::quota::Reservation, store::sqlite::SqliteStore,
+    };
+
+    /// What a ticket's reservation was told: `Some(used)` when reconciled.
+    #[derive(Clone, Default)]
+    struct Seen(Arc<Mutex<Vec<String>>>);
+
+    struct Watched(Seen);
+
+    impl Reservation for Watched {
+        fn reconcile(self: Box<Self>, used: u64) {
+            self.0.0.lock().unwrap().push(format!("reconcile {used}"));
+        }
+        fn refund(self: Box<Self>) {
+            self.0.0.lock().unwrap().push("refund".into());
+        }
+    }
+
+    /// An upstream stream: its events, then nothing more (it never ends by itself).
+    struct Upstream(std::collections::VecDeque<Bytes>);
+
+    impl http_body::Body for Upstream {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            match self.0.pop_front() {
+                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    fn identity(dir: &std::path::Path) -> Arc<Identity> {
+        let config = Config::from_str(
+            &dir.join("moat.toml"),
+            &format!("[server]\ndata_dir = \"{}\"\n", dir.join("data").display()),
+        )
+        .unwrap();
+        let store = Arc::new(SqliteStore::open_in(&config.data_dir).unwrap());
+        Arc::new(Identity::new(&config, store).unwrap())
+    }
+
+    /// A stream of `n` text events that never ends by itself, metered; returns the answer and
+    /// what its reservation is told.
+    fn stream(dir: &std::path::Path, n: usize, reserved: Reserved) -> (Response, Seen) {
+        let events = (0..n)
+            .map(|i| {
+                Bytes::from(format!(
+                    "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"t{i}\"}}}}]}}\n\n"
+                ))
+            })
+            .collect();
+        let body = Body::new(Upstream(events));
+        let resp = Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(body)
+            .unwrap();
+        let seen = Seen::default();
+        let p = Principal {
+            user_id: "u".into(),
+            username: "u".into(),
+            tenant: "t".into(),
+            key_id: Some("k".into()),
+            session_id: None,
+            roles: vec![],
+            method: AuthMethod::ApiKey,
+        };
+        let timing = Timing {
+            model: "m".into(),
+            sent: std::time::Instant::now(),
+        };
+        let ticket = Ticket::holding(Box::new(Watched(seen.clone())));
+        let resp = meter(resp, ticket, identity(dir), p, timing, reserved);
+        (resp, seen)
+    }
+
+    async fn read(resp: &mut Response, frames: usize) {
+        for _ in 0..frames {
+            resp.body_mut().frame().await.unwrap().unwrap();
+        }
+    }
+
+    /// A stream the guardrails cut is charged its prompt and the events generated up to the
+    /// cut, at most the reservation; any other early end keeps the reservation.
+    #[tokio::test]
+    async fn a_stream_cut_on_purpose_is_charged_what_was_generated() {
+        let dir = tempfile::tempdir().unwrap();
+        let reserved = Reserved {
+            prompt: 40,
+            total: 1040,
+        };
+        let (mut resp, seen) = stream(dir.path(), 3, reserved);
+        read(&mut resp, 3).await;
+        resp.extensions().get::<EndEarly>().unwrap().cut();
+        drop(resp);
+        assert_eq!(*seen.0.lock().unwrap(), ["reconcile 43"]);
+
+        // The client went away: the reservation stands.
+        let (mut resp, seen) = stream(dir.path(), 3, reserved);
+        read(&mut resp, 2).await;
+        drop(resp);
+        assert!(seen.0.lock().unwrap().is_empty());
+
+        // Never more than the reservation.
+        let small = Reserved {
+            prompt: 40,
+            total: 42,
+        };
+        let (mut resp, seen) = stream(dir.path(), 5, small);
+        read(&mut resp, 5).await;
+        resp.extensions().get::<EndEarly>().unwrap().cut();
+        drop(resp);
+        assert_eq!(*seen.0.lock().unwrap(), ["reconcile 42"]);
+    }
 
     #[test]
     fn usage_is_read_only_from_what_reports_it() {

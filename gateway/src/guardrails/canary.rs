@@ -2,6 +2,9 @@
 //! an answer that repeats it (whole, even split across stream chunks) has leaked the system
 //! prompt and is cut with `finish_reason: "content_filter"` (see `output`).
 
+/// A canary's length.
+pub const LEN: usize = "moat-canary-".len() + 16;
+
 /// A fresh canary: `moat-canary-` and 16 random hex digits (64 bits).
 pub fn new() -> String {
     let mut raw = [0u8; 8];
@@ -21,6 +24,6 @@ mod tests {
     fn canaries_are_fresh() {
         let (a, b) = (super::new(), super::new());
         assert_ne!(a, b);
-        assert_eq!(a.len(), "moat-canary-".len() + 16);
+        assert_eq!(a.len(), super::LEN);
     }
 }

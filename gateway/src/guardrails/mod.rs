@@ -29,7 +29,7 @@ mod stream;
 use std::collections::BTreeMap;
 
 pub use policy::{InputAction, Policy};
-pub use screen::{Guard, screen};
+pub use screen::{Guard, operator_message_len, policy, screen};
 pub use stream::{EventScreen, filter};
 
 use crate::config::{ClassifierConfig, GuardrailPolicyConfig, GuardrailsConfig};

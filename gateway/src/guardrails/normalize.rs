@@ -37,21 +37,26 @@ pub fn is_invisible(c: char) -> bool {
 pub fn normalize(raw: &str, decode_min: usize) -> Normalized {
     let mut invisible = 0;
     let mut tags = String::new();
-    let visible: String = raw
-        .chars()
-        .filter(|&c| {
-            if is_invisible(c) {
-                invisible += 1;
-                // Tag characters mirror ASCII (U+E0041 is `A`): the "ASCII smuggler" trick.
-                if ('\u{E0020}'..='\u{E007E}').contains(&c) {
-                    tags.push(char::from_u32(c as u32 - 0xE0000).unwrap_or(' '));
+    // ASCII (most prompts) has no invisible characters: no copy.
+    let visible: std::borrow::Cow<str> = if raw.is_ascii() {
+        raw.into()
+    } else {
+        raw.chars()
+            .filter(|&c| {
+                if is_invisible(c) {
+                    invisible += 1;
+                    // Tag characters mirror ASCII (U+E0041 is `A`): the "ASCII smuggler" trick.
+                    if ('\u{E0020}'..='\u{E007E}').contains(&c) {
+                        tags.push(char::from_u32(c as u32 - 0xE0000).unwrap_or(' '));
+                    }
+                    false
+                } else {
+                    true
                 }
-                false
-            } else {
-                true
-            }
-        })
-        .collect();
+            })
+            .collect::<String>()
+            .into()
+    };
     let text = fold(&visible);
     let mut views = Vec::new();
     if !tags.is_empty() {
@@ -72,6 +77,10 @@ pub fn normalize(raw: &str, decode_min: usize) -> Normalized {
 
 /// NFKC, lower case, mixed-script look-alikes folded.
 fn fold(s: &str) -> String {
+    // ASCII is its own NFKC, and has no look-alikes.
+    if s.is_ascii() {
+        return s.to_ascii_lowercase();
+    }
     let lower: String = s.nfkc().flat_map(char::to_lowercase).collect();
     if lower.is_ascii() {
         return lower;

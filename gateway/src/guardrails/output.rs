@@ -16,8 +16,9 @@
 
 use std::{ops::Range, sync::LazyLock};
 
+use aho_corasick::{AhoCorasick, AhoCorasickKind};
 use base64::Engine as _;
-use regex::{Regex, RegexSet};
+use regex::Regex;
 
 /// An output class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -128,57 +129,198 @@ impl OutputPolicy {
     }
 }
 
+/// The class's pattern. ASCII classes (`(?-u)`) where a class is about ASCII tokens: a
+/// Unicode `\b`, `\w` or `\d` would make the regex engine leave its DFA for a slower one on
+/// any non-ASCII answer, for nothing (keys, numbers and addresses are ASCII). Long runs are
+/// unbounded (`+`) rather than bounded (`{0,2000}`): a bounded repetition of a class is that
+/// many copies of it in the automaton.
 fn pattern(c: Class) -> &'static str {
     match c {
-        Class::MoatKey => r"\bmoat_[0-9A-Za-z]{12}_[0-9A-Za-z]{49}\b",
-        Class::Jwt => r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",
+        Class::MoatKey => r"(?-u)\bmoat_[0-9A-Za-z]{12}_[0-9A-Za-z]{49}\b",
+        Class::Jwt => r"(?-u)\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",
         Class::PrivateKey => {
             r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----(?s:.*?)(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|\z)"
         }
         Class::CloudKey => {
-            r"\b(?:(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[A-Z0-9]{16}|AIza[0-9A-Za-z_-]{35})\b|(?i:aws_secret_access_key)\s*[=:]\s*[A-Za-z0-9/+]{40}"
+            r"(?-u)\b(?:(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[A-Z0-9]{16}|AIza[0-9A-Za-z_-]{35})\b|(?i:aws_secret_access_key)\s*[=:]\s*[A-Za-z0-9/+]{40}"
         }
         Class::GithubToken => {
-            r"\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})\b"
+            r"(?-u)\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})\b"
         }
         Class::SlackToken => {
-            r"\bxox[abposr]-[A-Za-z0-9-]{10,250}|https://hooks\.slack\.com/services/[A-Za-z0-9/]{20,200}"
+            r"(?-u)\bxox[abposr]-[A-Za-z0-9-]{10,}|https://hooks\.slack\.com/services/[A-Za-z0-9/]{20,}"
         }
         Class::Secret => {
-            r#"(?i)\b[\w.-]{0,40}(?:secret|token|passw(?:or)?d|pwd|api[_-]?key|apikey|access[_-]?key|private[_-]?key|credential|auth)s?[\w.-]{0,20}["']?\s*[:=]\s*["']?([A-Za-z0-9+/_.~!@#$%^&*-]{12,256})"#
+            r#"(?i-u)\b[\w.-]{0,40}(?:secret|token|passw(?:or)?d|pwd|api[_-]?key|apikey|access[_-]?key|private[_-]?key|credential|auth)s?[\w.-]{0,20}["']?\s*[:=]\s*["']?([A-Za-z0-9+/_.~!@#$%^&*-]{12,256})"#
         }
         Class::Email => {
-            r"\b[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}\.)+[A-Za-z]{2,24}\b"
+            r"(?-u)\b[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}\.)+[A-Za-z]{2,24}\b"
         }
-        Class::Phone => r"(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)|\b\d{2,4})[ .-]\d{3,4}[ .-]\d{3,4}\b",
-        Class::Card => r"\b\d(?:[ -]?\d){12,18}\b",
-        Class::Iban => r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b",
+        Class::Phone => {
+            r"(?-u)(?:\+[0-9]{1,3}[ .-]?)?(?:\([0-9]{2,4}\)|\b[0-9]{2,4})[ .-][0-9]{3,4}[ .-][0-9]{3,4}\b"
+        }
+        Class::Card => r"(?-u)\b[0-9](?:[ -]?[0-9]){12,18}\b",
+        Class::Iban => r"(?-u)\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b",
         Class::Link => {
-            r#"!?\[[^\]\n]{0,200}\]\(\s*<?(?:https?:)?//([^/\s)>?#:]{1,253})[^\s)>]{0,2000}>?(?:\s+"[^"\n]{0,200}")?\s*\)"#
+            r#"!?\[[^\]\n]*\]\(\s*<?(?:https?:)?//([^/\s)>?#:]+)[^\s)>]*>?(?:\s+"[^"\n]*")?\s*\)"#
         }
         Class::Canary => unreachable!("the canary is a literal"),
     }
 }
 
+/// The literals that a class's match must contain (ASCII case-insensitive), so that a regex
+/// runs only on a text that may hold its class. Email, phone, card and IBAN are gated by
+/// `@` and digit counts instead (see [`candidates`]).
+fn triggers(c: Class) -> &'static [&'static str] {
+    match c {
+        Class::MoatKey => &["moat_"],
+        Class::Jwt => &["eyj"],
+        Class::PrivateKey => &["-----begin "],
+        Class::CloudKey => &[
+            "akia",
+            "asia",
+            "agpa",
+            "aida",
+            "aroa",
+            "anpa",
+            "anva",
+            "aipa",
+            "aiza",
+            "aws_secret_access_key",
+        ],
+        Class::GithubToken => &["ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"],
+        Class::SlackToken => &["xox", "hooks.slack.com"],
+        Class::Secret => &[
+            "secret",
+            "token",
+            "passw",
+            "pwd",
+            "apikey",
+            "api_key",
+            "api-key",
+            "accesskey",
+            "access_key",
+            "access-key",
+            "privatekey",
+            "private_key",
+            "private-key",
+            "credential",
+            "auth",
+        ],
+        Class::Link => &["]("],
+        _ => &[],
+    }
+}
+
 struct Compiled {
-    set: RegexSet,
     each: Vec<Regex>,
+    /// Every class's triggers; `trigger_class[pattern]` says whose.
+    triggers: AhoCorasick,
+    trigger_class: Vec<Class>,
 }
 
 static COMPILED: LazyLock<Compiled> = LazyLock::new(|| {
-    let pats: Vec<&str> = Class::PATTERNS.iter().map(|c| pattern(*c)).collect();
+    let mut lits = Vec::new();
+    let mut trigger_class = Vec::new();
+    for c in Class::PATTERNS {
+        for t in triggers(c) {
+            lits.push(*t);
+            trigger_class.push(c);
+        }
+    }
     Compiled {
-        set: RegexSet::new(&pats).expect("shipped output patterns compile"),
-        each: pats
+        each: Class::PATTERNS
             .iter()
-            .map(|p| Regex::new(p).expect("shipped output patterns compile"))
+            .map(|c| Regex::new(pattern(*c)).expect("shipped output patterns compile"))
             .collect(),
+        triggers: AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            // A DFA: the fastest overlapping search, and the automaton is small.
+            .kind(Some(AhoCorasickKind::DFA))
+            .build(&lits)
+            .expect("shipped output triggers build"),
+        trigger_class,
     }
 });
 
 /// Compiles the output patterns now (at config load) rather than on the first answer.
 pub fn warm_up() {
     LazyLock::force(&COMPILED);
+}
+
+/// The classes `text` may hold (a superset: each candidate's regex and check decide).
+fn candidates(text: &str) -> [bool; N] {
+    let mut g = Gate::default();
+    g.feed(text);
+    g.may()
+}
+
+const N: usize = Class::PATTERNS.len();
+/// The longest trigger, less one: how far back a trigger may start that ends in new text.
+const TRIGGER_OVERLAP: usize = 20;
+
+/// What the triggers say of a text that grows at the end and shrinks at the start (a stream's
+/// hold-back window), kept up to date from the new bytes alone: so a chunk costs a pass over
+/// itself, not over the window. Offsets are absolute (from the start of the stream), plus one
+/// (0: never seen).
+#[derive(Debug, Default)]
+struct Gate {
+    /// The start of each class's last trigger.
+    last: [usize; N],
+    at_sign: usize,
+    assign: usize,
+    upper: usize,
+    /// ASCII digits in the text.
+    digits: usize,
+    /// Where the text starts and ends.
+    base: usize,
+    end: usize,
+}
+
+impl Gate {
+    /// `text` is the whole text now; its last `text.len() - (end - base)` bytes are new.
+    fn feed(&mut self, text: &str) {
+        let c = &*COMPILED;
+        let known = self.end - self.base;
+        let new = &text.as_bytes()[known..];
+        // Triggers ending in the new bytes (those wholly before were seen already).
+        let from = known.saturating_sub(TRIGGER_OVERLAP);
+        for m in c.triggers.find_overlapping_iter(&text.as_bytes()[from..]) {
+            let at = self.base + from + m.start() + 1;
+            let slot = &mut self.last[c.trigger_class[m.pattern().as_usize()].index()];
+            *slot = (*slot).max(at);
+        }
+        let abs = |i: usize| self.base + known + i + 1;
+        if let Some(i) = memchr::memrchr(b'@', new) {
+            self.at_sign = abs(i);
+        }
+        if let Some(i) = memchr::memrchr2(b':', b'=', new) {
+            self.assign = abs(i);
+        }
+        if let Some(i) = new.iter().rposition(u8::is_ascii_uppercase) {
+            self.upper = abs(i);
+        }
+        self.digits += new.iter().filter(|b| b.is_ascii_digit()).count();
+        self.end += new.len();
+    }
+
+    /// The text loses its first bytes, `gone`.
+    fn drop_front(&mut self, gone: &[u8]) {
+        self.digits -= gone.iter().filter(|b| b.is_ascii_digit()).count();
+        self.base += gone.len();
+    }
+
+    fn may(&self) -> [bool; N] {
+        let held = |at: usize| at > self.base;
+        let mut may = self.last.map(held);
+        may[Class::Email.index()] = held(self.at_sign);
+        may[Class::Phone.index()] = self.digits >= 9;
+        may[Class::Card.index()] = self.digits >= 13;
+        may[Class::Iban.index()] = self.digits >= 2 && held(self.upper);
+        // An assignment needs `:` or `=`.
+        may[Class::Secret.index()] &= held(self.assign);
+        may
+    }
 }
 
 /// One finding: its class and the span to take out.
@@ -193,11 +335,20 @@ pub struct Found {
 
 /// Every finding in `text` of the classes `policy` acts on, plus the canary, in order.
 pub fn scan(text: &str, policy: &OutputPolicy, canary: Option<&str>) -> Vec<Found> {
+    scan_classes(text, candidates(text), policy, canary)
+}
+
+/// [`scan`] for the classes `may` says the text may hold.
+fn scan_classes(
+    text: &str,
+    may: [bool; N],
+    policy: &OutputPolicy,
+    canary: Option<&str>,
+) -> Vec<Found> {
     let mut out = Vec::new();
     let c = &*COMPILED;
-    for i in c.set.matches(text).iter() {
-        let class = Class::PATTERNS[i];
-        if policy.action(class) == OutputAction::Off {
+    for (i, class) in Class::PATTERNS.into_iter().enumerate() {
+        if !may[i] || policy.action(class) == OutputAction::Off {
             continue;
         }
         let re = &c.each[i];
@@ -382,6 +533,7 @@ pub struct Step {
 pub struct TextFilter {
     pending: String,
     hold_back: usize,
+    gate: Gate,
 }
 
 impl TextFilter {
@@ -389,6 +541,7 @@ impl TextFilter {
         Self {
             pending: String::new(),
             hold_back,
+            gate: Gate::default(),
         }
     }
 
@@ -401,13 +554,15 @@ impl TextFilter {
         canary: Option<&str>,
     ) -> Step {
         self.pending.push_str(text);
-        let found = scan(&self.pending, policy, canary);
+        self.gate.feed(&self.pending);
+        let found = scan_classes(&self.pending, self.gate.may(), policy, canary);
         let len = self.pending.len();
         if let Some(b) = found
             .iter()
             .find(|f| f.class == Class::Canary || policy.action(f.class) == OutputAction::Block)
         {
             let (release, redacted) = redact(&self.pending[..b.span.start], &found);
+            self.gate.drop_front(self.pending.as_bytes());
             self.pending.clear();
             return Step {
                 release,
@@ -437,6 +592,7 @@ impl TextFilter {
             }
         }
         let (release, redacted) = redact(&self.pending[..cut], &found);
+        self.gate.drop_front(&self.pending.as_bytes()[..cut]);
         self.pending.drain(..cut);
         Step {
             release,

@@ -290,7 +290,10 @@ impl RuleSet {
             for (id, weight, pattern) in SHIPPED {
                 let i = rule_index(&mut rules, id, *weight);
                 pattern_rule.push(i);
-                patterns.push((*pattern).to_owned());
+                // An ASCII word boundary: a Unicode one makes the regex engine leave its DFA
+                // for a far slower one as soon as the text has a non-ASCII byte. The
+                // boundaries sit next to Latin words, where the two agree.
+                patterns.push(pattern.replace(r"\b", r"(?-u:\b)"));
             }
         }
         for (n, r) in operator.iter().enumerate() {

@@ -31,6 +31,9 @@ pub struct Guard {
     pub hold_back: usize,
     /// Whether the answer has text to screen (not embeddings).
     pub generation: bool,
+    /// Whose answer it is, for the audit records of what the output filter finds.
+    pub tenant: String,
+    pub user_id: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,20 +49,19 @@ struct Text {
     source: Source,
 }
 
-/// Runs the stage. `Ok(None)`: guardrails are off. An `Err` is the refusal to send (the
+/// Runs the stage with the request's `policy` ([`policy`]). `Ok(None)`: guardrails are off. An `Err` is the refusal to send (the
 /// caller refunds the quota ticket).
 pub async fn screen(
     state: &AppState,
     p: &Principal,
     endpoint: Endpoint,
-    model: &str,
+    policy: Option<Policy>,
     body: &mut Map<String, Value>,
 ) -> Result<Option<Guard>, ApiError> {
     let g = &state.config.guardrails;
-    if !g.enabled {
+    let Some(policy) = policy.filter(|_| g.enabled) else {
         return Ok(None);
-    }
-    let policy = g.policy(model, &p.tenant, &p.roles);
+    };
     let texts = collect(endpoint, body, &policy)?;
     let rules = &g.rules;
     let mut hit_user = vec![false; rules.rules.len()];
@@ -192,18 +194,11 @@ pub async fn screen(
         }
     }
     let canary = policy.canary.then(canary::new);
-    if endpoint == Endpoint::ChatCompletions {
-        let system = match (&policy.system_prompt, &canary) {
-            (Some(s), Some(c)) => Some(format!("{s}\n\n{}", canary::instruction(c))),
-            (Some(s), None) => Some(s.clone()),
-            (None, Some(c)) => Some(canary::instruction(c)),
-            (None, None) => None,
-        };
-        if let Some(system) = system
-            && let Some(Value::Array(msgs)) = body.get_mut("messages")
-        {
-            msgs.insert(0, serde_json::json!({"role": "system", "content": system}));
-        }
+    if endpoint == Endpoint::ChatCompletions
+        && let Some(system) = operator_message(&policy, canary.as_deref())
+        && let Some(Value::Array(msgs)) = body.get_mut("messages")
+    {
+        msgs.insert(0, serde_json::json!({"role": "system", "content": system}));
     }
     Ok(Some(Guard {
         flagged,
@@ -211,7 +206,37 @@ pub async fn screen(
         canary: canary.filter(|_| endpoint == Endpoint::ChatCompletions),
         hold_back: g.hold_back,
         generation: endpoint != Endpoint::Embeddings,
+        tenant: p.tenant.clone(),
+        user_id: p.user_id.clone(),
     }))
+}
+
+/// The request's policy, `None` when the guardrails are off.
+pub fn policy(state: &AppState, p: &Principal, model: &str) -> Option<Policy> {
+    let g = &state.config.guardrails;
+    g.enabled.then(|| g.policy(model, &p.tenant, &p.roles))
+}
+
+/// The system message the gateway puts first in a chat (the operator's prompt, the canary's
+/// line), if the policy has one.
+fn operator_message(policy: &Policy, canary: Option<&str>) -> Option<String> {
+    match (&policy.system_prompt, canary) {
+        (Some(s), Some(c)) => Some(format!("{s}\n\n{}", canary::instruction(c))),
+        (Some(s), None) => Some(s.clone()),
+        (None, Some(c)) => Some(canary::instruction(c)),
+        (None, None) => None,
+    }
+}
+
+/// The size in bytes of the system message [`screen`] will put first in a chat, known before
+/// its canary is drawn: it counts like a caller's message, in the model's `max_messages` and
+/// in the token reservation.
+pub fn operator_message_len(endpoint: Endpoint, policy: &Policy) -> Option<usize> {
+    if endpoint != Endpoint::ChatCompletions {
+        return None;
+    }
+    let canary = policy.canary.then(|| "0".repeat(canary::LEN));
+    operator_message(policy, canary.as_deref()).map(|m| m.len())
 }
 
 /// Invisible characters that are not part of ordinary emoji (the joiner and the variation

@@ -34,7 +34,14 @@ use super::{
     Guard, metrics,
     output::{Class, TextFilter},
 };
-use crate::{dataplane::proxy::headers::is_event_stream, error::ApiError};
+use crate::{
+    dataplane::{
+        answer::{self, Data},
+        metered::EndEarly,
+        proxy::headers::is_event_stream,
+    },
+    error::ApiError,
+};
 
 /// Most of a JSON answer read to screen it.
 const JSON_LIMIT: usize = 16 << 20;
@@ -56,13 +63,16 @@ pub async fn filter(resp: Response, guard: Option<Guard>) -> Response {
     }
     if is_event_stream(resp.headers()) {
         let (parts, inner) = resp.into_parts();
+        let end_early = parts.extensions.get::<EndEarly>().cloned();
         let body = SseFilter {
             inner,
             guard,
+            end_early,
             buf: BytesMut::new(),
             choices: BTreeMap::new(),
             tools: BTreeMap::new(),
             template: None,
+            audited: Audited::new(),
             state: State::Open,
         };
         return Response::from_parts(parts, Body::new(body));
@@ -90,6 +100,7 @@ pub async fn filter(resp: Response, guard: Option<Guard>) -> Response {
 fn screen_json(bytes: &[u8], g: &Guard) -> Option<Vec<u8>> {
     let mut v: Value = serde_json::from_slice(bytes).ok()?;
     let choices = v.get_mut("choices")?.as_array_mut()?;
+    let mut audited = Audited::new();
     for choice in choices {
         let mut cut = false;
         let fields: Vec<String> = {
@@ -114,7 +125,7 @@ fn screen_json(bytes: &[u8], g: &Guard) -> Option<Vec<u8>> {
             }
             let step =
                 TextFilter::new(g.hold_back).push(text, true, &g.output, g.canary.as_deref());
-            count(&step.redacted, step.blocked);
+            count(g, &mut audited, &step.redacted, step.blocked);
             *slot = Value::String(step.release);
             cut = step.blocked.is_some();
         }
@@ -125,12 +136,30 @@ fn screen_json(bytes: &[u8], g: &Guard) -> Option<Vec<u8>> {
     serde_json::to_vec(&v).ok()
 }
 
-fn count(redacted: &[Class], blocked: Option<Class>) {
-    for c in redacted {
-        metrics::output(Some(*c), "redact");
+/// The (class, action) pairs of an answer already audited.
+type Audited = Vec<(Class, &'static str)>;
+
+/// What a step found: each finding counted in `/metrics`, and each class audited once per
+/// answer (one `guardrail_hit` record naming the class and the action, never the text).
+fn count(g: &Guard, audited: &mut Audited, redacted: &[Class], blocked: Option<Class>) {
+    let hits = redacted
+        .iter()
+        .map(|c| (*c, "redact"))
+        .chain(blocked.map(|c| (c, "block")));
+    for (c, action) in hits {
+        metrics::output(Some(c), action);
+        if !audited.contains(&(c, action)) {
+            audited.push((c, action));
+            crate::audit::emit(crate::audit::Event::GuardrailHit {
+                rule: format!("output.{}", c.name()),
+                action: action.into(),
+                tenant: Some(g.tenant.clone()),
+                user_id: Some(g.user_id.clone()),
+                request_id: None,
+            });
+        }
     }
     if let Some(c) = blocked {
-        metrics::output(Some(c), "block");
         // The class, never the text.
         tracing::info!(class = c.name(), "guardrail cut the answer");
     }
@@ -156,6 +185,10 @@ pub struct SseFilter {
     /// The last chunk's identity fields (id, object, created, model, system_fingerprint),
     /// for the events the filter writes itself.
     template: Option<Value>,
+    /// Told when the filter cuts the stream (the metering then charges what was generated).
+    end_early: Option<EndEarly>,
+    /// The classes audited so far (once per answer).
+    audited: Audited,
     state: State,
 }
 
@@ -164,7 +197,7 @@ impl SseFilter {
     fn feed(&mut self, data: &[u8], out: &mut BytesMut) {
         self.buf.extend_from_slice(data);
         while self.state == State::Open {
-            let Some(len) = event_len(&self.buf) else {
+            let Some(len) = answer::event_len(&self.buf) else {
                 break;
             };
             let ev = self.buf.split_to(len).freeze();
@@ -173,10 +206,16 @@ impl SseFilter {
     }
 
     fn event(&mut self, ev: &[u8], out: &mut BytesMut) {
-        let Some(payload) = data_payload(ev) else {
-            // Comments and other fields carry no text.
-            out.extend_from_slice(ev);
-            return;
+        let payload = match answer::data(ev) {
+            Data::One(r) => &ev[r],
+            // Several data lines: not what an OpenAI server sends; screened as one
+            // unparseable payload (dropped).
+            Data::Several => b"",
+            Data::None => {
+                // Comments and other fields carry no text.
+                out.extend_from_slice(ev);
+                return;
+            }
         };
         if payload.trim_ascii() == b"[DONE]" {
             self.flush_all(out);
@@ -217,7 +256,7 @@ impl SseFilter {
                 .entry(index)
                 .or_insert_with(|| TextFilter::new(g.hold_back));
             let step = f.push(text, last, &g.output, g.canary.as_deref());
-            count(&step.redacted, step.blocked);
+            count(g, &mut self.audited, &step.redacted, step.blocked);
             let had_text = choice.pointer(ptr).is_some_and(Value::is_string);
             if had_text || !step.release.is_empty() {
                 set_text(choice, ptr, step.release.clone());
@@ -242,7 +281,7 @@ impl SseFilter {
                         .entry((index, k))
                         .or_insert_with(|| TextFilter::new(g.hold_back));
                     let step = f.push(args, false, &g.output, g.canary.as_deref());
-                    count(&step.redacted, step.blocked);
+                    count(g, &mut self.audited, &step.redacted, step.blocked);
                     call["function"]["arguments"] = Value::String(step.release);
                     if step.blocked.is_some() {
                         cut = step.blocked;
@@ -266,7 +305,7 @@ impl SseFilter {
                         continue;
                     };
                     let step = f.push("", true, &g.output, g.canary.as_deref());
-                    count(&step.redacted, step.blocked);
+                    count(g, &mut self.audited, &step.redacted, step.blocked);
                     if step.blocked.is_some() {
                         choice["finish_reason"] = json!("content_filter");
                         cut = step.blocked;
@@ -331,7 +370,7 @@ impl SseFilter {
         let tools = std::mem::take(&mut self.tools);
         for ((index, k), mut f) in tools {
             let step = f.push("", true, &self.guard.output, self.guard.canary.as_deref());
-            count(&step.redacted, step.blocked);
+            count(&self.guard, &mut self.audited, &step.redacted, step.blocked);
             if step.blocked.is_some() {
                 self.own_event(index, None, json!("content_filter"), out);
                 self.close(out, true);
@@ -348,7 +387,7 @@ impl SseFilter {
         let held = std::mem::take(&mut self.choices);
         for (index, mut f) in held {
             let step = f.push("", true, &self.guard.output, self.guard.canary.as_deref());
-            count(&step.redacted, step.blocked);
+            count(&self.guard, &mut self.audited, &step.redacted, step.blocked);
             if !step.release.is_empty() {
                 self.own_event(index, Some(step.release), Value::Null, out);
             }
@@ -362,6 +401,9 @@ impl SseFilter {
 
     /// Ends the stream after a cut: the other choices end too, then `[DONE]`.
     fn close(&mut self, out: &mut BytesMut, others: bool) {
+        if let Some(e) = &self.end_early {
+            e.cut();
+        }
         self.tools.clear();
         if others {
             let held: Vec<u64> = std::mem::take(&mut self.choices).into_keys().collect();
@@ -376,6 +418,9 @@ impl SseFilter {
 
     /// The filter failed: end the stream as a cut.
     fn fail(&mut self) -> Bytes {
+        if let Some(e) = &self.end_early {
+            e.cut();
+        }
         metrics::output(None, "error");
         warn!("guardrail output filter failed on a stream; cut");
         let mut out = BytesMut::new();
@@ -459,10 +504,12 @@ impl EventScreen {
         Self(SseFilter {
             inner: Body::empty(),
             guard,
+            end_early: None,
             buf: BytesMut::new(),
             choices: BTreeMap::new(),
             tools: BTreeMap::new(),
             template: None,
+            audited: Audited::new(),
             state: State::Open,
         })
     }
@@ -505,33 +552,6 @@ fn write_event(v: &Value, out: &mut BytesMut) {
     out.extend_from_slice(b"\n\n");
 }
 
-/// The length of the first complete event of `buf` (through its blank line), if any.
-fn event_len(buf: &[u8]) -> Option<usize> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
-/// The payload of an event's `data:` lines (joined by newlines, as SSE says), if it has any.
-fn data_payload(ev: &[u8]) -> Option<&[u8]> {
-    let mut found = None;
-    for line in ev.split(|b| *b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if let Some(d) = line.strip_prefix(b"data:") {
-            if found.is_some() {
-                // Several data lines: not what an OpenAI server sends; screened as one
-                // unparseable payload (dropped).
-                return Some(b"");
-            }
-            found = Some(d.strip_prefix(b" ").unwrap_or(d));
-        }
-    }
-    found
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -544,6 +564,8 @@ mod tests {
             canary: canary.map(str::to_owned),
             hold_back: 64,
             generation: true,
+            tenant: "t".into(),
+            user_id: "u".into(),
         }
     }
 
@@ -560,10 +582,12 @@ mod tests {
         let mut f = SseFilter {
             inner: Body::empty(),
             guard: g,
+            end_early: None,
             buf: BytesMut::new(),
             choices: BTreeMap::new(),
             tools: BTreeMap::new(),
             template: None,
+            audited: Audited::new(),
             state: State::Open,
         };
         let mut out = BytesMut::new();

@@ -981,6 +981,8 @@ fn filter_costs() {
         canary: Some("moat-canary-0011223344556677".into()),
         hold_back: 256,
         generation: true,
+        tenant: "bench".into(),
+        user_id: "bench".into(),
     };
     // 2000 chunks of a few words each, as a model streams them.
     let words = "the quick brown fox jumps over the lazy dog and then ";

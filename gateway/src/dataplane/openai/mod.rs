@@ -98,6 +98,16 @@ async fn handle(
         slot.set(&valid.model);
     }
     debug!(model = %valid.model, stream = valid.stream, bytes = bytes.len(), "request valid");
+    // The system prompt the guardrails will put first counts like a caller's message: in the
+    // model's `max_messages` and in the reservation.
+    let mut valid = valid;
+    let policy = guardrails::policy(&state, &principal, &valid.model);
+    if let Some(len) = policy
+        .as_ref()
+        .and_then(|p| guardrails::operator_message_len(endpoint, p))
+    {
+        valid.count_system_message(len, &state.config)?;
+    }
     // 8. authorize: permissions resolved now from the principal's current roles.
     let perms = Permissions::of(&state.config, &principal.roles);
     let route = authz::authorize(
@@ -121,6 +131,10 @@ async fn handle(
         tokens: valid.reserve_tokens,
         stream,
     };
+    let reserved = metered::Reserved {
+        prompt: valid.prompt_tokens,
+        total: valid.reserve_tokens,
+    };
     // 9. quotas: charged only if every limit passes.
     let ticket = state
         .quotas
@@ -129,9 +143,8 @@ async fn handle(
         .inspect_err(|e| refused(&principal, &model, e, "quota denied"))?;
     // 9b. guardrails: the prompt screened, the operator's system prompt put in; a blocked
     // prompt is refunded like any refused attempt.
-    let mut valid = valid;
     let guard =
-        match guardrails::screen(&state, &principal, endpoint, &model, &mut valid.body).await {
+        match guardrails::screen(&state, &principal, endpoint, policy, &mut valid.body).await {
             Ok(guard) => guard,
             Err(e) => {
                 ticket.refund();
@@ -161,7 +174,14 @@ async fn handle(
         model: model.clone(),
         sent,
     };
-    let resp = metered::meter(resp, ticket, state.identity.clone(), principal, timing);
+    let resp = metered::meter(
+        resp,
+        ticket,
+        state.identity.clone(),
+        principal,
+        timing,
+        reserved,
+    );
     // 12. the answer as the client may see it: the public model name, and no usage event the
     // client did not ask for (metering read it above).
     let resp = answer::rewrite(resp, &model, hide_usage);

@@ -39,7 +39,7 @@ pub fn tokens(endpoint: Endpoint, body: &Map<String, Value>, body_len: usize) ->
 }
 
 /// The prompt's tokens, estimated: a quarter of the body's bytes, or the token ids it carries.
-fn prompt_tokens(endpoint: Endpoint, body: &Map<String, Value>, body_len: usize) -> u64 {
+pub fn prompt_tokens(endpoint: Endpoint, body: &Map<String, Value>, body_len: usize) -> u64 {
     let by_bytes = (body_len as u64).div_ceil(4);
     let input = match endpoint {
         Endpoint::ChatCompletions => return by_bytes,

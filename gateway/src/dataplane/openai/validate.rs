@@ -53,12 +53,44 @@ pub struct Validated {
     pub logprobs: bool,
     /// Tokens to reserve against the tokens-per-minute quotas (see `reserve`).
     pub reserve_tokens: u64,
+    /// Of them, the prompt's estimate.
+    pub prompt_tokens: u64,
     /// A stream whose usage event the gateway asked for on its own behalf: the answer drops
     /// it again.
     pub hide_usage: bool,
 }
 
 impl Validated {
+    /// Counts a system message of `len` bytes the gateway will put first (the guardrails'
+    /// operator prompt) like one of the caller's: in the model's `max_messages` (400 when it
+    /// no longer fits) and in the token reservation.
+    pub fn count_system_message(&mut self, len: usize, config: &Config) -> Result<()> {
+        let count = self
+            .body
+            .get("messages")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len);
+        let max = config
+            .models()
+            .get(&self.model)
+            .map_or(usize::MAX, |m| m.max_messages);
+        if count + 1 > max {
+            return Err(bad(
+                "messages",
+                format!(
+                    "too many messages: {count} and the gateway's system prompt (at most {max} \
+                     in all)"
+                ),
+            ));
+        }
+        // The message as it goes in the body: `{"role":"system","content":"…"},`.
+        let bytes = len + r#"{"role":"system","content":""},"#.len();
+        let tokens = bytes.div_ceil(4) as u64;
+        self.reserve_tokens = self.reserve_tokens.saturating_add(tokens);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(tokens);
+        Ok(())
+    }
+
     /// The upstream's body, with the gateway's `cache_salt` (generation endpoints only).
     pub fn upstream_body(mut self, cache_salt: Option<String>) -> Result<Bytes> {
         if let Some(salt) = cache_salt
@@ -170,6 +202,7 @@ pub fn validate(endpoint: Endpoint, bytes: &[u8], config: &Config) -> Result<Val
         );
     }
     let reserve_tokens = reserve::tokens(endpoint, &body, bytes.len());
+    let prompt_tokens = reserve::prompt_tokens(endpoint, &body, bytes.len());
     Ok(Validated {
         endpoint,
         model,
@@ -177,6 +210,7 @@ pub fn validate(endpoint: Endpoint, bytes: &[u8], config: &Config) -> Result<Val
         body,
         logprobs,
         reserve_tokens,
+        prompt_tokens,
         hide_usage: stream && !asked_usage,
     })
 }
@@ -886,5 +920,25 @@ mod tests {
     fn not_an_object() {
         assert_eq!(param(CHAT, "[1]").0, StatusCode::BAD_REQUEST);
         assert_eq!(param(CHAT, "").0, StatusCode::BAD_REQUEST);
+    }
+
+    /// The gateway's own system prompt counts in `max_messages` and in the reservation.
+    #[test]
+    fn the_gateways_system_prompt_counts() {
+        let two = r#"{"model":"m","max_tokens":10,"messages":[{"role":"user","content":"a"},
+            {"role":"user","content":"b"}]}"#;
+        let mut v = check(CHAT, two).unwrap();
+        let e = v.count_system_message(100, &config()).unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert_eq!(e.param.as_deref(), Some("messages"));
+        assert!(e.message.contains("system prompt"), "{}", e.message);
+        let one = r#"{"model":"m","max_tokens":10,"messages":[{"role":"user","content":"a"}]}"#;
+        let mut v = check(CHAT, one).unwrap();
+        let (reserve, prompt) = (v.reserve_tokens, v.prompt_tokens);
+        assert_eq!(reserve - prompt, 10);
+        v.count_system_message(100, &config()).unwrap();
+        // 100 bytes of prompt and the message's 30 bytes of JSON: 33 tokens more.
+        assert_eq!(v.reserve_tokens, reserve + 33);
+        assert_eq!(v.prompt_tokens, prompt + 33);
     }
 }

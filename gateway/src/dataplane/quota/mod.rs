@@ -250,6 +250,12 @@ impl Ticket {
             h.reconcile(used);
         }
     }
+
+    /// A ticket over any reservation (tests that watch what an answer does with it).
+    #[cfg(test)]
+    pub(crate) fn holding(hold: Box<dyn Reservation>) -> Ticket {
+        Ticket { hold: Some(hold) }
+    }
 }
 
 #[cfg(test)]
