@@ -79,14 +79,15 @@ impl Drop for Held {
 /// counted (at least [`FLOOD`]); `one` makes one more deny and returns its `field`. `reader`
 /// is the daemon's pid.
 ///
-/// The limiter's windows run on the reader's clock, from the first deny it reads after a
-/// window ended. A slow machine (a VM under emulation) can take seconds to make a thousand
-/// denies, so the flood would reach the reader spread over several windows; instead the
-/// reader is held stopped while the kernel refuses and queues the flood, and reads it as the
-/// burst the limit is for. After a quiet second, its first deny opens a fresh window and the
-/// whole flood falls into it: exactly [`PER_SECOND`] lines. The summary is written when the
-/// next deny arrives after the window, so single denies trickle in until it shows; those
-/// still inside the window are suppressed too and counted.
+/// The limiter's windows run on the reader's clock: a window opens with the first deny read
+/// after the last one ended, and what is read in one go is judged at the time it was read. A
+/// slow machine (a VM under emulation) can take seconds to make a thousand denies, so the
+/// flood would reach the reader spread over several windows; instead the reader is held
+/// stopped while the kernel refuses and queues the flood, and reads it as the burst the limit
+/// is for. After a quiet second, the burst opens a fresh window and falls into it whole:
+/// exactly [`PER_SECOND`] lines. The summary is written when the next deny arrives after the
+/// window, so single denies trickle in until it shows; those still inside the window are
+/// suppressed too and counted.
 fn check_flood(
     log: &Path,
     reader: u32,
