@@ -212,7 +212,17 @@ fn severed_guard_links_are_restored_while_the_daemon_runs() {
     let rogue_to = sa(Lab::INF_ROGUE4, port);
     let wait = Duration::from_millis(800);
     let guard_link = |name: &str| -> Value {
-        let status = daemon.segment_status();
+        // `moat segment status` in the daemon's namespace: below Linux 6.6 it looks the
+        // netlink filter up by interface name, which only means something there.
+        let out = lab
+            .inference
+            .command(moat_tests::bin("moat"))
+            .args(["segment", "status", "--json", "--config"])
+            .arg(daemon.config_path())
+            .output()
+            .expect("run moat segment status");
+        assert!(out.status.success(), "moat segment status: {out:?}");
+        let status: Value = serde_json::from_slice(&out.stdout).expect("status JSON");
         status["inference"]["links"]
             .as_array()
             .unwrap()
