@@ -39,16 +39,58 @@ fn lines_with(lines: &[Value], event: &str, field: &str, value: u64) -> usize {
         .count()
 }
 
+/// The daemon (the process that reads the deny ring buffer) stopped with SIGSTOP until
+/// dropped. The kernel keeps enforcing and queueing deny events meanwhile.
+struct Held(nix::unistd::Pid);
+
+impl Held {
+    /// Stops `pid` and waits until every thread of it is stopped, so none is still reading.
+    fn stop(pid: u32) -> Held {
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        let held = Held(pid);
+        let tasks = format!("/proc/{pid}/task");
+        let deadline = Instant::now() + moat_tests::patience(Duration::from_secs(10));
+        loop {
+            // The state follows the `)` that closes the command name in `stat`.
+            let running = std::fs::read_dir(&tasks).unwrap().any(|t| {
+                let stat =
+                    std::fs::read_to_string(t.unwrap().path().join("stat")).unwrap_or_default();
+                let state = stat.rsplit_once(')').map_or("", |s| s.1.trim_start());
+                !state.starts_with(['T', 't'])
+            });
+            if !running {
+                return held;
+            }
+            assert!(Instant::now() < deadline, "the daemon did not stop");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
 /// What a flood left in the log, checked against the limit. `flood` makes the denies (all
 /// identified by `field` = `flood_id`) and returns that id and how many denies the kernel
-/// counted (at least [`FLOOD`]); `one` makes one more deny and returns its `field`.
+/// counted (at least [`FLOOD`]); `one` makes one more deny and returns its `field`. `reader`
+/// is the daemon's pid.
 ///
-/// The limiter's window starts with the logger; after a quiet second, the flood's first deny
-/// opens a fresh window, so the whole flood falls into one: exactly [`PER_SECOND`] lines. The
-/// summary is written when the next deny arrives after the window, so single denies trickle in
-/// until it shows; those still inside the window are suppressed too and counted.
+/// The limiter's windows run on the reader's clock: a window opens with the first deny read
+/// after the last one ended, and what is read in one go is judged at the time it was read. A
+/// slow machine (a VM under emulation) can take seconds to make a thousand denies, so the
+/// flood would reach the reader spread over several windows; instead the reader is held
+/// stopped while the kernel refuses and queues the flood, and reads it as the burst the limit
+/// is for. After a quiet second, the burst opens a fresh window and falls into it whole:
+/// exactly [`PER_SECOND`] lines. The summary is written when the next deny arrives after the
+/// window, so single denies trickle in until it shows; those still inside the window are
+/// suppressed too and counted.
 fn check_flood(
     log: &Path,
+    reader: u32,
     event: &str,
     field: &str,
     flood: impl FnOnce() -> (u64, u64),
@@ -57,7 +99,9 @@ fn check_flood(
     let suppressed_event = format!("{event}_suppressed");
     // A quiet period to wait out, not a condition to poll for.
     std::thread::sleep(Duration::from_millis(1200));
+    let held = Held::stop(reader);
     let (flood_id, denied) = flood();
+    drop(held);
     assert!(denied >= FLOOD as u64, "only {denied} denies in the flood");
     let mut trickle = Vec::new();
     let deadline = Instant::now() + moat_tests::patience(Duration::from_secs(15));
@@ -133,6 +177,7 @@ fn a_connect_deny_flood_is_logged_at_the_stated_rate_with_a_summary() {
     };
     check_flood(
         daemon.log_path(),
+        daemon.pid(),
         "kernel_deny",
         "pid",
         || (refused(FLOOD), FLOOD as u64),
@@ -140,7 +185,7 @@ fn a_connect_deny_flood_is_logged_at_the_stated_rate_with_a_summary() {
     );
     // The audit log has the same events at the same rate, and the summary, and verifies.
     let audit = daemon.data_dir().join("audit/audit.log");
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + moat_tests::patience(Duration::from_secs(10));
     let records = loop {
         let records: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
             .unwrap_or_default()
@@ -219,6 +264,7 @@ fn an_ingress_deny_flood_is_logged_at_the_stated_rate_with_a_summary() {
     };
     check_flood(
         daemon.log_path(),
+        daemon.pid(),
         "kernel_ingress_deny",
         "src_port",
         || {

@@ -186,9 +186,11 @@ fn a_restart_restores_a_link_severed_while_the_daemon_was_down() {
     assert_eq!(link_of(&status, "connect4")["state"], "attached");
 }
 
-/// The inference guard's link kinds — the `cgroup_skb` link at the cgroup2 root and a tcx
-/// link on an interface — detached with `bpftool link detach` under a guard-only daemon: each
-/// comes back as a new attached link, logged, and the rogue host stays dropped.
+/// The inference guard's attachments — the `cgroup_skb` link at the cgroup2 root and the TC
+/// attachment on an interface — removed under a guard-only daemon: links with `bpftool link
+/// detach`, and below Linux 6.6, where the TC guard is a clsact filter added through netlink
+/// (no link), the filter with `tc filter del`. Each comes back, logged, and the rogue host
+/// stays dropped.
 #[test]
 fn severed_guard_links_are_restored_while_the_daemon_runs() {
     require_root();
@@ -210,7 +212,17 @@ fn severed_guard_links_are_restored_while_the_daemon_runs() {
     let rogue_to = sa(Lab::INF_ROGUE4, port);
     let wait = Duration::from_millis(800);
     let guard_link = |name: &str| -> Value {
-        let status = daemon.segment_status();
+        // `moat segment status` in the daemon's namespace: below Linux 6.6 it looks the
+        // netlink filter up by interface name, which only means something there.
+        let out = lab
+            .inference
+            .command(moat_tests::bin("moat"))
+            .args(["segment", "status", "--json", "--config"])
+            .arg(daemon.config_path())
+            .output()
+            .expect("run moat segment status");
+        assert!(out.status.success(), "moat segment status: {out:?}");
+        let status: Value = serde_json::from_slice(&out.stdout).expect("status JSON");
         status["inference"]["links"]
             .as_array()
             .unwrap()
@@ -224,13 +236,36 @@ fn severed_guard_links_are_restored_while_the_daemon_runs() {
         assert_eq!(tcp_echo(&lab.rogue, rogue_to, wait).0, Outcome::TimedOut);
         let before = guard_link(name);
         assert_eq!(before["state"], "attached", "{before}");
-        let old_id = before["link_id"].as_u64().unwrap();
-        bpftool_detach(old_id);
-        let line = daemon.wait_log_nth("kernel_enforcement_restored", n);
-        assert_eq!(line["found"], format!("{name} (severed)"), "{line}");
-        let after = guard_link(name);
-        assert_eq!(after["state"], "attached", "{name} restored: {after}");
-        assert_ne!(after["link_id"].as_u64().unwrap(), old_id, "a new link");
+        if before["via"] == "netlink" {
+            // Below Linux 6.6 the TC guard is a clsact filter, no link: removed with `tc`.
+            assert!(before["link_id"].is_null(), "{before}");
+            let old_program = before["program_id"].as_u64().unwrap();
+            let out = lab
+                .inference
+                .command("tc")
+                .args(["filter", "del", "dev", Lab::IF_FROM_ROGUE, "ingress"])
+                .output()
+                .expect("run tc");
+            assert!(out.status.success(), "tc filter del: {out:?}");
+            let line = daemon.wait_log_nth("kernel_enforcement_restored", n);
+            assert_eq!(line["found"], format!("{name} (missing)"), "{line}");
+            let after = guard_link(name);
+            assert_eq!(after["state"], "attached", "{name} restored: {after}");
+            assert_eq!(after["via"], "netlink", "{after}");
+            assert_ne!(
+                after["program_id"].as_u64().unwrap(),
+                old_program,
+                "a new load"
+            );
+        } else {
+            let old_id = before["link_id"].as_u64().unwrap();
+            bpftool_detach(old_id);
+            let line = daemon.wait_log_nth("kernel_enforcement_restored", n);
+            assert_eq!(line["found"], format!("{name} (severed)"), "{line}");
+            let after = guard_link(name);
+            assert_eq!(after["state"], "attached", "{name} restored: {after}");
+            assert_ne!(after["link_id"].as_u64().unwrap(), old_id, "a new link");
+        }
         assert_eq!(
             tcp_echo(&lab.rogue, rogue_to, wait).0,
             Outcome::TimedOut,

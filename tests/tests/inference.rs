@@ -35,8 +35,11 @@ use nix::sys::signal::SIGHUP;
 
 /// How long a client waits before calling a flow dropped.
 const DROP_WAIT: Duration = Duration::from_millis(800);
-/// How long an allowed flow may take.
-const OK_WAIT: Duration = Duration::from_secs(3);
+/// How long an allowed flow may take: an upper bound on waiting, so it stretches on a slow
+/// machine ([`moat_tests::patience`]).
+fn ok_wait() -> Duration {
+    moat_tests::patience(Duration::from_secs(3))
+}
 /// Gateway round trips and rogue datagrams that must fall between the first and the last
 /// policy change of a test under traffic, for its "never failed" to mean anything.
 const MIN_DURING: u64 = 20;
@@ -97,7 +100,7 @@ fn host(addr: &str, len: u8) -> String {
 /// dropped (its connect times out).
 fn assert_rogue_in_gateway_out(lab: &Lab, rogue_to: SocketAddr, gw_to: SocketAddr, what: &str) {
     assert_eq!(
-        tcp_echo(&lab.rogue, rogue_to, OK_WAIT).0,
+        tcp_echo(&lab.rogue, rogue_to, ok_wait()).0,
         Outcome::Echoed,
         "{what}: the rogue host is admitted"
     );
@@ -123,19 +126,19 @@ fn cgroup_skb_guard_admits_only_the_gateway() {
 
     for to in [sa(Lab::INF_GW4, port), sa(Lab::INF_GW6, port)] {
         assert_eq!(
-            tcp_echo(&lab.gateway, to, OK_WAIT).0,
+            tcp_echo(&lab.gateway, to, ok_wait()).0,
             Outcome::Echoed,
             "gateway TCP {to}"
         );
         assert_eq!(
-            udp_echo(&lab.gateway, to, OK_WAIT).0,
+            udp_echo(&lab.gateway, to, ok_wait()).0,
             Outcome::Echoed,
             "gateway UDP {to}"
         );
     }
     // IPv4 through a dual-stack AF_INET6 client socket (`::ffff:a.b.c.d`) is IPv4 on the wire.
     let mapped = sa(&format!("::ffff:{}", Lab::INF_GW4), port);
-    assert_eq!(tcp_echo(&lab.gateway, mapped, OK_WAIT).0, Outcome::Echoed);
+    assert_eq!(tcp_echo(&lab.gateway, mapped, ok_wait()).0, Outcome::Echoed);
 
     let mut rogue_udp_ports = Vec::new();
     for to in [sa(Lab::INF_ROGUE4, port), sa(Lab::INF_ROGUE6, port)] {
@@ -162,7 +165,7 @@ fn cgroup_skb_guard_admits_only_the_gateway() {
     }
     // Another port of the same host is not the guard's business.
     let other = sa(Lab::INF_ROGUE4, unguarded.port);
-    assert_eq!(tcp_echo(&lab.rogue, other, OK_WAIT).0, Outcome::Echoed);
+    assert_eq!(tcp_echo(&lab.rogue, other, ok_wait()).0, Outcome::Echoed);
 
     // Loopback inside the inference host is a source like any other.
     for to in [sa("127.0.0.1", port), sa("::1", port)] {
@@ -222,11 +225,11 @@ fn cgroup_skb_guard_admits_only_the_gateway() {
         .apply(&guard_config(port, &allowed, "cgroup_skb", &[]))
         .unwrap();
     assert_eq!(
-        tcp_echo(&lab.rogue, sa(Lab::INF_ROGUE4, port), OK_WAIT).0,
+        tcp_echo(&lab.rogue, sa(Lab::INF_ROGUE4, port), ok_wait()).0,
         Outcome::Echoed
     );
     assert_eq!(
-        tcp_echo(&lab.inference, sa("127.0.0.1", port), OK_WAIT).0,
+        tcp_echo(&lab.inference, sa("127.0.0.1", port), ok_wait()).0,
         Outcome::Echoed
     );
     assert_eq!(
@@ -272,12 +275,12 @@ fn tc_guard_covers_exactly_its_interfaces() {
 
     for to in [sa(Lab::INF_GW4, port), sa(Lab::INF_GW6, port)] {
         assert_eq!(
-            tcp_echo(&lab.gateway, to, OK_WAIT).0,
+            tcp_echo(&lab.gateway, to, ok_wait()).0,
             Outcome::Echoed,
             "gateway TCP {to}"
         );
         assert_eq!(
-            udp_echo(&lab.gateway, to, OK_WAIT).0,
+            udp_echo(&lab.gateway, to, ok_wait()).0,
             Outcome::Echoed,
             "gateway UDP {to}"
         );
@@ -291,7 +294,7 @@ fn tc_guard_covers_exactly_its_interfaces() {
     assert!(!echo.udp_sources().contains(&Lab::ROGUE6.parse().unwrap()));
     // Loopback does not cross the listed interfaces.
     assert_eq!(
-        tcp_echo(&lab.inference, sa("127.0.0.1", port), OK_WAIT).0,
+        tcp_echo(&lab.inference, sa("127.0.0.1", port), ok_wait()).0,
         Outcome::Echoed
     );
 
@@ -373,7 +376,7 @@ fn tc_guard_covers_exactly_its_interfaces() {
         "the cgroup_skb hook dropped the rogue SYN"
     );
     assert_eq!(
-        tcp_echo(&lab.gateway, sa(Lab::INF_GW4, port), OK_WAIT).0,
+        tcp_echo(&lab.gateway, sa(Lab::INF_GW4, port), ok_wait()).0,
         Outcome::Echoed
     );
     let counters = guard.maps().counters().unwrap();
@@ -565,12 +568,13 @@ impl Traffic {
             lab.gateway.spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     let start = Instant::now();
-                    let round_trip = TcpStream::connect_timeout(&to, OK_WAIT).and_then(|mut s| {
-                        s.set_read_timeout(Some(OK_WAIT))?;
-                        s.write_all(b"ping")?;
-                        let mut buf = [0u8; 4];
-                        s.read_exact(&mut buf)
-                    });
+                    let round_trip =
+                        TcpStream::connect_timeout(&to, ok_wait()).and_then(|mut s| {
+                            s.set_read_timeout(Some(ok_wait()))?;
+                            s.write_all(b"ping")?;
+                            let mut buf = [0u8; 4];
+                            s.read_exact(&mut buf)
+                        });
                     match round_trip {
                         Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
                         Err(_) => failed.fetch_add(1, Ordering::Relaxed),
@@ -616,12 +620,10 @@ impl Traffic {
     }
 
     /// Whether both loops did [`MIN_DURING`] (plus one in flight) of their work since `t0`;
-    /// panics after a minute, so a caller looping on it ends.
+    /// panics after a minute (stretched on a slow machine), so a caller looping on it ends.
     fn enough_since(&self, t0: Instant) -> bool {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "too little traffic in a minute"
-        );
+        let limit = moat_tests::patience(Duration::from_secs(60));
+        assert!(t0.elapsed() < limit, "too little traffic in {limit:?}");
         let (trips, sends) = self.between(t0, Instant::now());
         trips > MIN_DURING && sends > MIN_DURING
     }
@@ -799,7 +801,7 @@ fn daemon_runs_the_guard_on_an_inference_host() {
         serde_json::json!([Lab::GW4.to_owned() + "/32", Lab::GW6.to_owned() + "/128"])
     );
 
-    assert_eq!(tcp_echo(&lab.gateway, gw_to, OK_WAIT).0, Outcome::Echoed);
+    assert_eq!(tcp_echo(&lab.gateway, gw_to, ok_wait()).0, Outcome::Echoed);
     let (udp, src_port) = udp_echo(&lab.rogue, rogue_to, DROP_WAIT);
     assert_eq!(udp, Outcome::TimedOut);
     // The deny event reaches the daemon's structured log with source, destination, protocol.
@@ -887,7 +889,7 @@ fn daemon_runs_the_guard_on_an_inference_host() {
 
     daemon.cli_ok(&["segment", "uninstall"], None);
     assert_eq!(
-        tcp_echo(&lab.gateway, gw_to, OK_WAIT).0,
+        tcp_echo(&lab.gateway, gw_to, ok_wait()).0,
         Outcome::Echoed,
         "open after uninstall"
     );
@@ -1000,7 +1002,7 @@ fn gateway_and_guard_on_one_host_reload_together() {
     let st = daemon.segment_status();
     assert_eq!(st["installed"], true, "gateway side");
     assert_eq!(st["inference"]["installed"], true, "inference guard");
-    assert_eq!(tcp_echo(&lab.gateway, gw_to, OK_WAIT).0, Outcome::Echoed);
+    assert_eq!(tcp_echo(&lab.gateway, gw_to, ok_wait()).0, Outcome::Echoed);
     assert_eq!(
         tcp_echo(&lab.rogue, rogue_to, DROP_WAIT).0,
         Outcome::TimedOut

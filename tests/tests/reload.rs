@@ -27,17 +27,37 @@ use nix::sys::signal::Signal;
 /// client as an error instead of being retried on another host; health checks only when a
 /// config is applied (the first tick is at once), so a check the kernel refused would keep its
 /// host out of routing for the rest of the test.
+///
+/// For the same reason a check must not fail for want of time: the check's timeout (2 s by
+/// default) stretches with [`moat_tests::patience`]. On a guest under emulation, with clients
+/// keeping the worker busy, a check's answer can take longer than 2 s to be read; the host
+/// would count as down until the next check ten minutes later, and every request would get 503
+/// ("no healthy inference host") although nothing is wrong with the host or the reload.
 fn config(d: &Daemon, hosts: &[SocketAddr], extra: &str) -> String {
+    let timeout = moat_tests::patience(Duration::from_secs(2)).as_millis();
     d.enforcing_config(
         hosts,
-        "max_attempts = 1\nhealth_interval_ms = 600000",
+        &format!("max_attempts = 1\nhealth_interval_ms = 600000\nhealth_timeout_ms = {timeout}"),
         extra,
     )
 }
 
-/// Sends `request` (a [`Daemon::chat`]); returns the HTTP status (0: no answer).
+/// Sends `request` (a [`Daemon::chat`]); returns the HTTP status (0: no answer). Any other
+/// answer than 200 goes to stderr with its body, for the failure's story.
 fn status_of(request: Request) -> u16 {
-    request.send().map_or(0, |r| r.status().as_u16())
+    match request.send() {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            if status != 200 {
+                eprintln!("chat answered {status}: {}", r.text().unwrap_or_default());
+            }
+            status
+        }
+        Err(e) => {
+            eprintln!("chat not answered: {e}");
+            0
+        }
+    }
 }
 
 /// Chat requests through moat on `n` threads until stopped: (start, end, status) of each.
@@ -426,7 +446,7 @@ fn a_reload_under_load_drops_no_request() {
             })
         })
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + moat_tests::patience(Duration::from_secs(20));
     while done.lock().unwrap().len() < 100 {
         assert!(Instant::now() < deadline, "the load did not start");
         std::thread::sleep(Duration::from_millis(10));
@@ -442,7 +462,7 @@ fn a_reload_under_load_drops_no_request() {
     let after = done.lock().unwrap().len();
     while done.lock().unwrap().len() < after + 100 {
         assert!(
-            Instant::now() < deadline + Duration::from_secs(30),
+            Instant::now() < deadline + moat_tests::patience(Duration::from_secs(30)),
             "the load stopped"
         );
         std::thread::sleep(Duration::from_millis(10));

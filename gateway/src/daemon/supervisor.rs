@@ -385,6 +385,7 @@ impl Supervisor {
 
     /// SIGHUP: reloads, and records the outcome with the old and new config digests.
     async fn reload(&mut self, worker: &mut Worker) {
+        info!(config = %self.config.path.display(), "SIGHUP: reloading the config");
         let old_digest = audit::chain::digest(&self.config.source);
         let new_text = std::fs::read_to_string(&self.config.path).unwrap_or_default();
         let outcome = self.try_reload(worker).await;

@@ -61,18 +61,26 @@ pub fn spawn_ring_logger<R: DenyRecord>(
             let Ok(mut guard) = fd.readable_mut().await else {
                 return;
             };
+            // Everything queued is read first and judged at the time it was read: what the
+            // limit admits must not depend on how long writing the admitted lines takes (on a
+            // slow machine, writing 200 lines can take longer than the 1 s window, and the
+            // rest of a burst would then open fresh windows instead of being summed up).
+            let read_at = Instant::now();
+            let mut burst = Vec::new();
             let ring = guard.get_inner_mut();
             while let Some(item) = ring.next() {
                 match R::decode(&item) {
-                    Some(record) if limiter.admit() => {
-                        record.log();
-                        crate::audit::emit(record.audit());
-                    }
-                    Some(_) => {}
+                    Some(record) => burst.push(record),
                     None => tracing::warn!(len = item.len(), kind = R::KIND, "undecodable event"),
                 }
             }
             guard.clear_ready();
+            for record in burst {
+                if limiter.admit_at(read_at) {
+                    record.log();
+                    crate::audit::emit(record.audit());
+                }
+            }
         }
     }))
 }
@@ -103,11 +111,7 @@ impl Limiter {
         }
     }
 
-    /// Whether one more line may be logged now.
-    pub fn admit(&mut self) -> bool {
-        self.admit_at(Instant::now())
-    }
-
+    /// Whether one more line, read from the ring buffer at `now`, may be logged.
     fn admit_at(&mut self, now: Instant) -> bool {
         if now.duration_since(self.window) >= Duration::from_secs(1) {
             if self.suppressed > 0 {

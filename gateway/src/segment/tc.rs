@@ -136,6 +136,200 @@ pub fn pinned_is_program(path: &Path) -> Option<bool> {
     Some(target.to_string_lossy().contains("bpf-prog"))
 }
 
+/// What the kernel says of moat's netlink filter on an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterState {
+    /// moat's filter (its priority and handle) runs the recorded program.
+    Attached { program_id: u32 },
+    /// moat's filter is there but runs another program (`tc filter replace` by hand).
+    Replaced { program_id: u32 },
+    /// No filter of moat's on the interface's clsact ingress (`tc filter del`, `tc qdisc del
+    /// … clsact`), or no such interface.
+    Missing,
+}
+
+impl FilterState {
+    pub fn attached(self) -> bool {
+        matches!(self, FilterState::Attached { .. })
+    }
+
+    /// `attached`, `replaced` or `missing`, as `segment status` shows it.
+    pub fn label(self) -> &'static str {
+        match self {
+            FilterState::Attached { .. } => "attached",
+            FilterState::Replaced { .. } => "replaced",
+            FilterState::Missing => "missing",
+        }
+    }
+}
+
+/// netlink mode: asks the kernel for moat's filter on `ifname` (a filter dump of its clsact
+/// ingress) and compares the program it runs with the one pinned at `record`. A netlink filter
+/// has no bpf link the kernel could report on, so this is how the supervisor's check and
+/// `segment status` see one removed behind moat's back.
+pub fn filter_state(ifname: &str, record: &Path) -> Result<FilterState> {
+    let recorded = aya::programs::ProgramInfo::from_pin(record)
+        .with_context(|| format!("cannot read the program pinned at {}", record.display()))?
+        .id();
+    let name = std::ffi::CString::new(ifname)?;
+    // SAFETY: a valid C string.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if ifindex == 0 {
+        return Ok(FilterState::Missing);
+    }
+    let running = nl::filter_program(ifindex, NL_PRIORITY, NL_HANDLE_RAW)
+        .with_context(|| format!("cannot list the tc filters of {ifname}"))?;
+    Ok(match running {
+        Some(id) if id == recorded => FilterState::Attached { program_id: id },
+        Some(id) => FilterState::Replaced { program_id: id },
+        None => FilterState::Missing,
+    })
+}
+
+/// `NL_HANDLE` as the kernel reports it (major 0, minor 0x6d74).
+const NL_HANDLE_RAW: u32 = 0x6d74;
+
+/// A filter dump over rtnetlink (aya keeps its own netlink code private).
+mod nl {
+    use std::{io, os::fd::AsRawFd, os::fd::FromRawFd, os::fd::OwnedFd};
+
+    const RTM_NEWTFILTER: u16 = 44;
+    const RTM_GETTFILTER: u16 = 46;
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+    const NLM_F_REQUEST: u16 = 1;
+    const NLM_F_DUMP: u16 = 0x300;
+    /// `TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)`.
+    const CLSACT_INGRESS: u32 = 0xffff_fff2;
+    const TCA_KIND: u16 = 1;
+    const TCA_OPTIONS: u16 = 2;
+    const TCA_BPF_ID: u16 = 11;
+    const NLA_TYPE_MASK: u16 = 0x3fff;
+    /// nlmsghdr, then tcmsg.
+    const NLMSG_HDR: usize = 16;
+    const TCMSG: usize = 20;
+
+    /// The id of the program the `bpf` filter at `priority` and `handle` on `ifindex`'s
+    /// clsact ingress runs; `None` when there is no such filter.
+    pub fn filter_program(ifindex: u32, priority: u16, handle: u32) -> io::Result<Option<u32>> {
+        // SAFETY: plain socket(2); the fd is owned right away.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd nothing else owns.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut req = Vec::with_capacity(NLMSG_HDR + TCMSG);
+        req.extend(((NLMSG_HDR + TCMSG) as u32).to_ne_bytes());
+        req.extend(RTM_GETTFILTER.to_ne_bytes());
+        req.extend((NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+        req.extend(1u32.to_ne_bytes()); // sequence
+        req.extend(0u32.to_ne_bytes()); // port id: the kernel's
+        req.extend([0u8; 4]); // family AF_UNSPEC, padding
+        req.extend((ifindex as i32).to_ne_bytes());
+        req.extend(0u32.to_ne_bytes()); // handle: any
+        req.extend(CLSACT_INGRESS.to_ne_bytes());
+        req.extend(0u32.to_ne_bytes()); // priority and protocol: any
+        // SAFETY: a valid buffer of its length.
+        if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut found = None;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            // SAFETY: a valid buffer of its length.
+            let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            let mut msgs = &buf[..n as usize];
+            if msgs.is_empty() {
+                return Ok(found);
+            }
+            while msgs.len() >= NLMSG_HDR {
+                let len = u32_at(msgs, 0) as usize;
+                if len < NLMSG_HDR || len > msgs.len() {
+                    return Err(io::Error::other("malformed netlink message"));
+                }
+                let kind = u16::from_ne_bytes([msgs[4], msgs[5]]);
+                let body = &msgs[NLMSG_HDR..len];
+                match kind {
+                    NLMSG_DONE => return Ok(found),
+                    NLMSG_ERROR => {
+                        let errno = body
+                            .get(..4)
+                            .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                        if errno != 0 {
+                            return Err(io::Error::from_raw_os_error(-errno));
+                        }
+                    }
+                    RTM_NEWTFILTER if body.len() >= TCMSG => {
+                        let (msg_handle, info) = (u32_at(body, 8), u32_at(body, 16));
+                        if msg_handle == handle && (info >> 16) as u16 == priority {
+                            found = found.or(bpf_id(&body[TCMSG..]));
+                        }
+                    }
+                    _ => {}
+                }
+                msgs = &msgs[align(len).min(msgs.len())..];
+            }
+        }
+    }
+
+    /// TCA_BPF_ID of a `bpf` filter's attributes.
+    fn bpf_id(attrs: &[u8]) -> Option<u32> {
+        let mut kind_bpf = false;
+        let mut id = None;
+        for (kind, data) in attributes(attrs) {
+            match kind {
+                TCA_KIND => kind_bpf = data.strip_suffix(b"\0").unwrap_or(data) == b"bpf",
+                TCA_OPTIONS => {
+                    id = attributes(data)
+                        .find(|(k, d)| *k == TCA_BPF_ID && d.len() >= 4)
+                        .map(|(_, d)| u32_at(d, 0));
+                }
+                _ => {}
+            }
+        }
+        id.filter(|_| kind_bpf)
+    }
+
+    /// (type, payload) of each netlink attribute in `buf`.
+    fn attributes(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+        std::iter::from_fn(move || {
+            if buf.len() < 4 {
+                return None;
+            }
+            let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
+            let kind = u16::from_ne_bytes([buf[2], buf[3]]) & NLA_TYPE_MASK;
+            if len < 4 || len > buf.len() {
+                return None;
+            }
+            let data = &buf[4..len];
+            buf = &buf[align(len).min(buf.len())..];
+            Some((kind, data))
+        })
+    }
+
+    fn u32_at(b: &[u8], at: usize) -> u32 {
+        u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+    }
+
+    fn align(len: usize) -> usize {
+        (len + 3) & !3
+    }
+}
+
 fn nl_options() -> NlOptions {
     NlOptions {
         priority: NL_PRIORITY,

@@ -1,7 +1,7 @@
 //! Inside the guest: `xtask vm-guest <plan>` is pid 1 on the host's (read-only) root. It
 //! mounts what the kernel tests need (proc, sys, dev, cgroup2, bpffs, tracefs, tmpfs on /tmp,
-//! /run and /var/tmp), points the kernel's module loader at the guest kernel's modules, brings
-//! up loopback, then runs the plan in a child (`vm-guest --run <plan>`) while it reaps orphans
+//! /run and /var/tmp), points the kernel's module loader at the guest kernel's modules, loads
+//! what the NAT tests' nft rules need, brings up loopback, then runs the plan in a child (`vm-guest --run <plan>`) while it reaps orphans
 //! as an init must (a test checking that a process is gone must not see a zombie), and
 //! finally reboots, which ends qemu (`-no-reboot`).
 //!
@@ -86,9 +86,24 @@ fn setup(plan: &Path) -> Result<()> {
         modprobe.as_os_str().as_encoded_bytes(),
     )
     .context("set /proc/sys/kernel/modprobe")?;
+    // What the NAT tests' nft rules need, loaded up front: the kernel would load each on first
+    // use through the wrapper too, but an nft transaction that triggers a module load is
+    // aborted and replayed, which costs under TCG and hides a module missing from the package.
+    run(Command::new(&modprobe).arg("-a").args(NAT_MODULES))?;
     run(Command::new("ip").args(["link", "set", "lo", "up"]))?;
     Ok(())
 }
+
+/// nf_tables with NAT chains (`dnat`, `redirect`) for both families, and connection tracking,
+/// which NAT runs on.
+const NAT_MODULES: &[&str] = &[
+    "nf_tables",
+    "nf_conntrack",
+    "nf_nat",
+    "nft_chain_nat",
+    "nft_nat",
+    "nft_redir",
+];
 
 /// mount(2) directly: every exec costs under TCG.
 fn mount(fs: &str, target: &str, options: &str) -> Result<()> {
@@ -129,9 +144,18 @@ pub fn run_plan(plan: &Path) -> Result<()> {
         };
         let log_path = out_dir(plan).join(format!("{suite}.log"));
         let log = File::create(&log_path)?;
+        let args: Vec<&str> = fields.collect();
+        let mut cmd = Command::new(exe);
+        cmd.args(&args);
+        // Under TCG each test's daemon, clients and probes compete for two emulated CPUs on a
+        // shared host: side by side, tests starve each other's daemons (a worker that takes
+        // more than the supervisor's 30 s to apply its first config, health checks timing
+        // out). One test at a time there.
+        if scale.trim() != "1" && !args.iter().any(|a| a.starts_with("--test-threads")) {
+            cmd.arg("--test-threads=1");
+        }
         let start = Instant::now();
-        let status = Command::new(exe)
-            .args(fields)
+        let status = cmd
             .env("MOAT_TEST_TIME_SCALE", scale.trim())
             .current_dir(cwd)
             .stdin(Stdio::null())

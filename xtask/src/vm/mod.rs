@@ -41,6 +41,8 @@ pub const SUITES: &[&str] = &[
     "doctor",
     "segment",
     "deny_log",
+    "nat",
+    "heal",
 ];
 
 /// How long a KVM guest may stay silent before KVM counts as unusable.

@@ -121,9 +121,9 @@ impl Guard {
 fn not_attached(pins: &GuardPins, wanted: &[Attachment]) -> Vec<String> {
     let mut found: Vec<String> = wanted
         .iter()
-        .filter_map(|at| match link::link_state(&pins.link(at)) {
-            Ok(state) if state.attached() => None,
-            Ok(state) => Some(format!("{} ({})", at.pin_name(), state.label())),
+        .filter_map(|at| match attachment_state(pins, at) {
+            Ok((true, _)) => None,
+            Ok((false, label)) => Some(format!("{} ({label})", at.pin_name())),
             Err(e) => Some(format!("{} (unreadable: {e:#})", at.pin_name())),
         })
         .collect();
@@ -134,6 +134,24 @@ fn not_attached(pins: &GuardPins, wanted: &[Attachment]) -> Vec<String> {
             .map(|m| format!("inference/maps/{m} (missing)")),
     );
     found
+}
+
+/// Whether the guard runs at `at`, and the word for its state (`attached`, `severed`,
+/// `missing`, `replaced`): for a link, what the kernel says of the link; for a netlink
+/// filter's record (a pinned program, kernels before 6.6), what a dump of the interface's
+/// filters shows (see [`tc::filter_state`]).
+pub(super) fn attachment_state(pins: &GuardPins, at: &Attachment) -> Result<(bool, &'static str)> {
+    let path = pins.link(at);
+    match at {
+        Attachment::Tc(ifname) if tc::pinned_is_program(&path) == Some(true) => {
+            let state = tc::filter_state(ifname, &path)?;
+            Ok((state.attached(), state.label()))
+        }
+        _ => {
+            let state = link::link_state(&path)?;
+            Ok((state.attached(), state.label()))
+        }
+    }
 }
 
 fn log_restored(found: &[String], during: &'static str) {
@@ -221,8 +239,14 @@ fn converge(pins: &GuardPins, policy: &GuardPolicy) -> Result<()> {
         for at in links.iter().filter(|a| a.hook() == hook) {
             let path = pins.link(at);
             match at {
-                // A netlink filter's record: swap the filter's program, re-pin the record.
+                // A netlink filter's record: swap the filter's program, re-pin the record. A
+                // filter removed behind moat's back has nothing to swap: its record goes, and
+                // `reconcile` adds the filter (and the clsact qdisc) anew.
                 Attachment::Tc(ifname) if tc::pinned_is_program(&path) == Some(true) => {
+                    if tc::filter_state(ifname, &path)? == tc::FilterState::Missing {
+                        remove_pin(&path)?;
+                        continue;
+                    }
                     let p: &mut SchedClassifier =
                         bpf.program_mut(name).expect("loaded").try_into()?;
                     tc::replace_filter(p, ifname)?;

@@ -61,14 +61,11 @@ pub fn status(pins: &GuardPins) -> Result<GuardStatus> {
             };
             GuardLinkStatus {
                 attachment: at.pin_name(),
-                // A netlink filter's pin is its program, not a link the kernel can report on.
-                state: if via == "netlink" {
-                    "filter"
-                } else {
-                    link::link_state(&path)
-                        .map(|s| s.label())
-                        .unwrap_or("unreadable")
-                },
+                // A netlink filter's pin is its program: the interface's filter dump says
+                // whether the filter is still there.
+                state: super::attachment_state(pins, &at)
+                    .map(|s| s.1)
+                    .unwrap_or("unreadable"),
                 via,
                 link_id,
                 program_id,
