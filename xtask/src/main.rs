@@ -2,8 +2,8 @@
 //!
 //! - `setup`  installs what this kind of machine lacks (idempotent, quiet when all is there)
 //! - `build`  the eBPF programs (nightly, bpfel-unknown-none) and then the `moat` binary
-//! - `test`   setup + build + fmt/clippy + the whole test suite (root tests included), then the
-//!   kernel-facing suites in a VM on Linux 6.1; prints the time each part took
+//! - `test`   setup + build + fmt/clippy + the whole test suite (root tests included), and with
+//!   `--vm` the kernel-facing suites in a VM on Linux 6.1; prints the time each part took
 //! - `run`    setup + build + `moat serve` with `examples/moat.toml` (and `moat-sim` as its
 //!   inference host when no real one listens on 127.0.0.1:8000)
 //! - `bench`  benchmarks (`segment`, …), printed as ratios measured in one run
@@ -40,6 +40,11 @@ enum Cmd {
     },
     /// Run formatting and lint checks and the whole test suite.
     Test {
+        /// Also run the kernel-facing suites in a VM on Linux 6.1 (`vm-test --kernel 6.1`).
+        /// Not yet part of the default run: under TCG it takes ~55 min and fails 4 of 33
+        /// tests (docs/kernel-enforcement.md#kernels).
+        #[arg(long)]
+        vm: bool,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -92,9 +97,9 @@ fn main() -> Result<()> {
             setup::run()?;
             build(!debug)
         }
-        Cmd::Test { args } => {
+        Cmd::Test { args, vm } => {
             setup::run()?;
-            test(&args)
+            test(&args, vm)
         }
         Cmd::Run { config, replicas } => {
             setup::run()?;
@@ -232,9 +237,9 @@ fn build_ebpf() -> Result<()> {
 }
 
 /// The whole check: lint, then every suite on the host's kernel (and the identity suite again
-/// on PostgreSQL), then the kernel-facing suites in a VM on Linux 6.1. Prints how long each
-/// part took (also when one fails).
-fn test(extra: &[String]) -> Result<()> {
+/// on PostgreSQL), and with `vm` the kernel-facing suites in a VM on Linux 6.1. Prints how
+/// long each part took (also when one fails).
+fn test(extra: &[String], vm: bool) -> Result<()> {
     eprintln!("{}", setup::toolchain_report());
     sweep_stale_test_state();
     let mut timings = Timings::default();
@@ -265,7 +270,7 @@ fn test(extra: &[String]) -> Result<()> {
                     .env("MOAT_TEST_STORE", "postgres"))
             })?;
         }
-        if extra.is_empty() {
+        if vm {
             // The kernel-facing suites again, in a VM on the oldest kernel moat is tested on
             // (docs/kernel-enforcement.md#kernels). A failure fails the run, as any suite's.
             let root = workspace_root();

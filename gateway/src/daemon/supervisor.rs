@@ -48,8 +48,10 @@ use crate::{
     segment::{Enforcer, GatewayIdentity, Pins, Policy, inference::Guard},
 };
 
-/// How long a worker gets to apply a config before the supervisor gives up on it.
-const APPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a worker gets to apply a config before the supervisor gives up on it. Generous:
+/// on a loaded or emulated machine (qemu under TCG) a healthy worker has taken 30 s; a worker
+/// that is stuck is still found out, and then restarted (see [`Supervisor::try_reload`]).
+const APPLY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Restart back-off: doubles from the first value up to the cap; reset after a worker has run
 /// for `STABLE` without dying.
 const BACKOFF_FIRST: Duration = Duration::from_millis(250);
@@ -458,8 +460,12 @@ impl Supervisor {
                 Err(error)
             }
             Err(e) => {
-                error!(error = %format!("{e:#}"), "config reload failed; the running config stays");
+                // No answer: the worker may still apply the new config later, and then route
+                // by a config whose kernel policy was just rolled back. A restart puts it back
+                // on the running config, the one the kernel enforces.
+                error!(error = %format!("{e:#}"), "config reload failed; the running config stays and the worker restarts on it");
                 self.restore_guard();
+                let _ = worker.child.start_kill();
                 Err(format!("{e:#}"))
             }
         }
