@@ -107,6 +107,17 @@ fn pair_with(
     )
 }
 
+/// `POST /v1/auth/token` on `d` with `grant`; the answer's JSON.
+fn token(d: &Daemon, grant: Value) -> Value {
+    Client::new()
+        .post(d.url("/v1/auth/token"))
+        .json(&grant)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap()
+}
+
 fn models_status(d: &Daemon, key: &str) -> u16 {
     Client::new()
         .get(d.url("/v1/models"))
@@ -231,13 +242,7 @@ fn concurrent_refreshes_of_one_token_on_two_replicas_have_exactly_one_winner() {
         "[auth]\nrefresh_reuse_grace_secs = 0\n\
          [pools.local]\nhosts = [\"127.0.0.1:9\"]\n[models.m]\npool = \"local\"\n",
     );
-    let v: Value = Client::new()
-        .post(a.url("/v1/auth/token"))
-        .json(&json!({"grant_type": "api_key", "api_key": key}))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let v = token(&a, json!({"grant_type": "api_key", "api_key": key}));
     let rt = v["refresh_token"]
         .as_str()
         .expect("refresh token")
@@ -300,23 +305,14 @@ fn the_default_eddsa_token_from_a_works_on_b_with_one_key_set_sealed_in_the_stor
     for d in [&a, &b] {
         assert!(!d.data_dir().join("secrets/jwt-ed25519.json").exists());
     }
-    let v: Value = Client::new()
-        .post(a.url("/v1/auth/token"))
-        .json(&json!({"grant_type": "api_key", "api_key": key}))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let v = token(&a, json!({"grant_type": "api_key", "api_key": key}));
     let at = v["access_token"].as_str().expect("access token");
     assert_eq!(models_status(&b, at), 200);
     assert_eq!(models_status(&a, at), 200);
-    let v: Value = Client::new()
-        .post(b.url("/v1/auth/token"))
-        .json(&json!({"grant_type": "refresh_token", "refresh_token": v["refresh_token"]}))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let v = token(
+        &b,
+        json!({"grant_type": "refresh_token", "refresh_token": v["refresh_token"]}),
+    );
     let at2 = v["access_token"].as_str().expect("refreshed access token");
     assert_eq!(models_status(&a, at2), 200);
 }
@@ -350,23 +346,14 @@ fn with_one_hs256_secret_an_access_token_from_a_works_on_b() {
         "[auth]\nalgorithm = \"HS256\"\nhs256_secret_file = \"jwt.key\"\n\
          [pools.local]\nhosts = [\"127.0.0.1:9\"]\n[models.m]\npool = \"local\"\n",
     );
-    let v: Value = Client::new()
-        .post(a.url("/v1/auth/token"))
-        .json(&json!({"grant_type": "api_key", "api_key": key}))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let v = token(&a, json!({"grant_type": "api_key", "api_key": key}));
     let at = v["access_token"].as_str().expect("access token");
     assert_eq!(models_status(&b, at), 200);
     // Refreshed on B, the new access token works on A.
-    let v: Value = Client::new()
-        .post(b.url("/v1/auth/token"))
-        .json(&json!({"grant_type": "refresh_token", "refresh_token": v["refresh_token"]}))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let v = token(
+        &b,
+        json!({"grant_type": "refresh_token", "refresh_token": v["refresh_token"]}),
+    );
     let at2 = v["access_token"].as_str().expect("refreshed access token");
     assert_eq!(models_status(&a, at2), 200);
 }
