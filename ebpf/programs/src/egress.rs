@@ -21,10 +21,11 @@ use aya_ebpf::{
 };
 use moat_common::{DenyEvent, DenyReason, Hook, counter_index, dest};
 
-use crate::{ACTIVE, ALLOW, DENY, Destination, EVENTS, SLOTS, count, lookup};
-
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
+use crate::{
+    ACTIVE, ALLOW, DENY, Destination, EVENTS, SLOTS, count,
+    ip::{self, IPPROTO_TCP, IPPROTO_UDP, Transport},
+    lookup,
+};
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 
@@ -116,100 +117,44 @@ fn deny(skb: &SkBuff, attempt: &Attempt) -> i32 {
 }
 
 /// Reads the IP header (at offset 0 in a cgroup_skb program) and the TCP flags or UDP ports.
-/// Each `bpf_skb_load_bytes` is a helper call, so headers are read in as few as possible.
 #[inline(always)]
 fn parse(skb: &SkBuff) -> Option<Parsed> {
-    let h: [u8; 20] = skb.load(0).ok()?;
+    let ip = ip::parse(skb, 0)?;
     let mut dst = Destination {
         port: [0; 2],
-        family: 4,
-        addr: [0; 16],
+        family: ip.family as u32,
+        addr: ip.dst,
     };
-    let protocol;
-    let l4;
-    match h[0] >> 4 {
-        4 => {
-            protocol = h[9];
-            if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
-                return Some(Parsed::Pass);
-            }
-            // A non-first fragment carries no L4 header (and its first fragment was judged).
-            if u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 {
-                return Some(Parsed::Pass);
-            }
-            dst.addr[..4].copy_from_slice(&h[16..20]);
-            l4 = ((h[0] & 0x0f) as usize) * 4;
-        }
-        6 => {
-            let rest: [u8; 20] = skb.load(20).ok()?;
-            dst.family = 6;
-            dst.addr.copy_from_slice(&rest[4..20]);
-            let mut next = h[6];
-            let mut at = 40;
-            // Hop-by-hop, routing, destination options and fragment headers, at most four.
-            let mut i = 0;
-            while i < 4 {
-                match next {
-                    0 | 43 | 60 => {
-                        let e: [u8; 2] = skb.load(at).ok()?;
-                        next = e[0];
-                        at += (e[1] as usize + 1) * 8;
-                    }
-                    44 => {
-                        let e: [u8; 4] = skb.load(at).ok()?;
-                        if u16::from_be_bytes([e[2], e[3]]) & 0xfff8 != 0 {
-                            return Some(Parsed::Pass);
-                        }
-                        next = e[0];
-                        at += 8;
-                    }
-                    _ => break,
-                }
-                i += 1;
-            }
-            if matches!(next, 0 | 43 | 44 | 60) {
-                return Some(Parsed::Opaque(Attempt {
-                    protocol: next,
-                    dst: unmapped(dst),
-                }));
-            }
-            protocol = next;
-            if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
-                return Some(Parsed::Pass);
-            }
-            l4 = at;
-        }
-        _ => return Some(Parsed::Pass),
+    if let Some(v4) = ip::v4_mapped(&ip.dst).filter(|_| ip.family == 6) {
+        dst.family = 4;
+        dst.addr = v4;
     }
-    if protocol == IPPROTO_TCP {
+    let l4 = match ip.transport {
+        Transport::At(l4) => l4,
+        // A non-first fragment carries no L4 header (and its first fragment was judged).
+        Transport::LaterFragment => return Some(Parsed::Pass),
+        Transport::Opaque => {
+            return Some(Parsed::Opaque(Attempt {
+                protocol: ip.protocol,
+                dst,
+            }));
+        }
+    };
+    if ip.protocol == IPPROTO_TCP {
         // Ports (0..4) and flags (13).
         let t: [u8; 14] = skb.load(l4).ok()?;
         if t[13] & (TCP_SYN | TCP_ACK) != TCP_SYN {
             return Some(Parsed::Pass);
         }
         dst.port = [t[2], t[3]];
-    } else {
+    } else if ip.protocol == IPPROTO_UDP {
         let u: [u8; 4] = skb.load(l4).ok()?;
         dst.port = [u[2], u[3]];
+    } else {
+        return Some(Parsed::Pass);
     }
     Some(Parsed::Judge(Attempt {
-        protocol,
-        dst: unmapped(dst),
+        protocol: ip.protocol,
+        dst,
     }))
-}
-
-/// An IPv6 packet never carries `::ffff:a.b.c.d` on the wire for a local IPv4 flow, but a
-/// destination written so is judged as IPv4 everywhere in moat; keep that rule here too.
-#[inline(always)]
-fn unmapped(dst: Destination) -> Destination {
-    if dst.family == 6 && dst.addr[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] {
-        let mut addr = [0u8; 16];
-        addr[..4].copy_from_slice(&dst.addr[12..16]);
-        return Destination {
-            port: dst.port,
-            family: 4,
-            addr,
-        };
-    }
-    dst
 }

@@ -10,6 +10,7 @@
 //! The policy is double-buffered like the gateway side's: per slot a port map and two
 //! allowed-source tries; the daemon fills the idle slot and flips `MOAT_IN_ACTIVE`.
 
+use crate::ip::{self, IPPROTO_TCP, IPPROTO_UDP, Transport};
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     macros::{cgroup_skb, classifier, map},
@@ -50,8 +51,6 @@ static COUNTER: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 0);
 #[map(name = "MOAT_IN_EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
@@ -161,71 +160,31 @@ fn parse_frame(skb: &SkBuff) -> Option<Packet> {
     parse_ip(skb, l3)
 }
 
-/// Parses the IP header at `off` and, for TCP/UDP, the ports. Each `bpf_skb_load_bytes` is a
-/// helper call, so the fixed header is read in as few of them as possible.
+/// Parses the IP header at `off` and, for TCP/UDP, the ports.
 #[inline(always)]
 fn parse_ip(skb: &SkBuff, off: usize) -> Option<Packet> {
-    let h: [u8; 20] = skb.load(off).ok()?;
-    let mut pkt = Packet::unknown();
-    let l4;
-    match h[0] >> 4 {
-        4 => {
-            let ihl = ((h[0] & 0x0f) as usize) * 4;
-            pkt.family = 4;
-            pkt.protocol = h[9];
-            pkt.src[..4].copy_from_slice(&h[12..16]);
-            pkt.dst[..4].copy_from_slice(&h[16..20]);
-            // A non-first fragment carries no L4 header.
-            if u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 {
-                return Some(pkt);
-            }
-            l4 = off + ihl;
+    let ip = ip::parse(skb, off)?;
+    let mut pkt = Packet {
+        opaque: false,
+        family: ip.family,
+        protocol: ip.protocol,
+        src_port: 0,
+        dst_port: 0,
+        src: ip.src,
+        dst: ip.dst,
+    };
+    let l4 = match ip.transport {
+        Transport::At(l4) => l4,
+        Transport::LaterFragment => return Some(pkt),
+        Transport::Opaque => {
+            pkt.opaque = true;
+            return Some(pkt);
         }
-        6 => {
-            let rest: [u8; 20] = skb.load(off + 20).ok()?;
-            let mut next = h[6];
-            pkt.src[..12].copy_from_slice(&h[8..20]);
-            pkt.src[12..].copy_from_slice(&rest[..4]);
-            pkt.dst.copy_from_slice(&rest[4..20]);
-            pkt.family = 6;
-            let mut at = off + 40;
-            // Hop-by-hop, routing, destination options and fragment headers, at most four.
-            let mut i = 0;
-            while i < 4 {
-                match next {
-                    0 | 43 | 60 => {
-                        let e: [u8; 2] = skb.load(at).ok()?;
-                        next = e[0];
-                        at += (e[1] as usize + 1) * 8;
-                    }
-                    44 => {
-                        let e: [u8; 4] = skb.load(at).ok()?;
-                        next = e[0];
-                        if u16::from_be_bytes([e[2], e[3]]) & 0xfff8 != 0 {
-                            pkt.protocol = next;
-                            return Some(pkt);
-                        }
-                        at += 8;
-                    }
-                    _ => break,
-                }
-                i += 1;
-            }
-            pkt.protocol = next;
-            if matches!(next, 0 | 43 | 44 | 60) {
-                pkt.opaque = true;
-                return Some(pkt);
-            }
-            l4 = at;
-            // `::ffff:a.b.c.d` is the IPv4 host a.b.c.d: judged by the IPv4 allowlist.
-            if pkt.src[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] {
-                pkt.family = 4;
-                let v4 = [pkt.src[12], pkt.src[13], pkt.src[14], pkt.src[15]];
-                pkt.src = [0; 16];
-                pkt.src[..4].copy_from_slice(&v4);
-            }
-        }
-        _ => return None,
+    };
+    // The source is judged by the IPv4 allowlist when it is IPv4-mapped.
+    if let Some(v4) = ip::v4_mapped(&pkt.src).filter(|_| pkt.family == 6) {
+        pkt.family = 4;
+        pkt.src = v4;
     }
     if pkt.protocol == IPPROTO_TCP || pkt.protocol == IPPROTO_UDP {
         let ports: [u8; 4] = skb.load(l4).ok()?;

@@ -17,6 +17,7 @@
 
 mod egress;
 mod guard;
+mod ip;
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
