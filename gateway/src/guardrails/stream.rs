@@ -33,6 +33,7 @@ use tracing::warn;
 use super::{
     Guard, metrics,
     output::{Class, TextFilter},
+    splice::{self, Edits, Object, Top},
 };
 use crate::{
     dataplane::{
@@ -210,7 +211,7 @@ impl SseFilter {
             Data::One(r) => &ev[r],
             // Several data lines: not what an OpenAI server sends; screened as one
             // unparseable payload (dropped).
-            Data::Several => b"",
+            Data::Several => return,
             Data::None => {
                 // Comments and other fields carry no text.
                 out.extend_from_slice(ev);
@@ -222,11 +223,18 @@ impl SseFilter {
             out.extend_from_slice(ev);
             return;
         }
-        let Ok(mut v) = serde_json::from_slice::<Value>(payload) else {
+        let top = match Object::top(payload) {
+            Some(Top::Object(o)) => o,
+            // Valid JSON but no object: no text of a choice.
+            Some(Top::Other) => {
+                self.flush_all(out);
+                out.extend_from_slice(ev);
+                return;
+            }
             // Not an event we can screen: it does not go out.
-            return;
+            None => return,
         };
-        let Some(choices) = v.get("choices").and_then(Value::as_array) else {
+        let Some(choices) = top.get("choices").and_then(splice::array) else {
             // An error event or the like: no text of a choice, but flush what is held first.
             self.flush_all(out);
             out.extend_from_slice(ev);
@@ -238,60 +246,89 @@ impl SseFilter {
             out.extend_from_slice(ev);
             return;
         }
-        self.remember(&v);
+        // A choice that is not an object: not what an OpenAI server sends; not screenable.
+        let Some(choices) = choices
+            .into_iter()
+            .map(Object::of)
+            .collect::<Option<Vec<_>>>()
+        else {
+            return;
+        };
+        self.remember(&top);
+        let mut edits = Edits::new(ev);
         let mut cut = None;
         let mut any_left = false;
         let g = &self.guard;
-        for choice in v["choices"].as_array_mut().into_iter().flatten() {
-            let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
-            let last = choice.get("finish_reason").is_some_and(|f| !f.is_null());
-            let ptr = if choice.get("delta").is_some() {
-                "/delta/content"
-            } else {
-                "/text"
+        for choice in &choices {
+            let index = choice.get("index").and_then(splice::as_u64).unwrap_or(0);
+            let finish = choice.get("finish_reason");
+            let last = finish.is_some_and(|f| !splice::is_null(f));
+            // A chat chunk's text is its `delta.content`, a completion chunk's its `text`.
+            let delta_raw = choice.get("delta");
+            let delta = delta_raw.and_then(Object::of);
+            let slot = match (delta_raw, &delta) {
+                (Some(_), Some(d)) => d.get("content"),
+                (Some(_), None) => None,
+                (None, _) => choice.get("text"),
             };
-            let text = choice.pointer(ptr).and_then(Value::as_str).unwrap_or("");
+            let text = slot.and_then(splice::string);
             let f = self
                 .choices
                 .entry(index)
                 .or_insert_with(|| TextFilter::new(g.hold_back));
-            let step = f.push(text, last, &g.output, g.canary.as_deref());
+            let step = f.push(
+                text.as_deref().unwrap_or(""),
+                last,
+                &g.output,
+                g.canary.as_deref(),
+            );
             count(g, &mut self.audited, &step.redacted, step.blocked);
-            let had_text = choice.pointer(ptr).is_some_and(Value::is_string);
-            if had_text || !step.release.is_empty() {
-                set_text(choice, ptr, step.release.clone());
-            }
+            // The text is set to what the filter released (unless there is none to set and
+            // there was none); written only where it differs.
+            let set_text = (text.is_some() || !step.release.is_empty())
+                && text.as_deref() != Some(step.release.as_str());
+            let mut finish_filtered = false;
             if step.blocked.is_some() {
-                choice["finish_reason"] = json!("content_filter");
+                finish_filtered = true;
                 cut = step.blocked;
             }
             if cut.is_none()
-                && let Some(calls) = choice
-                    .pointer_mut("/delta/tool_calls")
-                    .and_then(Value::as_array_mut)
+                && let Some(calls) = delta
+                    .as_ref()
+                    .and_then(|d| d.get("tool_calls"))
+                    .and_then(splice::array)
             {
                 for call in calls {
-                    let k = call.get("index").and_then(Value::as_u64).unwrap_or(0);
-                    let Some(args) = call.pointer("/function/arguments").and_then(Value::as_str)
-                    else {
+                    let Some(call) = Object::of(call) else {
+                        continue;
+                    };
+                    let k = call.get("index").and_then(splice::as_u64).unwrap_or(0);
+                    let Some(raw) = call.object("function").and_then(|f| f.get("arguments")) else {
+                        continue;
+                    };
+                    let Some(args) = splice::string(raw) else {
                         continue;
                     };
                     let f = self
                         .tools
                         .entry((index, k))
                         .or_insert_with(|| TextFilter::new(g.hold_back));
-                    let step = f.push(args, false, &g.output, g.canary.as_deref());
+                    let step = f.push(&args, false, &g.output, g.canary.as_deref());
                     count(g, &mut self.audited, &step.redacted, step.blocked);
-                    call["function"]["arguments"] = Value::String(step.release);
+                    if *args != step.release {
+                        edits.replace(raw, splice::quote(&step.release));
+                    }
                     if step.blocked.is_some() {
                         cut = step.blocked;
                         break;
                     }
                 }
                 if cut.is_some() {
-                    choice["finish_reason"] = json!("content_filter");
+                    finish_filtered = true;
                 }
             }
+            // Tool-call arguments the choice's filters still hold (JSON texts).
+            let mut rest = Vec::new();
             if last && cut.is_none() {
                 // What the tool-call filters of this choice hold goes with its last event.
                 let keys: Vec<(u64, u64)> = self
@@ -299,7 +336,6 @@ impl SseFilter {
                     .range((index, 0)..=(index, u64::MAX))
                     .map(|(k, _)| *k)
                     .collect();
-                let mut rest = Vec::new();
                 for key in keys {
                     let Some(mut f) = self.tools.remove(&key) else {
                         continue;
@@ -307,20 +343,12 @@ impl SseFilter {
                     let step = f.push("", true, &g.output, g.canary.as_deref());
                     count(g, &mut self.audited, &step.redacted, step.blocked);
                     if step.blocked.is_some() {
-                        choice["finish_reason"] = json!("content_filter");
+                        finish_filtered = true;
                         cut = step.blocked;
                     }
                     if !step.release.is_empty() {
-                        rest.push(json!({"index": key.1, "function": {"arguments": step.release}}));
-                    }
-                }
-                if !rest.is_empty() {
-                    match choice
-                        .pointer_mut("/delta/tool_calls")
-                        .and_then(Value::as_array_mut)
-                    {
-                        Some(calls) => calls.extend(rest),
-                        None => choice["delta"]["tool_calls"] = Value::Array(rest),
+                        let call = json!({"index": key.1, "function": {"arguments": step.release}});
+                        rest.push(serde_json::to_vec(&call).unwrap_or_default());
                     }
                 }
             }
@@ -328,22 +356,92 @@ impl SseFilter {
                 self.choices.remove(&index);
                 self.tools.retain(|k, _| k.0 != index);
             }
-            any_left |= !is_empty_delta(choice, ptr);
+            // The edits of this choice.
+            let text_json = set_text.then(|| splice::quote(&step.release));
+            let calls_json = (!rest.is_empty()).then(|| {
+                let mut a = b"[".to_vec();
+                a.extend_from_slice(&rest.join(&b","[..]));
+                a.push(b']');
+                a
+            });
+            match (delta_raw, &delta) {
+                (Some(_), Some(d)) => {
+                    if let Some(t) = text_json {
+                        match slot {
+                            Some(s) => edits.replace(s, t),
+                            None => edits.insert(d, "content", &t),
+                        }
+                    }
+                    match (d.get("tool_calls"), calls_json) {
+                        (_, None) => {}
+                        (Some(a), Some(_)) if a.get().starts_with('[') => edits.append(a, &rest),
+                        (Some(a), Some(c)) => edits.replace(a, c),
+                        (None, Some(c)) => edits.insert(d, "tool_calls", &c),
+                    }
+                }
+                // A delta that is no object becomes one if there is something to put in.
+                (Some(raw), None) => {
+                    let mut members = Vec::new();
+                    if let Some(t) = &text_json {
+                        members.push(["\"content\":".as_bytes(), t].concat());
+                    }
+                    if let Some(c) = &calls_json {
+                        members.push(["\"tool_calls\":".as_bytes(), c].concat());
+                    }
+                    if !members.is_empty() {
+                        edits.replace(raw, [&b"{"[..], &members.join(&b","[..]), b"}"].concat());
+                    }
+                }
+                (None, _) => {
+                    if let Some(t) = text_json {
+                        match slot {
+                            Some(s) => edits.replace(s, t),
+                            None => edits.insert(choice, "text", &t),
+                        }
+                    }
+                    if let Some(c) = calls_json {
+                        edits.insert(
+                            choice,
+                            "delta",
+                            &[&b"{\"tool_calls\":"[..], &c, b"}"].concat(),
+                        );
+                    }
+                }
+            }
+            if finish_filtered {
+                let cf = b"\"content_filter\"".to_vec();
+                match finish {
+                    Some(f) => edits.replace(f, cf),
+                    None => edits.insert(choice, "finish_reason", &cf),
+                }
+            }
+            // A choice that says nothing now: no text, no finish, no role, no tool calls, no
+            // logprobs.
+            let says_nothing = step.release.is_empty()
+                && !last
+                && !finish_filtered
+                && !choice.get("logprobs").is_some_and(|l| !splice::is_null(l))
+                && !delta.as_ref().is_some_and(|d| d.any_other_set("content"))
+                && rest.is_empty();
+            any_left |= !says_nothing;
         }
         if any_left || cut.is_some() {
-            write_event(&v, out);
+            // The event as it came, with the edits (none: the same bytes).
+            edits.apply(0..ev.len(), out);
         }
         if cut.is_some() {
             self.close(out, true);
         }
     }
 
-    fn remember(&mut self, v: &Value) {
+    fn remember(&mut self, top: &Object<'_>) {
         if self.template.is_none() {
             let mut t = serde_json::Map::new();
             for k in ["id", "object", "created", "model", "system_fingerprint"] {
-                if let Some(x) = v.get(k) {
-                    t.insert(k.into(), x.clone());
+                if let Some(x) = top.get(k)
+                    && let Ok(v) = serde_json::from_str::<Value>(x.get())
+                {
+                    t.insert(k.into(), v);
                 }
             }
             self.template = Some(Value::Object(t));
@@ -519,29 +617,6 @@ impl EventScreen {
         self.0.feed(data, &mut out);
         out.freeze()
     }
-}
-
-fn set_text(choice: &mut Value, ptr: &str, text: String) {
-    if ptr == "/text" {
-        choice["text"] = Value::String(text);
-    } else {
-        choice["delta"]["content"] = Value::String(text);
-    }
-}
-
-/// A choice that says nothing: no text, no finish, no role, no tool calls, no logprobs.
-fn is_empty_delta(choice: &Value, ptr: &str) -> bool {
-    let text_empty = choice
-        .pointer(ptr)
-        .and_then(Value::as_str)
-        .is_none_or(str::is_empty);
-    let finish = choice.get("finish_reason").is_some_and(|f| !f.is_null());
-    let logprobs = choice.get("logprobs").is_some_and(|l| !l.is_null());
-    let other_delta = choice
-        .get("delta")
-        .and_then(Value::as_object)
-        .is_some_and(|d| d.iter().any(|(k, v)| k != "content" && !v.is_null()));
-    text_empty && !finish && !logprobs && !other_delta
 }
 
 fn write_event(v: &Value, out: &mut BytesMut) {
