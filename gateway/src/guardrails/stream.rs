@@ -801,6 +801,137 @@ mod tests {
         assert!(!out.contains(&secret[..20]), "{out}");
     }
 
+    /// The events a filter with a 16-byte window sends for `wire`, as text.
+    fn screened(g: Guard, wire: &str) -> String {
+        let mut f = EventScreen::new(g);
+        String::from_utf8(f.feed(wire.as_bytes()).to_vec()).unwrap()
+    }
+
+    fn small(canary: Option<&str>) -> Guard {
+        Guard {
+            hold_back: 16,
+            ..guard(canary)
+        }
+    }
+
+    /// Text the filter passes whole leaves in the event's own bytes: escapes, unicode
+    /// escapes, field order and spacing as the upstream wrote them.
+    #[test]
+    fn events_released_whole_keep_their_bytes() {
+        let ev = "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"tab\\tq\\\" \\u00e9 \\ud83d\\ude00 end\"},  \"finish_reason\":\"stop\"}]}\n\n";
+        assert_eq!(screened(small(None), ev), ev);
+        // A role-only first event and a usage event: untouched.
+        let role = "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n";
+        assert_eq!(screened(small(None), role), role);
+    }
+
+    /// A redaction is spliced into the event: the re-encoded string replaces the old one,
+    /// everything around it stays byte for byte.
+    #[test]
+    fn redactions_are_spliced_with_escapes() {
+        let (class, secret) = &out::samples()[1];
+        let text = format!("\"quoted\" \u{e9}\u{1F600}\n{secret} \\ end");
+        let content = serde_json::to_string(&text).unwrap();
+        // Non-ASCII as \u escapes, as some servers write them.
+        let content = content
+            .replace('\u{e9}', "\\u00e9")
+            .replace('\u{1F600}', "\\ud83d\\ude00");
+        let ev = format!(
+            "data: {{\"id\":\"c\", \"choices\":[{{\"index\":0,\"delta\":{{\"content\":{content}}},\"logprobs\":null,\"finish_reason\":\"stop\"}}], \"x\":[1, 2]}}\n\n"
+        );
+        let got = screened(small(None), &ev);
+        let want_text = text.replace(secret.as_str(), &marker(*class));
+        let want = ev.replace(&content, &serde_json::to_string(&want_text).unwrap());
+        assert_eq!(got, want);
+        let v: Value = serde_json::from_str(got.strip_prefix("data: ").unwrap().trim()).unwrap();
+        assert_eq!(v["choices"][0]["delta"]["content"], want_text.as_str());
+    }
+
+    /// Several choices in one event: each has its own filter, each text is spliced in place.
+    #[test]
+    fn multiple_choices_are_spliced_each() {
+        let (class, secret) = &out::samples()[0];
+        let ev = json!({"id": "c", "choices": [
+            {"index": 0, "delta": {"content": format!("a {secret} b")}, "finish_reason": "stop"},
+            {"index": 1, "delta": {"content": "plain text"}, "finish_reason": "stop"},
+            {"index": 2, "delta": {"content": format!("{secret}!")}, "finish_reason": "stop"},
+        ]});
+        let got = screened(small(None), &format!("data: {ev}\n\n"));
+        let v: Value = serde_json::from_str(got.strip_prefix("data: ").unwrap().trim()).unwrap();
+        let m = marker(*class);
+        assert_eq!(v["choices"][0]["delta"]["content"], format!("a {m} b"));
+        assert_eq!(v["choices"][1]["delta"]["content"], "plain text");
+        assert_eq!(v["choices"][2]["delta"]["content"], format!("{m}!"));
+        assert!(!got.contains(secret.as_str()));
+    }
+
+    /// `content: null` and a missing `content` take the text the filter still held when the
+    /// choice ends; a null left alone stays null.
+    #[test]
+    fn null_and_missing_content_take_the_held_text() {
+        let held = "some words held back";
+        let first = format!(
+            "data: {}\n\n",
+            json!({"choices": [{"index": 0,
+            "delta": {"content": held}, "finish_reason": null}]})
+        );
+        for last in [
+            r#"{"choices":[{"index":0,"delta":{"content":null},"finish_reason":"stop"}]}"#,
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+            r#"{"choices":[{"index":0,"delta":null,"finish_reason":"stop"}]}"#,
+        ] {
+            let got = screened(guard(None), &format!("{first}data: {last}\n\n"));
+            // The window holds the whole text: the first event says nothing and is dropped.
+            let evs: Vec<&str> = got.split("\n\n").filter(|e| !e.is_empty()).collect();
+            assert_eq!(evs.len(), 1, "{got}");
+            let v: Value = serde_json::from_str(evs[0].strip_prefix("data: ").unwrap()).unwrap();
+            assert_eq!(v["choices"][0]["delta"]["content"], held, "{last}");
+            assert_eq!(v["choices"][0]["finish_reason"], "stop");
+        }
+        // Nothing held: a null stays as it came.
+        let ev = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":null},\"finish_reason\":\"stop\"}]}\n\n";
+        assert_eq!(screened(guard(None), ev), ev);
+    }
+
+    /// A tool-call chunk whose arguments pass goes out with its bytes untouched (no text of
+    /// the choice to set).
+    #[test]
+    fn tool_call_chunks_pass_untouched() {
+        let ev = "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"call_1\",\"type\":\"function\",\"function\":{\"name\":\"get_weather\",\"arguments\":\"\"}}]},\"finish_reason\":null}]}\n\n";
+        assert_eq!(screened(small(None), ev), ev);
+        // Short arguments are held (then released with the last event, appended to its
+        // tool calls); the chunk still goes out for its name and id.
+        let args = "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"{\\\"city\\\": \\\"Paris\\\"}\"}}]},\"finish_reason\":null}]}\n\n";
+        let end =
+            "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"tool_calls\"}]}\n\n";
+        let got = screened(guard(None), &format!("{ev}{args}{end}"));
+        let mut all = String::new();
+        for e in got.split("\n\n").filter(|e| !e.is_empty()) {
+            let v: Value = serde_json::from_str(e.strip_prefix("data: ").unwrap()).unwrap();
+            for c in v["choices"][0]["delta"]["tool_calls"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                all += c["function"]["arguments"].as_str().unwrap_or("");
+            }
+        }
+        assert_eq!(all, "{\"city\": \"Paris\"}");
+        assert!(got.starts_with(ev), "{got}");
+    }
+
+    /// A cut with no `finish_reason` in the event gets one inserted.
+    #[test]
+    fn a_cut_inserts_the_finish_reason() {
+        let canary = "moat-canary-00112233aabbccdd";
+        let ev = format!("data: {{\"choices\":[{{\"index\":0,\"text\":\"ok {canary}\"}}]}}\n\n");
+        let got = screened(small(Some(canary)), &ev);
+        assert_eq!(
+            got,
+            "data: {\"choices\":[{\"index\":0,\"text\":\"ok \",\"finish_reason\":\"content_filter\"}]}\n\ndata: [DONE]\n\n"
+        );
+    }
+
     #[test]
     fn unparseable_events_do_not_pass() {
         let wire = "data: {not json\n\ndata: [DONE]\n\n";
