@@ -175,6 +175,10 @@ impl<'a> Edits<'a> {
         }
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
     /// Where `s`, a slice of the base text, lies in it.
     fn span(&self, s: &str) -> Range<usize> {
         let start = (s.as_ptr() as usize)

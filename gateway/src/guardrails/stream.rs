@@ -3,6 +3,9 @@
 //! - a JSON answer is read whole, each choice's text (and tool-call arguments) screened and
 //!   redacted, or cut at a `block` finding with `finish_reason: "content_filter"`; an answer
 //!   that cannot be parsed is refused (502), never passed unscreened;
+//! - both are read in place (`splice`): only the texts are decoded, and what the filter
+//!   changes is spliced into the upstream's bytes; an answer or event it leaves alone goes out
+//!   as it came, nothing re-serialised;
 //! - a stream ([`SseFilter`]) is screened event by event: each choice's text goes through its
 //!   own [`TextFilter`] (the hold-back window), and each event carries only the text the
 //!   filter has released (events left with nothing to say are dropped); the rest is released
@@ -14,6 +17,7 @@
 //! released the same way; what they hold goes with the choice's last event.
 
 use std::{
+    borrow::Cow,
     collections::BTreeMap,
     panic::{AssertUnwindSafe, catch_unwind},
     pin::Pin,
@@ -82,9 +86,13 @@ pub async fn filter(resp: Response, guard: Option<Guard>) -> Response {
     let Ok(bytes) = axum::body::to_bytes(inner, JSON_LIMIT).await else {
         return ApiError::bad_gateway("the answer could not be screened").into_response();
     };
-    match catch_unwind(AssertUnwindSafe(|| screen_json(&bytes, &guard))) {
+    match catch_unwind(AssertUnwindSafe(|| screen_in_place(&bytes, &guard))) {
         Ok(Some(out)) => {
             parts.headers.remove(header::CONTENT_LENGTH);
+            let out = match out {
+                Cow::Borrowed(_) => bytes.clone(),
+                Cow::Owned(v) => Bytes::from(v),
+            };
             Response::from_parts(parts, Body::from(out))
         }
         _ => {
@@ -98,43 +106,67 @@ pub async fn filter(resp: Response, guard: Option<Guard>) -> Response {
 }
 
 /// A JSON answer, screened; `None` if it cannot be.
+#[cfg(test)]
 fn screen_json(bytes: &[u8], g: &Guard) -> Option<Vec<u8>> {
-    let mut v: Value = serde_json::from_slice(bytes).ok()?;
-    let choices = v.get_mut("choices")?.as_array_mut()?;
+    screen_in_place(bytes, g).map(|c| c.into_owned())
+}
+
+/// A JSON answer, screened; `None` if it cannot be. Read in place: an answer the filter
+/// leaves alone is the same bytes (borrowed), a changed one has its changes spliced in.
+fn screen_in_place<'a>(bytes: &'a [u8], g: &Guard) -> Option<Cow<'a, [u8]>> {
+    let Some(Top::Object(top)) = Object::top(bytes) else {
+        return None;
+    };
+    let choices = top.get("choices").and_then(splice::array)?;
+    let mut edits = Edits::new(bytes);
     let mut audited = Audited::new();
-    for choice in choices {
+    for choice in choices.into_iter().filter_map(Object::of) {
         let mut cut = false;
-        let fields: Vec<String> = {
-            let mut f = vec!["/text".to_owned(), "/message/content".to_owned()];
-            let calls = choice
-                .pointer("/message/tool_calls")
-                .and_then(Value::as_array)
-                .map_or(0, Vec::len);
-            f.extend((0..calls).map(|i| format!("/message/tool_calls/{i}/function/arguments")));
-            f
-        };
-        for field in fields {
-            let Some(slot) = choice.pointer_mut(&field) else {
-                continue;
-            };
-            let Some(text) = slot.as_str() else {
+        // The texts of a choice, in order: its text, its message's content, its message's
+        // tool-call arguments.
+        let message = choice.object("message");
+        let mut fields = vec![choice.get("text")];
+        if let Some(m) = &message {
+            fields.push(m.get("content"));
+            let calls = m.get("tool_calls").and_then(splice::array);
+            fields.extend(calls.into_iter().flatten().map(|c| {
+                Object::of(c)
+                    .and_then(|c| c.object("function"))
+                    .and_then(|f| f.get("arguments"))
+            }));
+        }
+        for slot in fields.into_iter().flatten() {
+            let Some(text) = splice::string(slot) else {
                 continue;
             };
             if cut {
-                *slot = Value::String(String::new());
+                if !text.is_empty() {
+                    edits.replace(slot, b"\"\"".to_vec());
+                }
                 continue;
             }
             let step =
-                TextFilter::new(g.hold_back).push(text, true, &g.output, g.canary.as_deref());
+                TextFilter::new(g.hold_back).push(&text, true, &g.output, g.canary.as_deref());
             count(g, &mut audited, &step.redacted, step.blocked);
-            *slot = Value::String(step.release);
+            if *text != step.release {
+                edits.replace(slot, splice::quote(&step.release));
+            }
             cut = step.blocked.is_some();
         }
         if cut {
-            choice["finish_reason"] = json!("content_filter");
+            let cf = b"\"content_filter\"".to_vec();
+            match choice.get("finish_reason") {
+                Some(f) => edits.replace(f, cf),
+                None => edits.insert(&choice, "finish_reason", &cf),
+            }
         }
     }
-    serde_json::to_vec(&v).ok()
+    if edits.is_empty() {
+        return Some(Cow::Borrowed(bytes));
+    }
+    let mut out = Vec::with_capacity(bytes.len() + 64);
+    edits.apply(0..bytes.len(), &mut out);
+    Some(Cow::Owned(out))
 }
 
 /// The (class, action) pairs of an answer already audited.
@@ -938,6 +970,26 @@ mod tests {
         let (got, _, done) = run(guard(None), wire.as_bytes(), &[]);
         assert_eq!(got, "");
         assert!(done);
+    }
+
+    /// A JSON answer the filter leaves alone is the upstream's bytes, borrowed; a redaction
+    /// in a tool call's arguments is spliced in.
+    #[test]
+    fn json_answers_left_alone_are_not_copied() {
+        let body = r#"{"id":"x", "choices":[{"index":0,"message":{"role":"assistant","content":"caf\u00e9 \"ok\""},"finish_reason":"stop"}]}"#;
+        let out = screen_in_place(body.as_bytes(), &guard(None)).unwrap();
+        assert!(matches!(out, Cow::Borrowed(b) if b == body.as_bytes()));
+        let (class, secret) = &out::samples()[3];
+        let args = serde_json::to_string(&format!("{{\"key\": \"{secret}\"}}")).unwrap();
+        let body = format!(
+            r#"{{"choices":[{{"index":0,"message":{{"content":null,"tool_calls":[{{"id":"1","function":{{"name":"f","arguments":{args}}}}}]}},"finish_reason":"tool_calls"}}]}}"#
+        );
+        let out = screen_json(body.as_bytes(), &guard(None)).unwrap();
+        let want = serde_json::to_string(&format!("{{\"key\": \"{}\"}}", marker(*class))).unwrap();
+        assert_eq!(
+            String::from_utf8(out.to_vec()).unwrap(),
+            body.replace(&args, &want)
+        );
     }
 
     #[test]
