@@ -452,7 +452,7 @@ impl SseFilter {
             let says_nothing = step.release.is_empty()
                 && !last
                 && !finish_filtered
-                && !choice.get("logprobs").is_some_and(|l| !splice::is_null(l))
+                && choice.get("logprobs").is_none_or(splice::is_null)
                 && !delta.as_ref().is_some_and(|d| d.any_other_set("content"))
                 && rest.is_empty();
             any_left |= !says_nothing;
