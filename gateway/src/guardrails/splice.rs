@@ -7,7 +7,7 @@
 
 use std::{borrow::Cow, fmt, ops::Range};
 
-use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
 /// An object key, borrowed unless it has escapes.
@@ -55,6 +55,56 @@ impl<'de> Deserialize<'de> for Members<'de> {
     }
 }
 
+/// A JSON text in which no object repeats a key (its deserialisation fails otherwise).
+struct Unambiguous;
+
+impl<'de> Deserialize<'de> for Unambiguous {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Unambiguous;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("JSON")
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Unambiguous, E> {
+                Ok(Unambiguous)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Unambiguous, E> {
+                Ok(Unambiguous)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Unambiguous, E> {
+                Ok(Unambiguous)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Unambiguous, E> {
+                Ok(Unambiguous)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Unambiguous, E> {
+                Ok(Unambiguous)
+            }
+            fn visit_unit<E>(self) -> Result<Unambiguous, E> {
+                Ok(Unambiguous)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Unambiguous, A::Error> {
+                while seq.next_element::<Unambiguous>()?.is_some() {}
+                Ok(Unambiguous)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Unambiguous, A::Error> {
+                // Objects of an answer have a handful of keys: a linear scan is cheapest.
+                let mut keys: Vec<Key<'de>> = Vec::new();
+                while let Some(key) = map.next_key::<Key<'de>>()? {
+                    if keys.iter().any(|k| k.0 == key.0) {
+                        return Err(serde::de::Error::custom("a repeated key"));
+                    }
+                    map.next_value::<Unambiguous>()?;
+                    keys.push(key);
+                }
+                Ok(Unambiguous)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// A JSON object read in place.
 pub struct Object<'a> {
     /// The object's own text (`{` to `}`).
@@ -71,9 +121,14 @@ pub enum Top<'a> {
 
 impl<'a> Object<'a> {
     /// A whole JSON text; `None` if it is not valid JSON.
+    /// `None` also when an object anywhere in it repeats a key: readers disagree on which copy
+    /// counts (the first or the last), so a filter that screened one copy could let the other
+    /// through to a client that reads it. Such a text is not screenable.
     pub fn top(text: &'a [u8]) -> Option<Top<'a>> {
-        let raw: &'a RawValue = serde_json::from_slice(text).ok()?;
-        Some(match Object::of(raw) {
+        let text = std::str::from_utf8(text).ok()?;
+        serde_json::from_str::<Unambiguous>(text).ok()?;
+        let text = text.trim_ascii();
+        Some(match Object::of_str(text) {
             Some(o) => Top::Object(o),
             None => Top::Other,
         })
@@ -81,7 +136,10 @@ impl<'a> Object<'a> {
 
     /// The object `raw` is, if it is one.
     pub fn of(raw: &'a RawValue) -> Option<Object<'a>> {
-        let raw = raw.get();
+        Object::of_str(raw.get())
+    }
+
+    fn of_str(raw: &'a str) -> Option<Object<'a>> {
         if !raw.starts_with('{') {
             return None;
         }
@@ -89,7 +147,7 @@ impl<'a> Object<'a> {
         Some(Object { raw, members })
     }
 
-    /// A member's value (a repeated key: the last one, as `serde_json::Value` keeps it).
+    /// A member's value (keys are unique: see [`Object::top`]).
     pub fn get(&self, key: &str) -> Option<&'a RawValue> {
         self.members
             .iter()
@@ -294,8 +352,11 @@ mod tests {
     }
 
     #[test]
-    fn repeated_keys_keep_the_last_and_escaped_keys_match() {
-        let o = obj(r#"{"k":1,"\u006b":2}"#);
+    fn repeated_keys_are_refused_also_when_escaped() {
+        assert!(Object::top(br#"{"k":1,"\u006b":2}"#).is_none());
+        assert!(Object::top(br#"{"a":[{"k":1,"k":2}]}"#).is_none());
+        assert!(Object::top(br#"{"a":{"k":1},"b":{"k":2}}"#).is_some());
+        let o = obj(r#"{"\u006b":2}"#);
         assert_eq!(o.get("k").unwrap().get(), "2");
     }
 

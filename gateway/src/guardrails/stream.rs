@@ -1011,4 +1011,45 @@ mod tests {
         assert_eq!(v["choices"][0]["finish_reason"], "content_filter");
         assert!(screen_json(b"not json", &g).is_none());
     }
+
+    /// A repeated key anywhere is refused, stream event or whole answer: a client that reads
+    /// the first copy would otherwise get the text the filter did not screen.
+    #[test]
+    fn repeated_keys_are_not_screenable() {
+        let (_, secret) = &out::samples()[0];
+        for (what, payload) in [
+            (
+                "content",
+                format!(
+                    r#"{{"choices":[{{"index":0,"delta":{{"content":"{secret}","content":"ok"}}}}]}}"#
+                ),
+            ),
+            (
+                "delta",
+                format!(
+                    r#"{{"choices":[{{"index":0,"delta":{{"content":"{secret}"}},"delta":{{"content":"ok"}}}}]}}"#
+                ),
+            ),
+            (
+                "choices",
+                format!(
+                    r#"{{"choices":[{{"index":0,"delta":{{"content":"{secret}"}}}}],"choices":[]}}"#
+                ),
+            ),
+            (
+                "function",
+                format!(
+                    r#"{{"choices":[{{"index":0,"delta":{{"tool_calls":[{{"index":0,"function":{{"arguments":"{secret}"}},"function":{{}}}}]}}}}]}}"#
+                ),
+            ),
+        ] {
+            let wire = format!("data: {payload}\n\ndata: [DONE]\n\n");
+            let (got, _, _) = run(guard(None), wire.as_bytes(), &[]);
+            assert!(!got.contains(secret.as_str()), "{what}: {got}");
+        }
+        let body = format!(
+            r#"{{"choices":[{{"index":0,"message":{{"content":"{secret}","content":"ok"}}}}]}}"#
+        );
+        assert!(screen_json(body.as_bytes(), &guard(None)).is_none());
+    }
 }
