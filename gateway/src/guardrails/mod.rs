@@ -24,6 +24,7 @@ pub mod output;
 pub mod policy;
 pub mod rules;
 mod screen;
+mod splice;
 mod stream;
 
 use std::collections::BTreeMap;

@@ -146,10 +146,9 @@ fn fold_homoglyphs(s: &str) -> String {
     out
 }
 
-/// The text with leetspeak digits and symbols read as letters, inside words that also have
-/// letters (`1gn0r3` → `ignore`); `None` when nothing changes.
-fn unleet(s: &str) -> Option<String> {
-    let leet = |c: char| match c {
+/// A leetspeak digit or symbol and the letter it stands for (all ASCII).
+fn leet(c: char) -> Option<char> {
+    match c {
         '0' => Some('o'),
         '1' | '!' | '|' => Some('i'),
         '3' => Some('e'),
@@ -159,43 +158,72 @@ fn unleet(s: &str) -> Option<String> {
         '8' => Some('b'),
         '9' => Some('g'),
         _ => None,
-    };
-    let mut out = String::with_capacity(s.len());
-    let mut changed = false;
-    for word in s.split_inclusive(char::is_whitespace) {
-        let letters = word.chars().any(char::is_alphabetic);
+    }
+}
+
+fn is_leet(b: &u8) -> bool {
+    matches!(
+        b,
+        b'0' | b'1' | b'!' | b'|' | b'3' | b'4' | b'@' | b'5' | b'$' | b'7' | b'+' | b'8' | b'9'
+    )
+}
+
+/// The text with leetspeak digits and symbols read as letters, inside words (runs of
+/// non-whitespace) that also have letters (`1gn0r3` → `ignore`); `None` when nothing changes.
+/// Only the words around a leet character are looked at (most prompts have few or none).
+fn unleet(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut i = b.iter().position(is_leet)?;
+    let mut out = String::new();
+    let mut copied = 0;
+    loop {
+        // The word around `i` (an ASCII byte, so a character boundary).
+        let start = s[..i]
+            .char_indices()
+            .rev()
+            .find(|(_, c)| c.is_whitespace())
+            .map_or(0, |(w, c)| w + c.len_utf8());
+        let end = s[i..].find(char::is_whitespace).map_or(s.len(), |w| i + w);
+        let word = &s[start..end];
         // Hex (hashes, ids) is not leetspeak.
-        let hex = word.trim().chars().all(|c| c.is_ascii_hexdigit());
-        if letters && !hex && word.chars().any(|c| leet(c).is_some()) {
-            changed = true;
+        if word.chars().any(char::is_alphabetic) && !word.bytes().all(|c| c.is_ascii_hexdigit()) {
+            out.push_str(&s[copied..start]);
             out.extend(word.chars().map(|c| leet(c).unwrap_or(c)));
-        } else {
-            out.push_str(word);
+            copied = end;
+        }
+        match b[end..].iter().position(is_leet) {
+            Some(p) => i = end + p,
+            None => break,
         }
     }
-    changed.then_some(out)
+    (copied > 0).then(|| {
+        out.push_str(&s[copied..]);
+        out
+    })
 }
 
 /// Appends what the base64, hex and URL-encoded runs of `s` decode to (each folded).
 fn decoded_views(s: &str, min: usize, views: &mut Vec<String>) {
-    let b64 = |c: char| c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '=' | '-' | '_');
-    let mut start = None;
-    for (i, c) in s.char_indices().chain([(s.len(), ' ')]) {
-        match (b64(c) && i < s.len(), start) {
-            (true, None) => start = Some(i),
-            (false, Some(st)) => {
-                start = None;
-                let run = &s[st..i];
-                if run.len() >= min
-                    && let Some(text) = decode_run(run)
-                {
-                    views.push(fold(&text));
-                }
-            }
-            _ => {}
+    // The alphabet is ASCII: runs start and end at character boundaries.
+    let b64 = |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'=' | b'-' | b'_');
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if !b64(b[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < b.len() && b64(b[i]) {
+            i += 1;
+        }
+        if i - start >= min
+            && let Some(text) = decode_run(&s[start..i])
+        {
+            views.push(fold(&text));
         }
     }
-    if s.contains('%') {
+    if memchr::memchr(b'%', b).is_some() {
         let decoded = url_decode(s);
         if decoded != s {
             views.push(fold(&decoded));
@@ -300,6 +328,44 @@ mod tests {
                 .views
                 .is_empty()
         );
+    }
+
+    /// The word-by-word reading the fast [`unleet`] replaced, as the reference.
+    fn unleet_reference(s: &str) -> Option<String> {
+        let mut out = String::with_capacity(s.len());
+        let mut changed = false;
+        for word in s.split_inclusive(char::is_whitespace) {
+            let letters = word.chars().any(char::is_alphabetic);
+            let hex = word.trim().chars().all(|c| c.is_ascii_hexdigit());
+            if letters && !hex && word.chars().any(|c| leet(c).is_some()) {
+                changed = true;
+                out.extend(word.chars().map(|c| leet(c).unwrap_or(c)));
+            } else {
+                out.push_str(word);
+            }
+        }
+        changed.then_some(out)
+    }
+
+    #[test]
+    fn unleet_reads_as_the_word_by_word_reference() {
+        let cases = [
+            "",
+            "plain words only",
+            "1gn0r3 pr3v10us",
+            "  leading and trailing 7h3  ",
+            "a\u{3000}b3\u{2003}c4t\u{a0}d0g",
+            "deadbeef 0xdeadbeef cafe5 c4f3",
+            "500 errors since 2024, c0de!",
+            "$$$ |||| +++ @@@",
+            "émile 3t\u{e9} ñ0",
+            "x1\ny2\tz3\r\nw4",
+            "9",
+            "a9",
+        ];
+        for c in cases {
+            assert_eq!(unleet(c), unleet_reference(c), "{c:?}");
+        }
     }
 
     #[test]

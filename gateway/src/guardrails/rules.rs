@@ -340,8 +340,12 @@ impl RuleSet {
 
     /// Marks in `hit` (indexed like `rules`) every rule that matches `text`.
     pub fn scan(&self, text: &str, hit: &mut [bool]) {
-        for p in self.set.matches(text).iter() {
-            hit[self.pattern_rule[p]] = true;
+        // Most texts match nothing: `is_match` runs the faster search that may stop early;
+        // only a text that matches pays for the overlapping search of which rules did.
+        if self.set.is_match(text) {
+            for p in self.set.matches(text).iter() {
+                hit[self.pattern_rule[p]] = true;
+            }
         }
         if self.delimiters.is_match(text) {
             hit[self.delimiter_rule] = true;

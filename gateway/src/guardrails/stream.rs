@@ -3,6 +3,9 @@
 //! - a JSON answer is read whole, each choice's text (and tool-call arguments) screened and
 //!   redacted, or cut at a `block` finding with `finish_reason: "content_filter"`; an answer
 //!   that cannot be parsed is refused (502), never passed unscreened;
+//! - both are read in place (`splice`): only the texts are decoded, and what the filter
+//!   changes is spliced into the upstream's bytes; an answer or event it leaves alone goes out
+//!   as it came, nothing re-serialised;
 //! - a stream ([`SseFilter`]) is screened event by event: each choice's text goes through its
 //!   own [`TextFilter`] (the hold-back window), and each event carries only the text the
 //!   filter has released (events left with nothing to say are dropped); the rest is released
@@ -14,6 +17,7 @@
 //! released the same way; what they hold goes with the choice's last event.
 
 use std::{
+    borrow::Cow,
     collections::BTreeMap,
     panic::{AssertUnwindSafe, catch_unwind},
     pin::Pin,
@@ -33,6 +37,7 @@ use tracing::warn;
 use super::{
     Guard, metrics,
     output::{Class, TextFilter},
+    splice::{self, Edits, Object, Top},
 };
 use crate::{
     dataplane::{
@@ -81,9 +86,13 @@ pub async fn filter(resp: Response, guard: Option<Guard>) -> Response {
     let Ok(bytes) = axum::body::to_bytes(inner, JSON_LIMIT).await else {
         return ApiError::bad_gateway("the answer could not be screened").into_response();
     };
-    match catch_unwind(AssertUnwindSafe(|| screen_json(&bytes, &guard))) {
+    match catch_unwind(AssertUnwindSafe(|| screen_in_place(&bytes, &guard))) {
         Ok(Some(out)) => {
             parts.headers.remove(header::CONTENT_LENGTH);
+            let out = match out {
+                Cow::Borrowed(_) => bytes.clone(),
+                Cow::Owned(v) => Bytes::from(v),
+            };
             Response::from_parts(parts, Body::from(out))
         }
         _ => {
@@ -97,43 +106,67 @@ pub async fn filter(resp: Response, guard: Option<Guard>) -> Response {
 }
 
 /// A JSON answer, screened; `None` if it cannot be.
+#[cfg(test)]
 fn screen_json(bytes: &[u8], g: &Guard) -> Option<Vec<u8>> {
-    let mut v: Value = serde_json::from_slice(bytes).ok()?;
-    let choices = v.get_mut("choices")?.as_array_mut()?;
+    screen_in_place(bytes, g).map(|c| c.into_owned())
+}
+
+/// A JSON answer, screened; `None` if it cannot be. Read in place: an answer the filter
+/// leaves alone is the same bytes (borrowed), a changed one has its changes spliced in.
+fn screen_in_place<'a>(bytes: &'a [u8], g: &Guard) -> Option<Cow<'a, [u8]>> {
+    let Some(Top::Object(top)) = Object::top(bytes) else {
+        return None;
+    };
+    let choices = top.get("choices").and_then(splice::array)?;
+    let mut edits = Edits::new(bytes);
     let mut audited = Audited::new();
-    for choice in choices {
+    for choice in choices.into_iter().filter_map(Object::of) {
         let mut cut = false;
-        let fields: Vec<String> = {
-            let mut f = vec!["/text".to_owned(), "/message/content".to_owned()];
-            let calls = choice
-                .pointer("/message/tool_calls")
-                .and_then(Value::as_array)
-                .map_or(0, Vec::len);
-            f.extend((0..calls).map(|i| format!("/message/tool_calls/{i}/function/arguments")));
-            f
-        };
-        for field in fields {
-            let Some(slot) = choice.pointer_mut(&field) else {
-                continue;
-            };
-            let Some(text) = slot.as_str() else {
+        // The texts of a choice, in order: its text, its message's content, its message's
+        // tool-call arguments.
+        let message = choice.object("message");
+        let mut fields = vec![choice.get("text")];
+        if let Some(m) = &message {
+            fields.push(m.get("content"));
+            let calls = m.get("tool_calls").and_then(splice::array);
+            fields.extend(calls.into_iter().flatten().map(|c| {
+                Object::of(c)
+                    .and_then(|c| c.object("function"))
+                    .and_then(|f| f.get("arguments"))
+            }));
+        }
+        for slot in fields.into_iter().flatten() {
+            let Some(text) = splice::string(slot) else {
                 continue;
             };
             if cut {
-                *slot = Value::String(String::new());
+                if !text.is_empty() {
+                    edits.replace(slot, b"\"\"".to_vec());
+                }
                 continue;
             }
             let step =
-                TextFilter::new(g.hold_back).push(text, true, &g.output, g.canary.as_deref());
+                TextFilter::new(g.hold_back).push(&text, true, &g.output, g.canary.as_deref());
             count(g, &mut audited, &step.redacted, step.blocked);
-            *slot = Value::String(step.release);
+            if *text != step.release {
+                edits.replace(slot, splice::quote(&step.release));
+            }
             cut = step.blocked.is_some();
         }
         if cut {
-            choice["finish_reason"] = json!("content_filter");
+            let cf = b"\"content_filter\"".to_vec();
+            match choice.get("finish_reason") {
+                Some(f) => edits.replace(f, cf),
+                None => edits.insert(&choice, "finish_reason", &cf),
+            }
         }
     }
-    serde_json::to_vec(&v).ok()
+    if edits.is_empty() {
+        return Some(Cow::Borrowed(bytes));
+    }
+    let mut out = Vec::with_capacity(bytes.len() + 64);
+    edits.apply(0..bytes.len(), &mut out);
+    Some(Cow::Owned(out))
 }
 
 /// The (class, action) pairs of an answer already audited.
@@ -210,7 +243,7 @@ impl SseFilter {
             Data::One(r) => &ev[r],
             // Several data lines: not what an OpenAI server sends; screened as one
             // unparseable payload (dropped).
-            Data::Several => b"",
+            Data::Several => return,
             Data::None => {
                 // Comments and other fields carry no text.
                 out.extend_from_slice(ev);
@@ -222,11 +255,18 @@ impl SseFilter {
             out.extend_from_slice(ev);
             return;
         }
-        let Ok(mut v) = serde_json::from_slice::<Value>(payload) else {
+        let top = match Object::top(payload) {
+            Some(Top::Object(o)) => o,
+            // Valid JSON but no object: no text of a choice.
+            Some(Top::Other) => {
+                self.flush_all(out);
+                out.extend_from_slice(ev);
+                return;
+            }
             // Not an event we can screen: it does not go out.
-            return;
+            None => return,
         };
-        let Some(choices) = v.get("choices").and_then(Value::as_array) else {
+        let Some(choices) = top.get("choices").and_then(splice::array) else {
             // An error event or the like: no text of a choice, but flush what is held first.
             self.flush_all(out);
             out.extend_from_slice(ev);
@@ -238,60 +278,89 @@ impl SseFilter {
             out.extend_from_slice(ev);
             return;
         }
-        self.remember(&v);
+        // A choice that is not an object: not what an OpenAI server sends; not screenable.
+        let Some(choices) = choices
+            .into_iter()
+            .map(Object::of)
+            .collect::<Option<Vec<_>>>()
+        else {
+            return;
+        };
+        self.remember(&top);
+        let mut edits = Edits::new(ev);
         let mut cut = None;
         let mut any_left = false;
         let g = &self.guard;
-        for choice in v["choices"].as_array_mut().into_iter().flatten() {
-            let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
-            let last = choice.get("finish_reason").is_some_and(|f| !f.is_null());
-            let ptr = if choice.get("delta").is_some() {
-                "/delta/content"
-            } else {
-                "/text"
+        for choice in &choices {
+            let index = choice.get("index").and_then(splice::as_u64).unwrap_or(0);
+            let finish = choice.get("finish_reason");
+            let last = finish.is_some_and(|f| !splice::is_null(f));
+            // A chat chunk's text is its `delta.content`, a completion chunk's its `text`.
+            let delta_raw = choice.get("delta");
+            let delta = delta_raw.and_then(Object::of);
+            let slot = match (delta_raw, &delta) {
+                (Some(_), Some(d)) => d.get("content"),
+                (Some(_), None) => None,
+                (None, _) => choice.get("text"),
             };
-            let text = choice.pointer(ptr).and_then(Value::as_str).unwrap_or("");
+            let text = slot.and_then(splice::string);
             let f = self
                 .choices
                 .entry(index)
                 .or_insert_with(|| TextFilter::new(g.hold_back));
-            let step = f.push(text, last, &g.output, g.canary.as_deref());
+            let step = f.push(
+                text.as_deref().unwrap_or(""),
+                last,
+                &g.output,
+                g.canary.as_deref(),
+            );
             count(g, &mut self.audited, &step.redacted, step.blocked);
-            let had_text = choice.pointer(ptr).is_some_and(Value::is_string);
-            if had_text || !step.release.is_empty() {
-                set_text(choice, ptr, step.release.clone());
-            }
+            // The text is set to what the filter released (unless there is none to set and
+            // there was none); written only where it differs.
+            let set_text = (text.is_some() || !step.release.is_empty())
+                && text.as_deref() != Some(step.release.as_str());
+            let mut finish_filtered = false;
             if step.blocked.is_some() {
-                choice["finish_reason"] = json!("content_filter");
+                finish_filtered = true;
                 cut = step.blocked;
             }
             if cut.is_none()
-                && let Some(calls) = choice
-                    .pointer_mut("/delta/tool_calls")
-                    .and_then(Value::as_array_mut)
+                && let Some(calls) = delta
+                    .as_ref()
+                    .and_then(|d| d.get("tool_calls"))
+                    .and_then(splice::array)
             {
                 for call in calls {
-                    let k = call.get("index").and_then(Value::as_u64).unwrap_or(0);
-                    let Some(args) = call.pointer("/function/arguments").and_then(Value::as_str)
-                    else {
+                    let Some(call) = Object::of(call) else {
+                        continue;
+                    };
+                    let k = call.get("index").and_then(splice::as_u64).unwrap_or(0);
+                    let Some(raw) = call.object("function").and_then(|f| f.get("arguments")) else {
+                        continue;
+                    };
+                    let Some(args) = splice::string(raw) else {
                         continue;
                     };
                     let f = self
                         .tools
                         .entry((index, k))
                         .or_insert_with(|| TextFilter::new(g.hold_back));
-                    let step = f.push(args, false, &g.output, g.canary.as_deref());
+                    let step = f.push(&args, false, &g.output, g.canary.as_deref());
                     count(g, &mut self.audited, &step.redacted, step.blocked);
-                    call["function"]["arguments"] = Value::String(step.release);
+                    if *args != step.release {
+                        edits.replace(raw, splice::quote(&step.release));
+                    }
                     if step.blocked.is_some() {
                         cut = step.blocked;
                         break;
                     }
                 }
                 if cut.is_some() {
-                    choice["finish_reason"] = json!("content_filter");
+                    finish_filtered = true;
                 }
             }
+            // Tool-call arguments the choice's filters still hold (JSON texts).
+            let mut rest = Vec::new();
             if last && cut.is_none() {
                 // What the tool-call filters of this choice hold goes with its last event.
                 let keys: Vec<(u64, u64)> = self
@@ -299,7 +368,6 @@ impl SseFilter {
                     .range((index, 0)..=(index, u64::MAX))
                     .map(|(k, _)| *k)
                     .collect();
-                let mut rest = Vec::new();
                 for key in keys {
                     let Some(mut f) = self.tools.remove(&key) else {
                         continue;
@@ -307,20 +375,12 @@ impl SseFilter {
                     let step = f.push("", true, &g.output, g.canary.as_deref());
                     count(g, &mut self.audited, &step.redacted, step.blocked);
                     if step.blocked.is_some() {
-                        choice["finish_reason"] = json!("content_filter");
+                        finish_filtered = true;
                         cut = step.blocked;
                     }
                     if !step.release.is_empty() {
-                        rest.push(json!({"index": key.1, "function": {"arguments": step.release}}));
-                    }
-                }
-                if !rest.is_empty() {
-                    match choice
-                        .pointer_mut("/delta/tool_calls")
-                        .and_then(Value::as_array_mut)
-                    {
-                        Some(calls) => calls.extend(rest),
-                        None => choice["delta"]["tool_calls"] = Value::Array(rest),
+                        let call = json!({"index": key.1, "function": {"arguments": step.release}});
+                        rest.push(serde_json::to_vec(&call).unwrap_or_default());
                     }
                 }
             }
@@ -328,22 +388,92 @@ impl SseFilter {
                 self.choices.remove(&index);
                 self.tools.retain(|k, _| k.0 != index);
             }
-            any_left |= !is_empty_delta(choice, ptr);
+            // The edits of this choice.
+            let text_json = set_text.then(|| splice::quote(&step.release));
+            let calls_json = (!rest.is_empty()).then(|| {
+                let mut a = b"[".to_vec();
+                a.extend_from_slice(&rest.join(&b","[..]));
+                a.push(b']');
+                a
+            });
+            match (delta_raw, &delta) {
+                (Some(_), Some(d)) => {
+                    if let Some(t) = text_json {
+                        match slot {
+                            Some(s) => edits.replace(s, t),
+                            None => edits.insert(d, "content", &t),
+                        }
+                    }
+                    match (d.get("tool_calls"), calls_json) {
+                        (_, None) => {}
+                        (Some(a), Some(_)) if a.get().starts_with('[') => edits.append(a, &rest),
+                        (Some(a), Some(c)) => edits.replace(a, c),
+                        (None, Some(c)) => edits.insert(d, "tool_calls", &c),
+                    }
+                }
+                // A delta that is no object becomes one if there is something to put in.
+                (Some(raw), None) => {
+                    let mut members = Vec::new();
+                    if let Some(t) = &text_json {
+                        members.push(["\"content\":".as_bytes(), t].concat());
+                    }
+                    if let Some(c) = &calls_json {
+                        members.push(["\"tool_calls\":".as_bytes(), c].concat());
+                    }
+                    if !members.is_empty() {
+                        edits.replace(raw, [&b"{"[..], &members.join(&b","[..]), b"}"].concat());
+                    }
+                }
+                (None, _) => {
+                    if let Some(t) = text_json {
+                        match slot {
+                            Some(s) => edits.replace(s, t),
+                            None => edits.insert(choice, "text", &t),
+                        }
+                    }
+                    if let Some(c) = calls_json {
+                        edits.insert(
+                            choice,
+                            "delta",
+                            &[&b"{\"tool_calls\":"[..], &c, b"}"].concat(),
+                        );
+                    }
+                }
+            }
+            if finish_filtered {
+                let cf = b"\"content_filter\"".to_vec();
+                match finish {
+                    Some(f) => edits.replace(f, cf),
+                    None => edits.insert(choice, "finish_reason", &cf),
+                }
+            }
+            // A choice that says nothing now: no text, no finish, no role, no tool calls, no
+            // logprobs.
+            let says_nothing = step.release.is_empty()
+                && !last
+                && !finish_filtered
+                && choice.get("logprobs").is_none_or(splice::is_null)
+                && !delta.as_ref().is_some_and(|d| d.any_other_set("content"))
+                && rest.is_empty();
+            any_left |= !says_nothing;
         }
         if any_left || cut.is_some() {
-            write_event(&v, out);
+            // The event as it came, with the edits (none: the same bytes).
+            edits.apply(0..ev.len(), out);
         }
         if cut.is_some() {
             self.close(out, true);
         }
     }
 
-    fn remember(&mut self, v: &Value) {
+    fn remember(&mut self, top: &Object<'_>) {
         if self.template.is_none() {
             let mut t = serde_json::Map::new();
             for k in ["id", "object", "created", "model", "system_fingerprint"] {
-                if let Some(x) = v.get(k) {
-                    t.insert(k.into(), x.clone());
+                if let Some(x) = top.get(k)
+                    && let Ok(v) = serde_json::from_str::<Value>(x.get())
+                {
+                    t.insert(k.into(), v);
                 }
             }
             self.template = Some(Value::Object(t));
@@ -519,29 +649,6 @@ impl EventScreen {
         self.0.feed(data, &mut out);
         out.freeze()
     }
-}
-
-fn set_text(choice: &mut Value, ptr: &str, text: String) {
-    if ptr == "/text" {
-        choice["text"] = Value::String(text);
-    } else {
-        choice["delta"]["content"] = Value::String(text);
-    }
-}
-
-/// A choice that says nothing: no text, no finish, no role, no tool calls, no logprobs.
-fn is_empty_delta(choice: &Value, ptr: &str) -> bool {
-    let text_empty = choice
-        .pointer(ptr)
-        .and_then(Value::as_str)
-        .is_none_or(str::is_empty);
-    let finish = choice.get("finish_reason").is_some_and(|f| !f.is_null());
-    let logprobs = choice.get("logprobs").is_some_and(|l| !l.is_null());
-    let other_delta = choice
-        .get("delta")
-        .and_then(Value::as_object)
-        .is_some_and(|d| d.iter().any(|(k, v)| k != "content" && !v.is_null()));
-    text_empty && !finish && !logprobs && !other_delta
 }
 
 fn write_event(v: &Value, out: &mut BytesMut) {
@@ -726,12 +833,163 @@ mod tests {
         assert!(!out.contains(&secret[..20]), "{out}");
     }
 
+    /// The events a filter with a 16-byte window sends for `wire`, as text.
+    fn screened(g: Guard, wire: &str) -> String {
+        let mut f = EventScreen::new(g);
+        String::from_utf8(f.feed(wire.as_bytes()).to_vec()).unwrap()
+    }
+
+    fn small(canary: Option<&str>) -> Guard {
+        Guard {
+            hold_back: 16,
+            ..guard(canary)
+        }
+    }
+
+    /// Text the filter passes whole leaves in the event's own bytes: escapes, unicode
+    /// escapes, field order and spacing as the upstream wrote them.
+    #[test]
+    fn events_released_whole_keep_their_bytes() {
+        let ev = "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"tab\\tq\\\" \\u00e9 \\ud83d\\ude00 end\"},  \"finish_reason\":\"stop\"}]}\n\n";
+        assert_eq!(screened(small(None), ev), ev);
+        // A role-only first event and a usage event: untouched.
+        let role = "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n";
+        assert_eq!(screened(small(None), role), role);
+    }
+
+    /// A redaction is spliced into the event: the re-encoded string replaces the old one,
+    /// everything around it stays byte for byte.
+    #[test]
+    fn redactions_are_spliced_with_escapes() {
+        let (class, secret) = &out::samples()[1];
+        let text = format!("\"quoted\" \u{e9}\u{1F600}\n{secret} \\ end");
+        let content = serde_json::to_string(&text).unwrap();
+        // Non-ASCII as \u escapes, as some servers write them.
+        let content = content
+            .replace('\u{e9}', "\\u00e9")
+            .replace('\u{1F600}', "\\ud83d\\ude00");
+        let ev = format!(
+            "data: {{\"id\":\"c\", \"choices\":[{{\"index\":0,\"delta\":{{\"content\":{content}}},\"logprobs\":null,\"finish_reason\":\"stop\"}}], \"x\":[1, 2]}}\n\n"
+        );
+        let got = screened(small(None), &ev);
+        let want_text = text.replace(secret.as_str(), &marker(*class));
+        let want = ev.replace(&content, &serde_json::to_string(&want_text).unwrap());
+        assert_eq!(got, want);
+        let v: Value = serde_json::from_str(got.strip_prefix("data: ").unwrap().trim()).unwrap();
+        assert_eq!(v["choices"][0]["delta"]["content"], want_text.as_str());
+    }
+
+    /// Several choices in one event: each has its own filter, each text is spliced in place.
+    #[test]
+    fn multiple_choices_are_spliced_each() {
+        let (class, secret) = &out::samples()[0];
+        let ev = json!({"id": "c", "choices": [
+            {"index": 0, "delta": {"content": format!("a {secret} b")}, "finish_reason": "stop"},
+            {"index": 1, "delta": {"content": "plain text"}, "finish_reason": "stop"},
+            {"index": 2, "delta": {"content": format!("{secret}!")}, "finish_reason": "stop"},
+        ]});
+        let got = screened(small(None), &format!("data: {ev}\n\n"));
+        let v: Value = serde_json::from_str(got.strip_prefix("data: ").unwrap().trim()).unwrap();
+        let m = marker(*class);
+        assert_eq!(v["choices"][0]["delta"]["content"], format!("a {m} b"));
+        assert_eq!(v["choices"][1]["delta"]["content"], "plain text");
+        assert_eq!(v["choices"][2]["delta"]["content"], format!("{m}!"));
+        assert!(!got.contains(secret.as_str()));
+    }
+
+    /// `content: null` and a missing `content` take the text the filter still held when the
+    /// choice ends; a null left alone stays null.
+    #[test]
+    fn null_and_missing_content_take_the_held_text() {
+        let held = "some words held back";
+        let first = format!(
+            "data: {}\n\n",
+            json!({"choices": [{"index": 0,
+            "delta": {"content": held}, "finish_reason": null}]})
+        );
+        for last in [
+            r#"{"choices":[{"index":0,"delta":{"content":null},"finish_reason":"stop"}]}"#,
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+            r#"{"choices":[{"index":0,"delta":null,"finish_reason":"stop"}]}"#,
+        ] {
+            let got = screened(guard(None), &format!("{first}data: {last}\n\n"));
+            // The window holds the whole text: the first event says nothing and is dropped.
+            let evs: Vec<&str> = got.split("\n\n").filter(|e| !e.is_empty()).collect();
+            assert_eq!(evs.len(), 1, "{got}");
+            let v: Value = serde_json::from_str(evs[0].strip_prefix("data: ").unwrap()).unwrap();
+            assert_eq!(v["choices"][0]["delta"]["content"], held, "{last}");
+            assert_eq!(v["choices"][0]["finish_reason"], "stop");
+        }
+        // Nothing held: a null stays as it came.
+        let ev = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":null},\"finish_reason\":\"stop\"}]}\n\n";
+        assert_eq!(screened(guard(None), ev), ev);
+    }
+
+    /// A tool-call chunk whose arguments pass goes out with its bytes untouched (no text of
+    /// the choice to set).
+    #[test]
+    fn tool_call_chunks_pass_untouched() {
+        let ev = "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"call_1\",\"type\":\"function\",\"function\":{\"name\":\"get_weather\",\"arguments\":\"\"}}]},\"finish_reason\":null}]}\n\n";
+        assert_eq!(screened(small(None), ev), ev);
+        // Short arguments are held (then released with the last event, appended to its
+        // tool calls); the chunk still goes out for its name and id.
+        let args = "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"{\\\"city\\\": \\\"Paris\\\"}\"}}]},\"finish_reason\":null}]}\n\n";
+        let end =
+            "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"tool_calls\"}]}\n\n";
+        let got = screened(guard(None), &format!("{ev}{args}{end}"));
+        let mut all = String::new();
+        for e in got.split("\n\n").filter(|e| !e.is_empty()) {
+            let v: Value = serde_json::from_str(e.strip_prefix("data: ").unwrap()).unwrap();
+            for c in v["choices"][0]["delta"]["tool_calls"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                all += c["function"]["arguments"].as_str().unwrap_or("");
+            }
+        }
+        assert_eq!(all, "{\"city\": \"Paris\"}");
+        assert!(got.starts_with(ev), "{got}");
+    }
+
+    /// A cut with no `finish_reason` in the event gets one inserted.
+    #[test]
+    fn a_cut_inserts_the_finish_reason() {
+        let canary = "moat-canary-00112233aabbccdd";
+        let ev = format!("data: {{\"choices\":[{{\"index\":0,\"text\":\"ok {canary}\"}}]}}\n\n");
+        let got = screened(small(Some(canary)), &ev);
+        assert_eq!(
+            got,
+            "data: {\"choices\":[{\"index\":0,\"text\":\"ok \",\"finish_reason\":\"content_filter\"}]}\n\ndata: [DONE]\n\n"
+        );
+    }
+
     #[test]
     fn unparseable_events_do_not_pass() {
         let wire = "data: {not json\n\ndata: [DONE]\n\n";
         let (got, _, done) = run(guard(None), wire.as_bytes(), &[]);
         assert_eq!(got, "");
         assert!(done);
+    }
+
+    /// A JSON answer the filter leaves alone is the upstream's bytes, borrowed; a redaction
+    /// in a tool call's arguments is spliced in.
+    #[test]
+    fn json_answers_left_alone_are_not_copied() {
+        let body = r#"{"id":"x", "choices":[{"index":0,"message":{"role":"assistant","content":"caf\u00e9 \"ok\""},"finish_reason":"stop"}]}"#;
+        let out = screen_in_place(body.as_bytes(), &guard(None)).unwrap();
+        assert!(matches!(out, Cow::Borrowed(b) if b == body.as_bytes()));
+        let (class, secret) = &out::samples()[3];
+        let args = serde_json::to_string(&format!("{{\"key\": \"{secret}\"}}")).unwrap();
+        let body = format!(
+            r#"{{"choices":[{{"index":0,"message":{{"content":null,"tool_calls":[{{"id":"1","function":{{"name":"f","arguments":{args}}}}}]}},"finish_reason":"tool_calls"}}]}}"#
+        );
+        let out = screen_json(body.as_bytes(), &guard(None)).unwrap();
+        let want = serde_json::to_string(&format!("{{\"key\": \"{}\"}}", marker(*class))).unwrap();
+        assert_eq!(
+            String::from_utf8(out.to_vec()).unwrap(),
+            body.replace(&args, &want)
+        );
     }
 
     #[test]
@@ -752,5 +1010,46 @@ mod tests {
         assert_eq!(v["choices"][0]["message"]["content"], "it is ");
         assert_eq!(v["choices"][0]["finish_reason"], "content_filter");
         assert!(screen_json(b"not json", &g).is_none());
+    }
+
+    /// A repeated key anywhere is refused, stream event or whole answer: a client that reads
+    /// the first copy would otherwise get the text the filter did not screen.
+    #[test]
+    fn repeated_keys_are_not_screenable() {
+        let (_, secret) = &out::samples()[0];
+        for (what, payload) in [
+            (
+                "content",
+                format!(
+                    r#"{{"choices":[{{"index":0,"delta":{{"content":"{secret}","content":"ok"}}}}]}}"#
+                ),
+            ),
+            (
+                "delta",
+                format!(
+                    r#"{{"choices":[{{"index":0,"delta":{{"content":"{secret}"}},"delta":{{"content":"ok"}}}}]}}"#
+                ),
+            ),
+            (
+                "choices",
+                format!(
+                    r#"{{"choices":[{{"index":0,"delta":{{"content":"{secret}"}}}}],"choices":[]}}"#
+                ),
+            ),
+            (
+                "function",
+                format!(
+                    r#"{{"choices":[{{"index":0,"delta":{{"tool_calls":[{{"index":0,"function":{{"arguments":"{secret}"}},"function":{{}}}}]}}}}]}}"#
+                ),
+            ),
+        ] {
+            let wire = format!("data: {payload}\n\ndata: [DONE]\n\n");
+            let (got, _, _) = run(guard(None), wire.as_bytes(), &[]);
+            assert!(!got.contains(secret.as_str()), "{what}: {got}");
+        }
+        let body = format!(
+            r#"{{"choices":[{{"index":0,"message":{{"content":"{secret}","content":"ok"}}}}]}}"#
+        );
+        assert!(screen_json(body.as_bytes(), &guard(None)).is_none());
     }
 }

@@ -1053,15 +1053,29 @@ fn filter_costs() {
             )
         })
         .collect();
-    let mut screen = EventScreen::new(guard);
-    let start = Instant::now();
+    // Each figure over several rounds (the machine may be shared): the median, and the best.
+    let rounds = |n: usize, mut f: Box<dyn FnMut() -> f64 + '_>| {
+        let mut v: Vec<f64> = (0..n).map(|_| f()).collect();
+        v.sort_by(f64::total_cmp);
+        (v[n / 2], v[0])
+    };
     let mut out = 0;
-    for e in &events {
-        out += screen.feed(e.as_bytes()).len();
-    }
-    let per_chunk = start.elapsed().as_secs_f64() * 1e6 / events.len() as f64;
+    let (per_chunk, best) = rounds(
+        7,
+        Box::new(|| {
+            let mut screen = EventScreen::new(guard.clone());
+            let start = Instant::now();
+            out = 0;
+            for e in &events {
+                out += screen.feed(e.as_bytes()).len();
+            }
+            start.elapsed().as_secs_f64() * 1e6 / events.len() as f64
+        }),
+    );
     println!(
-        "output filter per stream chunk (parse, scan, re-emit): {per_chunk:.2} µs (goal < 5 µs; {out} B out)"
+        "output filter per stream chunk (parse, scan, re-emit): {per_chunk:.2} µs, best {best:.2} \
+         (median of 7 rounds of {} chunks; goal < 5 µs; {out} B out)",
+        events.len()
     );
 
     let mb = {
@@ -1069,21 +1083,52 @@ fn filter_costs() {
                     The customer reports that the export fails with error 500 since Monday. ";
         base.repeat((1 << 20) / base.len() + 1)[..1 << 20].to_owned()
     };
-    let start = Instant::now();
-    let hits = g.rules_hit(&mb);
-    let secs = start.elapsed().as_secs_f64();
-    println!(
-        "input scan of a 1 MB prompt (normalise + rules): {:.1} MB/s ({} rules hit)",
-        1.0 / secs,
-        hits.len()
+    let mut hits = 0;
+    let (secs, best) = rounds(
+        5,
+        Box::new(|| {
+            let start = Instant::now();
+            hits = g.rules_hit(&mb).len();
+            start.elapsed().as_secs_f64()
+        }),
     );
-    let start = Instant::now();
-    let step = TextFilter::new(256).push(&mb, true, &policy.output, None);
-    let secs = start.elapsed().as_secs_f64();
     println!(
-        "output scan of a 1 MB answer (every secret class): {:.1} MB/s ({} redacted)",
+        "input scan of a 1 MB prompt (normalise + rules): {:.1} MB/s, best {:.1} (median of 5; \
+         {hits} rules hit)",
         1.0 / secs,
-        step.redacted.len()
+        1.0 / best
+    );
+    // The two messages of the ~1 KB chat body of the load cells.
+    let prompt = [
+        "Please answer carefully and concisely. ".repeat(22),
+        "What is the capital of France?".to_owned(),
+    ];
+    let n = 2000;
+    let start = Instant::now();
+    for _ in 0..n {
+        for t in &prompt {
+            std::hint::black_box(g.rules_hit(t));
+        }
+    }
+    println!(
+        "input scan of the ~1 KB prompt's two messages: {:.2} µs",
+        start.elapsed().as_secs_f64() * 1e6 / n as f64
+    );
+    let mut redacted = 0;
+    let (secs, best) = rounds(
+        5,
+        Box::new(|| {
+            let start = Instant::now();
+            let step = TextFilter::new(256).push(&mb, true, &policy.output, None);
+            redacted = step.redacted.len();
+            start.elapsed().as_secs_f64()
+        }),
+    );
+    println!(
+        "output scan of a 1 MB answer (every secret class): {:.1} MB/s, best {:.1} (median of 5; \
+         {redacted} redacted)",
+        1.0 / secs,
+        1.0 / best
     );
 }
 
