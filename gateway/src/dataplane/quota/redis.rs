@@ -77,16 +77,18 @@ local out = {}
 local function int(x) return string.format('%d', x) end
 
 -- Moves window w to `sec`: subtracts from the totals, and deletes, the buckets that left it
--- (each second once). Returns the request and token totals over the window.
+-- (each second once). Returns the request and token totals over the window, and whether the
+-- head moved (or the window is new): the charge then sets the head and the expiry, once a
+-- second rather than on every charge.
 local function advance(w)
   local v = redis.call('HMGET', w, 'h', 'R', 'T')
   local h = tonumber(v[1])
-  if not h then return 0, 0 end
+  if not h then return 0, 0, true end
   local rs, ts = tonumber(v[2]) or 0, tonumber(v[3]) or 0
-  if sec <= h then return rs, ts end
+  if sec <= h then return rs, ts, false end
   if sec - h >= 60 then
     redis.call('DEL', w)
-    return 0, 0
+    return 0, 0, true
   end
   for s = h - 59, sec - 60 do
     local b = redis.call('HMGET', w, 'r:' .. s, 't:' .. s)
@@ -97,7 +99,7 @@ local function advance(w)
     end
   end
   redis.call('HSET', w, 'h', sec, 'R', int(rs), 'T', int(ts))
-  return rs, ts
+  return rs, ts, true
 end
 
 -- Seconds until `excess` of the buckets `p` .. second has left the window (oldest first).
@@ -113,26 +115,30 @@ local function retry(w, p, excess)
   return 60
 end
 
+-- Whether the lease set holds `max` live leases. Leases that ran out (a replica died, a settle
+-- was lost) are purged only when the set looks full: live ones leave by their settle.
+local function full(set, max)
+  if redis.call('ZCARD', set) < max then return false end
+  redis.call('ZREMRANGEBYSCORE', set, '-inf', now_ms)
+  return redis.call('ZCARD', set) >= max
+end
+
 local function reserve()
   local n, tokens, stream, id = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2] == '1', ARGV[a + 3]
   local ntok = tonumber(tokens)
   local l, base = a + 4, k
   a = l + 4 * n
   k = k + 3 * n
+  local moved = {}
   for i = 0, n - 1 do
     local w, slots, streams = KEYS[base + 3*i + 1], KEYS[base + 3*i + 2], KEYS[base + 3*i + 3]
     local rpm, tpm = tonumber(ARGV[l + 4*i]), tonumber(ARGV[l + 4*i + 1])
     local conc, smax = tonumber(ARGV[l + 4*i + 2]), tonumber(ARGV[l + 4*i + 3])
-    if conc >= 0 then
-      redis.call('ZREMRANGEBYSCORE', slots, '-inf', now_ms)
-      if redis.call('ZCARD', slots) >= conc then return {0, i, 1, 1} end
-    end
-    if stream and smax >= 0 then
-      redis.call('ZREMRANGEBYSCORE', streams, '-inf', now_ms)
-      if redis.call('ZCARD', streams) >= smax then return {0, i, 2, 1} end
-    end
+    if conc >= 0 and full(slots, conc) then return {0, i, 1, 1} end
+    if stream and smax >= 0 and full(streams, smax) then return {0, i, 2, 1} end
     if rpm >= 0 or tpm >= 0 then
-      local rs, ts = advance(w)
+      local rs, ts, mv = advance(w)
+      moved[i] = mv
       if rpm >= 0 and rs + 1 > rpm then return {0, i, 3, retry(w, 'r:', rs + 1 - rpm)} end
       if tpm >= 0 and ts + ntok > tpm then return {0, i, 4, retry(w, 't:', ts + ntok - tpm)} end
     end
@@ -146,8 +152,11 @@ local function reserve()
       redis.call('HINCRBY', w, 't:' .. sec, tokens)
       redis.call('HINCRBY', w, 'R', 1)
       redis.call('HINCRBY', w, 'T', tokens)
-      redis.call('HSETNX', w, 'h', sec)
-      redis.call('PEXPIRE', w, 61000)
+      if moved[i] then
+        -- Every charge of this second leaves the window before the hash expires.
+        redis.call('HSET', w, 'h', sec)
+        redis.call('PEXPIRE', w, 61000)
+      end
     end
     if conc >= 0 then
       redis.call('ZADD', slots, now_ms + lease, id)
@@ -168,7 +177,7 @@ local function settle()
   k = k + 3 * n
   for i = 0, n - 1 do
     local w = KEYS[base + 3*i + 1]
-    if redis.call('HEXISTS', w, 'r:' .. s) == 1 then
+    if (dreq ~= '0' or dtok ~= '0') and redis.call('HEXISTS', w, 'r:' .. s) == 1 then
       if dreq ~= '0' then
         redis.call('HINCRBY', w, 'r:' .. s, dreq)
         redis.call('HINCRBY', w, 'R', dreq)
