@@ -288,10 +288,12 @@ impl Link {
     }
 }
 
-/// Live reservations' keys (by id), for the lease renewer.
-type Live = Arc<Mutex<HashMap<Arc<str>, Arc<[String]>>>>;
+/// Live reservations' keys, by id.
+type LiveMap = HashMap<Arc<str>, Arc<[String]>>;
+/// The live reservations, for the lease renewer.
+type Live = Arc<Mutex<LiveMap>>;
 
-fn lock_live(live: &Live) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<[String]>>> {
+fn lock_live(live: &Mutex<LiveMap>) -> std::sync::MutexGuard<'_, LiveMap> {
     live.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -519,7 +521,7 @@ async fn batcher(
 /// Every third of the lease, extends the leases of this replica's live reservations (in calls
 /// of [`MAX_RENEW`]); ends with the backend.
 async fn renewer(
-    live: std::sync::Weak<Mutex<HashMap<Arc<str>, Arc<[String]>>>>,
+    live: std::sync::Weak<Mutex<LiveMap>>,
     mut conn: ConnectionManager,
     lease: Duration,
     clock: Option<Arc<AtomicU64>>,
