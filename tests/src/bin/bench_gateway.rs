@@ -85,7 +85,8 @@ struct Args {
     #[arg(long, default_value_t = 100)]
     revocations: u32,
     /// Another `moat` binary (say a build of the previous commit) measured in the same run, as
-    /// extra `before` rows of the JSON and SSE cells (its own daemon, upstream ports and key).
+    /// extra `before` rows of the JSON and SSE cells (its own daemon, upstream ports and key);
+    /// in the shared-store case, a third replica on the same PostgreSQL and Redis.
     #[arg(long)]
     moat_before: Option<std::path::PathBuf>,
 }
@@ -1146,6 +1147,20 @@ fn shared_store(args: &Args) -> Result<()> {
         a.data_dir().join("secrets/pepper"),
         b.data_dir().join("secrets/pepper"),
     )?;
+    // `--moat-before`: a third replica on the same store and Redis, run by the older binary.
+    let before = match &args.moat_before {
+        Some(bin) => {
+            let mut c = replica();
+            c.cli_ok(&["tenants", "list"], None);
+            std::fs::copy(
+                a.data_dir().join("secrets/pepper"),
+                c.data_dir().join("secrets/pepper"),
+            )?;
+            c.start_binary(bin);
+            Some(c)
+        }
+        None => None,
+    };
     a.start();
     b.start();
     let embedded_key = embedded.key().to_owned();
@@ -1188,7 +1203,7 @@ fn shared_store(args: &Args) -> Result<()> {
         .collect();
     for conc in &args.concurrency {
         let mut base: Option<Load> = None;
-        for (name, url, bearer, pid, others) in [
+        let mut targets = vec![
             (
                 "embedded",
                 embedded.url(path),
@@ -1197,7 +1212,11 @@ fn shared_store(args: &Args) -> Result<()> {
                 &[][..],
             ),
             ("shared", a.url(path), key.as_str(), a.pid(), &backends[..]),
-        ] {
+        ];
+        if let Some(c) = &before {
+            targets.push(("before", c.url(path), key.as_str(), c.pid(), &backends[..]));
+        }
+        for (name, url, bearer, pid, others) in targets {
             // The warm-up also fills the credential cache: the measured run is warm.
             wrk(
                 tmp.path(),
@@ -1282,6 +1301,6 @@ fn shared_store(args: &Args) -> Result<()> {
             times[times.len() - 1]
         );
     }
-    drop((a, b, upstream));
+    drop((a, b, before, upstream));
     Ok(())
 }
