@@ -60,9 +60,10 @@ const MAX_RENEW: usize = 512;
 ///   set. Answers 4 numbers: {1, second, 0, 0} when admitted, {0, charge index, limit, retry
 ///   after} when refused (limit 1 concurrent requests, 2 concurrent streams, 3 requests/min,
 ///   4 tokens/min).
-/// - `S`, n, second charged, requests delta, tokens delta, reservation id; 3n KEYS as for `R`.
-///   Corrects that second's buckets and the totals (when still in the window) and frees the
-///   slots. Answers nothing.
+/// - `S`, n, second charged, requests delta, tokens delta, reservation id, then one digit per
+///   charge saying what it holds (1: window charges, 2: a slot, 4: a stream slot; see
+///   [`holds`]); 3n KEYS as for `R`. Corrects that second's buckets and the totals (when still
+///   in the window) and frees the slots. Answers nothing.
 const BATCH: &str = r#"
 local lease = tonumber(ARGV[1])
 local now_ms = tonumber(ARGV[2])
@@ -172,12 +173,15 @@ end
 
 local function settle()
   local n, s, dreq, dtok, id = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local holds = ARGV[a + 5]
   local base = k
-  a = a + 5
+  a = a + 6
   k = k + 3 * n
   for i = 0, n - 1 do
     local w = KEYS[base + 3*i + 1]
-    if (dreq ~= '0' or dtok ~= '0') and redis.call('HEXISTS', w, 'r:' .. s) == 1 then
+    local f = string.byte(holds, i + 1) - 48
+    if f % 2 == 1 and (dreq ~= '0' or dtok ~= '0')
+      and redis.call('HEXISTS', w, 'r:' .. s) == 1 then
       if dreq ~= '0' then
         redis.call('HINCRBY', w, 'r:' .. s, dreq)
         redis.call('HINCRBY', w, 'R', dreq)
@@ -187,8 +191,8 @@ local function settle()
         redis.call('HINCRBY', w, 'T', dtok)
       end
     end
-    redis.call('ZREM', KEYS[base + 3*i + 2], id)
-    redis.call('ZREM', KEYS[base + 3*i + 3], id)
+    if math.floor(f / 2) % 2 == 1 then redis.call('ZREM', KEYS[base + 3*i + 2], id) end
+    if math.floor(f / 4) % 2 == 1 then redis.call('ZREM', KEYS[base + 3*i + 3], id) end
   end
 end
 
@@ -216,11 +220,16 @@ if now_ms == 0 then
   local t = redis.call('TIME')
   now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local until_ms = now_ms + tonumber(ARGV[1])
+local lease = tonumber(ARGV[1])
+local until_ms = now_ms + lease
 local k = 0
 for j = 3, #ARGV, 2 do
   local id, m = ARGV[j], tonumber(ARGV[j + 1])
-  for i = 1, m do redis.call('ZADD', KEYS[k + i], 'XX', until_ms, id) end
+  for i = 1, m do
+    redis.call('ZADD', KEYS[k + i], 'XX', until_ms, id)
+    -- The set outlives its longest lease: a slot held past two leases is not dropped with it.
+    redis.call('PEXPIRE', KEYS[k + i], lease * 2)
+  end
   k = k + m
 end
 return 1
@@ -253,7 +262,23 @@ enum Op {
         second: i64,
         dreq: i64,
         dtok: i64,
+        /// See [`holds`].
+        holds: String,
     },
+}
+
+/// What each charge of a reservation holds, one digit per charge: 1 window charges, 2 a
+/// concurrency slot, 4 a stream slot; so a settle touches only those.
+fn holds(limits: &[i64], stream: bool) -> String {
+    limits
+        .chunks(4)
+        .map(|l| {
+            let d = u8::from(l[0] >= 0 || l[1] >= 0)
+                + 2 * u8::from(l[2] >= 0)
+                + 4 * u8::from(stream && l[3] >= 0);
+            char::from(b'0' + d)
+        })
+        .collect()
 }
 
 /// Whether Redis is reachable, to log the outage and the recovery once each.
@@ -439,6 +464,7 @@ async fn batcher(
                     second,
                     dreq,
                     dtok,
+                    holds,
                 } => {
                     for k in keys.iter() {
                         inv.key(k);
@@ -448,7 +474,8 @@ async fn batcher(
                         .arg(*second)
                         .arg(*dreq)
                         .arg(*dtok)
-                        .arg(&**id);
+                        .arg(&**id)
+                        .arg(holds.as_str());
                 }
             }
         }
@@ -476,8 +503,9 @@ async fn batcher(
                     id,
                     keys,
                     tokens,
+                    stream,
+                    limits,
                     reply,
-                    ..
                 } => {
                     let r = match &mut answers {
                         None => Err(Failure::Unreachable),
@@ -501,6 +529,7 @@ async fn batcher(
                             second,
                             dreq: -1,
                             dtok: -(tokens.min(i64::MAX as u64) as i64),
+                            holds: holds(&limits, stream),
                         });
                     }
                 }
@@ -581,7 +610,7 @@ impl QuotaBackend for RedisQuotas {
                     ]
                 })
                 .collect();
-            let limits = charges
+            let limits: Vec<i64> = charges
                 .iter()
                 .flat_map(|c| {
                     [
@@ -592,6 +621,7 @@ impl QuotaBackend for RedisQuotas {
                     ]
                 })
                 .collect();
+            let held = holds(&limits, ask.stream);
             let (reply, answer) = oneshot::channel();
             let sent = self.ops.send(Op::Reserve {
                 id: id.clone(),
@@ -614,6 +644,7 @@ impl QuotaBackend for RedisQuotas {
                         keys,
                         second: sec,
                         tokens: ask.tokens,
+                        holds: held,
                         ops: self.ops.clone(),
                         live: self.live.clone(),
                         settled: false,
@@ -661,6 +692,7 @@ struct Held {
     keys: Arc<[String]>,
     second: i64,
     tokens: u64,
+    holds: String,
     ops: mpsc::UnboundedSender<Op>,
     live: Live,
     settled: bool,
@@ -679,6 +711,7 @@ impl Held {
             second: self.second,
             dreq,
             dtok,
+            holds: std::mem::take(&mut self.holds),
         });
     }
 }
@@ -1000,6 +1033,39 @@ mod tests {
             "{calls} script calls for 300 reserves and 100 settles"
         );
         assert_eq!(f.window().await.0, 100);
+    }
+
+    /// A slot held for longer than two leases (a long stream) stays taken: renewing a lease
+    /// also keeps its set alive.
+    #[tokio::test]
+    async fn a_slot_held_past_two_leases_stays_taken() {
+        let server = server();
+        let q = RedisQuotas::with_clock(
+            &format!("redis://127.0.0.1:{}/", server.port),
+            None,
+            OnBackendError::Deny,
+            Duration::from_millis(900),
+            Some(Arc::new(AtomicU64::new(7_000_000_000))),
+        )
+        .unwrap();
+        let charges = |n| {
+            [Charge {
+                subject: Subject {
+                    kind: SubjectKind::Key,
+                    id: "k",
+                },
+                quota: Quota {
+                    concurrent_requests: Some(n),
+                    ..Quota::default()
+                },
+                who: "key",
+            }]
+        };
+        let _a = q.reserve(&charges(1), ASK).await.unwrap();
+        // The set was made with a 1.8 s expiry; the renewer runs every 0.3 s.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let r = q.reserve(&charges(1), ASK).await.err().unwrap();
+        assert_eq!(r.what, "concurrent requests");
     }
 
     /// Redis gone: `deny` refuses with 503 (unavailable), and nothing is let through.
