@@ -591,8 +591,9 @@ impl Identity {
                 };
                 let Some(me) = weak.upgrade() else { return };
                 if notified {
-                    // Only a commit that moved the epoch notifies: the caches go now, not after
-                    // a store round trip (the read below only records the new epoch).
+                    // A commit that moved the epoch notifies (or the listener reconnected and
+                    // may have missed one): the caches go now, not after a store round trip
+                    // (the read below only records the new epoch).
                     me.evict_all();
                 }
                 me.read_epoch(notified).await;
