@@ -1294,11 +1294,17 @@ fn shared_store(args: &Args) -> Result<()> {
             times.push(t.elapsed().as_secs_f64() * 1000.0);
         }
         times.sort_by(f64::total_cmp);
+        let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
         println!(
-            "\nrevocation A -> B, {} keys: median {:.1} ms, max {:.1} ms (goal: max under 100 ms)",
+            "\nrevocation A -> B, {} keys: median {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms, \
+             {} over 100 ms (goal: max under 100 ms); load average {}",
             times.len(),
             times[times.len() / 2],
-            times[times.len() - 1]
+            at(0.9),
+            at(0.99),
+            times[times.len() - 1],
+            times.iter().filter(|t| **t > 100.0).count(),
+            loadavg()
         );
     }
     drop((a, b, before, upstream));
