@@ -553,8 +553,15 @@ impl Identity {
 
     /// Checks the store's revocation epoch once; clears the caches if it moved.
     pub async fn poll_epoch(&self) {
+        self.read_epoch(false).await;
+    }
+
+    /// Reads the store's revocation epoch; clears the caches if it moved, unless `evicted`
+    /// (they were just cleared for this move).
+    async fn read_epoch(&self, evicted: bool) {
         if let Ok(e) = self.db(|s| s.auth_epoch()).await
             && self.epoch.swap(e, Ordering::AcqRel) != e
+            && !evicted
         {
             self.evict_all();
         }
@@ -572,24 +579,34 @@ impl Identity {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut last_signing = tokio::time::Instant::now();
             loop {
-                match &signal {
+                let notified = match &signal {
                     Some(s) => tokio::select! {
-                        _ = tick.tick() => {}
-                        _ = s.notified() => {}
+                        _ = tick.tick() => false,
+                        _ = s.notified() => true,
                     },
                     None => {
                         tick.tick().await;
+                        false
                     }
-                }
+                };
                 let Some(me) = weak.upgrade() else { return };
-                me.poll_epoch().await;
+                if notified {
+                    // A commit that moved the epoch notifies (or the listener reconnected and
+                    // may have missed one): the caches go now, not after a store round trip
+                    // (the read below only records the new epoch).
+                    me.evict_all();
+                }
+                me.read_epoch(notified).await;
                 if last_signing.elapsed() >= signing_check {
                     last_signing = tokio::time::Instant::now();
-                    match me.keys.maintain(now()) {
+                    // A store call: off this loop, which must stay free to take the next
+                    // notification at once.
+                    let m = me.clone();
+                    tokio::task::spawn_blocking(move || match m.keys.maintain(now()) {
                         Ok(Some(kid)) => info!(event = "signing_key_rotated", kid = %kid),
                         Ok(None) => {}
                         Err(e) => warn!(error = %e, "signing key maintenance failed"),
-                    }
+                    });
                 }
             }
         })

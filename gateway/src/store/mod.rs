@@ -233,8 +233,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// The revocation epoch (see the migration): moves on every change that ends a credential.
     fn auth_epoch(&self) -> StoreResult<i64>;
-    /// Woken whenever the epoch may have moved in another process (PostgreSQL `NOTIFY`), so
-    /// the caller checks at once instead of at its next poll. `None`: polling only.
+    /// Woken whenever the epoch may have moved in another process (PostgreSQL `NOTIFY`, and
+    /// once after the listener (re)connects, as notifications may have been missed), so the
+    /// caller drops its caches at once instead of at its next poll. `None`: polling only.
     fn epoch_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
         None
     }

@@ -219,13 +219,13 @@ async fn listen(pg: tokio_postgres::Config, tls: MakeRustlsConnect, signal: Arc<
         match pg.connect(tls.clone()).await {
             Ok((client, mut conn)) => {
                 backoff = Duration::from_millis(100);
-                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-                let driver = tokio::spawn(async move {
+                // The connection's driver wakes the signal itself: no hop between the socket
+                // and the caches.
+                let wake = signal.clone();
+                let mut driver = tokio::spawn(async move {
                     loop {
                         match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
-                            Some(Ok(AsyncMessage::Notification(_))) => {
-                                let _ = tx.send(());
-                            }
+                            Some(Ok(AsyncMessage::Notification(_))) => wake.notify_one(),
                             Some(Ok(_)) => {}
                             Some(Err(_)) | None => return,
                         }
@@ -235,9 +235,8 @@ async fn listen(pg: tokio_postgres::Config, tls: MakeRustlsConnect, signal: Arc<
                     Ok(()) => {
                         info!(channel = CHANNEL, "listening for revocations");
                         signal.notify_one();
-                        while rx.recv().await.is_some() {
-                            signal.notify_one();
-                        }
+                        // `client` lives until the connection ends.
+                        let _ = (&mut driver).await;
                         warn!(
                             "the revocation listener lost its connection; polling until it is back"
                         );
@@ -245,6 +244,7 @@ async fn listen(pg: tokio_postgres::Config, tls: MakeRustlsConnect, signal: Arc<
                     Err(e) => warn!(error = %e, "cannot LISTEN for revocations"),
                 }
                 driver.abort();
+                drop(client);
             }
             Err(e) => {
                 warn!(error = %e, "the revocation listener cannot connect; polling meanwhile")

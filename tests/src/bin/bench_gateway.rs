@@ -85,7 +85,8 @@ struct Args {
     #[arg(long, default_value_t = 100)]
     revocations: u32,
     /// Another `moat` binary (say a build of the previous commit) measured in the same run, as
-    /// extra `before` rows of the JSON and SSE cells (its own daemon, upstream ports and key).
+    /// extra `before` rows of the JSON and SSE cells (its own daemon, upstream ports and key);
+    /// in the shared-store case, a third replica on the same PostgreSQL and Redis.
     #[arg(long)]
     moat_before: Option<std::path::PathBuf>,
 }
@@ -1191,6 +1192,20 @@ fn shared_store(args: &Args) -> Result<()> {
         a.data_dir().join("secrets/pepper"),
         b.data_dir().join("secrets/pepper"),
     )?;
+    // `--moat-before`: a third replica on the same store and Redis, run by the older binary.
+    let before = match &args.moat_before {
+        Some(bin) => {
+            let mut c = replica();
+            c.cli_ok(&["tenants", "list"], None);
+            std::fs::copy(
+                a.data_dir().join("secrets/pepper"),
+                c.data_dir().join("secrets/pepper"),
+            )?;
+            c.start_binary(bin);
+            Some(c)
+        }
+        None => None,
+    };
     a.start();
     b.start();
     let embedded_key = embedded.key().to_owned();
@@ -1201,18 +1216,52 @@ fn shared_store(args: &Args) -> Result<()> {
          (replica A measured)",
         args.warmup, args.duration, args.store, args.quotas
     );
+    let loadavg = || {
+        std::fs::read_to_string("/proc/loadavg")
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    println!("load average at start: {}", loadavg());
     println!(
-        "\n{:<10} {:<9} {:>9} {:>8} {:>8} {:>7} {:>10} {:>8}",
-        "case", "target", "req/s", "p50 ms", "p99 ms", "ratio", "p99 added", "non-2xx"
+        "CPU columns: CPU time per request of the measured moat (supervisor and worker), and of \
+         the PostgreSQL and Redis servers over the same run"
+    );
+    println!(
+        "\n{:<10} {:<9} {:>9} {:>8} {:>8} {:>7} {:>10} {:>8} {:>11} {:>11}",
+        "case",
+        "target",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "ratio",
+        "p99 added",
+        "non-2xx",
+        "moat µs/req",
+        "pg+redis µs"
     );
     let body = chat_body_for("m", false);
     let path = "/v1/chat/completions";
+    let backends: Vec<u32> = pg
+        .iter()
+        .filter_map(|p| p.pid())
+        .chain(redis.iter().filter_map(|r| r.pid()))
+        .collect();
     for conc in &args.concurrency {
         let mut base: Option<Load> = None;
-        for (name, url, bearer) in [
-            ("embedded", embedded.url(path), embedded_key.as_str()),
-            ("shared", a.url(path), key.as_str()),
-        ] {
+        let mut targets = vec![
+            (
+                "embedded",
+                embedded.url(path),
+                embedded_key.as_str(),
+                embedded.pid(),
+                &[][..],
+            ),
+            ("shared", a.url(path), key.as_str(), a.pid(), &backends[..]),
+        ];
+        if let Some(c) = &before {
+            targets.push(("before", c.url(path), key.as_str(), c.pid(), &backends[..]));
+        }
+        for (name, url, bearer, pid, others) in targets {
             // The warm-up also fills the credential cache: the measured run is warm.
             wrk(
                 tmp.path(),
@@ -1222,13 +1271,20 @@ fn shared_store(args: &Args) -> Result<()> {
                 *conc,
                 args.warmup.max(1),
             )?;
+            let others_cpu = || others.iter().map(|p| cpu_secs(*p)).sum::<f64>();
+            let (cpu0, others0) = (cpu_secs(pid), others_cpu());
             let l = wrk(tmp.path(), &url, Some(bearer), &body, *conc, args.duration)?;
+            let per_req = |secs: f64| secs * 1e6 / (l.requests.max(1) as f64);
+            let (cpu, others_cpu) = (
+                per_req(cpu_secs(pid) - cpu0),
+                per_req(others_cpu() - others0),
+            );
             let (ratio, added) = match &base {
                 None => (1.0, 0.0),
                 Some(b) => (l.rps / b.rps, l.p99_ms - b.p99_ms),
             };
             println!(
-                "{:<10} {:<9} {:>9.0} {:>8.2} {:>8.2} {:>6.2}x {:>10.2} {:>8}",
+                "{:<10} {:<9} {:>9.0} {:>8.2} {:>8.2} {:>6.2}x {:>10.2} {:>8} {:>11.1} {:>11.1}",
                 format!("json c={conc}"),
                 name,
                 l.rps,
@@ -1236,12 +1292,15 @@ fn shared_store(args: &Args) -> Result<()> {
                 l.p99_ms,
                 ratio,
                 added,
-                l.errors
+                l.errors,
+                cpu,
+                others_cpu
             );
             base.get_or_insert(l);
         }
     }
     drop(embedded);
+    println!("load average after the load: {}", loadavg());
 
     if pg.is_some() && args.revocations > 0 {
         let status = |d: &Daemon, key: &str| -> Result<u16> {
@@ -1280,13 +1339,19 @@ fn shared_store(args: &Args) -> Result<()> {
             times.push(t.elapsed().as_secs_f64() * 1000.0);
         }
         times.sort_by(f64::total_cmp);
+        let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
         println!(
-            "\nrevocation A -> B, {} keys: median {:.1} ms, max {:.1} ms (goal: max under 100 ms)",
+            "\nrevocation A -> B, {} keys: median {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms, \
+             {} over 100 ms (goal: max under 100 ms); load average {}",
             times.len(),
             times[times.len() / 2],
-            times[times.len() - 1]
+            at(0.9),
+            at(0.99),
+            times[times.len() - 1],
+            times.iter().filter(|t| **t > 100.0).count(),
+            loadavg()
         );
     }
-    drop((a, b, upstream));
+    drop((a, b, before, upstream));
     Ok(())
 }
