@@ -58,24 +58,51 @@ fn reap_until(runner: libc::pid_t) {
 
 fn setup(plan: &Path) -> Result<()> {
     // (type, target, options)
-    let mounts: &[(&str, &str, &str)] = &[
+    let system: &[(&str, &str, &str)] = &[
         ("proc", "/proc", ""),
         ("sysfs", "/sys", ""),
         ("devtmpfs", "/dev", ""),
         ("devpts", "/dev/pts", ""),
         ("tmpfs", "/dev/shm", "mode=1777"),
-        ("tmpfs", "/tmp", "mode=1777"),
-        ("tmpfs", "/run", "mode=755"),
-        ("tmpfs", "/var/tmp", "mode=1777"),
+    ];
+    let kernel: &[(&str, &str, &str)] = &[
         ("cgroup2", "/sys/fs/cgroup", ""),
         ("bpf", "/sys/fs/bpf", ""),
         ("tracefs", "/sys/kernel/tracing", ""),
         ("debugfs", "/sys/kernel/debug", ""),
     ];
-    for (fs, target, options) in mounts {
+    for (fs, target, options) in system {
         // /dev/pts and /dev/shm are made in the fresh devtmpfs; every other target exists
         // on the host's root.
         let _ = std::fs::create_dir_all(target);
+        mount(fs, target, options)?;
+    }
+    // Scratch space is a fresh tmpfs, which hides what the host has there. The workspace may
+    // be there (CI clones wherever it likes, /tmp included): what the guest needs from under
+    // a scratch mount point is set aside on a bind mount and moved back on top of the tmpfs.
+    let kept = kept_under_scratch(plan)?;
+    for (i, dir) in kept.iter().enumerate() {
+        let aside = PathBuf::from(format!("/dev/.moat-kept-{i}"));
+        std::fs::create_dir_all(&aside)?;
+        remount(dir, &aside, libc::MS_BIND | libc::MS_REC)?;
+    }
+    for target in SCRATCH {
+        let mode = if *target == "/run" {
+            "mode=755"
+        } else {
+            "mode=1777"
+        };
+        mount("tmpfs", target, mode)?;
+    }
+    for (i, dir) in kept.iter().enumerate() {
+        std::fs::create_dir_all(dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        remount(
+            Path::new(&format!("/dev/.moat-kept-{i}")),
+            dir,
+            libc::MS_MOVE,
+        )?;
+    }
+    for (fs, target, options) in kernel {
         mount(fs, target, options)?;
     }
     // The host's root has no modules of this kernel; the wrapper beside the plan runs
@@ -104,6 +131,59 @@ const NAT_MODULES: &[&str] = &[
     "nft_nat",
     "nft_redir",
 ];
+
+/// Mount points that get a fresh tmpfs: the tests' scratch space.
+const SCRATCH: &[&str] = &["/tmp", "/run", "/var/tmp"];
+
+/// The folders right below a [`SCRATCH`] mount point that hold something the guest runs or
+/// writes: this program, the run's output folder, the plan's executables and working dirs
+/// (e.g. `/tmp/clone` for a workspace at `/tmp/clone`).
+fn kept_under_scratch(plan: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(plan).with_context(|| format!("read {}", plan.display()))?;
+    let mut paths = vec![std::env::current_exe()?, out_dir(plan)];
+    for line in text.lines() {
+        paths.extend(line.split('\t').skip(1).take(2).map(PathBuf::from));
+    }
+    let mut kept: Vec<PathBuf> = Vec::new();
+    for path in &paths {
+        for scratch in SCRATCH {
+            if let Ok(rest) = path.strip_prefix(scratch)
+                && let Some(first) = rest.components().next()
+            {
+                let dir = Path::new(scratch).join(first);
+                if !kept.contains(&dir) {
+                    kept.push(dir);
+                }
+            }
+        }
+    }
+    Ok(kept)
+}
+
+/// mount(2) of an existing mount or folder: a bind (`MS_BIND`) or a move (`MS_MOVE`).
+fn remount(from: &Path, to: &Path, flags: libc::c_ulong) -> Result<()> {
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("no NUL");
+    let (from_c, to_c) = (c(from), c(to));
+    // SAFETY: NUL-terminated strings that outlive the call; no type or data for these flags.
+    let r = unsafe {
+        libc::mount(
+            from_c.as_ptr(),
+            to_c.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        bail!(
+            "mount {} on {} (flags {flags:#x}): {}",
+            from.display(),
+            to.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
 
 /// mount(2) directly: every exec costs under TCG.
 fn mount(fs: &str, target: &str, options: &str) -> Result<()> {
