@@ -25,6 +25,14 @@
 //!   third of the lease (`[quotas] redis_lease_secs`, default 30 s), all in one call; a replica
 //!   that dies stops renewing and its slots free themselves within one lease of its last
 //!   renewal. A reserve whose caller went away before the answer came is refunded at once.
+//! - **Local admission from leased shares** ([`Shares`]), far from the limit: a replica leases
+//!   a share of a subject's budget (requests and tokens of the minute, charged in Redis at
+//!   once, and a block of slots: one lease member `<share id>*<k>` whose k - 1 extra slots
+//!   are summed in `<slots set>:n`) and admits from it in memory, with no round trip. A share
+//!   lasts [`SHARE_PERIOD`]; its unused part goes back when it ends, runs dry, the limits
+//!   change or the replica shuts down, in the same call that leases the next. Since shares are
+//!   charged before use, the replicas together never admit more than N; near the limit the
+//!   script grants none and every request is an exact reserve (see the script's `share`).
 //! - **Failure posture** ([`OnBackendError`]): Redis unreachable → `deny` (503 with
 //!   `Retry-After`) or `local` (this replica's own counters, logged loudly). Never uncounted.
 
@@ -64,6 +72,9 @@ const MAX_RENEW: usize = 512;
 ///   charge saying what it holds (1: window charges, 2: a slot, 4: a stream slot; see
 ///   [`holds`]); 3n KEYS as for `R`. Corrects that second's buckets and the totals (when still
 ///   in the window) and frees the slots. Answers nothing.
+/// - `L`, instance, share id, then [`ShareAsk::args`]; KEYS: the subject's window hash and
+///   slots set, and [`REPLICAS_KEY`]. Returns the previous share's unused part, leases the
+///   next and resizes the block. Answers {requests, tokens, block slots, second charged}.
 const BATCH: &str = r#"
 local lease = tonumber(ARGV[1])
 local now_ms = tonumber(ARGV[2])
