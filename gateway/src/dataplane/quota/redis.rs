@@ -1975,6 +1975,37 @@ mod tests {
         assert_eq!(f.window().await.0, 200);
     }
 
+    /// Tokens from a share are reserved, then reconciled within the share: the window ends up
+    /// holding exactly what the requests used, and never more than the limit.
+    #[tokio::test]
+    async fn token_shares_reconcile_exactly() {
+        let f = Fixture::with_shares(true);
+        f.at_ms(12_000_000_000);
+        let q = Quota {
+            tokens_per_minute: Some(10_000),
+            ..Quota::default()
+        };
+        let (mut admitted, mut refused) = (0u64, 0);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while refused < 20 {
+            assert!(std::time::Instant::now() < deadline, "{admitted} admitted");
+            match f.reserve(q, ASK).await {
+                Ok(h) => {
+                    h.reconcile(4);
+                    admitted += 1;
+                    refused = 0;
+                }
+                Err(_) => refused += 1,
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(local_admits(&f.q) > 0);
+        tokio::time::sleep(SHARE_PERIOD * 3).await;
+        let (_, t, _) = f.window().await;
+        assert_eq!(t, 4 * admitted as i64);
+        assert!((9_984..=10_000).contains(&t), "{t} tokens");
+    }
+
     /// A replica that dies keeps its block of slots only until the block's lease runs out.
     #[tokio::test]
     async fn a_dead_replicas_share_expires() {
