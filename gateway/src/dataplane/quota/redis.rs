@@ -1948,6 +1948,35 @@ mod tests {
         assert_eq!(f.window().await.0, admitted);
     }
 
+    /// Shutting down gives every share back at once, without waiting for it to end.
+    #[tokio::test]
+    async fn release_returns_the_shares() {
+        let f = Fixture::with_shares(true);
+        f.at_ms(13_000_000_000);
+        let q = Quota {
+            requests_per_minute: Some(100_000),
+            concurrent_requests: Some(1000),
+            ..Quota::default()
+        };
+        let mut admitted = 0;
+        while local_admits(&f.q) < 3 {
+            f.reserve(q, ASK).await.unwrap().reconcile(10);
+            admitted += 1;
+            assert!(admitted < 1000, "no share was ever leased");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(f.window().await.0 > admitted);
+        let started = std::time::Instant::now();
+        f.q.release().await;
+        assert!(started.elapsed() < SHARE_PERIOD, "{:?}", started.elapsed());
+        // The returns went in the last call; one more (exact) reserve after them sees them.
+        let exact = f.replica(false);
+        let _held = reserve_on(&exact, q, ASK).await.unwrap();
+        assert_eq!(f.window().await.0, admitted + 1);
+        // Only that reserve's slot is taken: the block went back.
+        assert_eq!(f.slots().await, 1, "{:?}", f.slot_members().await);
+    }
+
     /// Near the limit no share is leased: every request takes the exact path, and one replica
     /// sending one request after another gets exactly the limit.
     #[tokio::test]
