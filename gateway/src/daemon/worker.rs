@@ -170,6 +170,7 @@ pub fn run() -> Result<()> {
         }
 
         let reloads = current.clone();
+        let shared_quotas = shared.quotas.clone();
         let supervisor_gone = async move {
             while let Some(msg) = next_config(&mut lines, &kernel).await.transpose() {
                 let reply = match msg {
@@ -198,7 +199,10 @@ pub fn run() -> Result<()> {
                 }
             }
         };
-        serve(listener, current, supervisor_gone).await
+        let quotas = shared_quotas;
+        let served = serve(listener, current, supervisor_gone).await;
+        quotas.release().await;
+        served
     })
 }
 
@@ -278,6 +282,7 @@ pub async fn serve_standalone(config: Config) -> Result<()> {
     let shared = Shared::open(&config, Default::default())?;
     let _upkeep = shared.identity.spawn_upkeep();
     let current = Arc::new(ArcSwap::from_pointee(shared.build(config)?));
+    let quotas = shared.quotas.clone();
     let reloads = current.clone();
     tokio::spawn(async move {
         let Ok(mut hup) = signal(SignalKind::hangup()) else {
@@ -308,6 +313,7 @@ pub async fn serve_standalone(config: Config) -> Result<()> {
         }
     });
     let served = serve(listener, current, std::future::pending()).await;
+    quotas.release().await;
     crate::audit::stop_daemon();
     served
 }
