@@ -161,11 +161,33 @@ fn leet(c: char) -> Option<char> {
     }
 }
 
+/// A 256-entry table of the bytes a pattern accepts: the byte loops below run over every
+/// prompt, and one load per byte is cheaper than a chain of comparisons.
+macro_rules! byte_table {
+    ($b:ident => $accepts:expr) => {{
+        let mut t = [false; 256];
+        let mut i = 0;
+        while i < 256 {
+            let $b = i as u8;
+            t[i] = $accepts;
+            i += 1;
+        }
+        t
+    }};
+}
+
+/// The bytes [`leet`] reads as letters.
+static LEET: [bool; 256] = byte_table!(b => matches!(
+    b,
+    b'0' | b'1' | b'!' | b'|' | b'3' | b'4' | b'@' | b'5' | b'$' | b'7' | b'+' | b'8' | b'9'
+));
+
+/// The base64 (standard and URL-safe) and hex alphabet, padding included.
+static B64: [bool; 256] =
+    byte_table!(b => b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_'));
+
 fn is_leet(b: &u8) -> bool {
-    matches!(
-        b,
-        b'0' | b'1' | b'!' | b'|' | b'3' | b'4' | b'@' | b'5' | b'$' | b'7' | b'+' | b'8' | b'9'
-    )
+    LEET[*b as usize]
 }
 
 /// The text with leetspeak digits and symbols read as letters, inside words (runs of
@@ -205,7 +227,7 @@ fn unleet(s: &str) -> Option<String> {
 /// Appends what the base64, hex and URL-encoded runs of `s` decode to (each folded).
 fn decoded_views(s: &str, min: usize, views: &mut Vec<String>) {
     // The alphabet is ASCII: runs start and end at character boundaries.
-    let b64 = |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'=' | b'-' | b'_');
+    let b64 = |c: u8| B64[c as usize];
     let b = s.as_bytes();
     let mut i = 0;
     while i < b.len() {
@@ -365,6 +387,15 @@ mod tests {
         ];
         for c in cases {
             assert_eq!(unleet(c), unleet_reference(c), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn byte_tables_match_their_predicates() {
+        for b in 0..=255u8 {
+            assert_eq!(LEET[b as usize], leet(b as char).is_some(), "{b}");
+            let b64 = b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_');
+            assert_eq!(B64[b as usize], b64, "{b}");
         }
     }
 

@@ -357,6 +357,12 @@ impl RuleSet {
         hit[self.invisible_rule] = true;
     }
 
+    /// Whether `raw` has a chat-template delimiter ([`RuleSet::strip_delimiters`] would
+    /// change it).
+    pub fn has_delimiters(&self, raw: &str) -> bool {
+        self.delimiters.is_match(raw)
+    }
+
     /// `raw` with every chat-template delimiter taken out, if it has any.
     pub fn strip_delimiters(&self, raw: &str) -> Option<String> {
         if !self.delimiters.is_match(raw) {

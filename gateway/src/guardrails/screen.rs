@@ -42,10 +42,50 @@ enum Source {
     Tool,
 }
 
+#[cfg(test)]
 #[derive(Debug)]
 /// One caller text: where it is (a JSON pointer, for `param`) and from which kind of source.
 struct Text {
     pointer: String,
+    source: Source,
+}
+
+/// Where a caller text sits in the body: its `param` path (`messages[1].content`), written out
+/// only when a response or a rewrite needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum At {
+    /// `prompt`, `suffix`, `input`.
+    Field(&'static str),
+    /// `prompt[2]`.
+    Item(&'static str, usize),
+    /// `messages[i].content`.
+    Content(usize),
+    /// `messages[i].content[j].text`.
+    Part(usize, usize),
+    /// `messages[i].tool_calls[j].function.arguments`.
+    ToolCall(usize, usize),
+    /// `messages[i].function_call.arguments`.
+    FunctionCall(usize),
+}
+
+impl At {
+    fn param(self) -> String {
+        match self {
+            At::Field(k) => k.to_owned(),
+            At::Item(k, i) => format!("{k}[{i}]"),
+            At::Content(i) => format!("messages[{i}].content"),
+            At::Part(i, j) => format!("messages[{i}].content[{j}].text"),
+            At::ToolCall(i, j) => format!("messages[{i}].tool_calls[{j}].function.arguments"),
+            At::FunctionCall(i) => format!("messages[{i}].function_call.arguments"),
+        }
+    }
+}
+
+/// One caller text, borrowed from the body, with where it sits and its kind of source.
+#[derive(Debug)]
+struct Found<'a> {
+    text: &'a str,
+    at: At,
     source: Source,
 }
 
@@ -62,16 +102,14 @@ pub async fn screen(
     let Some(policy) = policy.filter(|_| g.enabled) else {
         return Ok(None);
     };
-    let texts = collect(endpoint, body, &policy)?;
+    let texts = texts(endpoint, body, &policy)?;
     let rules = &g.rules;
     let mut hit_user = vec![false; rules.rules.len()];
     let mut hit_tool = vec![false; rules.rules.len()];
-    let mut first_param: [Option<String>; 2] = [None, None];
+    let mut first_param: [Option<At>; 2] = [None, None];
     let mut with_delimiters = Vec::new();
     for t in &texts {
-        let Some(raw) = pointer(body, &t.pointer) else {
-            continue;
-        };
+        let raw = t.text;
         let n = normalize(raw, g.decode_min_len);
         let hits = match t.source {
             Source::User => &mut hit_user,
@@ -90,15 +128,19 @@ pub async fn screen(
                     Source::Tool => policy.tool_input,
                 };
                 if action != InputAction::Off {
-                    return Err(block(p, &[super::rules::INVISIBLE_RULE.into()], &t.pointer));
+                    return Err(block(
+                        p,
+                        &[super::rules::INVISIBLE_RULE.into()],
+                        &t.at.param(),
+                    ));
                 }
             }
         }
         if hits.iter().filter(|h| **h).count() > before {
-            first_param[t.source as usize].get_or_insert_with(|| t.pointer.clone());
+            first_param[t.source as usize].get_or_insert(t.at);
         }
-        if rules.strip_delimiters(raw).is_some() {
-            with_delimiters.push(t.pointer.clone());
+        if rules.has_delimiters(raw) {
+            with_delimiters.push(t.at.param());
         }
     }
     let ids = |hits: &[bool]| -> (f32, Vec<String>) {
@@ -127,7 +169,9 @@ pub async fn screen(
         if hit.is_empty() || action == InputAction::Off || score < threshold {
             continue;
         }
-        let param = first_param[source as usize].clone().unwrap_or_default();
+        let param = first_param[source as usize]
+            .map(At::param)
+            .unwrap_or_default();
         metrics::input(&hit, action);
         match action {
             InputAction::Block => {
@@ -143,10 +187,7 @@ pub async fn screen(
     if policy.classifier
         && let Some(cl) = &g.classifier
     {
-        let all: Vec<&str> = texts
-            .iter()
-            .filter_map(|t| pointer(body, &t.pointer))
-            .collect();
+        let all: Vec<&str> = texts.iter().map(|t| t.text).collect();
         let action = policy.input.max(policy.tool_input);
         match classifier::judge(state, cl, &all.join("\n\n")).await {
             Ok(false) => {}
@@ -283,40 +324,61 @@ fn block(p: &Principal, rules: &[String], param: &str) -> ApiError {
 
 /// Every caller text of the body, as `param`-style paths (`messages[1].content`), and the
 /// system-message policy applied.
+#[cfg(test)]
 fn collect(
     endpoint: Endpoint,
     body: &Map<String, Value>,
     policy: &Policy,
 ) -> Result<Vec<Text>, ApiError> {
+    Ok(texts(endpoint, body, policy)?
+        .into_iter()
+        .map(|t| Text {
+            pointer: t.at.param(),
+            source: t.source,
+        })
+        .collect())
+}
+
+/// Every caller text of the body, borrowed, with where it sits (see [`At`]), and the
+/// system-message policy applied. Nothing is written out or looked up twice: this runs for
+/// every request.
+fn texts<'a>(
+    endpoint: Endpoint,
+    body: &'a Map<String, Value>,
+    policy: &Policy,
+) -> Result<Vec<Found<'a>>, ApiError> {
     let mut out = Vec::new();
-    let strings = |v: &Value, at: String, source: Source, out: &mut Vec<Text>| match v {
-        Value::String(_) => out.push(Text {
-            pointer: at,
-            source,
-        }),
-        Value::Array(items) => {
-            for (i, item) in items.iter().enumerate() {
-                if item.is_string() {
-                    out.push(Text {
-                        pointer: format!("{at}[{i}]"),
-                        source,
-                    });
+    let strings =
+        |v: &'a Value, key: &'static str, source: Source, out: &mut Vec<Found<'a>>| match v {
+            Value::String(text) => out.push(Found {
+                text,
+                at: At::Field(key),
+                source,
+            }),
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    if let Value::String(text) = item {
+                        out.push(Found {
+                            text,
+                            at: At::Item(key, i),
+                            source,
+                        });
+                    }
                 }
             }
-        }
-        _ => {}
-    };
+            _ => {}
+        };
     match endpoint {
         Endpoint::Completions => {
             for k in ["prompt", "suffix"] {
                 if let Some(v) = body.get(k) {
-                    strings(v, k.into(), Source::User, &mut out);
+                    strings(v, k, Source::User, &mut out);
                 }
             }
         }
         Endpoint::Embeddings => {
             if let Some(v) = body.get("input") {
-                strings(v, "input".into(), Source::User, &mut out);
+                strings(v, "input", Source::User, &mut out);
             }
         }
         Endpoint::ChatCompletions => {
@@ -336,15 +398,17 @@ fn collect(
                     Source::User
                 };
                 match m.get("content") {
-                    Some(Value::String(_)) => out.push(Text {
-                        pointer: format!("messages[{i}].content"),
+                    Some(Value::String(text)) => out.push(Found {
+                        text,
+                        at: At::Content(i),
                         source,
                     }),
                     Some(Value::Array(parts)) => {
                         for (j, part) in parts.iter().enumerate() {
-                            if part.get("text").is_some_and(Value::is_string) {
-                                out.push(Text {
-                                    pointer: format!("messages[{i}].content[{j}].text"),
+                            if let Some(Value::String(text)) = part.get("text") {
+                                out.push(Found {
+                                    text,
+                                    at: At::Part(i, j),
                                     source,
                                 });
                             }
@@ -354,20 +418,18 @@ fn collect(
                 }
                 let calls = m.get("tool_calls").and_then(Value::as_array);
                 for (j, c) in calls.into_iter().flatten().enumerate() {
-                    if c.pointer("/function/arguments")
-                        .is_some_and(Value::is_string)
-                    {
-                        out.push(Text {
-                            pointer: format!("messages[{i}].tool_calls[{j}].function.arguments"),
+                    if let Some(Value::String(text)) = c.pointer("/function/arguments") {
+                        out.push(Found {
+                            text,
+                            at: At::ToolCall(i, j),
                             source: Source::Tool,
                         });
                     }
                 }
-                if m.pointer("/function_call/arguments")
-                    .is_some_and(Value::is_string)
-                {
-                    out.push(Text {
-                        pointer: format!("messages[{i}].function_call.arguments"),
+                if let Some(Value::String(text)) = m.pointer("/function_call/arguments") {
+                    out.push(Found {
+                        text,
+                        at: At::FunctionCall(i),
                         source: Source::Tool,
                     });
                 }
@@ -403,6 +465,7 @@ fn pointer_mut<'a>(body: &'a mut Map<String, Value>, param: &str) -> Option<&'a 
     }
 }
 
+#[cfg(test)]
 fn pointer<'a>(body: &'a Map<String, Value>, param: &str) -> Option<&'a str> {
     let path = ptr_path(param);
     let mut parts = path.split('/').skip(1);

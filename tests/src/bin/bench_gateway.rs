@@ -86,7 +86,10 @@ struct Args {
     revocations: u32,
     /// Another `moat` binary (say a build of the previous commit) measured in the same run, as
     /// extra `before` rows of the JSON and SSE cells (its own daemon, upstream ports and key);
-    /// in the shared-store case, a third replica on the same PostgreSQL and Redis.
+    /// in the guardrails case, its own pair of daemons (off and on) in the same rounds; in the
+    /// shared-store case, a third replica on the same PostgreSQL and Redis. The file must be
+    /// named `moat` (another name runs as the service user next to the other daemons' workers,
+    /// which then refuse to start).
     #[arg(long)]
     moat_before: Option<std::path::PathBuf>,
 }
@@ -962,60 +965,128 @@ fn policy_wrk(dir: &Path, url: &str, keys: &[(String, usize)], args: &Args) -> R
 /// The guardrails case: the same load through moat with guardrails off and on (shipped rules,
 /// every secret class redacted), then the filter's costs measured in process: per stream
 /// chunk, the rule scan of a 1 MB prompt, the output scan of 1 MB of answer.
+///
+/// Each daemon gets its warm-up before each measured cell, and each case is measured twice in
+/// mirrored order (off, on, then on, off: a drift of the machine during the run weighs on
+/// both alike); a figure is over both rounds. With `--moat-before`, the older binary's pair of
+/// daemons is measured in the same rounds.
 async fn guardrails(args: &Args, sim: &Sim, tmp: &Path) -> Result<()> {
     let base = format!(
         "[pools.gpu]\nhosts = [\"{}\"]\n\n[models.bench]\npool = \"gpu\"\nmax_tokens = 64\n",
         sim.addr
     );
-    let off = Daemon::gateway("", &base, &[]);
-    let on = Daemon::gateway(
-        "",
-        &format!("{base}[guardrails]\nenabled = true\n[guardrails.policy]\nsecrets = \"redact\"\n"),
-        &[],
-    );
-    off.wait_pools_ready().await;
-    on.wait_pools_ready().await;
+    let on_config =
+        format!("{base}[guardrails]\nenabled = true\n[guardrails.policy]\nsecrets = \"redact\"\n");
+    let mut daemons = vec![
+        ("off", Daemon::gateway("", &base, &[])),
+        ("on", Daemon::gateway("", &on_config, &[])),
+    ];
+    if let Some(bin) = &args.moat_before {
+        for (label, rest) in [("before off", &base), ("before on", &on_config)] {
+            let rest = format!(
+                "[roles.tester]\npermissions = [\"model:*\", \"inference:*\", \"logprobs\"]\n{rest}"
+            );
+            let mut d = Daemon::off("", &rest);
+            d.create_tester_key();
+            d.start_binary(bin);
+            daemons.push((label, d));
+        }
+    }
+    for (_, d) in &daemons {
+        d.wait_pools_ready().await;
+    }
     println!(
-        "\nguardrails: the same moat, guardrails off and on (shipped rules {}, secrets redacted)",
-        moat::guardrails::rules::VERSION
+        "\nguardrails: the same moat, guardrails off and on (shipped rules {}, secrets redacted); \
+         wrk -t2 c=32, {} s warm-up + {} s per cell, two rounds in mirrored order",
+        moat::guardrails::rules::VERSION,
+        args.warmup,
+        args.duration
     );
     println!(
-        "{:<24} {:<14} {:>10} {:>9} {:>9} {:>8}",
-        "case", "guardrails", "req/s", "p50 ms", "p99 ms", "ratio"
+        "{:<24} {:<11} {:>5} {:>9} {:>8} {:>8} {:>11}",
+        "case", "guardrails", "round", "req/s", "p50 ms", "p99 ms", "CPU µs/req"
     );
+    let sim_pid = sim.proc.pid();
     for (name, body) in [
         ("json c=32 (1 KB prompt)", chat_body(false)),
         ("stream c=32 (20 chunks)", chat_body(true)),
     ] {
-        let mut first: Option<Load> = None;
-        for (label, d) in [("off", &off), ("on", &on)] {
-            let url = d.url("/v1/chat/completions");
-            let l = wrk(tmp, &url, Some(d.key()), &body, 32, args.duration)?;
-            let ratio = first.as_ref().map_or(1.0, |b| l.rps / b.rps);
+        // Per daemon: requests, seconds, its CPU seconds, the simulator's CPU seconds.
+        let mut sums = vec![(0u64, 0.0f64, 0.0f64, 0.0f64); daemons.len()];
+        for round in 0..2 {
+            let mut order: Vec<usize> = (0..daemons.len()).collect();
+            if round == 1 {
+                order.reverse();
+            }
+            for i in order {
+                let (label, d) = &daemons[i];
+                let url = d.url("/v1/chat/completions");
+                if args.warmup > 0 {
+                    wrk(tmp, &url, Some(d.key()), &body, 32, args.warmup)?;
+                }
+                let (cpu0, sim0) = (cpu_secs(d.pid()), sim_pid.map_or(0.0, cpu_secs));
+                let l = wrk(tmp, &url, Some(d.key()), &body, 32, args.duration)?;
+                let cpu = cpu_secs(d.pid()) - cpu0;
+                let sim_cpu = sim_pid.map_or(0.0, cpu_secs) - sim0;
+                let s = &mut sums[i];
+                s.0 += l.requests;
+                s.1 += args.duration as f64;
+                s.2 += cpu;
+                s.3 += sim_cpu;
+                println!(
+                    "{:<24} {:<11} {:>5} {:>9.0} {:>8.2} {:>8.2} {:>11.1}",
+                    name,
+                    label,
+                    round + 1,
+                    l.rps,
+                    l.p50_ms,
+                    l.p99_ms,
+                    cpu * 1e6 / l.requests.max(1) as f64
+                );
+            }
+        }
+        for pair in sums.chunks(2).zip(daemons.chunks(2)) {
+            let ([off, on], [(_, _), (label, _)]) = pair else {
+                continue;
+            };
+            let rps = |s: &(u64, f64, f64, f64)| s.0 as f64 / s.1;
+            let per = |secs: f64, s: &(u64, f64, f64, f64)| secs * 1e6 / s.0.max(1) as f64;
             println!(
-                "{:<24} {:<14} {:>10.0} {:>9.2} {:>9.2} {:>7.2}x",
-                name, label, l.rps, l.p50_ms, l.p99_ms, ratio
+                "{name}, {label}: on/off throughput {:.0} / {:.0} req/s = {:.3}; moat CPU per \
+                 request {:.1} / {:.1} µs (+{:.1}); simulator {:.1} / {:.1} µs",
+                rps(on),
+                rps(off),
+                rps(on) / rps(off),
+                per(on.2, on),
+                per(off.2, off),
+                per(on.2, on) - per(off.2, off),
+                per(on.3, on),
+                per(off.3, off),
             );
-            first.get_or_insert(l);
         }
     }
     println!("goal: json ratio at least 0.9");
     let body = chat_body(true);
     let mut firsts = Vec::new();
-    for (label, d) in [("off", &off), ("on", &on)] {
+    for (label, d) in &daemons {
         let url = d.url("/v1/chat/completions");
         let (first, total) = stream_timing(&url, Some(d.key()), &body, args.sequential).await;
         println!(
-            "sequential stream, guardrails {label:<3}: first chunk {first:.3} ms, total {total:.3} ms"
+            "sequential stream, guardrails {label:<10}: first chunk {first:.3} ms, total {total:.3} ms"
         );
         firsts.push(first);
     }
-    println!(
-        "hold-back window's added time to first token: {:.3} ms (the answer, 20 short tokens, \
-         fits in the 256-byte window: its first text leaves with the last)",
-        firsts[1] - firsts[0]
-    );
-    drop((off, on));
+    for (i, pair) in firsts.chunks(2).enumerate() {
+        if let [off, on] = pair {
+            println!(
+                "hold-back window's added time to first token ({}): {:.3} ms (the answer, 20 \
+                 short tokens, fits in the 256-byte window: its first text leaves with the last)",
+                if i == 0 { "this build" } else { "before" },
+                on - off
+            );
+        }
+    }
+    drop(daemons);
     filter_costs();
     Ok(())
 }
