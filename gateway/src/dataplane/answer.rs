@@ -11,6 +11,10 @@
 //! (the proxy hands them over whole), and a JSON answer is held back only while the scanner
 //! is inside a top-level string, so it streams through too. Only a candidate usage event is
 //! parsed.
+//!
+//! A non-streamed answer the upstream sent with a `Content-Length` leaves with one too
+//! ([`with_length`]): gathered once every wrapper has seen it, so that it goes out as one write
+//! with its length rather than re-framed as chunks.
 
 use std::{
     ops::Range,
@@ -20,9 +24,52 @@ use std::{
 
 use axum::{body::Body, response::Response};
 use bytes::{Bytes, BytesMut};
-use http_body::Frame;
+use http_body::{Body as _, Frame};
+use http_body_util::BodyExt;
 
 use crate::dataplane::proxy::headers::is_event_stream;
+
+/// Largest answer gathered to keep its length (larger ones stream through, chunked).
+const WITH_LENGTH_LIMIT: u64 = 4 << 20;
+
+/// Whether `resp` (the upstream's answer, before any wrapper) is a successful, non-streamed
+/// answer of a length the upstream announced and [`with_length`] may gather.
+pub fn has_length(resp: &Response) -> bool {
+    resp.status().is_success()
+        && !is_event_stream(resp.headers())
+        && resp
+            .body()
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= WITH_LENGTH_LIMIT)
+}
+
+/// The answer gathered whole, so that it goes out with a `Content-Length`. A body that fails
+/// on the way (the upstream broke off, the credential was revoked) still fails the response,
+/// as it would have mid-stream.
+pub async fn with_length(resp: Response) -> Response {
+    let (parts, body) = resp.into_parts();
+    let body = match body.collect().await {
+        Ok(whole) => Body::from(whole.to_bytes()),
+        Err(e) => Body::new(Failed(Some(e))),
+    };
+    Response::from_parts(parts, body)
+}
+
+/// A body that is only an error.
+struct Failed(Option<axum::Error>);
+
+impl http_body::Body for Failed {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Poll::Ready(self.0.take().map(Err))
+    }
+}
 
 /// Wraps a successful answer (anything else is the gateway's own words and passes as is).
 pub fn rewrite(resp: Response, public_model: &str, hide_usage: bool) -> Response {
@@ -454,6 +501,33 @@ mod tests {
         );
         let (_, all) = through("text/event-stream", &[&with_null], "chat", true).await;
         assert!(all.contains(r#""usage":null"#) && all.contains(r#""model":"chat""#));
+    }
+
+    #[tokio::test]
+    async fn an_answer_of_known_length_keeps_one() {
+        let json = r#"{"id":"x","model":"org/M-1","usage":{"total_tokens":1}}"#;
+        let resp = Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(json))
+            .unwrap();
+        assert!(has_length(&resp));
+        let out = with_length(rewrite(resp, "chat", false)).await;
+        let want = json.replace("org/M-1", "chat");
+        assert_eq!(out.body().size_hint().exact(), Some(want.len() as u64));
+        let body = out.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, want);
+        // An event stream, or a body of unknown length: left to stream.
+        let sse = Response::builder()
+            .header(header::CONTENT_TYPE, "text/event-stream")
+            .body(Body::from("data: x\n\n"))
+            .unwrap();
+        assert!(!has_length(&sse));
+        let chunks = Response::builder()
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::new(Chunks(vec![Bytes::from("{}")].into())))
+            .unwrap();
+        assert!(!has_length(&chunks));
     }
 
     #[tokio::test]

@@ -124,10 +124,10 @@ impl Metered {
             let line = self.scan.split_to(i + 1);
             if let Some(data) = line.strip_prefix(b"data:")
                 && mentions_usage(data)
-                && let Some(u) = total_tokens(data)
+                && let Some((total, io)) = usage(data)
             {
-                self.usage = Some(u);
-                self.tokens = io_tokens(data);
+                self.usage = Some(total);
+                self.tokens = Some(io);
             }
         }
         // A line longer than the scan limit carries no usage worth keeping.
@@ -137,11 +137,12 @@ impl Metered {
     }
 
     fn finish(&mut self) {
-        if !self.sse && self.usage.is_none() {
-            self.usage = total_tokens(&self.scan);
-            if self.usage.is_some() {
-                self.tokens = io_tokens(&self.scan);
-            }
+        if !self.sse
+            && self.usage.is_none()
+            && let Some((total, io)) = usage(&self.scan)
+        {
+            self.usage = Some(total);
+            self.tokens = Some(io);
         }
         if let (Some(t), Some((input, output))) = (&self.timing, self.tokens)
             && self.usage.is_some()
@@ -185,17 +186,35 @@ fn mentions_usage(data: &[u8]) -> bool {
     data.windows(7).any(|w| w == b"\"usage\"")
 }
 
-/// `usage.prompt_tokens` and `usage.completion_tokens` (0 when absent, as for embeddings).
-fn io_tokens(json: &[u8]) -> Option<(u64, u64)> {
-    let v: serde_json::Value = serde_json::from_slice(json.trim_ascii()).ok()?;
-    let u = v.get("usage")?;
-    let n = |k: &str| u.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
-    Some((n("prompt_tokens"), n("completion_tokens")))
+/// The `usage` of an answer or event: only that member is kept, the rest of the document is
+/// skipped without being built (an answer is read once, not parsed into a tree).
+#[derive(serde::Deserialize)]
+struct Report {
+    #[serde(default)]
+    usage: Option<Usage>,
 }
 
-fn total_tokens(json: &[u8]) -> Option<u64> {
-    let v: serde_json::Value = serde_json::from_slice(json.trim_ascii()).ok()?;
-    v.get("usage")?.get("total_tokens")?.as_u64()
+/// Lenient like a tree lookup: a count that is not a whole number reads as absent.
+#[derive(serde::Deserialize)]
+struct Usage {
+    #[serde(default)]
+    total_tokens: serde_json::Value,
+    #[serde(default)]
+    prompt_tokens: serde_json::Value,
+    #[serde(default)]
+    completion_tokens: serde_json::Value,
+}
+
+/// `usage.total_tokens`, and `usage.prompt_tokens` and `usage.completion_tokens` (0 when
+/// absent, as for embeddings).
+fn usage(json: &[u8]) -> Option<(u64, (u64, u64))> {
+    let r: Report = serde_json::from_slice(json.trim_ascii()).ok()?;
+    let u = r.usage?;
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    Some((
+        u.total_tokens.as_u64()?,
+        (n(&u.prompt_tokens), n(&u.completion_tokens)),
+    ))
 }
 
 impl http_body::Body for Metered {
@@ -254,17 +273,22 @@ impl http_body::Body for Metered {
 
 #[cfg(test)]
 mod tests {
-    use super::{mentions_usage, total_tokens};
+    use super::{mentions_usage, usage};
 
     #[test]
     fn usage_is_read_only_from_what_reports_it() {
         let event = br#" {"choices":[],"usage":{"prompt_tokens":2,"total_tokens":7}}"#;
         assert!(mentions_usage(event));
-        assert_eq!(total_tokens(event), Some(7));
+        assert_eq!(usage(event), Some((7, (2, 0))));
         assert!(!mentions_usage(
             br#" {"choices":[{"delta":{"content":"x"}}]}"#
         ));
-        assert_eq!(total_tokens(b" [DONE]\n"), None);
-        assert_eq!(total_tokens(br#"{"usage":null}"#), None);
+        assert_eq!(usage(b" [DONE]\n"), None);
+        assert_eq!(usage(br#"{"usage":null}"#), None);
+        assert_eq!(usage(br#"{"usage":{"total_tokens":-1}}"#), None);
+        // Everything else in the answer is skipped, whatever its shape.
+        let answer = br#"{"id":"x","choices":[{"message":{"content":"{\"usage\":1}"}}],
+            "usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7,"extra":[1]}}"#;
+        assert_eq!(usage(answer), Some((7, (3, 4))));
     }
 }

@@ -24,8 +24,14 @@ impl RequestId {
         // The OS CSPRNG does not fail on Linux once booted; a fixed id would still be unique
         // enough to never be mistaken for a secret.
         let _ = getrandom::fill(&mut raw);
-        let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-        Self(format!("req_{hex}").into())
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut id = [0u8; 4 + 32];
+        id[..4].copy_from_slice(b"req_");
+        for (i, b) in raw.iter().enumerate() {
+            id[4 + 2 * i] = HEX[usize::from(b >> 4)];
+            id[5 + 2 * i] = HEX[usize::from(b & 0xf)];
+        }
+        Self(std::str::from_utf8(&id).expect("ascii").into())
     }
 
     pub fn as_str(&self) -> &str {

@@ -6,11 +6,18 @@
 //! Labels only ever hold bounded values: route patterns, configured model names (anything
 //! else is `(unknown)`), status codes, fixed reason strings. Nothing a client sends becomes a
 //! label as it is.
+//!
+//! Counted per request, so the hot path takes no shared lock and allocates nothing once a
+//! series exists: each thread counts into its own shard (a mutex only `/metrics` ever
+//! contends for), and `/metrics` adds the shards up.
 
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    sync::{LazyLock, Mutex, MutexGuard},
+    sync::{
+        LazyLock, Mutex, MutexGuard,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -29,6 +36,17 @@ struct Histogram {
 }
 
 impl Histogram {
+    fn add(&mut self, other: &Histogram) {
+        if self.counts.len() < other.counts.len() {
+            self.counts.resize(other.counts.len(), 0);
+        }
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+        self.sum += other.sum;
+        self.count += other.count;
+    }
+
     fn observe(&mut self, secs: f64) {
         if self.counts.is_empty() {
             self.counts = vec![0; BUCKETS.len()];
@@ -43,21 +61,95 @@ impl Histogram {
     }
 }
 
+/// One shard's counts. The per-request series are nested by label, so that counting into an
+/// existing series looks it up by `&str` and allocates nothing.
 #[derive(Default)]
 struct Inner {
-    requests: BTreeMap<(String, String, u16), u64>,
+    /// route → model → status → count.
+    requests: BTreeMap<String, BTreeMap<String, BTreeMap<u16, u64>>>,
     upstream: BTreeMap<String, Histogram>,
     ttft: BTreeMap<String, Histogram>,
-    tokens: BTreeMap<(String, &'static str), u64>,
+    /// model → [in, out].
+    tokens: BTreeMap<String, [u64; 2]>,
     auth_failures: BTreeMap<String, u64>,
     quota_denials: BTreeMap<(String, String), u64>,
     guardrail_denials: BTreeMap<(String, String), u64>,
 }
 
-/// This process's gateway metrics.
-pub struct Metrics(Mutex<Inner>);
+impl Inner {
+    /// Adds `other`'s counts to these.
+    fn add(&mut self, other: &Inner) {
+        for (route, models) in &other.requests {
+            let r = entry(&mut self.requests, route);
+            for (model, statuses) in models {
+                let m = entry(r, model);
+                for (status, n) in statuses {
+                    *m.entry(*status).or_default() += n;
+                }
+            }
+        }
+        for (mine, theirs) in [
+            (&mut self.upstream, &other.upstream),
+            (&mut self.ttft, &other.ttft),
+        ] {
+            for (model, h) in theirs {
+                entry(mine, model).add(h);
+            }
+        }
+        for (model, [i, o]) in &other.tokens {
+            let t = entry(&mut self.tokens, model);
+            t[0] += i;
+            t[1] += o;
+        }
+        for (reason, n) in &other.auth_failures {
+            *entry(&mut self.auth_failures, reason) += n;
+        }
+        for (mine, theirs) in [
+            (&mut self.quota_denials, &other.quota_denials),
+            (&mut self.guardrail_denials, &other.guardrail_denials),
+        ] {
+            for (k, n) in theirs {
+                *mine.entry(k.clone()).or_default() += n;
+            }
+        }
+    }
+}
 
-pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics(Mutex::default()));
+/// The value under `key`, made (and `key` copied) only the first time.
+fn entry<'a, V: Default>(map: &'a mut BTreeMap<String, V>, key: &str) -> &'a mut V {
+    if !map.contains_key(key) {
+        map.insert(key.to_owned(), V::default());
+    }
+    map.get_mut(key).expect("just inserted")
+}
+
+/// Shards: more than the threads that count at once (one per core, plus the odd blocking
+/// thread), each on its own cache line.
+const SHARDS: usize = 16;
+
+#[repr(align(128))]
+#[derive(Default)]
+struct Shard(Mutex<Inner>);
+
+/// This process's gateway metrics.
+pub struct Metrics([Shard; SHARDS]);
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::default);
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self(std::array::from_fn(|_| Shard::default()))
+    }
+}
+
+/// This thread's shard: threads are numbered in the order they first count.
+fn shard_index() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    INDEX.with(|i| *i)
+}
 
 /// A request's model, set by the handler once the body is parsed (the access-log layer reads it
 /// when the answer is done). Only configured names are kept.
@@ -75,41 +167,33 @@ impl ModelSlot {
 }
 
 impl Metrics {
+    /// This thread's shard, locked (contended only by `render`).
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.0[shard_index()])
     }
 
     pub fn request(&self, route: &str, model: &str, status: u16) {
         let model = if model.is_empty() { "-" } else { model };
-        *self
-            .lock()
-            .requests
-            .entry((route.to_owned(), model.to_owned(), status))
-            .or_default() += 1;
+        let mut m = self.lock();
+        let statuses = entry(entry(&mut m.requests, route), model);
+        *statuses.entry(status).or_default() += 1;
     }
 
     /// From the request going upstream to the answer's head.
     pub fn upstream_latency(&self, model: &str, d: Duration) {
-        self.lock()
-            .upstream
-            .entry(model.to_owned())
-            .or_default()
-            .observe(d.as_secs_f64());
+        entry(&mut self.lock().upstream, model).observe(d.as_secs_f64());
     }
 
     /// From the request going upstream to the first byte of the answer's body.
     pub fn time_to_first_token(&self, model: &str, d: Duration) {
-        self.lock()
-            .ttft
-            .entry(model.to_owned())
-            .or_default()
-            .observe(d.as_secs_f64());
+        entry(&mut self.lock().ttft, model).observe(d.as_secs_f64());
     }
 
     pub fn tokens(&self, model: &str, input: u64, output: u64) {
         let mut m = self.lock();
-        *m.tokens.entry((model.to_owned(), "in")).or_default() += input;
-        *m.tokens.entry((model.to_owned(), "out")).or_default() += output;
+        let t = entry(&mut m.tokens, model);
+        t[0] += input;
+        t[1] += output;
     }
 
     /// Counts what an audit event says about failures and denials (called by `audit::emit`).
@@ -149,20 +233,27 @@ impl Metrics {
         pools: &[(String, Vec<(String, bool)>)],
         audit: (u64, u64),
     ) {
-        let m = self.lock();
+        let mut m = Inner::default();
+        for shard in &self.0 {
+            m.add(&lock(shard));
+        }
         family(
             out,
             "moat_requests_total",
             "counter",
             "Requests by route, model and status.",
         );
-        for ((route, model, status), n) in &m.requests {
-            let _ = writeln!(
-                out,
-                "moat_requests_total{{route=\"{}\",model=\"{}\",status=\"{status}\"}} {n}",
-                esc(route),
-                esc(model)
-            );
+        for (route, models) in &m.requests {
+            for (model, statuses) in models {
+                for (status, n) in statuses {
+                    let _ = writeln!(
+                        out,
+                        "moat_requests_total{{route=\"{}\",model=\"{}\",status=\"{status}\"}} {n}",
+                        esc(route),
+                        esc(model)
+                    );
+                }
+            }
         }
         histograms(
             out,
@@ -182,12 +273,14 @@ impl Metrics {
             "counter",
             "Tokens by model and direction (in: prompt, out: completion), as the upstream reports them.",
         );
-        for ((model, dir), n) in &m.tokens {
-            let _ = writeln!(
-                out,
-                "moat_tokens_total{{model=\"{}\",direction=\"{dir}\"}} {n}",
-                esc(model)
-            );
+        for (model, counts) in &m.tokens {
+            for (dir, n) in ["in", "out"].iter().zip(counts) {
+                let _ = writeln!(
+                    out,
+                    "moat_tokens_total{{model=\"{}\",direction=\"{dir}\"}} {n}",
+                    esc(model)
+                );
+            }
         }
         family(
             out,
@@ -230,7 +323,6 @@ impl Metrics {
                 esc(action)
             );
         }
-        drop(m);
         family(
             out,
             "moat_pool_host_healthy",
@@ -263,6 +355,11 @@ impl Metrics {
         );
         let _ = writeln!(out, "moat_audit_records_dropped_total {}", audit.1);
     }
+}
+
+fn lock(shard: &Shard) -> MutexGuard<'_, Inner> {
+    // A poisoned lock only means a panic elsewhere mid-update of plain counters.
+    shard.0.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The reason as a label: one of the fixed reasons, else `invalid token` (token errors may name
@@ -333,7 +430,7 @@ mod tests {
 
     #[test]
     fn renders_families_with_bounded_labels() {
-        let m = Metrics(Mutex::default());
+        let m = Metrics::default();
         m.request("/v1/chat/completions", "chat", 200);
         m.upstream_latency("chat", Duration::from_millis(30));
         m.time_to_first_token("chat", Duration::from_millis(40));
@@ -366,5 +463,37 @@ mod tests {
         );
         assert!(out.contains("moat_pool_host_healthy{pool=\"p\",host=\"h:1\"} 1"));
         assert!(out.contains("moat_audit_records_written_total 7"));
+    }
+
+    /// Counts made on different threads (different shards) are added up in one series.
+    #[test]
+    fn shards_add_up() {
+        let m = std::sync::Arc::new(Metrics::default());
+        let threads: Vec<_> = (0..3)
+            .map(|_| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    m.request("/v1/chat/completions", "chat", 200);
+                    m.tokens("chat", 1, 2);
+                    m.upstream_latency("chat", Duration::from_millis(30));
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        m.request("/v1/chat/completions", "", 404);
+        let mut out = String::new();
+        m.render(&mut out, &[], (0, 0));
+        assert!(out.contains(
+            "moat_requests_total{route=\"/v1/chat/completions\",model=\"chat\",status=\"200\"} 3"
+        ));
+        assert!(out.contains(
+            "moat_requests_total{route=\"/v1/chat/completions\",model=\"-\",status=\"404\"} 1"
+        ));
+        assert!(out.contains("moat_tokens_total{model=\"chat\",direction=\"in\"} 3"));
+        assert!(out.contains("moat_tokens_total{model=\"chat\",direction=\"out\"} 6"));
+        assert!(out.contains("moat_upstream_latency_seconds_count{model=\"chat\"} 3"));
+        assert!(out.contains("moat_upstream_latency_seconds_bucket{model=\"chat\",le=\"0.05\"} 3"));
     }
 }

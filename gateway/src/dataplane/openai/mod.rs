@@ -155,6 +155,7 @@ async fn handle(
     let sent = std::time::Instant::now();
     let resp = proxy::forward(&state.pools, &state.upstreams, &route.pool, out).await;
     crate::metrics::gateway::METRICS.upstream_latency(&model, sent.elapsed());
+    let has_length = answer::has_length(&resp);
     // 11. meter the answer: reconcile the reservation, release the slots when it ends, end
     // it if the credential is revoked meanwhile (and count its tokens, time its first byte).
     let timing = metered::Timing {
@@ -166,7 +167,13 @@ async fn handle(
     // client did not ask for (metering read it above).
     let resp = answer::rewrite(resp, &model, hide_usage);
     // 13. the answer screened by the guardrails' output filter (secrets, PII, links, canary).
-    Ok(guardrails::filter(resp, guard).await)
+    let resp = guardrails::filter(resp, guard).await;
+    // A non-streamed answer the upstream sent with a length leaves with one (after 11–13).
+    Ok(if has_length {
+        answer::with_length(resp).await
+    } else {
+        resp
+    })
 }
 
 /// One line per refused request: who was refused and why, never what they sent.
