@@ -274,6 +274,14 @@ impl Daemon {
         self
     }
 
+    /// As [`Daemon::start`], with another `moat` binary (the benchmark's `--moat-before`: an
+    /// older build measured in the same run).
+    pub fn start_binary(&mut self, moat: &Path) -> &mut Daemon {
+        self.spawn(Command::new(moat));
+        self.wait_ready();
+        self
+    }
+
     /// As [`Daemon::start`], inside the network namespace `ns`.
     pub fn start_in(&mut self, ns: &Netns) -> &mut Daemon {
         let cmd = ns.command(crate::bin("moat"));

@@ -9,7 +9,9 @@
 //! - `nginx`: nginx as a reverse proxy with a bearer check (keep-alive upstream pool,
 //!   buffering off, access log on as by default);
 //! - `moat`: moat enforcing (segmentation on, worker as `moat` in its cgroup), an API key,
-//!   access log on.
+//!   access log on;
+//! - `before` (with `--moat-before PATH`): another moat binary, set up as `moat`, so that a
+//!   change is measured against the build before it in one run.
 //!
 //! Each cell: a warm-up (default 3 s), then a measured run (default 15 s) of wrk (2 threads,
 //! keep-alive, a ~1 KB chat body); JSON and SSE at 32 and 64 connections. Printed per cell:
@@ -82,6 +84,10 @@ struct Args {
     /// Revocations timed from replica A to replica B (shared-store case).
     #[arg(long, default_value_t = 100)]
     revocations: u32,
+    /// Another `moat` binary (say a build of the previous commit) measured in the same run, as
+    /// extra `before` rows of the JSON and SSE cells (its own daemon, upstream ports and key).
+    #[arg(long)]
+    moat_before: Option<std::path::PathBuf>,
 }
 
 struct Nginx {
@@ -462,7 +468,9 @@ async fn run(args: Args) -> Result<()> {
         sse_direct,
         peer_json,
         peer_sse,
-    ] = [(); 6].map(|_| free_port());
+        json_before,
+        sse_before,
+    ] = [(); 8].map(|_| free_port());
     let (json_text, sse_text) = (json_answer("m"), sse_answer("s"));
     // The stream is a static file (longer than an nginx parameter may be); a POST to a static
     // file is a 405 that `error_page` turns into the file, answered 200.
@@ -477,14 +485,14 @@ async fn run(args: Args) -> Result<()> {
         )?;
     }
     let mut servers = String::new();
-    for port in [json_moat, json_direct] {
+    for port in [json_moat, json_direct, json_before] {
         servers += &format!(
             "    server {{ listen 127.0.0.1:{port} reuseport; access_log off;\n        \
              location / {{ default_type application/json; return 200 {}; }} }}\n",
             nginx_text(&json_text)
         );
     }
-    for port in [sse_moat, sse_direct] {
+    for port in [sse_moat, sse_direct, sse_before] {
         servers += &format!(
             "    server {{ listen 127.0.0.1:{port} reuseport; access_log off; root {};\n        \
              location / {{ default_type text/event-stream; try_files /sse.txt =404; \
@@ -496,7 +504,14 @@ async fn run(args: Args) -> Result<()> {
         tmp.path(),
         "upstream",
         &servers,
-        &[json_moat, json_direct, sse_moat, sse_direct],
+        &[
+            json_moat,
+            json_direct,
+            sse_moat,
+            sse_direct,
+            json_before,
+            sse_before,
+        ],
     )?;
 
     // moat, enforcing: its pool hosts are the upstream's moat ports.
@@ -524,6 +539,25 @@ async fn run(args: Args) -> Result<()> {
     moat.start();
     moat.wait_pools_ready().await;
     let key = moat.key().to_owned();
+    // The older binary: the same config shape on upstream ports of its own (each daemon's
+    // segmentation keeps its pool hosts to its own worker).
+    let before = match &args.moat_before {
+        Some(bin) => {
+            let mut d = Daemon::enforcing();
+            let config = d.enforcing_config(&[host(json_before)], "", "")
+                + &format!(
+                    "\n[pools.sse]\nhosts = [\"{}\"]\n[models.s]\npool = \"sse\"\n",
+                    host(sse_before)
+                );
+            d.write_config(&config);
+            d.create_tester_key();
+            let gateway = d.cgroup().child("gateway");
+            d.start_binary(bin);
+            d.wait_pools_ready().await;
+            Some((d, gateway))
+        }
+        None => None,
+    };
 
     let peer = nginx(
         tmp.path(),
@@ -564,7 +598,7 @@ async fn run(args: Args) -> Result<()> {
         ("sse", "s", sse_direct, peer_sse),
     ] {
         let body = chat_body_for(model, kind == "sse");
-        let targets = [
+        let mut targets = vec![
             Target {
                 name: "direct",
                 url: format!("http://127.0.0.1:{direct_port}{path}"),
@@ -577,13 +611,21 @@ async fn run(args: Args) -> Result<()> {
                 bearer: Some(key.clone()),
                 pid: Some(peer.pid()),
             },
-            Target {
-                name: "moat",
-                url: moat.url(path),
-                bearer: Some(key.clone()),
-                pid: Some(moat.pid()),
-            },
         ];
+        if let Some((b, _)) = &before {
+            targets.push(Target {
+                name: "before",
+                url: b.url(path),
+                bearer: Some(b.key().to_owned()),
+                pid: Some(b.pid()),
+            });
+        }
+        targets.push(Target {
+            name: "moat",
+            url: moat.url(path),
+            bearer: Some(key.clone()),
+            pid: Some(moat.pid()),
+        });
         for conc in &args.concurrency {
             let name = format!("{kind} c={conc}");
             let mut base: Option<Load> = None;
@@ -659,6 +701,7 @@ async fn run(args: Args) -> Result<()> {
          nginx's + 0.1 ms, CPU per 1,000 requests at most nginx's, the soak flat within 5 %."
     );
     drop(peer);
+    drop(before);
     drop(moat);
     drop(upstream);
     if args.policy_keys > 0 {
