@@ -5,6 +5,14 @@
 //!
 //! Its first acts, before it serves anything: follow the supervisor's death, become
 //! non-dumpable, install the seccomp filter (`privdrop`, `seccomp`).
+//!
+//! Threads: the data plane is served by one single-threaded tokio runtime per core, each
+//! accepting on its own duplicate of the listener and keeping its own upstream connections
+//! (`proxy::client::Clients`), so that a request, its upstream connection and every frame of
+//! its answer stay on one thread (no work stealing, no cross-thread wake-up per frame). The
+//! main runtime keeps the rest: the control channel (reloads), the admin plane, health checks,
+//! the identity store's upkeep, signals. The config in force is one `ArcSwap` all threads
+//! read, so a reload reaches every thread at once.
 
 use std::{
     convert::Infallible,
@@ -97,6 +105,8 @@ pub fn run() -> Result<()> {
     // Before anything reads a request: no same-uid process may trace this one, and the
     // system calls it has no use for kill it (see `seccomp`).
     privdrop::make_undumpable()?;
+    // Read before the filter: it may look at the cgroup's CPU limit and the affinity mask.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     seccomp::install()?;
     // SAFETY: the supervisor passed these descriptors to this process for it alone.
     let listener = std::net::TcpListener::from(unsafe { OwnedFd::from_raw_fd(fd(ENV_LISTEN_FD)?) });
@@ -118,7 +128,10 @@ pub fn run() -> Result<()> {
     if let Some(a) = &admin {
         a.set_nonblocking(true)?;
     }
+    // Every pool gets a client per serving thread (built with the configs below).
+    proxy::client::set_serving_threads(threads);
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()?;
     runtime.block_on(async {
@@ -148,11 +161,20 @@ pub fn run() -> Result<()> {
         };
         let _upkeep = shared.identity.spawn_upkeep();
         let current = Arc::new(ArcSwap::from_pointee(serving));
-        let listener = TcpListener::from_std(listener)?;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut servers = Vec::with_capacity(threads);
+        for i in 0..threads {
+            servers.push(serving_thread(
+                i,
+                listener.try_clone()?,
+                current.clone(),
+                stopped.clone(),
+            )?);
+        }
         write
             .write_all(control::encode(&FromWorker::Applied).as_bytes())
             .await?;
-        info!(pid = std::process::id(), listen = %listener.local_addr()?, "data plane listening");
+        info!(pid = std::process::id(), listen = %listener.local_addr()?, threads, "data plane listening");
         if let Some(a) = admin {
             let a = TcpListener::from_std(a)?;
             info!(listen = %a.local_addr()?, "admin plane listening");
@@ -198,8 +220,59 @@ pub fn run() -> Result<()> {
                 }
             }
         };
-        serve(listener, current, supervisor_gone).await
+        shutdown(supervisor_gone).await;
+        let _ = stop.send(true);
+        // Each thread finishes its open requests (graceful shutdown), then ends.
+        tokio::task::spawn_blocking(move || {
+            for s in servers {
+                match s.join() {
+                    Ok(Err(e)) => error!(error = %format!("{e:#}"), "a serving thread failed"),
+                    Err(_) => error!("a serving thread panicked"),
+                    Ok(Ok(())) => {}
+                }
+            }
+        })
+        .await?;
+        info!("stopped");
+        Ok(())
     })
+}
+
+/// Serving thread `i`: its own single-threaded runtime accepting on `listener` (a duplicate of
+/// the worker's) until `stop` turns true.
+fn serving_thread(
+    i: usize,
+    listener: std::net::TcpListener,
+    current: Arc<ArcSwap<Serving>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<std::thread::JoinHandle<Result<()>>> {
+    let thread = std::thread::Builder::new()
+        .name(format!("moat-serve-{i}"))
+        .spawn(move || {
+            proxy::client::enter_serving_thread(i);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let listener = TcpListener::from_std(listener)?;
+                let until = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                serve(listener, current, until).await
+            })
+        })?;
+    Ok(thread)
+}
+
+/// Resolves at SIGTERM or SIGINT, or when `until` does.
+async fn shutdown(until: impl Future<Output = ()>) {
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+        _ = until => info!("supervisor gone; stopping"),
+    }
 }
 
 /// Reads up to the next config message: `None` at end of stream, `Some(Err)` for a config the
@@ -227,7 +300,8 @@ async fn next_config(
     }
 }
 
-/// Serves `current` (swappable) until SIGTERM/SIGINT or until `until` completes.
+/// Serves `current` (swappable) on `listener` until `until` completes, then lets the open
+/// requests finish.
 pub async fn serve(
     listener: TcpListener,
     current: Arc<ArcSwap<Serving>>,
@@ -251,17 +325,8 @@ pub async fn serve(
         listener,
         front.into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
-    .with_graceful_shutdown(async move {
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-            _ = until => info!("supervisor gone; stopping"),
-        }
-    })
+    .with_graceful_shutdown(until)
     .await?;
-    info!("stopped");
     Ok(())
 }
 
@@ -307,7 +372,8 @@ pub async fn serve_standalone(config: Config) -> Result<()> {
             });
         }
     });
-    let served = serve(listener, current, std::future::pending()).await;
+    let served = serve(listener, current, shutdown(std::future::pending())).await;
+    info!("stopped");
     crate::audit::stop_daemon();
     served
 }

@@ -41,7 +41,7 @@ pub use body::ProxyBody;
 
 /// One pool's way out: its client and the settings of its requests.
 pub struct Upstream {
-    client: client::HttpClient,
+    client: client::Clients,
     scheme: &'static str,
     /// `host:port` as written, by host index.
     authorities: Vec<String>,
@@ -137,7 +137,7 @@ async fn dispatch(
         let host = lease.host().clone();
         tried.push(host.index);
         let req = upstream.request(host.index, out)?;
-        match tokio::time::timeout(upstream.first_byte, upstream.client.request(req)).await {
+        match tokio::time::timeout(upstream.first_byte, upstream.client.get().request(req)).await {
             Err(_) => {
                 lease.failure();
                 warn!(host = %host.name, attempt, "upstream sent no response in time");
