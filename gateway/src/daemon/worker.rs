@@ -7,7 +7,7 @@
 //! non-dumpable, install the seccomp filter (`privdrop`, `seccomp`).
 //!
 //! Threads: the data plane is served by one single-threaded tokio runtime per core, each
-//! accepting on its own duplicate of the listener and keeping its own upstream connections
+//! accepting on its own socket of a reuse-port group and keeping its own upstream connections
 //! (`proxy::client::Clients`), so that a request, its upstream connection and every frame of
 //! its answer stay on one thread (no work stealing, no cross-thread wake-up per frame). The
 //! main runtime keeps the rest: the control channel (reloads), the admin plane, health checks,
@@ -39,7 +39,7 @@ use crate::{
         self, ENV_ADMIN_FD, ENV_AUDIT_FD, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SUPERVISOR_PID,
         FromWorker, ToWorker,
     },
-    daemon::{privdrop, seccomp},
+    daemon::{listen, privdrop, seccomp},
     dataplane::app,
     dataplane::proxy,
     dataplane::quota::Quotas,
@@ -105,14 +105,26 @@ pub fn run() -> Result<()> {
     // Before anything reads a request: no same-uid process may trace this one, and the
     // system calls it has no use for kill it (see `seccomp`).
     privdrop::make_undumpable()?;
-    // Read before the filter: it may look at the cgroup's CPU limit and the affinity mask.
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     seccomp::install()?;
+    let listen_fds = std::env::var(ENV_LISTEN_FD)
+        .ok()
+        .map(|v| listen::decode(&v))
+        .transpose()?
+        .with_context(|| {
+            format!("{ENV_LISTEN_FD} is not set: `moat worker` is started by `moat serve`")
+        })?;
     // SAFETY: the supervisor passed these descriptors to this process for it alone.
-    let listener = std::net::TcpListener::from(unsafe { OwnedFd::from_raw_fd(fd(ENV_LISTEN_FD)?) });
+    let listeners: Vec<std::net::TcpListener> = listen_fds
+        .into_iter()
+        .map(|f| std::net::TcpListener::from(unsafe { OwnedFd::from_raw_fd(f) }))
+        .collect();
+    // One serving thread per listener (the supervisor bound one per core).
+    let threads = listeners.len();
     let control =
         std::os::unix::net::UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd(ENV_CONTROL_FD)?) });
-    listener.set_nonblocking(true)?;
+    for l in &listeners {
+        l.set_nonblocking(true)?;
+    }
     control.set_nonblocking(true)?;
     // SAFETY: as above.
     crate::audit::sink::install_datagram(std::os::unix::net::UnixDatagram::from(unsafe {
@@ -163,10 +175,11 @@ pub fn run() -> Result<()> {
         let current = Arc::new(ArcSwap::from_pointee(serving));
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let mut servers = Vec::with_capacity(threads);
-        for i in 0..threads {
+        let listen = listeners[0].local_addr()?;
+        for (i, listener) in listeners.into_iter().enumerate() {
             servers.push(serving_thread(
                 i,
-                listener.try_clone()?,
+                listener,
                 current.clone(),
                 stopped.clone(),
             )?);
@@ -174,7 +187,7 @@ pub fn run() -> Result<()> {
         write
             .write_all(control::encode(&FromWorker::Applied).as_bytes())
             .await?;
-        info!(pid = std::process::id(), listen = %listener.local_addr()?, threads, "data plane listening");
+        info!(pid = std::process::id(), %listen, threads, "data plane listening");
         if let Some(a) = admin {
             let a = TcpListener::from_std(a)?;
             info!(listen = %a.local_addr()?, "admin plane listening");
@@ -238,8 +251,8 @@ pub fn run() -> Result<()> {
     })
 }
 
-/// Serving thread `i`: its own single-threaded runtime accepting on `listener` (a duplicate of
-/// the worker's) until `stop` turns true.
+/// Serving thread `i`: its own single-threaded runtime accepting on `listener` (its own socket
+/// of the reuse-port group, `daemon::listen`) until `stop` turns true.
 fn serving_thread(
     i: usize,
     listener: std::net::TcpListener,
