@@ -1,7 +1,8 @@
 //! The request id: 128 random bits, made by the gateway for every request (a client-sent
 //! `X-Request-Id` is not trusted, so ids stay unique and unforgeable in logs). It goes back on
 //! every response, upstream with the request, and into a tracing span that every log line of
-//! the request is written under, including lines written while a stream is being relayed.
+//! the request is written under, including lines written while a stream is being relayed. The
+//! request's access-log line (`logging::access`) names it and the host that answered.
 
 use std::{sync::Arc, time::Instant};
 
@@ -11,7 +12,9 @@ use axum::{
     middleware::Next,
     response::Response,
 };
-use tracing::{Instrument, info, info_span};
+use tracing::{Instrument, info_span};
+
+use crate::{dataplane::proxy::ServedBy, logging};
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -68,12 +71,7 @@ fn random_16() -> [u8; 16] {
 pub async fn layer(mut req: Request, next: Next) -> Response {
     let id = RequestId::generate();
     req.extensions_mut().insert(id.clone());
-    // `upstream` is filled in by the proxy with the host that served the request.
-    let span = info_span!(
-        "request",
-        request_id = %id.as_str(),
-        upstream = tracing::field::Empty
-    );
+    let span = info_span!("request", request_id = %id.as_str());
     let method = req.method().clone();
     // The route pattern, never the raw path or query: those are client-chosen text.
     let route = req
@@ -87,14 +85,16 @@ pub async fn layer(mut req: Request, next: Next) -> Response {
     let mut resp = next.run(req).instrument(span.clone()).await;
     crate::metrics::gateway::METRICS.request(&route, model.get(), resp.status().as_u16());
     resp.headers_mut().insert(REQUEST_ID, id.header_value());
-    span.in_scope(|| {
-        info!(
-            method = %method,
-            route = %route,
-            status = resp.status().as_u16(),
-            ms = started.elapsed().as_millis() as u64,
-            "request"
-        )
+    logging::access(&logging::Access {
+        request_id: id.as_str(),
+        upstream: resp
+            .extensions()
+            .get::<ServedBy>()
+            .map(|s| s.0.name.as_str()),
+        method: method.as_str(),
+        route: &route,
+        status: resp.status().as_u16(),
+        ms: started.elapsed().as_millis() as u64,
     });
     resp
 }
