@@ -205,6 +205,7 @@ pub fn run() -> Result<()> {
         }
 
         let reloads = current.clone();
+        let shared_quotas = shared.quotas.clone();
         let supervisor_gone = async move {
             while let Some(msg) = next_config(&mut lines, &kernel).await.transpose() {
                 let reply = match msg {
@@ -246,6 +247,8 @@ pub fn run() -> Result<()> {
             }
         })
         .await?;
+        // Leased quota shares go back once no request can use them any more.
+        shared_quotas.release().await;
         info!("stopped");
         Ok(())
     })
@@ -356,6 +359,7 @@ pub async fn serve_standalone(config: Config) -> Result<()> {
     let shared = Shared::open(&config, Default::default())?;
     let _upkeep = shared.identity.spawn_upkeep();
     let current = Arc::new(ArcSwap::from_pointee(shared.build(config)?));
+    let quotas = shared.quotas.clone();
     let reloads = current.clone();
     tokio::spawn(async move {
         let Ok(mut hup) = signal(SignalKind::hangup()) else {
@@ -386,6 +390,7 @@ pub async fn serve_standalone(config: Config) -> Result<()> {
         }
     });
     let served = serve(listener, current, shutdown(std::future::pending())).await;
+    quotas.release().await;
     info!("stopped");
     crate::audit::stop_daemon();
     served

@@ -1172,9 +1172,43 @@ fn shared_store(args: &Args) -> Result<()> {
         Some(r) => format!("backend = \"redis\"\nredis_url = \"{}\"", r.url()),
         None => String::new(),
     };
-    let store = match &pg {
-        Some(pg) => pg.store_toml(&pg.create_database(), "pgpass"),
-        None => String::new(),
+    let db_url = pg.as_ref().map(|pg| pg.create_database());
+    let store = match (&pg, &db_url) {
+        (Some(pg), Some(url)) => pg.store_toml(url, "pgpass"),
+        _ => String::new(),
+    };
+    // Calls the backends served, to see what a request costs them: the quota script calls
+    // (Redis `INFO commandstats`) and the transactions on moat's database (PostgreSQL's
+    // statistics, flushed by each connection at most once a second, so a run's last second may
+    // be missed).
+    let redis_calls = || -> f64 {
+        let Some(r) = &redis else { return 0.0 };
+        let out = Command::new("redis-cli")
+            .args(["-p", &r.port.to_string(), "INFO", "commandstats"])
+            .output();
+        out.ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout).lines().find_map(|l| {
+                    l.strip_prefix("cmdstat_evalsha:calls=")
+                        .and_then(|v| v.split(',').next()?.parse().ok())
+                })
+            })
+            .unwrap_or(0.0)
+    };
+    let pg_xacts = || -> f64 {
+        let (Some(pg), Some(url)) = (&pg, &db_url) else {
+            return 0.0;
+        };
+        let db = url.rsplit('/').next().unwrap_or_default();
+        pg.psql(
+            "postgres",
+            &format!(
+                "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = '{db}'"
+            ),
+        )
+        .trim()
+        .parse()
+        .unwrap_or(0.0)
     };
     let replica = || {
         let d = Daemon::off("", &format!("{}\n{store}", common(&shared_quotas)));
@@ -1227,7 +1261,11 @@ fn shared_store(args: &Args) -> Result<()> {
          the PostgreSQL and Redis servers over the same run"
     );
     println!(
-        "\n{:<10} {:<9} {:>9} {:>8} {:>8} {:>7} {:>10} {:>8} {:>11} {:>11}",
+        "Redis and PostgreSQL columns: script calls (EVALSHA) and database transactions per \
+         1,000 requests"
+    );
+    println!(
+        "\n{:<10} {:<9} {:>9} {:>8} {:>8} {:>7} {:>10} {:>8} {:>11} {:>11} {:>9} {:>9}",
         "case",
         "target",
         "req/s",
@@ -1237,7 +1275,9 @@ fn shared_store(args: &Args) -> Result<()> {
         "p99 added",
         "non-2xx",
         "moat µs/req",
-        "pg+redis µs"
+        "pg+redis µs",
+        "redis/1k",
+        "pg tx/1k"
     );
     let body = chat_body_for("m", false);
     let path = "/v1/chat/completions";
@@ -1273,7 +1313,16 @@ fn shared_store(args: &Args) -> Result<()> {
             )?;
             let others_cpu = || others.iter().map(|p| cpu_secs(*p)).sum::<f64>();
             let (cpu0, others0) = (cpu_secs(pid), others_cpu());
+            let (calls0, xacts0) = (redis_calls(), pg_xacts());
             let l = wrk(tmp.path(), &url, Some(bearer), &body, *conc, args.duration)?;
+            let (calls, xacts) = (redis_calls() - calls0, pg_xacts() - xacts0);
+            let per_1k = |n: f64| {
+                if others.is_empty() {
+                    0.0
+                } else {
+                    n * 1000.0 / (l.requests.max(1) as f64)
+                }
+            };
             let per_req = |secs: f64| secs * 1e6 / (l.requests.max(1) as f64);
             let (cpu, others_cpu) = (
                 per_req(cpu_secs(pid) - cpu0),
@@ -1284,7 +1333,8 @@ fn shared_store(args: &Args) -> Result<()> {
                 Some(b) => (l.rps / b.rps, l.p99_ms - b.p99_ms),
             };
             println!(
-                "{:<10} {:<9} {:>9.0} {:>8.2} {:>8.2} {:>6.2}x {:>10.2} {:>8} {:>11.1} {:>11.1}",
+                "{:<10} {:<9} {:>9.0} {:>8.2} {:>8.2} {:>6.2}x {:>10.2} {:>8} {:>11.1} {:>11.1} \
+                 {:>9.1} {:>9.1}",
                 format!("json c={conc}"),
                 name,
                 l.rps,
@@ -1294,7 +1344,9 @@ fn shared_store(args: &Args) -> Result<()> {
                 added,
                 l.errors,
                 cpu,
-                others_cpu
+                others_cpu,
+                per_1k(calls),
+                per_1k(xacts)
             );
             base.get_or_insert(l);
         }

@@ -91,6 +91,12 @@ pub trait QuotaBackend: Send + Sync {
         charges: &'a [Charge<'a>],
         ask: Ask,
     ) -> BoxFuture<'a, Result<Box<dyn Reservation>, Refusal>>;
+
+    /// Gives back what this replica holds ahead of requests (the Redis backend's leased
+    /// shares) when it stops serving; the default holds nothing.
+    fn release(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// An admitted request's charges. Dropping it releases its concurrency slots; the token
@@ -134,6 +140,11 @@ impl Quotas {
                 )?)
             }
         })
+    }
+
+    /// Gives back what the backend holds ahead of requests (call once the server stopped).
+    pub async fn release(&self) {
+        self.backend.release().await;
     }
 
     /// Admits the request and charges it to its key and its tenant, or refuses it with a 429

@@ -25,6 +25,14 @@
 //!   third of the lease (`[quotas] redis_lease_secs`, default 30 s), all in one call; a replica
 //!   that dies stops renewing and its slots free themselves within one lease of its last
 //!   renewal. A reserve whose caller went away before the answer came is refunded at once.
+//! - **Local admission from leased shares** ([`Shares`]), far from the limit: a replica leases
+//!   a share of a subject's budget (requests and tokens of the minute, charged in Redis at
+//!   once, and a block of slots: one lease member `<share id>*<k>` whose k - 1 extra slots
+//!   are summed in `<slots set>:n`) and admits from it in memory, with no round trip. A share
+//!   lasts [`SHARE_PERIOD`]; its unused part goes back when it ends, runs dry, the limits
+//!   change or the replica shuts down, in the same call that leases the next. Since shares are
+//!   charged before use, the replicas together never admit more than N; near the limit the
+//!   script grants none and every request is an exact reserve (see the script's `share`).
 //! - **Failure posture** ([`OnBackendError`]): Redis unreachable → `deny` (503 with
 //!   `Retry-After`) or `local` (this replica's own counters, logged loudly). Never uncounted.
 
@@ -64,6 +72,9 @@ const MAX_RENEW: usize = 512;
 ///   charge saying what it holds (1: window charges, 2: a slot, 4: a stream slot; see
 ///   [`holds`]); 3n KEYS as for `R`. Corrects that second's buckets and the totals (when still
 ///   in the window) and frees the slots. Answers nothing.
+/// - `L`, instance, share id, then [`ShareAsk::args`]; KEYS: the subject's window hash and
+///   slots set, and [`REPLICAS_KEY`]. Returns the previous share's unused part, leases the
+///   next and resizes the block. Answers {requests, tokens, block slots, second charged}.
 const BATCH: &str = r#"
 local lease = tonumber(ARGV[1])
 local now_ms = tonumber(ARGV[2])
@@ -72,6 +83,7 @@ if now_ms == 0 then
   now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local sec = math.floor(now_ms / 1000)
+local FAR = 4
 local a, k = 3, 0
 local out = {}
 
@@ -116,12 +128,33 @@ local function retry(w, p, excess)
   return 60
 end
 
--- Whether the lease set holds `max` live leases. Leases that ran out (a replica died, a settle
--- was lost) are purged only when the set looks full: live ones leave by their settle.
-local function full(set, max)
-  if redis.call('ZCARD', set) < max then return false end
+-- Slots taken in a lease set: one per member, except a replica's block of k slots (member
+-- `<share id>*<k>`), whose k - 1 extra slots are summed in `<set>:n` (same expiry as the set).
+local function used(set)
+  local c = redis.call('ZCARD', set)
+  if c == 0 then return 0 end
+  return c + (tonumber(redis.call('GET', set .. ':n')) or 0)
+end
+
+-- Drops the leases that ran out (a replica died, a settle was lost), blocks with their extra.
+local function purge(set)
+  local gone = redis.call('ZRANGEBYSCORE', set, '-inf', now_ms)
+  if #gone == 0 then return end
+  local extra = 0
+  for _, m in ipairs(gone) do
+    local b = tonumber(string.match(m, '%*(%d+)$'))
+    if b then extra = extra + b - 1 end
+  end
   redis.call('ZREMRANGEBYSCORE', set, '-inf', now_ms)
-  return redis.call('ZCARD', set) >= max
+  if extra > 0 then redis.call('DECRBY', set .. ':n', int(extra)) end
+end
+
+-- Whether the lease set holds `max` live slots. Leases that ran out are purged only when the
+-- set looks full: live ones leave by their settle.
+local function full(set, max)
+  if used(set) < max then return false end
+  purge(set)
+  return used(set) >= max
 end
 
 local function reserve()
@@ -162,6 +195,7 @@ local function reserve()
     if conc >= 0 then
       redis.call('ZADD', slots, now_ms + lease, id)
       redis.call('PEXPIRE', slots, lease * 2)
+      redis.call('PEXPIRE', slots .. ':n', lease * 2)
     end
     if stream and smax >= 0 then
       redis.call('ZADD', streams, now_ms + lease, id)
@@ -196,11 +230,96 @@ local function settle()
   end
 end
 
+-- A replica's share of one subject: returns the unused part of its previous window share (to
+-- the second that share was charged in) and leases a new one, and resizes its block of slots.
+-- Shares are granted only far from the limit: at most 1 / (1 + FAR * replicas) of what is
+-- left, and none when less than FAR * replicas * `least` is left (the requests then take the
+-- exact path, one reserve each). Replicas: those that took a share in the last 5 s.
+local function share()
+  local inst, id, osec = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  local rreq, rtok = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  local wreq, wtok = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
+  local least, leastt = tonumber(ARGV[a + 7]), tonumber(ARGV[a + 8])
+  local oblock, keep, wblock = tonumber(ARGV[a + 9]), tonumber(ARGV[a + 10]), tonumber(ARGV[a + 11])
+  local rpm, tpm, conc = tonumber(ARGV[a + 12]), tonumber(ARGV[a + 13]), tonumber(ARGV[a + 14])
+  a = a + 15
+  local w, slots, reps = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+  k = k + 3
+  redis.call('ZADD', reps, now_ms, inst)
+  redis.call('ZREMRANGEBYSCORE', reps, '-inf', now_ms - 5000)
+  redis.call('PEXPIRE', reps, 60000)
+  local far = FAR * redis.call('ZCARD', reps)
+  if osec ~= '0' and (rreq ~= 0 or rtok ~= 0) and redis.call('HEXISTS', w, 'r:' .. osec) == 1 then
+    -- (Integers as strings: Redis refuses the "-0" a Lua number may print as.)
+    if rreq ~= 0 then
+      redis.call('HINCRBY', w, 'r:' .. osec, int(-rreq))
+      redis.call('HINCRBY', w, 'R', int(-rreq))
+    end
+    if rtok ~= 0 then
+      redis.call('HINCRBY', w, 't:' .. osec, int(-rtok))
+      redis.call('HINCRBY', w, 'T', int(-rtok))
+    end
+  end
+  local gr, gt = 0, 0
+  if wreq > 0 and (rpm >= 0 or tpm >= 0) then
+    local rs, ts, mv = advance(w)
+    gr, gt = wreq, wtok
+    if rpm >= 0 then
+      local left = rpm - rs
+      gr = left < far * least and 0 or math.min(gr, math.floor(left / (1 + far)))
+    end
+    if tpm >= 0 then
+      local left = tpm - ts
+      gt = left < far * leastt and 0 or math.min(gt, math.floor(left / (1 + far)))
+    end
+    if gr >= 1 and gt >= 1 then
+      redis.call('HINCRBY', w, 'r:' .. sec, int(gr))
+      redis.call('HINCRBY', w, 't:' .. sec, int(gt))
+      redis.call('HINCRBY', w, 'R', int(gr))
+      redis.call('HINCRBY', w, 'T', int(gt))
+      if mv then
+        redis.call('HSET', w, 'h', sec)
+        redis.call('PEXPIRE', w, 61000)
+      end
+    else
+      gr, gt = 0, 0
+    end
+  end
+  local block = 0
+  if conc >= 0 then
+    if oblock > 0 and redis.call('ZREM', slots, id .. '*' .. int(oblock)) == 1 and oblock > 1 then
+      redis.call('DECRBY', slots .. ':n', int(oblock - 1))
+    end
+    -- The slots of requests admitted from the block and still running are kept as they are.
+    local head = wblock - keep
+    if head > 0 then
+      local left = conc - used(slots) - keep
+      if left < far * head then
+        purge(slots)
+        left = conc - used(slots) - keep
+      end
+      head = left < far * least and 0 or math.min(head, math.floor(left / (1 + far)))
+    end
+    block = keep + math.max(head, 0)
+    if block > 0 then
+      if redis.call('ZCARD', slots) == 0 then redis.call('DEL', slots .. ':n') end
+      redis.call('ZADD', slots, now_ms + lease, id .. '*' .. int(block))
+      if block > 1 then redis.call('INCRBY', slots .. ':n', int(block - 1)) end
+      redis.call('PEXPIRE', slots, lease * 2)
+      redis.call('PEXPIRE', slots .. ':n', lease * 2)
+    end
+  end
+  return {gr, gt, block, sec}
+end
+
 while a <= #ARGV do
   local op = ARGV[a]
   a = a + 1
   if op == 'R' then
     local r = reserve()
+    for j = 1, 4 do out[#out + 1] = r[j] end
+  elseif op == 'L' then
+    local r = share()
     for j = 1, 4 do out[#out + 1] = r[j] end
   elseif op == 'S' then
     settle()
@@ -229,6 +348,7 @@ for j = 3, #ARGV, 2 do
     redis.call('ZADD', KEYS[k + i], 'XX', until_ms, id)
     -- The set outlives its longest lease: a slot held past two leases is not dropped with it.
     redis.call('PEXPIRE', KEYS[k + i], lease * 2)
+    redis.call('PEXPIRE', KEYS[k + i] .. ':n', lease * 2)
   end
   k = k + m
 end
@@ -264,6 +384,16 @@ enum Op {
         dtok: i64,
         /// See [`holds`].
         holds: String,
+    },
+    /// Returns a subject's share and leases the next ([`share`]).
+    Share {
+        /// Window hash, slots set, the replicas set.
+        keys: [String; 3],
+        instance: Arc<str>,
+        id: Arc<str>,
+        /// [`ShareAsk::args`].
+        args: [i64; 13],
+        reply: oneshot::Sender<Result<[i64; 4], Failure>>,
     },
 }
 
@@ -330,6 +460,439 @@ pub struct RedisQuotas {
     instance: String,
     on_error: OnBackendError,
     fallback: local::Local,
+    /// This replica's leased shares, by subject (`None`: every request takes the exact path).
+    shares: Option<Arc<Shares>>,
+    /// The background tasks (the tests stop them to play a replica that died).
+    #[cfg_attr(not(test), allow(dead_code))]
+    tasks: Vec<tokio::task::AbortHandle>,
+}
+
+/// How long a leased share is used before its unused part goes back (and the next is leased,
+/// sized by the use in this one).
+const SHARE_PERIOD: Duration = Duration::from_millis(500);
+/// How often the share keeper looks for shares that ended (it is also woken when one runs dry).
+const SHARE_TICK: Duration = Duration::from_millis(50);
+/// The smallest share asked for, in requests and in slots; the script grants none when less
+/// than `FAR * replicas` of these is left (see [`BATCH`]).
+const SHARE_LEAST: u64 = 8;
+/// The Redis set of the replicas taking shares (each scored by its last lease).
+const REPLICAS_KEY: &str = "moat:quota:replicas";
+
+/// The shares of one replica: per kind of subject, by id.
+struct Shares {
+    cells: Mutex<[HashMap<Arc<str>, Arc<Cell>>; 3]>,
+    ops: mpsc::UnboundedSender<Op>,
+    instance: Arc<str>,
+    wake: tokio::sync::Notify,
+    next: AtomicU64,
+    /// Requests admitted from a share (tests and the debug log).
+    local_admits: AtomicU64,
+}
+
+fn kind_index(k: SubjectKind) -> usize {
+    match k {
+        SubjectKind::Tenant => 0,
+        SubjectKind::Key => 1,
+        SubjectKind::User => 2,
+    }
+}
+
+/// One subject's share on this replica.
+struct Cell {
+    kind: SubjectKind,
+    subject: Arc<str>,
+    /// Window hash, slots set, streams set (as a reservation's keys, for settles).
+    keys: Arc<[String]>,
+    /// The block's member in the slots set is `<id>*<slots>`.
+    id: Arc<str>,
+    st: Mutex<CellState>,
+}
+
+struct CellState {
+    /// rpm, tpm, concurrent, streams (-1: none) the share was leased under; a request under
+    /// other limits (a reload) takes the exact path and ends the share.
+    limits: [i64; 4],
+    /// A lease call is under way: nothing is admitted locally until it answers.
+    pending: bool,
+    /// Returned for good (idle subject, or shutting down).
+    dead: bool,
+    /// Wants its next lease now (ran dry, or the limits changed).
+    due: bool,
+    /// Which window share requests were admitted from: a settle of an older one goes to Redis.
+    generation: u64,
+    /// The second the window share was charged in (0: none).
+    second: i64,
+    req_left: i64,
+    tok_left: i64,
+    /// Slots leased as a block, and how many of them requests admitted here hold.
+    block: u64,
+    in_flight: u64,
+    /// This share's use, to size the next.
+    started: std::time::Instant,
+    ends: std::time::Instant,
+    used_req: u64,
+    used_tok: u64,
+    peak: u64,
+    /// The tokens the last request asked for (the smallest token share worth having).
+    last_tokens: u64,
+}
+
+impl CellState {
+    fn window(&self) -> bool {
+        self.limits[0] >= 0 || self.limits[1] >= 0
+    }
+
+    fn slots(&self) -> bool {
+        self.limits[2] >= 0
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a share call asks, in the script's order after the instance and the share id.
+struct ShareAsk {
+    second: i64,
+    ret_req: i64,
+    ret_tok: i64,
+    want_req: i64,
+    want_tok: i64,
+    least_tok: i64,
+    block: i64,
+    keep: i64,
+    want_block: i64,
+    limits: [i64; 3],
+}
+
+impl ShareAsk {
+    fn args(&self) -> [i64; 13] {
+        [
+            self.second,
+            self.ret_req,
+            self.ret_tok,
+            self.want_req,
+            self.want_tok,
+            SHARE_LEAST as i64,
+            self.least_tok,
+            self.block,
+            self.keep,
+            self.want_block,
+            self.limits[0],
+            self.limits[1],
+            self.limits[2],
+        ]
+    }
+}
+
+fn sat(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
+}
+
+impl Shares {
+    /// Admits a request from the shares of all its subjects, or returns `None` (nothing
+    /// charged) when one of them has none, or not enough, or the request holds a stream slot
+    /// (those stay exact). A subject without a share gets one leased for the next requests.
+    fn admit(
+        self: &Arc<Self>,
+        charges: &[Charge<'_>],
+        limits: &[i64],
+        ask: Ask,
+        make: impl Fn(&Charge<'_>) -> (Arc<[String]>, Arc<str>),
+    ) -> Option<LocalHeld> {
+        let now = std::time::Instant::now();
+        let mut cells = Vec::with_capacity(charges.len());
+        {
+            let mut map = lock(&self.cells);
+            let mut created = false;
+            for (i, c) in charges.iter().enumerate() {
+                let l: [i64; 4] = limits[4 * i..4 * i + 4].try_into().ok()?;
+                let by_id = &mut map[kind_index(c.subject.kind)];
+                match by_id.get(c.subject.id) {
+                    Some(cell) => cells.push(cell.clone()),
+                    None => {
+                        let (keys, id) = make(c);
+                        let subject: Arc<str> = c.subject.id.into();
+                        let cell = Arc::new(Cell {
+                            kind: c.subject.kind,
+                            subject: subject.clone(),
+                            keys,
+                            id,
+                            st: Mutex::new(CellState {
+                                limits: l,
+                                pending: false,
+                                dead: false,
+                                due: true,
+                                generation: 0,
+                                second: 0,
+                                req_left: 0,
+                                tok_left: 0,
+                                block: 0,
+                                in_flight: 0,
+                                started: now,
+                                ends: now,
+                                // The request that asked counts as this share's use.
+                                used_req: 1,
+                                used_tok: ask.tokens,
+                                peak: 1,
+                                last_tokens: ask.tokens,
+                            }),
+                        });
+                        by_id.insert(subject, cell);
+                        created = true;
+                    }
+                }
+            }
+            if created {
+                self.wake.notify_one();
+                return None;
+            }
+        }
+        // Charges come key first, then tenant: the locks are always taken in that order.
+        let mut states: Vec<_> = cells.iter().map(|c| lock(&c.st)).collect();
+        let mut fits = true;
+        for (i, st) in states.iter_mut().enumerate() {
+            let l = &limits[4 * i..4 * i + 4];
+            if st.dead || (ask.stream && l[3] >= 0) {
+                fits = false;
+                continue;
+            }
+            st.last_tokens = ask.tokens;
+            if st.limits != l {
+                // A reload changed the limits: this share ends, the next is leased under them.
+                st.limits.copy_from_slice(l);
+                st.ends = now;
+            }
+            let ok = !st.pending
+                && now < st.ends
+                && (!st.window() || (st.req_left >= 1 && st.tok_left >= sat(ask.tokens)))
+                && (!st.slots() || st.in_flight < st.block);
+            if !ok {
+                fits = false;
+                if !st.pending {
+                    // Ended or ran dry: its unused part goes back ahead of this request's exact
+                    // reserve (the batcher keeps the order), so it cannot stand in its way.
+                    st.used_req += 1;
+                    self.lease(&cells[i], st, false, now);
+                }
+            }
+        }
+        if !fits {
+            return None;
+        }
+        let mut parts = Vec::with_capacity(states.len());
+        for (st, cell) in states.iter_mut().zip(&cells) {
+            st.used_req += 1;
+            if st.window() {
+                st.req_left -= 1;
+                st.tok_left -= sat(ask.tokens);
+                st.used_tok += ask.tokens;
+            }
+            if st.slots() {
+                st.in_flight += 1;
+                st.peak = st.peak.max(st.in_flight);
+            }
+            parts.push(Part {
+                cell: cell.clone(),
+                generation: st.generation,
+                second: st.second,
+                window: st.window(),
+                slot: st.slots(),
+            });
+        }
+        drop(states);
+        self.local_admits.fetch_add(1, Ordering::Relaxed);
+        Some(LocalHeld {
+            parts,
+            tokens: ask.tokens,
+            ops: self.ops.clone(),
+            settled: false,
+        })
+    }
+
+    /// Sends the next lease of every share that ended (or all of them, `closing`). Returns
+    /// what to wait for to see them answered.
+    fn renew(self: &Arc<Self>, closing: bool) -> Vec<oneshot::Receiver<()>> {
+        let now = std::time::Instant::now();
+        let cells: Vec<Arc<Cell>> = lock(&self.cells)
+            .iter()
+            .flat_map(|m| m.values().cloned())
+            .collect();
+        let mut waits = Vec::new();
+        for cell in cells {
+            let mut st = lock(&cell.st);
+            if st.pending || st.dead || !(closing || st.due || now >= st.ends) {
+                continue;
+            }
+            let (wait, end) = self.lease(&cell, &mut st, closing, now);
+            drop(st);
+            waits.push(wait);
+            if end {
+                let mut map = lock(&self.cells);
+                let by_id = &mut map[kind_index(cell.kind)];
+                if by_id
+                    .get(&cell.subject)
+                    .is_some_and(|c| Arc::ptr_eq(c, &cell))
+                {
+                    by_id.remove(&cell.subject);
+                }
+            }
+        }
+        waits
+    }
+
+    /// Ends `cell`'s share and asks for the next (in one call): the unused part goes back, the
+    /// next share is sized by this one's pace. A share that admitted nothing asks for nothing
+    /// but the slots still held; with none held (or `closing`) the subject's share is over
+    /// (`true`: the caller takes it out of the map). Nothing is admitted from the cell until
+    /// the answer is in place; requests take the exact path meanwhile.
+    fn lease(
+        self: &Arc<Self>,
+        cell: &Arc<Cell>,
+        st: &mut CellState,
+        closing: bool,
+        now: std::time::Instant,
+    ) -> (oneshot::Receiver<()>, bool) {
+        let quiet = closing || st.used_req == 0;
+        let end = closing || (quiet && st.in_flight == 0);
+        // Asks for 1.5 times this share's pace over a whole period.
+        let took = now
+            .duration_since(st.started)
+            .max(Duration::from_millis(10));
+        let pace = |used: u64| {
+            (used as f64 * 1.5 * SHARE_PERIOD.as_secs_f64() / took.as_secs_f64()).ceil() as u64
+        };
+        let least_tok = SHARE_LEAST * st.last_tokens.max(1);
+        let window = !quiet && st.window();
+        let ask = ShareAsk {
+            second: st.second,
+            ret_req: if st.second != 0 { st.req_left } else { 0 },
+            ret_tok: if st.second != 0 { st.tok_left } else { 0 },
+            want_req: if window {
+                sat(pace(st.used_req).max(SHARE_LEAST))
+            } else {
+                0
+            },
+            want_tok: if window {
+                sat(pace(st.used_tok).max(least_tok))
+            } else {
+                0
+            },
+            least_tok: sat(least_tok),
+            block: sat(st.block),
+            keep: sat(st.in_flight),
+            want_block: if quiet || !st.slots() {
+                sat(st.in_flight)
+            } else {
+                sat((st.in_flight + SHARE_LEAST).max(st.peak + st.peak / 2))
+            },
+            limits: [st.limits[0], st.limits[1], st.limits[2]],
+        };
+        st.pending = true;
+        st.generation += 1;
+        st.second = 0;
+        st.req_left = 0;
+        st.tok_left = 0;
+        st.dead = end;
+        let (reply, answer) = oneshot::channel();
+        let sent = self.ops.send(Op::Share {
+            keys: [
+                cell.keys[0].clone(),
+                cell.keys[1].clone(),
+                REPLICAS_KEY.to_owned(),
+            ],
+            instance: self.instance.clone(),
+            id: cell.id.clone(),
+            args: ask.args(),
+            reply,
+        });
+        let (done, wait) = oneshot::channel();
+        if sent.is_err() {
+            Self::install(st, Err(Failure::Unreachable));
+            let _ = done.send(());
+            return (wait, end);
+        }
+        let cell = cell.clone();
+        tokio::spawn(async move {
+            let answer = answer.await.unwrap_or(Err(Failure::Unreachable));
+            Self::install(&mut lock(&cell.st), answer);
+            let _ = done.send(());
+        });
+        (wait, end)
+    }
+
+    /// Puts a lease's answer in place: the new share, or none when Redis did not answer (the
+    /// old block may still stand there: it only over-counts until its lease ends).
+    fn install(st: &mut CellState, answer: Result<[i64; 4], Failure>) {
+        let now = std::time::Instant::now();
+        st.pending = false;
+        st.due = false;
+        st.started = now;
+        st.ends = now + SHARE_PERIOD;
+        st.used_req = 0;
+        st.used_tok = 0;
+        st.peak = st.in_flight;
+        match answer {
+            Ok([req, tok, block, second]) => {
+                if req > 0 {
+                    st.second = second;
+                    st.req_left = req;
+                    st.tok_left = tok;
+                }
+                st.block = block.max(0) as u64;
+            }
+            Err(_) => st.block = 0,
+        }
+    }
+}
+
+/// A request admitted from this replica's shares. Settling it corrects the share it came
+/// from (or, when that share has gone back already, the second it was charged in, through a
+/// settle to Redis) and frees its slot in the block.
+struct LocalHeld {
+    parts: Vec<Part>,
+    tokens: u64,
+    ops: mpsc::UnboundedSender<Op>,
+    settled: bool,
+}
+
+struct Part {
+    cell: Arc<Cell>,
+    generation: u64,
+    second: i64,
+    window: bool,
+    slot: bool,
+}
+
+impl LocalHeld {
+    fn settle(&mut self, dreq: i64, dtok: i64) {
+        if self.settled {
+            return;
+        }
+        self.settled = true;
+        for p in &self.parts {
+            let mut st = lock(&p.cell.st);
+            if p.slot {
+                st.in_flight = st.in_flight.saturating_sub(1);
+            }
+            if !p.window || dreq == 0 && dtok == 0 {
+                continue;
+            }
+            if st.generation == p.generation {
+                st.req_left -= dreq;
+                st.tok_left -= dtok;
+            } else {
+                let _ = self.ops.send(Op::Settle {
+                    id: p.cell.id.clone(),
+                    keys: p.cell.keys.clone(),
+                    second: p.second,
+                    dreq,
+                    dtok,
+                    holds: "1".to_owned(),
+                });
+            }
+        }
+    }
 }
 
 fn subject_prefix(c: &Charge<'_>) -> String {
@@ -354,7 +917,7 @@ impl RedisQuotas {
         on_error: OnBackendError,
         lease: Duration,
     ) -> anyhow::Result<Arc<Self>> {
-        Self::with_clock(url, password, on_error, lease, None)
+        Self::with_clock(url, password, on_error, lease, None, true)
     }
 
     /// As [`RedisQuotas::new`], with the scripts' time read from `clock` (ms) instead of
@@ -365,6 +928,7 @@ impl RedisQuotas {
         on_error: OnBackendError,
         lease: Duration,
         clock: Option<Arc<AtomicU64>>,
+        shares: bool,
     ) -> anyhow::Result<Arc<Self>> {
         let mut info = redis::IntoConnectionInfo::into_connection_info(url)?;
         if let Some(p) = password {
@@ -386,21 +950,40 @@ impl RedisQuotas {
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let live = Live::default();
-        tokio::spawn(batcher(
-            rx,
-            conn.clone(),
-            lease.as_millis() as u64,
-            link.clone(),
-            clock.clone(),
-        ));
-        tokio::spawn(renewer(Arc::downgrade(&live), conn, lease, clock));
+        let instance: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
+        let mut tasks = vec![
+            tokio::spawn(batcher(
+                rx,
+                conn.clone(),
+                lease.as_millis() as u64,
+                link.clone(),
+                clock.clone(),
+            ))
+            .abort_handle(),
+            tokio::spawn(renewer(Arc::downgrade(&live), conn, lease, clock)).abort_handle(),
+        ];
+        let shares = shares.then(|| {
+            Arc::new(Shares {
+                cells: Mutex::default(),
+                ops: tx.clone(),
+                instance: instance.as_str().into(),
+                wake: tokio::sync::Notify::new(),
+                next: AtomicU64::new(0),
+                local_admits: AtomicU64::new(0),
+            })
+        });
+        if let Some(s) = &shares {
+            tasks.push(tokio::spawn(share_keeper(Arc::downgrade(s))).abort_handle());
+        }
         Ok(Arc::new(Self {
             ops: tx,
             live,
             next_id: AtomicU64::new(0),
-            instance: rnd.iter().map(|b| format!("{b:02x}")).collect(),
+            instance,
             on_error,
             fallback: local::Local::default(),
+            shares,
+            tasks,
         }))
     }
 }
@@ -477,6 +1060,22 @@ async fn batcher(
                         .arg(&**id)
                         .arg(holds.as_str());
                 }
+                Op::Share {
+                    keys,
+                    instance,
+                    id,
+                    args,
+                    ..
+                } => {
+                    reserves += 1;
+                    for k in keys {
+                        inv.key(k);
+                    }
+                    inv.arg("L").arg(&**instance).arg(&**id);
+                    for v in args {
+                        inv.arg(*v);
+                    }
+                }
             }
         }
         let answer: Result<Vec<i64>, redis::RedisError> = inv.invoke_async(&mut conn).await;
@@ -534,6 +1133,16 @@ async fn batcher(
                     }
                 }
                 Op::Settle { .. } => lost_settles += u32::from(answers.is_none()),
+                Op::Share { reply, .. } => {
+                    let r = match &mut answers {
+                        None => Err(Failure::Unreachable),
+                        Some(a) => a
+                            .next()
+                            .map(|c| [c[0], c[1], c[2], c[3]])
+                            .ok_or(Failure::Unexpected),
+                    };
+                    let _ = reply.send(r);
+                }
             }
         }
         if lost_settles > 0 {
@@ -586,13 +1195,67 @@ async fn renewer(
     }
 }
 
+impl RedisQuotas {
+    /// Stops this replica's background tasks without giving anything back: a replica that
+    /// died, for the tests.
+    #[cfg(test)]
+    fn halt(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
 impl QuotaBackend for RedisQuotas {
+    fn release(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let Some(shares) = &self.shares else { return };
+            // Shares being renewed come back first, then go back with the rest.
+            for _ in 0..2 {
+                let waits = shares.renew(true);
+                let all = async {
+                    for w in waits {
+                        let _ = w.await;
+                    }
+                };
+                let _ = tokio::time::timeout(TIMEOUT * 2, all).await;
+            }
+        })
+    }
+
     fn reserve<'a>(
         &'a self,
         charges: &'a [Charge<'a>],
         ask: Ask,
     ) -> BoxFuture<'a, Result<Box<dyn Reservation>, Refusal>> {
         Box::pin(async move {
+            let limits: Vec<i64> = charges
+                .iter()
+                .flat_map(|c| {
+                    [
+                        limit(c.quota.requests_per_minute),
+                        limit(c.quota.tokens_per_minute),
+                        limit(c.quota.concurrent_requests),
+                        limit(c.quota.concurrent_streams),
+                    ]
+                })
+                .collect();
+            if let Some(shares) = &self.shares {
+                let local = shares.admit(charges, &limits, ask, |c| {
+                    let p = subject_prefix(c);
+                    let keys: Arc<[String]> = [
+                        format!("{p}:win"),
+                        format!("{p}:slots"),
+                        format!("{p}:streams"),
+                    ]
+                    .into();
+                    let n = shares.next.fetch_add(1, Ordering::Relaxed);
+                    (keys, format!("{}:s{n}", self.instance).into())
+                });
+                if let Some(held) = local {
+                    return Ok(Box::new(held) as Box<dyn Reservation>);
+                }
+            }
             let id: Arc<str> = format!(
                 "{}:{}",
                 self.instance,
@@ -607,17 +1270,6 @@ impl QuotaBackend for RedisQuotas {
                         format!("{p}:win"),
                         format!("{p}:slots"),
                         format!("{p}:streams"),
-                    ]
-                })
-                .collect();
-            let limits: Vec<i64> = charges
-                .iter()
-                .flat_map(|c| {
-                    [
-                        limit(c.quota.requests_per_minute),
-                        limit(c.quota.tokens_per_minute),
-                        limit(c.quota.concurrent_requests),
-                        limit(c.quota.concurrent_streams),
                     ]
                 })
                 .collect();
@@ -734,6 +1386,40 @@ impl Drop for Held {
     }
 }
 
+impl Reservation for LocalHeld {
+    fn reconcile(mut self: Box<Self>, used: u64) {
+        let d = sat(used) - sat(self.tokens);
+        self.settle(0, d);
+    }
+
+    fn refund(mut self: Box<Self>) {
+        let d = -sat(self.tokens);
+        self.settle(-1, d);
+    }
+}
+
+impl Drop for LocalHeld {
+    fn drop(&mut self) {
+        self.settle(0, 0);
+    }
+}
+
+/// Ends shares as they run out (every [`SHARE_TICK`], or at once when one runs dry); ends
+/// with the backend.
+async fn share_keeper(shares: std::sync::Weak<Shares>) {
+    loop {
+        let Some(s) = shares.upgrade() else { return };
+        s.renew(false);
+        let wake = async {
+            tokio::select! {
+                _ = s.wake.notified() => {}
+                _ = tokio::time::sleep(SHARE_TICK) => {}
+            }
+        };
+        wake.await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! Against a real `redis-server` of the test's own (installed by `cargo xtask setup`), with
@@ -806,18 +1492,50 @@ mod tests {
     }
 
     impl Fixture {
+        /// One replica that takes the exact path for every request.
         fn new() -> Fixture {
+            Self::with_shares(false)
+        }
+
+        fn with_shares(shares: bool) -> Fixture {
             let server = server();
             let clock = Arc::new(AtomicU64::new(1_000_000_500));
-            let q = RedisQuotas::with_clock(
-                &format!("redis://127.0.0.1:{}/", server.port),
-                None,
-                OnBackendError::Deny,
-                Duration::from_secs(30),
-                Some(clock.clone()),
-            )
-            .unwrap();
+            let q = replica_on(&server, &clock, shares);
             Fixture { server, clock, q }
+        }
+
+        /// Another replica on the same Redis and clock.
+        fn replica(&self, shares: bool) -> Arc<RedisQuotas> {
+            replica_on(&self.server, &self.clock, shares)
+        }
+
+        async fn count(&self, cmd: &str, key: &str) -> i64 {
+            redis::cmd(cmd)
+                .arg(key)
+                .query_async::<Option<i64>>(&mut self.conn().await)
+                .await
+                .unwrap()
+                .unwrap_or(0)
+        }
+
+        /// Slots taken for key `k` (members, plus the extra slots of blocks).
+        async fn slots(&self) -> i64 {
+            let members = self.count("ZCARD", "moat:quota:key:k:slots").await;
+            if members == 0 {
+                return 0;
+            }
+            members + self.count("GET", "moat:quota:key:k:slots:n").await
+        }
+
+        /// The members of key `k`'s slots set.
+        async fn slot_members(&self) -> Vec<String> {
+            redis::cmd("ZRANGE")
+                .arg("moat:quota:key:k:slots")
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut self.conn().await)
+                .await
+                .unwrap()
         }
 
         fn at_ms(&self, ms: u64) {
@@ -833,15 +1551,7 @@ mod tests {
         }
 
         async fn reserve(&self, quota: Quota, ask: Ask) -> Result<Box<dyn Reservation>, Refusal> {
-            let charges = [Charge {
-                subject: Subject {
-                    kind: SubjectKind::Key,
-                    id: "k",
-                },
-                quota,
-                who: "key",
-            }];
-            self.q.reserve(&charges, ask).await
+            reserve_on(&self.q, quota, ask).await
         }
 
         /// The window hash: its totals must equal the sum of its buckets.
@@ -874,6 +1584,41 @@ mod tests {
                 .and_then(|l| l.split(',').next()?.parse().ok())
                 .unwrap_or(0)
         }
+    }
+
+    fn replica_on(server: &Server, clock: &Arc<AtomicU64>, shares: bool) -> Arc<RedisQuotas> {
+        RedisQuotas::with_clock(
+            &format!("redis://127.0.0.1:{}/", server.port),
+            None,
+            OnBackendError::Deny,
+            Duration::from_secs(30),
+            Some(clock.clone()),
+            shares,
+        )
+        .unwrap()
+    }
+
+    /// A request of key `k` on replica `q`.
+    async fn reserve_on(
+        q: &RedisQuotas,
+        quota: Quota,
+        ask: Ask,
+    ) -> Result<Box<dyn Reservation>, Refusal> {
+        let charges = [Charge {
+            subject: Subject {
+                kind: SubjectKind::Key,
+                id: "k",
+            },
+            quota,
+            who: "key",
+        }];
+        q.reserve(&charges, ask).await
+    }
+
+    fn local_admits(q: &RedisQuotas) -> u64 {
+        q.shares
+            .as_ref()
+            .map_or(0, |s| s.local_admits.load(Ordering::Relaxed))
     }
 
     const ASK: Ask = Ask {
@@ -1046,6 +1791,7 @@ mod tests {
             OnBackendError::Deny,
             Duration::from_millis(900),
             Some(Arc::new(AtomicU64::new(7_000_000_000))),
+            false,
         )
         .unwrap();
         let charges = |n| {
@@ -1079,5 +1825,256 @@ mod tests {
         let r = f.reserve(rpm(10), ASK).await.err().unwrap();
         assert!(r.unavailable);
         assert_eq!(r.retry_after, RETRY_UNAVAILABLE);
+    }
+
+    /// Two replicas taking shares under concurrent load far beyond the limit: never more
+    /// than the limit is admitted, and the shares' unused parts go back (a share lasts
+    /// [`SHARE_PERIOD`]): the requests that go on get exactly the rest.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shares_never_over_admit_under_concurrency() {
+        let f = Fixture::with_shares(true);
+        let b = f.replica(true);
+        f.at_ms(8_000_000_000);
+        let q = Quota {
+            requests_per_minute: Some(2000),
+            concurrent_requests: Some(10_000),
+            ..Quota::default()
+        };
+        let total = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for i in 0..32 {
+            let r = if i % 2 == 0 { f.q.clone() } else { b.clone() };
+            let total = total.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..150 {
+                    if let Ok(h) = reserve_on(&r, q, ASK).await {
+                        let n = total.fetch_add(1, Ordering::Relaxed) + 1;
+                        assert!(n <= 2000, "{n} admitted");
+                        tokio::task::yield_now().await;
+                        h.reconcile(5);
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert!(
+            local_admits(&f.q) > 0 && local_admits(&b) > 0,
+            "both replicas admitted from shares: {} and {}",
+            local_admits(&f.q),
+            local_admits(&b)
+        );
+        // What is still out in shares comes back to whoever asks next.
+        let deadline = std::time::Instant::now() + SHARE_PERIOD * 8;
+        let mut n = 0;
+        while total.load(Ordering::Relaxed) < 2000 && std::time::Instant::now() < deadline {
+            let r = if n % 2 == 0 { &f.q } else { &b };
+            n += 1;
+            if reserve_on(r, q, ASK).await.is_ok() {
+                total.fetch_add(1, Ordering::Relaxed);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert_eq!(total.load(Ordering::Relaxed), 2000);
+        tokio::time::sleep(SHARE_PERIOD * 3).await;
+        for r in [&f.q, &b, &f.q, &b] {
+            assert!(reserve_on(r, q, ASK).await.is_err(), "over the limit");
+        }
+        assert_eq!(f.window().await.0, 2000);
+        tokio::time::sleep(SHARE_PERIOD * 3).await;
+        assert_eq!(
+            f.slots().await,
+            0,
+            "{:?} live {:?} {:?}",
+            f.slot_members().await,
+            lock_live(&f.q.live).keys().collect::<Vec<_>>(),
+            lock_live(&b.live).keys().collect::<Vec<_>>()
+        );
+    }
+
+    /// A share is charged in Redis when leased; what it did not admit goes back when it ends,
+    /// and a subject left idle keeps nothing (its block of slots goes back too).
+    #[tokio::test]
+    async fn unused_shares_are_returned() {
+        let f = Fixture::with_shares(true);
+        f.at_ms(9_000_000_000);
+        let q = Quota {
+            requests_per_minute: Some(100_000),
+            concurrent_requests: Some(1000),
+            ..Quota::default()
+        };
+        let mut admitted = 0;
+        while local_admits(&f.q) == 0 {
+            f.reserve(q, ASK).await.unwrap().reconcile(10);
+            admitted += 1;
+            assert!(admitted < 1000, "no share was ever leased");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let held = f.reserve(q, ASK).await.unwrap();
+        admitted += 1;
+        let (r, _, _) = f.window().await;
+        assert!(
+            r > admitted,
+            "the share is charged ahead: {r} for {admitted}"
+        );
+        let members = f.slot_members().await;
+        assert!(
+            members.iter().any(|m| m.contains('*')),
+            "a block of slots: {members:?}"
+        );
+        assert!(f.slots().await > 1);
+        // The request still running keeps its slot while the rest goes back.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while f.window().await.0 != admitted || f.slots().await != 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not returned: {:?}, {} slots",
+                f.window().await,
+                f.slots().await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(held);
+        while f.slots().await != 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?}",
+                f.slot_members().await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(f.window().await.0, admitted);
+    }
+
+    /// Shutting down gives every share back at once, without waiting for it to end.
+    #[tokio::test]
+    async fn release_returns_the_shares() {
+        let f = Fixture::with_shares(true);
+        f.at_ms(13_000_000_000);
+        let q = Quota {
+            requests_per_minute: Some(100_000),
+            concurrent_requests: Some(1000),
+            ..Quota::default()
+        };
+        let mut admitted = 0;
+        while local_admits(&f.q) < 3 {
+            f.reserve(q, ASK).await.unwrap().reconcile(10);
+            admitted += 1;
+            assert!(admitted < 1000, "no share was ever leased");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(f.window().await.0 > admitted);
+        let started = std::time::Instant::now();
+        f.q.release().await;
+        assert!(started.elapsed() < SHARE_PERIOD, "{:?}", started.elapsed());
+        // The returns went in the last call; one more (exact) reserve after them sees them.
+        let exact = f.replica(false);
+        let _held = reserve_on(&exact, q, ASK).await.unwrap();
+        assert_eq!(f.window().await.0, admitted + 1);
+        // Only that reserve's slot is taken: the block went back.
+        assert_eq!(f.slots().await, 1, "{:?}", f.slot_members().await);
+    }
+
+    /// Near the limit no share is leased: every request takes the exact path, and one replica
+    /// sending one request after another gets exactly the limit.
+    #[tokio::test]
+    async fn near_the_limit_the_exact_path_is_used() {
+        let f = Fixture::with_shares(true);
+        f.at_ms(10_000_000_000);
+        // Less than FAR * SHARE_LEAST (32 for one replica) left from the start: never a share.
+        let mut admitted = 0;
+        for _ in 0..40 {
+            admitted += u32::from(f.reserve(rpm(30), ASK).await.is_ok());
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert_eq!((admitted, local_admits(&f.q)), (30, 0));
+        // Far from the limit shares are used; the last 25 or more are exact.
+        f.at_ms(20_000_000_000);
+        let mut admitted = 0;
+        for _ in 0..260 {
+            admitted += u32::from(f.reserve(rpm(200), ASK).await.is_ok());
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let local = local_admits(&f.q);
+        assert_eq!(admitted, 200);
+        assert!((1..=175).contains(&local), "{local} admitted from shares");
+        tokio::time::sleep(SHARE_PERIOD * 3).await;
+        assert_eq!(f.window().await.0, 200);
+    }
+
+    /// Tokens from a share are reserved, then reconciled within the share: the window ends up
+    /// holding exactly what the requests used, and never more than the limit.
+    #[tokio::test]
+    async fn token_shares_reconcile_exactly() {
+        let f = Fixture::with_shares(true);
+        f.at_ms(12_000_000_000);
+        let q = Quota {
+            tokens_per_minute: Some(10_000),
+            ..Quota::default()
+        };
+        let (mut admitted, mut refused) = (0u64, 0);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while refused < 20 {
+            assert!(std::time::Instant::now() < deadline, "{admitted} admitted");
+            match f.reserve(q, ASK).await {
+                Ok(h) => {
+                    h.reconcile(4);
+                    admitted += 1;
+                    refused = 0;
+                }
+                Err(_) => refused += 1,
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(local_admits(&f.q) > 0);
+        tokio::time::sleep(SHARE_PERIOD * 3).await;
+        let (_, t, _) = f.window().await;
+        assert_eq!(t, 4 * admitted as i64);
+        assert!((9_984..=10_000).contains(&t), "{t} tokens");
+    }
+
+    /// A replica that dies keeps its block of slots only until the block's lease runs out.
+    #[tokio::test]
+    async fn a_dead_replicas_share_expires() {
+        let f = Fixture::with_shares(true);
+        f.at_ms(11_000_000_000);
+        let q = Quota {
+            concurrent_requests: Some(100),
+            ..Quota::default()
+        };
+        let _running = f.reserve(q, ASK).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let block = loop {
+            let block = f
+                .slot_members()
+                .await
+                .iter()
+                .find_map(|m| m.split_once('*').and_then(|(_, n)| n.parse::<i64>().ok()));
+            if let Some(b) = block {
+                break b;
+            }
+            assert!(std::time::Instant::now() < deadline, "no block leased");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(block >= 1);
+        assert_eq!(f.slots().await, 1 + block);
+        // Replica A stops: no return, no renewal.
+        f.q.halt();
+        // B's leases end 20 s after A's.
+        f.at_ms(11_000_000_000 + 20_000);
+        let b = f.replica(false);
+        let mut held = Vec::new();
+        while let Ok(h) = reserve_on(&b, q, ASK).await {
+            held.push(h);
+        }
+        assert_eq!(held.len() as i64, 100 - 1 - block);
+        // A's leases (its running request's and its block's) run out.
+        f.at_ms(11_000_000_000 + 30_001);
+        while let Ok(h) = reserve_on(&b, q, ASK).await {
+            held.push(h);
+        }
+        assert_eq!(held.len(), 100);
     }
 }
