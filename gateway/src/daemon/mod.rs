@@ -5,6 +5,7 @@
 
 pub mod control;
 pub mod inference_host;
+pub mod listen;
 pub mod privdrop;
 pub mod seccomp;
 pub mod serve;

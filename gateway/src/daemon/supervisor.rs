@@ -43,8 +43,8 @@ use crate::{
         self, ENV_ADMIN_FD, ENV_AUDIT_FD, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SUPERVISOR_PID,
         FromWorker, ToWorker,
     },
-    daemon::inference_host,
     daemon::privdrop::{DropPlan, ServiceUser, prepare_data_dir},
+    daemon::{inference_host, listen},
     segment::{Enforcer, GatewayIdentity, Pins, Policy, inference::Guard},
 };
 
@@ -96,8 +96,11 @@ pub fn run(config: Config) -> Result<()> {
         }
     };
     let listen = config.server().listen;
-    let listener = std::net::TcpListener::bind(listen)
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    // One listener per core the worker serves on (see `worker`), bound here as root so ports
+    // below 1024 work.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let listeners =
+        listen::bind_group(listen, cores).with_context(|| format!("cannot listen on {listen}"))?;
     // The admin plane gets its own listener, bound here like the data plane's.
     let admin = config
         .admin()
@@ -106,7 +109,7 @@ pub fn run(config: Config) -> Result<()> {
             std::net::TcpListener::bind(a).with_context(|| format!("cannot listen on {a} (admin)"))
         })
         .transpose()?;
-    info!(listen = %listener.local_addr()?, user = %user.name, "supervisor ready; starting the worker");
+    info!(listen = %listeners[0].local_addr()?, sockets = listeners.len(), user = %user.name, "supervisor ready; starting the worker");
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -135,7 +138,7 @@ pub fn run(config: Config) -> Result<()> {
             gateway,
             enforcer,
             event_logger,
-            listener,
+            listeners,
             admin,
             audit_out,
         }
@@ -165,7 +168,8 @@ struct Supervisor {
     event_logger: Option<tokio::task::JoinHandle<()>>,
     /// The inference guard, when this host also serves models (`[segmentation.inference]`).
     guard: Option<Guard>,
-    listener: std::net::TcpListener,
+    /// The data plane's listeners, one per serving thread of the worker.
+    listeners: Vec<std::net::TcpListener>,
     admin: Option<std::net::TcpListener>,
     /// The worker's end of the audit socket (each worker inherits it).
     audit_out: std::os::unix::net::UnixDatagram,
@@ -266,11 +270,8 @@ impl Supervisor {
 
     async fn spawn_worker(&self) -> Result<Worker> {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
-        let mut inherit = vec![
-            self.listener.as_raw_fd(),
-            theirs.as_raw_fd(),
-            self.audit_out.as_raw_fd(),
-        ];
+        let mut inherit = vec![theirs.as_raw_fd(), self.audit_out.as_raw_fd()];
+        inherit.extend(self.listeners.iter().map(|l| l.as_raw_fd()));
         inherit.extend(self.admin.as_ref().map(|a| a.as_raw_fd()));
         let cgroup = self.cgroup.as_ref().map(|c| c.path.as_path());
         let plan = DropPlan::new(cgroup, self.user.clone(), inherit)?;
@@ -283,7 +284,7 @@ impl Supervisor {
         let mut cmd = Command::new(format!("/proc/self/fd/{}", exe.as_raw_fd()));
         cmd.arg("worker")
             .env_clear()
-            .env(ENV_LISTEN_FD, self.listener.as_raw_fd().to_string())
+            .env(ENV_LISTEN_FD, listen::encode(&self.listeners))
             .env(ENV_CONTROL_FD, theirs.as_raw_fd().to_string())
             .env(ENV_SUPERVISOR_PID, std::process::id().to_string())
             .env(ENV_AUDIT_FD, self.audit_out.as_raw_fd().to_string())

@@ -5,6 +5,14 @@
 //!
 //! Its first acts, before it serves anything: follow the supervisor's death, become
 //! non-dumpable, install the seccomp filter (`privdrop`, `seccomp`).
+//!
+//! Threads: the data plane is served by one single-threaded tokio runtime per core, each
+//! accepting on its own socket of a reuse-port group and keeping its own upstream connections
+//! (`proxy::client::Clients`), so that a request, its upstream connection and every frame of
+//! its answer stay on one thread (no work stealing, no cross-thread wake-up per frame). The
+//! main runtime keeps the rest: the control channel (reloads), the admin plane, health checks,
+//! the identity store's upkeep, signals. The config in force is one `ArcSwap` all threads
+//! read, so a reload reaches every thread at once.
 
 use std::{
     convert::Infallible,
@@ -31,7 +39,7 @@ use crate::{
         self, ENV_ADMIN_FD, ENV_AUDIT_FD, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SUPERVISOR_PID,
         FromWorker, ToWorker,
     },
-    daemon::{privdrop, seccomp},
+    daemon::{listen, privdrop, seccomp},
     dataplane::app,
     dataplane::proxy,
     dataplane::quota::Quotas,
@@ -98,11 +106,25 @@ pub fn run() -> Result<()> {
     // system calls it has no use for kill it (see `seccomp`).
     privdrop::make_undumpable()?;
     seccomp::install()?;
+    let listen_fds = std::env::var(ENV_LISTEN_FD)
+        .ok()
+        .map(|v| listen::decode(&v))
+        .transpose()?
+        .with_context(|| {
+            format!("{ENV_LISTEN_FD} is not set: `moat worker` is started by `moat serve`")
+        })?;
     // SAFETY: the supervisor passed these descriptors to this process for it alone.
-    let listener = std::net::TcpListener::from(unsafe { OwnedFd::from_raw_fd(fd(ENV_LISTEN_FD)?) });
+    let listeners: Vec<std::net::TcpListener> = listen_fds
+        .into_iter()
+        .map(|f| std::net::TcpListener::from(unsafe { OwnedFd::from_raw_fd(f) }))
+        .collect();
+    // One serving thread per listener (the supervisor bound one per core).
+    let threads = listeners.len();
     let control =
         std::os::unix::net::UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd(ENV_CONTROL_FD)?) });
-    listener.set_nonblocking(true)?;
+    for l in &listeners {
+        l.set_nonblocking(true)?;
+    }
     control.set_nonblocking(true)?;
     // SAFETY: as above.
     crate::audit::sink::install_datagram(std::os::unix::net::UnixDatagram::from(unsafe {
@@ -118,7 +140,10 @@ pub fn run() -> Result<()> {
     if let Some(a) = &admin {
         a.set_nonblocking(true)?;
     }
+    // Every pool gets a client per serving thread (built with the configs below).
+    proxy::client::set_serving_threads(threads);
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()?;
     runtime.block_on(async {
@@ -148,11 +173,21 @@ pub fn run() -> Result<()> {
         };
         let _upkeep = shared.identity.spawn_upkeep();
         let current = Arc::new(ArcSwap::from_pointee(serving));
-        let listener = TcpListener::from_std(listener)?;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut servers = Vec::with_capacity(threads);
+        let listen = listeners[0].local_addr()?;
+        for (i, listener) in listeners.into_iter().enumerate() {
+            servers.push(serving_thread(
+                i,
+                listener,
+                current.clone(),
+                stopped.clone(),
+            )?);
+        }
         write
             .write_all(control::encode(&FromWorker::Applied).as_bytes())
             .await?;
-        info!(pid = std::process::id(), listen = %listener.local_addr()?, "data plane listening");
+        info!(pid = std::process::id(), %listen, threads, "data plane listening");
         if let Some(a) = admin {
             let a = TcpListener::from_std(a)?;
             info!(listen = %a.local_addr()?, "admin plane listening");
@@ -199,11 +234,61 @@ pub fn run() -> Result<()> {
                 }
             }
         };
-        let quotas = shared_quotas;
-        let served = serve(listener, current, supervisor_gone).await;
-        quotas.release().await;
-        served
+        shutdown(supervisor_gone).await;
+        let _ = stop.send(true);
+        // Each thread finishes its open requests (graceful shutdown), then ends.
+        tokio::task::spawn_blocking(move || {
+            for s in servers {
+                match s.join() {
+                    Ok(Err(e)) => error!(error = %format!("{e:#}"), "a serving thread failed"),
+                    Err(_) => error!("a serving thread panicked"),
+                    Ok(Ok(())) => {}
+                }
+            }
+        })
+        .await?;
+        // Leased quota shares go back once no request can use them any more.
+        shared_quotas.release().await;
+        info!("stopped");
+        Ok(())
     })
+}
+
+/// Serving thread `i`: its own single-threaded runtime accepting on `listener` (its own socket
+/// of the reuse-port group, `daemon::listen`) until `stop` turns true.
+fn serving_thread(
+    i: usize,
+    listener: std::net::TcpListener,
+    current: Arc<ArcSwap<Serving>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<std::thread::JoinHandle<Result<()>>> {
+    let thread = std::thread::Builder::new()
+        .name(format!("moat-serve-{i}"))
+        .spawn(move || {
+            proxy::client::enter_serving_thread(i);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let listener = TcpListener::from_std(listener)?;
+                let until = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                serve(listener, current, until).await
+            })
+        })?;
+    Ok(thread)
+}
+
+/// Resolves at SIGTERM or SIGINT, or when `until` does.
+async fn shutdown(until: impl Future<Output = ()>) {
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+        _ = until => info!("supervisor gone; stopping"),
+    }
 }
 
 /// Reads up to the next config message: `None` at end of stream, `Some(Err)` for a config the
@@ -231,7 +316,8 @@ async fn next_config(
     }
 }
 
-/// Serves `current` (swappable) until SIGTERM/SIGINT or until `until` completes.
+/// Serves `current` (swappable) on `listener` until `until` completes, then lets the open
+/// requests finish.
 pub async fn serve(
     listener: TcpListener,
     current: Arc<ArcSwap<Serving>>,
@@ -255,17 +341,8 @@ pub async fn serve(
         listener,
         front.into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
-    .with_graceful_shutdown(async move {
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-            _ = until => info!("supervisor gone; stopping"),
-        }
-    })
+    .with_graceful_shutdown(until)
     .await?;
-    info!("stopped");
     Ok(())
 }
 
@@ -312,8 +389,9 @@ pub async fn serve_standalone(config: Config) -> Result<()> {
             });
         }
     });
-    let served = serve(listener, current, std::future::pending()).await;
+    let served = serve(listener, current, shutdown(std::future::pending())).await;
     quotas.release().await;
+    info!("stopped");
     crate::audit::stop_daemon();
     served
 }

@@ -1,7 +1,8 @@
 //! The request id: 128 random bits, made by the gateway for every request (a client-sent
 //! `X-Request-Id` is not trusted, so ids stay unique and unforgeable in logs). It goes back on
 //! every response, upstream with the request, and into a tracing span that every log line of
-//! the request is written under, including lines written while a stream is being relayed.
+//! the request is written under, including lines written while a stream is being relayed. The
+//! request's access-log line (`logging::access`) names it and the host that answered.
 
 use std::{sync::Arc, time::Instant};
 
@@ -11,7 +12,9 @@ use axum::{
     middleware::Next,
     response::Response,
 };
-use tracing::{Instrument, info, info_span};
+use tracing::{Instrument, info_span};
+
+use crate::{dataplane::proxy::ServedBy, logging};
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -20,10 +23,7 @@ pub struct RequestId(Arc<str>);
 
 impl RequestId {
     pub fn generate() -> Self {
-        let mut raw = [0u8; 16];
-        // The OS CSPRNG does not fail on Linux once booted; a fixed id would still be unique
-        // enough to never be mistaken for a secret.
-        let _ = getrandom::fill(&mut raw);
+        let raw = random_16();
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut id = [0u8; 4 + 32];
         id[..4].copy_from_slice(b"req_");
@@ -43,16 +43,35 @@ impl RequestId {
     }
 }
 
+/// 16 bytes from the OS CSPRNG, drawn 4 KiB at a time per thread: one `getrandom(2)` per
+/// 256 requests instead of one per request. (The worker is started by `exec`, never forked
+/// after drawing, so no two processes share a buffer.)
+fn random_16() -> [u8; 16] {
+    use std::cell::RefCell;
+    thread_local! {
+        static POOL: RefCell<([u8; 4096], usize)> = const { RefCell::new(([0; 4096], 4096)) };
+    }
+    POOL.with_borrow_mut(|(bytes, used)| {
+        if *used == bytes.len() {
+            // The OS CSPRNG does not fail on Linux once booted; were it to, the ids would
+            // repeat but never be mistaken for a secret.
+            let _ = getrandom::fill(bytes);
+            *used = 0;
+        }
+        let mut raw = [0u8; 16];
+        raw.copy_from_slice(&bytes[*used..*used + 16]);
+        // Each id's bytes are used once.
+        bytes[*used..*used + 16].fill(0);
+        *used += 16;
+        raw
+    })
+}
+
 /// Outermost middleware: id, span, response header, one access-log line.
 pub async fn layer(mut req: Request, next: Next) -> Response {
     let id = RequestId::generate();
     req.extensions_mut().insert(id.clone());
-    // `upstream` is filled in by the proxy with the host that served the request.
-    let span = info_span!(
-        "request",
-        request_id = %id.as_str(),
-        upstream = tracing::field::Empty
-    );
+    let span = info_span!("request", request_id = %id.as_str());
     let method = req.method().clone();
     // The route pattern, never the raw path or query: those are client-chosen text.
     let route = req
@@ -66,14 +85,16 @@ pub async fn layer(mut req: Request, next: Next) -> Response {
     let mut resp = next.run(req).instrument(span.clone()).await;
     crate::metrics::gateway::METRICS.request(&route, model.get(), resp.status().as_u16());
     resp.headers_mut().insert(REQUEST_ID, id.header_value());
-    span.in_scope(|| {
-        info!(
-            method = %method,
-            route = %route,
-            status = resp.status().as_u16(),
-            ms = started.elapsed().as_millis() as u64,
-            "request"
-        )
+    logging::access(&logging::Access {
+        request_id: id.as_str(),
+        upstream: resp
+            .extensions()
+            .get::<ServedBy>()
+            .map(|s| s.0.name.as_str()),
+        method: method.as_str(),
+        route: &route,
+        status: resp.status().as_u16(),
+        ms: started.elapsed().as_millis() as u64,
     });
     resp
 }
@@ -89,5 +110,10 @@ mod tests {
         assert_ne!(a.as_str(), b.as_str());
         assert_eq!(a.as_str().len(), 4 + 32);
         assert!(a.as_str()[4..].bytes().all(|c| c.is_ascii_hexdigit()));
+        // Across several refills of the thread's pool of random bytes.
+        let ids: std::collections::HashSet<_> = (0..1_000)
+            .map(|_| RequestId::generate().as_str().to_owned())
+            .collect();
+        assert_eq!(ids.len(), 1_000);
     }
 }

@@ -2,13 +2,22 @@
 //! rustls for `tls = true` pools (with the pool's client certificate for mutual TLS), and a resolver that only knows the addresses the config
 //! resolved at load time — the gateway needs no DNS at run time, and a host name that is not a
 //! pool host cannot be reached through it.
+//!
+//! One client (one connection pool) per serving thread ([`Clients`]): the worker serves on one
+//! single-threaded runtime per core (`daemon::worker`), and a connection is driven by the
+//! runtime that opened it, so a request that only uses its own thread's pool never hands a
+//! body frame to another thread.
 
 use std::{
+    cell::Cell,
     collections::HashMap,
     future::{Ready, ready},
     io,
     net::SocketAddr,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -27,6 +36,34 @@ use hyper_util::{
 use crate::config::{ClientCert, Pool};
 
 pub type HttpClient = Client<HttpsConnector<HttpConnector<StaticResolver>>, Full<Bytes>>;
+
+/// A pool's clients: slot 0 for threads that do not serve (health checks, the admin plane, a
+/// process on one runtime), then one per serving thread.
+pub struct Clients(Vec<HttpClient>);
+
+impl Clients {
+    /// The calling thread's client.
+    pub fn get(&self) -> &HttpClient {
+        &self.0[SLOT.with(Cell::get) % self.0.len()]
+    }
+}
+
+/// Client slots per pool: 1 + the serving threads.
+static SLOTS: AtomicUsize = AtomicUsize::new(1);
+
+thread_local! {
+    static SLOT: Cell<usize> = const { Cell::new(0) };
+}
+
+/// A process serving on `n` threads says so once, before any pool is built.
+pub fn set_serving_threads(n: usize) {
+    SLOTS.store(n + 1, Ordering::Relaxed);
+}
+
+/// Serving thread `i` (from 0) says so before it serves.
+pub fn enter_serving_thread(i: usize) {
+    SLOT.with(|s| s.set(i + 1));
+}
 
 /// Resolves only the pool's own host names, to the addresses found when the config loaded.
 #[derive(Clone)]
@@ -59,7 +96,7 @@ pub fn host_part(entry: &str) -> &str {
         .unwrap_or(host)
 }
 
-pub fn build(pool: &Pool) -> anyhow::Result<HttpClient> {
+pub fn build(pool: &Pool) -> anyhow::Result<Clients> {
     let names = pool
         .hosts
         .iter()
@@ -94,11 +131,16 @@ pub fn build(pool: &Pool) -> anyhow::Result<HttpClient> {
         .enable_http1()
         .wrap_connector(http);
 
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build(https))
+    let clients = (0..SLOTS.load(Ordering::Relaxed))
+        .map(|_| {
+            Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .pool_idle_timeout(Duration::from_secs(60))
+                .build(https.clone())
+        })
+        .collect();
+    Ok(Clients(clients))
 }
 
 /// An expired client certificate is not refused at load (the model server judges it, by its

@@ -71,6 +71,7 @@ async fn probe(upstream: &Upstream, host: usize) -> Result<(), String> {
     let check = async {
         let resp = upstream
             .client
+            .get()
             .request(req)
             .await
             // The whole chain: a TLS refusal (the host does not accept the gateway's client

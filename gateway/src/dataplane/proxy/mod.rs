@@ -41,7 +41,7 @@ pub use body::ProxyBody;
 
 /// One pool's way out: its client and the settings of its requests.
 pub struct Upstream {
-    client: client::HttpClient,
+    client: client::Clients,
     scheme: &'static str,
     /// `host:port` as written, by host index.
     authorities: Vec<String>,
@@ -137,7 +137,7 @@ async fn dispatch(
         let host = lease.host().clone();
         tried.push(host.index);
         let req = upstream.request(host.index, out)?;
-        match tokio::time::timeout(upstream.first_byte, upstream.client.request(req)).await {
+        match tokio::time::timeout(upstream.first_byte, upstream.client.get().request(req)).await {
             Err(_) => {
                 lease.failure();
                 warn!(host = %host.name, attempt, "upstream sent no response in time");
@@ -163,7 +163,6 @@ async fn dispatch(
             Ok(Ok(resp)) => {
                 let status = resp.status();
                 debug!(host = %host.name, attempt, status = status.as_u16(), "upstream answered");
-                tracing::Span::current().record("upstream", host.name.as_str());
                 if status.is_server_error() {
                     lease.failure();
                     return Err(ApiError::bad_gateway(format!(
@@ -183,6 +182,7 @@ async fn dispatch(
                 let mut resp = Response::new(Body::new(body));
                 *resp.status_mut() = status;
                 *resp.headers_mut() = headers::downstream(&parts.headers, sse);
+                resp.extensions_mut().insert(ServedBy(host));
                 return Ok(resp);
             }
         }
@@ -195,6 +195,10 @@ async fn dispatch(
         Err(ApiError::bad_gateway("no inference host could be reached"))
     }
 }
+
+/// On an answer relayed from an inference host: which one (for the access log).
+#[derive(Clone)]
+pub struct ServedBy(pub Arc<route::Host>);
 
 /// An error and its sources, `: `-joined.
 pub(super) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

@@ -487,6 +487,10 @@ struct Shares {
     next: AtomicU64,
     /// Requests admitted from a share (tests and the debug log).
     local_admits: AtomicU64,
+    /// The runtime that built the backend: a lease's answer is put in place there, not on
+    /// the serving thread that asked (which may stop first, at shutdown, and leave the share
+    /// pending for good).
+    runtime: tokio::runtime::Handle,
 }
 
 fn kind_index(k: SubjectKind) -> usize {
@@ -813,7 +817,7 @@ impl Shares {
             return (wait, end);
         }
         let cell = cell.clone();
-        tokio::spawn(async move {
+        self.runtime.spawn(async move {
             let answer = answer.await.unwrap_or(Err(Failure::Unreachable));
             Self::install(&mut lock(&cell.st), answer);
             let _ = done.send(());
@@ -970,6 +974,7 @@ impl RedisQuotas {
                 wake: tokio::sync::Notify::new(),
                 next: AtomicU64::new(0),
                 local_admits: AtomicU64::new(0),
+                runtime: tokio::runtime::Handle::current(),
             })
         });
         if let Some(s) = &shares {
