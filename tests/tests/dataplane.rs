@@ -190,7 +190,9 @@ async fn streamed_and_plain_answers_pass_through_intact() {
     assert_eq!(emb["data"][1]["embedding"].as_array().unwrap().len(), 8);
 
     // Nothing of the prompt, the answer or any credential in the gateway's log, and every
-    // request line carries its id.
+    // request line carries its id. The log writer batches lines: the last request's line is
+    // waited for.
+    moat.wait_log("/v1/embeddings");
     let logs = moat.log();
     let key_secret = &moat.key()[moat.key().len() - 20..];
     for secret in ["secretword", POOL_KEY, key_secret, "s3"] {
@@ -247,6 +249,7 @@ async fn a_killed_host_fails_over_without_losing_a_request() {
         assert_eq!(status, 200, "request {i} after the kill: {body}");
     }
     assert_eq!(b.requests().await - before, 20, "every request served once");
+    moat.wait_log("upstream host ejected");
     let logs = moat.log();
     let refused = logs
         .matches("upstream connect failed; nothing sent")

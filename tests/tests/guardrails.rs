@@ -471,6 +471,7 @@ async fn guardrails_end_to_end() {
         assert!(!text.contains(never), "the audit trail carries {never:?}");
     }
     // The log names rules, never the text.
+    d.wait_log("override.ignore_previous");
     let log = d.log();
     assert!(log.contains("override.ignore_previous"));
     for never in [attack, JWT, moat_key.as_str(), "sneaky", "moat-canary-"] {
