@@ -868,7 +868,11 @@ struct Part {
     slot: bool,
 }
 
-impl LocalHeld {
+impl Settle for LocalHeld {
+    fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
     fn settle(&mut self, dreq: i64, dtok: i64) {
         if self.settled {
             return;
@@ -1258,7 +1262,7 @@ impl QuotaBackend for RedisQuotas {
                     (keys, format!("{}:s{n}", self.instance).into())
                 });
                 if let Some(held) = local {
-                    return Ok(Box::new(held) as Box<dyn Reservation>);
+                    return Ok(Box::new(Settles(held)) as Box<dyn Reservation>);
                 }
             }
             let id: Arc<str> = format!(
@@ -1296,7 +1300,7 @@ impl QuotaBackend for RedisQuotas {
             match answer {
                 Ok([1, sec, ..]) => {
                     lock_live(&self.live).insert(id.clone(), keys.clone());
-                    Ok(Box::new(Held {
+                    Ok(Box::new(Settles(Held {
                         id,
                         keys,
                         second: sec,
@@ -1305,7 +1309,7 @@ impl QuotaBackend for RedisQuotas {
                         ops: self.ops.clone(),
                         live: self.live.clone(),
                         settled: false,
-                    }) as Box<dyn Reservation>)
+                    })) as Box<dyn Reservation>)
                 }
                 Ok([0, i, what, retry]) => Err(Refusal {
                     who: charges.get(i as usize).map_or("key", |c| c.who),
@@ -1355,7 +1359,11 @@ struct Held {
     settled: bool,
 }
 
-impl Held {
+impl Settle for Held {
+    fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
     fn settle(&mut self, dreq: i64, dtok: i64) {
         if self.settled {
             return;
@@ -1373,39 +1381,33 @@ impl Held {
     }
 }
 
-impl Reservation for Held {
+/// What [`Held`] and [`LocalHeld`] share: a reservation corrected by a (requests, tokens)
+/// difference, at most once.
+trait Settle: Send + Sync {
+    /// The tokens reserved.
+    fn tokens(&self) -> u64;
+    /// Applies the correction and releases; later calls do nothing.
+    fn settle(&mut self, dreq: i64, dtok: i64);
+}
+
+/// A [`Settle`] as a [`Reservation`]; dropped unsettled, it releases as charged.
+struct Settles<T: Settle>(T);
+
+impl<T: Settle> Reservation for Settles<T> {
     fn reconcile(mut self: Box<Self>, used: u64) {
-        let d = used as i64 - self.tokens as i64;
-        self.settle(0, d);
+        let d = sat(used) - sat(self.0.tokens());
+        self.0.settle(0, d);
     }
 
     fn refund(mut self: Box<Self>) {
-        let d = -(self.tokens as i64);
-        self.settle(-1, d);
+        let d = -sat(self.0.tokens());
+        self.0.settle(-1, d);
     }
 }
 
-impl Drop for Held {
+impl<T: Settle> Drop for Settles<T> {
     fn drop(&mut self) {
-        self.settle(0, 0);
-    }
-}
-
-impl Reservation for LocalHeld {
-    fn reconcile(mut self: Box<Self>, used: u64) {
-        let d = sat(used) - sat(self.tokens);
-        self.settle(0, d);
-    }
-
-    fn refund(mut self: Box<Self>) {
-        let d = -sat(self.tokens);
-        self.settle(-1, d);
-    }
-}
-
-impl Drop for LocalHeld {
-    fn drop(&mut self) {
-        self.settle(0, 0);
+        self.0.settle(0, 0);
     }
 }
 
