@@ -756,29 +756,86 @@ fn soak(args: &Args, dir: &Path, moat: &Daemon, key: &str) -> Result<()> {
         "\nsoak: moat, json c={conc}, {} s in {slices} slices of {slice} s",
         slices * slice
     );
+    // Per slice beside the rate: moat's CPU per request, and the machine's steal time and
+    // idle share. A rate that falls while moat's cost per request stays flat is CPU taken
+    // from moat (by the hypervisor, or by the load and the upstream), not moat slowing.
     let mut rates = Vec::new();
+    let mut costs = Vec::new();
+    let mut machine = Vec::new();
     for _ in 0..slices {
+        let (cpu0, stat0) = (cpu_secs(moat.pid()), MachineTime::now());
         let l = wrk(dir, &url, Some(key), &body, conc, slice)?;
+        let (cpu1, stat1) = (cpu_secs(moat.pid()), MachineTime::now());
         rates.push(l.rps);
+        costs.push((cpu1 - cpu0) * 1e6 / l.requests.max(1) as f64);
+        machine.push(stat1.shares_since(&stat0));
         if l.errors > 0 {
             println!("  slice with {} non-2xx", l.errors);
         }
     }
     let rss1 = rss_mib(moat.pid());
     let (first, last) = (rates[0], rates[rates.len() - 1]);
+    let join = |v: Vec<String>| v.join(" ");
     println!(
         "  req/s per slice: {}",
-        rates
-            .iter()
-            .map(|r| format!("{r:.0}"))
-            .collect::<Vec<_>>()
-            .join(" ")
+        join(rates.iter().map(|r| format!("{r:.0}")).collect())
     );
     println!(
-        "  last / first slice: {:.3} (goal ≥ 0.95); RSS {rss0:.1} MiB at start, {rss1:.1} MiB at end",
-        last / first
+        "  moat CPU µs per request: {}",
+        join(costs.iter().map(|c| format!("{c:.1}")).collect())
+    );
+    println!(
+        "  machine steal / idle %: {}",
+        join(
+            machine
+                .iter()
+                .map(|(steal, idle)| format!("{steal:.1}/{idle:.1}"))
+                .collect()
+        )
+    );
+    println!(
+        "  last / first slice: {:.3} (goal ≥ 0.95); CPU per request last / first {:.3}; \
+         RSS {rss0:.1} MiB at start, {rss1:.1} MiB at end",
+        last / first,
+        costs[costs.len() - 1] / costs[0]
     );
     Ok(())
+}
+
+/// The machine's CPU time so far, from the first line of `/proc/stat`.
+struct MachineTime {
+    total: u64,
+    idle: u64,
+    steal: u64,
+}
+
+impl MachineTime {
+    fn now() -> MachineTime {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        // cpu user nice system idle iowait irq softirq steal ...
+        let f: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|v| v.parse().unwrap_or(0))
+            .collect();
+        let at = |i: usize| f.get(i).copied().unwrap_or(0);
+        MachineTime {
+            total: f.iter().sum(),
+            idle: at(3) + at(4),
+            steal: at(7),
+        }
+    }
+
+    /// Steal and idle time since `before`, in % of all CPU time.
+    fn shares_since(&self, before: &MachineTime) -> (f64, f64) {
+        let total = self.total.saturating_sub(before.total).max(1) as f64;
+        let pct = |now: u64, then: u64| now.saturating_sub(then) as f64 * 100.0 / total;
+        (pct(self.steal, before.steal), pct(self.idle, before.idle))
+    }
 }
 
 /// RSS of moat with `--idle-streams` streams open (the upstream sends a chunk every 50 s).
