@@ -3,7 +3,8 @@
 //! original bytes, strings decoded only where the filter reads their text; what the filter
 //! changes (a choice's text, a finish reason, tool-call arguments) is spliced into the
 //! original bytes as [`Edits`]. An answer the filter leaves alone goes out as it came: no tree
-//! built, nothing re-serialised.
+//! built, nothing re-serialised. A non-streamed answer is read in a single pass
+//! ([`read_answer`]) that checks it and finds the places the filter screens at once.
 
 use std::{borrow::Cow, fmt, ops::Range};
 

@@ -1,8 +1,9 @@
 //! The output filter applied to an answer on its way out ([`filter`], pipeline step 13):
 //!
-//! - a JSON answer is read whole, each choice's text (and tool-call arguments) screened and
-//!   redacted, or cut at a `block` finding with `finish_reason: "content_filter"`; an answer
-//!   that cannot be parsed is refused (502), never passed unscreened;
+//! - a JSON answer is read whole, in one pass that checks it and finds each choice's text (and
+//!   tool-call arguments) (`splice::read_answer`); each text is screened and redacted, or cut
+//!   at a `block` finding with `finish_reason: "content_filter"`; an answer that cannot be
+//!   parsed is refused (502), never passed unscreened;
 //! - both are read in place (`splice`): only the texts are decoded, and what the filter
 //!   changes is spliced into the upstream's bytes; an answer or event it leaves alone goes out
 //!   as it came, nothing re-serialised;
