@@ -607,6 +607,16 @@ impl TextFilter {
     }
 }
 
+/// A whole text screened at once (a non-streamed answer's): `None` when the filter finds
+/// nothing in it (it goes as it is, not copied), else what [`TextFilter::push`] says of it as
+/// a last piece.
+pub fn screen_whole(text: &str, policy: &OutputPolicy, canary: Option<&str>) -> Option<Step> {
+    if scan(text, policy, canary).is_empty() {
+        return None;
+    }
+    Some(TextFilter::new(text.len()).push(text, true, policy, canary))
+}
+
 /// `text` with the findings that lie wholly inside it replaced by their markers.
 fn redact(text: &str, found: &[Found]) -> (String, Vec<Class>) {
     let mut out = String::with_capacity(text.len());
@@ -696,6 +706,33 @@ pub(crate) mod tests {
         }
         let out = redacted("password = \"Xk9#mP2$vL8qR4wZ\"");
         assert_eq!(out, "password = \"[REDACTED:secret]\"");
+    }
+
+    #[test]
+    fn a_whole_text_is_screened_as_a_last_piece() {
+        let p = all_redact();
+        for (class, secret) in samples() {
+            let text = format!("here: {secret} done");
+            let whole = screen_whole(&text, &p, Some("CANARY1")).unwrap();
+            assert_eq!(
+                whole,
+                TextFilter::new(256).push(&text, true, &p, Some("CANARY1")),
+                "{class:?}"
+            );
+            assert_eq!(whole.redacted, vec![class]);
+        }
+        let cut = screen_whole("a CANARY1 b", &p, Some("CANARY1")).unwrap();
+        assert_eq!(
+            (cut.release.as_str(), cut.blocked),
+            ("a ", Some(Class::Canary))
+        );
+        for clean in [
+            "t0 t1 t2 t3 t4 t5 t6 t7 t8 t9 t10 t11 t12 t13",
+            "",
+            "a token: no",
+        ] {
+            assert_eq!(screen_whole(clean, &p, Some("CANARY1")), None, "{clean}");
+        }
     }
 
     #[test]

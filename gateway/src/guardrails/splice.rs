@@ -3,11 +3,12 @@
 //! original bytes, strings decoded only where the filter reads their text; what the filter
 //! changes (a choice's text, a finish reason, tool-call arguments) is spliced into the
 //! original bytes as [`Edits`]. An answer the filter leaves alone goes out as it came: no tree
-//! built, nothing re-serialised.
+//! built, nothing re-serialised. A non-streamed answer is read in a single pass
+//! ([`read_answer`]) that checks it and finds the places the filter screens at once.
 
 use std::{borrow::Cow, fmt, ops::Range};
 
-use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{Deserialize, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
 /// An object key, borrowed unless it has escapes.
@@ -102,6 +103,219 @@ impl<'de> Deserialize<'de> for Unambiguous {
             }
         }
         d.deserialize_any(V)
+    }
+}
+
+/// What the output filter reads of a non-streamed answer ([`read_answer`]): per element of
+/// `choices`, the places of its texts and of its finish reason, each a slice of the answer.
+#[derive(Debug, Default)]
+pub struct AnswerSlots<'a> {
+    pub choices: Vec<ChoiceSlots<'a>>,
+    /// `choices` is there and an array.
+    has_choices: bool,
+}
+
+/// One element of `choices` (empty when it is not an object).
+#[derive(Debug, Default)]
+pub struct ChoiceSlots<'a> {
+    /// Its place in `choices`.
+    pub index: usize,
+    /// `text` (completions).
+    pub text: Option<&'a RawValue>,
+    /// `message.content` (chat).
+    pub content: Option<&'a RawValue>,
+    /// `message.tool_calls[].function.arguments`, in order.
+    pub arguments: Vec<&'a RawValue>,
+    pub finish_reason: Option<&'a RawValue>,
+}
+
+impl<'a> ChoiceSlots<'a> {
+    /// The texts of the choice, in the order the filter reads them: its text, its message's
+    /// content, its tool calls' arguments (whatever their order in the answer).
+    pub fn texts(&self) -> impl Iterator<Item = &'a RawValue> + '_ {
+        self.text
+            .into_iter()
+            .chain(self.content)
+            .chain(self.arguments.iter().copied())
+    }
+}
+
+/// A non-streamed answer read in one pass: its JSON checked (valid, and no object anywhere
+/// repeats a key: see [`Object::top`]) while the places the filter screens are found. `None`
+/// when the answer is not valid JSON, repeats a key, or is not an object with a `choices`
+/// array: not screenable. Reads what [`Object::top`] and the views over it would find (the
+/// multi-pass way the stream filter reads an event), in one pass over the text instead of one
+/// per level.
+pub fn read_answer(text: &[u8]) -> Option<AnswerSlots<'_>> {
+    let text = std::str::from_utf8(text).ok()?;
+    let mut out = AnswerSlots::default();
+    let mut de = serde_json::Deserializer::from_str(text);
+    Read {
+        role: Role::Top,
+        out: &mut out,
+    }
+    .deserialize(&mut de)
+    .ok()?;
+    de.end().ok()?;
+    out.has_choices.then_some(out)
+}
+
+/// The `index`th element of the answer's `choices` as an [`Object`] (for an edit that needs
+/// the object itself: a member inserted). Reads the answer again: only for a cut choice that
+/// has no finish reason.
+pub fn choice_object(text: &[u8], index: usize) -> Option<Object<'_>> {
+    let Top::Object(top) = Object::top(text)? else {
+        return None;
+    };
+    let choices = top.get("choices").and_then(array)?;
+    choices.get(index).copied().and_then(Object::of)
+}
+
+/// Where in an answer a value sits, for [`Read`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Top,
+    Choices,
+    Choice,
+    Message,
+    ToolCalls,
+    ToolCall,
+    Function,
+}
+
+/// One value of an answer, read for the role it has there: checked like [`Unambiguous`], and
+/// the places the filter screens recorded in `out`.
+struct Read<'s, 'a> {
+    role: Role,
+    out: &'s mut AnswerSlots<'a>,
+}
+
+impl<'s, 'de> DeserializeSeed<'de> for Read<'s, 'de> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+/// A value the filter screens (or edits): kept as its slice. One that is an object or an array
+/// (not what an answer has there) is still checked for repeated keys.
+struct Leaf;
+
+impl<'de> DeserializeSeed<'de> for Leaf {
+    type Value = &'de RawValue;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<&'de RawValue, D::Error> {
+        let raw = <&'de RawValue>::deserialize(d)?;
+        if matches!(raw.get().as_bytes().first(), Some(b'{' | b'[')) {
+            serde_json::from_str::<Unambiguous>(raw.get()).map_err(serde::de::Error::custom)?;
+        }
+        Ok(raw)
+    }
+}
+
+impl<'s, 'de> Visitor<'de> for Read<'s, 'de> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("JSON")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let out = self.out;
+        match self.role {
+            Role::Choices => {
+                out.has_choices = true;
+                let mut index = 0;
+                loop {
+                    out.choices.push(ChoiceSlots {
+                        index,
+                        ..ChoiceSlots::default()
+                    });
+                    let seed = Read {
+                        role: Role::Choice,
+                        out: &mut *out,
+                    };
+                    if seq.next_element_seed(seed)?.is_none() {
+                        out.choices.pop();
+                        break;
+                    }
+                    index += 1;
+                }
+            }
+            Role::ToolCalls => {
+                while seq
+                    .next_element_seed(Read {
+                        role: Role::ToolCall,
+                        out: &mut *out,
+                    })?
+                    .is_some()
+                {}
+            }
+            _ => while seq.next_element::<Unambiguous>()?.is_some() {},
+        }
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let out = self.out;
+        // Objects of an answer have a handful of keys: a linear scan is cheapest.
+        let mut keys: Vec<Key<'de>> = Vec::new();
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            if keys.iter().any(|k| k.0 == key.0) {
+                return Err(serde::de::Error::custom("a repeated key"));
+            }
+            let next = match (self.role, &*key.0) {
+                (Role::Top, "choices") => Some(Role::Choices),
+                (Role::Choice, "message") => Some(Role::Message),
+                (Role::Message, "tool_calls") => Some(Role::ToolCalls),
+                (Role::ToolCall, "function") => Some(Role::Function),
+                _ => None,
+            };
+            if let Some(role) = next {
+                map.next_value_seed(Read {
+                    role,
+                    out: &mut *out,
+                })?;
+            } else {
+                let slot = out.choices.last_mut();
+                match (self.role, &*key.0, slot) {
+                    (Role::Choice, "text", Some(c)) => c.text = Some(map.next_value_seed(Leaf)?),
+                    (Role::Choice, "finish_reason", Some(c)) => {
+                        c.finish_reason = Some(map.next_value_seed(Leaf)?)
+                    }
+                    (Role::Message, "content", Some(c)) => {
+                        c.content = Some(map.next_value_seed(Leaf)?)
+                    }
+                    (Role::Function, "arguments", Some(c)) => {
+                        c.arguments.push(map.next_value_seed(Leaf)?)
+                    }
+                    _ => {
+                        map.next_value::<Unambiguous>()?;
+                    }
+                }
+            }
+            keys.push(key);
+        }
+        Ok(())
     }
 }
 
@@ -378,6 +592,122 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["x"], "new \"one\"");
+    }
+
+    /// A choice's index, texts and finish reason.
+    type Seen<'a> = (usize, Vec<&'a str>, Option<&'a str>);
+
+    /// Each choice as the one-pass reader finds it.
+    fn slots(text: &str) -> Option<Vec<Seen<'_>>> {
+        let a = read_answer(text.as_bytes())?;
+        Some(
+            a.choices
+                .iter()
+                .map(|c| {
+                    (
+                        c.index,
+                        c.texts().map(RawValue::get).collect(),
+                        c.finish_reason.map(RawValue::get),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn one_pass_reader_finds_every_text_of_every_choice() {
+        let chat = r#"{"id":"x","object":"chat.completion","model":"m","choices":[
+            {"index":0,"message":{"role":"assistant","content":"hello \"you\"",
+              "tool_calls":[{"id":"a","type":"function","function":{"name":"f","arguments":"{\"q\":1}"}},
+                            {"id":"b","function":{"arguments":"two","name":"g"}},
+                            {"id":"c","function":{"name":"h"}},
+                            "not a call"]},
+             "logprobs":null,"finish_reason":"tool_calls"},
+            {"finish_reason":null,"message":{"content":null},"index":1},
+            7,
+            {"message":{"content":"last"}}],
+            "usage":{"prompt_tokens":1,"choices":[{"text":"not a choice"}]}}"#;
+        assert_eq!(
+            slots(chat).unwrap(),
+            vec![
+                (
+                    0,
+                    vec![r#""hello \"you\"""#, r#""{\"q\":1}""#, r#""two""#],
+                    Some(r#""tool_calls""#)
+                ),
+                (1, vec!["null"], Some("null")),
+                (2, vec![], None),
+                (3, vec![r#""last""#], None),
+            ]
+        );
+        // Completions; the text first whatever the order of the members.
+        let text = r#"{"choices":[{"message":{"content":"b"},"finish_reason":"stop","text":"a"}]}"#;
+        assert_eq!(
+            slots(text).unwrap(),
+            vec![(0, vec![r#""a""#, r#""b""#], Some(r#""stop""#))]
+        );
+        // Texts that are not strings are kept as they are (the filter skips them).
+        assert_eq!(
+            slots(r#"{"choices":[{"text":{"a":[1]}}]}"#).unwrap(),
+            vec![(0, vec![r#"{"a":[1]}"#], None)]
+        );
+        assert_eq!(slots(r#" {"choices":[]} "#).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn one_pass_reader_refuses_what_is_not_screenable() {
+        // Not JSON, trailing bytes, not UTF-8, not an object, no `choices` array.
+        for bad in [
+            r#"{"choices":[{"text":"a"}]"#,
+            r#"{"choices":[{"text":"a}]}"#,
+            r#"{"choices":[{"text":"a"}]} x"#,
+            r#"{"choices":[{"text":"a\q"}]}"#,
+            r#"[{"choices":[]}]"#,
+            r#""choices""#,
+            r#"{"id":"x"}"#,
+            r#"{"choices":{"0":{"text":"a"}}}"#,
+            r#"{"choices":"a"}"#,
+        ] {
+            assert!(read_answer(bad.as_bytes()).is_none(), "{bad}");
+        }
+        assert!(read_answer(b"{\"choices\":[{\"text\":\"\xff\"}]}").is_none());
+        // A key repeated in any object, at any depth, also when one copy is escaped.
+        for repeated in [
+            r#"{"choices":[],"choices":[{"text":"a"}]}"#,
+            r#"{"choices":[{"text":"a","text":"b"}]}"#,
+            r#"{"choices":[{"text":"a","\u0074ext":"b"}]}"#,
+            r#"{"choices":[{"message":{"content":"a","content":"b"}}]}"#,
+            r#"{"choices":[{"message":{"content":"a"},"message":{"content":"b"}}]}"#,
+            r#"{"choices":[{"finish_reason":"stop","finish_reason":"length"}]}"#,
+            r#"{"choices":[{"message":{"tool_calls":[{"function":{"arguments":"a","arguments":"b"}}]}}]}"#,
+            r#"{"choices":[{"message":{"tool_calls":[{"function":{},"function":{"arguments":"b"}}]}}]}"#,
+            r#"{"choices":[{"text":{"k":1,"k":2}}]}"#,
+            r#"{"choices":[{"text":[{"k":1,"k":2}]}]}"#,
+            r#"{"choices":[{"text":"a"}],"usage":{"n":1,"n":2}}"#,
+            r#"{"choices":[{"logprobs":{"content":[{"t":1,"t":2}]}}]}"#,
+            r#"{"choices":{"a":1,"a":2}}"#,
+        ] {
+            assert!(read_answer(repeated.as_bytes()).is_none(), "{repeated}");
+            // The multi-pass reader agrees.
+            assert!(Object::top(repeated.as_bytes()).is_none(), "{repeated}");
+        }
+        // The same key in two different objects is fine.
+        assert!(read_answer(br#"{"choices":[{"text":"a"},{"text":"b"}],"text":"c"}"#).is_some());
+    }
+
+    #[test]
+    fn the_choice_object_is_found_for_an_insertion() {
+        let text = r#"{"choices":[1,{"text":"a"}]}"#;
+        let a = read_answer(text.as_bytes()).unwrap();
+        let c = choice_object(text.as_bytes(), a.choices[1].index).unwrap();
+        let out = edited(text, |e| {
+            e.insert(&c, "finish_reason", b"\"content_filter\"")
+        });
+        assert_eq!(
+            out,
+            r#"{"choices":[1,{"text":"a","finish_reason":"content_filter"}]}"#
+        );
+        assert!(choice_object(text.as_bytes(), 0).is_none());
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The output filter applied to an answer on its way out ([`filter`], pipeline step 13):
 //!
-//! - a JSON answer is read whole, each choice's text (and tool-call arguments) screened and
-//!   redacted, or cut at a `block` finding with `finish_reason: "content_filter"`; an answer
-//!   that cannot be parsed is refused (502), never passed unscreened;
+//! - a JSON answer is read whole, in one pass that checks it and finds each choice's text (and
+//!   tool-call arguments) (`splice::read_answer`); each text is screened and redacted, or cut
+//!   at a `block` finding with `finish_reason: "content_filter"`; an answer that cannot be
+//!   parsed is refused (502), never passed unscreened;
 //! - both are read in place (`splice`): only the texts are decoded, and what the filter
 //!   changes is spliced into the upstream's bytes; an answer or event it leaves alone goes out
 //!   as it came, nothing re-serialised;
@@ -36,7 +37,7 @@ use tracing::warn;
 
 use super::{
     Guard, metrics,
-    output::{Class, TextFilter},
+    output::{self, Class, TextFilter},
     splice::{self, Edits, Object, Top},
 };
 use crate::{
@@ -114,29 +115,18 @@ fn screen_json(bytes: &[u8], g: &Guard) -> Option<Vec<u8>> {
 /// A JSON answer, screened; `None` if it cannot be. Read in place: an answer the filter
 /// leaves alone is the same bytes (borrowed), a changed one has its changes spliced in.
 fn screen_in_place<'a>(bytes: &'a [u8], g: &Guard) -> Option<Cow<'a, [u8]>> {
-    let Some(Top::Object(top)) = Object::top(bytes) else {
-        return None;
-    };
-    let choices = top.get("choices").and_then(splice::array)?;
+    let answer = splice::read_answer(bytes)?;
     let mut edits = Edits::new(bytes);
     let mut audited = Audited::new();
-    for choice in choices.into_iter().filter_map(Object::of) {
+    for choice in &answer.choices {
         let mut cut = false;
-        // The texts of a choice, in order: its text, its message's content, its message's
-        // tool-call arguments.
-        let message = choice.object("message");
-        let mut fields = vec![choice.get("text")];
-        if let Some(m) = &message {
-            fields.push(m.get("content"));
-            let calls = m.get("tool_calls").and_then(splice::array);
-            fields.extend(calls.into_iter().flatten().map(|c| {
-                Object::of(c)
-                    .and_then(|c| c.object("function"))
-                    .and_then(|f| f.get("arguments"))
-            }));
-        }
-        for slot in fields.into_iter().flatten() {
+        for slot in choice.texts() {
             let Some(text) = splice::string(slot) else {
+                // Not a string: nothing to screen. A string that cannot be decoded (a lone
+                // surrogate) cannot be screened: the answer is refused.
+                if slot.get().starts_with('"') {
+                    return None;
+                }
                 continue;
             };
             if cut {
@@ -145,8 +135,9 @@ fn screen_in_place<'a>(bytes: &'a [u8], g: &Guard) -> Option<Cow<'a, [u8]>> {
                 }
                 continue;
             }
-            let step =
-                TextFilter::new(g.hold_back).push(&text, true, &g.output, g.canary.as_deref());
+            let Some(step) = output::screen_whole(&text, &g.output, g.canary.as_deref()) else {
+                continue;
+            };
             count(g, &mut audited, &step.redacted, step.blocked);
             if *text != step.release {
                 edits.replace(slot, splice::quote(&step.release));
@@ -155,9 +146,13 @@ fn screen_in_place<'a>(bytes: &'a [u8], g: &Guard) -> Option<Cow<'a, [u8]>> {
         }
         if cut {
             let cf = b"\"content_filter\"".to_vec();
-            match choice.get("finish_reason") {
+            match choice.finish_reason {
                 Some(f) => edits.replace(f, cf),
-                None => edits.insert(&choice, "finish_reason", &cf),
+                None => edits.insert(
+                    &splice::choice_object(bytes, choice.index)?,
+                    "finish_reason",
+                    &cf,
+                ),
             }
         }
     }
@@ -1010,6 +1005,36 @@ mod tests {
         assert_eq!(v["choices"][0]["message"]["content"], "it is ");
         assert_eq!(v["choices"][0]["finish_reason"], "content_filter");
         assert!(screen_json(b"not json", &g).is_none());
+    }
+
+    #[test]
+    fn json_answers_with_several_choices_are_screened_each() {
+        let (class, secret) = &out::samples()[0];
+        let mut g = guard(None);
+        g.output.set(*class, OutputAction::Block);
+        // The first choice is cut (no finish reason: one is added), its tool call emptied; the
+        // second, in the other member order, is cut after its text; the third is left alone.
+        let body = format!(
+            r#"{{"choices":[{{"index":0,"message":{{"content":"a {secret}","tool_calls":[{{"function":{{"arguments":"b"}}}}]}}}},{{"finish_reason":"stop","message":{{"content":"c"}},"text":"{secret}","index":1}},{{"index":2,"text":"fine"}}]}}"#
+        );
+        let out = screen_json(body.as_bytes(), &g).unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        let c = &v["choices"];
+        assert_eq!(c[0]["message"]["content"], "a ");
+        assert_eq!(
+            c[0]["message"]["tool_calls"][0]["function"]["arguments"],
+            ""
+        );
+        assert_eq!(c[0]["finish_reason"], "content_filter");
+        assert_eq!(
+            (&c[1]["text"], &c[1]["message"]["content"]),
+            (&json!(""), &json!(""))
+        );
+        assert_eq!(c[1]["finish_reason"], "content_filter");
+        assert_eq!(c[2], json!({"index": 2, "text": "fine"}));
+        // A text that cannot be decoded (a lone surrogate) is not passed unscreened.
+        let body = r#"{"choices":[{"message":{"content":"x \ud800 y"}}]}"#;
+        assert!(screen_json(body.as_bytes(), &g).is_none());
     }
 
     /// A repeated key anywhere is refused, stream event or whole answer: a client that reads
