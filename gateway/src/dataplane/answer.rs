@@ -7,16 +7,18 @@
 //!   the stream, `data: [DONE]` included, is unchanged.
 //!
 //! Cheap by design: nothing is reserialized. The top-level `model` value is found by a small
-//! JSON scanner ([`ModelField`]) and spliced; events are handled one by one as they arrive
-//! (the proxy hands them over whole), and a JSON answer is held back only while the scanner
-//! is inside a top-level string, so it streams through too. Only a candidate usage event is
-//! parsed.
+//! JSON scanner ([`ModelField`], which skips through strings with `memchr`) and spliced;
+//! events are handled one by one as they arrive (the proxy hands them over whole), and a JSON
+//! answer is held back only while the scanner is inside a top-level string, so it streams
+//! through too. Only a candidate usage event is parsed. Events left as they are go out as
+//! slices of the upstream's bytes, not copies: only an event that changes is copied.
 //!
 //! A non-streamed answer the upstream sent with a `Content-Length` leaves with one too
 //! ([`with_length`]): gathered once every wrapper has seen it, so that it goes out as one write
 //! with its length rather than re-framed as chunks.
 
 use std::{
+    collections::VecDeque,
     ops::Range,
     pin::Pin,
     task::{Context, Poll},
@@ -31,6 +33,9 @@ use crate::dataplane::proxy::headers::is_event_stream;
 
 /// Largest answer gathered to keep its length (larger ones stream through, chunked).
 const WITH_LENGTH_LIMIT: u64 = 4 << 20;
+/// Unchanged stream bytes shorter than this are copied next to the changed events around them
+/// rather than sent as a frame of their own (a frame costs a chunk header and a buffer).
+const SLICE_MIN: usize = 512;
 
 /// Whether `resp` (the upstream's answer, before any wrapper) is a successful, non-streamed
 /// answer of a length the upstream announced and [`with_length`] may gather.
@@ -86,6 +91,7 @@ pub fn rewrite(resp: Response, public_model: &str, hide_usage: bool) -> Response
         sse,
         held: BytesMut::new(),
         scan: (!sse).then(ModelField::default),
+        ready: VecDeque::new(),
         done: false,
     };
     Response::from_parts(parts, Body::new(body))
@@ -102,46 +108,71 @@ pub struct Answer {
     held: BytesMut,
     /// JSON: the scanner, until the model field is found or known absent.
     scan: Option<ModelField>,
+    /// What is ready to go out, in order (sent before the upstream is polled again).
+    ready: VecDeque<Bytes>,
+    /// The upstream's body ended (or failed).
     done: bool,
 }
 
 impl Answer {
-    /// SSE: the complete events of `held` + `data`, rewritten; the incomplete tail is held.
-    fn events(&mut self, data: Bytes) -> Bytes {
+    /// SSE: the complete events of `held` + `data`, rewritten, queued in `ready`; the incomplete
+    /// tail is held. Runs of events left as they are go as slices of `data`; changed events are
+    /// copied (with the short unchanged runs between them) into one buffer.
+    fn events(&mut self, data: Bytes) {
         let buf = if self.held.is_empty() {
             data
         } else {
             self.held.extend_from_slice(&data);
             self.held.split().freeze()
         };
-        let mut out = BytesMut::with_capacity(buf.len() + self.model.len());
+        let mut edited = BytesMut::new();
+        // Start of the unchanged bytes not queued yet.
+        let mut run = 0;
         let mut at = 0;
         while let Some(len) = event_len(&buf[at..]) {
-            self.event(&buf[at..at + len], &mut out);
+            let ev = &buf[at..at + len];
+            if let Some(edit) = self.edit(ev) {
+                self.unchanged(&buf, run..at, &mut edited);
+                if let Edit::Model(r) = edit {
+                    edited.extend_from_slice(&ev[..r.start]);
+                    edited.extend_from_slice(&self.model);
+                    edited.extend_from_slice(&ev[r.end..]);
+                }
+                run = at + len;
+            }
             at += len;
         }
+        self.unchanged(&buf, run..at, &mut edited);
+        if !edited.is_empty() {
+            self.ready.push_back(edited.freeze());
+        }
         self.held.extend_from_slice(&buf[at..]);
-        out.freeze()
     }
 
-    /// One event (with its blank line) into `out`: the model spliced, or nothing at all if it
-    /// is the usage event to hide.
-    fn event(&self, ev: &[u8], out: &mut BytesMut) {
-        let Some(payload) = data_line(ev) else {
-            out.extend_from_slice(ev);
+    /// Queues `buf[r]`, unchanged: as a slice when long enough, else copied into `edited`.
+    fn unchanged(&mut self, buf: &Bytes, r: Range<usize>, edited: &mut BytesMut) {
+        if r.len() < SLICE_MIN {
+            edited.extend_from_slice(&buf[r]);
             return;
-        };
+        }
+        if !edited.is_empty() {
+            self.ready.push_back(edited.split().freeze());
+        }
+        self.ready.push_back(buf.slice(r));
+    }
+
+    /// What to do with one event (with its blank line): `None` to send it as it is.
+    fn edit(&self, ev: &[u8]) -> Option<Edit> {
+        let payload = data_line(ev)?;
         let json = &ev[payload.clone()];
         if self.hide_usage && is_usage_event(json) {
-            return;
+            return Some(Edit::Drop);
         }
         match ModelField::default().scan(json) {
             Scan::Found(r) if json[r.clone()] != self.model[..] => {
-                out.extend_from_slice(&ev[..payload.start + r.start]);
-                out.extend_from_slice(&self.model);
-                out.extend_from_slice(&ev[payload.start + r.end..]);
+                Some(Edit::Model(payload.start + r.start..payload.start + r.end))
             }
-            _ => out.extend_from_slice(ev),
+            _ => None,
         }
     }
 
@@ -184,6 +215,10 @@ impl http_body::Body for Answer {
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         let this = &mut *self;
         loop {
+            // What is ready goes first: nothing waits for the upstream's next frame.
+            if let Some(out) = this.ready.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(out))));
+            }
             if this.done {
                 return Poll::Ready(None);
             }
@@ -192,13 +227,13 @@ impl http_body::Body for Answer {
                     let Ok(data) = frame.into_data() else {
                         continue;
                     };
-                    let out = if this.sse {
-                        this.events(data)
+                    if this.sse {
+                        this.events(data);
                     } else {
-                        this.json(data)
-                    };
-                    if !out.is_empty() {
-                        return Poll::Ready(Some(Ok(Frame::data(out))));
+                        let out = this.json(data);
+                        if !out.is_empty() {
+                            this.ready.push_back(out);
+                        }
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
@@ -209,7 +244,9 @@ impl http_body::Body for Answer {
                     // Whatever is left (an unterminated last event, a JSON tail) goes as it is.
                     this.done = true;
                     let rest = this.held.split().freeze();
-                    return Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))));
+                    if !rest.is_empty() {
+                        this.ready.push_back(rest);
+                    }
                 }
                 Poll::Pending => return Poll::Pending,
             }
@@ -217,8 +254,16 @@ impl http_body::Body for Answer {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done
+        self.done && self.ready.is_empty()
     }
+}
+
+/// How one stream event changes on its way out.
+enum Edit {
+    /// Left out (the usage event the client did not ask for).
+    Drop,
+    /// The `model` value at this span of the event replaced by the public name.
+    Model(Range<usize>),
 }
 
 /// The length of the first complete event of `buf` (through its blank line), if any. The data
@@ -323,6 +368,16 @@ struct ModelField {
 impl ModelField {
     fn scan(&mut self, buf: &[u8]) -> Scan {
         while self.pos < buf.len() {
+            if self.in_str && !self.escaped {
+                // Inside a string only a quote or a backslash matters: skip to the next one.
+                match memchr::memchr2(b'"', b'\\', &buf[self.pos..]) {
+                    Some(n) => self.pos += n,
+                    None => {
+                        self.pos = buf.len();
+                        break;
+                    }
+                }
+            }
             let i = self.pos;
             let b = buf[i];
             self.pos += 1;
@@ -522,6 +577,26 @@ mod tests {
         );
         let (_, all) = through("text/event-stream", &[&with_null], "chat", true).await;
         assert!(all.contains(r#""usage":null"#) && all.contains(r#""model":"chat""#));
+    }
+
+    /// Events that need no change go out as slices of the upstream's frame, not copies; a
+    /// dropped usage event splits the frame around it.
+    #[tokio::test]
+    async fn events_left_as_they_are_are_not_copied() {
+        let ev = format!("{}\n\n", CHUNK.replace("meta-llama/L-3", "chat"));
+        let usage = format!("{}\n\n", USAGE.replace("meta-llama/L-3", "chat"));
+        let events = ev.repeat(4);
+        let frame = Bytes::from(format!("{events}{usage}data: [DONE]\n\n"));
+        let resp = Response::builder()
+            .header(header::CONTENT_TYPE, "text/event-stream")
+            .body(Body::new(Chunks(vec![frame.clone()].into())))
+            .unwrap();
+        let mut body = rewrite(resp, "chat", true).into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first.as_ptr(), frame.as_ptr(), "a slice of the frame");
+        assert_eq!(first, events.as_bytes());
+        let rest = body.collect().await.unwrap().to_bytes();
+        assert_eq!(rest, "data: [DONE]\n\n".as_bytes());
     }
 
     #[tokio::test]
