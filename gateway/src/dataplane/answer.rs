@@ -21,6 +21,7 @@ use std::{
     collections::VecDeque,
     ops::Range,
     pin::Pin,
+    sync::LazyLock,
     task::{Context, Poll},
 };
 
@@ -28,6 +29,7 @@ use axum::{body::Body, response::Response};
 use bytes::{Bytes, BytesMut};
 use http_body::{Body as _, Frame};
 use http_body_util::BodyExt;
+use memchr::memmem;
 
 use crate::dataplane::proxy::headers::is_event_stream;
 
@@ -91,6 +93,7 @@ pub fn rewrite(resp: Response, public_model: &str, hide_usage: bool) -> Response
         sse,
         held: BytesMut::new(),
         scan: (!sse).then(ModelField::default),
+        seen: None,
         ready: VecDeque::new(),
         done: false,
     };
@@ -108,6 +111,9 @@ pub struct Answer {
     held: BytesMut,
     /// JSON: the scanner, until the model field is found or known absent.
     scan: Option<ModelField>,
+    /// SSE: the start of the last event scanned, through its model value, and that value's
+    /// span in it.
+    seen: Option<(Vec<u8>, Range<usize>)>,
     /// What is ready to go out, in order (sent before the upstream is polled again).
     ready: VecDeque<Bytes>,
     /// The upstream's body ended (or failed).
@@ -162,13 +168,26 @@ impl Answer {
     }
 
     /// What to do with one event (with its blank line): `None` to send it as it is.
-    fn edit(&self, ev: &[u8]) -> Option<Edit> {
+    fn edit(&mut self, ev: &[u8]) -> Option<Edit> {
         let payload = data_line(ev)?;
         let json = &ev[payload.clone()];
         if self.hide_usage && is_usage_event(json) {
             return Some(Edit::Drop);
         }
-        match ModelField::default().scan(json) {
+        // A stream's events usually start alike (same id, object, created) up to the model:
+        // the scanner would find it at the same place, so an event that starts with the
+        // bytes the last scan read is not scanned again.
+        let scan = match &self.seen {
+            Some((prefix, r)) if json.starts_with(prefix) => Scan::Found(r.clone()),
+            _ => {
+                let scan = ModelField::default().scan(json);
+                if let Scan::Found(r) = &scan {
+                    self.seen = Some((json[..r.end].to_vec(), r.clone()));
+                }
+                scan
+            }
+        };
+        match scan {
             Scan::Found(r) if json[r.clone()] != self.model[..] => {
                 Some(Edit::Model(payload.start + r.start..payload.start + r.end))
             }
@@ -258,6 +277,10 @@ impl http_body::Body for Answer {
     }
 }
 
+/// A substring searcher built once (`memmem::find` builds one a call, which costs more than
+/// the search in an event of a few hundred bytes).
+type Finder = LazyLock<memmem::Finder<'static>>;
+
 /// How one stream event changes on its way out.
 enum Edit {
     /// Left out (the usage event the client did not ask for).
@@ -269,10 +292,12 @@ enum Edit {
 /// The length of the first complete event of `buf` (through its blank line), if any. The data
 /// plane's one SSE event splitter (the guardrails' stream filter splits with it too).
 pub(crate) fn event_len(buf: &[u8]) -> Option<usize> {
-    let lf = memchr::memmem::find(buf, b"\n\n").map(|i| i + 2);
+    static LF: Finder = LazyLock::new(|| memmem::Finder::new(b"\n\n"));
+    static CRLF: Finder = LazyLock::new(|| memmem::Finder::new(b"\r\n\r\n"));
+    let lf = LF.find(buf).map(|i| i + 2);
     // A CRLF blank line can only come before the first LF one if it starts before it.
     let crlf_in = &buf[..lf.map_or(buf.len(), |e| (e + 2).min(buf.len()))];
-    let crlf = memchr::memmem::find(crlf_in, b"\r\n\r\n").map(|i| i + 4);
+    let crlf = CRLF.find(crlf_in).map(|i| i + 4);
     match (lf, crlf) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -291,10 +316,11 @@ pub(crate) enum Data {
 
 /// The `data:` payload of one event (as [`event_len`] splits them).
 pub(crate) fn data(ev: &[u8]) -> Data {
+    static DATA: Finder = LazyLock::new(|| memmem::Finder::new(b"\ndata:"));
     let start = if ev.starts_with(b"data:") {
         0
     } else {
-        match memchr::memmem::find(ev, b"\ndata:") {
+        match DATA.find(ev) {
             Some(i) => i + 1,
             None => return Data::None,
         }
@@ -304,7 +330,7 @@ pub(crate) fn data(ev: &[u8]) -> Data {
         from += 1;
     }
     let end = memchr::memchr2(b'\n', b'\r', &ev[from..]).map_or(ev.len(), |i| from + i);
-    if memchr::memmem::find(&ev[end..], b"\ndata:").is_some() {
+    if DATA.find(&ev[end..]).is_some() {
         return Data::Several;
     }
     Data::One(from..end)
@@ -322,7 +348,8 @@ fn data_line(ev: &[u8]) -> Option<Range<usize>> {
 /// The usage event of a stream: a usage object and no choices. Only an event that carries a
 /// usage object is parsed (the others say `"usage":null` or nothing).
 fn is_usage_event(json: &[u8]) -> bool {
-    let Some(at) = json.windows(7).position(|w| w == b"\"usage\"") else {
+    static USAGE: Finder = LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+    let Some(at) = USAGE.find(json) else {
         return false;
     };
     let after = json[at + 7..]
