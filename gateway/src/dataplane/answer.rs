@@ -7,18 +7,21 @@
 //!   the stream, `data: [DONE]` included, is unchanged.
 //!
 //! Cheap by design: nothing is reserialized. The top-level `model` value is found by a small
-//! JSON scanner ([`ModelField`]) and spliced; events are handled one by one as they arrive
-//! (the proxy hands them over whole), and a JSON answer is held back only while the scanner
-//! is inside a top-level string, so it streams through too. Only a candidate usage event is
-//! parsed.
+//! JSON scanner ([`ModelField`], which skips through strings with `memchr`) and spliced;
+//! events are handled one by one as they arrive (the proxy hands them over whole), and a JSON
+//! answer is held back only while the scanner is inside a top-level string, so it streams
+//! through too. Only a candidate usage event is parsed. Events left as they are go out as
+//! slices of the upstream's bytes, not copies: only an event that changes is copied.
 //!
 //! A non-streamed answer the upstream sent with a `Content-Length` leaves with one too
 //! ([`with_length`]): gathered once every wrapper has seen it, so that it goes out as one write
 //! with its length rather than re-framed as chunks.
 
 use std::{
+    collections::VecDeque,
     ops::Range,
     pin::Pin,
+    sync::LazyLock,
     task::{Context, Poll},
 };
 
@@ -26,11 +29,15 @@ use axum::{body::Body, response::Response};
 use bytes::{Bytes, BytesMut};
 use http_body::{Body as _, Frame};
 use http_body_util::BodyExt;
+use memchr::memmem;
 
 use crate::dataplane::proxy::headers::is_event_stream;
 
 /// Largest answer gathered to keep its length (larger ones stream through, chunked).
 const WITH_LENGTH_LIMIT: u64 = 4 << 20;
+/// Unchanged stream bytes shorter than this are copied next to the changed events around them
+/// rather than sent as a frame of their own (a frame costs a chunk header and a buffer).
+const SLICE_MIN: usize = 512;
 
 /// Whether `resp` (the upstream's answer, before any wrapper) is a successful, non-streamed
 /// answer of a length the upstream announced and [`with_length`] may gather.
@@ -86,6 +93,8 @@ pub fn rewrite(resp: Response, public_model: &str, hide_usage: bool) -> Response
         sse,
         held: BytesMut::new(),
         scan: (!sse).then(ModelField::default),
+        seen: None,
+        ready: VecDeque::new(),
         done: false,
     };
     Response::from_parts(parts, Body::new(body))
@@ -102,46 +111,87 @@ pub struct Answer {
     held: BytesMut,
     /// JSON: the scanner, until the model field is found or known absent.
     scan: Option<ModelField>,
+    /// SSE: the start of the last event scanned, through its model value, and that value's
+    /// span in it.
+    seen: Option<(Vec<u8>, Range<usize>)>,
+    /// What is ready to go out, in order (sent before the upstream is polled again).
+    ready: VecDeque<Bytes>,
+    /// The upstream's body ended (or failed).
     done: bool,
 }
 
 impl Answer {
-    /// SSE: the complete events of `held` + `data`, rewritten; the incomplete tail is held.
-    fn events(&mut self, data: Bytes) -> Bytes {
+    /// SSE: the complete events of `held` + `data`, rewritten, queued in `ready`; the incomplete
+    /// tail is held. Runs of events left as they are go as slices of `data`; changed events are
+    /// copied (with the short unchanged runs between them) into one buffer.
+    fn events(&mut self, data: Bytes) {
         let buf = if self.held.is_empty() {
             data
         } else {
             self.held.extend_from_slice(&data);
             self.held.split().freeze()
         };
-        let mut out = BytesMut::with_capacity(buf.len() + self.model.len());
+        let mut edited = BytesMut::new();
+        // Start of the unchanged bytes not queued yet.
+        let mut run = 0;
         let mut at = 0;
         while let Some(len) = event_len(&buf[at..]) {
-            self.event(&buf[at..at + len], &mut out);
+            let ev = &buf[at..at + len];
+            if let Some(edit) = self.edit(ev) {
+                self.unchanged(&buf, run..at, &mut edited);
+                if let Edit::Model(r) = edit {
+                    edited.extend_from_slice(&ev[..r.start]);
+                    edited.extend_from_slice(&self.model);
+                    edited.extend_from_slice(&ev[r.end..]);
+                }
+                run = at + len;
+            }
             at += len;
         }
+        self.unchanged(&buf, run..at, &mut edited);
+        if !edited.is_empty() {
+            self.ready.push_back(edited.freeze());
+        }
         self.held.extend_from_slice(&buf[at..]);
-        out.freeze()
     }
 
-    /// One event (with its blank line) into `out`: the model spliced, or nothing at all if it
-    /// is the usage event to hide.
-    fn event(&self, ev: &[u8], out: &mut BytesMut) {
-        let Some(payload) = data_line(ev) else {
-            out.extend_from_slice(ev);
-            return;
-        };
-        let json = &ev[payload.clone()];
-        if self.hide_usage && is_usage_event(json) {
+    /// Queues `buf[r]`, unchanged: as a slice when long enough, else copied into `edited`.
+    fn unchanged(&mut self, buf: &Bytes, r: Range<usize>, edited: &mut BytesMut) {
+        if r.len() < SLICE_MIN {
+            edited.extend_from_slice(&buf[r]);
             return;
         }
-        match ModelField::default().scan(json) {
-            Scan::Found(r) if json[r.clone()] != self.model[..] => {
-                out.extend_from_slice(&ev[..payload.start + r.start]);
-                out.extend_from_slice(&self.model);
-                out.extend_from_slice(&ev[payload.start + r.end..]);
+        if !edited.is_empty() {
+            self.ready.push_back(edited.split().freeze());
+        }
+        self.ready.push_back(buf.slice(r));
+    }
+
+    /// What to do with one event (with its blank line): `None` to send it as it is.
+    fn edit(&mut self, ev: &[u8]) -> Option<Edit> {
+        let payload = data_line(ev)?;
+        let json = &ev[payload.clone()];
+        if self.hide_usage && is_usage_event(json) {
+            return Some(Edit::Drop);
+        }
+        // A stream's events usually start alike (same id, object, created) up to the model:
+        // the scanner would find it at the same place, so an event that starts with the
+        // bytes the last scan read is not scanned again.
+        let scan = match &self.seen {
+            Some((prefix, r)) if json.starts_with(prefix) => Scan::Found(r.clone()),
+            _ => {
+                let scan = ModelField::default().scan(json);
+                if let Scan::Found(r) = &scan {
+                    self.seen = Some((json[..r.end].to_vec(), r.clone()));
+                }
+                scan
             }
-            _ => out.extend_from_slice(ev),
+        };
+        match scan {
+            Scan::Found(r) if json[r.clone()] != self.model[..] => {
+                Some(Edit::Model(payload.start + r.start..payload.start + r.end))
+            }
+            _ => None,
         }
     }
 
@@ -184,6 +234,10 @@ impl http_body::Body for Answer {
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         let this = &mut *self;
         loop {
+            // What is ready goes first: nothing waits for the upstream's next frame.
+            if let Some(out) = this.ready.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(out))));
+            }
             if this.done {
                 return Poll::Ready(None);
             }
@@ -192,13 +246,13 @@ impl http_body::Body for Answer {
                     let Ok(data) = frame.into_data() else {
                         continue;
                     };
-                    let out = if this.sse {
-                        this.events(data)
+                    if this.sse {
+                        this.events(data);
                     } else {
-                        this.json(data)
-                    };
-                    if !out.is_empty() {
-                        return Poll::Ready(Some(Ok(Frame::data(out))));
+                        let out = this.json(data);
+                        if !out.is_empty() {
+                            this.ready.push_back(out);
+                        }
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
@@ -209,7 +263,9 @@ impl http_body::Body for Answer {
                     // Whatever is left (an unterminated last event, a JSON tail) goes as it is.
                     this.done = true;
                     let rest = this.held.split().freeze();
-                    return Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))));
+                    if !rest.is_empty() {
+                        this.ready.push_back(rest);
+                    }
                 }
                 Poll::Pending => return Poll::Pending,
             }
@@ -217,17 +273,31 @@ impl http_body::Body for Answer {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done
+        self.done && self.ready.is_empty()
     }
+}
+
+/// A substring searcher built once (`memmem::find` builds one a call, which costs more than
+/// the search in an event of a few hundred bytes).
+type Finder = LazyLock<memmem::Finder<'static>>;
+
+/// How one stream event changes on its way out.
+enum Edit {
+    /// Left out (the usage event the client did not ask for).
+    Drop,
+    /// The `model` value at this span of the event replaced by the public name.
+    Model(Range<usize>),
 }
 
 /// The length of the first complete event of `buf` (through its blank line), if any. The data
 /// plane's one SSE event splitter (the guardrails' stream filter splits with it too).
 pub(crate) fn event_len(buf: &[u8]) -> Option<usize> {
-    let lf = memchr::memmem::find(buf, b"\n\n").map(|i| i + 2);
+    static LF: Finder = LazyLock::new(|| memmem::Finder::new(b"\n\n"));
+    static CRLF: Finder = LazyLock::new(|| memmem::Finder::new(b"\r\n\r\n"));
+    let lf = LF.find(buf).map(|i| i + 2);
     // A CRLF blank line can only come before the first LF one if it starts before it.
     let crlf_in = &buf[..lf.map_or(buf.len(), |e| (e + 2).min(buf.len()))];
-    let crlf = memchr::memmem::find(crlf_in, b"\r\n\r\n").map(|i| i + 4);
+    let crlf = CRLF.find(crlf_in).map(|i| i + 4);
     match (lf, crlf) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -246,10 +316,11 @@ pub(crate) enum Data {
 
 /// The `data:` payload of one event (as [`event_len`] splits them).
 pub(crate) fn data(ev: &[u8]) -> Data {
+    static DATA: Finder = LazyLock::new(|| memmem::Finder::new(b"\ndata:"));
     let start = if ev.starts_with(b"data:") {
         0
     } else {
-        match memchr::memmem::find(ev, b"\ndata:") {
+        match DATA.find(ev) {
             Some(i) => i + 1,
             None => return Data::None,
         }
@@ -259,7 +330,7 @@ pub(crate) fn data(ev: &[u8]) -> Data {
         from += 1;
     }
     let end = memchr::memchr2(b'\n', b'\r', &ev[from..]).map_or(ev.len(), |i| from + i);
-    if memchr::memmem::find(&ev[end..], b"\ndata:").is_some() {
+    if DATA.find(&ev[end..]).is_some() {
         return Data::Several;
     }
     Data::One(from..end)
@@ -277,7 +348,8 @@ fn data_line(ev: &[u8]) -> Option<Range<usize>> {
 /// The usage event of a stream: a usage object and no choices. Only an event that carries a
 /// usage object is parsed (the others say `"usage":null` or nothing).
 fn is_usage_event(json: &[u8]) -> bool {
-    let Some(at) = json.windows(7).position(|w| w == b"\"usage\"") else {
+    static USAGE: Finder = LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+    let Some(at) = USAGE.find(json) else {
         return false;
     };
     let after = json[at + 7..]
@@ -323,6 +395,16 @@ struct ModelField {
 impl ModelField {
     fn scan(&mut self, buf: &[u8]) -> Scan {
         while self.pos < buf.len() {
+            if self.in_str && !self.escaped {
+                // Inside a string only a quote or a backslash matters: skip to the next one.
+                match memchr::memchr2(b'"', b'\\', &buf[self.pos..]) {
+                    Some(n) => self.pos += n,
+                    None => {
+                        self.pos = buf.len();
+                        break;
+                    }
+                }
+            }
             let i = self.pos;
             let b = buf[i];
             self.pos += 1;
@@ -522,6 +604,26 @@ mod tests {
         );
         let (_, all) = through("text/event-stream", &[&with_null], "chat", true).await;
         assert!(all.contains(r#""usage":null"#) && all.contains(r#""model":"chat""#));
+    }
+
+    /// Events that need no change go out as slices of the upstream's frame, not copies; a
+    /// dropped usage event splits the frame around it.
+    #[tokio::test]
+    async fn events_left_as_they_are_are_not_copied() {
+        let ev = format!("{}\n\n", CHUNK.replace("meta-llama/L-3", "chat"));
+        let usage = format!("{}\n\n", USAGE.replace("meta-llama/L-3", "chat"));
+        let events = ev.repeat(4);
+        let frame = Bytes::from(format!("{events}{usage}data: [DONE]\n\n"));
+        let resp = Response::builder()
+            .header(header::CONTENT_TYPE, "text/event-stream")
+            .body(Body::new(Chunks(vec![frame.clone()].into())))
+            .unwrap();
+        let mut body = rewrite(resp, "chat", true).into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first.as_ptr(), frame.as_ptr(), "a slice of the frame");
+        assert_eq!(first, events.as_bytes());
+        let rest = body.collect().await.unwrap().to_bytes();
+        assert_eq!(rest, "data: [DONE]\n\n".as_bytes());
     }
 
     #[tokio::test]

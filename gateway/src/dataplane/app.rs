@@ -25,9 +25,10 @@
 //!     (`answer`);
 //! 13. the answer screened by the guardrails' output filter (redacted or cut).
 //!
-//! Steps 1–2 are the layers below, 3–4 the routing and its `route_layer`, 5–13 the inference
+//! Steps 1–2 are the one layer below ([`front`]: one middleware, so one boxed future a request
+//! rather than one per step), 3–4 the routing and its `route_layer`, 5–13 the inference
 //! handlers (`openai::handle`). Axum matches the route before any layer runs (so the access
-//! log can name the route pattern), but a 404/405 is answered by the fallbacks, inside layers
+//! log can name the route pattern), but a 404/405 is answered by the fallbacks, inside steps
 //! 1 and 2: even a request to no route gets an id and the body cap.
 
 use axum::{
@@ -38,7 +39,6 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use tower::ServiceBuilder;
 
 use crate::{
     auth::http as auth_http,
@@ -74,29 +74,28 @@ pub fn router(state: SharedState) -> Router {
         // 3.
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
-        // Around every route and both fallbacks; runs top to bottom.
-        .layer(
-            ServiceBuilder::new()
-                // 1. Outermost, so even a 404 or a 413 carries an id.
-                .layer(middleware::from_fn(request_id::layer))
-                // 2.
-                .layer(middleware::from_fn_with_state(state, body_limit)),
-        )
+        // 1–2, around every route and both fallbacks.
+        .layer(middleware::from_fn_with_state(state, front))
 }
 
-/// Step 2: a body announced larger than the cap is refused before anything else runs (bodies
-/// without a length are capped while being read, step 6 in `openai`).
-async fn body_limit(State(state): State<SharedState>, req: Request, next: Next) -> Response {
-    let limit = state.config.server().max_body_bytes;
-    let announced = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if announced.is_some_and(|n| n > limit as u64) {
-        return ApiError::payload_too_large(limit).into_response();
-    }
-    next.run(req).await
+/// Steps 1 and 2, in order.
+async fn front(State(state): State<SharedState>, req: Request, next: Next) -> Response {
+    // 1. Outermost, so even a 404 or a 413 carries an id.
+    request_id::around(req, |req| async move {
+        // 2. A body announced larger than the cap is refused before anything else runs
+        // (bodies without a length are capped while being read, step 6 in `openai`).
+        let limit = state.config.server().max_body_bytes;
+        let announced = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if announced.is_some_and(|n| n > limit as u64) {
+            return ApiError::payload_too_large(limit).into_response();
+        }
+        next.run(req).await
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -158,24 +158,45 @@ impl Metered {
             }
             return;
         }
-        self.scan.extend_from_slice(chunk);
-        while let Some(i) = self.scan.iter().position(|b| *b == b'\n') {
-            let line = self.scan.split_to(i + 1);
-            let Some(data) = line.strip_prefix(b"data:") else {
-                continue;
+        // Lines are read in place; only a line split across chunks is gathered in `scan`.
+        let mut rest: &[u8] = chunk;
+        if !self.scan.is_empty() {
+            let Some(i) = memchr::memchr(b'\n', chunk) else {
+                self.scan.extend_from_slice(chunk);
+                // A line longer than the scan limit carries no usage worth keeping.
+                if self.scan.len() > USAGE_SCAN_LIMIT {
+                    self.scan.clear();
+                }
+                return;
             };
-            if mentions_usage(data)
-                && let Some((total, io)) = usage(data)
-            {
-                self.usage = Some(total);
-                self.tokens = Some(io);
-            } else if data.trim_ascii() != b"[DONE]" {
-                self.events += 1;
-            }
+            self.scan.extend_from_slice(&chunk[..=i]);
+            let line = self.scan.split();
+            self.line(&line);
+            rest = &chunk[i + 1..];
         }
-        // A line longer than the scan limit carries no usage worth keeping.
-        if self.scan.len() > USAGE_SCAN_LIMIT {
-            self.scan.clear();
+        let mut start = 0;
+        for i in memchr::memchr_iter(b'\n', rest) {
+            self.line(&rest[start..=i]);
+            start = i + 1;
+        }
+        let tail = &rest[start..];
+        if tail.len() <= USAGE_SCAN_LIMIT {
+            self.scan.extend_from_slice(tail);
+        }
+    }
+
+    /// One whole line of an event stream: a `data:` line is the usage or an event.
+    fn line(&mut self, line: &[u8]) {
+        let Some(data) = line.strip_prefix(b"data:") else {
+            return;
+        };
+        if mentions_usage(data)
+            && let Some((total, io)) = usage(data)
+        {
+            self.usage = Some(total);
+            self.tokens = Some(io);
+        } else if data.trim_ascii() != b"[DONE]" {
+            self.events += 1;
         }
     }
 
@@ -226,7 +247,9 @@ impl Metered {
 /// Whether an SSE event mentions `"usage"`: a cheap test, so that only the (usually last) event
 /// carrying usage is parsed as JSON.
 fn mentions_usage(data: &[u8]) -> bool {
-    data.windows(7).any(|w| w == b"\"usage\"")
+    static USAGE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"usage\""));
+    USAGE.find(data).is_some()
 }
 
 /// The `usage` of an answer or event: only that member is kept, the rest of the document is
@@ -453,6 +476,101 @@ mod tests {
         resp.extensions().get::<EndEarly>().unwrap().cut();
         drop(resp);
         assert_eq!(*seen.0.lock().unwrap(), ["reconcile 42"]);
+    }
+
+    /// An upstream stream that ends after its frames.
+    struct Ends(std::collections::VecDeque<Bytes>);
+
+    impl http_body::Body for Ends {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    /// However the upstream splits its stream into frames (mid-line, mid-`data:`, CRLF), the
+    /// usage is read and the events are counted exactly.
+    #[tokio::test]
+    async fn a_stream_is_metered_exactly_however_it_is_split() {
+        let dir = tempfile::tempdir().unwrap();
+        let identity = identity(dir.path());
+        let event = |i: usize| {
+            format!(
+                "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"t{i}\"}}}}]}}\n\n"
+            )
+        };
+        let mut text: String = (0..3).map(event).collect();
+        let three = text.len();
+        text += ": keep-alive\r\n\r\n";
+        text += "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":3,\"total_tokens\":7}}\r\n\r\n";
+        text += "data: [DONE]\n\n";
+        for cut in [
+            1,
+            5,
+            6,
+            40,
+            three,
+            three + 5,
+            text.len() - 20,
+            text.len() - 1,
+        ] {
+            for end_early in [false, true] {
+                let frames = [&text[..cut], &text[cut..]]
+                    .into_iter()
+                    .map(|p| Bytes::copy_from_slice(p.as_bytes()))
+                    .collect();
+                let resp = Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(Body::new(Ends(frames)))
+                    .unwrap();
+                let seen = Seen::default();
+                let ticket = Ticket::holding(Box::new(Watched(seen.clone())));
+                let p = Principal {
+                    user_id: "u".into(),
+                    username: "u".into(),
+                    tenant: "t".into(),
+                    key_id: None,
+                    session_id: None,
+                    roles: vec![],
+                    method: AuthMethod::ApiKey,
+                };
+                let timing = Timing {
+                    model: "m".into(),
+                    sent: std::time::Instant::now(),
+                };
+                let reserved = Reserved {
+                    prompt: 40,
+                    total: 1040,
+                };
+                let mut resp = meter(resp, ticket, identity.clone(), p, timing, reserved);
+                if end_early {
+                    // Cut once the 3 events (and not the usage) were relayed.
+                    let mut relayed = String::new();
+                    while relayed.matches(":\"t").count() < 3 || !relayed.ends_with("\n\n") {
+                        let f = resp.body_mut().frame().await.unwrap().unwrap();
+                        relayed += std::str::from_utf8(f.data_ref().unwrap()).unwrap();
+                        if relayed.contains("usage") {
+                            break;
+                        }
+                    }
+                    if relayed.contains("usage") {
+                        continue;
+                    }
+                    resp.extensions().get::<EndEarly>().unwrap().cut();
+                    drop(resp);
+                    assert_eq!(*seen.0.lock().unwrap(), ["reconcile 43"], "cut at {cut}");
+                } else {
+                    let all = resp.into_body().collect().await.unwrap().to_bytes();
+                    assert_eq!(all, text.as_bytes());
+                    assert_eq!(*seen.0.lock().unwrap(), ["reconcile 7"], "cut at {cut}");
+                }
+            }
+        }
     }
 
     #[test]

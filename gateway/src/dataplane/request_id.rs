@@ -4,7 +4,7 @@
 //! the request is written under, including lines written while a stream is being relayed. The
 //! request's access-log line (`logging::access`) names it and the host that answered.
 
-use std::{sync::Arc, time::Instant};
+use std::{future::Future, sync::Arc, time::Instant};
 
 use axum::{
     extract::{MatchedPath, Request},
@@ -67,23 +67,30 @@ fn random_16() -> [u8; 16] {
     })
 }
 
-/// Outermost middleware: id, span, response header, one access-log line.
-pub async fn layer(mut req: Request, next: Next) -> Response {
+/// [`around`] as a middleware of its own (the admin plane's router).
+pub async fn layer(req: Request, next: Next) -> Response {
+    around(req, |req| next.run(req)).await
+}
+
+/// Outermost step of the pipeline, around `inner` (the rest of it): id, span, response header,
+/// one access-log line.
+pub async fn around<F, Fut>(mut req: Request, inner: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
     let id = RequestId::generate();
     req.extensions_mut().insert(id.clone());
     let span = info_span!("request", request_id = %id.as_str());
     let method = req.method().clone();
     // The route pattern, never the raw path or query: those are client-chosen text.
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "(no route)".to_owned());
+    let matched = req.extensions().get::<MatchedPath>().cloned();
+    let route = matched.as_ref().map_or("(no route)", MatchedPath::as_str);
     let started = Instant::now();
     let model = crate::metrics::gateway::ModelSlot::default();
     req.extensions_mut().insert(model.clone());
-    let mut resp = next.run(req).instrument(span.clone()).await;
-    crate::metrics::gateway::METRICS.request(&route, model.get(), resp.status().as_u16());
+    let mut resp = inner(req).instrument(span).await;
+    crate::metrics::gateway::METRICS.request(route, model.get(), resp.status().as_u16());
     resp.headers_mut().insert(REQUEST_ID, id.header_value());
     logging::access(&logging::Access {
         request_id: id.as_str(),
@@ -92,7 +99,7 @@ pub async fn layer(mut req: Request, next: Next) -> Response {
             .get::<ServedBy>()
             .map(|s| s.0.name.as_str()),
         method: method.as_str(),
-        route: &route,
+        route,
         status: resp.status().as_u16(),
         ms: started.elapsed().as_millis() as u64,
     });

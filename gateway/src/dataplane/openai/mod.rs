@@ -51,40 +51,29 @@ pub async fn models(State(state): State<SharedState>, principal: Principal) -> i
     Json(json!({"object": "list", "data": data}))
 }
 
-pub async fn chat_completions(
-    State(state): State<SharedState>,
-    principal: Principal,
-    req: Request,
-) -> Result<Response> {
-    handle(Endpoint::ChatCompletions, state, principal, req).await
+pub async fn chat_completions(State(state): State<SharedState>, req: Request) -> Result<Response> {
+    handle(Endpoint::ChatCompletions, state, req).await
 }
 
-pub async fn completions(
-    State(state): State<SharedState>,
-    principal: Principal,
-    req: Request,
-) -> Result<Response> {
-    handle(Endpoint::Completions, state, principal, req).await
+pub async fn completions(State(state): State<SharedState>, req: Request) -> Result<Response> {
+    handle(Endpoint::Completions, state, req).await
 }
 
-pub async fn embeddings(
-    State(state): State<SharedState>,
-    principal: Principal,
-    req: Request,
-) -> Result<Response> {
-    handle(Endpoint::Embeddings, state, principal, req).await
+pub async fn embeddings(State(state): State<SharedState>, req: Request) -> Result<Response> {
+    handle(Endpoint::Embeddings, state, req).await
 }
 
 /// Steps 5–12 of the pipeline, in order (1–4 ran in the layers, see `app`). The principal's
-/// tenant and roles come from the credential only (the `Principal` extractor refuses a request
-/// the bearer check did not pass); nothing in the body or the headers can change them.
-async fn handle(
-    endpoint: Endpoint,
-    state: SharedState,
-    principal: Principal,
-    req: Request,
-) -> Result<Response> {
-    let (parts, body) = req.into_parts();
+/// tenant and roles come from the credential only (the bearer check put it in the request's
+/// extensions; a request without one is refused); nothing in the body or the headers can
+/// change them.
+async fn handle(endpoint: Endpoint, state: SharedState, req: Request) -> Result<Response> {
+    let (mut parts, body) = req.into_parts();
+    // Taken, not cloned (as the `Principal` extractor would): nothing after needs it there.
+    let principal = parts
+        .extensions
+        .remove::<Principal>()
+        .ok_or_else(|| ApiError::unauthorized("missing bearer credential"))?;
     // 5. content type.
     if !is_json(&parts.headers) {
         return Err(ApiError::unsupported_media_type());

@@ -5,7 +5,8 @@
 //! - Event streams are cut at event boundaries (a blank line), so a stream that breaks ends
 //!   with a whole OpenAI-shaped `data: {"error": …}` event the SDKs raise on, never with half
 //!   an event. Whatever is ready at once is sent together; nothing ready is ever held back
-//!   waiting for more (events arrive whole from real servers, so this adds no delay).
+//!   waiting for more (events arrive whole from real servers, so this adds no delay). A frame
+//!   of whole events that nothing joins goes out as it came, without a copy.
 //! - Dropping this body (the client went away) drops the upstream response at once, which
 //!   closes that upstream connection: the inference server sees the request cancelled.
 //! - It holds the host's [`Lease`]: the request counts as outstanding until the body ends, and
@@ -39,6 +40,9 @@ pub struct ProxyBody {
     last_frame: Instant,
     /// `Some` for event streams: bytes of an event not yet complete.
     pending: Option<BytesMut>,
+    /// Event streams: a frame of whole events, kept as it came (not copied) while nothing
+    /// was gathered before it; it joins `pending` only if more is ready at once.
+    whole: Option<Bytes>,
     lease: Option<Lease>,
     span: Span,
     bytes: u64,
@@ -53,6 +57,7 @@ impl ProxyBody {
             deadline: Box::pin(tokio::time::sleep(idle)),
             last_frame: Instant::now(),
             pending: event_stream.then(BytesMut::new),
+            whole: None,
             lease: Some(lease),
             span: Span::current(),
             bytes: 0,
@@ -78,6 +83,9 @@ impl ProxyBody {
         if let Some(lease) = &mut self.lease {
             lease.failure();
         }
+        if let (Some(w), Some(p)) = (self.whole.take(), &mut self.pending) {
+            p.extend_from_slice(&w);
+        }
         let _e = self.span.enter();
         warn!(
             bytes = self.bytes,
@@ -99,11 +107,10 @@ impl ProxyBody {
 
 /// The end of the last complete event in `buf` (just after its blank line), if any.
 fn last_event_end(buf: &[u8]) -> Option<usize> {
-    let lf = buf.windows(2).rposition(|w| w == b"\n\n").map(|i| i + 2);
-    let crlf = buf
-        .windows(4)
-        .rposition(|w| w == b"\r\n\r\n")
-        .map(|i| i + 4);
+    let lf = memchr::memmem::rfind(buf, b"\n\n").map(|i| i + 2);
+    // A CRLF blank line can only end later than the last LF one if it starts after it.
+    let from = lf.map_or(0, |e| e.saturating_sub(3));
+    let crlf = memchr::memmem::rfind(&buf[from..], b"\r\n\r\n").map(|i| from + i + 4);
     lf.max(crlf)
 }
 
@@ -139,6 +146,21 @@ impl Body for ProxyBody {
                     let Some(pending) = &mut this.pending else {
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     };
+                    if let Some(w) = this.whole.take() {
+                        pending.extend_from_slice(&w);
+                    }
+                    // Whole events, nothing gathered before them: kept as they are, copied
+                    // only if more turns out to be ready (the usual server writes whole events).
+                    if pending.is_empty() {
+                        if last {
+                            this.pending = None;
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                        if data.ends_with(b"\n\n") {
+                            this.whole = Some(data);
+                            continue;
+                        }
+                    }
                     pending.extend_from_slice(&data);
                     if last {
                         let rest = std::mem::take(pending).freeze();
@@ -161,11 +183,18 @@ impl Body for ProxyBody {
                 }
                 Poll::Ready(None) => {
                     this.finish();
+                    if let Some(w) = this.whole.take() {
+                        this.pending = None;
+                        return Poll::Ready(Some(Ok(Frame::data(w))));
+                    }
                     let rest = this.pending.take().filter(|p| !p.is_empty());
                     return Poll::Ready(rest.map(|p| Ok(Frame::data(p.freeze()))));
                 }
                 Poll::Pending => {
                     // Nothing more right now: send the complete events gathered so far.
+                    if let Some(w) = this.whole.take() {
+                        return Poll::Ready(Some(Ok(Frame::data(w))));
+                    }
                     if let Some(pending) = &mut this.pending
                         && let Some(end) = last_event_end(pending)
                     {
@@ -185,7 +214,9 @@ impl Body for ProxyBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_none() && self.pending.as_ref().is_none_or(|p| p.is_empty())
+        self.inner.is_none()
+            && self.whole.is_none()
+            && self.pending.as_ref().is_none_or(|p| p.is_empty())
     }
 
     fn size_hint(&self) -> SizeHint {
