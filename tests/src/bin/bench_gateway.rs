@@ -188,18 +188,17 @@ http {{
     Ok(n)
 }
 
-/// The fixed non-streamed answer: a `chat.completion` of about 600 bytes.
+/// The fixed non-streamed answer: a `chat.completion` of about 600 bytes. Written by hand, in
+/// the key order vLLM and OpenAI send (`serde_json` would sort the keys: `choices` before
+/// `model`).
 fn json_answer(model: &str) -> String {
+    let model = json!(model);
     let mut content = String::new();
     let make = |content: &str| {
-        json!({
-            "id": "chatcmpl-bench0000000000000000", "object": "chat.completion",
-            "created": 1_700_000_000, "model": model, "system_fingerprint": "fp_bench",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                "logprobs": null, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 230, "completion_tokens": 64, "total_tokens": 294},
-        })
-        .to_string()
+        format!(
+            r#"{{"id":"chatcmpl-bench0000000000000000","object":"chat.completion","created":1700000000,"model":{model},"system_fingerprint":"fp_bench","choices":[{{"index":0,"message":{{"role":"assistant","content":{}}},"logprobs":null,"finish_reason":"stop"}}],"usage":{{"prompt_tokens":230,"completion_tokens":64,"total_tokens":294}}}}"#,
+            json!(content)
+        )
     };
     while make(&content).len() < 600 {
         content.push_str("tok ");
@@ -207,20 +206,23 @@ fn json_answer(model: &str) -> String {
     make(&content)
 }
 
-/// The fixed stream: 20 content chunks, the finish chunk, the usage event, `[DONE]`.
+/// The fixed stream: 20 content chunks, the finish chunk, the usage event, `[DONE]`; keys in
+/// vLLM's order, as in [`json_answer`].
 fn sse_answer(model: &str) -> String {
+    let model = json!(model);
     let chunk = |delta: serde_json::Value, finish: serde_json::Value, usage: bool| {
-        let mut v = json!({
-            "id": "chatcmpl-bench0000000000000000", "object": "chat.completion.chunk",
-            "created": 1_700_000_000, "model": model, "system_fingerprint": "fp_bench",
-            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
-        });
+        let head = format!(
+            r#"{{"id":"chatcmpl-bench0000000000000000","object":"chat.completion.chunk","created":1700000000,"model":{model},"system_fingerprint":"fp_bench","choices":"#
+        );
         if usage {
-            v["choices"] = json!([]);
-            v["usage"] =
-                json!({"prompt_tokens": 230, "completion_tokens": 20, "total_tokens": 250});
+            format!(
+                "data: {head}[],\"usage\":{{\"prompt_tokens\":230,\"completion_tokens\":20,\"total_tokens\":250}}}}\n\n"
+            )
+        } else {
+            format!(
+                "data: {head}[{{\"index\":0,\"delta\":{delta},\"logprobs\":null,\"finish_reason\":{finish}}}]}}\n\n"
+            )
         }
-        format!("data: {v}\n\n")
     };
     let mut s = chunk(
         json!({"role": "assistant", "content": ""}),
@@ -1534,4 +1536,35 @@ fn shared_store(args: &Args) -> Result<()> {
     }
     drop((a, b, before, upstream));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fixed answers are valid JSON, with `model` ahead of `choices` as upstreams send it.
+    #[test]
+    fn fixed_answers_are_json_in_the_upstreams_key_order() {
+        let check = |text: &str| {
+            let v: serde_json::Value = serde_json::from_str(text).unwrap();
+            assert!(v["choices"].is_array(), "{text}");
+            assert!(text.find("\"model\"").unwrap() < text.find("\"choices\"").unwrap());
+            v
+        };
+        let answer = json_answer("m");
+        assert!(answer.len() >= 600);
+        assert_eq!(check(&answer)["model"], "m");
+        let stream = sse_answer("s");
+        let events: Vec<&str> = stream
+            .split("\n\n")
+            .filter(|e| !e.is_empty())
+            .map(|e| e.strip_prefix("data: ").unwrap())
+            .collect();
+        assert_eq!(events.len(), 24);
+        assert_eq!(events[23], "[DONE]");
+        for e in &events[..23] {
+            assert_eq!(check(e)["model"], "s");
+        }
+        assert_eq!(check(events[22])["usage"]["completion_tokens"], 20);
+    }
 }
