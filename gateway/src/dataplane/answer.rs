@@ -483,6 +483,7 @@ mod tests {
     use http_body_util::BodyExt;
 
     use super::*;
+    use crate::dataplane::test_bodies::Frames;
 
     fn found(json: &str) -> Option<String> {
         match ModelField::default().scan(json.as_bytes()) {
@@ -516,29 +517,14 @@ mod tests {
         assert_eq!(ModelField::default().scan(br#"{"id":"x","mod"#), Scan::More);
     }
 
-    /// A body of the given frames.
-    struct Chunks(std::collections::VecDeque<Bytes>);
-
-    impl http_body::Body for Chunks {
-        type Data = Bytes;
-        type Error = std::convert::Infallible;
-
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-            Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
-        }
-    }
-
     async fn through(
         content_type: &str,
         chunks: &[&str],
         model: &str,
         hide_usage: bool,
     ) -> (Vec<String>, String) {
-        let body = Body::new(Chunks(
-            chunks.iter().map(|c| Bytes::from(c.to_string())).collect(),
+        let body = Body::new(Frames::ending(
+            chunks.iter().map(|c| Bytes::from(c.to_string())),
         ));
         let resp = Response::builder()
             .status(StatusCode::OK)
@@ -616,7 +602,7 @@ mod tests {
         let frame = Bytes::from(format!("{events}{usage}data: [DONE]\n\n"));
         let resp = Response::builder()
             .header(header::CONTENT_TYPE, "text/event-stream")
-            .body(Body::new(Chunks(vec![frame.clone()].into())))
+            .body(Body::new(Frames::ending([frame.clone()])))
             .unwrap();
         let mut body = rewrite(resp, "chat", true).into_body();
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
@@ -648,7 +634,7 @@ mod tests {
         assert!(!has_length(&sse));
         let chunks = Response::builder()
             .header(header::CONTENT_TYPE, "application/json")
-            .body(Body::new(Chunks(vec![Bytes::from("{}")].into())))
+            .body(Body::new(Frames::ending([Bytes::from("{}")])))
             .unwrap();
         assert!(!has_length(&chunks));
     }

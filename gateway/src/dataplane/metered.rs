@@ -358,6 +358,7 @@ mod tests {
     use http_body_util::BodyExt as _;
 
     use super::*;
+    use crate::dataplane::test_bodies::Frames;
     use crate::{
         auth::AuthMethod, config::Config, dataplane::quota::Reservation, store::sqlite::SqliteStore,
     };
@@ -377,24 +378,6 @@ mod tests {
         }
     }
 
-    /// An upstream stream: its events, then nothing more (it never ends by itself).
-    struct Upstream(std::collections::VecDeque<Bytes>);
-
-    impl http_body::Body for Upstream {
-        type Data = Bytes;
-        type Error = std::convert::Infallible;
-
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-            match self.0.pop_front() {
-                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
-                None => Poll::Pending,
-            }
-        }
-    }
-
     fn identity(dir: &std::path::Path) -> Arc<Identity> {
         let config = Config::from_str(
             &dir.join("moat.toml"),
@@ -408,14 +391,12 @@ mod tests {
     /// A stream of `n` text events that never ends by itself, metered; returns the answer and
     /// what its reservation is told.
     fn stream(dir: &std::path::Path, n: usize, reserved: Reserved) -> (Response, Seen) {
-        let events = (0..n)
-            .map(|i| {
-                Bytes::from(format!(
-                    "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"t{i}\"}}}}]}}\n\n"
-                ))
-            })
-            .collect();
-        let body = Body::new(Upstream(events));
+        let events = (0..n).map(|i| {
+            Bytes::from(format!(
+                "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"t{i}\"}}}}]}}\n\n"
+            ))
+        });
+        let body = Body::new(Frames::open(events));
         let resp = Response::builder()
             .header("content-type", "text/event-stream")
             .body(body)
@@ -478,21 +459,6 @@ mod tests {
         assert_eq!(*seen.0.lock().unwrap(), ["reconcile 42"]);
     }
 
-    /// An upstream stream that ends after its frames.
-    struct Ends(std::collections::VecDeque<Bytes>);
-
-    impl http_body::Body for Ends {
-        type Data = Bytes;
-        type Error = std::convert::Infallible;
-
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-            Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
-        }
-    }
-
     /// However the upstream splits its stream into frames (mid-line, mid-`data:`, CRLF), the
     /// usage is read and the events are counted exactly.
     #[tokio::test]
@@ -520,13 +486,11 @@ mod tests {
             text.len() - 1,
         ] {
             for end_early in [false, true] {
-                let frames = [&text[..cut], &text[cut..]]
-                    .into_iter()
-                    .map(|p| Bytes::copy_from_slice(p.as_bytes()))
-                    .collect();
+                let frames =
+                    [&text[..cut], &text[cut..]].map(|p| Bytes::copy_from_slice(p.as_bytes()));
                 let resp = Response::builder()
                     .header("content-type", "text/event-stream")
-                    .body(Body::new(Ends(frames)))
+                    .body(Body::new(Frames::ending(frames)))
                     .unwrap();
                 let seen = Seen::default();
                 let ticket = Ticket::holding(Box::new(Watched(seen.clone())));

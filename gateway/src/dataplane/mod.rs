@@ -17,3 +17,5 @@ pub mod quota;
 pub mod request_id;
 pub mod route;
 pub mod state;
+#[cfg(test)]
+mod test_bodies;
