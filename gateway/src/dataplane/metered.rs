@@ -396,10 +396,15 @@ mod tests {
                 "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"t{i}\"}}}}]}}\n\n"
             ))
         });
-        let body = Body::new(Frames::open(events));
+        metered(Frames::open(events), identity(dir), reserved)
+    }
+
+    /// The upstream stream `body`, metered; returns the answer and what its reservation is
+    /// told.
+    fn metered(body: Frames, identity: Arc<Identity>, reserved: Reserved) -> (Response, Seen) {
         let resp = Response::builder()
             .header("content-type", "text/event-stream")
-            .body(body)
+            .body(Body::new(body))
             .unwrap();
         let seen = Seen::default();
         let p = Principal {
@@ -416,7 +421,7 @@ mod tests {
             sent: std::time::Instant::now(),
         };
         let ticket = Ticket::holding(Box::new(Watched(seen.clone())));
-        let resp = meter(resp, ticket, identity(dir), p, timing, reserved);
+        let resp = meter(resp, ticket, identity, p, timing, reserved);
         (resp, seen)
     }
 
@@ -488,30 +493,11 @@ mod tests {
             for end_early in [false, true] {
                 let frames =
                     [&text[..cut], &text[cut..]].map(|p| Bytes::copy_from_slice(p.as_bytes()));
-                let resp = Response::builder()
-                    .header("content-type", "text/event-stream")
-                    .body(Body::new(Frames::ending(frames)))
-                    .unwrap();
-                let seen = Seen::default();
-                let ticket = Ticket::holding(Box::new(Watched(seen.clone())));
-                let p = Principal {
-                    user_id: "u".into(),
-                    username: "u".into(),
-                    tenant: "t".into(),
-                    key_id: None,
-                    session_id: None,
-                    roles: vec![],
-                    method: AuthMethod::ApiKey,
-                };
-                let timing = Timing {
-                    model: "m".into(),
-                    sent: std::time::Instant::now(),
-                };
                 let reserved = Reserved {
                     prompt: 40,
                     total: 1040,
                 };
-                let mut resp = meter(resp, ticket, identity.clone(), p, timing, reserved);
+                let (mut resp, seen) = metered(Frames::ending(frames), identity.clone(), reserved);
                 if end_early {
                     // Cut once the 3 events (and not the usage) were relayed.
                     let mut relayed = String::new();
