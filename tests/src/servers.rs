@@ -29,12 +29,22 @@ const PG_PASSWORD: &str = "test-only-db-password";
 const READY: Duration = Duration::from_secs(30);
 
 /// A port nobody listens on right now (the server binds it a moment later; a clash shows up
-/// as a start failure, never as two tests sharing a server).
+/// as a start failure, never as two tests sharing a server). The kernel may hand the same
+/// port to two binds in a row once the first is closed, so a port given out once is not given
+/// out again by this process.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind a free port")
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind a free port")
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 fn postgres_bin_dir() -> PathBuf {

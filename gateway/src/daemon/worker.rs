@@ -19,17 +19,23 @@ use std::{
     os::fd::{FromRawFd, OwnedFd, RawFd},
     path::Path,
     sync::Arc,
+    task::Poll,
 };
 
 use anyhow::{Context, Result, bail};
 use arc_swap::ArcSwap;
-use axum::{Router, extract::Request, response::IntoResponse};
+use axum::{
+    Router,
+    extract::{ConnectInfo, Request},
+    routing::future::RouteFuture,
+    serve::IncomingStream,
+};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::{TcpListener, UnixStream},
     signal::unix::{SignalKind, signal},
 };
-use tower::ServiceExt;
+use tower::Service;
 use tracing::{error, info};
 
 use crate::{
@@ -323,27 +329,86 @@ pub async fn serve(
     current: Arc<ArcSwap<Serving>>,
     until: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let front = Router::new().fallback_service(tower::service_fn(move |req: Request| {
-        // The request holds its config (and that config's pools) until it is done.
-        let serving = current.load_full();
-        async move {
-            let response = serving.router.clone().oneshot(req).await;
-            Ok::<_, Infallible>(response.into_response())
-        }
-    }));
     // TCP_NODELAY: stream chunks are small writes; Nagle would hold each one back until the
     // previous was acknowledged (up to 40 ms with delayed ACKs).
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    // Connection info: the token endpoint throttles password attempts per source address.
-    axum::serve(
-        listener,
-        front.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(until)
-    .await?;
+    axum::serve(listener, Connections(current))
+        .with_graceful_shutdown(until)
+        .await?;
     Ok(())
+}
+
+/// Makes each accepted connection's service ([`Connection`]).
+#[derive(Clone)]
+struct Connections(Arc<ArcSwap<Serving>>);
+
+impl<L> Service<IncomingStream<'_, L>> for Connections
+where
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
+{
+    type Response = Connection;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Connection, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, incoming: IncomingStream<'_, L>) -> Self::Future {
+        std::future::ready(Ok(Connection {
+            current: self.0.clone(),
+            peer: *incoming.remote_addr(),
+        }))
+    }
+}
+
+/// One connection's requests, each handed to the router of the config current when it
+/// arrives: a direct call, with no router or boxed future of its own in front.
+#[derive(Clone)]
+struct Connection {
+    current: Arc<ArcSwap<Serving>>,
+    /// The token endpoint throttles password attempts per source address (`ConnectInfo`).
+    peer: std::net::SocketAddr,
+}
+
+impl Service<Request> for Connection {
+    type Response = axum::response::Response;
+    type Error = Infallible;
+    type Future = Served;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request) -> Served {
+        req.extensions_mut().insert(ConnectInfo(self.peer));
+        let serving = self.current.load_full();
+        let answer = serving.router.clone().call(req);
+        Served {
+            answer,
+            _serving: serving,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request being answered; it holds its config (and that config's pools) until the
+    /// answer is ready.
+    struct Served {
+        #[pin]
+        answer: RouteFuture<Infallible>,
+        _serving: Arc<Serving>,
+    }
+}
+
+impl Future for Served {
+    type Output = Result<axum::response::Response, Infallible>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        self.project().answer.poll(cx)
+    }
 }
 
 /// Unprivileged single-process mode (`moat serve` as a normal user, segmentation off): the

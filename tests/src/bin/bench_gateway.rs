@@ -8,7 +8,9 @@
 //! - `direct`: wrk straight to the upstream;
 //! - `nginx`: nginx as a reverse proxy with a bearer check (keep-alive upstream pool,
 //!   buffering off, access log on as by default);
-//! - `moat`: moat enforcing (segmentation on, worker as `moat` in its cgroup), an API key,
+//! - `moat`: moat with every check on, as issue 15's goal asks: enforcing (segmentation on,
+//!   worker as `moat` in its cgroup), an API key, RBAC, quotas per tenant and key (generous:
+//!   every request counted, none refused), guardrails on (shipped rules, secrets redacted),
 //!   access log on;
 //! - `before` (with `--moat-before PATH`): another moat binary, set up as `moat`, so that a
 //!   change is measured against the build before it in one run.
@@ -36,7 +38,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use http_body_util::BodyExt;
-use moat_tests::{Daemon, Sim, send};
+use moat_tests::{Daemon, Sim, send, servers::free_port};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -122,14 +124,6 @@ impl Drop for Nginx {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Starts nginx in `dir` with `servers` inside its `http` block.
@@ -544,7 +538,7 @@ async fn run(args: Args) -> Result<()> {
     ]);
     let mut moat = Daemon::enforcing();
     let host = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
-    let config = moat.enforcing_config(&[host(json_moat)], "", "")
+    let config = moat.enforcing_config(&[host(json_moat)], "", EVERY_CHECK)
         + &format!(
             "\n[pools.sse]\nhosts = [\"{}\"]\n[models.s]\npool = \"sse\"\n\
              [pools.slow]\nhosts = [\"{}\"]\nidle_timeout_ms = 600000\n\
@@ -563,7 +557,7 @@ async fn run(args: Args) -> Result<()> {
     let before = match &args.moat_before {
         Some(bin) => {
             let mut d = Daemon::enforcing();
-            let config = d.enforcing_config(&[host(json_before)], "", "")
+            let config = d.enforcing_config(&[host(json_before)], "", EVERY_CHECK)
                 + &format!(
                     "\n[pools.sse]\nhosts = [\"{}\"]\n[models.s]\npool = \"sse\"\n",
                     host(sse_before)
@@ -592,7 +586,8 @@ async fn run(args: Args) -> Result<()> {
 
     println!(
         "gateway benchmark: wrk -t2 keep-alive, {} s warm-up + {} s per cell, ~{} B chat body; \
-         upstream nginx `return 200` ({} B JSON, {} B / 20-chunk SSE); moat enforcing, API key",
+         upstream nginx `return 200` ({} B JSON, {} B / 20-chunk SSE); moat enforcing, API key, \
+         quotas, guardrails",
         args.warmup,
         args.duration,
         chat_body_for("m", false).len(),
@@ -735,6 +730,14 @@ async fn run(args: Args) -> Result<()> {
 }
 
 /// The nginx peer's server on `port`: the bearer check, then `upstream`.
+/// What the cells turn on beyond authentication and RBAC: quotas per tenant and key, generous
+/// enough that every request is counted and none refused, and the guardrails with the shipped
+/// rules (the prompt screened, the answer filtered, secrets redacted).
+const EVERY_CHECK: &str = "\n[quotas.tenant]\nrequests_per_minute = 100000000\n\
+    tokens_per_minute = 100000000000\n\
+    [quotas.key]\nrequests_per_minute = 100000000\nconcurrent_requests = 10000\n\
+    [guardrails]\nenabled = true\n[guardrails.policy]\nsecrets = \"redact\"\n";
+
 fn peer_server(port: u16, upstream: &str, key: &str) -> String {
     format!(
         "    server {{\n        listen 127.0.0.1:{port} reuseport;\n        location / {{\n            \
