@@ -1,7 +1,7 @@
 //! The request id: 128 random bits, made by the gateway for every request (a client-sent
 //! `X-Request-Id` is not trusted, so ids stay unique and unforgeable in logs). It goes back on
-//! every response, upstream with the request, and into a tracing span that every log line of
-//! the request is written under, including lines written while a stream is being relayed. The
+//! every response, upstream with the request, and onto every log line written while the request
+//! is worked on (`logging::InRequest`), including lines written while a stream is being relayed. The
 //! request's access-log line (`logging::access`) names it and the host that answered.
 
 use std::{future::Future, sync::Arc, time::Instant};
@@ -12,7 +12,6 @@ use axum::{
     middleware::Next,
     response::Response,
 };
-use tracing::{Instrument, info_span};
 
 use crate::{dataplane::proxy::ServedBy, logging};
 
@@ -81,7 +80,6 @@ where
 {
     let id = RequestId::generate();
     req.extensions_mut().insert(id.clone());
-    let span = info_span!("request", request_id = %id.as_str());
     let method = req.method().clone();
     // The route pattern, never the raw path or query: those are client-chosen text.
     let matched = req.extensions().get::<MatchedPath>().cloned();
@@ -89,7 +87,7 @@ where
     let started = Instant::now();
     let model = crate::metrics::gateway::ModelSlot::default();
     req.extensions_mut().insert(model.clone());
-    let mut resp = inner(req).instrument(span).await;
+    let mut resp = logging::InRequest::new(id.0.clone(), inner(req)).await;
     crate::metrics::gateway::METRICS.request(route, model.get(), resp.status().as_u16());
     resp.headers_mut().insert(REQUEST_ID, id.header_value());
     logging::access(&logging::Access {

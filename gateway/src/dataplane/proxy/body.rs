@@ -14,6 +14,7 @@
 
 use std::{
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
@@ -22,9 +23,9 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
-use tracing::{Span, info, warn};
+use tracing::{info, warn};
 
-use crate::{dataplane::route::Lease, error::ApiError};
+use crate::{dataplane::route::Lease, error::ApiError, logging};
 
 /// Largest event held back while waiting for its end.
 const MAX_EVENT_BYTES: usize = 1024 * 1024;
@@ -44,7 +45,8 @@ pub struct ProxyBody {
     /// was gathered before it; it joins `pending` only if more is ready at once.
     whole: Option<Bytes>,
     lease: Option<Lease>,
-    span: Span,
+    /// The request's id, for its log lines (`logging::enter`).
+    request: Option<Arc<str>>,
     bytes: u64,
     ended: bool,
 }
@@ -59,7 +61,7 @@ impl ProxyBody {
             pending: event_stream.then(BytesMut::new),
             whole: None,
             lease: Some(lease),
-            span: Span::current(),
+            request: logging::current_request(),
             bytes: 0,
             ended: false,
         }
@@ -86,7 +88,7 @@ impl ProxyBody {
         if let (Some(w), Some(p)) = (self.whole.take(), &mut self.pending) {
             p.extend_from_slice(&w);
         }
-        let _e = self.span.enter();
+        let _e = logging::enter(&mut self.request);
         warn!(
             bytes = self.bytes,
             host = self.lease.as_ref().map(|l| l.host().name.as_str()),
@@ -231,7 +233,7 @@ impl Body for ProxyBody {
 impl Drop for ProxyBody {
     fn drop(&mut self) {
         if !self.ended {
-            let _e = self.span.enter();
+            let _e = logging::enter(&mut self.request);
             info!(
                 bytes = self.bytes,
                 "client went away; upstream request cancelled"
