@@ -63,7 +63,7 @@ async fn probe(upstream: &Upstream, host: usize) -> Result<(), String> {
     let mut req = Request::new(Full::new(Bytes::new()));
     *req.method_mut() = Method::GET;
     *req.uri_mut() = upstream
-        .uri(host, &upstream.health_path)
+        .uri(host, upstream.health_path.clone())
         .map_err(|_| "bad health check URI".to_owned())?;
     if let Some(c) = &upstream.credential {
         req.headers_mut().insert(header::AUTHORIZATION, c.clone());

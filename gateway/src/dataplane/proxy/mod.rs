@@ -23,7 +23,10 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use axum::{
     body::Body,
-    http::{HeaderValue, Method, Request, Uri},
+    http::{
+        HeaderValue, Method, Request, Uri,
+        uri::{Authority, PathAndQuery, Scheme},
+    },
     response::{IntoResponse, Response},
 };
 use bytes::Bytes;
@@ -42,14 +45,15 @@ pub use body::ProxyBody;
 /// One pool's way out: its client and the settings of its requests.
 pub struct Upstream {
     client: client::Clients,
-    scheme: &'static str,
-    /// `host:port` as written, by host index.
-    authorities: Vec<String>,
+    scheme: Scheme,
+    /// `host:port` as written, by host index (parsed once: a request's URI is put together
+    /// from parts, not parsed again).
+    authorities: Vec<Authority>,
     credential: Option<HeaderValue>,
     first_byte: Duration,
     idle: Duration,
     max_attempts: u32,
-    health_path: String,
+    health_path: PathAndQuery,
     health_interval: Duration,
     health_timeout: Duration,
 }
@@ -68,13 +72,30 @@ impl Upstreams {
                 .transpose()?;
             let up = Upstream {
                 client: client::build(pool)?,
-                scheme: if pool.tls { "https" } else { "http" },
-                authorities: pool.hosts.clone(),
+                scheme: if pool.tls {
+                    Scheme::HTTPS
+                } else {
+                    Scheme::HTTP
+                },
+                authorities: pool
+                    .hosts
+                    .iter()
+                    .map(|h| {
+                        h.parse()
+                            .map_err(|e| anyhow::anyhow!("pools.{}.hosts: `{h}`: {e}", pool.name))
+                    })
+                    .collect::<anyhow::Result<_>>()?,
                 credential,
                 first_byte: pool.timeouts.first_byte,
                 idle: pool.timeouts.idle,
                 max_attempts: pool.max_attempts,
-                health_path: pool.health.path.clone(),
+                health_path: pool.health.path.parse().map_err(|e| {
+                    anyhow::anyhow!(
+                        "pools.{}.health.path: `{}`: {e}",
+                        pool.name,
+                        pool.health.path
+                    )
+                })?,
                 health_interval: pool.health.interval,
                 health_timeout: pool.health.timeout,
             };
@@ -97,16 +118,19 @@ pub struct Outbound {
 }
 
 impl Upstream {
-    fn uri(&self, host: usize, path: &str) -> Result<Uri, ApiError> {
-        format!("{}://{}{}", self.scheme, self.authorities[host], path)
-            .parse()
+    fn uri(&self, host: usize, path: PathAndQuery) -> Result<Uri, ApiError> {
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authorities[host].clone())
+            .path_and_query(path)
+            .build()
             .map_err(|_| ApiError::internal())
     }
 
     fn request(&self, host: usize, out: &Outbound) -> Result<Request<Full<Bytes>>, ApiError> {
         let mut req = Request::new(Full::new(out.body.clone()));
         *req.method_mut() = Method::POST;
-        *req.uri_mut() = self.uri(host, out.path)?;
+        *req.uri_mut() = self.uri(host, PathAndQuery::from_static(out.path))?;
         *req.headers_mut() =
             headers::upstream(out.stream, &out.request_id, self.credential.as_ref());
         Ok(req)
