@@ -7,7 +7,8 @@
 //!
 //! Then the body is rewritten for the policy: chat-template delimiters taken out of every
 //! caller text that is let through (they never reach the upstream from a caller), the
-//! operator's system prompt (with the canary) put first.
+//! operator's system prompt (with the canary) put first. Both are edits of the client's bytes
+//! (see `dataplane::openai::wire`): the rest of the body goes upstream as it came.
 
 use serde_json::{Map, Value};
 use tracing::{info, warn};
@@ -18,7 +19,10 @@ use super::{
     output::OutputPolicy,
 };
 use crate::{
-    auth::Principal, dataplane::openai::Endpoint, dataplane::state::AppState, error::ApiError,
+    auth::Principal,
+    dataplane::openai::{Endpoint, validate::Validated, wire::Step},
+    dataplane::state::AppState,
+    error::ApiError,
 };
 
 /// What the stage hands to the answer: its flags and what the output filter needs.
@@ -79,6 +83,37 @@ impl At {
             At::FunctionCall(i) => format!("messages[{i}].function_call.arguments"),
         }
     }
+
+    /// Its path in the body.
+    fn path(self) -> Vec<Step<'static>> {
+        use Step::{Index, Key};
+        match self {
+            At::Field(k) => vec![Key(k)],
+            At::Item(k, i) => vec![Key(k), Index(i)],
+            At::Content(i) => vec![Key("messages"), Index(i), Key("content")],
+            At::Part(i, j) => vec![
+                Key("messages"),
+                Index(i),
+                Key("content"),
+                Index(j),
+                Key("text"),
+            ],
+            At::ToolCall(i, j) => vec![
+                Key("messages"),
+                Index(i),
+                Key("tool_calls"),
+                Index(j),
+                Key("function"),
+                Key("arguments"),
+            ],
+            At::FunctionCall(i) => vec![
+                Key("messages"),
+                Index(i),
+                Key("function_call"),
+                Key("arguments"),
+            ],
+        }
+    }
 }
 
 /// One caller text, borrowed from the body, with where it sits and its kind of source.
@@ -96,13 +131,13 @@ pub async fn screen(
     p: &Principal,
     endpoint: Endpoint,
     policy: Option<Policy>,
-    body: &mut Map<String, Value>,
+    valid: &mut Validated,
 ) -> Result<Option<Guard>, ApiError> {
     let g = &state.config.guardrails;
     let Some(policy) = policy.filter(|_| g.enabled) else {
         return Ok(None);
     };
-    let texts = texts(endpoint, body, &policy)?;
+    let texts = texts(endpoint, &valid.body, &policy)?;
     let rules = &g.rules;
     let mut hit_user = vec![false; rules.rules.len()];
     let mut hit_tool = vec![false; rules.rules.len()];
@@ -140,7 +175,7 @@ pub async fn screen(
             first_param[t.source as usize].get_or_insert(t.at);
         }
         if rules.has_delimiters(raw) {
-            with_delimiters.push(t.at.param());
+            with_delimiters.push(t.at);
         }
     }
     let ids = |hits: &[bool]| -> (f32, Vec<String>) {
@@ -226,20 +261,27 @@ pub async fn screen(
         audit_hits(p, &flagged, "flag");
     }
     // Delimiters never reach the upstream from a caller.
-    for ptr in &with_delimiters {
-        if let Some(v) = pointer_mut(body, ptr)
-            && let Some(s) = v.as_str()
+    // (An edit the body's bytes cannot take, while its tree could, would be a bug: refused
+    // rather than sent without it.)
+    for at in with_delimiters {
+        let path = at.path();
+        if let Some(s) = pointer_at(&valid.body, &path)
             && let Some(clean) = rules.strip_delimiters(s)
+            && !valid.set_at(&path, Value::String(clean))
         {
-            *v = Value::String(clean);
+            return Err(ApiError::internal());
         }
     }
     let canary = policy.canary.then(canary::new);
     if endpoint == Endpoint::ChatCompletions
         && let Some(system) = operator_message(&policy, canary.as_deref())
-        && let Some(Value::Array(msgs)) = body.get_mut("messages")
+        && valid.body.get("messages").is_some_and(Value::is_array)
+        && !valid.prepend(
+            "messages",
+            serde_json::json!({"role": "system", "content": system}),
+        )
     {
-        msgs.insert(0, serde_json::json!({"role": "system", "content": system}));
+        return Err(ApiError::internal());
     }
     Ok(Some(Guard {
         flagged,
@@ -439,7 +481,24 @@ fn texts<'a>(
     Ok(out)
 }
 
+/// The string at `path` in the body.
+fn pointer_at<'a>(body: &'a Map<String, Value>, path: &[Step<'_>]) -> Option<&'a str> {
+    let (Step::Key(first), rest) = path.split_first()? else {
+        return None;
+    };
+    let mut v = body.get(*first)?;
+    for step in rest {
+        v = match (step, v) {
+            (Step::Key(k), Value::Object(o)) => o.get(*k)?,
+            (Step::Index(i), Value::Array(a)) => a.get(*i)?,
+            _ => return None,
+        };
+    }
+    v.as_str()
+}
+
 /// `messages[1].content[0].text` as a JSON pointer (`/messages/1/content/0/text`).
+#[cfg(test)]
 fn ptr_path(param: &str) -> String {
     let mut out = String::with_capacity(param.len() + 4);
     for part in param.split('.') {
@@ -452,17 +511,6 @@ fn ptr_path(param: &str) -> String {
         }
     }
     out
-}
-
-fn pointer_mut<'a>(body: &'a mut Map<String, Value>, param: &str) -> Option<&'a mut Value> {
-    let path = ptr_path(param);
-    let (first, rest) = path[1..].split_once('/').unwrap_or((&path[1..], ""));
-    let v = body.get_mut(first)?;
-    if rest.is_empty() {
-        Some(v)
-    } else {
-        v.pointer_mut(&format!("/{rest}"))
-    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 mod json;
 mod reserve;
 pub mod validate;
+pub mod wire;
 
 use axum::{
     Json,
@@ -82,11 +83,12 @@ async fn handle(endpoint: Endpoint, state: SharedState, req: Request) -> Result<
     let limit = state.config.server().max_body_bytes;
     let bytes = read_body(body, limit).await?;
     // 7. strict parse, the model's caps.
-    let valid = validate::validate(endpoint, &bytes, &state.config)?;
+    let len = bytes.len();
+    let valid = validate::validate_body(endpoint, bytes, &state.config)?;
     if let Some(slot) = parts.extensions.get::<crate::metrics::gateway::ModelSlot>() {
         slot.set(&valid.model);
     }
-    debug!(model = %valid.model, stream = valid.stream, bytes = bytes.len(), "request valid");
+    debug!(model = %valid.model, stream = valid.stream, bytes = len, "request valid");
     // The system prompt the guardrails will put first counts like a caller's message: in the
     // model's `max_messages` and in the reservation.
     let mut valid = valid;
@@ -132,14 +134,13 @@ async fn handle(endpoint: Endpoint, state: SharedState, req: Request) -> Result<
         .inspect_err(|e| refused(&principal, &model, e, "quota denied"))?;
     // 9b. guardrails: the prompt screened, the operator's system prompt put in; a blocked
     // prompt is refunded like any refused attempt.
-    let guard =
-        match guardrails::screen(&state, &principal, endpoint, policy, &mut valid.body).await {
-            Ok(guard) => guard,
-            Err(e) => {
-                ticket.refund();
-                return Err(e);
-            }
-        };
+    let guard = match guardrails::screen(&state, &principal, endpoint, policy, &mut valid).await {
+        Ok(guard) => guard,
+        Err(e) => {
+            ticket.refund();
+            return Err(e);
+        }
+    };
     let body = valid.upstream_body(salt)?;
     let request_id = parts
         .extensions

@@ -8,7 +8,10 @@
 //! model id, `max_tokens` is set to the model's cap when the request sets no limit, and a
 //! stream always asks for its usage (`stream_options.include_usage`), so that no stream escapes
 //! the reconciliation of its token reservation (the answer drops that usage event again when
-//! the client did not ask for it, see `dataplane::answer`).
+//! the client did not ask for it, see `dataplane::answer`). Each rewrite (these, the
+//! guardrails', the `cache_salt`) changes the parsed tree, which the later steps read, and is
+//! recorded as an edit of the client's bytes (`wire`): the upstream gets those bytes with the
+//! edits spliced in, never a re-serialised tree.
 //!
 //! Fields the gateway owns are refused from a client, by name: `cache_salt` (the KV prefix
 //! cache scope, set per pool from the principal, see `dataplane::cache_salt`).
@@ -16,7 +19,11 @@
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
-use super::{json::parse_strict, reserve};
+use super::{
+    json::parse_strict,
+    reserve,
+    wire::{Step, Wire},
+};
 use crate::{
     config::{Config, ModelConfig},
     error::ApiError,
@@ -47,8 +54,12 @@ pub struct Validated {
     /// Public model name (as the client asked and the policy knows it).
     pub model: String,
     pub stream: bool,
-    /// The body to send upstream (see [`Validated::upstream_body`]).
+    /// The body as parsed and rewritten: what the upstream will read (the later steps read
+    /// it here; rewrite it with [`Validated::set`], [`Validated::set_at`] and
+    /// [`Validated::prepend`], which edit the bytes too).
     pub body: Map<String, Value>,
+    /// The client's bytes and the edits to them: the body that is sent.
+    wire: Wire,
     /// Asks for `logprobs`, `top_logprobs` or `logit_bias` (needs the `logprobs` permission).
     pub logprobs: bool,
     /// Tokens to reserve against the tokens-per-minute quotas (see `reserve`).
@@ -91,17 +102,77 @@ impl Validated {
         Ok(())
     }
 
-    /// The upstream's body, with the gateway's `cache_salt` (generation endpoints only).
+    /// The top-level member `key` set to `value` (replaced where it is, or added last).
+    pub fn set(&mut self, key: &str, value: Value) {
+        self.wire.set(key, to_json(&value));
+        self.body.insert(key.into(), value);
+    }
+
+    /// The value at `path` (its first step a top-level key) replaced by `value`. `false`, and
+    /// nothing changed, if there is none.
+    pub fn set_at(&mut self, path: &[Step<'_>], value: Value) -> bool {
+        let Some(node) = node_mut(&mut self.body, path) else {
+            return false;
+        };
+        let done = self.wire.set_at(path, to_json(&value));
+        if done {
+            *node = value;
+        }
+        done
+    }
+
+    /// `value` put first in the top-level array `key`. `false`, and nothing changed, if it is
+    /// not an array.
+    pub fn prepend(&mut self, key: &str, value: Value) -> bool {
+        let Some(Value::Array(items)) = self.body.get_mut(key) else {
+            return false;
+        };
+        let done = self.wire.prepend(key, to_json(&value));
+        if done {
+            items.insert(0, value);
+        }
+        done
+    }
+
+    /// The upstream's body, with the gateway's `cache_salt` (generation endpoints only): the
+    /// client's bytes with the rewrites spliced in.
     pub fn upstream_body(mut self, cache_salt: Option<String>) -> Result<Bytes> {
         if let Some(salt) = cache_salt
             && self.endpoint != Endpoint::Embeddings
         {
-            self.body.insert(CACHE_SALT.into(), Value::String(salt));
+            self.set(CACHE_SALT, Value::String(salt));
         }
-        serde_json::to_vec(&self.body)
-            .map(Bytes::from)
-            .map_err(|_| ApiError::internal())
+        let out = self.wire.into_bytes();
+        // The spliced bytes say what the rewritten tree says (checked in debug builds, where
+        // every test runs through here).
+        debug_assert_eq!(
+            serde_json::from_slice::<Value>(&out).ok(),
+            Some(Value::Object(self.body)),
+            "the spliced body differs from the rewritten one"
+        );
+        Ok(out)
     }
+}
+
+/// A value as JSON text.
+fn to_json(value: &Value) -> Vec<u8> {
+    serde_json::to_vec(value).expect("a JSON value serialises")
+}
+
+/// The value at `path` in the tree.
+fn node_mut<'a>(body: &'a mut Map<String, Value>, path: &[Step<'_>]) -> Option<&'a mut Value> {
+    let (Step::Key(first), rest) = path.split_first()? else {
+        return None;
+    };
+    let mut node = body.get_mut(*first)?;
+    for step in rest {
+        node = match (step, node) {
+            (Step::Key(k), Value::Object(o)) => o.get_mut(*k)?,
+            (Step::Index(i), Value::Array(a)) => a.get_mut(*i)?,
+            _ => return None,
+        };
+    }
+    Some(node)
 }
 
 /// Set by the gateway only (see `dataplane::cache_salt`).
@@ -132,10 +203,16 @@ fn bad(param: &str, message: impl Into<String>) -> ApiError {
     ApiError::bad_request(message).with_param(param)
 }
 
+/// [`validate_body`] of a borrowed body (copied).
 pub fn validate(endpoint: Endpoint, bytes: &[u8], config: &Config) -> Result<Validated> {
-    let value = parse_strict(bytes)
+    validate_body(endpoint, Bytes::copy_from_slice(bytes), config)
+}
+
+/// Checks the client's body `bytes` for `endpoint` and rewrites it for the upstream.
+pub fn validate_body(endpoint: Endpoint, bytes: Bytes, config: &Config) -> Result<Validated> {
+    let value = parse_strict(&bytes)
         .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
-    let Value::Object(mut body) = value else {
+    let Value::Object(body) = value else {
         return Err(ApiError::bad_request("the body must be a JSON object"));
     };
     let model = match body.get("model") {
@@ -192,40 +269,42 @@ pub fn validate(endpoint: Endpoint, bytes: &[u8], config: &Config) -> Result<Val
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    rewrite(endpoint, &mut body, &model, model_config);
-    if stream && !asked_usage {
-        // `continuous_usage_stats` only applies with `include_usage`: dropping it changes
-        // nothing the client would have seen.
-        body.insert(
-            "stream_options".into(),
-            serde_json::json!({"include_usage": true}),
-        );
-    }
-    let reserve_tokens = reserve::tokens(endpoint, &body, bytes.len());
-    let prompt_tokens = reserve::prompt_tokens(endpoint, &body, bytes.len());
-    Ok(Validated {
+    let body_len = bytes.len();
+    // Cannot fail: the strict parse read an object.
+    let wire = Wire::new(bytes).ok_or_else(ApiError::internal)?;
+    let mut valid = Validated {
         endpoint,
         model,
         stream,
         body,
+        wire,
         logprobs,
-        reserve_tokens,
-        prompt_tokens,
+        reserve_tokens: 0,
+        prompt_tokens: 0,
         hide_usage: stream && !asked_usage,
-    })
+    };
+    rewrite(&mut valid, model_config);
+    if stream && !asked_usage {
+        // `continuous_usage_stats` only applies with `include_usage`: dropping it changes
+        // nothing the client would have seen.
+        valid.set("stream_options", serde_json::json!({"include_usage": true}));
+    }
+    valid.reserve_tokens = reserve::tokens(endpoint, &valid.body, body_len);
+    valid.prompt_tokens = reserve::prompt_tokens(endpoint, &valid.body, body_len);
+    Ok(valid)
 }
 
-fn rewrite(endpoint: Endpoint, body: &mut Map<String, Value>, model: &str, m: &ModelConfig) {
-    body.insert(
-        "model".into(),
-        Value::String(upstream_model(model, m).to_owned()),
-    );
-    if endpoint != Endpoint::Embeddings {
+fn rewrite(v: &mut Validated, m: &ModelConfig) {
+    let upstream = upstream_model(&v.model, m);
+    if upstream != v.model {
+        v.set("model", Value::String(upstream.to_owned()));
+    }
+    if v.endpoint != Endpoint::Embeddings {
         let limited = ["max_tokens", "max_completion_tokens"]
             .iter()
-            .any(|k| body.get(*k).is_some_and(|v| !v.is_null()));
+            .any(|k| v.body.get(*k).is_some_and(|v| !v.is_null()));
         if !limited {
-            body.insert("max_tokens".into(), m.max_tokens.into());
+            v.set("max_tokens", m.max_tokens.into());
         }
     }
 }
@@ -940,5 +1019,325 @@ mod tests {
         // 100 bytes of prompt and the message's 30 bytes of JSON: 33 tokens more.
         assert_eq!(v.reserve_tokens, reserve + 33);
         assert_eq!(v.prompt_tokens, prompt + 33);
+    }
+}
+
+/// The spliced upstream body against the one the gateway used to send: the rewritten tree,
+/// re-serialised (kept here as the oracle).
+#[cfg(test)]
+mod splice_tests {
+    use std::path::Path;
+
+    use serde_json::json;
+
+    use super::*;
+
+    /// Read once: a config compiles the guardrails' rules (slow in a debug build).
+    fn config() -> &'static Config {
+        static CONFIG: std::sync::LazyLock<Config> = std::sync::LazyLock::new(read_config);
+        &CONFIG
+    }
+
+    fn read_config() -> Config {
+        Config::from_str(
+            Path::new("/t.toml"),
+            "[pools.p]\nhosts = [\"127.0.0.1:1\"]\n\
+             [models.m]\npool = \"p\"\nupstream_model = \"org/M \\\"q\\\" é\"\nmax_messages = 8\n\
+             max_tokens = 100\nmax_n = 2\nmax_inputs = 3\nmax_tools = 2\n\
+             [models.same]\npool = \"p\"\nmax_tokens = 50\nmax_n = 2\n",
+        )
+        .unwrap()
+    }
+
+    /// A guardrails-like rewrite: the string at `path` with `<|x|>` taken out, and a system
+    /// message put first.
+    struct Guard<'a> {
+        strip: Vec<Vec<Step<'a>>>,
+        system: Option<&'a str>,
+    }
+
+    const NO_GUARD: Guard<'static> = Guard {
+        strip: Vec::new(),
+        system: None,
+    };
+
+    fn pointer(path: &[Step<'_>]) -> String {
+        path.iter()
+            .map(|s| match s {
+                Step::Key(k) => format!("/{k}"),
+                Step::Index(i) => format!("/{i}"),
+            })
+            .collect()
+    }
+
+    /// What the old code sent: the tree rewritten in place, serialised.
+    fn old(endpoint: Endpoint, bytes: &[u8], guard: &Guard<'_>, salt: Option<&str>) -> Value {
+        let config = config();
+        let Value::Object(mut body) = parse_strict(bytes).unwrap() else {
+            panic!("not an object")
+        };
+        let model = body["model"].as_str().unwrap().to_owned();
+        let m = &config.models()[&model];
+        let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        let asked_usage = body
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        body.insert(
+            "model".into(),
+            Value::String(upstream_model(&model, m).to_owned()),
+        );
+        if endpoint != Endpoint::Embeddings {
+            let limited = ["max_tokens", "max_completion_tokens"]
+                .iter()
+                .any(|k| body.get(*k).is_some_and(|v| !v.is_null()));
+            if !limited {
+                body.insert("max_tokens".into(), m.max_tokens.into());
+            }
+        }
+        if stream && !asked_usage {
+            body.insert("stream_options".into(), json!({"include_usage": true}));
+        }
+        let mut tree = Value::Object(body);
+        for path in &guard.strip {
+            let v = tree.pointer_mut(&pointer(path)).unwrap();
+            *v = Value::String(v.as_str().unwrap().replace("<|x|>", ""));
+        }
+        if let Some(system) = guard.system
+            && let Some(Value::Array(msgs)) = tree.get_mut("messages")
+        {
+            msgs.insert(0, json!({"role": "system", "content": system}));
+        }
+        if let Some(salt) = salt
+            && endpoint != Endpoint::Embeddings
+        {
+            tree["cache_salt"] = salt.into();
+        }
+        serde_json::from_slice(&serde_json::to_vec(&tree).unwrap()).unwrap()
+    }
+
+    /// What is sent now: the client's bytes, edited.
+    fn new(endpoint: Endpoint, bytes: &[u8], guard: &Guard<'_>, salt: Option<&str>) -> Bytes {
+        let mut v = validate(endpoint, bytes, config()).unwrap();
+        for path in &guard.strip {
+            let s = v.body.clone();
+            let text = Value::Object(s).pointer(&pointer(path)).unwrap().clone();
+            let clean = text.as_str().unwrap().replace("<|x|>", "");
+            assert!(v.set_at(path, Value::String(clean)));
+        }
+        if let Some(system) = guard.system {
+            assert!(v.prepend("messages", json!({"role": "system", "content": system})));
+        }
+        v.upstream_body(salt.map(str::to_owned)).unwrap()
+    }
+
+    fn same(endpoint: Endpoint, body: &str, guard: &Guard<'_>) {
+        for salt in [None, Some("s\u{e9}\"lt")] {
+            let sent = new(endpoint, body.as_bytes(), guard, salt);
+            let got: Value = serde_json::from_slice(&sent)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&sent)));
+            assert_eq!(got, old(endpoint, body.as_bytes(), guard, salt), "{body}");
+            // Strict too: no key came out twice.
+            parse_strict(&sent).unwrap();
+        }
+    }
+
+    /// `compact` with whitespace of every kind between all of its tokens, picked by `seed`.
+    fn spaced(compact: &str, seed: u64) -> String {
+        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        let mut ws = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let n = (state >> 60) as usize % 4;
+            (0..n)
+                .map(|i| [" ", "\n", "\t", "\r\n"][((state >> (40 + 4 * i)) & 3) as usize])
+                .collect::<String>()
+        };
+        let mut out = ws();
+        let (mut in_str, mut escaped) = (false, false);
+        for c in compact.chars() {
+            out.push(c);
+            if in_str {
+                match (escaped, c) {
+                    (true, _) => escaped = false,
+                    (false, '\\') => escaped = true,
+                    (false, '"') => {
+                        in_str = false;
+                        out.push_str(&ws());
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+            match c {
+                '"' => in_str = true,
+                '{' | '}' | '[' | ']' | ',' | ':' => out.push_str(&ws()),
+                _ => {}
+            }
+        }
+        out.push_str(&ws());
+        out
+    }
+
+    const CHAT: Endpoint = Endpoint::ChatCompletions;
+
+    fn chats() -> Vec<&'static str> {
+        vec![
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+            r#"{"messages":[{"role":"user","content":"hi"}],"model":"same"}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"a \"quoted\" \\ back\nslash \u00e9 \ud83d\ude00 \u0000 </script>"}],"temperature":0.5}"#,
+            r#"{"m\u006fdel":"m","messages":[{"role":"user","content":"x"}],"max_tokens":null}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":null,"max_completion_tokens":7}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_completion_tokens":null}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":9,"stream":true}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":true,"stream_options":{"include_usage":false,"continuous_usage_stats":true}}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":true,"stream_options":null}"#,
+            r#"{"model":"m","stream_options":{"include_usage":true},"stream":true,"messages":[{"role":"user","content":"x"}]}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":false,"stream_options":null}"#,
+            r#"{"model":"same","messages":[{"role":"system","content":"s"},{"role":"user","content":[{"type":"text","text":"a<|x|>b"},{"type":"image_url","image_url":{"url":"data:x"}}]},{"role":"assistant","content":null,"tool_calls":[{"id":"1","type":"function","function":{"name":"f","arguments":"{\"a\":[1,2.5e3,-0,1E-2]}"}}]},{"role":"tool","tool_call_id":"1","content":"t<|x|>"}],"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object","properties":{"q":{"type":"string","enum":["a",null,true]}}}}}],"response_format":{"type":"json_schema","json_schema":{"name":"n","schema":{"a":{"b":{"c":[[[]],{}]}}}}},"metadata":{},"logit_bias":{"50256":-100,"1":1.5},"seed":-3,"n":2,"user":"u"}"#,
+            r#"{"model":"m","messages":[{"role":"assistant","function_call":{"name":"f","arguments":"<|x|>{}"}},{"role":"user","content":"x"}]}"#,
+        ]
+    }
+
+    #[test]
+    fn chats_are_sent_as_the_old_code_sent_them() {
+        let guards = [
+            NO_GUARD,
+            Guard {
+                strip: Vec::new(),
+                system: Some("Be safe.\n\nCanary: \"c-123\" \u{2028} é"),
+            },
+        ];
+        for (n, body) in chats().into_iter().enumerate() {
+            for guard in &guards {
+                same(CHAT, body, guard);
+                for seed in 0..8 {
+                    same(CHAT, &spaced(body, seed * 31 + n as u64), guard);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn delimiters_are_stripped_in_place() {
+        use Step::{Index, Key};
+        let body = chats()[11];
+        let guard = Guard {
+            strip: vec![
+                vec![
+                    Key("messages"),
+                    Index(1),
+                    Key("content"),
+                    Index(0),
+                    Key("text"),
+                ],
+                vec![Key("messages"), Index(3), Key("content")],
+            ],
+            system: Some("sys"),
+        };
+        for seed in 0..16 {
+            same(CHAT, &spaced(body, seed), &guard);
+        }
+        let body = chats()[12];
+        let guard = Guard {
+            strip: vec![vec![
+                Key("messages"),
+                Index(0),
+                Key("function_call"),
+                Key("arguments"),
+            ]],
+            system: None,
+        };
+        same(CHAT, body, &guard);
+        // Escaped keys on the way.
+        let body =
+            r#"{"model":"m","messages":[{"r\u006fle":"user","c\u006fntent":"<|x|>\u003c|x|>"}]}"#;
+        let guard = Guard {
+            strip: vec![vec![Key("messages"), Index(0), Key("content")]],
+            system: Some("s"),
+        };
+        same(CHAT, body, &guard);
+        let sent = new(CHAT, body.as_bytes(), &guard, None);
+        let got: Value = serde_json::from_slice(&sent).unwrap();
+        assert_eq!(got["messages"][1]["content"], "", "both copies stripped");
+    }
+
+    #[test]
+    fn completions_and_embeddings_are_sent_as_the_old_code_sent_them() {
+        use Step::{Index, Key};
+        let completions = [
+            (
+                r#"{"model":"m","prompt":"a<|x|>b","suffix":"<|x|>"}"#,
+                vec![vec![Key("prompt")], vec![Key("suffix")]],
+            ),
+            (
+                r#"{"model":"m","prompt":["a","b<|x|>"],"stream":true,"max_tokens":3,"echo":false}"#,
+                vec![vec![Key("prompt"), Index(1)]],
+            ),
+            (
+                r#"{"model":"same","prompt":[[1,2],[3]],"best_of":1,"logprobs":null}"#,
+                vec![],
+            ),
+            (
+                r#"{"model":"m","prompt":[1,2,3],"stop":["\n","\u0000"],"max_tokens":null}"#,
+                vec![],
+            ),
+        ];
+        for (body, strip) in completions {
+            let guard = Guard {
+                strip,
+                system: None,
+            };
+            for seed in 0..8 {
+                same(Endpoint::Completions, &spaced(body, seed), &guard);
+            }
+        }
+        let embeddings = [
+            (
+                r#"{"model":"m","input":"a<|x|>"}"#,
+                vec![vec![Key("input")]],
+            ),
+            (
+                r#"{"input":["a","<|x|>b"],"model":"same","encoding_format":"float","dimensions":8}"#,
+                vec![vec![Key("input"), Index(1)]],
+            ),
+            (r#"{"model":"m","input":[[1,2]],"user":null}"#, vec![]),
+        ];
+        for (body, strip) in embeddings {
+            let guard = Guard {
+                strip,
+                system: None,
+            };
+            for seed in 0..8 {
+                same(Endpoint::Embeddings, &spaced(body, seed), &guard);
+            }
+        }
+    }
+
+    #[test]
+    fn a_body_only_renamed_is_one_copy_and_an_untouched_one_none() {
+        let body = r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":5}"#;
+        let sent = new(CHAT, body.as_bytes(), &NO_GUARD, None);
+        assert_eq!(
+            std::str::from_utf8(&sent).unwrap(),
+            body.replace(r#""m""#, r#""org/M \"q\" é""#),
+            "the client's bytes, the model's value replaced"
+        );
+        let body = Bytes::from_static(br#"{"model":"same", "input" : ["x"]}"#);
+        let v = validate_body(Endpoint::Embeddings, body.clone(), config()).unwrap();
+        let sent = v.upstream_body(Some("salt".into())).unwrap();
+        assert_eq!(
+            sent.as_ptr(),
+            body.as_ptr(),
+            "the client's bytes themselves"
+        );
+    }
+
+    #[test]
+    fn an_empty_messages_array_is_refused_before_any_edit() {
+        let e = validate(CHAT, br#"{"model":"m","messages":[ ]}"#, config()).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages"));
     }
 }
