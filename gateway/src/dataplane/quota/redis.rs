@@ -708,9 +708,7 @@ impl Shares {
         self.local_admits.fetch_add(1, Ordering::Relaxed);
         Some(LocalHeld {
             parts,
-            tokens: ask.tokens,
             ops: self.ops.clone(),
-            settled: false,
         })
     }
 
@@ -855,9 +853,7 @@ impl Shares {
 /// settle to Redis) and frees its slot in the block.
 struct LocalHeld {
     parts: Vec<Part>,
-    tokens: u64,
     ops: mpsc::UnboundedSender<Op>,
-    settled: bool,
 }
 
 struct Part {
@@ -869,15 +865,7 @@ struct Part {
 }
 
 impl Settle for LocalHeld {
-    fn tokens(&self) -> u64 {
-        self.tokens
-    }
-
-    fn settle(&mut self, dreq: i64, dtok: i64) {
-        if self.settled {
-            return;
-        }
-        self.settled = true;
+    fn settle(self, dreq: i64, dtok: i64) {
         for p in &self.parts {
             let mut st = lock(&p.cell.st);
             if p.slot {
@@ -1262,7 +1250,7 @@ impl QuotaBackend for RedisQuotas {
                     (keys, format!("{}:s{n}", self.instance).into())
                 });
                 if let Some(held) = local {
-                    return Ok(Box::new(Settles(held)) as Box<dyn Reservation>);
+                    return Ok(Box::new(Settles::new(ask.tokens, held)) as Box<dyn Reservation>);
                 }
             }
             let id: Arc<str> = format!(
@@ -1300,16 +1288,15 @@ impl QuotaBackend for RedisQuotas {
             match answer {
                 Ok([1, sec, ..]) => {
                     lock_live(&self.live).insert(id.clone(), keys.clone());
-                    Ok(Box::new(Settles(Held {
+                    let held = Held {
                         id,
                         keys,
                         second: sec,
-                        tokens: ask.tokens,
                         holds: held,
                         ops: self.ops.clone(),
                         live: self.live.clone(),
-                        settled: false,
-                    })) as Box<dyn Reservation>)
+                    };
+                    Ok(Box::new(Settles::new(ask.tokens, held)) as Box<dyn Reservation>)
                 }
                 Ok([0, i, what, retry]) => Err(Refusal {
                     who: charges.get(i as usize).map_or("key", |c| c.who),
@@ -1352,62 +1339,69 @@ struct Held {
     id: Arc<str>,
     keys: Arc<[String]>,
     second: i64,
-    tokens: u64,
     holds: String,
     ops: mpsc::UnboundedSender<Op>,
     live: Live,
-    settled: bool,
 }
 
 impl Settle for Held {
-    fn tokens(&self) -> u64 {
-        self.tokens
-    }
-
-    fn settle(&mut self, dreq: i64, dtok: i64) {
-        if self.settled {
-            return;
-        }
-        self.settled = true;
+    fn settle(self, dreq: i64, dtok: i64) {
         lock_live(&self.live).remove(&self.id);
         let _ = self.ops.send(Op::Settle {
-            id: self.id.clone(),
-            keys: self.keys.clone(),
+            id: self.id,
+            keys: self.keys,
             second: self.second,
             dreq,
             dtok,
-            holds: std::mem::take(&mut self.holds),
+            holds: self.holds,
         });
     }
 }
 
 /// What [`Held`] and [`LocalHeld`] share: a reservation corrected by a (requests, tokens)
-/// difference, at most once.
+/// difference. Settling consumes it, so it happens once.
 trait Settle: Send + Sync {
-    /// The tokens reserved.
-    fn tokens(&self) -> u64;
-    /// Applies the correction and releases; later calls do nothing.
-    fn settle(&mut self, dreq: i64, dtok: i64);
+    /// Applies the correction and releases.
+    fn settle(self, dreq: i64, dtok: i64);
 }
 
-/// A [`Settle`] as a [`Reservation`]; dropped unsettled, it releases as charged.
-struct Settles<T: Settle>(T);
+/// A [`Settle`] of `tokens` reserved, as a [`Reservation`]; dropped unsettled, it releases as
+/// charged.
+struct Settles<T: Settle> {
+    tokens: u64,
+    held: Option<T>,
+}
+
+impl<T: Settle> Settles<T> {
+    fn new(tokens: u64, held: T) -> Self {
+        Self {
+            tokens,
+            held: Some(held),
+        }
+    }
+
+    fn settle(&mut self, dreq: i64, dtok: i64) {
+        if let Some(held) = self.held.take() {
+            held.settle(dreq, dtok);
+        }
+    }
+}
 
 impl<T: Settle> Reservation for Settles<T> {
     fn reconcile(mut self: Box<Self>, used: u64) {
-        let d = sat(used) - sat(self.0.tokens());
-        self.0.settle(0, d);
+        let d = sat(used) - sat(self.tokens);
+        self.settle(0, d);
     }
 
     fn refund(mut self: Box<Self>) {
-        let d = -sat(self.0.tokens());
-        self.0.settle(-1, d);
+        let d = -sat(self.tokens);
+        self.settle(-1, d);
     }
 }
 
 impl<T: Settle> Drop for Settles<T> {
     fn drop(&mut self) {
-        self.0.settle(0, 0);
+        self.settle(0, 0);
     }
 }
 
