@@ -3,8 +3,10 @@
 //! original bytes, strings decoded only where the filter reads their text; what the filter
 //! changes (a choice's text, a finish reason, tool-call arguments) is spliced into the
 //! original bytes as [`Edits`]. An answer the filter leaves alone goes out as it came: no tree
-//! built, nothing re-serialised. A non-streamed answer is read in a single pass
-//! ([`read_answer`]) that checks it and finds the places the filter screens at once.
+//! built, nothing re-serialised. A non-streamed answer ([`read_answer`]) and a stream event's
+//! payload ([`read_event`]) are each read in a single pass that checks the JSON (as
+//! [`Object::top`] does) and records the places the filter reads at once; only an edit that
+//! inserts into an object of an event finds that object again ([`locate`]).
 
 use std::{borrow::Cow, fmt, ops::Range};
 
@@ -12,6 +14,7 @@ use serde::de::{Deserialize, DeserializeSeed, Deserializer, MapAccess, SeqAccess
 use serde_json::value::RawValue;
 
 /// An object key, borrowed unless it has escapes.
+#[derive(Default)]
 struct Key<'a>(Cow<'a, str>);
 
 impl<'de> Deserialize<'de> for Key<'de> {
@@ -61,48 +64,82 @@ struct Unambiguous;
 
 impl<'de> Deserialize<'de> for Unambiguous {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Unambiguous;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("JSON")
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Unambiguous, E> {
-                Ok(Unambiguous)
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Unambiguous, E> {
-                Ok(Unambiguous)
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Unambiguous, E> {
-                Ok(Unambiguous)
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Unambiguous, E> {
-                Ok(Unambiguous)
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Unambiguous, E> {
-                Ok(Unambiguous)
-            }
-            fn visit_unit<E>(self) -> Result<Unambiguous, E> {
-                Ok(Unambiguous)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Unambiguous, A::Error> {
-                while seq.next_element::<Unambiguous>()?.is_some() {}
-                Ok(Unambiguous)
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Unambiguous, A::Error> {
-                // Objects of an answer have a handful of keys: a linear scan is cheapest.
-                let mut keys: Vec<Key<'de>> = Vec::new();
-                while let Some(key) = map.next_key::<Key<'de>>()? {
-                    if keys.iter().any(|k| k.0 == key.0) {
-                        return Err(serde::de::Error::custom("a repeated key"));
-                    }
-                    map.next_value::<Unambiguous>()?;
-                    keys.push(key);
-                }
-                Ok(Unambiguous)
-            }
+        d.deserialize_any(IsNull).map(|_| Unambiguous)
+    }
+}
+
+/// A value checked like [`Unambiguous`]; `true` if it is `null`.
+struct IsNull;
+
+impl<'de> DeserializeSeed<'de> for IsNull {
+    type Value = bool;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for IsNull {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("JSON")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_unit<E>(self) -> Result<bool, E> {
+        Ok(true)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+        while seq.next_element::<Unambiguous>()?.is_some() {}
+        Ok(false)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+        let mut keys = SeenKeys::default();
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            keys.add::<A::Error>(key)?;
+            map.next_value::<Unambiguous>()?;
         }
-        d.deserialize_any(V)
+        Ok(false)
+    }
+}
+
+/// The keys of one object read so far, to refuse a repeated one. Objects of an answer have a
+/// handful of keys: a linear scan is cheapest, and the first few are kept without allocating.
+#[derive(Default)]
+struct SeenKeys<'de> {
+    inline: [Key<'de>; 8],
+    len: usize,
+    more: Vec<Key<'de>>,
+}
+
+impl<'de> SeenKeys<'de> {
+    /// `key`, unless the object already has it (an error then).
+    fn add<E: serde::de::Error>(&mut self, key: Key<'de>) -> Result<(), E> {
+        let seen = &self.inline[..self.len];
+        if seen.iter().chain(&self.more).any(|k| k.0 == key.0) {
+            return Err(E::custom("a repeated key"));
+        }
+        if self.len < self.inline.len() {
+            self.inline[self.len] = key;
+            self.len += 1;
+        } else {
+            self.more.push(key);
+        }
+        Ok(())
     }
 }
 
@@ -277,12 +314,8 @@ impl<'s, 'de> Visitor<'de> for Read<'s, 'de> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let out = self.out;
-        // Objects of an answer have a handful of keys: a linear scan is cheapest.
-        let mut keys: Vec<Key<'de>> = Vec::new();
+        let mut keys = SeenKeys::default();
         while let Some(key) = map.next_key::<Key<'de>>()? {
-            if keys.iter().any(|k| k.0 == key.0) {
-                return Err(serde::de::Error::custom("a repeated key"));
-            }
             let next = match (self.role, &*key.0) {
                 (Role::Top, "choices") => Some(Role::Choices),
                 (Role::Choice, "message") => Some(Role::Message),
@@ -313,10 +346,340 @@ impl<'s, 'de> Visitor<'de> for Read<'s, 'de> {
                     }
                 }
             }
-            keys.push(key);
+            keys.add::<A::Error>(key)?;
         }
         Ok(())
     }
+}
+
+/// What the stream filter reads of one event's payload ([`read_event`]).
+#[derive(Debug, Default)]
+pub struct EventSlots<'a> {
+    /// The payload is an object.
+    pub object: bool,
+    /// It has a `choices` array.
+    pub has_choices: bool,
+    /// Its elements, in order.
+    pub choices: Vec<EventChoice<'a>>,
+    /// The tool calls of every choice's `delta.tool_calls` that have `function.arguments`, in
+    /// order (one list for the event: no list per choice).
+    pub calls: Vec<EventCall<'a>>,
+    /// The identity fields: `id`, `object`, `created`, `model`, `system_fingerprint`.
+    pub identity: [Option<&'a RawValue>; 5],
+    /// The `function.arguments` of the tool call being read.
+    arguments: Option<Slot<'a>>,
+}
+
+/// The names of [`EventSlots::identity`].
+pub const IDENTITY: [&str; 5] = ["id", "object", "created", "model", "system_fingerprint"];
+
+/// One element of an event's `choices`.
+#[derive(Debug, Default)]
+pub struct EventChoice<'a> {
+    /// It is an object (the rest is empty otherwise).
+    pub object: bool,
+    pub index: Option<&'a RawValue>,
+    pub finish_reason: Option<&'a RawValue>,
+    /// `text` (completions).
+    pub text: Option<Slot<'a>>,
+    /// `logprobs` is there and not `null`.
+    pub logprobs: bool,
+    pub delta: Delta,
+    /// `delta.content` (a delta that is an object).
+    pub content: Option<Slot<'a>>,
+    /// The delta is an object with a member other than `content` that is not `null`.
+    pub delta_other_set: bool,
+    /// `delta.tool_calls`.
+    pub tool_calls: Delta,
+}
+
+/// What a member is: absent, an object (an array for `tool_calls`), or something else.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Delta {
+    #[default]
+    Absent,
+    Container,
+    Other,
+}
+
+/// A tool call of `delta.tool_calls` with `function.arguments`.
+#[derive(Debug)]
+pub struct EventCall<'a> {
+    /// Its choice's place in `choices`.
+    pub choice: usize,
+    pub index: Option<&'a RawValue>,
+    pub arguments: Slot<'a>,
+}
+
+/// A value the filter reads: its slice, and its text if it is a string (decoded).
+#[derive(Debug)]
+pub struct Slot<'a> {
+    pub raw: &'a RawValue,
+    pub text: Option<Cow<'a, str>>,
+}
+
+/// A stream event's payload read in one pass: checked exactly as [`Object::top`] checks it
+/// (UTF-8, valid JSON, no object anywhere repeating a key) while what the stream filter reads
+/// is recorded. `None` when it is not screenable. The objects an edit inserts a member into
+/// are found again on demand ([`locate`]): only for the few events that need it.
+pub fn read_event(text: &[u8]) -> Option<EventSlots<'_>> {
+    let text = std::str::from_utf8(text).ok()?;
+    let mut out = EventSlots::default();
+    let mut de = serde_json::Deserializer::from_str(text);
+    EventRead {
+        role: Role::Top,
+        out: &mut out,
+    }
+    .deserialize(&mut de)
+    .ok()?;
+    de.end().ok()?;
+    Some(out)
+}
+
+/// One value of an event, read for the role it has there: checked like [`Unambiguous`]
+/// (returns whether it is `null`), what the stream filter reads recorded in `out`. Roles:
+/// `Top`, `Choices`, `Choice`, `Message` (the delta), `ToolCalls`, `ToolCall`, `Function`.
+struct EventRead<'s, 'a> {
+    role: Role,
+    out: &'s mut EventSlots<'a>,
+}
+
+impl<'s, 'de> DeserializeSeed<'de> for EventRead<'s, 'de> {
+    type Value = bool;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+/// A value the stream filter reads or edits, kept as its slice and checked as [`Unambiguous`]
+/// checks it where it stands: a string's escapes decoded (a lone surrogate is refused), a
+/// number's range, a container's keys and depth (`depth`: the containers around it).
+struct Exact {
+    depth: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for Exact {
+    type Value = Slot<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Slot<'de>, D::Error> {
+        use serde::de::Error;
+        let raw = <&'de RawValue>::deserialize(d)?;
+        let s = raw.get();
+        let text = match s.as_bytes().first() {
+            Some(b'"') => {
+                let inner = &s[1..s.len() - 1];
+                Some(if memchr::memchr(b'\\', inner.as_bytes()).is_none() {
+                    Cow::Borrowed(inner)
+                } else {
+                    Cow::Owned(serde_json::from_str::<String>(s).map_err(D::Error::custom)?)
+                })
+            }
+            Some(b'n' | b't' | b'f') => None,
+            Some(b'{' | b'[') => {
+                // Within the depth the whole text allows (a raw value skips the limit).
+                let mut wrapped = "[".repeat(self.depth);
+                wrapped.push_str(s);
+                wrapped.push_str(&"]".repeat(self.depth));
+                serde_json::from_str::<Unambiguous>(&wrapped).map_err(D::Error::custom)?;
+                None
+            }
+            // A number: in range (a raw value does not check).
+            _ => {
+                serde_json::from_str::<Unambiguous>(s).map_err(D::Error::custom)?;
+                None
+            }
+        };
+        Ok(Slot { raw, text })
+    }
+}
+
+impl<'s, 'de> Visitor<'de> for EventRead<'s, 'de> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("JSON")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_unit<E>(self) -> Result<bool, E> {
+        Ok(true)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+        let out = self.out;
+        match self.role {
+            Role::Choices => {
+                out.has_choices = true;
+                loop {
+                    out.choices.push(EventChoice::default());
+                    let seed = EventRead {
+                        role: Role::Choice,
+                        out: &mut *out,
+                    };
+                    if seq.next_element_seed(seed)?.is_none() {
+                        out.choices.pop();
+                        break;
+                    }
+                }
+            }
+            Role::ToolCalls => {
+                if let Some(c) = out.choices.last_mut() {
+                    c.tool_calls = Delta::Container;
+                }
+                while seq
+                    .next_element_seed(EventRead {
+                        role: Role::ToolCall,
+                        out: &mut *out,
+                    })?
+                    .is_some()
+                {}
+            }
+            _ => while seq.next_element::<Unambiguous>()?.is_some() {},
+        }
+        Ok(false)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+        let out = self.out;
+        let role = self.role;
+        match role {
+            Role::Top => out.object = true,
+            Role::Choice => {
+                if let Some(c) = out.choices.last_mut() {
+                    c.object = true;
+                }
+            }
+            Role::Message => {
+                if let Some(c) = out.choices.last_mut() {
+                    c.delta = Delta::Container;
+                }
+            }
+            _ => {}
+        }
+        // A tool call's, recorded at its end.
+        let (mut call_index, mut arguments) = (None, None);
+        let mut keys = SeenKeys::default();
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            let choice = out.choices.len().saturating_sub(1);
+            match (role, &*key.0) {
+                (Role::Top, "choices") => {
+                    map.next_value_seed(EventRead {
+                        role: Role::Choices,
+                        out: &mut *out,
+                    })?;
+                }
+                (Role::Top, k) if IDENTITY.contains(&k) => {
+                    let at = IDENTITY.iter().position(|i| *i == k).unwrap_or(0);
+                    out.identity[at] = Some(map.next_value_seed(Exact { depth: 1 })?.raw);
+                }
+                (Role::Choice, "delta") => {
+                    out.choices[choice].delta = Delta::Other;
+                    map.next_value_seed(EventRead {
+                        role: Role::Message,
+                        out: &mut *out,
+                    })?;
+                }
+                (Role::Choice, "index") => {
+                    out.choices[choice].index = Some(map.next_value_seed(Exact { depth: 3 })?.raw)
+                }
+                (Role::Choice, "finish_reason") => {
+                    out.choices[choice].finish_reason =
+                        Some(map.next_value_seed(Exact { depth: 3 })?.raw)
+                }
+                (Role::Choice, "text") => {
+                    out.choices[choice].text = Some(map.next_value_seed(Exact { depth: 3 })?)
+                }
+                (Role::Choice, "logprobs") => {
+                    out.choices[choice].logprobs = !map.next_value_seed(IsNull)?
+                }
+                (Role::Message, "content") => {
+                    out.choices[choice].content = Some(map.next_value_seed(Exact { depth: 4 })?)
+                }
+                (Role::Message, k) => {
+                    let null = if k == "tool_calls" {
+                        out.choices[choice].tool_calls = Delta::Other;
+                        map.next_value_seed(EventRead {
+                            role: Role::ToolCalls,
+                            out: &mut *out,
+                        })?
+                    } else {
+                        map.next_value_seed(IsNull)?
+                    };
+                    out.choices[choice].delta_other_set |= !null;
+                }
+                (Role::ToolCall, "index") => {
+                    call_index = Some(map.next_value_seed(Exact { depth: 6 })?.raw)
+                }
+                (Role::ToolCall, "function") => {
+                    map.next_value_seed(EventRead {
+                        role: Role::Function,
+                        out: &mut *out,
+                    })?;
+                    arguments = out.arguments.take();
+                }
+                (Role::Function, "arguments") => {
+                    out.arguments = Some(map.next_value_seed(Exact { depth: 7 })?)
+                }
+                _ => {
+                    map.next_value::<Unambiguous>()?;
+                }
+            }
+            keys.add::<A::Error>(key)?;
+        }
+        if let Some(arguments) = arguments {
+            out.calls.push(EventCall {
+                choice: out.choices.len().saturating_sub(1),
+                index: call_index,
+                arguments,
+            });
+        }
+        Ok(false)
+    }
+}
+
+/// The objects of an event's `index`th choice an edit inserts into or replaces: found again
+/// in the payload (already checked by [`read_event`]), only for an event that needs it.
+pub struct Located<'a> {
+    pub choice: Object<'a>,
+    /// `delta`, and the object it is.
+    pub delta: Option<&'a RawValue>,
+    pub delta_object: Option<Object<'a>>,
+    /// `delta.tool_calls`.
+    pub tool_calls: Option<&'a RawValue>,
+}
+
+/// See [`Located`].
+pub fn locate(payload: &[u8], index: usize) -> Option<Located<'_>> {
+    let top = Object::of_str(std::str::from_utf8(payload).ok()?.trim_ascii())?;
+    let choice = top
+        .get("choices")
+        .and_then(array)?
+        .get(index)
+        .copied()
+        .and_then(Object::of)?;
+    let delta = choice.get("delta");
+    let delta_object = delta.and_then(Object::of);
+    let tool_calls = delta_object.as_ref().and_then(|d| d.get("tool_calls"));
+    Some(Located {
+        choice,
+        delta,
+        delta_object,
+        tool_calls,
+    })
 }
 
 /// A JSON object read in place.
@@ -371,11 +734,13 @@ impl<'a> Object<'a> {
     }
 
     /// A member that is an object.
+    #[cfg(test)]
     pub fn object(&self, key: &str) -> Option<Object<'a>> {
         self.get(key).and_then(Object::of)
     }
 
     /// Whether any member other than `except` has a value other than `null`.
+    #[cfg(test)]
     pub fn any_other_set(&self, except: &str) -> bool {
         self.members
             .iter()

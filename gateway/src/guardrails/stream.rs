@@ -7,7 +7,9 @@
 //! - both are read in place (`splice`): only the texts are decoded, and what the filter
 //!   changes is spliced into the upstream's bytes; an answer or event it leaves alone goes out
 //!   as it came, nothing re-serialised;
-//! - a stream ([`SseFilter`]) is screened event by event: each choice's text goes through its
+//! - a stream ([`SseFilter`]) is screened event by event, each event's payload read in one
+//!   pass (`splice::read_event`: checked, and each choice's index, finish reason, delta,
+//!   text and tool-call arguments recorded); each choice's text goes through its
 //!   own [`TextFilter`] (the hold-back window), and each event carries only the text the
 //!   filter has released (events left with nothing to say are dropped); the rest is released
 //!   on the choice's last event. A `block` finding ends the stream: a last event with
@@ -38,7 +40,7 @@ use tracing::warn;
 use super::{
     Guard, metrics,
     output::{self, Class, TextFilter},
-    splice::{self, Edits, Object, Top},
+    splice::{self, Delta, Edits},
 };
 use crate::{
     dataplane::{
@@ -250,100 +252,71 @@ impl SseFilter {
             out.extend_from_slice(ev);
             return;
         }
-        let top = match Object::top(payload) {
-            Some(Top::Object(o)) => o,
-            // Valid JSON but no object: no text of a choice.
-            Some(Top::Other) => {
-                self.flush_all(out);
-                out.extend_from_slice(ev);
-                return;
-            }
-            // Not an event we can screen: it does not go out.
-            None => return,
-        };
-        let Some(choices) = top.get("choices").and_then(splice::array) else {
-            // An error event or the like: no text of a choice, but flush what is held first.
-            self.flush_all(out);
-            out.extend_from_slice(ev);
+        // Not an event we can screen: it does not go out.
+        let Some(read) = splice::read_event(payload) else {
             return;
         };
-        if choices.is_empty() {
-            // The usage event comes after every choice ended.
+        if !read.object || !read.has_choices || read.choices.is_empty() {
+            // Valid JSON but no text of a choice (an error event, the usage event that comes
+            // after every choice ended): flush what is held first.
             self.flush_all(out);
             out.extend_from_slice(ev);
             return;
         }
         // A choice that is not an object: not what an OpenAI server sends; not screenable.
-        let Some(choices) = choices
-            .into_iter()
-            .map(Object::of)
-            .collect::<Option<Vec<_>>>()
-        else {
+        if read.choices.iter().any(|c| !c.object) {
             return;
-        };
-        self.remember(&top);
+        }
+        self.remember(&read.identity);
         let mut edits = Edits::new(ev);
         let mut cut = None;
         let mut any_left = false;
         let g = &self.guard;
-        for choice in &choices {
-            let index = choice.get("index").and_then(splice::as_u64).unwrap_or(0);
-            let finish = choice.get("finish_reason");
+        for (at, choice) in read.choices.iter().enumerate() {
+            let index = choice.index.and_then(splice::as_u64).unwrap_or(0);
+            let finish = choice.finish_reason;
             let last = finish.is_some_and(|f| !splice::is_null(f));
             // A chat chunk's text is its `delta.content`, a completion chunk's its `text`.
-            let delta_raw = choice.get("delta");
-            let delta = delta_raw.and_then(Object::of);
-            let slot = match (delta_raw, &delta) {
-                (Some(_), Some(d)) => d.get("content"),
-                (Some(_), None) => None,
-                (None, _) => choice.get("text"),
+            let slot = match choice.delta {
+                Delta::Container => choice.content.as_ref(),
+                Delta::Other => None,
+                Delta::Absent => choice.text.as_ref(),
             };
-            let text = slot.and_then(splice::string);
+            let text = slot.and_then(|s| s.text.as_deref());
+            // The choice's objects, found again only for an edit that inserts into them.
+            let mut found = None;
             let f = self
                 .choices
                 .entry(index)
                 .or_insert_with(|| TextFilter::new(g.hold_back));
-            let step = f.push(
-                text.as_deref().unwrap_or(""),
-                last,
-                &g.output,
-                g.canary.as_deref(),
-            );
+            let step = f.push(text.unwrap_or(""), last, &g.output, g.canary.as_deref());
             count(g, &mut self.audited, &step.redacted, step.blocked);
             // The text is set to what the filter released (unless there is none to set and
             // there was none); written only where it differs.
-            let set_text = (text.is_some() || !step.release.is_empty())
-                && text.as_deref() != Some(step.release.as_str());
+            let set_text =
+                (text.is_some() || !step.release.is_empty()) && text != Some(step.release.as_str());
             let mut finish_filtered = false;
             if step.blocked.is_some() {
                 finish_filtered = true;
                 cut = step.blocked;
             }
             if cut.is_none()
-                && let Some(calls) = delta
-                    .as_ref()
-                    .and_then(|d| d.get("tool_calls"))
-                    .and_then(splice::array)
+                && choice.delta == Delta::Container
+                && choice.tool_calls == Delta::Container
             {
-                for call in calls {
-                    let Some(call) = Object::of(call) else {
-                        continue;
-                    };
-                    let k = call.get("index").and_then(splice::as_u64).unwrap_or(0);
-                    let Some(raw) = call.object("function").and_then(|f| f.get("arguments")) else {
-                        continue;
-                    };
-                    let Some(args) = splice::string(raw) else {
+                for call in read.calls.iter().filter(|c| c.choice == at) {
+                    let k = call.index.and_then(splice::as_u64).unwrap_or(0);
+                    let Some(args) = call.arguments.text.as_deref() else {
                         continue;
                     };
                     let f = self
                         .tools
                         .entry((index, k))
                         .or_insert_with(|| TextFilter::new(g.hold_back));
-                    let step = f.push(&args, false, &g.output, g.canary.as_deref());
+                    let step = f.push(args, false, &g.output, g.canary.as_deref());
                     count(g, &mut self.audited, &step.redacted, step.blocked);
-                    if *args != step.release {
-                        edits.replace(raw, splice::quote(&step.release));
+                    if args != step.release {
+                        edits.replace(call.arguments.raw, splice::quote(&step.release));
                     }
                     if step.blocked.is_some() {
                         cut = step.blocked;
@@ -391,23 +364,33 @@ impl SseFilter {
                 a.push(b']');
                 a
             });
-            match (delta_raw, &delta) {
-                (Some(_), Some(d)) => {
+            match choice.delta {
+                Delta::Container => {
                     if let Some(t) = text_json {
                         match slot {
-                            Some(s) => edits.replace(s, t),
-                            None => edits.insert(d, "content", &t),
+                            Some(s) => edits.replace(s.raw, t),
+                            None => edits.insert(
+                                located(&mut found, payload, at)
+                                    .delta_object
+                                    .as_ref()
+                                    .expect("an object"),
+                                "content",
+                                &t,
+                            ),
                         }
                     }
-                    match (d.get("tool_calls"), calls_json) {
-                        (_, None) => {}
-                        (Some(a), Some(_)) if a.get().starts_with('[') => edits.append(a, &rest),
-                        (Some(a), Some(c)) => edits.replace(a, c),
-                        (None, Some(c)) => edits.insert(d, "tool_calls", &c),
+                    if let Some(c) = calls_json {
+                        let l = located(&mut found, payload, at);
+                        let d = l.delta_object.as_ref().expect("an object");
+                        match (choice.tool_calls, l.tool_calls) {
+                            (Delta::Container, Some(a)) => edits.append(a, &rest),
+                            (_, Some(a)) => edits.replace(a, c),
+                            (_, None) => edits.insert(d, "tool_calls", &c),
+                        }
                     }
                 }
                 // A delta that is no object becomes one if there is something to put in.
-                (Some(raw), None) => {
+                Delta::Other => {
                     let mut members = Vec::new();
                     if let Some(t) = &text_json {
                         members.push(["\"content\":".as_bytes(), t].concat());
@@ -416,19 +399,22 @@ impl SseFilter {
                         members.push(["\"tool_calls\":".as_bytes(), c].concat());
                     }
                     if !members.is_empty() {
+                        let raw = located(&mut found, payload, at).delta.expect("a delta");
                         edits.replace(raw, [&b"{"[..], &members.join(&b","[..]), b"}"].concat());
                     }
                 }
-                (None, _) => {
+                Delta::Absent => {
                     if let Some(t) = text_json {
                         match slot {
-                            Some(s) => edits.replace(s, t),
-                            None => edits.insert(choice, "text", &t),
+                            Some(s) => edits.replace(s.raw, t),
+                            None => {
+                                edits.insert(&located(&mut found, payload, at).choice, "text", &t)
+                            }
                         }
                     }
                     if let Some(c) = calls_json {
                         edits.insert(
-                            choice,
+                            &located(&mut found, payload, at).choice,
                             "delta",
                             &[&b"{\"tool_calls\":"[..], &c, b"}"].concat(),
                         );
@@ -439,7 +425,11 @@ impl SseFilter {
                 let cf = b"\"content_filter\"".to_vec();
                 match finish {
                     Some(f) => edits.replace(f, cf),
-                    None => edits.insert(choice, "finish_reason", &cf),
+                    None => edits.insert(
+                        &located(&mut found, payload, at).choice,
+                        "finish_reason",
+                        &cf,
+                    ),
                 }
             }
             // A choice that says nothing now: no text, no finish, no role, no tool calls, no
@@ -447,8 +437,8 @@ impl SseFilter {
             let says_nothing = step.release.is_empty()
                 && !last
                 && !finish_filtered
-                && choice.get("logprobs").is_none_or(splice::is_null)
-                && !delta.as_ref().is_some_and(|d| d.any_other_set("content"))
+                && !choice.logprobs
+                && !choice.delta_other_set
                 && rest.is_empty();
             any_left |= !says_nothing;
         }
@@ -461,14 +451,15 @@ impl SseFilter {
         }
     }
 
-    fn remember(&mut self, top: &Object<'_>) {
+    /// The identity fields of the first chunk, for the events the filter writes itself.
+    fn remember(&mut self, identity: &[Option<&serde_json::value::RawValue>; 5]) {
         if self.template.is_none() {
             let mut t = serde_json::Map::new();
-            for k in ["id", "object", "created", "model", "system_fingerprint"] {
-                if let Some(x) = top.get(k)
+            for (k, x) in splice::IDENTITY.iter().zip(identity) {
+                if let Some(x) = x
                     && let Ok(v) = serde_json::from_str::<Value>(x.get())
                 {
-                    t.insert(k.into(), v);
+                    t.insert((*k).into(), v);
                 }
             }
             self.template = Some(Value::Object(t));
@@ -620,6 +611,16 @@ impl http_body::Body for SseFilter {
     }
 }
 
+/// The objects of an event's `at`th choice, found again once (see `splice::locate`).
+fn located<'a, 'l>(
+    cache: &'l mut Option<splice::Located<'a>>,
+    payload: &'a [u8],
+    at: usize,
+) -> &'l splice::Located<'a> {
+    // The payload was read whole already: reading it again cannot fail.
+    cache.get_or_insert_with(|| splice::locate(payload, at).expect("a checked event is read again"))
+}
+
 /// The stream filter without a body around it: bytes of an upstream stream in, screened bytes
 /// out (for the benchmark, which measures the cost per chunk).
 pub struct EventScreen(SseFilter);
@@ -658,6 +659,259 @@ fn write_event(v: &Value, out: &mut BytesMut) {
 mod tests {
     use super::*;
     use crate::guardrails::output::{OutputAction, marker, tests as out};
+    use crate::guardrails::splice::{Object, Top};
+
+    /// The multi-pass reading the stream filter had before `splice::read_event` (each level
+    /// parsed again: `Object::top`, `choices`, each choice, its delta), kept as the oracle
+    /// the one-pass reading is checked against.
+    impl SseFilter {
+        fn event_multi_pass(&mut self, ev: &[u8], out: &mut BytesMut) {
+            let payload = match answer::data(ev) {
+                Data::One(r) => &ev[r],
+                // Several data lines: not what an OpenAI server sends; screened as one
+                // unparseable payload (dropped).
+                Data::Several => return,
+                Data::None => {
+                    // Comments and other fields carry no text.
+                    out.extend_from_slice(ev);
+                    return;
+                }
+            };
+            if payload.trim_ascii() == b"[DONE]" {
+                self.flush_all(out);
+                out.extend_from_slice(ev);
+                return;
+            }
+            let top = match Object::top(payload) {
+                Some(Top::Object(o)) => o,
+                // Valid JSON but no object: no text of a choice.
+                Some(Top::Other) => {
+                    self.flush_all(out);
+                    out.extend_from_slice(ev);
+                    return;
+                }
+                // Not an event we can screen: it does not go out.
+                None => return,
+            };
+            let Some(choices) = top.get("choices").and_then(splice::array) else {
+                // An error event or the like: no text of a choice, but flush what is held first.
+                self.flush_all(out);
+                out.extend_from_slice(ev);
+                return;
+            };
+            if choices.is_empty() {
+                // The usage event comes after every choice ended.
+                self.flush_all(out);
+                out.extend_from_slice(ev);
+                return;
+            }
+            // A choice that is not an object: not what an OpenAI server sends; not screenable.
+            let Some(choices) = choices
+                .into_iter()
+                .map(Object::of)
+                .collect::<Option<Vec<_>>>()
+            else {
+                return;
+            };
+            self.remember_top(&top);
+            let mut edits = Edits::new(ev);
+            let mut cut = None;
+            let mut any_left = false;
+            let g = &self.guard;
+            for choice in &choices {
+                let index = choice.get("index").and_then(splice::as_u64).unwrap_or(0);
+                let finish = choice.get("finish_reason");
+                let last = finish.is_some_and(|f| !splice::is_null(f));
+                // A chat chunk's text is its `delta.content`, a completion chunk's its `text`.
+                let delta_raw = choice.get("delta");
+                let delta = delta_raw.and_then(Object::of);
+                let slot = match (delta_raw, &delta) {
+                    (Some(_), Some(d)) => d.get("content"),
+                    (Some(_), None) => None,
+                    (None, _) => choice.get("text"),
+                };
+                let text = slot.and_then(splice::string);
+                let f = self
+                    .choices
+                    .entry(index)
+                    .or_insert_with(|| TextFilter::new(g.hold_back));
+                let step = f.push(
+                    text.as_deref().unwrap_or(""),
+                    last,
+                    &g.output,
+                    g.canary.as_deref(),
+                );
+                count(g, &mut self.audited, &step.redacted, step.blocked);
+                // The text is set to what the filter released (unless there is none to set and
+                // there was none); written only where it differs.
+                let set_text = (text.is_some() || !step.release.is_empty())
+                    && text.as_deref() != Some(step.release.as_str());
+                let mut finish_filtered = false;
+                if step.blocked.is_some() {
+                    finish_filtered = true;
+                    cut = step.blocked;
+                }
+                if cut.is_none()
+                    && let Some(calls) = delta
+                        .as_ref()
+                        .and_then(|d| d.get("tool_calls"))
+                        .and_then(splice::array)
+                {
+                    for call in calls {
+                        let Some(call) = Object::of(call) else {
+                            continue;
+                        };
+                        let k = call.get("index").and_then(splice::as_u64).unwrap_or(0);
+                        let Some(raw) = call.object("function").and_then(|f| f.get("arguments"))
+                        else {
+                            continue;
+                        };
+                        let Some(args) = splice::string(raw) else {
+                            continue;
+                        };
+                        let f = self
+                            .tools
+                            .entry((index, k))
+                            .or_insert_with(|| TextFilter::new(g.hold_back));
+                        let step = f.push(&args, false, &g.output, g.canary.as_deref());
+                        count(g, &mut self.audited, &step.redacted, step.blocked);
+                        if *args != step.release {
+                            edits.replace(raw, splice::quote(&step.release));
+                        }
+                        if step.blocked.is_some() {
+                            cut = step.blocked;
+                            break;
+                        }
+                    }
+                    if cut.is_some() {
+                        finish_filtered = true;
+                    }
+                }
+                // Tool-call arguments the choice's filters still hold (JSON texts).
+                let mut rest = Vec::new();
+                if last && cut.is_none() {
+                    // What the tool-call filters of this choice hold goes with its last event.
+                    let keys: Vec<(u64, u64)> = self
+                        .tools
+                        .range((index, 0)..=(index, u64::MAX))
+                        .map(|(k, _)| *k)
+                        .collect();
+                    for key in keys {
+                        let Some(mut f) = self.tools.remove(&key) else {
+                            continue;
+                        };
+                        let step = f.push("", true, &g.output, g.canary.as_deref());
+                        count(g, &mut self.audited, &step.redacted, step.blocked);
+                        if step.blocked.is_some() {
+                            finish_filtered = true;
+                            cut = step.blocked;
+                        }
+                        if !step.release.is_empty() {
+                            let call =
+                                json!({"index": key.1, "function": {"arguments": step.release}});
+                            rest.push(serde_json::to_vec(&call).unwrap_or_default());
+                        }
+                    }
+                }
+                if last || step.blocked.is_some() || cut.is_some() {
+                    self.choices.remove(&index);
+                    self.tools.retain(|k, _| k.0 != index);
+                }
+                // The edits of this choice.
+                let text_json = set_text.then(|| splice::quote(&step.release));
+                let calls_json = (!rest.is_empty()).then(|| {
+                    let mut a = b"[".to_vec();
+                    a.extend_from_slice(&rest.join(&b","[..]));
+                    a.push(b']');
+                    a
+                });
+                match (delta_raw, &delta) {
+                    (Some(_), Some(d)) => {
+                        if let Some(t) = text_json {
+                            match slot {
+                                Some(s) => edits.replace(s, t),
+                                None => edits.insert(d, "content", &t),
+                            }
+                        }
+                        match (d.get("tool_calls"), calls_json) {
+                            (_, None) => {}
+                            (Some(a), Some(_)) if a.get().starts_with('[') => {
+                                edits.append(a, &rest)
+                            }
+                            (Some(a), Some(c)) => edits.replace(a, c),
+                            (None, Some(c)) => edits.insert(d, "tool_calls", &c),
+                        }
+                    }
+                    // A delta that is no object becomes one if there is something to put in.
+                    (Some(raw), None) => {
+                        let mut members = Vec::new();
+                        if let Some(t) = &text_json {
+                            members.push(["\"content\":".as_bytes(), t].concat());
+                        }
+                        if let Some(c) = &calls_json {
+                            members.push(["\"tool_calls\":".as_bytes(), c].concat());
+                        }
+                        if !members.is_empty() {
+                            edits
+                                .replace(raw, [&b"{"[..], &members.join(&b","[..]), b"}"].concat());
+                        }
+                    }
+                    (None, _) => {
+                        if let Some(t) = text_json {
+                            match slot {
+                                Some(s) => edits.replace(s, t),
+                                None => edits.insert(choice, "text", &t),
+                            }
+                        }
+                        if let Some(c) = calls_json {
+                            edits.insert(
+                                choice,
+                                "delta",
+                                &[&b"{\"tool_calls\":"[..], &c, b"}"].concat(),
+                            );
+                        }
+                    }
+                }
+                if finish_filtered {
+                    let cf = b"\"content_filter\"".to_vec();
+                    match finish {
+                        Some(f) => edits.replace(f, cf),
+                        None => edits.insert(choice, "finish_reason", &cf),
+                    }
+                }
+                // A choice that says nothing now: no text, no finish, no role, no tool calls, no
+                // logprobs.
+                let says_nothing = step.release.is_empty()
+                    && !last
+                    && !finish_filtered
+                    && choice.get("logprobs").is_none_or(splice::is_null)
+                    && !delta.as_ref().is_some_and(|d| d.any_other_set("content"))
+                    && rest.is_empty();
+                any_left |= !says_nothing;
+            }
+            if any_left || cut.is_some() {
+                // The event as it came, with the edits (none: the same bytes).
+                edits.apply(0..ev.len(), out);
+            }
+            if cut.is_some() {
+                self.close(out, true);
+            }
+        }
+
+        fn remember_top(&mut self, top: &Object<'_>) {
+            if self.template.is_none() {
+                let mut t = serde_json::Map::new();
+                for k in ["id", "object", "created", "model", "system_fingerprint"] {
+                    if let Some(x) = top.get(k)
+                        && let Ok(v) = serde_json::from_str::<Value>(x.get())
+                    {
+                        t.insert(k.into(), v);
+                    }
+                }
+                self.template = Some(Value::Object(t));
+            }
+        }
+    }
 
     fn guard(canary: Option<&str>) -> Guard {
         Guard {
@@ -1076,5 +1330,288 @@ mod tests {
             r#"{{"choices":[{{"index":0,"message":{{"content":"{secret}","content":"ok"}}}}]}}"#
         );
         assert!(screen_json(body.as_bytes(), &guard(None)).is_none());
+    }
+
+    /// `wire` through the filter as it reads events now (one pass) and as it read them before
+    /// (the multi-pass oracle), then the end of the stream: the same bytes out, the same
+    /// filters left.
+    fn same_as_multi_pass(g: &Guard, wire: &[u8]) {
+        let new = |g: &Guard| SseFilter {
+            inner: Body::empty(),
+            guard: g.clone(),
+            end_early: None,
+            buf: BytesMut::new(),
+            choices: BTreeMap::new(),
+            tools: BTreeMap::new(),
+            template: None,
+            audited: Audited::new(),
+            state: State::Open,
+        };
+        let (mut one, mut multi) = (new(g), new(g));
+        let (mut a, mut b) = (BytesMut::new(), BytesMut::new());
+        one.feed(wire, &mut a);
+        multi.buf.extend_from_slice(wire);
+        while multi.state == State::Open {
+            let Some(len) = answer::event_len(&multi.buf) else {
+                break;
+            };
+            let ev = multi.buf.split_to(len).freeze();
+            multi.event_multi_pass(&ev, &mut b);
+        }
+        let show = |b: &BytesMut| String::from_utf8_lossy(b).into_owned();
+        assert_eq!(show(&a), show(&b), "{}", String::from_utf8_lossy(wire));
+        assert_eq!(one.state, multi.state);
+        assert_eq!(
+            one.choices.keys().collect::<Vec<_>>(),
+            multi.choices.keys().collect::<Vec<_>>()
+        );
+        assert_eq!(
+            one.tools.keys().collect::<Vec<_>>(),
+            multi.tools.keys().collect::<Vec<_>>()
+        );
+        assert_eq!(one.template, multi.template);
+        if one.state == State::Open {
+            one.flush_all(&mut a);
+            multi.flush_all(&mut b);
+        }
+        assert_eq!(show(&a), show(&b), "{}", String::from_utf8_lossy(wire));
+    }
+
+    /// Event payloads of every shape the filter meets, and some it should never meet.
+    fn payloads() -> Vec<Vec<u8>> {
+        let (_, secret) = &out::samples()[1];
+        let deep = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+        let mut p: Vec<String> = vec![
+            // Chat chunks.
+            r#"{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","system_fingerprint":"fp","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}"#.into(),
+            r#"{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"plain words here"},"logprobs":null,"finish_reason":null}]}"#.into(),
+            format!(r#"{{"id":"c1","object":"chat.completion.chunk","choices":[{{"index":0,"delta":{{"content":"key {secret} end"}},"finish_reason":null}}]}}"#),
+            format!(r#"{{"choices":[{{"index":0,"delta":{{"content":"{}"}}}}]}}"#, &secret[..20]),
+            format!(r#"{{"choices":[{{"index":0,"delta":{{"content":"{}"}}}}]}}"#, &secret[20..]),
+            r#"{"choices":[{"index":0,"delta":{"content":"tab\t q\" \u00e9 \ud83d\ude00 \/ end"},"finish_reason":null}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"con\u0074ent":"escaped key"},"finish_reason":null}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{ },"finish_reason":"length"}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"content":null},"finish_reason":"stop"}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"role":"assistant"},"finish_reason":null}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"refusal":null},"finish_reason":null}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"refusal":"no"},"finish_reason":null}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":null,"finish_reason":"stop"}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":"x","finish_reason":null}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":[1],"finish_reason":"stop"}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"content":"a"}}]}"#.into(),
+            r#"{"choices":[{"delta":{"content":"no index"},"finish_reason":null}]}"#.into(),
+            r#"{"choices":[{"index":"1","delta":{"content":"odd index"}}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"content":5},"finish_reason":null}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"content":{"a":[1]}},"finish_reason":"stop"}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"content":"x"},"logprobs":{"content":[{"token":"x","logprob":-0.1}]},"finish_reason":null}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{},"logprobs":{"content":[]},"finish_reason":null}]}"#.into(),
+            " \t{ \"id\" : \"c\" , \"choices\" : [ { \"index\" : 0 , \"delta\" : { \"content\" : \"spaced out\" } , \"finish_reason\" : null } ] }\t ".into(),
+            " { \"choices\" : [ { \"index\" : 0 , \"delta\" : { } , \"finish_reason\" : \"stop\" } ] } ".into(),
+            " { \"choices\" : [ { \"index\" : 0 , \"delta\" : { \"role\" : \"assistant\" } } ] } ".into(),
+            " { \"choices\" : [ { \"index\" : 0 , \"text\" : \"t\" } , { \"index\" : 1 } ] } ".into(),
+            // Completion chunks.
+            r#"{"id":"t","object":"text_completion","created":1,"model":"m","choices":[{"index":0,"text":"some text","logprobs":null,"finish_reason":null}]}"#.into(),
+            format!(r#"{{"object":"text_completion","choices":[{{"index":0,"text":"{secret}","finish_reason":null}}]}}"#),
+            r#"{"object":"text_completion","choices":[{"index":0,"logprobs":null,"finish_reason":"stop"}]}"#.into(),
+            r#"{"object":"text_completion","choices":[{"index":0,"finish_reason":"length","text":""}]}"#.into(),
+            r#"{"choices":[{"index":0,"text":"x","delta":{"content":"y"}}]}"#.into(),
+            // Several choices.
+            format!(r#"{{"choices":[{{"index":0,"delta":{{"content":"zero"}}}},{{"index":1,"delta":{{"content":"one {secret}"}}}},{{"index":2,"delta":{{}},"finish_reason":"stop"}}]}}"#),
+            r#"{"choices":[{"index":1,"delta":{"content":"b"},"finish_reason":"stop"},{"index":0,"delta":{"content":"a"},"finish_reason":null}]}"#.into(),
+            r#"{"choices":[{"index":0,"text":"a"},{"index":1,"text":"b","finish_reason":"stop"}]}"#.into(),
+            // Tool calls.
+            r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":null,"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"get","arguments":""}}]},"finish_reason":null}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"city\": "}}]},"finish_reason":null}]}"#.into(),
+            format!(r#"{{"choices":[{{"index":0,"delta":{{"tool_calls":[{{"function":{{"arguments":"\"{}"}},"index":0}}]}}}}]}}"#, &secret[..30]),
+            format!(r#"{{"choices":[{{"index":0,"delta":{{"tool_calls":[{{"index":0,"function":{{"arguments":"{}\"}}"}}}}]}}}}]}}"#, &secret[30..]),
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"id":"call_2","function":{"name":"f","arguments":"{\"q\": 1"}},{"index":2,"function":{"arguments":"two"}}]},"finish_reason":null}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":["not a call",{"index":0,"function":"no object"},{"index":0,"function":{"arguments":7}},{"index":0,"function":{"name":"f"}}]}}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":{"index":0}},"finish_reason":null}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":null},"finish_reason":"tool_calls"}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[]},"finish_reason":"tool_calls"}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[ ]},"finish_reason":"tool_calls"}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"content":"both","tool_calls":[{"index":0,"function":{"arguments":"x"}}]},"finish_reason":null}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}"#.into(),
+            r#"{"choices":[{"index":0,"finish_reason":"tool_calls"}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":"none","finish_reason":"tool_calls"}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":"x"},"finish_reason":"tool_calls"}]}"#.into(),
+            // No choices to screen.
+            r#"{"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}"#.into(),
+            r#"{"choices":[ ]}"#.into(),
+            r#"{"choices":{}}"#.into(),
+            r#"{"choices":{"index":0,"delta":{"content":"x"}}}"#.into(),
+            r#"{"choices":null}"#.into(),
+            r#"{"choices":"x"}"#.into(),
+            r#"{"error":{"message":"overloaded","type":"server_error"}}"#.into(),
+            r#"[{"choices":[]}]"#.into(),
+            r#""a string""#.into(),
+            "5".into(),
+            "null".into(),
+            " {} ".into(),
+            // Choices that are not objects.
+            r#"{"choices":[1]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"content":"x"}},"x"]}"#.into(),
+            r#"{"choices":[[{"index":0}]]}"#.into(),
+            // Not screenable: not JSON, repeated keys at each level (escaped too).
+            r#"{"choices":[{"index":0,"delta":{"content":"x"}}]"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"content":"x"}}]} x"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"content":"a\q"}}]}"#.into(),
+            r#"{"id":"a","id":"b","choices":[{"index":0,"delta":{"content":"x"}}]}"#.into(),
+            r#"{"choices":[],"choices":[{"index":0,"delta":{"content":"x"}}]}"#.into(),
+            r#"{"choices":[{"index":0,"index":1,"delta":{"content":"x"}}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"content":"x"},"delta":{}}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"content":"x","content":"y"}}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"content":"x","con\u0074ent":"y"}}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"role":"a","r\u006fle":"b"}}]}"#.into(),
+            r#"{"choices":[{"index":0,"finish_reason":null,"finish_reason":"stop"}]}"#.into(),
+            r#"{"choices":[{"index":0,"text":"a","t\u0065xt":"b"}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"a","arguments":"b"}}]}}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{},"function":{"arguments":"b"}}]}}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"index":1,"function":{"arguments":"b"}}]}}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"function":{"name":"a","name":"b"}}]}}]}"#.into(),
+            r#"{"choices":[{"index":0,"logprobs":{"content":[{"t":1,"t":2}]}}]}"#.into(),
+            r#"{"choices":[],"usage":{"n":1,"n":2}}"#.into(),
+            r#"{"choices":{"a":1,"a":2}}"#.into(),
+            r#"{"error":{"m":1,"\u006d":2}}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"content":{"k":1,"k":2}}}]}"#.into(),
+            r#"{"choices":[{"index":0,"text":[{"k":1,"k":2}]}]}"#.into(),
+            // Strings that cannot be decoded (lone surrogates), anywhere.
+            r#"{"choices":[{"index":0,"delta":{"content":"x \ud800 y"}}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"content":"x \udc00"}}]}"#.into(),
+            r#"{"id":"\ud800","choices":[{"index":0,"delta":{"content":"x"}}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"content":"x"},"finish_reason":"\ud800"}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\ud800"}}]}}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"role":"\udfff"}}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"\ud800":1}}]}"#.into(),
+            // Numbers out of range, anywhere.
+            r#"{"created":1e400,"choices":[{"index":0,"delta":{"content":"x"}}]}"#.into(),
+            r#"{"choices":[{"index":1e400,"delta":{"content":"x"}}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"content":-1e999}}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":1e400,"function":{"arguments":"x"}}]}}]}"#.into(),
+            r#"{"choices":[{"index":18446744073709551616,"delta":{"content":"big"}}]}"#.into(),
+            r#"{"choices":[{"index":1.0,"delta":{"content":"float"}}]}"#.into(),
+            r#"{"choices":[{"index":-0,"delta":{"content":"neg"}}]}"#.into(),
+        ];
+        // Nesting around the depth limit, at places read as a whole value and elsewhere.
+        for n in [120, 122, 123, 124, 125, 127] {
+            p.push(format!(
+                r#"{{"choices":[{{"index":0,"delta":{{"content":{}}}}}]}}"#,
+                deep(n)
+            ));
+            p.push(format!(
+                r#"{{"choices":[{{"index":0,"text":{}}}]}}"#,
+                deep(n)
+            ));
+            p.push(format!(
+                r#"{{"id":{},"choices":[{{"index":0,"text":"x"}}]}}"#,
+                deep(n)
+            ));
+            p.push(format!(r#"{{"choices":[{{"index":0,"delta":{{"tool_calls":[{{"index":0,"function":{{"arguments":{}}}}}]}}}}]}}"#, deep(n)));
+            p.push(format!(
+                r#"{{"choices":[{{"index":0,"logprobs":{},"delta":{{}}}}]}}"#,
+                deep(n)
+            ));
+        }
+        let mut p: Vec<Vec<u8>> = p.into_iter().map(String::into_bytes).collect();
+        // Not UTF-8.
+        p.push(b"{\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\xff\"}}]}".to_vec());
+        p.push(b"{\"id\":\"\xc3\",\"choices\":[]}".to_vec());
+        p
+    }
+
+    fn event_of(payload: &[u8]) -> Vec<u8> {
+        [b"data: ", payload, b"\n\n"].concat()
+    }
+
+    /// The one-pass reading decides as `Object::top` did on every payload: screenable or not.
+    #[test]
+    fn one_pass_reading_decides_as_the_multi_pass_one() {
+        let mut refused = 0;
+        for p in payloads() {
+            let old = Object::top(&p).is_some();
+            let new = splice::read_event(&p).is_some();
+            assert_eq!(new, old, "{}", String::from_utf8_lossy(&p));
+            refused += usize::from(!old);
+        }
+        // The corpus has both kinds.
+        assert!(refused > 30, "{refused}");
+    }
+
+    /// Every payload, alone and after and before every other, through filters that redact,
+    /// block, watch for a canary and hold back different windows: the same bytes out as the
+    /// multi-pass reading.
+    #[test]
+    fn one_pass_filter_writes_what_the_multi_pass_one_did() {
+        let canary = "moat-canary-00112233aabbccdd";
+        let mut block = small(None);
+        block.output.set(out::samples()[1].0, OutputAction::Block);
+        let guards = [guard(None), small(None), block, small(Some(canary))];
+        let payloads = payloads();
+        let held = chunk("held words ", None);
+        let end = chunk("", Some("stop"));
+        let tail = format!("{}data: [DONE]\n\n", end);
+        for g in &guards {
+            for p in &payloads {
+                let ev = event_of(p);
+                same_as_multi_pass(g, &ev);
+                same_as_multi_pass(g, &[held.as_bytes(), &ev, tail.as_bytes()].concat());
+                same_as_multi_pass(
+                    g,
+                    &[&b": keep-alive\n\n"[..], &ev, b"event: x\ndata: [DONE]\n\n"].concat(),
+                );
+            }
+        }
+        // Pairs: what one event leaves held, the next releases or edits.
+        for g in &guards[1..3] {
+            for a in &payloads {
+                for b in &payloads {
+                    same_as_multi_pass(g, &[event_of(a), event_of(b)].concat());
+                }
+            }
+        }
+    }
+
+    /// Tool-call arguments with a secret split over events, with and without a last event
+    /// that has a delta to add them to, in chat and completion shapes.
+    #[test]
+    fn one_pass_filter_screens_split_tool_calls_as_before() {
+        let (class, secret) = &out::samples()[1];
+        let mut block = small(None);
+        block.output.set(*class, OutputAction::Block);
+        let args = format!("{{\"token\": \"{secret}\"}}");
+        let call = |k: u64, s: &str| {
+            event_of(
+                json!({"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0,
+                "delta": {"tool_calls": [{"index": k, "function": {"arguments": s}}]},
+                "finish_reason": null}]})
+                .to_string()
+                .as_bytes(),
+            )
+        };
+        let ends: [&[u8]; 6] = [
+            br#"{"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}"#,
+            br#"{"choices":[{"index":0,"finish_reason":"tool_calls"}]}"#,
+            br#"{"choices":[{"index":0,"delta":null,"finish_reason":"tool_calls"}]}"#,
+            br#"{"choices":[{"index":0,"delta":{"tool_calls":[]},"finish_reason":"tool_calls"}]}"#,
+            br#"{"choices":[{"index":0,"delta":{"tool_calls":7},"finish_reason":"tool_calls"}]}"#,
+            br#"{"choices":[],"usage":{"total_tokens":3}}"#,
+        ];
+        for g in [guard(None), small(None), block] {
+            for cut in (1..args.len()).step_by(7) {
+                let (a, b) = args.split_at(cut);
+                for end in ends {
+                    let wire = [
+                        call(0, a),
+                        call(1, "other "),
+                        call(0, b),
+                        event_of(end),
+                        b"data: [DONE]\n\n".to_vec(),
+                    ]
+                    .concat();
+                    same_as_multi_pass(&g, &wire);
+                }
+            }
+        }
     }
 }
