@@ -24,7 +24,7 @@ pub mod output;
 pub mod policy;
 pub mod rules;
 mod screen;
-mod splice;
+pub(crate) mod splice;
 mod stream;
 
 use std::collections::BTreeMap;

@@ -13,9 +13,9 @@ use std::{borrow::Cow, fmt, ops::Range};
 use serde::de::{Deserialize, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
-/// An object key, borrowed unless it has escapes.
+/// An object key, borrowed unless it has escapes (also read by `dataplane::openai::wire`).
 #[derive(Default)]
-struct Key<'a>(Cow<'a, str>);
+pub(crate) struct Key<'a>(pub Cow<'a, str>);
 
 impl<'de> Deserialize<'de> for Key<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
