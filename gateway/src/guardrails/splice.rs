@@ -36,8 +36,8 @@ impl<'de> Deserialize<'de> for Key<'de> {
     }
 }
 
-/// The members of a JSON object, in order.
-struct Members<'a>(Vec<(Key<'a>, &'a RawValue)>);
+/// The members of a JSON object, in order (also read by `dataplane::openai::wire`).
+pub(crate) struct Members<'a>(pub Vec<(Key<'a>, &'a RawValue)>);
 
 impl<'de> Deserialize<'de> for Members<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

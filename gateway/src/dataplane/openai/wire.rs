@@ -8,13 +8,12 @@
 //! uses, and an edit of its span changes exactly that member. Members keep the client's order;
 //! added ones come last.
 
-use std::{borrow::Cow, fmt, ops::Range};
+use std::{fmt, ops::Range};
 
 use bytes::Bytes;
-use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-use crate::guardrails::splice::Key as JsonKey;
+use crate::guardrails::splice::Members;
 
 /// One step of a path into the body: a member of an object or an element of an array.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +51,7 @@ impl Wire {
             let Members(list) = serde_json::from_slice(&raw).ok()?;
             let members = list
                 .into_iter()
-                .map(|(k, v)| (k.into_owned(), span_in(&raw, v)))
+                .map(|(k, v)| (k.0.into_owned(), span_in(&raw, v)))
                 .collect();
             let close = raw.trim_ascii_end().len().checked_sub(1)?;
             (members, close)
@@ -162,7 +161,7 @@ impl Wire {
             let value = match *step {
                 Step::Key(key) => {
                     let Members(list) = serde_json::from_slice(text).ok()?;
-                    list.into_iter().find(|(k, _)| k == key).map(|(_, v)| v)?
+                    list.into_iter().find(|(k, _)| k.0 == key).map(|(_, v)| v)?
                 }
                 Step::Index(i) => {
                     let items: Vec<&RawValue> = serde_json::from_slice(text).ok()?;
@@ -183,30 +182,6 @@ fn span_in(base: &[u8], value: &RawValue) -> Range<usize> {
         .filter(|at| at + s.len() <= base.len())
         .expect("values are read from the base text");
     start..start + s.len()
-}
-
-/// The members of a JSON object in order: keys borrowed unless they have escapes, values as
-/// their text.
-struct Members<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
-
-impl<'de> Deserialize<'de> for Members<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Members<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members<'de>, A::Error> {
-                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(16));
-                while let Some((JsonKey(k), v)) = map.next_entry::<JsonKey<'de>, &'de RawValue>()? {
-                    out.push((k, v));
-                }
-                Ok(Members(out))
-            }
-        }
-        d.deserialize_map(V)
-    }
 }
 
 #[cfg(test)]
