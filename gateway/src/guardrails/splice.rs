@@ -118,26 +118,29 @@ impl<'de> Visitor<'de> for IsNull {
 }
 
 /// The keys of one object read so far, to refuse a repeated one. Objects of an answer have a
-/// handful of keys: a linear scan is cheapest, and the first few are kept without allocating.
+/// handful of keys: a linear scan is cheapest. Keys without escapes (nearly all) are kept as
+/// slices of the text, the first few without allocating; a decoded key is kept owned.
 #[derive(Default)]
 struct SeenKeys<'de> {
-    inline: [Key<'de>; 8],
+    inline: [&'de str; 8],
     len: usize,
-    more: Vec<Key<'de>>,
+    more: Vec<Cow<'de, str>>,
 }
 
 impl<'de> SeenKeys<'de> {
     /// `key`, unless the object already has it (an error then).
     fn add<E: serde::de::Error>(&mut self, key: Key<'de>) -> Result<(), E> {
-        let seen = &self.inline[..self.len];
-        if seen.iter().chain(&self.more).any(|k| k.0 == key.0) {
+        let k: &str = &key.0;
+        let seen = self.inline[..self.len].iter().copied();
+        if seen.chain(self.more.iter().map(|m| &**m)).any(|s| s == k) {
             return Err(E::custom("a repeated key"));
         }
-        if self.len < self.inline.len() {
-            self.inline[self.len] = key;
-            self.len += 1;
-        } else {
-            self.more.push(key);
+        match key.0 {
+            Cow::Borrowed(k) if self.len < self.inline.len() => {
+                self.inline[self.len] = k;
+                self.len += 1;
+            }
+            other => self.more.push(other),
         }
         Ok(())
     }
@@ -235,22 +238,6 @@ impl<'s, 'de> DeserializeSeed<'de> for Read<'s, 'de> {
     }
 }
 
-/// A value the filter screens (or edits): kept as its slice. One that is an object or an array
-/// (not what an answer has there) is still checked for repeated keys.
-struct Leaf;
-
-impl<'de> DeserializeSeed<'de> for Leaf {
-    type Value = &'de RawValue;
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<&'de RawValue, D::Error> {
-        let raw = <&'de RawValue>::deserialize(d)?;
-        if matches!(raw.get().as_bytes().first(), Some(b'{' | b'[')) {
-            serde_json::from_str::<Unambiguous>(raw.get()).map_err(serde::de::Error::custom)?;
-        }
-        Ok(raw)
-    }
-}
-
 impl<'s, 'de> Visitor<'de> for Read<'s, 'de> {
     type Value = ();
 
@@ -331,16 +318,19 @@ impl<'s, 'de> Visitor<'de> for Read<'s, 'de> {
             } else {
                 let slot = out.choices.last_mut();
                 match (self.role, &*key.0, slot) {
-                    (Role::Choice, "text", Some(c)) => c.text = Some(map.next_value_seed(Leaf)?),
+                    // Kept as slices, checked where they stand as the whole text would be.
+                    (Role::Choice, "text", Some(c)) => {
+                        c.text = Some(map.next_value_seed(Exact { depth: 3 })?.raw)
+                    }
                     (Role::Choice, "finish_reason", Some(c)) => {
-                        c.finish_reason = Some(map.next_value_seed(Leaf)?)
+                        c.finish_reason = Some(map.next_value_seed(Exact { depth: 3 })?.raw)
                     }
                     (Role::Message, "content", Some(c)) => {
-                        c.content = Some(map.next_value_seed(Leaf)?)
+                        c.content = Some(map.next_value_seed(Exact { depth: 4 })?.raw)
                     }
-                    (Role::Function, "arguments", Some(c)) => {
-                        c.arguments.push(map.next_value_seed(Leaf)?)
-                    }
+                    (Role::Function, "arguments", Some(c)) => c
+                        .arguments
+                        .push(map.next_value_seed(Exact { depth: 7 })?.raw),
                     _ => {
                         map.next_value::<Unambiguous>()?;
                     }
@@ -484,9 +474,13 @@ impl<'de> DeserializeSeed<'de> for Exact {
                 serde_json::from_str::<Unambiguous>(&wrapped).map_err(D::Error::custom)?;
                 None
             }
-            // A number: in range (a raw value does not check).
+            // A number: in range (a raw value does not check). Without an exponent and
+            // shorter than 300 characters, it is below 1e300 whatever its digits.
             _ => {
-                serde_json::from_str::<Unambiguous>(s).map_err(D::Error::custom)?;
+                let plain = s.len() < 300 && !s.bytes().any(|b| b == b'e' || b == b'E');
+                if !plain {
+                    serde_json::from_str::<Unambiguous>(s).map_err(D::Error::custom)?;
+                }
                 None
             }
         };
@@ -1058,6 +1052,30 @@ mod tests {
         }
         // The same key in two different objects is fine.
         assert!(read_answer(br#"{"choices":[{"text":"a"},{"text":"b"}],"text":"c"}"#).is_some());
+        // What the multi-pass reader refuses inside a value the one-pass reader keeps as a
+        // slice: a lone surrogate, a number out of range, nesting deeper than the whole text
+        // may be (its containers counted from the top).
+        let deep = |levels: usize| {
+            format!(
+                r#"{{"choices":[{{"message":{{"content":{}1{}}}}}]}}"#,
+                "[".repeat(levels),
+                "]".repeat(levels)
+            )
+        };
+        for odd in [
+            r#"{"choices":[{"finish_reason":"\ud800"}]}"#.to_owned(),
+            r#"{"choices":[{"text":"a\udc00b"}]}"#.to_owned(),
+            r#"{"choices":[{"finish_reason":1e400}]}"#.to_owned(),
+            r#"{"choices":[{"message":{"tool_calls":[{"function":{"arguments":-1e999}}]}}]}"#
+                .to_owned(),
+            deep(124),
+        ] {
+            assert!(Object::top(odd.as_bytes()).is_none(), "{odd}");
+            assert!(read_answer(odd.as_bytes()).is_none(), "{odd}");
+        }
+        let fits = deep(123);
+        assert!(Object::top(fits.as_bytes()).is_some());
+        assert!(read_answer(fits.as_bytes()).is_some());
     }
 
     #[test]
