@@ -79,8 +79,9 @@ impl<S> tower::Layer<S> for BearerLayer {
     }
 }
 
-/// Authenticates the bearer and puts the [`super::Principal`] into the request's extensions
-/// (handlers take it as an extractor) before calling the route, or answers 401
+/// Authenticates the bearer and puts the [`super::Principal`] into the request's extensions,
+/// as the `Arc` the identity cache shares (handlers take it as an extractor, the inference
+/// handler takes the `Arc` out), before calling the route, or answers 401
 /// (OpenAI-shaped, with `WWW-Authenticate: Bearer`).
 #[derive(Clone)]
 pub struct RequireBearer<S> {

@@ -23,6 +23,8 @@ mod service;
 mod service_tests;
 pub mod source;
 
+use std::sync::Arc;
+
 use axum::{extract::FromRequestParts, http::request::Parts};
 use serde::Serialize;
 
@@ -47,8 +49,8 @@ pub enum AuthMethod {
 }
 
 /// The authenticated caller. Tenant and roles come only from the credential and the store,
-/// never from the request. Inserted into the request's extensions by the bearer check
-/// (`http::BearerLayer`).
+/// never from the request. Inserted into the request's extensions, as an `Arc<Principal>`, by
+/// the bearer check (`http::BearerLayer`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Principal {
     pub user_id: String,
@@ -83,8 +85,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Principal {
         // failing closed here keeps a mis-wired route from serving anonymously.
         parts
             .extensions
-            .get::<Principal>()
-            .cloned()
+            .get::<Arc<Principal>>()
+            .map(|p| Principal::clone(p))
             .ok_or_else(|| ApiError::unauthorized("missing bearer credential"))
     }
 }

@@ -85,7 +85,7 @@ impl From<AuthError> for ApiError {
 struct CachedKey {
     secret_hmac: Vec<u8>,
     expires_at: Option<i64>,
-    principal: Principal,
+    principal: Arc<Principal>,
 }
 
 pub struct Identity {
@@ -235,8 +235,9 @@ impl Identity {
 
     // ---- bearer verification -------------------------------------------------------------
 
-    /// Authenticates the token of an `Authorization: Bearer` header.
-    pub async fn authenticate(&self, bearer: &str) -> Result<Principal, AuthError> {
+    /// Authenticates the token of an `Authorization: Bearer` header. The principal is shared
+    /// with the identity cache: a cached credential costs no copy of it.
+    pub async fn authenticate(&self, bearer: &str) -> Result<Arc<Principal>, AuthError> {
         if bearer.starts_with(refresh::PREFIX) {
             Self::audit_failure("bearer", "refresh token presented as a bearer", None, None);
             return Err(AuthError::RefreshTokenAsBearer);
@@ -282,7 +283,7 @@ impl Identity {
     }
 
     /// Verifies an API key. A malformed key or a bad checksum is refused before any look-up.
-    pub async fn verify_api_key(&self, key: &str) -> Result<Principal, AuthError> {
+    pub async fn verify_api_key(&self, key: &str) -> Result<Arc<Principal>, AuthError> {
         let Some(parsed) = api_key::parse(key) else {
             info!(
                 event = "auth_failed",
@@ -322,7 +323,7 @@ impl Identity {
             Self::audit_failure("api_key", "inactive key", Some(&key_id), None);
             return Err(AuthError::InvalidApiKey);
         }
-        let principal = Principal {
+        let principal = Arc::new(Principal {
             user_id: rec.user_id.clone(),
             username: rec.username.clone(),
             tenant: rec.tenant.clone(),
@@ -330,7 +331,7 @@ impl Identity {
             session_id: None,
             roles: effective_roles(&rec.user_roles, Some(&rec.roles)),
             method: AuthMethod::ApiKey,
-        };
+        });
         Self::audit_success("api_key", &principal);
         if self.generation.load(Ordering::Acquire) == generation {
             self.key_cache.insert(
@@ -364,7 +365,7 @@ impl Identity {
     }
 
     /// Verifies an access token and that its session still stands.
-    pub async fn verify_access_token(&self, token: &str) -> Result<Principal, AuthError> {
+    pub async fn verify_access_token(&self, token: &str) -> Result<Arc<Principal>, AuthError> {
         let t = now();
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let claims = match self.token_cache.get(&digest) {
@@ -422,9 +423,9 @@ impl Identity {
     }
 
     /// The principal of a live session, through the cache. `None` if it ended.
-    async fn session_principal(&self, sid: &str) -> Result<Option<Principal>, AuthError> {
+    async fn session_principal(&self, sid: &str) -> Result<Option<Arc<Principal>>, AuthError> {
         if let Some(p) = self.session_cache.get(&sid.to_owned()) {
-            return Ok(Some(Principal::clone(&p)));
+            return Ok(Some(p));
         }
         let generation = self.generation.load(Ordering::Acquire);
         let id = sid.to_owned();
@@ -434,10 +435,9 @@ impl Identity {
         if !s.is_active(now()) {
             return Ok(None);
         }
-        let p = Self::principal_of(&s);
+        let p = Arc::new(Self::principal_of(&s));
         if self.generation.load(Ordering::Acquire) == generation {
-            self.session_cache
-                .insert(sid.to_owned(), Arc::new(p.clone()));
+            self.session_cache.insert(sid.to_owned(), p.clone());
         }
         Ok(Some(p))
     }

@@ -12,6 +12,8 @@ mod reserve;
 pub mod validate;
 pub mod wire;
 
+use std::sync::Arc;
+
 use axum::{
     Json,
     body::Body,
@@ -73,7 +75,7 @@ async fn handle(endpoint: Endpoint, state: SharedState, req: Request) -> Result<
     // Taken, not cloned (as the `Principal` extractor would): nothing after needs it there.
     let principal = parts
         .extensions
-        .remove::<Principal>()
+        .remove::<Arc<Principal>>()
         .ok_or_else(|| ApiError::unauthorized("missing bearer credential"))?;
     // The request's id and model slot (step 1's), taken too: the id goes upstream.
     let in_flight = parts.extensions.remove::<InFlight>();
