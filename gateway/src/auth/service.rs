@@ -293,16 +293,16 @@ impl Identity {
             Self::audit_failure("api_key", "malformed", None, None);
             return Err(AuthError::InvalidApiKey);
         };
-        let key_id = parsed.key_id.to_owned();
         let t = now();
-        if let Some(c) = self.key_cache.get(&key_id) {
+        if let Some(c) = self.key_cache.get(parsed.key_id) {
             if parsed.matches(&self.pepper, &c.secret_hmac) && c.expires_at.is_none_or(|e| t < e) {
                 return Ok(c.principal.clone());
             }
-            info!(event = "auth_failed", method = "api_key", key_id = %key_id, reason = "bad secret");
-            Self::audit_failure("api_key", "bad secret", Some(&key_id), None);
+            info!(event = "auth_failed", method = "api_key", key_id = %parsed.key_id, reason = "bad secret");
+            Self::audit_failure("api_key", "bad secret", Some(parsed.key_id), None);
             return Err(AuthError::InvalidApiKey);
         }
+        let key_id = parsed.key_id.to_owned();
         let generation = self.generation.load(Ordering::Acquire);
         let kid = key_id.clone();
         let rec = self.db(move |s| s.api_key(&kid)).await?;
@@ -424,7 +424,7 @@ impl Identity {
 
     /// The principal of a live session, through the cache. `None` if it ended.
     async fn session_principal(&self, sid: &str) -> Result<Option<Arc<Principal>>, AuthError> {
-        if let Some(p) = self.session_cache.get(&sid.to_owned()) {
+        if let Some(p) = self.session_cache.get(sid) {
             return Ok(Some(p));
         }
         let generation = self.generation.load(Ordering::Acquire);
@@ -527,12 +527,12 @@ impl Identity {
 
     pub fn evict_session(&self, sid: &str) {
         self.bump();
-        self.session_cache.remove(&sid.to_owned());
+        self.session_cache.remove(sid);
     }
 
     pub fn evict_key(&self, key_id: &str) {
         self.bump();
-        self.key_cache.remove(&key_id.to_owned());
+        self.key_cache.remove(key_id);
         self.session_cache
             .remove_where(|p| p.key_id.as_deref() == Some(key_id));
     }
