@@ -27,9 +27,10 @@
 //!
 //! Steps 1–2 are the outer layer (`request_id::Layer` around `body_limit::Layer`, applied as
 //! one layer), 3–4 the routing and its `route_layer` (`auth::http::BearerLayer`), 5–13 the
-//! inference handlers (`openai::handle`). The layers are hand-written tower services: no boxed
-//! future or cloned inner service of their own per request, as `axum::middleware::from_fn`
-//! would add (the bearer check boxes one future, since it may await the store). Axum matches
+//! inference handlers (`openai::handle`). The layers are hand-written tower services, so they
+//! add no boxed future or cloned inner service per request as `axum::middleware::from_fn`
+//! would (but the bearer check's: one boxed future and one clone of its route, since it may
+//! await the store). Axum matches
 //! the route before any layer runs (so the access log can name the route pattern), but a
 //! 404/405 is answered by the fallbacks, inside steps 1 and 2: even a request to no route gets
 //! an id and the body cap.
