@@ -89,9 +89,6 @@ pub struct RequireBearer<S> {
     inner: S,
 }
 
-/// The answer of [`RequireBearer`]: one boxed future, since the check may await the store.
-pub type BearerFuture = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
-
 impl<S> Service<Request> for RequireBearer<S>
 where
     S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
@@ -99,30 +96,81 @@ where
 {
     type Response = Response;
     type Error = Infallible;
-    type Future = BearerFuture;
+    type Future = BearerFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request) -> BearerFuture {
+    fn call(&mut self, mut req: Request) -> Self::Future {
+        let Some(token) = bearer(req.headers()) else {
+            Identity::audit_failure("bearer", "missing bearer", None, None);
+            return BearerFuture::Refused {
+                resp: Some(unauthorized(AuthError::MissingBearer)),
+            };
+        };
+        // A cached API key is decided at once: the route is called with no boxed future.
+        match self.identity.authenticate_cached(token) {
+            Some(Ok(p)) => {
+                req.extensions_mut().insert(p);
+                return BearerFuture::Passed {
+                    inner: self.inner.call(req),
+                };
+            }
+            Some(Err(e)) => {
+                return BearerFuture::Refused {
+                    resp: Some(unauthorized(e)),
+                };
+            }
+            None => {}
+        }
         let identity = self.identity.clone();
         // The service made ready is the one called; a clone stays for the next request.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(async move {
-            let Some(token) = bearer(req.headers()) else {
-                Identity::audit_failure("bearer", "missing bearer", None, None);
-                return Ok(unauthorized(AuthError::MissingBearer));
-            };
-            match identity.authenticate(token).await {
-                Ok(p) => {
-                    req.extensions_mut().insert(p);
-                    inner.call(req).await
+        BearerFuture::Checking {
+            check: Box::pin(async move {
+                // The same headers as above: there is a bearer.
+                let Some(token) = bearer(req.headers()) else {
+                    return Ok(unauthorized(AuthError::MissingBearer));
+                };
+                match identity.authenticate(token).await {
+                    Ok(p) => {
+                        req.extensions_mut().insert(p);
+                        inner.call(req).await
+                    }
+                    Err(e) => Ok(unauthorized(e)),
                 }
-                Err(e) => Ok(unauthorized(e)),
+            }),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The answer of [`RequireBearer`]: the route's, the 401, or the check that awaits the
+    /// store (one boxed future) and then the route's.
+    #[project = BearerProj]
+    pub enum BearerFuture<F> {
+        Passed { #[pin] inner: F },
+        Refused { resp: Option<Response> },
+        Checking { check: Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>> },
+    }
+}
+
+impl<F> Future for BearerFuture<F>
+where
+    F: Future<Output = Result<Response, Infallible>>,
+{
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            BearerProj::Passed { inner } => inner.poll(cx),
+            BearerProj::Refused { resp } => {
+                Poll::Ready(Ok(resp.take().expect("polled after completion")))
             }
-        })
+            BearerProj::Checking { check } => check.as_mut().poll(cx),
+        }
     }
 }
 
