@@ -29,8 +29,8 @@
 //! one layer), 3–4 the routing and its `route_layer` (`auth::http::BearerLayer`), 5–13 the
 //! inference handlers (`openai::handle`). The layers are hand-written tower services, so they
 //! add no boxed future or cloned inner service per request as `axum::middleware::from_fn`
-//! would (but the bearer check's: one boxed future and one clone of its route, since it may
-//! await the store). Axum matches
+//! would (the bearer check boxes one, and clones its route, only for a credential it must
+//! await the store for: not an API key in the key cache). Axum matches
 //! the route before any layer runs (so the access log can name the route pattern), but a
 //! 404/405 is answered by the fallbacks, inside steps 1 and 2: even a request to no route gets
 //! an id and the body cap.
