@@ -18,7 +18,6 @@ use std::sync::Arc;
 use axum::{
     Json, Router,
     extract::{Path, Query, State},
-    middleware,
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -68,14 +67,11 @@ pub fn router(
         .route("/admin/keys/{key_id}/narrow", post(narrow_key))
         .route("/admin/policy", get(policy))
         .route("/admin/audit", get(audit_records))
-        .route_layer(middleware::from_fn_with_state(
-            identity,
-            auth_http::require_bearer,
-        ))
+        .route_layer(auth_http::BearerLayer::new(identity))
         .with_state(state)
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
-        .layer(middleware::from_fn(crate::dataplane::request_id::layer))
+        .layer(crate::dataplane::request_id::Layer)
 }
 
 type Result<T> = std::result::Result<T, ApiError>;

@@ -272,6 +272,17 @@ impl<F> InRequest<F> {
             inner,
         }
     }
+
+    /// The future `make` returns, made in the request's scope too: what it logs when called,
+    /// not only when polled, names the request.
+    pub fn make(id: Arc<str>, make: impl FnOnce() -> F) -> Self {
+        let mut id = Some(id);
+        let inner = {
+            let _entered = enter(&mut id);
+            make()
+        };
+        Self { id, inner }
+    }
 }
 
 impl<F: Future> Future for InRequest<F> {

@@ -5,6 +5,7 @@
 //! the whole cache is cleared when the store's revocation epoch moves.
 
 use std::{
+    borrow::Borrow,
     collections::HashMap,
     hash::Hash,
     sync::Mutex,
@@ -30,7 +31,11 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn get(&self, key: &K) -> Option<V> {
+    /// The value, by any borrowed form of the key (a `&str` for a `String` key: no copy).
+    pub fn get<Q: Hash + Eq + ?Sized>(&self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+    {
         let mut map = self.lock();
         match map.get(key) {
             Some((at, v)) if at.elapsed() < self.ttl => Some(v.clone()),
@@ -57,7 +62,10 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
         map.insert(key, (Instant::now(), value));
     }
 
-    pub fn remove(&self, key: &K) {
+    pub fn remove<Q: Hash + Eq + ?Sized>(&self, key: &Q)
+    where
+        K: Borrow<Q>,
+    {
         self.lock().remove(key);
     }
 

@@ -1,14 +1,18 @@
 //! The identity endpoints and the bearer check, as axum pieces for the routers to mount
 //! (`dataplane::app`; the admin plane mounts the bearer check only):
-//! [`require_bearer`] (middleware), [`token`] (`POST /v1/auth/token`), [`revoke`]
+//! [`BearerLayer`] (the bearer check), [`token`] (`POST /v1/auth/token`), [`revoke`]
 //! (`POST /v1/auth/revoke`) and [`jwks`] (`GET /.well-known/jwks.json`).
 //!
 //! Request bodies are parsed strictly — JSON or form, unknown and duplicate fields refused —
 //! and never logged.
 
 use std::{
+    convert::Infallible,
+    future::Future,
     net::{IpAddr, Ipv4Addr, SocketAddr},
+    pin::Pin,
     sync::Arc,
+    task::{Context, Poll},
 };
 
 use axum::{
@@ -16,10 +20,10 @@ use axum::{
     body::Bytes,
     extract::{ConnectInfo, Request, State},
     http::{HeaderMap, HeaderValue, header},
-    middleware::Next,
     response::{IntoResponse, Response},
 };
 use serde::Deserialize;
+use tower::Service;
 use zeroize::Zeroizing;
 
 use super::{Identity, service::AuthError};
@@ -51,24 +55,122 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     Some(token)
 }
 
-/// Middleware: authenticates the bearer and puts the [`super::Principal`] into the request's
-/// extensions (handlers take it as an extractor), or answers 401 (OpenAI-shaped, with
-/// `WWW-Authenticate: Bearer`).
-pub async fn require_bearer(
-    State(identity): State<Arc<Identity>>,
-    mut req: Request,
-    next: Next,
-) -> Response {
-    let Some(token) = bearer(req.headers()) else {
-        Identity::audit_failure("bearer", "missing bearer", None, None);
-        return unauthorized(AuthError::MissingBearer);
-    };
-    match identity.authenticate(token).await {
-        Ok(p) => {
-            req.extensions_mut().insert(p);
-            next.run(req).await
+/// Step 4 of the data plane's pipeline (and the admin plane's bearer check) as a tower layer,
+/// mounted as a `route_layer`: [`RequireBearer`] around the routes it guards.
+#[derive(Clone)]
+pub struct BearerLayer {
+    identity: Arc<Identity>,
+}
+
+impl BearerLayer {
+    pub fn new(identity: Arc<Identity>) -> Self {
+        Self { identity }
+    }
+}
+
+impl<S> tower::Layer<S> for BearerLayer {
+    type Service = RequireBearer<S>;
+
+    fn layer(&self, inner: S) -> RequireBearer<S> {
+        RequireBearer {
+            identity: self.identity.clone(),
+            inner,
         }
-        Err(e) => unauthorized(e),
+    }
+}
+
+/// Authenticates the bearer and puts the [`super::Principal`] into the request's extensions,
+/// as the `Arc` the identity cache shares (handlers take it as an extractor, the inference
+/// handler takes the `Arc` out), before calling the route, or answers 401
+/// (OpenAI-shaped, with `WWW-Authenticate: Bearer`).
+#[derive(Clone)]
+pub struct RequireBearer<S> {
+    identity: Arc<Identity>,
+    inner: S,
+}
+
+impl<S> Service<Request> for RequireBearer<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BearerFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request) -> Self::Future {
+        let Some(token) = bearer(req.headers()) else {
+            Identity::audit_failure("bearer", "missing bearer", None, None);
+            return BearerFuture::Refused {
+                resp: Some(unauthorized(AuthError::MissingBearer)),
+            };
+        };
+        // A cached API key is decided at once: the route is called with no boxed future.
+        match self.identity.authenticate_cached(token) {
+            Some(Ok(p)) => {
+                req.extensions_mut().insert(p);
+                return BearerFuture::Passed {
+                    inner: self.inner.call(req),
+                };
+            }
+            Some(Err(e)) => {
+                return BearerFuture::Refused {
+                    resp: Some(unauthorized(e)),
+                };
+            }
+            None => {}
+        }
+        let identity = self.identity.clone();
+        // The service made ready is the one called; a clone stays for the next request.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        BearerFuture::Checking {
+            check: Box::pin(async move {
+                // The same headers as above: there is a bearer.
+                let Some(token) = bearer(req.headers()) else {
+                    return Ok(unauthorized(AuthError::MissingBearer));
+                };
+                match identity.authenticate(token).await {
+                    Ok(p) => {
+                        req.extensions_mut().insert(p);
+                        inner.call(req).await
+                    }
+                    Err(e) => Ok(unauthorized(e)),
+                }
+            }),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The answer of [`RequireBearer`]: the route's, the 401, or the check that awaits the
+    /// store (one boxed future) and then the route's.
+    #[project = BearerProj]
+    pub enum BearerFuture<F> {
+        Passed { #[pin] inner: F },
+        Refused { resp: Option<Response> },
+        Checking { check: Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>> },
+    }
+}
+
+impl<F> Future for BearerFuture<F>
+where
+    F: Future<Output = Result<Response, Infallible>>,
+{
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            BearerProj::Passed { inner } => inner.poll(cx),
+            BearerProj::Refused { resp } => {
+                Poll::Ready(Ok(resp.take().expect("polled after completion")))
+            }
+            BearerProj::Checking { check } => check.as_mut().poll(cx),
+        }
     }
 }
 

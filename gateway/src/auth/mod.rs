@@ -4,7 +4,7 @@
 //! - [`Identity`] (in `service`) ties them together over a [`crate::store::Store`];
 //! - [`Principal`] is what a handler receives once the caller is authenticated (an axum
 //!   extractor: take `principal: Principal` as a handler argument);
-//! - [`http`] holds the token, revoke and JWKS endpoints and the bearer middleware;
+//! - [`http`] holds the token, revoke and JWKS endpoints and the bearer check (a tower layer);
 //! - [`admin`] holds the operator's operations (the CLI, and the admin plane bounded by what
 //!   its caller holds);
 //! - [`source`] says which client a token request comes from (trusted proxies, IPv6 /64).
@@ -22,6 +22,8 @@ mod service;
 #[cfg(test)]
 mod service_tests;
 pub mod source;
+
+use std::sync::Arc;
 
 use axum::{extract::FromRequestParts, http::request::Parts};
 use serde::Serialize;
@@ -47,7 +49,8 @@ pub enum AuthMethod {
 }
 
 /// The authenticated caller. Tenant and roles come only from the credential and the store,
-/// never from the request. Inserted into the request's extensions by the bearer middleware.
+/// never from the request. Inserted into the request's extensions, as an `Arc<Principal>`, by
+/// the bearer check (`http::BearerLayer`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Principal {
     pub user_id: String,
@@ -78,12 +81,12 @@ impl<S: Send + Sync> FromRequestParts<S> for Principal {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        // Only the bearer middleware inserts it; a route outside it has no principal, and
+        // Only the bearer check inserts it; a route outside it has no principal, and
         // failing closed here keeps a mis-wired route from serving anonymously.
         parts
             .extensions
-            .get::<Principal>()
-            .cloned()
+            .get::<Arc<Principal>>()
+            .map(|p| Principal::clone(p))
             .ok_or_else(|| ApiError::unauthorized("missing bearer credential"))
     }
 }

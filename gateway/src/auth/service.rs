@@ -85,7 +85,7 @@ impl From<AuthError> for ApiError {
 struct CachedKey {
     secret_hmac: Vec<u8>,
     expires_at: Option<i64>,
-    principal: Principal,
+    principal: Arc<Principal>,
 }
 
 pub struct Identity {
@@ -235,8 +235,9 @@ impl Identity {
 
     // ---- bearer verification -------------------------------------------------------------
 
-    /// Authenticates the token of an `Authorization: Bearer` header.
-    pub async fn authenticate(&self, bearer: &str) -> Result<Principal, AuthError> {
+    /// Authenticates the token of an `Authorization: Bearer` header. The principal is shared
+    /// with the identity cache: a cached credential costs no copy of it.
+    pub async fn authenticate(&self, bearer: &str) -> Result<Arc<Principal>, AuthError> {
         if bearer.starts_with(refresh::PREFIX) {
             Self::audit_failure("bearer", "refresh token presented as a bearer", None, None);
             return Err(AuthError::RefreshTokenAsBearer);
@@ -281,8 +282,34 @@ impl Identity {
         });
     }
 
+    /// [`Self::authenticate`] for a bearer the key cache decides, without waiting: a cached API
+    /// key's principal, or its refusal (logged and audited alike). `None`: anything else, for
+    /// [`Self::authenticate`] to decide. (The bearer check calls the route at once then, with
+    /// no boxed future.)
+    pub fn authenticate_cached(&self, bearer: &str) -> Option<Result<Arc<Principal>, AuthError>> {
+        if bearer.starts_with(refresh::PREFIX) {
+            return None;
+        }
+        self.cached_key(&api_key::parse(bearer)?, now())
+    }
+
+    /// What the key cache says of a well-formed key at `t`; `None` if it is not cached.
+    fn cached_key(
+        &self,
+        parsed: &api_key::ParsedKey<'_>,
+        t: i64,
+    ) -> Option<Result<Arc<Principal>, AuthError>> {
+        let c = self.key_cache.get(parsed.key_id)?;
+        if parsed.matches(&self.pepper, &c.secret_hmac) && c.expires_at.is_none_or(|e| t < e) {
+            return Some(Ok(c.principal.clone()));
+        }
+        info!(event = "auth_failed", method = "api_key", key_id = %parsed.key_id, reason = "bad secret");
+        Self::audit_failure("api_key", "bad secret", Some(parsed.key_id), None);
+        Some(Err(AuthError::InvalidApiKey))
+    }
+
     /// Verifies an API key. A malformed key or a bad checksum is refused before any look-up.
-    pub async fn verify_api_key(&self, key: &str) -> Result<Principal, AuthError> {
+    pub async fn verify_api_key(&self, key: &str) -> Result<Arc<Principal>, AuthError> {
         let Some(parsed) = api_key::parse(key) else {
             info!(
                 event = "auth_failed",
@@ -292,16 +319,11 @@ impl Identity {
             Self::audit_failure("api_key", "malformed", None, None);
             return Err(AuthError::InvalidApiKey);
         };
-        let key_id = parsed.key_id.to_owned();
         let t = now();
-        if let Some(c) = self.key_cache.get(&key_id) {
-            if parsed.matches(&self.pepper, &c.secret_hmac) && c.expires_at.is_none_or(|e| t < e) {
-                return Ok(c.principal.clone());
-            }
-            info!(event = "auth_failed", method = "api_key", key_id = %key_id, reason = "bad secret");
-            Self::audit_failure("api_key", "bad secret", Some(&key_id), None);
-            return Err(AuthError::InvalidApiKey);
+        if let Some(decided) = self.cached_key(&parsed, t) {
+            return decided;
         }
+        let key_id = parsed.key_id.to_owned();
         let generation = self.generation.load(Ordering::Acquire);
         let kid = key_id.clone();
         let rec = self.db(move |s| s.api_key(&kid)).await?;
@@ -322,7 +344,7 @@ impl Identity {
             Self::audit_failure("api_key", "inactive key", Some(&key_id), None);
             return Err(AuthError::InvalidApiKey);
         }
-        let principal = Principal {
+        let principal = Arc::new(Principal {
             user_id: rec.user_id.clone(),
             username: rec.username.clone(),
             tenant: rec.tenant.clone(),
@@ -330,7 +352,7 @@ impl Identity {
             session_id: None,
             roles: effective_roles(&rec.user_roles, Some(&rec.roles)),
             method: AuthMethod::ApiKey,
-        };
+        });
         Self::audit_success("api_key", &principal);
         if self.generation.load(Ordering::Acquire) == generation {
             self.key_cache.insert(
@@ -364,7 +386,7 @@ impl Identity {
     }
 
     /// Verifies an access token and that its session still stands.
-    pub async fn verify_access_token(&self, token: &str) -> Result<Principal, AuthError> {
+    pub async fn verify_access_token(&self, token: &str) -> Result<Arc<Principal>, AuthError> {
         let t = now();
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let claims = match self.token_cache.get(&digest) {
@@ -422,9 +444,9 @@ impl Identity {
     }
 
     /// The principal of a live session, through the cache. `None` if it ended.
-    async fn session_principal(&self, sid: &str) -> Result<Option<Principal>, AuthError> {
-        if let Some(p) = self.session_cache.get(&sid.to_owned()) {
-            return Ok(Some(Principal::clone(&p)));
+    async fn session_principal(&self, sid: &str) -> Result<Option<Arc<Principal>>, AuthError> {
+        if let Some(p) = self.session_cache.get(sid) {
+            return Ok(Some(p));
         }
         let generation = self.generation.load(Ordering::Acquire);
         let id = sid.to_owned();
@@ -434,10 +456,9 @@ impl Identity {
         if !s.is_active(now()) {
             return Ok(None);
         }
-        let p = Self::principal_of(&s);
+        let p = Arc::new(Self::principal_of(&s));
         if self.generation.load(Ordering::Acquire) == generation {
-            self.session_cache
-                .insert(sid.to_owned(), Arc::new(p.clone()));
+            self.session_cache.insert(sid.to_owned(), p.clone());
         }
         Ok(Some(p))
     }
@@ -527,12 +548,12 @@ impl Identity {
 
     pub fn evict_session(&self, sid: &str) {
         self.bump();
-        self.session_cache.remove(&sid.to_owned());
+        self.session_cache.remove(sid);
     }
 
     pub fn evict_key(&self, key_id: &str) {
         self.bump();
-        self.key_cache.remove(&key_id.to_owned());
+        self.key_cache.remove(key_id);
         self.session_cache
             .remove_where(|p| p.key_id.as_deref() == Some(key_id));
     }

@@ -224,6 +224,34 @@ async fn unknown_key_id_and_wrong_secret_answer_identically() {
     assert_eq!(a, body_of(wrong_cached).await);
 }
 
+/// The bearer check's fast path decides only what the key cache knows, and as
+/// `authenticate` would.
+#[tokio::test]
+async fn the_key_cache_decides_cached_keys_at_once_and_nothing_else() {
+    let f = fixture();
+    let forged = super::api_key::mint(f.id.pepper(), &f.key_id);
+    assert!(f.id.authenticate_cached(&f.key).is_none(), "not cached yet");
+    let p = f.id.authenticate(&f.key).await.unwrap();
+    let cached = f.id.authenticate_cached(&f.key).unwrap().unwrap();
+    assert!(
+        Arc::ptr_eq(&p, &cached),
+        "the cached principal is shared, not copied"
+    );
+    assert_eq!(
+        f.id.authenticate_cached(&forged.plaintext).unwrap(),
+        Err(AuthError::InvalidApiKey)
+    );
+    let t = f.id.grant_api_key(&f.key).await.unwrap();
+    for other in [
+        t.access_token.as_str(),
+        t.refresh_token.as_str(),
+        "moat_short",
+    ] {
+        assert!(f.id.authenticate_cached(other).is_none());
+    }
+    assert_eq!(lookups(&f), 1);
+}
+
 #[tokio::test]
 async fn revocation_by_this_process_and_by_another_takes_effect() {
     let f = fixture();

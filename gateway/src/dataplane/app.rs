@@ -3,11 +3,11 @@
 //! 404/405.
 //!
 //! Public routes: health, the token endpoint, revocation, JWKS. Everything under `protected`
-//! passes the bearer check first (`auth::http::require_bearer`) and its handlers can take a
+//! passes the bearer check first (`auth::http::BearerLayer`) and its handlers can take a
 //! `Principal` argument.
 //!
 //! The pipeline, numbered as in docs/data-plane.md ("What is checked before anything goes upstream"):
-//! 1. request id: span, `X-Request-Id`, access log (`request_id`);
+//! 1. request id: log scope, `X-Request-Id`, access log, request metric (`request_id`);
 //! 2. announced body size (413, `body_limit`);
 //! 3. route (404) and method (405);
 //! 4. bearer (401) on `protected` routes; the principal (tenant and roles from the credential,
@@ -25,24 +25,24 @@
 //!     (`answer`);
 //! 13. the answer screened by the guardrails' output filter (redacted or cut).
 //!
-//! Steps 1–2 are the one layer below ([`front`]: one middleware, so one boxed future a request
-//! rather than one per step), 3–4 the routing and its `route_layer`, 5–13 the inference
-//! handlers (`openai::handle`). Axum matches the route before any layer runs (so the access
-//! log can name the route pattern), but a 404/405 is answered by the fallbacks, inside steps
-//! 1 and 2: even a request to no route gets an id and the body cap.
+//! Steps 1–2 are the outer layer (`request_id::Layer` around `body_limit::Layer`, applied as
+//! one layer), 3–4 the routing and its `route_layer` (`auth::http::BearerLayer`), 5–13 the
+//! inference handlers (`openai::handle`). The layers are hand-written tower services, so they
+//! add no boxed future or cloned inner service per request as `axum::middleware::from_fn`
+//! would (the bearer check boxes one, and clones its route, only for a credential it must
+//! await the store for: not an API key in the key cache). Axum matches
+//! the route before any layer runs (so the access log can name the route pattern), but a
+//! 404/405 is answered by the fallbacks, inside steps 1 and 2: even a request to no route gets
+//! an id and the body cap.
 
 use axum::{
     Router,
-    extract::{Request, State},
-    http::header,
-    middleware::{self, Next},
-    response::{IntoResponse, Response},
     routing::{get, post},
 };
 
 use crate::{
     auth::http as auth_http,
-    dataplane::{health, openai, request_id, state::SharedState},
+    dataplane::{body_limit, health, openai, request_id, state::SharedState},
     error::ApiError,
 };
 
@@ -61,41 +61,25 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/embeddings", post(openai::embeddings))
-        .route_layer(middleware::from_fn_with_state(
-            identity,
-            auth_http::require_bearer,
-        ));
+        .route_layer(auth_http::BearerLayer::new(identity));
+    // 1. Outermost, so even a 404 or a 413 carries an id; 2. then a body announced larger than
+    // the cap is refused before anything else runs. One `layer` call: each wraps every route
+    // in one more boxed service of axum's.
+    let front = (
+        request_id::Layer,
+        body_limit::Layer::new(state.config.server().max_body_bytes),
+    );
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .merge(protected)
-        .with_state(state.clone())
+        .with_state(state)
         .merge(auth_routes)
         // 3.
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         // 1–2, around every route and both fallbacks.
-        .layer(middleware::from_fn_with_state(state, front))
-}
-
-/// Steps 1 and 2, in order.
-async fn front(State(state): State<SharedState>, req: Request, next: Next) -> Response {
-    // 1. Outermost, so even a 404 or a 413 carries an id.
-    request_id::around(req, |req| async move {
-        // 2. A body announced larger than the cap is refused before anything else runs
-        // (bodies without a length are capped while being read, step 6 in `openai`).
-        let limit = state.config.server().max_body_bytes;
-        let announced = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if announced.is_some_and(|n| n > limit as u64) {
-            return ApiError::payload_too_large(limit).into_response();
-        }
-        next.run(req).await
-    })
-    .await
+        .layer(front)
 }
 
 #[cfg(test)]

@@ -53,7 +53,7 @@ pub fn meter(
     resp: Response,
     ticket: Ticket,
     identity: Arc<Identity>,
-    principal: Principal,
+    principal: Arc<Principal>,
     metrics: Timing,
     reserved: Reserved,
 ) -> Response {
@@ -126,7 +126,7 @@ pub struct Metered {
     scan: BytesMut,
     usage: Option<u64>,
     identity: Arc<Identity>,
-    principal: Principal,
+    principal: Arc<Principal>,
     generation: u64,
     check: Option<Check>,
     tick: Option<tokio::time::Interval>,
@@ -407,7 +407,7 @@ mod tests {
             .body(Body::new(body))
             .unwrap();
         let seen = Seen::default();
-        let p = Principal {
+        let p = Arc::new(Principal {
             user_id: "u".into(),
             username: "u".into(),
             tenant: "t".into(),
@@ -415,7 +415,7 @@ mod tests {
             session_id: None,
             roles: vec![],
             method: AuthMethod::ApiKey,
-        };
+        });
         let timing = Timing {
             model: "m".into(),
             sent: std::time::Instant::now(),

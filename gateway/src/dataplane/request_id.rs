@@ -3,17 +3,29 @@
 //! every response, upstream with the request, and onto every log line written while the request
 //! is worked on (`logging::InRequest`), including lines written while a stream is being relayed. The
 //! request's access-log line (`logging::access`) names it and the host that answered.
+//!
+//! [`Layer`] is step 1 of the pipeline, outermost on the data plane's and the admin plane's
+//! routers: a tower layer (no boxed future of its own), whose [`Logged`] future writes the
+//! access-log line and the request metric when the answer is ready. It hands the rest of the
+//! pipeline one extension, [`InFlight`]: the id and the slot the model is named in.
 
-use std::{future::Future, sync::Arc, time::Instant};
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+    time::Instant,
+};
 
 use axum::{
     extract::{MatchedPath, Request},
-    http::{HeaderName, HeaderValue},
-    middleware::Next,
+    http::{HeaderName, HeaderValue, Method},
     response::Response,
 };
+use tower::Service;
 
-use crate::{dataplane::proxy::ServedBy, logging};
+use crate::{dataplane::proxy::ServedBy, logging, metrics::gateway::ModelSlot};
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -66,42 +78,124 @@ fn random_16() -> [u8; 16] {
     })
 }
 
-/// [`around`] as a middleware of its own (the admin plane's router).
-pub async fn layer(req: Request, next: Next) -> Response {
-    around(req, |req| next.run(req)).await
+/// What step 1 puts in every request, as one extension (one insert, not one per field): the
+/// request's id and the slot the inference handler names the model in.
+#[derive(Clone)]
+pub struct InFlight {
+    pub id: RequestId,
+    pub model: ModelSlot,
 }
 
-/// Outermost step of the pipeline, around `inner` (the rest of it): id, span, response header,
-/// one access-log line.
-pub async fn around<F, Fut>(mut req: Request, inner: F) -> Response
+/// Step 1 as a tower layer: [`WithRequestId`] around the service below it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Layer;
+
+impl<S> tower::Layer<S> for Layer {
+    type Service = WithRequestId<S>;
+
+    fn layer(&self, inner: S) -> WithRequestId<S> {
+        WithRequestId { inner }
+    }
+}
+
+/// The service [`Layer`] makes: gives the request its id, calls the rest of the pipeline in
+/// the request's log scope, and finishes the answer ([`Logged`]).
+#[derive(Clone, Debug)]
+pub struct WithRequestId<S> {
+    inner: S,
+}
+
+impl<S> Service<Request> for WithRequestId<S>
 where
-    F: FnOnce(Request) -> Fut,
-    Fut: Future<Output = Response>,
+    S: Service<Request, Response = Response, Error = Infallible>,
 {
-    let id = RequestId::generate();
-    req.extensions_mut().insert(id.clone());
-    let method = req.method().clone();
-    // The route pattern, never the raw path or query: those are client-chosen text.
-    let matched = req.extensions().get::<MatchedPath>().cloned();
-    let route = matched.as_ref().map_or("(no route)", MatchedPath::as_str);
-    let started = Instant::now();
-    let model = crate::metrics::gateway::ModelSlot::default();
-    req.extensions_mut().insert(model.clone());
-    let mut resp = logging::InRequest::new(id.0.clone(), inner(req)).await;
-    crate::metrics::gateway::METRICS.request(route, model.get(), resp.status().as_u16());
-    resp.headers_mut().insert(REQUEST_ID, id.header_value());
-    logging::access(&logging::Access {
-        request_id: id.as_str(),
-        upstream: resp
-            .extensions()
-            .get::<ServedBy>()
-            .map(|s| s.0.name.as_str()),
-        method: method.as_str(),
-        route,
-        status: resp.status().as_u16(),
-        ms: started.elapsed().as_millis() as u64,
-    });
-    resp
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Logged<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request) -> Self::Future {
+        let id = RequestId::generate();
+        let model = ModelSlot::default();
+        req.extensions_mut().insert(InFlight {
+            id: id.clone(),
+            model: model.clone(),
+        });
+        let done = Done {
+            method: req.method().clone(),
+            // The route pattern, never the raw path or query: those are client-chosen text.
+            route: req.extensions().get::<MatchedPath>().cloned(),
+            started: Instant::now(),
+            model,
+            id: id.clone(),
+        };
+        Logged {
+            inner: logging::InRequest::make(id.0, || self.inner.call(req)),
+            done: Some(done),
+        }
+    }
+}
+
+/// What the access-log line and the request metric need once the answer is ready.
+struct Done {
+    id: RequestId,
+    method: Method,
+    route: Option<MatchedPath>,
+    model: ModelSlot,
+    started: Instant,
+}
+
+impl Done {
+    /// The metric, the `X-Request-Id` header, the access-log line.
+    fn finish(self, resp: &mut Response) {
+        let route = self
+            .route
+            .as_ref()
+            .map_or("(no route)", MatchedPath::as_str);
+        crate::metrics::gateway::METRICS.request(route, self.model.get(), resp.status().as_u16());
+        resp.headers_mut()
+            .insert(REQUEST_ID, self.id.header_value());
+        logging::access(&logging::Access {
+            request_id: self.id.as_str(),
+            upstream: resp
+                .extensions()
+                .get::<ServedBy>()
+                .map(|s| s.0.name.as_str()),
+            method: self.method.as_str(),
+            route,
+            status: resp.status().as_u16(),
+            ms: self.started.elapsed().as_millis() as u64,
+        });
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The answer of the rest of the pipeline, polled in the request's log scope, finished
+    /// ([`Done::finish`]) when it is ready.
+    pub struct Logged<F> {
+        #[pin]
+        inner: logging::InRequest<F>,
+        done: Option<Done>,
+    }
+}
+
+impl<F> Future for Logged<F>
+where
+    F: Future<Output = Result<Response, Infallible>>,
+{
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Ok(mut resp) = ready!(this.inner.poll(cx));
+        if let Some(done) = this.done.take() {
+            done.finish(&mut resp);
+        }
+        Poll::Ready(Ok(resp))
+    }
 }
 
 #[cfg(test)]

@@ -151,8 +151,8 @@ fn shard_index() -> usize {
     INDEX.with(|i| *i)
 }
 
-/// A request's model, set by the handler once the body is parsed (the access-log layer reads it
-/// when the answer is done). Only configured names are kept.
+/// A request's model, set by the handler once the body is parsed (the request-id layer reads it
+/// when the answer is done; it rides in `request_id::InFlight`). Only configured names are kept.
 #[derive(Clone, Default)]
 pub struct ModelSlot(pub std::sync::Arc<std::sync::OnceLock<String>>);
 

@@ -12,6 +12,8 @@ mod reserve;
 pub mod validate;
 pub mod wire;
 
+use std::sync::Arc;
+
 use axum::{
     Json,
     body::Body,
@@ -31,7 +33,7 @@ use crate::{
     dataplane::metered,
     dataplane::proxy::{self, Outbound},
     dataplane::quota::Ask,
-    dataplane::request_id::RequestId,
+    dataplane::request_id::{InFlight, RequestId},
     dataplane::state::SharedState,
     error::ApiError,
     guardrails,
@@ -73,8 +75,10 @@ async fn handle(endpoint: Endpoint, state: SharedState, req: Request) -> Result<
     // Taken, not cloned (as the `Principal` extractor would): nothing after needs it there.
     let principal = parts
         .extensions
-        .remove::<Principal>()
+        .remove::<Arc<Principal>>()
         .ok_or_else(|| ApiError::unauthorized("missing bearer credential"))?;
+    // The request's id and model slot (step 1's), taken too: the id goes upstream.
+    let in_flight = parts.extensions.remove::<InFlight>();
     // 5. content type.
     if !is_json(&parts.headers) {
         return Err(ApiError::unsupported_media_type());
@@ -85,8 +89,8 @@ async fn handle(endpoint: Endpoint, state: SharedState, req: Request) -> Result<
     // 7. strict parse, the model's caps.
     let len = bytes.len();
     let valid = validate::validate_body(endpoint, bytes, &state.config)?;
-    if let Some(slot) = parts.extensions.get::<crate::metrics::gateway::ModelSlot>() {
-        slot.set(&valid.model);
+    if let Some(f) = &in_flight {
+        f.model.set(&valid.model);
     }
     debug!(model = %valid.model, stream = valid.stream, bytes = len, "request valid");
     // The system prompt the guardrails will put first counts like a caller's message: in the
@@ -142,11 +146,7 @@ async fn handle(endpoint: Endpoint, state: SharedState, req: Request) -> Result<
         }
     };
     let body = valid.upstream_body(salt)?;
-    let request_id = parts
-        .extensions
-        .get::<RequestId>()
-        .cloned()
-        .unwrap_or_else(RequestId::generate);
+    let request_id = in_flight.map_or_else(RequestId::generate, |f| f.id);
     let out = Outbound {
         path: endpoint.path(),
         body,
