@@ -146,7 +146,8 @@ pub fn run() -> Result<()> {
     if let Some(a) = &admin {
         a.set_nonblocking(true)?;
     }
-    // Every pool gets a client per serving thread (built with the configs below).
+    // Every pool keeps a slot of upstream connections per serving thread (built with the
+    // configs below).
     proxy::client::set_serving_threads(threads);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -62,23 +62,20 @@ async fn run(upstream: Arc<Upstream>, pool: String, host: Arc<Host>) {
 async fn probe(upstream: &Upstream, host: usize) -> Result<(), String> {
     let mut req = Request::new(Full::new(Bytes::new()));
     *req.method_mut() = Method::GET;
-    *req.uri_mut() = upstream
-        .uri(host, upstream.health_path.clone())
-        .map_err(|_| "bad health check URI".to_owned())?;
+    *req.uri_mut() = upstream.health_path.clone().into();
     if let Some(c) = &upstream.credential {
         req.headers_mut().insert(header::AUTHORIZATION, c.clone());
     }
     let check = async {
         let resp = upstream
             .client
-            .get()
-            .request(req)
+            .send(host, req)
             .await
             // The whole chain: a TLS refusal (the host does not accept the gateway's client
             // certificate) is only named in the sources.
             .map_err(|e| super::error_chain(&e))?;
         let status = resp.status();
-        // Read the (small) body so the connection goes back to the pool for reuse.
+        // Read the (small) body so the connection is ready for reuse.
         let _ = Limited::new(resp.into_body(), 64 * 1024).collect().await;
         if status.is_success() {
             Ok(())

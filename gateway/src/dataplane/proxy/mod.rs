@@ -4,8 +4,9 @@
 //!
 //! Failure posture, per attempt:
 //! - connect refused / connect timeout / TLS handshake failure: nothing was sent, so the next
-//!   host is tried (up to `max_attempts`). A pooled connection the upstream closed before the
-//!   request was written is retried on a fresh one by hyper itself.
+//!   host is tried (up to `max_attempts`). A kept connection the upstream closed before the
+//!   request was written is retried on a fresh one to the same host (`client`); a fresh one
+//!   closed before the request was written counts as nothing sent.
 //! - any other error once the request may have been written: 502, never retried (a generation
 //!   may have started; a retry could run it twice).
 //! - no response head within `first_byte_timeout_ms`: 504, not retried, the attempt is dropped
@@ -23,10 +24,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use axum::{
     body::Body,
-    http::{
-        HeaderValue, Method, Request, Uri,
-        uri::{Authority, PathAndQuery, Scheme},
-    },
+    http::{HeaderValue, Method, Request, Uri, uri::PathAndQuery},
     response::{IntoResponse, Response},
 };
 use bytes::Bytes;
@@ -45,10 +43,6 @@ pub use body::ProxyBody;
 /// One pool's way out: its client and the settings of its requests.
 pub struct Upstream {
     client: client::Clients,
-    scheme: Scheme,
-    /// `host:port` as written, by host index (parsed once: a request's URI is put together
-    /// from parts, not parsed again).
-    authorities: Vec<Authority>,
     credential: Option<HeaderValue>,
     first_byte: Duration,
     idle: Duration,
@@ -72,19 +66,6 @@ impl Upstreams {
                 .transpose()?;
             let up = Upstream {
                 client: client::build(pool)?,
-                scheme: if pool.tls {
-                    Scheme::HTTPS
-                } else {
-                    Scheme::HTTP
-                },
-                authorities: pool
-                    .hosts
-                    .iter()
-                    .map(|h| {
-                        h.parse()
-                            .map_err(|e| anyhow::anyhow!("pools.{}.hosts: `{h}`: {e}", pool.name))
-                    })
-                    .collect::<anyhow::Result<_>>()?,
                 credential,
                 first_byte: pool.timeouts.first_byte,
                 idle: pool.timeouts.idle,
@@ -118,22 +99,14 @@ pub struct Outbound {
 }
 
 impl Upstream {
-    fn uri(&self, host: usize, path: PathAndQuery) -> Result<Uri, ApiError> {
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authorities[host].clone())
-            .path_and_query(path)
-            .build()
-            .map_err(|_| ApiError::internal())
-    }
-
-    fn request(&self, host: usize, out: &Outbound) -> Result<Request<Full<Bytes>>, ApiError> {
+    /// The request for `out` (origin-form: the client names the host).
+    fn request(&self, out: &Outbound) -> Request<Full<Bytes>> {
         let mut req = Request::new(Full::new(out.body.clone()));
         *req.method_mut() = Method::POST;
-        *req.uri_mut() = self.uri(host, PathAndQuery::from_static(out.path))?;
+        *req.uri_mut() = Uri::from(PathAndQuery::from_static(out.path));
         *req.headers_mut() =
             headers::upstream(out.stream, &out.request_id, self.credential.as_ref());
-        Ok(req)
+        req
     }
 }
 
@@ -160,8 +133,9 @@ async fn dispatch(
         };
         let host = lease.host().clone();
         tried.push(host.index);
-        let req = upstream.request(host.index, out)?;
-        match tokio::time::timeout(upstream.first_byte, upstream.client.get().request(req)).await {
+        let req = upstream.request(out);
+        let answer = upstream.client.send(host.index, req);
+        match tokio::time::timeout(upstream.first_byte, answer).await {
             Err(_) => {
                 lease.failure();
                 warn!(host = %host.name, attempt, "upstream sent no response in time");
@@ -169,10 +143,10 @@ async fn dispatch(
                     "the inference server did not answer in time",
                 ));
             }
-            Ok(Err(e)) if e.is_connect() => {
+            Ok(Err(e @ client::Error::NotSent(_))) => {
                 lease.failure();
                 // The whole chain: the TLS alert (an unknown CA, a certificate required or
-                // expired) sits below hyper's "client error (Connect)".
+                // expired) sits below the connector's error.
                 warn!(pool = %pool.name, host = %host.name, attempt, error = %error_chain(&e),
                     "upstream connect failed; nothing sent");
             }
