@@ -110,6 +110,10 @@ pub struct Identity {
     refresh_grace: i64,
     /// Moves on every local invalidation; a cache fill started before a move is discarded.
     generation: AtomicU64,
+    /// Wakes whoever waits for the generation to move (open streams), once the caches are
+    /// cleared: a stream that then asks whether its credential still stands is not answered
+    /// from a cache entry about to go.
+    moved: Arc<tokio::sync::Notify>,
     /// The store's revocation epoch as last seen.
     epoch: AtomicI64,
     poll: Duration,
@@ -191,6 +195,7 @@ impl Identity {
             proxies: TrustedProxies::new(&auth.trusted_proxies),
             refresh_grace: auth.refresh_reuse_grace_secs as i64,
             generation: AtomicU64::new(0),
+            moved: Arc::default(),
             epoch: AtomicI64::new(epoch),
             poll: Duration::from_millis(auth.revocation_poll_ms),
             signing_check: Duration::from_secs(60),
@@ -522,6 +527,13 @@ impl Identity {
         self.generation.load(Ordering::Acquire)
     }
 
+    /// Resolves when the generation has moved and the caches are cleared, counting from when
+    /// it is first polled (or enabled). An open stream waits on this instead of checking the
+    /// generation on a clock: no wake-up while nothing is revoked, none missed when something is.
+    pub fn generation_moved(&self) -> tokio::sync::futures::OwnedNotified {
+        self.moved.clone().notified_owned()
+    }
+
     /// Whether `p`'s credential still stands (key not revoked or expired, user enabled,
     /// session not revoked), for ending in-flight streams of a revoked principal.
     pub async fn still_valid(&self, p: &Principal) -> bool {
@@ -546,9 +558,15 @@ impl Identity {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// After an eviction: wakes the waiters of [`Self::generation_moved`].
+    fn evicted(&self) {
+        self.moved.notify_waiters();
+    }
+
     pub fn evict_session(&self, sid: &str) {
         self.bump();
         self.session_cache.remove(sid);
+        self.evicted();
     }
 
     pub fn evict_key(&self, key_id: &str) {
@@ -556,6 +574,7 @@ impl Identity {
         self.key_cache.remove(key_id);
         self.session_cache
             .remove_where(|p| p.key_id.as_deref() == Some(key_id));
+        self.evicted();
     }
 
     pub fn evict_user(&self, user_id: &str) {
@@ -563,6 +582,7 @@ impl Identity {
         self.key_cache
             .remove_where(|c| c.principal.user_id == user_id);
         self.session_cache.remove_where(|p| p.user_id == user_id);
+        self.evicted();
     }
 
     pub fn evict_all(&self) {
@@ -570,6 +590,7 @@ impl Identity {
         self.key_cache.clear();
         self.session_cache.clear();
         self.token_cache.clear();
+        self.evicted();
     }
 
     /// Checks the store's revocation epoch once; clears the caches if it moved.

@@ -11,12 +11,12 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     task::{Context, Poll},
-    time::Duration,
 };
 
 use axum::{body::Body, response::Response};
 use bytes::{Bytes, BytesMut};
 use http_body::Frame;
+use tokio::sync::futures::OwnedNotified;
 
 use crate::{
     auth::{Identity, Principal},
@@ -24,8 +24,6 @@ use crate::{
     error::ApiError,
 };
 
-/// How often an open answer checks whether its credential was revoked.
-const REVOCATION_CHECK: Duration = Duration::from_millis(100);
 /// Most of a non-streamed answer kept to read its `usage` from.
 const USAGE_SCAN_LIMIT: usize = 4 << 20;
 
@@ -70,6 +68,9 @@ pub fn meter(
     let end_early = EndEarly::default();
     parts.extensions.insert(end_early.clone());
     let generation = identity.generation();
+    // Only streams stay open long enough to need waking; a JSON answer checks the generation
+    // whenever it is polled.
+    let moved = sse.then(|| Box::pin(identity.generation_moved()));
     let metered = Metered {
         inner: body,
         ticket: Some(ticket),
@@ -80,14 +81,8 @@ pub fn meter(
         principal,
         generation,
         check: None,
-        // Only streams can stay open long enough to need a clock; a JSON answer checks the
-        // generation whenever it moves.
-        tick: sse.then(|| {
-            tokio::time::interval_at(
-                tokio::time::Instant::now() + REVOCATION_CHECK,
-                REVOCATION_CHECK,
-            )
-        }),
+        moved,
+        recheck: false,
         done: false,
         timing: Some(metrics),
         first_byte: false,
@@ -129,7 +124,10 @@ pub struct Metered {
     principal: Arc<Principal>,
     generation: u64,
     check: Option<Check>,
-    tick: Option<tokio::time::Interval>,
+    /// Streams: wakes the answer when a credential may have been revoked.
+    moved: Option<Pin<Box<OwnedNotified>>>,
+    /// Streams: woken since the last check began, so check (again).
+    recheck: bool,
     done: bool,
     /// The model and send time, for time to first token and the token counts.
     timing: Option<Timing>,
@@ -221,25 +219,38 @@ impl Metered {
 
     /// Whether the credential was found revoked (polls the pending check).
     fn revoked(&mut self, cx: &mut Context<'_>) -> bool {
-        if let Some(t) = &mut self.tick {
-            while t.poll_tick(cx).is_ready() {}
-        }
-        if self.check.is_none() {
-            let g = self.identity.generation();
-            if g == self.generation {
-                return false;
+        // Armed again after each wake-up, before the generation is read below: a move in
+        // between is then either seen below or wakes the new one. A wake-up always checks
+        // (again, if a check is under way): the generation moves before the caches are
+        // cleared and the wake-up comes after, so a check made in between may have been
+        // answered from a cache entry about to go.
+        if let Some(moved) = &mut self.moved {
+            while moved.as_mut().poll(cx).is_ready() {
+                self.recheck = true;
+                *moved = Box::pin(self.identity.generation_moved());
             }
-            self.generation = g;
-            let identity = self.identity.clone();
-            let p = self.principal.clone();
-            self.check = Some(Box::pin(async move { identity.still_valid(&p).await }));
         }
-        match self.check.as_mut().map(|c| c.as_mut().poll(cx)) {
-            Some(Poll::Ready(valid)) => {
-                self.check = None;
-                !valid
+        loop {
+            if self.check.is_none() {
+                let g = self.identity.generation();
+                if g == self.generation && !self.recheck {
+                    return false;
+                }
+                self.generation = g;
+                self.recheck = false;
+                let identity = self.identity.clone();
+                let p = self.principal.clone();
+                self.check = Some(Box::pin(async move { identity.still_valid(&p).await }));
             }
-            _ => false,
+            match self.check.as_mut().map(|c| c.as_mut().poll(cx)) {
+                Some(Poll::Ready(valid)) => {
+                    self.check = None;
+                    if !valid {
+                        return true;
+                    }
+                }
+                _ => return false,
+            }
         }
     }
 }
@@ -462,6 +473,38 @@ mod tests {
         resp.extensions().get::<EndEarly>().unwrap().cut();
         drop(resp);
         assert_eq!(*seen.0.lock().unwrap(), ["reconcile 42"]);
+    }
+
+    /// An idle stream (the upstream sends nothing) is left alone until its key is revoked, and
+    /// then ends at once with the OpenAI-shaped error event: the revocation wakes it.
+    #[tokio::test]
+    async fn a_revocation_wakes_and_ends_an_idle_stream() {
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let identity = identity(dir.path());
+        let events = [Bytes::from_static(
+            b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"}}]}\n\n",
+        )];
+        let reserved = Reserved {
+            prompt: 1,
+            total: 10,
+        };
+        let (mut resp, _seen) = metered(Frames::open(events), identity.clone(), reserved);
+        read(&mut resp, 1).await;
+        let idle = tokio::time::timeout(Duration::from_millis(300), resp.body_mut().frame()).await;
+        assert!(idle.is_err(), "nothing happens while nothing is revoked");
+
+        let revoker = identity.clone();
+        tokio::spawn(async move { revoker.evict_key("k") });
+        let frame = tokio::time::timeout(Duration::from_secs(5), resp.body_mut().frame())
+            .await
+            .expect("the revocation woke the stream")
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap();
+        assert!(text.starts_with("data: {\"error\""), "{text}");
+        assert!(text.contains("revoked"), "{text}");
+        assert!(resp.body_mut().frame().await.is_none(), "the stream ended");
     }
 
     /// However the upstream splits its stream into frames (mid-line, mid-`data:`, CRLF), the
