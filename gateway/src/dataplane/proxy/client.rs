@@ -410,24 +410,30 @@ mod tests {
         }
     }
 
-    /// A keep-alive server answering every request; counts the connections it accepted.
-    fn keep_alive_server() -> (u16, Arc<AtomicUsize>) {
+    /// A server that hands each connection it accepts to `serve`; counts them.
+    fn counting_server(serve: impl Fn(TcpStream) + Send + 'static) -> (u16, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = accepted.clone();
         thread::spawn(move || {
             for s in listener.incoming() {
-                let mut s = s.unwrap();
                 count.fetch_add(1, Ordering::SeqCst);
-                thread::spawn(move || {
-                    while read_request(&mut s) {
-                        s.write_all(OK).unwrap();
-                    }
-                });
+                serve(s.unwrap());
             }
         });
         (port, accepted)
+    }
+
+    /// A keep-alive server answering every request; counts the connections it accepted.
+    fn keep_alive_server() -> (u16, Arc<AtomicUsize>) {
+        counting_server(|mut s| {
+            thread::spawn(move || {
+                while read_request(&mut s) {
+                    s.write_all(OK).unwrap();
+                }
+            });
+        })
     }
 
     #[tokio::test]
@@ -487,16 +493,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_read_but_not_answered_is_not_sent_again() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        thread::spawn(move || {
-            for s in listener.incoming() {
-                let mut s = s.unwrap();
-                count.fetch_add(1, Ordering::SeqCst);
-                read_request(&mut s);
-            }
+        // Each connection: its request read, then closed without an answer.
+        let (port, accepted) = counting_server(|mut s| {
+            read_request(&mut s);
         });
         let c = clients(port);
         let e = ask(&c).await.unwrap_err();
