@@ -18,7 +18,8 @@
 //! Each cell: a warm-up (default 3 s), then a measured run (default 15 s) of wrk (2 threads,
 //! keep-alive, a ~1 KB chat body); JSON and SSE at 32 and 64 connections. Printed per cell:
 //! requests/s, p50, p99, the ratio to direct, the p50 added, and the proxy's CPU time per 1,000
-//! requests (user + system of all its processes, from /proc). Then a soak (moat, JSON at the
+//! requests (user + system of all its processes, from /proc, and the two apart: the system
+//! part is mostly the sockets' work, about the same for every proxy). Then a soak (moat, JSON at the
 //! first concurrency, `--soak` seconds in 30-second slices: first slice vs last, RSS at start
 //! and end), the RSS of moat holding `--idle-streams` open streams and `--keepalive` idle
 //! keep-alive connections, sequential time to first chunk, and the policy case.
@@ -358,18 +359,26 @@ fn tree(pid: u32) -> Vec<u32> {
 
 /// CPU seconds (user + system) used so far by `pid` and its descendants.
 fn cpu_secs(pid: u32) -> f64 {
+    let (user, system) = cpu_split(pid);
+    user + system
+}
+
+/// CPU seconds used so far by `pid` and its descendants: (user, system). The split shows
+/// what a proxy spends in the kernel (the sockets, the same work for every proxy) apart from
+/// its own code.
+fn cpu_split(pid: u32) -> (f64, f64) {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    tree(pid)
+    let (user, system) = tree(pid)
         .iter()
         .filter_map(|p| {
             let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
             let f: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
             // Fields 14 and 15 of stat (utime, stime), counted after the command name.
-            Some(f[11].parse::<f64>().ok()? + f[12].parse::<f64>().ok()?)
+            Some((f[11].parse::<f64>().ok()?, f[12].parse::<f64>().ok()?))
         })
-        .sum::<f64>()
-        / hz
+        .fold((0.0, 0.0), |(u, s), (du, ds)| (u + du, s + ds));
+    (user / hz, system / hz)
 }
 
 /// Resident memory (MiB) of `pid` and its descendants.
@@ -595,7 +604,7 @@ async fn run(args: Args) -> Result<()> {
         sse_text.len()
     );
     println!(
-        "\n{:<14} {:<7} {:>9} {:>8} {:>8} {:>7} {:>9} {:>12} {:>8}",
+        "\n{:<14} {:<7} {:>9} {:>8} {:>8} {:>7} {:>9} {:>12} {:>15} {:>8}",
         "case",
         "target",
         "req/s",
@@ -604,6 +613,7 @@ async fn run(args: Args) -> Result<()> {
         "ratio",
         "p50 added",
         "CPU ms/1000",
+        "of it user/sys",
         "non-2xx"
     );
     let path = "/v1/chat/completions";
@@ -648,22 +658,27 @@ async fn run(args: Args) -> Result<()> {
                 if args.warmup > 0 {
                     wrk(tmp.path(), &t.url, bearer, &body, *conc, args.warmup)?;
                 }
-                let cpu0 = t.pid.map(cpu_secs);
+                let cpu0 = t.pid.map(cpu_split);
                 let l = wrk(tmp.path(), &t.url, bearer, &body, *conc, args.duration)?;
-                let cpu = match (t.pid, cpu0) {
-                    (Some(p), Some(c0)) if l.requests > 0 => format!(
-                        "{:.1}",
-                        (cpu_secs(p) - c0) * 1000.0 / (l.requests as f64 / 1000.0)
-                    ),
-                    _ => "-".into(),
+                let (cpu, split) = match (t.pid, cpu0) {
+                    (Some(p), Some((u0, s0))) if l.requests > 0 => {
+                        let (u1, s1) = cpu_split(p);
+                        let per_1000 = |secs: f64| secs * 1000.0 / (l.requests as f64 / 1000.0);
+                        let (user, system) = (per_1000(u1 - u0), per_1000(s1 - s0));
+                        (
+                            format!("{:.1}", user + system),
+                            format!("{user:.1} / {system:.1}"),
+                        )
+                    }
+                    _ => ("-".into(), "-".into()),
                 };
                 let (ratio, added) = match &base {
                     None => (1.0, 0.0),
                     Some(b) => (l.rps / b.rps, l.p50_ms - b.p50_ms),
                 };
                 println!(
-                    "{:<14} {:<7} {:>9.0} {:>8.2} {:>8.2} {:>6.2}x {:>9.2} {:>12} {:>8}",
-                    name, t.name, l.rps, l.p50_ms, l.p99_ms, ratio, added, cpu, l.errors
+                    "{:<14} {:<7} {:>9.0} {:>8.2} {:>8.2} {:>6.2}x {:>9.2} {:>12} {:>15} {:>8}",
+                    name, t.name, l.rps, l.p50_ms, l.p99_ms, ratio, added, cpu, split, l.errors
                 );
                 if base.is_none() {
                     base = Some(l);
