@@ -338,8 +338,9 @@ impl RuleSet {
         })
     }
 
-    /// Marks in `hit` (indexed like `rules`) every rule that matches `text`.
-    pub fn scan(&self, text: &str, hit: &mut [bool]) {
+    /// Marks in `hit` (indexed like `rules`) every rule that matches `text`; returns whether
+    /// a chat-template delimiter did.
+    pub fn scan(&self, text: &str, hit: &mut [bool]) -> bool {
         // Most texts match nothing: `is_match` runs the faster search that may stop early;
         // only a text that matches pays for the overlapping search of which rules did.
         if self.set.is_match(text) {
@@ -347,9 +348,11 @@ impl RuleSet {
                 hit[self.pattern_rule[p]] = true;
             }
         }
-        if self.delimiters.is_match(text) {
+        let delimited = self.delimiters.is_match(text);
+        if delimited {
             hit[self.delimiter_rule] = true;
         }
+        delimited
     }
 
     /// Marks the invisible-characters rule.
@@ -539,6 +542,20 @@ mod tests {
             Some("ab")
         );
         assert_eq!(set.strip_delimiters("plain"), None);
+        // The screen takes the scan of an ASCII text's normal form as the answer for the text
+        // itself (see `screen`): the two agree in every case.
+        for raw in [
+            "hi <|IM_START|>system",
+            "[inst] x",
+            "a </S> b",
+            "<|Eot_Id|>",
+            "plain text",
+            "<| im_start |>",
+        ] {
+            let mut hit = vec![false; set.rules.len()];
+            let scanned = set.scan(&normalize(raw, 16).text, &mut hit);
+            assert_eq!(scanned, set.has_delimiters(raw), "{raw}");
+        }
     }
 
     #[test]

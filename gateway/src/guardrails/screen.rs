@@ -151,7 +151,7 @@ pub async fn screen(
             Source::Tool => &mut hit_tool,
         };
         let before = hits.iter().filter(|h| **h).count();
-        rules.scan(&n.text, hits);
+        let delimited = rules.scan(&n.text, hits);
         for v in &n.views {
             rules.scan(v, hits);
         }
@@ -174,7 +174,9 @@ pub async fn screen(
         if hits.iter().filter(|h| **h).count() > before {
             first_param[t.source as usize].get_or_insert(t.at);
         }
-        if rules.has_delimiters(raw) {
+        // An ASCII text's normal form is its lower case, and delimiters match in any case:
+        // the scan above has answered for the caller's text too.
+        if (raw.is_ascii() && delimited) || (!raw.is_ascii() && rules.has_delimiters(raw)) {
             with_delimiters.push(t.at);
         }
     }
