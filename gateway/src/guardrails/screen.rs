@@ -462,7 +462,9 @@ fn texts<'a>(
                 }
                 let calls = m.get("tool_calls").and_then(Value::as_array);
                 for (j, c) in calls.into_iter().flatten().enumerate() {
-                    if let Some(Value::String(text)) = c.pointer("/function/arguments") {
+                    if let Some(Value::String(text)) =
+                        c.get("function").and_then(|f| f.get("arguments"))
+                    {
                         out.push(Found {
                             text,
                             at: At::ToolCall(i, j),
@@ -470,7 +472,9 @@ fn texts<'a>(
                         });
                     }
                 }
-                if let Some(Value::String(text)) = m.pointer("/function_call/arguments") {
+                if let Some(Value::String(text)) =
+                    m.get("function_call").and_then(|f| f.get("arguments"))
+                {
                     out.push(Found {
                         text,
                         at: At::FunctionCall(i),
