@@ -18,6 +18,7 @@
 
 mod canary;
 mod classifier;
+mod memo;
 pub mod metrics;
 pub mod normalize;
 pub mod output;
@@ -27,7 +28,10 @@ mod screen;
 pub(crate) mod splice;
 mod stream;
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    sync::atomic::{AtomicU64, Ordering},
+};
 
 pub use policy::{InputAction, Policy};
 pub use screen::{Guard, operator_message_len, policy, screen};
@@ -48,6 +52,20 @@ pub struct Guardrails {
     roles: BTreeMap<String, GuardrailPolicyConfig>,
     models: BTreeMap<String, GuardrailPolicyConfig>,
     pub classifier: Option<ClassifierConfig>,
+    /// Unique per build (see [`Guardrails::id`]).
+    id: u64,
+}
+
+/// What the input rules find in one caller text ([`Guardrails::judge`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Verdict {
+    /// The rules hit (places in `rules.rules`), the invisible-characters rule among them when
+    /// the text smuggled any.
+    pub hits: Vec<usize>,
+    /// Invisible characters that count as smuggling were taken out of the text.
+    pub smuggling: bool,
+    /// The text (as the caller sent it) has a chat-template delimiter.
+    pub delimited: bool,
 }
 
 impl Default for Guardrails {
@@ -150,7 +168,16 @@ impl Guardrails {
             roles: c.roles.clone(),
             models: c.models.clone(),
             classifier: c.classifier.clone(),
+            id: {
+                static BUILT: AtomicU64 = AtomicU64::new(1);
+                BUILT.fetch_add(1, Ordering::Relaxed)
+            },
         })
+    }
+
+    /// Unique per build: entries of the verdict memo belong to one build.
+    fn id(&self) -> u64 {
+        self.id
     }
 
     /// The policy of a request.
@@ -166,28 +193,41 @@ impl Guardrails {
         )
     }
 
-    /// The rules `text` alone hits (normalised, with its decoded views), with their weights:
-    /// what the corpus runner and the benchmark measure.
-    pub fn rules_hit(&self, text: &str) -> Vec<(&str, f32)> {
+    /// What the rules find in `raw`: normalised, with its decoded views.
+    pub fn judge(&self, raw: &str) -> Verdict {
         let mut hit = vec![false; self.rules.rules.len()];
-        let n = normalize::normalize(text, self.decode_min_len);
-        self.rules.scan(&n.text, &mut hit);
+        let n = normalize::normalize(raw, self.decode_min_len);
+        let delimited = self.rules.scan(&n.text, &mut hit);
         for v in &n.views {
             self.rules.scan(v, &mut hit);
         }
-        if n.invisible > 0
-            && text.chars().any(|c| {
-                normalize::is_invisible(c) && !matches!(c, '\u{200D}' | '\u{FE0E}' | '\u{FE0F}')
-            })
-        {
+        let smuggling = n.invisible > 0 && raw.chars().any(normalize::counts_as_smuggling);
+        if smuggling {
             self.rules.mark_invisible(&mut hit);
         }
-        self.rules
-            .rules
-            .iter()
-            .zip(hit)
-            .filter(|(_, h)| *h)
-            .map(|(r, _)| (r.id.as_str(), r.weight))
+        Verdict {
+            hits: (0..hit.len()).filter(|&i| hit[i]).collect(),
+            smuggling,
+            // An ASCII text's normal form is its lower case, and delimiters match in any
+            // case: the scan above has answered for the text itself.
+            delimited: if raw.is_ascii() {
+                delimited
+            } else {
+                self.rules.has_delimiters(raw)
+            },
+        }
+    }
+
+    /// The rules `text` alone hits, with their weights: what the corpus runner and the
+    /// benchmark measure.
+    pub fn rules_hit(&self, text: &str) -> Vec<(&str, f32)> {
+        self.judge(text)
+            .hits
+            .into_iter()
+            .map(|i| {
+                let r = &self.rules.rules[i];
+                (r.id.as_str(), r.weight)
+            })
             .collect()
     }
 

@@ -33,6 +33,12 @@ pub fn is_invisible(c: char) -> bool {
         | '\u{E0000}'..='\u{E007F}' | '\u{E0100}'..='\u{E01EF}')
 }
 
+/// Invisible characters that are not part of ordinary emoji (the joiner and the variation
+/// selectors are removed for the rules too, but do not count as smuggling on their own).
+pub fn counts_as_smuggling(c: char) -> bool {
+    is_invisible(c) && !matches!(c, '\u{200D}' | '\u{FE0E}' | '\u{FE0F}')
+}
+
 /// Normalises `raw`; runs of encoded text of at least `decode_min` characters are decoded.
 pub fn normalize(raw: &str, decode_min: usize) -> Normalized {
     let mut invisible = 0;

@@ -13,11 +13,7 @@
 use serde_json::{Map, Value};
 use tracing::{info, warn};
 
-use super::{
-    InputAction, Policy, canary, classifier, metrics,
-    normalize::{self, normalize},
-    output::OutputPolicy,
-};
+use super::{InputAction, Policy, canary, classifier, memo, metrics, output::OutputPolicy};
 use crate::{
     auth::Principal,
     dataplane::openai::{Endpoint, validate::Validated, wire::Step},
@@ -144,39 +140,34 @@ pub async fn screen(
     let mut first_param: [Option<At>; 2] = [None, None];
     let mut with_delimiters = Vec::new();
     for t in &texts {
-        let raw = t.text;
-        let n = normalize(raw, g.decode_min_len);
+        let verdict = memo::verdict(g, &p.tenant, &p.user_id, t.text);
         let hits = match t.source {
             Source::User => &mut hit_user,
             Source::Tool => &mut hit_tool,
         };
-        let before = hits.iter().filter(|h| **h).count();
-        let delimited = rules.scan(&n.text, hits);
-        for v in &n.views {
-            rules.scan(v, hits);
-        }
-        if n.invisible > 0 && raw.chars().any(counts_as_smuggling) {
-            rules.mark_invisible(hits);
-            if g.refuse_invisible {
-                let action = match t.source {
-                    Source::User => policy.input,
-                    Source::Tool => policy.tool_input,
-                };
-                if action != InputAction::Off {
-                    return Err(block(
-                        p,
-                        &[super::rules::INVISIBLE_RULE.into()],
-                        &t.at.param(),
-                    ));
-                }
+        if verdict.smuggling && g.refuse_invisible {
+            let action = match t.source {
+                Source::User => policy.input,
+                Source::Tool => policy.tool_input,
+            };
+            if action != InputAction::Off {
+                return Err(block(
+                    p,
+                    &[super::rules::INVISIBLE_RULE.into()],
+                    &t.at.param(),
+                ));
             }
         }
-        if hits.iter().filter(|h| **h).count() > before {
+        // The first text that hits a rule not hit before names the `param`.
+        let mut new = false;
+        for &r in &verdict.hits {
+            new |= !hits[r];
+            hits[r] = true;
+        }
+        if new {
             first_param[t.source as usize].get_or_insert(t.at);
         }
-        // An ASCII text's normal form is its lower case, and delimiters match in any case:
-        // the scan above has answered for the caller's text too.
-        if (raw.is_ascii() && delimited) || (!raw.is_ascii() && rules.has_delimiters(raw)) {
+        if verdict.delimited {
             with_delimiters.push(t.at);
         }
     }
@@ -322,12 +313,6 @@ pub fn operator_message_len(endpoint: Endpoint, policy: &Policy) -> Option<usize
     }
     let canary = policy.canary.then(|| "0".repeat(canary::LEN));
     operator_message(policy, canary.as_deref()).map(|m| m.len())
-}
-
-/// Invisible characters that are not part of ordinary emoji (the joiner and the variation
-/// selectors are removed for the rules too, but do not count as smuggling on their own).
-fn counts_as_smuggling(c: char) -> bool {
-    normalize::is_invisible(c) && !matches!(c, '\u{200D}' | '\u{FE0E}' | '\u{FE0F}')
 }
 
 /// One audit record per rule that hit: its name and what was done, never the text.
