@@ -261,6 +261,10 @@ fn ms(text: &str) -> f64 {
     }
 }
 
+/// In a body for [`wrk`]: replaced by a text that differs in every request (so no two
+/// requests send the same prompt).
+const EACH_REQUEST: &str = "@EACH_REQUEST@";
+
 fn wrk(
     dir: &Path,
     url: &str,
@@ -272,9 +276,22 @@ fn wrk(
     let auth = bearer
         .map(|k| format!("wrk.headers[\"Authorization\"] = \"Bearer {k}\"\n"))
         .unwrap_or_default();
+    // Each wrk thread numbers its requests, prefixed by the thread's own number.
+    let body_lua = match body.split_once(EACH_REQUEST) {
+        None => format!("wrk.body = [==[{body}]==]\n"),
+        Some((pre, post)) => format!(
+            "local threads = 0\n\
+             setup = function(thread) threads = threads + 1; thread:set(\"me\", threads) end\n\
+             local n = 0\n\
+             request = function()\n\
+               n = n + 1\n\
+               return wrk.format(nil, nil, nil, [==[{pre}]==] .. me .. \"-\" .. n .. [==[{post}]==])\n\
+             end\n"
+        ),
+    };
     let script = format!(
         "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\n{auth}\
-         wrk.body = [==[{body}]==]\n\
+         {body_lua}\
          done = function(summary, latency, requests)\n\
            io.write(string.format(\"NON2XX %d\\n\", summary.errors.status))\n\
          end\n"
@@ -1086,6 +1103,11 @@ async fn guardrails(args: &Args, sim: &Sim, tmp: &Path) -> Result<()> {
     let sim_pid = sim.proc.pid();
     for (name, body) in [
         ("json c=32 (1 KB prompt)", chat_body(false)),
+        // The screen keeps its verdict per text (`guardrails::memo`): here no text repeats.
+        (
+            "json c=32 (new 1 KB)",
+            chat_body(false).replacen("Please answer", &format!("{EACH_REQUEST} Please answer"), 1),
+        ),
         ("stream c=32 (20 chunks)", chat_body(true)),
     ] {
         // Per daemon: requests, seconds, its CPU seconds, the simulator's CPU seconds.
