@@ -5,7 +5,9 @@
 //! - the prefix cache is the gateway's: tenants get different `cache_salt`s, a tenant always
 //!   the same one, and a client's own salt never reaches the upstream;
 //! - answers say no more than they must: an upstream refusal keeps its status, not its words;
-//!   `model` is the public name in JSON answers and in every stream event.
+//!   `model` is the public name in JSON answers and in every stream event;
+//! - slow clients cannot hold a connection: a head or a body that trickles in, and a kept-alive
+//!   connection left idle, are cut off at the `[server]` timeouts.
 
 use moat_tests::{Daemon, Events, Sim};
 use serde_json::{Value, json};
@@ -274,4 +276,84 @@ async fn answers_name_the_public_model() {
         let v: Value = serde_json::from_str(e).unwrap();
         assert_eq!(v["model"], "chat", "{e}");
     }
+}
+
+/// What the server sent on `conn` until it closed it, and how long that took (at most `limit`:
+/// a connection still open then fails the test).
+fn until_closed(
+    conn: &mut std::net::TcpStream,
+    limit: std::time::Duration,
+) -> (String, std::time::Duration) {
+    use std::io::Read;
+    let start = std::time::Instant::now();
+    conn.set_read_timeout(Some(limit)).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!(
+                "the connection is still open after {:?} ({e})",
+                start.elapsed()
+            ),
+        }
+    }
+    (String::from_utf8_lossy(&got).into_owned(), start.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off() {
+    use std::io::Write;
+    let sim = Sim::start(&[]);
+    let moat = Daemon::gateway(
+        "header_timeout_ms = 400\nbody_timeout_ms = 400\n",
+        &format!(
+            "[pools.gpu]\nhosts = [\"{}\"]\nhealth_interval_ms = 100\n\n[models.chat]\npool = \"gpu\"\n",
+            sim.addr
+        ),
+        &[],
+    );
+    moat.wait_pools_ready().await;
+    let limit = std::time::Duration::from_secs(5);
+    let connect = || std::net::TcpStream::connect(moat.addr()).unwrap();
+
+    // A head that never ends: the connection is closed, no request reaches the pipeline.
+    let mut c = connect();
+    c.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: moat\r\n")
+        .unwrap();
+    let (got, took) = until_closed(&mut c, limit);
+    assert!(got.is_empty() || got.starts_with("HTTP/1.1 408"), "{got}");
+    assert!(took >= std::time::Duration::from_millis(300), "{took:?}");
+
+    // A kept-alive connection: answered, then closed when no next request comes.
+    let mut c = connect();
+    c.write_all(b"GET /healthz HTTP/1.1\r\nHost: moat\r\n\r\n")
+        .unwrap();
+    let (got, _) = until_closed(&mut c, limit);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+
+    // A body that stops halfway: 408, OpenAI-shaped, and nothing sent upstream.
+    let before = sim.requests().await;
+    let body = serde_json::to_vec(&chat("hello there")).unwrap();
+    let mut c = connect();
+    let head = format!(
+        "POST {CHAT} HTTP/1.1\r\nHost: moat\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        moat.key(),
+        body.len()
+    );
+    c.write_all(head.as_bytes()).unwrap();
+    c.write_all(&body[..body.len() / 2]).unwrap();
+    let (got, _) = until_closed(&mut c, limit);
+    assert!(got.starts_with("HTTP/1.1 408"), "{got}");
+    let json = &got[got.find("\r\n\r\n").unwrap() + 4..];
+    let v: Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {json}"));
+    assert_eq!(v["error"]["code"], "request_timeout", "{v}");
+    assert_eq!(sim.requests().await, before);
+
+    // A client that keeps up is served as before.
+    let (status, _, v) = moat.post_json(CHAT, &chat("hi"), &[]).await;
+    assert_eq!(status, 200, "{v}");
 }

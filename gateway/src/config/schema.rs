@@ -72,6 +72,12 @@ pub struct ServerConfig {
     pub user: String,
     /// Largest request body the data plane reads; larger ones get 413 before any parsing.
     pub max_body_bytes: usize,
+    /// A request's head must arrive within this, and a kept-alive connection is closed after
+    /// this long without a new request (a client that trickles its headers cannot hold a
+    /// connection open).
+    pub header_timeout_ms: u64,
+    /// A request's whole body must arrive within this after its head (408 otherwise).
+    pub body_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -81,6 +87,8 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("/var/lib/moat"),
             user: "moat".to_owned(),
             max_body_bytes: 1024 * 1024,
+            header_timeout_ms: 30_000,
+            body_timeout_ms: 60_000,
         }
     }
 }

@@ -20,15 +20,16 @@ use std::{
     path::Path,
     sync::Arc,
     task::Poll,
+    time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
 use arc_swap::ArcSwap;
-use axum::{
-    Router,
-    extract::{ConnectInfo, Request},
-    routing::future::RouteFuture,
-    serve::IncomingStream,
+use axum::{Router, body::Body, extract::ConnectInfo, http::Request, routing::future::RouteFuture};
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::{conn::auto, graceful::GracefulShutdown},
 };
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
@@ -36,7 +37,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 use tower::Service;
-use tracing::{error, info};
+use tracing::{debug, error, info};
 
 use crate::{
     auth::Identity,
@@ -325,65 +326,87 @@ async fn next_config(
 
 /// Serves `current` (swappable) on `listener` until `until` completes, then lets the open
 /// requests finish.
+///
+/// HTTP/1.1 (and HTTP/2 with prior knowledge) over hyper's connection API: a request's head
+/// must arrive within `server.header_timeout_ms`, which also closes a kept-alive connection
+/// left without a new request that long (the config current when the connection is
+/// accepted decides). The body's deadline is the pipeline's (`dataplane::openai`).
 pub async fn serve(
     listener: TcpListener,
     current: Arc<ArcSwap<Serving>>,
     until: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    // TCP_NODELAY: stream chunks are small writes; Nagle would hold each one back until the
-    // previous was acknowledged (up to 40 ms with delayed ACKs).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+    let graceful = GracefulShutdown::new();
+    let mut until = std::pin::pin!(until);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    accept_failed(e).await;
+                    continue;
+                }
+            },
+            () = &mut until => break,
+        };
+        // TCP_NODELAY: stream chunks are small writes; Nagle would hold each one back until
+        // the previous was acknowledged (up to 40 ms with delayed ACKs).
         let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, Connections(current))
-        .with_graceful_shutdown(until)
-        .await?;
+        let header_timeout =
+            Duration::from_millis(current.load().state.config.server().header_timeout_ms);
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout);
+        let service = Connection {
+            current: current.clone(),
+            peer,
+        };
+        let conn = builder
+            .serve_connection(TokioIo::new(tcp), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "connection ended");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
     Ok(())
 }
 
-/// Makes each accepted connection's service ([`Connection`]).
-#[derive(Clone)]
-struct Connections(Arc<ArcSwap<Serving>>);
-
-impl<L> Service<IncomingStream<'_, L>> for Connections
-where
-    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
-{
-    type Response = Connection;
-    type Error = Infallible;
-    type Future = std::future::Ready<Result<Connection, Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
+/// An `accept` that failed: a connection reset before it was taken is nothing; running out
+/// of descriptors or memory waits a moment (the error would come back at once otherwise).
+async fn accept_failed(e: std::io::Error) {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionRefused | ConnectionReset
+    ) {
+        return;
     }
-
-    fn call(&mut self, incoming: IncomingStream<'_, L>) -> Self::Future {
-        std::future::ready(Ok(Connection {
-            current: self.0.clone(),
-            peer: *incoming.remote_addr(),
-        }))
-    }
+    error!(error = %e, "accept failed; retrying in 1 s");
+    tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
 /// One connection's requests, each handed to the router of the config current when it
 /// arrives: a direct call, with no router or boxed future of its own in front.
-#[derive(Clone)]
 struct Connection {
     current: Arc<ArcSwap<Serving>>,
     /// The token endpoint throttles password attempts per source address (`ConnectInfo`).
     peer: std::net::SocketAddr,
 }
 
-impl Service<Request> for Connection {
+impl hyper::service::Service<Request<Incoming>> for Connection {
     type Response = axum::response::Response;
     type Error = Infallible;
     type Future = Served;
 
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, mut req: Request) -> Served {
+    fn call(&self, req: Request<Incoming>) -> Served {
+        let mut req = req.map(Body::new);
         req.extensions_mut().insert(ConnectInfo(self.peer));
         let serving = self.current.load_full();
         let answer = serving.router.clone().call(req);

@@ -8,7 +8,7 @@
 //!
 //! The pipeline, numbered as in docs/data-plane.md ("What is checked before anything goes upstream"):
 //! 1. request id: log scope, `X-Request-Id`, access log, request metric (`request_id`);
-//! 2. announced body size (413, `body_limit`);
+//! 2. announced body size (413) and the body's deadline (408), `body_limit`;
 //! 3. route (404) and method (405);
 //! 4. bearer (401) on `protected` routes; the principal (tenant and roles from the credential,
 //!    through the identity cache) rides along;
@@ -34,6 +34,8 @@
 //! the route before any layer runs (so the access log can name the route pattern), but a
 //! 404/405 is answered by the fallbacks, inside steps 1 and 2: even a request to no route gets
 //! an id and the body cap.
+
+use std::time::Duration;
 
 use axum::{
     Router,
@@ -67,7 +69,10 @@ pub fn router(state: SharedState) -> Router {
     // in one more boxed service of axum's.
     let front = (
         request_id::Layer,
-        body_limit::Layer::new(state.config.server().max_body_bytes),
+        body_limit::Layer::new(
+            state.config.server().max_body_bytes,
+            Duration::from_millis(state.config.server().body_timeout_ms),
+        ),
     );
     Router::new()
         .route("/healthz", get(health::healthz))

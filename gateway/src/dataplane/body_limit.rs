@@ -2,19 +2,27 @@
 //! `server.max_body_bytes` is refused (413) before anything else runs. Bodies without a length
 //! are capped while being read (step 6, `openai`). A tower [`Layer`], inside the request id's
 //! (`request_id::Layer`), so a refused request still gets an id and an access-log line.
+//!
+//! The same step gives the body its deadline ([`Deadline`]): a client that sends a head and
+//! then trickles its body cannot hold a connection and a request open. (The head's own
+//! deadline is the server's, `daemon::worker::serve`.)
 
 use std::{
     convert::Infallible,
     future::Future,
     pin::Pin,
     task::{Context, Poll},
+    time::Duration,
 };
 
 use axum::{
+    body::{Body, Bytes},
     extract::Request,
     http::header,
     response::{IntoResponse, Response},
 };
+use http_body::{Frame, SizeHint};
+use tokio::time::Sleep;
 use tower::Service;
 
 use crate::error::ApiError;
@@ -23,12 +31,14 @@ use crate::error::ApiError;
 #[derive(Clone, Copy, Debug)]
 pub struct Layer {
     limit: usize,
+    timeout: Duration,
 }
 
 impl Layer {
-    /// Refuses bodies announced larger than `limit` bytes.
-    pub fn new(limit: usize) -> Self {
-        Self { limit }
+    /// Refuses bodies announced larger than `limit` bytes; a body must have arrived `timeout`
+    /// after the first wait for it.
+    pub fn new(limit: usize, timeout: Duration) -> Self {
+        Self { limit, timeout }
     }
 }
 
@@ -39,6 +49,7 @@ impl<S> tower::Layer<S> for Layer {
         BodyLimit {
             inner,
             limit: self.limit,
+            timeout: self.timeout,
         }
     }
 }
@@ -48,6 +59,7 @@ impl<S> tower::Layer<S> for Layer {
 pub struct BodyLimit<S> {
     inner: S,
     limit: usize,
+    timeout: Duration,
 }
 
 impl<S> Service<Request> for BodyLimit<S>
@@ -71,6 +83,8 @@ where
         if announced.is_some_and(|n| n > self.limit as u64) {
             return Capped::Refused { limit: self.limit };
         }
+        let timeout = self.timeout;
+        let req = req.map(|body| Body::new(Deadline::new(body, timeout)));
         Capped::Passed {
             inner: self.inner.call(req),
         }
@@ -100,4 +114,81 @@ where
             }
         }
     }
+}
+
+pin_project_lite::pin_project! {
+    /// A request body that must arrive within its timeout of the first wait for it; after
+    /// that, reading it fails with [`BodyTimedOut`]. A body already there when it is read (a
+    /// small request's, in the same packets as its head) never starts a timer.
+    pub struct Deadline {
+        #[pin]
+        inner: Body,
+        timeout: Duration,
+        #[pin]
+        sleep: Option<Sleep>,
+    }
+}
+
+impl Deadline {
+    pub fn new(inner: Body, timeout: Duration) -> Self {
+        Self {
+            inner,
+            timeout,
+            sleep: None,
+        }
+    }
+}
+
+impl http_body::Body for Deadline {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let mut this = self.project();
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        if this.sleep.is_none() {
+            this.sleep.set(Some(tokio::time::sleep(*this.timeout)));
+        }
+        match this.sleep.as_pin_mut().map(|s| s.poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(Some(Err(axum::Error::new(BodyTimedOut)))),
+            _ => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request body that did not arrive in time ([`Deadline`]).
+#[derive(Debug)]
+pub struct BodyTimedOut;
+
+impl std::fmt::Display for BodyTimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the request body did not arrive in time")
+    }
+}
+
+impl std::error::Error for BodyTimedOut {}
+
+/// Whether reading a body failed because its deadline passed (anywhere in `e`'s chain).
+pub fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut at = Some(e);
+    while let Some(e) = at {
+        if e.is::<BodyTimedOut>() {
+            return true;
+        }
+        at = e.source();
+    }
+    false
 }

@@ -7,6 +7,14 @@ pub(in crate::config) fn server(server: &ServerConfig) -> Result<(), Invalid> {
     if server.max_body_bytes == 0 {
         return Err(Invalid::new("server.max_body_bytes", "must be at least 1"));
     }
+    for (key, ms) in [
+        ("server.header_timeout_ms", server.header_timeout_ms),
+        ("server.body_timeout_ms", server.body_timeout_ms),
+    ] {
+        if !(1..=3_600_000).contains(&ms) {
+            return Err(Invalid::new(key, "must be between 1 and 3600000 (an hour)"));
+        }
+    }
     if server.user.is_empty() {
         return Err(Invalid::new("server.user", "must not be empty"));
     }
@@ -56,6 +64,13 @@ mod tests {
         assert!(e.reason.contains("nobody"), "{e}");
         let e = load("[server]\nmax_body_bytes = 0\n").unwrap_err();
         assert_eq!(e.key, "server.max_body_bytes");
+        for key in ["header_timeout_ms", "body_timeout_ms"] {
+            let e = load(&format!("[server]\n{key} = 0\n")).unwrap_err();
+            assert_eq!(e.key, format!("server.{key}"));
+            let e = load(&format!("[server]\n{key} = 3600001\n")).unwrap_err();
+            assert_eq!(e.key, format!("server.{key}"));
+            assert!(load(&format!("[server]\n{key} = 500\n")).is_ok());
+        }
     }
 
     #[test]

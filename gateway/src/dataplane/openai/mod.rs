@@ -18,7 +18,7 @@ use axum::{
     Json,
     body::Body,
     extract::{Request, State},
-    http::{HeaderMap, header},
+    http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -29,6 +29,7 @@ use crate::{
     auth::Principal,
     dataplane::answer,
     dataplane::authz::{self, Permissions},
+    dataplane::body_limit,
     dataplane::cache_salt,
     dataplane::metered,
     dataplane::proxy::{self, Outbound},
@@ -211,6 +212,12 @@ async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes> {
     match Limited::new(body, limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<LengthLimitError>() => Err(ApiError::payload_too_large(limit)),
+        Err(e) if body_limit::timed_out(&*e) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "the request body did not arrive in time",
+        )
+        .with_code("request_timeout")),
         Err(_) => Err(ApiError::bad_request("the request body could not be read")),
     }
 }
