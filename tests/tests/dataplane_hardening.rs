@@ -306,7 +306,8 @@ fn until_closed(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_clients_are_cut_off() {
     use std::io::Write;
-    let sim = Sim::start(&[]);
+    // 8 tokens at 8 a second: a stream of about a second, longer than either timeout.
+    let sim = Sim::start(&["--tokens-per-sec", "8"]);
     let moat = Daemon::gateway(
         "header_timeout_ms = 400\nbody_timeout_ms = 400\n",
         &format!(
@@ -353,7 +354,17 @@ async fn slow_clients_are_cut_off() {
     assert_eq!(v["error"]["code"], "request_timeout", "{v}");
     assert_eq!(sim.requests().await, before);
 
-    // A client that keeps up is served as before.
+    // A client that keeps up is served as before, a stream longer than the timeouts too.
     let (status, _, v) = moat.post_json(CHAT, &chat("hi"), &[]).await;
     assert_eq!(status, 200, "{v}");
+    let mut body = chat("hi");
+    body["stream"] = json!(true);
+    let start = std::time::Instant::now();
+    let events = stream(&moat, &body).await;
+    assert!(start.elapsed() > std::time::Duration::from_millis(800));
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
 }
