@@ -141,10 +141,10 @@ impl<'de> SeenKeys<'de> {
     }
 
     /// `key` kept if the object does not have it yet; whether it did not.
+    #[inline]
     fn fresh(&mut self, key: Key<'de>) -> bool {
         let k: &str = &key.0;
-        let seen = self.inline[..self.len].iter().copied();
-        if seen.chain(self.more.iter().map(|m| &**m)).any(|s| s == k) {
+        if self.inline[..self.len].contains(&k) || self.more.iter().any(|m| m == k) {
             return false;
         }
         match key.0 {

@@ -57,10 +57,12 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     /// The next byte; 0 at the end (never valid where a byte is peeked).
+    #[inline(always)]
     fn peek(&self) -> u8 {
         self.text.as_bytes().get(self.at).copied().unwrap_or(0)
     }
 
+    #[inline(always)]
     fn whitespace(&mut self) {
         while matches!(self.peek(), b' ' | b'\t' | b'\n' | b'\r') {
             self.at += 1;
@@ -68,6 +70,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Past `byte`, which must come next.
+    #[inline(always)]
     fn expect(&mut self, byte: u8) -> Read<()> {
         if self.peek() != byte {
             return Err(Refused);
@@ -77,6 +80,7 @@ impl<'a> Reader<'a> {
     }
 
     /// The choice being read (a role below `Choice` only comes after one is pushed).
+    #[inline(always)]
     fn choice(&mut self) -> &mut EventChoice<'a> {
         let last = self.out.choices.len().saturating_sub(1);
         &mut self.out.choices[last]
@@ -96,7 +100,7 @@ impl<'a> Reader<'a> {
                 self.depth -= 1;
             }
             b'"' => {
-                self.string(None)?;
+                self.string()?;
             }
             b'n' => {
                 self.literal(b"null")?;
@@ -111,6 +115,7 @@ impl<'a> Reader<'a> {
     }
 
     /// One value, checked; its text.
+    #[inline(always)]
     fn raw(&mut self) -> Read<&'a str> {
         let start = self.at;
         self.value(Role::Other)?;
@@ -217,10 +222,12 @@ impl<'a> Reader<'a> {
                 (Role::Top, "choices") => {
                     self.value(Role::Choices)?;
                 }
-                (Role::Top, k) if IDENTITY.contains(&k) => {
-                    let at = IDENTITY.iter().position(|i| *i == k).unwrap_or(0);
-                    self.out.identity[at] = Some(self.raw()?);
-                }
+                (Role::Top, k) => match IDENTITY.iter().position(|i| *i == k) {
+                    Some(at) => self.out.identity[at] = Some(self.raw()?),
+                    None => {
+                        self.value(Role::Other)?;
+                    }
+                },
                 (Role::Choice, "delta") => {
                     self.choice().delta = Delta::Other;
                     self.value(Role::Message)?;
@@ -275,35 +282,22 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
-    /// The string at its opening quote, checked; its text decoded into `decoded` (if given)
-    /// when it has escapes. Whether it has.
-    fn string(&mut self, mut decoded: Option<&mut String>) -> Read<bool> {
+    /// The string at its opening quote, checked; whether it has escapes.
+    #[inline(always)]
+    fn string(&mut self) -> Read<bool> {
         let bytes = self.text.as_bytes();
         let mut i = self.at + 1;
-        // The start of the text not yet copied into `decoded`.
-        let mut plain = i;
         let mut escaped = false;
         loop {
             i = special(bytes, i).ok_or(Refused)?;
             match bytes[i] {
                 b'"' => {
-                    if escaped && let Some(d) = decoded.as_deref_mut() {
-                        d.push_str(&self.text[plain..i]);
-                    }
                     self.at = i + 1;
                     return Ok(escaped);
                 }
                 b'\\' => {
                     escaped = true;
-                    if let Some(d) = decoded.as_deref_mut() {
-                        d.push_str(&self.text[plain..i]);
-                    }
-                    let (c, len) = escape(bytes, i + 1)?;
-                    if let Some(d) = decoded.as_deref_mut() {
-                        d.push(c);
-                    }
-                    i += 1 + len;
-                    plain = i;
+                    i += 1 + escape(bytes, i + 1)?.1;
                 }
                 // A raw control character.
                 _ => return Err(Refused),
@@ -312,13 +306,15 @@ impl<'a> Reader<'a> {
     }
 
     /// The string at its opening quote, checked; its text, borrowed unless it has escapes.
+    #[inline(always)]
     fn text_of_string(&mut self) -> Read<Cow<'a, str>> {
         let start = self.at;
-        let mut decoded = String::new();
-        Ok(if self.string(Some(&mut decoded))? {
-            Cow::Owned(decoded)
+        let escaped = self.string()?;
+        let body = &self.text[start + 1..self.at - 1];
+        Ok(if escaped {
+            Cow::Owned(decode(body)?)
         } else {
-            Cow::Borrowed(&self.text[start + 1..self.at - 1])
+            Cow::Borrowed(body)
         })
     }
 
@@ -329,6 +325,7 @@ impl<'a> Reader<'a> {
         if self.peek() == b'-' {
             self.at += 1;
         }
+        let integer = self.at;
         match self.peek() {
             // One leading zero, alone.
             b'0' => {
@@ -340,21 +337,29 @@ impl<'a> Reader<'a> {
             b'1'..=b'9' => self.digits(),
             _ => return Err(Refused),
         }
+        let integer_digits = self.at - integer;
         if self.peek() == b'.' {
             self.at += 1;
             self.some_digits()?;
         }
-        let exponent = matches!(self.peek(), b'e' | b'E');
-        if exponent {
+        // Below 10 to the power of its integer digits plus its exponent.
+        let mut magnitude = integer_digits;
+        if matches!(self.peek(), b'e' | b'E') {
             self.at += 1;
+            let negative = self.peek() == b'-';
             if matches!(self.peek(), b'+' | b'-') {
                 self.at += 1;
             }
+            let digits = self.at;
             self.some_digits()?;
+            // A negative exponent only shrinks it (at worst to zero: never out of range).
+            if !negative {
+                let exponent = self.text[digits..self.at].parse().unwrap_or(usize::MAX);
+                magnitude = magnitude.saturating_add(exponent);
+            }
         }
-        // Without an exponent and shorter than 300 characters, it is below 1e300 whatever
-        // its digits.
-        if exponent || self.at - start >= 300 {
+        // Shorter than 300 characters and below 1e300: in range whatever its digits.
+        if magnitude >= 300 || self.at - start >= 300 {
             serde_json::from_str::<super::Unambiguous>(&self.text[start..self.at])
                 .map_err(|_| Refused)?;
         }
@@ -379,6 +384,7 @@ impl<'a> Reader<'a> {
 
 /// Where from `i` on the first `"`, `\` or control character of a string is (`None`: the
 /// text ends first). Eight bytes at a time: a string's text is most of a payload.
+#[inline(always)]
 fn special(bytes: &[u8], mut i: usize) -> Option<usize> {
     const ONES: u64 = u64::from_ne_bytes([1; 8]);
     const HIGH: u64 = ONES << 7;
@@ -436,6 +442,23 @@ fn escape(bytes: &[u8], i: usize) -> Read<(char, usize)> {
         _ => return Err(Refused),
     };
     Ok((c, 1))
+}
+
+/// A checked string's text (between its quotes) with its escapes decoded: checked first, then
+/// decoded into a buffer of the right size.
+fn decode(body: &str) -> Read<String> {
+    let bytes = body.as_bytes();
+    let mut out = String::with_capacity(body.len());
+    let mut plain = 0;
+    while let Some(at) = memchr::memchr(b'\\', &bytes[plain..]) {
+        let i = plain + at;
+        out.push_str(&body[plain..i]);
+        let (c, len) = escape(bytes, i + 1)?;
+        out.push(c);
+        plain = i + 1 + len;
+    }
+    out.push_str(&body[plain..]);
+    Ok(out)
 }
 
 /// Four hex digits at `i`.
