@@ -4,14 +4,18 @@
 //! changes (a choice's text, a finish reason, tool-call arguments) is spliced into the
 //! original bytes as [`Edits`]. An answer the filter leaves alone goes out as it came: no tree
 //! built, nothing re-serialised. A non-streamed answer ([`read_answer`]) and a stream event's
-//! payload ([`read_event`]) are each read in a single pass that checks the JSON (as
-//! [`Object::top`] does) and records the places the filter reads at once; only an edit that
-//! inserts into an object of an event finds that object again ([`locate`]).
+//! payload ([`read_event`], by a scanner of its own: `event_reader`) are each read in a single
+//! pass that checks the JSON (as [`Object::top`] does) and records the places the filter reads
+//! at once; only an edit that inserts into an object of an event finds that object again
+//! ([`locate`]).
 
 use std::{borrow::Cow, fmt, ops::Range};
 
 use serde::de::{Deserialize, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
+
+mod event_reader;
+pub use event_reader::read_event;
 
 /// An object key, borrowed unless it has escapes (also read by `dataplane::openai::wire`).
 #[derive(Default)]
@@ -130,10 +134,18 @@ struct SeenKeys<'de> {
 impl<'de> SeenKeys<'de> {
     /// `key`, unless the object already has it (an error then).
     fn add<E: serde::de::Error>(&mut self, key: Key<'de>) -> Result<(), E> {
-        let k: &str = &key.0;
-        let seen = self.inline[..self.len].iter().copied();
-        if seen.chain(self.more.iter().map(|m| &**m)).any(|s| s == k) {
+        if !self.fresh(key) {
             return Err(E::custom("a repeated key"));
+        }
+        Ok(())
+    }
+
+    /// `key` kept if the object does not have it yet; whether it did not.
+    #[inline]
+    fn fresh(&mut self, key: Key<'de>) -> bool {
+        let k: &str = &key.0;
+        if self.inline[..self.len].contains(&k) || self.more.iter().any(|m| m == k) {
+            return false;
         }
         match key.0 {
             Cow::Borrowed(k) if self.len < self.inline.len() => {
@@ -142,7 +154,7 @@ impl<'de> SeenKeys<'de> {
             }
             other => self.more.push(other),
         }
-        Ok(())
+        true
     }
 }
 
@@ -211,7 +223,7 @@ pub fn choice_object(text: &[u8], index: usize) -> Option<Object<'_>> {
     choices.get(index).copied().and_then(Object::of)
 }
 
-/// Where in an answer a value sits, for [`Read`].
+/// Where in an answer a value sits, for [`Read`] and the event reader.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
     Top,
@@ -221,6 +233,8 @@ enum Role {
     ToolCalls,
     ToolCall,
     Function,
+    /// Anywhere else (only checked).
+    Other,
 }
 
 /// One value of an answer, read for the role it has there: checked like [`Unambiguous`], and
@@ -320,17 +334,17 @@ impl<'s, 'de> Visitor<'de> for Read<'s, 'de> {
                 match (self.role, &*key.0, slot) {
                     // Kept as slices, checked where they stand as the whole text would be.
                     (Role::Choice, "text", Some(c)) => {
-                        c.text = Some(map.next_value_seed(Exact { depth: 3 })?.raw)
+                        c.text = Some(map.next_value_seed(Exact { depth: 3 })?)
                     }
                     (Role::Choice, "finish_reason", Some(c)) => {
-                        c.finish_reason = Some(map.next_value_seed(Exact { depth: 3 })?.raw)
+                        c.finish_reason = Some(map.next_value_seed(Exact { depth: 3 })?)
                     }
                     (Role::Message, "content", Some(c)) => {
-                        c.content = Some(map.next_value_seed(Exact { depth: 4 })?.raw)
+                        c.content = Some(map.next_value_seed(Exact { depth: 4 })?)
                     }
-                    (Role::Function, "arguments", Some(c)) => c
-                        .arguments
-                        .push(map.next_value_seed(Exact { depth: 7 })?.raw),
+                    (Role::Function, "arguments", Some(c)) => {
+                        c.arguments.push(map.next_value_seed(Exact { depth: 7 })?)
+                    }
                     _ => {
                         map.next_value::<Unambiguous>()?;
                     }
@@ -355,7 +369,7 @@ pub struct EventSlots<'a> {
     /// order (one list for the event: no list per choice).
     pub calls: Vec<EventCall<'a>>,
     /// The identity fields: `id`, `object`, `created`, `model`, `system_fingerprint`.
-    pub identity: [Option<&'a RawValue>; 5],
+    pub identity: [Option<&'a str>; 5],
     /// The `function.arguments` of the tool call being read.
     arguments: Option<Slot<'a>>,
 }
@@ -368,8 +382,8 @@ pub const IDENTITY: [&str; 5] = ["id", "object", "created", "model", "system_fin
 pub struct EventChoice<'a> {
     /// It is an object (the rest is empty otherwise).
     pub object: bool,
-    pub index: Option<&'a RawValue>,
-    pub finish_reason: Option<&'a RawValue>,
+    pub index: Option<&'a str>,
+    pub finish_reason: Option<&'a str>,
     /// `text` (completions).
     pub text: Option<Slot<'a>>,
     /// `logprobs` is there and not `null`.
@@ -397,52 +411,19 @@ pub enum Delta {
 pub struct EventCall<'a> {
     /// Its choice's place in `choices`.
     pub choice: usize,
-    pub index: Option<&'a RawValue>,
+    pub index: Option<&'a str>,
     pub arguments: Slot<'a>,
 }
 
 /// A value the filter reads: its slice, and its text if it is a string (decoded).
 #[derive(Debug)]
 pub struct Slot<'a> {
-    pub raw: &'a RawValue,
+    /// Its JSON text, checked, a slice of the payload.
+    pub raw: &'a str,
     pub text: Option<Cow<'a, str>>,
 }
 
-/// A stream event's payload read in one pass: checked exactly as [`Object::top`] checks it
-/// (UTF-8, valid JSON, no object anywhere repeating a key) while what the stream filter reads
-/// is recorded. `None` when it is not screenable. The objects an edit inserts a member into
-/// are found again on demand ([`locate`]): only for the few events that need it.
-pub fn read_event(text: &[u8]) -> Option<EventSlots<'_>> {
-    let text = std::str::from_utf8(text).ok()?;
-    let mut out = EventSlots::default();
-    let mut de = serde_json::Deserializer::from_str(text);
-    EventRead {
-        role: Role::Top,
-        out: &mut out,
-    }
-    .deserialize(&mut de)
-    .ok()?;
-    de.end().ok()?;
-    Some(out)
-}
-
-/// One value of an event, read for the role it has there: checked like [`Unambiguous`]
-/// (returns whether it is `null`), what the stream filter reads recorded in `out`. Roles:
-/// `Top`, `Choices`, `Choice`, `Message` (the delta), `ToolCalls`, `ToolCall`, `Function`.
-struct EventRead<'s, 'a> {
-    role: Role,
-    out: &'s mut EventSlots<'a>,
-}
-
-impl<'s, 'de> DeserializeSeed<'de> for EventRead<'s, 'de> {
-    type Value = bool;
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-/// A value the stream filter reads or edits, kept as its slice and checked as [`Unambiguous`]
+/// A value the output filter reads or edits, kept as its slice and checked as [`Unambiguous`]
 /// checks it where it stands: a string's escapes decoded (a lone surrogate is refused), a
 /// number's range, a container's keys and depth (`depth`: the containers around it).
 struct Exact {
@@ -450,29 +431,26 @@ struct Exact {
 }
 
 impl<'de> DeserializeSeed<'de> for Exact {
-    type Value = Slot<'de>;
+    type Value = &'de RawValue;
 
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Slot<'de>, D::Error> {
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<&'de RawValue, D::Error> {
         use serde::de::Error;
         let raw = <&'de RawValue>::deserialize(d)?;
         let s = raw.get();
-        let text = match s.as_bytes().first() {
+        match s.as_bytes().first() {
             Some(b'"') => {
-                let inner = &s[1..s.len() - 1];
-                Some(if memchr::memchr(b'\\', inner.as_bytes()).is_none() {
-                    Cow::Borrowed(inner)
-                } else {
-                    Cow::Owned(serde_json::from_str::<String>(s).map_err(D::Error::custom)?)
-                })
+                // Its escapes decoded (the raw value checked the rest).
+                if memchr::memchr(b'\\', s.as_bytes()).is_some() {
+                    serde_json::from_str::<String>(s).map_err(D::Error::custom)?;
+                }
             }
-            Some(b'n' | b't' | b'f') => None,
+            Some(b'n' | b't' | b'f') => {}
             Some(b'{' | b'[') => {
                 // Within the depth the whole text allows (a raw value skips the limit).
                 let mut wrapped = "[".repeat(self.depth);
                 wrapped.push_str(s);
                 wrapped.push_str(&"]".repeat(self.depth));
                 serde_json::from_str::<Unambiguous>(&wrapped).map_err(D::Error::custom)?;
-                None
             }
             // A number: in range (a raw value does not check). Without an exponent and
             // shorter than 300 characters, it is below 1e300 whatever its digits.
@@ -481,170 +459,11 @@ impl<'de> DeserializeSeed<'de> for Exact {
                 if !plain {
                     serde_json::from_str::<Unambiguous>(s).map_err(D::Error::custom)?;
                 }
-                None
             }
-        };
-        Ok(Slot { raw, text })
+        }
+        Ok(raw)
     }
 }
-
-impl<'s, 'de> Visitor<'de> for EventRead<'s, 'de> {
-    type Value = bool;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("JSON")
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<bool, E> {
-        Ok(false)
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<bool, E> {
-        Ok(false)
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<bool, E> {
-        Ok(false)
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<bool, E> {
-        Ok(false)
-    }
-    fn visit_str<E>(self, _: &str) -> Result<bool, E> {
-        Ok(false)
-    }
-    fn visit_unit<E>(self) -> Result<bool, E> {
-        Ok(true)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
-        let out = self.out;
-        match self.role {
-            Role::Choices => {
-                out.has_choices = true;
-                loop {
-                    out.choices.push(EventChoice::default());
-                    let seed = EventRead {
-                        role: Role::Choice,
-                        out: &mut *out,
-                    };
-                    if seq.next_element_seed(seed)?.is_none() {
-                        out.choices.pop();
-                        break;
-                    }
-                }
-            }
-            Role::ToolCalls => {
-                if let Some(c) = out.choices.last_mut() {
-                    c.tool_calls = Delta::Container;
-                }
-                while seq
-                    .next_element_seed(EventRead {
-                        role: Role::ToolCall,
-                        out: &mut *out,
-                    })?
-                    .is_some()
-                {}
-            }
-            _ => while seq.next_element::<Unambiguous>()?.is_some() {},
-        }
-        Ok(false)
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
-        let out = self.out;
-        let role = self.role;
-        match role {
-            Role::Top => out.object = true,
-            Role::Choice => {
-                if let Some(c) = out.choices.last_mut() {
-                    c.object = true;
-                }
-            }
-            Role::Message => {
-                if let Some(c) = out.choices.last_mut() {
-                    c.delta = Delta::Container;
-                }
-            }
-            _ => {}
-        }
-        // A tool call's, recorded at its end.
-        let (mut call_index, mut arguments) = (None, None);
-        let mut keys = SeenKeys::default();
-        while let Some(key) = map.next_key::<Key<'de>>()? {
-            let choice = out.choices.len().saturating_sub(1);
-            match (role, &*key.0) {
-                (Role::Top, "choices") => {
-                    map.next_value_seed(EventRead {
-                        role: Role::Choices,
-                        out: &mut *out,
-                    })?;
-                }
-                (Role::Top, k) if IDENTITY.contains(&k) => {
-                    let at = IDENTITY.iter().position(|i| *i == k).unwrap_or(0);
-                    out.identity[at] = Some(map.next_value_seed(Exact { depth: 1 })?.raw);
-                }
-                (Role::Choice, "delta") => {
-                    out.choices[choice].delta = Delta::Other;
-                    map.next_value_seed(EventRead {
-                        role: Role::Message,
-                        out: &mut *out,
-                    })?;
-                }
-                (Role::Choice, "index") => {
-                    out.choices[choice].index = Some(map.next_value_seed(Exact { depth: 3 })?.raw)
-                }
-                (Role::Choice, "finish_reason") => {
-                    out.choices[choice].finish_reason =
-                        Some(map.next_value_seed(Exact { depth: 3 })?.raw)
-                }
-                (Role::Choice, "text") => {
-                    out.choices[choice].text = Some(map.next_value_seed(Exact { depth: 3 })?)
-                }
-                (Role::Choice, "logprobs") => {
-                    out.choices[choice].logprobs = !map.next_value_seed(IsNull)?
-                }
-                (Role::Message, "content") => {
-                    out.choices[choice].content = Some(map.next_value_seed(Exact { depth: 4 })?)
-                }
-                (Role::Message, k) => {
-                    let null = if k == "tool_calls" {
-                        out.choices[choice].tool_calls = Delta::Other;
-                        map.next_value_seed(EventRead {
-                            role: Role::ToolCalls,
-                            out: &mut *out,
-                        })?
-                    } else {
-                        map.next_value_seed(IsNull)?
-                    };
-                    out.choices[choice].delta_other_set |= !null;
-                }
-                (Role::ToolCall, "index") => {
-                    call_index = Some(map.next_value_seed(Exact { depth: 6 })?.raw)
-                }
-                (Role::ToolCall, "function") => {
-                    map.next_value_seed(EventRead {
-                        role: Role::Function,
-                        out: &mut *out,
-                    })?;
-                    arguments = out.arguments.take();
-                }
-                (Role::Function, "arguments") => {
-                    out.arguments = Some(map.next_value_seed(Exact { depth: 7 })?)
-                }
-                _ => {
-                    map.next_value::<Unambiguous>()?;
-                }
-            }
-            keys.add::<A::Error>(key)?;
-        }
-        if let Some(arguments) = arguments {
-            out.calls.push(EventCall {
-                choice: out.choices.len().saturating_sub(1),
-                index: call_index,
-                arguments,
-            });
-        }
-        Ok(false)
-    }
-}
-
 /// The objects of an event's `index`th choice an edit inserts into or replaces: found again
 /// in the payload (already checked by [`read_event`]), only for an event that needs it.
 pub struct Located<'a> {
@@ -738,7 +557,7 @@ impl<'a> Object<'a> {
     pub fn any_other_set(&self, except: &str) -> bool {
         self.members
             .iter()
-            .any(|(k, v)| k.0 != except && !is_null(v))
+            .any(|(k, v)| k.0 != except && !is_null(*v))
     }
 }
 
@@ -755,13 +574,31 @@ fn empty_array(raw: &str) -> bool {
     raw.len() < 2 || raw[1..raw.len() - 1].trim_ascii().is_empty()
 }
 
-pub fn is_null(raw: &RawValue) -> bool {
-    raw.get() == "null"
+/// A checked JSON value's text, a slice of the text it was read from: a [`RawValue`] (read by
+/// serde_json) or a `str` (by [`read_event`]).
+pub trait Json {
+    fn json(&self) -> &str;
+}
+
+impl Json for RawValue {
+    fn json(&self) -> &str {
+        self.get()
+    }
+}
+
+impl Json for str {
+    fn json(&self) -> &str {
+        self
+    }
+}
+
+pub fn is_null(raw: &(impl Json + ?Sized)) -> bool {
+    raw.json() == "null"
 }
 
 /// A JSON string's text; `None` if `raw` is not a string. Borrowed when it has no escapes.
-pub fn string(raw: &RawValue) -> Option<Cow<'_, str>> {
-    let s = raw.get();
+pub fn string(raw: &(impl Json + ?Sized)) -> Option<Cow<'_, str>> {
+    let s = raw.json();
     if !s.starts_with('"') {
         return None;
     }
@@ -774,8 +611,8 @@ pub fn string(raw: &RawValue) -> Option<Cow<'_, str>> {
 }
 
 /// A JSON number as `serde_json::Value::as_u64` reads it.
-pub fn as_u64(raw: &RawValue) -> Option<u64> {
-    let s = raw.get();
+pub fn as_u64(raw: &(impl Json + ?Sized)) -> Option<u64> {
+    let s = raw.json();
     s.parse::<u64>().ok().or_else(|| {
         serde_json::from_str::<serde_json::Number>(s)
             .ok()
@@ -820,8 +657,8 @@ impl<'a> Edits<'a> {
     }
 
     /// `value` replaced by the JSON text `with`.
-    pub fn replace(&mut self, value: &RawValue, with: Vec<u8>) {
-        let at = self.span(value.get());
+    pub fn replace(&mut self, value: &(impl Json + ?Sized), with: Vec<u8>) {
+        let at = self.span(value.json());
         self.list.push((at, with));
     }
 
@@ -842,11 +679,11 @@ impl<'a> Edits<'a> {
     }
 
     /// Elements (JSON texts) added at the end of the array `arr`.
-    pub fn append(&mut self, arr: &RawValue, items: &[Vec<u8>]) {
-        let span = self.span(arr.get());
+    pub fn append(&mut self, arr: &(impl Json + ?Sized), items: &[Vec<u8>]) {
+        let span = self.span(arr.json());
         let at = span.end - 1;
         let mut with = Vec::new();
-        let mut first = empty_array(arr.get());
+        let mut first = empty_array(arr.json());
         for item in items {
             if !first {
                 with.push(b',');

@@ -452,12 +452,12 @@ impl SseFilter {
     }
 
     /// The identity fields of the first chunk, for the events the filter writes itself.
-    fn remember(&mut self, identity: &[Option<&serde_json::value::RawValue>; 5]) {
+    fn remember(&mut self, identity: &[Option<&str>; 5]) {
         if self.template.is_none() {
             let mut t = serde_json::Map::new();
             for (k, x) in splice::IDENTITY.iter().zip(identity) {
                 if let Some(x) = x
-                    && let Ok(v) = serde_json::from_str::<Value>(x.get())
+                    && let Ok(v) = serde_json::from_str::<Value>(x)
                 {
                     t.insert((*k).into(), v);
                 }
@@ -656,7 +656,7 @@ fn write_event(v: &Value, out: &mut BytesMut) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::guardrails::output::{OutputAction, marker, tests as out};
     use crate::guardrails::splice::{Object, Top};
@@ -1378,7 +1378,7 @@ mod tests {
     }
 
     /// Event payloads of every shape the filter meets, and some it should never meet.
-    fn payloads() -> Vec<Vec<u8>> {
+    pub(crate) fn payloads() -> Vec<Vec<u8>> {
         let (_, secret) = &out::samples()[1];
         let deep = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
         let mut p: Vec<String> = vec![
