@@ -13,16 +13,17 @@
 //! - Entries belong to one compiled `[guardrails]` section ([`Guardrails::id`]): a reload that
 //!   changes the rules starts an empty memo.
 //! - Texts shorter than [`MIN_LEN`] are scanned every time (the scan costs about what the
-//!   memo does). The memo is bounded ([`BUDGET`], [`MAX_ENTRIES`]) and emptied when full.
+//!   memo does). A text is kept only the second time it comes (the first time, only its hash
+//!   is noted): a text sent once costs a hash, not a copy. The memo is bounded ([`BUDGET`],
+//!   [`MAX_ENTRIES`]) and emptied when full.
 //!
 //! The memo holds caller texts in memory for as long as they stay in it; nothing reads it but
 //! the screen, and it is never logged.
 
-use std::{
-    cell::RefCell,
-    collections::HashMap,
-    hash::{BuildHasher, RandomState},
-};
+use std::{cell::RefCell, collections::HashMap, hash::BuildHasher};
+
+// Seeded per process, and fast on long texts (SipHash would cost as much as a scan).
+use foldhash::quality::RandomState;
 
 use super::{Guardrails, Verdict};
 
@@ -55,6 +56,8 @@ struct Memo {
     entries: HashMap<u64, Vec<Entry>>,
     len: usize,
     bytes: usize,
+    /// Hashes of texts seen once and not kept (yet).
+    seen_once: HashMap<u64, ()>,
     hasher: RandomState,
 }
 
@@ -85,9 +88,13 @@ impl Memo {
         }
         let verdict = judge();
         let size = text.len() + tenant.len() + user.len();
-        if size > BUDGET {
+        if size > BUDGET || self.seen_once.insert(h, ()).is_none() {
+            if self.seen_once.len() > MAX_ENTRIES {
+                self.seen_once = HashMap::new();
+            }
             return verdict;
         }
+        self.seen_once.remove(&h);
         if self.len >= MAX_ENTRIES || self.bytes + size > BUDGET {
             self.clear();
         }
@@ -104,6 +111,7 @@ impl Memo {
 
     fn clear(&mut self) {
         self.entries = HashMap::new();
+        self.seen_once = HashMap::new();
         self.len = 0;
         self.bytes = 0;
     }
@@ -132,17 +140,23 @@ mod tests {
         let long = "x".repeat(MIN_LEN);
         let v = look(&mut m, 1, ("t", "u"), &long, &n);
         assert_eq!(v.hits, vec![MIN_LEN]);
+        assert_eq!(m.len, 0, "a text seen once is not kept");
         assert_eq!(look(&mut m, 1, ("t", "u"), &long, &n), v);
-        assert_eq!(n.get(), 1, "the second look is a hit");
+        assert_eq!((n.get(), m.len), (2, 1), "the second time, it is kept");
+        assert_eq!(look(&mut m, 1, ("t", "u"), &long, &n), v);
+        assert_eq!(n.get(), 2, "the third look is a hit");
         // Another user, another tenant, another text, another rule set: judged again.
-        look(&mut m, 1, ("t", "v"), &long, &n);
-        look(&mut m, 1, ("s", "u"), &long, &n);
-        look(&mut m, 1, ("t", "u"), &format!("{long}y"), &n);
-        assert_eq!(n.get(), 4);
+        for _ in 0..2 {
+            look(&mut m, 1, ("t", "v"), &long, &n);
+            look(&mut m, 1, ("s", "u"), &long, &n);
+            look(&mut m, 1, ("t", "u"), &format!("{long}y"), &n);
+        }
+        assert_eq!(n.get(), 8);
         look(&mut m, 2, ("t", "u"), &long, &n);
-        assert_eq!(n.get(), 5, "a new rule set starts an empty memo");
         look(&mut m, 2, ("t", "u"), &long, &n);
-        assert_eq!(n.get(), 5);
+        assert_eq!(n.get(), 10, "a new rule set starts an empty memo");
+        look(&mut m, 2, ("t", "u"), &long, &n);
+        assert_eq!(n.get(), 10);
     }
 
     #[test]
@@ -151,13 +165,15 @@ mod tests {
         let text = |i: usize| format!("{i:0>w$}", w = MIN_LEN * 64);
         let fit = BUDGET / (MIN_LEN * 64 + 2);
         for i in 0..fit * 3 {
+            // Twice each: kept the second time.
+            look(&mut m, 1, ("t", "u"), &text(i), &n);
             look(&mut m, 1, ("t", "u"), &text(i), &n);
             assert!(m.bytes <= BUDGET && m.len <= MAX_ENTRIES);
         }
-        assert_eq!(n.get() as usize, fit * 3);
+        assert_eq!(n.get() as usize, fit * 6);
         // The last one is still there; the first was let go.
         look(&mut m, 1, ("t", "u"), &text(fit * 3 - 1), &n);
         look(&mut m, 1, ("t", "u"), &text(0), &n);
-        assert_eq!(n.get() as usize, fit * 3 + 1);
+        assert_eq!(n.get() as usize, fit * 6 + 1);
     }
 }
