@@ -330,7 +330,7 @@ async fn next_config(
 /// HTTP/1.1 (and HTTP/2 with prior knowledge) over hyper's connection API: a request's head
 /// must arrive within `server.header_timeout_ms`, which also closes a kept-alive connection
 /// left without a new request that long (the config current when the connection is
-/// accepted decides). The body's deadline is the pipeline's (`dataplane::openai`).
+/// accepted decides). The body's deadline is step 2's (`dataplane::body_limit`).
 pub async fn serve(
     listener: TcpListener,
     current: Arc<ArcSwap<Serving>>,
