@@ -83,8 +83,13 @@ where
         if announced.is_some_and(|n| n > self.limit as u64) {
             return Capped::Refused { limit: self.limit };
         }
+        // A request without a body (a GET) has nothing to wait for.
         let timeout = self.timeout;
-        let req = req.map(|body| Body::new(Deadline::new(body, timeout)));
+        let req = if http_body::Body::is_end_stream(req.body()) {
+            req
+        } else {
+            req.map(|body| Body::new(Deadline::new(body, timeout)))
+        };
         Capped::Passed {
             inner: self.inner.call(req),
         }

@@ -10,7 +10,7 @@
 //! - An entry is found only by the exact text (compared byte for byte, not by hash alone), and
 //!   only by the same tenant and user: a hit is faster than a scan, and that difference must
 //!   not tell anyone whether somebody else sent a text.
-//! - Entries belong to one compiled `[guardrails]` section ([`Guardrails::id`]): a reload that
+//! - Entries belong to one compiled `[guardrails]` section (`Guardrails::id`): a reload that
 //!   changes the rules starts an empty memo.
 //! - Texts shorter than [`MIN_LEN`] are scanned every time (the scan costs about what the
 //!   memo does). A text is kept only the second time it comes (the first time, only its hash
@@ -20,7 +20,11 @@
 //! The memo holds caller texts in memory for as long as they stay in it; nothing reads it but
 //! the screen, and it is never logged.
 
-use std::{cell::RefCell, collections::HashMap, hash::BuildHasher};
+use std::{
+    cell::RefCell,
+    collections::{HashMap, HashSet},
+    hash::BuildHasher,
+};
 
 // Seeded per process, and fast on long texts (SipHash would cost as much as a scan).
 use foldhash::quality::RandomState;
@@ -44,20 +48,20 @@ pub fn verdict(g: &Guardrails, tenant: &str, user: &str, text: &str) -> Verdict 
     if text.len() < MIN_LEN {
         return g.judge(text);
     }
-    MEMO.with_borrow_mut(|m| m.verdict(g.id(), tenant, user, text, || g.judge(text)))
+    MEMO.with_borrow_mut(|m| m.verdict(g.id, tenant, user, text, || g.judge(text)))
 }
 
 /// One thread's entries.
 #[derive(Default)]
 struct Memo {
-    /// The [`Guardrails::id`] the entries were judged under.
+    /// The `Guardrails::id` the entries were judged under.
     owner: u64,
     /// By hash of (tenant, user, text); entries whose hashes collide share a list.
     entries: HashMap<u64, Vec<Entry>>,
     len: usize,
     bytes: usize,
     /// Hashes of texts seen once and not kept (yet).
-    seen_once: HashMap<u64, ()>,
+    seen_once: HashSet<u64>,
     hasher: RandomState,
 }
 
@@ -88,9 +92,9 @@ impl Memo {
         }
         let verdict = judge();
         let size = text.len() + tenant.len() + user.len();
-        if size > BUDGET || self.seen_once.insert(h, ()).is_none() {
+        if size > BUDGET || self.seen_once.insert(h) {
             if self.seen_once.len() > MAX_ENTRIES {
-                self.seen_once = HashMap::new();
+                self.seen_once = HashSet::new();
             }
             return verdict;
         }
@@ -111,7 +115,7 @@ impl Memo {
 
     fn clear(&mut self) {
         self.entries = HashMap::new();
-        self.seen_once = HashMap::new();
+        self.seen_once = HashSet::new();
         self.len = 0;
         self.bytes = 0;
     }

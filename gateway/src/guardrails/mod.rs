@@ -52,7 +52,7 @@ pub struct Guardrails {
     roles: BTreeMap<String, GuardrailPolicyConfig>,
     models: BTreeMap<String, GuardrailPolicyConfig>,
     pub classifier: Option<ClassifierConfig>,
-    /// Unique per build (see [`Guardrails::id`]).
+    /// Unique per build: entries of the verdict memo (`memo`) belong to one build.
     id: u64,
 }
 
@@ -173,11 +173,6 @@ impl Guardrails {
                 BUILT.fetch_add(1, Ordering::Relaxed)
             },
         })
-    }
-
-    /// Unique per build: entries of the verdict memo belong to one build.
-    fn id(&self) -> u64 {
-        self.id
     }
 
     /// The policy of a request.
