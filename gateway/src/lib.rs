@@ -7,6 +7,7 @@ pub mod audit;
 pub mod auth;
 pub mod cgroup;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;

@@ -200,18 +200,52 @@ impl Batch {
 
 /// `{"timestamp":"…","level":"…"`, the start of every line.
 fn line_start(line: &mut Vec<u8>, level: &tracing::Level) {
-    let now = time::OffsetDateTime::now_utc();
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    line.extend_from_slice(b"{\"timestamp\":\"");
+    SECOND.with(|s| {
+        let mut s = s.borrow_mut();
+        let secs = since_epoch.as_secs();
+        if s.0 != secs {
+            *s = (secs, render_second(secs));
+        }
+        line.extend_from_slice(&s.1);
+    });
+    // `.uuuuuuZ`: six digits of microseconds, zero-padded.
+    let mut micros = since_epoch.subsec_micros();
+    let mut frac = *b".000000Z";
+    for d in frac[1..7].iter_mut().rev() {
+        *d = b'0' + (micros % 10) as u8;
+        micros /= 10;
+    }
+    line.extend_from_slice(&frac);
+    line.extend_from_slice(b"\",\"level\":\"");
+    line.extend_from_slice(level.as_str().as_bytes());
+    line.push(b'"');
+}
+
+thread_local! {
+    /// The last second a line was stamped in and its `YYYY-MM-DDTHH:MM:SS`: most lines share
+    /// their second with the line before, so the calendar arithmetic runs once a second.
+    static SECOND: std::cell::RefCell<(u64, [u8; 19])> = const { std::cell::RefCell::new((u64::MAX, [0; 19])) };
+}
+
+fn render_second(secs: u64) -> [u8; 19] {
+    let t = time::OffsetDateTime::from_unix_timestamp(secs as i64)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let mut out = [0u8; 19];
     let _ = write!(
-        line,
-        "{{\"timestamp\":\"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z\",\"level\":\"{level}\"",
-        now.year(),
-        u8::from(now.month()),
-        now.day(),
-        now.hour(),
-        now.minute(),
-        now.second(),
-        now.microsecond()
+        &mut out[..],
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
     );
+    out
 }
 
 /// `s` as a JSON string.
@@ -454,6 +488,30 @@ mod tests {
         });
         let v: serde_json::Value = serde_json::from_slice(&none).unwrap();
         assert!(v["span"].get("upstream").is_none());
+    }
+
+    #[test]
+    fn timestamps_are_now_in_utc_to_the_microsecond() {
+        assert_eq!(&render_second(1_764_547_200), b"2025-12-01T00:00:00");
+        assert_eq!(&render_second(951_825_599), b"2000-02-29T11:59:59");
+        for _ in 0..3 {
+            let before = time::OffsetDateTime::now_utc();
+            let mut line = Vec::new();
+            line_start(&mut line, &tracing::Level::WARN);
+            line.push(b'}');
+            let after = time::OffsetDateTime::now_utc();
+            let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+            assert_eq!(v["level"], "WARN");
+            let ts = v["timestamp"].as_str().unwrap();
+            assert_eq!(ts.len(), "2025-12-01T00:00:00.000000Z".len(), "{ts}");
+            let t = time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339)
+                .unwrap();
+            let slack = time::Duration::microseconds(1);
+            assert!(
+                before - slack <= t && t <= after + slack,
+                "{before} <= {t} <= {after}"
+            );
+        }
     }
 
     /// Lines written for a request name it (`span.request_id`), inside a future or a scope;

@@ -4,16 +4,12 @@
 //! arbitrary ones (a miss only costs a store look-up). Entries are removed on revocation, and
 //! the whole cache is cleared when the store's revocation epoch moves.
 
-use std::{
-    borrow::Borrow,
-    collections::HashMap,
-    hash::Hash,
-    sync::Mutex,
-    time::{Duration, Instant},
-};
+use std::{borrow::Borrow, collections::HashMap, hash::Hash, sync::Mutex, time::Duration};
+
+use crate::clock::Coarse;
 
 pub struct TtlCache<K, V> {
-    inner: Mutex<HashMap<K, (Instant, V)>>,
+    inner: Mutex<HashMap<K, (Coarse, V)>>,
     ttl: Duration,
     capacity: usize,
 }
@@ -27,7 +23,7 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, (Instant, V)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, (Coarse, V)>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -59,7 +55,7 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
                 map.remove(&k);
             }
         }
-        map.insert(key, (Instant::now(), value));
+        map.insert(key, (Coarse::now(), value));
     }
 
     pub fn remove<Q: Hash + Eq + ?Sized>(&self, key: &Q)
@@ -99,7 +95,7 @@ mod tests {
         c.insert(3, "c");
         assert_eq!(c.len(), 2);
         assert_eq!(c.get(&3), Some("c"));
-        std::thread::sleep(Duration::from_millis(60));
+        std::thread::sleep(Duration::from_millis(80));
         assert_eq!(c.get(&3), None);
         c.insert(4, "d");
         c.remove_where(|v| *v == "d");

@@ -12,12 +12,14 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
-    time::Instant,
 };
 
 use serde::Serialize;
 
-use crate::config::{Config, Ejection};
+use crate::{
+    clock::Coarse,
+    config::{Config, Ejection},
+};
 
 /// All pools by name.
 pub struct Pools {
@@ -90,11 +92,11 @@ struct Health {
     check_failed: bool,
     consecutive_failures: u32,
     ejections_in_a_row: u32,
-    ejected_until: Option<Instant>,
+    ejected_until: Option<Coarse>,
 }
 
 impl Health {
-    fn routable(&self, now: Instant) -> bool {
+    fn routable(&self, now: Coarse) -> bool {
         !self.check_failed && self.ejected_until.is_none_or(|t| now >= t)
     }
 }
@@ -112,13 +114,13 @@ impl Host {
     /// Whether new requests may go here now. Hosts not yet checked are routable, so the
     /// gateway serves from its first second; `/readyz` waits for a real check.
     pub fn routable(&self) -> bool {
-        self.health().routable(Instant::now())
+        self.health().routable(Coarse::now())
     }
 
     /// Healthy by an active check and not ejected.
     pub fn ready(&self) -> bool {
         let h = self.health();
-        h.checked && h.routable(Instant::now())
+        h.checked && h.routable(Coarse::now())
     }
 
     /// Records an active health check's verdict.
@@ -142,7 +144,7 @@ impl Pool {
     pub fn pick(&self, exclude: &[usize]) -> Option<Lease> {
         let n = self.hosts.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        let now = Instant::now();
+        let now = Coarse::now();
         let mut best: Option<&Arc<Host>> = None;
         for i in 0..n {
             let host = &self.hosts[(start + i) % n];
@@ -219,7 +221,7 @@ impl Lease {
                 .base
                 .saturating_mul(factor)
                 .min(self.ejection.max);
-            h.ejected_until = Some(Instant::now() + period);
+            h.ejected_until = Some(Coarse::now() + period);
             h.ejections_in_a_row = h.ejections_in_a_row.saturating_add(1);
             tracing::warn!(
                 host = %self.host.name,

@@ -22,10 +22,10 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 use tracing::{info, warn};
 
-use crate::{dataplane::route::Lease, error::ApiError, logging};
+use crate::{clock::Coarse, dataplane::route::Lease, error::ApiError, logging};
 
 /// Largest event held back while waiting for its end.
 const MAX_EVENT_BYTES: usize = 1024 * 1024;
@@ -37,8 +37,10 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub struct ProxyBody {
     inner: Option<Incoming>,
     idle: Duration,
-    deadline: Pin<Box<Sleep>>,
-    last_frame: Instant,
+    /// Armed the first time the upstream makes the body wait: a body that arrives whole (the
+    /// usual JSON answer) never touches the timer wheel.
+    deadline: Option<Pin<Box<Sleep>>>,
+    last_frame: Coarse,
     /// `Some` for event streams: bytes of an event not yet complete.
     pending: Option<BytesMut>,
     /// Event streams: a frame of whole events, kept as it came (not copied) while nothing
@@ -56,8 +58,8 @@ impl ProxyBody {
         Self {
             inner: Some(inner),
             idle,
-            deadline: Box::pin(tokio::time::sleep(idle)),
-            last_frame: Instant::now(),
+            deadline: None,
+            last_frame: Coarse::now(),
             pending: event_stream.then(BytesMut::new),
             whole: None,
             lease: Some(lease),
@@ -133,7 +135,7 @@ impl Body for ProxyBody {
                 Poll::Ready(Some(Ok(frame))) => {
                     // The idle timer is re-armed lazily (when it fires), not per frame: a
                     // timer-wheel update per chunk is measurable on the streaming path.
-                    this.last_frame = Instant::now();
+                    this.last_frame = Coarse::now();
                     // Trailers are not relayed (allowlist: none).
                     let Ok(data) = frame.into_data() else {
                         continue;
@@ -202,12 +204,16 @@ impl Body for ProxyBody {
                     {
                         return Poll::Ready(Some(Ok(Frame::data(pending.split_to(end).freeze()))));
                     }
-                    while this.deadline.as_mut().poll(cx).is_ready() {
-                        let due = this.last_frame + this.idle;
-                        if Instant::now() >= due {
+                    let idle = this.idle;
+                    let deadline = this
+                        .deadline
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                    while deadline.as_mut().poll(cx).is_ready() {
+                        let left = (this.last_frame + idle).since(Coarse::now());
+                        if left.is_zero() {
                             return this.fail("upstream idle timeout; response ended");
                         }
-                        this.deadline.as_mut().reset(due);
+                        deadline.as_mut().reset(tokio::time::Instant::now() + left);
                     }
                     return Poll::Pending;
                 }

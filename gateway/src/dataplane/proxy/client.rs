@@ -51,11 +51,14 @@ use hyper::{
 };
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::{HttpConnector, dns::Name};
-use tokio::time::Instant;
+
 use tower_service::Service;
 use tracing::debug;
 
-use crate::config::{ClientCert, Pool};
+use crate::{
+    clock::Coarse,
+    config::{ClientCert, Pool},
+};
 
 type Connector = HttpsConnector<HttpConnector<StaticResolver>>;
 type Sender = SendRequest<Full<Bytes>>;
@@ -90,7 +93,7 @@ struct Target {
 struct Conn {
     tx: Sender,
     /// Last seen in use: a request sent, or busy when a request looked.
-    used: Instant,
+    used: Coarse,
 }
 
 /// Why a request got no answer.
@@ -176,7 +179,7 @@ fn send_on_kept(
 ) -> Result<impl Future<Output = Answer> + use<>, Outgoing> {
     let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
     let conns = &mut slot[host];
-    let now = Instant::now();
+    let now = Coarse::now();
     let mut i = 0;
     while i < conns.len() {
         let c = &mut conns[i];
@@ -186,7 +189,7 @@ fn send_on_kept(
             // Busy (an answer still being read): in use, not idle.
             c.used = now;
             i += 1;
-        } else if now.duration_since(c.used) > IDLE_TIMEOUT {
+        } else if now.since(c.used) > IDLE_TIMEOUT {
             conns.swap_remove(i);
         } else {
             c.used = now;
@@ -204,7 +207,7 @@ fn keep(slot: &Mutex<Vec<Vec<Conn>>>, host: usize, tx: Sender) {
     if conns.len() < CONNS_PER_HOST {
         conns.push(Conn {
             tx,
-            used: Instant::now(),
+            used: Coarse::now(),
         });
     }
 }

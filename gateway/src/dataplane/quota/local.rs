@@ -18,11 +18,11 @@ use std::{
     collections::HashMap,
     hash::{BuildHasher, RandomState},
     sync::{Arc, Mutex, MutexGuard},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use super::{Ask, BoxFuture, Charge, QuotaBackend, Refusal, Reservation, Subject, SubjectKind};
-use crate::config::Quota;
+use crate::{clock::Coarse, config::Quota};
 
 const SECONDS: usize = 60;
 const SHARDS: usize = 32;
@@ -143,7 +143,7 @@ struct Shard {
 
 /// The in-process backend (see the module docs).
 pub struct Local {
-    epoch: Instant,
+    epoch: Coarse,
     hasher: RandomState,
     shards: Box<[Mutex<Shard>]>,
 }
@@ -151,7 +151,7 @@ pub struct Local {
 impl Default for Local {
     fn default() -> Self {
         Self {
-            epoch: Instant::now(),
+            epoch: Coarse::now(),
             hasher: RandomState::new(),
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
         }
@@ -276,7 +276,7 @@ impl QuotaBackend for Local {
 
 /// A request's charges in this process: its subjects' counters and the second it was charged.
 struct Held {
-    epoch: Instant,
+    epoch: Coarse,
     counters: Vec<Counter>,
     at: u64,
     tokens: u64,
