@@ -6,8 +6,9 @@
 //!   the same one, and a client's own salt never reaches the upstream;
 //! - answers say no more than they must: an upstream refusal keeps its status, not its words;
 //!   `model` is the public name in JSON answers and in every stream event;
-//! - slow clients cannot hold a connection: a head or a body that trickles in, and a kept-alive
-//!   connection left idle, are cut off at the `[server]` timeouts.
+//! - slow clients cannot hold a connection: a head or a body that trickles in, a kept-alive
+//!   connection left idle, and a client that stops reading its answer are cut off at the
+//!   `[server]` timeouts.
 
 use moat_tests::{Daemon, Events, Sim};
 use serde_json::{Value, json};
@@ -367,4 +368,58 @@ async fn slow_clients_are_cut_off() {
         Some("[DONE]"),
         "{events:?}"
     );
+}
+
+/// A client that asks for a long stream and reads none of it: once every buffer between the
+/// gateway and it is full, the gateway's writes block, and `server.send_timeout_ms` later the
+/// connection is closed and the upstream request cancelled (without the timeout it would be
+/// held, and the inference slot with it, for as long as the client likes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off() {
+    use std::io::Write;
+    // 300,000 events, ~50 MB: far more than the sockets on the way can buffer.
+    let sim = Sim::start(&["--chunks", "300000"]);
+    let moat = Daemon::gateway(
+        "send_timeout_ms = 400\n",
+        &format!(
+            "[pools.gpu]\nhosts = [\"{}\"]\nhealth_interval_ms = 100\n\n\
+             [models.chat]\npool = \"gpu\"\nmax_tokens = 300000\n",
+            sim.addr
+        ),
+        &[],
+    );
+    moat.wait_pools_ready().await;
+    let mut body = chat("hi");
+    body["stream"] = json!(true);
+    body["max_tokens"] = json!(300000);
+    let body = serde_json::to_vec(&body).unwrap();
+    let mut c = std::net::TcpStream::connect(moat.addr()).unwrap();
+    write!(
+        c,
+        "POST {CHAT} HTTP/1.1\r\nHost: moat\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        moat.key(),
+        body.len()
+    )
+    .unwrap();
+    c.write_all(&body).unwrap();
+    // Reads nothing from here on, and keeps the connection open.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let stats = sim.stats().await;
+        if stats["cancelled"] == 1 && stats["in_flight"] == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upstream request is still held: {stats}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        sim.stats().await["completed"],
+        0,
+        "the stream was not read to its end"
+    );
+    drop(c);
 }

@@ -78,6 +78,9 @@ pub struct ServerConfig {
     pub header_timeout_ms: u64,
     /// A request's whole body must arrive within this after its head (408 otherwise).
     pub body_timeout_ms: u64,
+    /// A connection whose client reads nothing of its answer for this long is closed (and
+    /// the upstream request behind it cancelled).
+    pub send_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -89,6 +92,7 @@ impl Default for ServerConfig {
             max_body_bytes: 1024 * 1024,
             header_timeout_ms: 30_000,
             body_timeout_ms: 60_000,
+            send_timeout_ms: 60_000,
         }
     }
 }

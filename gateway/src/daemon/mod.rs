@@ -8,6 +8,7 @@ pub mod inference_host;
 pub mod listen;
 pub mod privdrop;
 pub mod seccomp;
+pub mod send_timeout;
 pub mod serve;
 pub mod supervisor;
 pub mod worker;

@@ -46,7 +46,7 @@ use crate::{
         self, ENV_ADMIN_FD, ENV_AUDIT_FD, ENV_CONTROL_FD, ENV_LISTEN_FD, ENV_SUPERVISOR_PID,
         FromWorker, ToWorker,
     },
-    daemon::{listen, privdrop, seccomp},
+    daemon::{listen, privdrop, seccomp, send_timeout::SendTimeout},
     dataplane::app,
     dataplane::proxy,
     dataplane::quota::Quotas,
@@ -329,8 +329,10 @@ async fn next_config(
 ///
 /// HTTP/1.1 (and HTTP/2 with prior knowledge) over hyper's connection API: a request's head
 /// must arrive within `server.header_timeout_ms`, which also closes a kept-alive connection
-/// left without a new request that long (the config current when the connection is
-/// accepted decides). The body's deadline is step 2's (`dataplane::body_limit`).
+/// left without a new request that long, and a client that stops reading its answer is cut
+/// off after `server.send_timeout_ms` ([`SendTimeout`]); the config current when the
+/// connection is accepted decides both. The body's deadline is step 2's
+/// (`dataplane::body_limit`).
 pub async fn serve(
     listener: TcpListener,
     current: Arc<ArcSwap<Serving>>,
@@ -352,8 +354,14 @@ pub async fn serve(
         // TCP_NODELAY: stream chunks are small writes; Nagle would hold each one back until
         // the previous was acknowledged (up to 40 ms with delayed ACKs).
         let _ = tcp.set_nodelay(true);
-        let header_timeout =
-            Duration::from_millis(current.load().state.config.server().header_timeout_ms);
+        let (header_timeout, send_timeout) = {
+            let server = current.load();
+            let server = server.state.config.server();
+            (
+                Duration::from_millis(server.header_timeout_ms),
+                Duration::from_millis(server.send_timeout_ms),
+            )
+        };
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -364,7 +372,7 @@ pub async fn serve(
             peer,
         };
         let conn = builder
-            .serve_connection(TokioIo::new(tcp), service)
+            .serve_connection(TokioIo::new(SendTimeout::new(tcp, send_timeout)), service)
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {

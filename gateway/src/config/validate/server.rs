@@ -10,6 +10,7 @@ pub(in crate::config) fn server(server: &ServerConfig) -> Result<(), Invalid> {
     for (key, ms) in [
         ("server.header_timeout_ms", server.header_timeout_ms),
         ("server.body_timeout_ms", server.body_timeout_ms),
+        ("server.send_timeout_ms", server.send_timeout_ms),
     ] {
         if !(1..=3_600_000).contains(&ms) {
             return Err(Invalid::new(key, "must be between 1 and 3600000 (an hour)"));
@@ -64,7 +65,7 @@ mod tests {
         assert!(e.reason.contains("nobody"), "{e}");
         let e = load("[server]\nmax_body_bytes = 0\n").unwrap_err();
         assert_eq!(e.key, "server.max_body_bytes");
-        for key in ["header_timeout_ms", "body_timeout_ms"] {
+        for key in ["header_timeout_ms", "body_timeout_ms", "send_timeout_ms"] {
             let e = load(&format!("[server]\n{key} = 0\n")).unwrap_err();
             assert_eq!(e.key, format!("server.{key}"));
             let e = load(&format!("[server]\n{key} = 3600001\n")).unwrap_err();
