@@ -8,7 +8,7 @@
 //!   `model` is the public name in JSON answers and in every stream event;
 //! - slow clients cannot hold a connection: a head or a body that trickles in, a kept-alive
 //!   connection left idle, and a client that stops reading its answer are cut off at the
-//!   `[server]` timeouts.
+//!   `[server]` timeouts, on the admin plane too.
 
 use moat_tests::{Daemon, Events, Sim};
 use serde_json::{Value, json};
@@ -312,7 +312,8 @@ async fn slow_clients_are_cut_off() {
     let moat = Daemon::gateway(
         "header_timeout_ms = 400\nbody_timeout_ms = 400\n",
         &format!(
-            "[pools.gpu]\nhosts = [\"{}\"]\nhealth_interval_ms = 100\n\n[models.chat]\npool = \"gpu\"\n",
+            "[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+             [pools.gpu]\nhosts = [\"{}\"]\nhealth_interval_ms = 100\n\n[models.chat]\npool = \"gpu\"\n",
             sim.addr
         ),
         &[],
@@ -354,6 +355,27 @@ async fn slow_clients_are_cut_off() {
     let v: Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {json}"));
     assert_eq!(v["error"]["code"], "request_timeout", "{v}");
     assert_eq!(sim.requests().await, before);
+
+    // The admin plane has the same deadlines (loopback only, but a local process must not
+    // hold it either), and answers a whole request as before.
+    let mut c = std::net::TcpStream::connect(moat.admin_addr()).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: moat\r\n")
+        .unwrap();
+    let (got, took) = until_closed(&mut c, limit);
+    assert!(got.is_empty() || got.starts_with("HTTP/1.1 408"), "{got}");
+    assert!(took >= std::time::Duration::from_millis(300), "{took:?}");
+    let mut c = std::net::TcpStream::connect(moat.admin_addr()).unwrap();
+    write!(
+        c,
+        "GET /metrics HTTP/1.1\r\nHost: moat\r\nAuthorization: Bearer {}\r\n\r\n",
+        moat.key()
+    )
+    .unwrap();
+    let (got, _) = until_closed(&mut c, limit);
+    assert!(
+        got.starts_with("HTTP/1.1 ") && !got.starts_with("HTTP/1.1 408"),
+        "{got}"
+    );
 
     // A client that keeps up is served as before, a stream longer than the timeouts too.
     let (status, _, v) = moat.post_json(CHAT, &chat("hi"), &[]).await;

@@ -30,6 +30,7 @@ use hyper::body::Incoming;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::{conn::auto, graceful::GracefulShutdown},
+    service::TowerToHyperService,
 };
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
@@ -47,10 +48,10 @@ use crate::{
         FromWorker, ToWorker,
     },
     daemon::{listen, privdrop, seccomp, send_timeout::SendTimeout},
-    dataplane::app,
     dataplane::proxy,
     dataplane::quota::Quotas,
     dataplane::state::{AppState, SharedState},
+    dataplane::{app, body_limit},
     metrics::KernelCounters,
 };
 
@@ -200,16 +201,18 @@ pub fn run() -> Result<()> {
             let a = TcpListener::from_std(a)?;
             info!(listen = %a.local_addr()?, "admin plane listening");
             let cur = current.clone();
+            let server = current.load().state.config.server().clone();
             let router = crate::admin::router(
                 Arc::new(move || cur.load().state.clone()),
                 shared.identity.clone(),
                 shared.kernel.clone(),
-            );
-            tokio::spawn(async move {
-                if let Err(e) = axum::serve(a, router).await {
-                    error!(error = %e, "admin plane stopped");
-                }
-            });
+            )
+            // The data plane's body cap and deadline (those of the config at start).
+            .layer(body_limit::Layer::new(
+                server.max_body_bytes,
+                Duration::from_millis(server.body_timeout_ms),
+            ));
+            tokio::spawn(serve_admin(a, router, current.clone()));
         }
 
         let reloads = current.clone();
@@ -327,17 +330,75 @@ async fn next_config(
 /// Serves `current` (swappable) on `listener` until `until` completes, then lets the open
 /// requests finish.
 ///
-/// HTTP/1.1 (and HTTP/2 with prior knowledge) over hyper's connection API: a request's head
-/// must arrive within `server.header_timeout_ms`, which also closes a kept-alive connection
-/// left without a new request that long, and a client that stops reading its answer is cut
-/// off after `server.send_timeout_ms` ([`SendTimeout`]); the config current when the
-/// connection is accepted decides both. The body's deadline is step 2's
+/// HTTP/1.1 (and HTTP/2 with prior knowledge) over hyper's connection API, with the
+/// connection timeouts of [`accept_loop`]. The body's deadline is step 2's
 /// (`dataplane::body_limit`).
 pub async fn serve(
     listener: TcpListener,
     current: Arc<ArcSwap<Serving>>,
     until: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    let timeouts = current.clone();
+    accept_loop(listener, until, move |peer| {
+        (
+            Timeouts::of(&timeouts),
+            Connection {
+                current: current.clone(),
+                peer,
+            },
+        )
+    })
+    .await
+}
+
+/// Serves the admin plane's `router` on `listener`, with the data plane's connection timeouts
+/// (`current`'s), until the process ends. Loopback only, but a local process that trickles a
+/// request or stops reading must not hold it either.
+async fn serve_admin(listener: TcpListener, router: Router, current: Arc<ArcSwap<Serving>>) {
+    let router = TowerToHyperService::new(router);
+    let _ = accept_loop(listener, std::future::pending(), move |_| {
+        (Timeouts::of(&current), router.clone())
+    })
+    .await;
+}
+
+/// A connection's deadlines, from the `[server]` config current when it is accepted.
+struct Timeouts {
+    header: Duration,
+    send: Duration,
+}
+
+impl Timeouts {
+    fn of(current: &ArcSwap<Serving>) -> Self {
+        let serving = current.load();
+        let server = serving.state.config.server();
+        Timeouts {
+            header: Duration::from_millis(server.header_timeout_ms),
+            send: Duration::from_millis(server.send_timeout_ms),
+        }
+    }
+}
+
+/// Accepts connections on `listener` until `until` completes, each served by the service
+/// `connection` makes for its peer, then lets the open requests finish.
+///
+/// A request's head must arrive within `server.header_timeout_ms`, which also closes a
+/// kept-alive connection left without a new request that long, and a client that stops
+/// reading its answer is cut off after `server.send_timeout_ms` ([`SendTimeout`]).
+async fn accept_loop<S>(
+    listener: TcpListener,
+    until: impl Future<Output = ()> + Send + 'static,
+    mut connection: impl FnMut(std::net::SocketAddr) -> (Timeouts, S),
+) -> Result<()>
+where
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = axum::response::Response,
+            Error = Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     let graceful = GracefulShutdown::new();
     let mut until = std::pin::pin!(until);
     loop {
@@ -354,25 +415,14 @@ pub async fn serve(
         // TCP_NODELAY: stream chunks are small writes; Nagle would hold each one back until
         // the previous was acknowledged (up to 40 ms with delayed ACKs).
         let _ = tcp.set_nodelay(true);
-        let (header_timeout, send_timeout) = {
-            let server = current.load();
-            let server = server.state.config.server();
-            (
-                Duration::from_millis(server.header_timeout_ms),
-                Duration::from_millis(server.send_timeout_ms),
-            )
-        };
+        let (timeouts, service) = connection(peer);
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(header_timeout);
-        let service = Connection {
-            current: current.clone(),
-            peer,
-        };
+            .header_read_timeout(timeouts.header);
         let conn = builder
-            .serve_connection(TokioIo::new(SendTimeout::new(tcp, send_timeout)), service)
+            .serve_connection(TokioIo::new(SendTimeout::new(tcp, timeouts.send)), service)
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
