@@ -1,5 +1,6 @@
-//! The data plane's send timeout: a client connection whose writes make no progress for
-//! `server.send_timeout_ms` fails, so hyper closes it (nginx's `send_timeout`).
+//! The send timeout of the data plane's (and the admin plane's) connections: a connection
+//! whose writes make no progress for `server.send_timeout_ms` fails, so hyper closes it
+//! (nginx's `send_timeout`).
 //!
 //! Without it, a client that sends a request and stops reading holds its connection, and
 //! through backpressure the upstream answer behind it, for as long as it likes: a few

@@ -51,7 +51,6 @@ use hyper::{
 };
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::{HttpConnector, dns::Name};
-
 use tower_service::Service;
 use tracing::debug;
 
