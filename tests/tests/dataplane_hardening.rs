@@ -8,7 +8,8 @@
 //!   `model` is the public name in JSON answers and in every stream event;
 //! - slow clients cannot hold a connection: a head or a body that trickles in, a kept-alive
 //!   connection left idle, and a client that stops reading its answer are cut off at the
-//!   `[server]` timeouts, on the admin plane too.
+//!   `[server]` timeouts, on the admin plane too;
+//! - HTTP/1.1 only: an HTTP/2 preface is refused.
 
 use moat_tests::{Daemon, Events, Sim};
 use serde_json::{Value, json};
@@ -354,6 +355,20 @@ async fn slow_clients_are_cut_off() {
     let json = &got[got.find("\r\n\r\n").unwrap() + 4..];
     let v: Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {json}"));
     assert_eq!(v["error"]["code"], "request_timeout", "{v}");
+    assert_eq!(sim.requests().await, before);
+
+    // HTTP/1.1 only: an HTTP/2 prior-knowledge preface is closed at once (or answered with an
+    // HTTP/1.1 error; either way an h2 client gets no SETTINGS frame), and nothing reaches the
+    // upstream.
+    let before = sim.requests().await;
+    let mut c = connect();
+    c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    let (got, took) = until_closed(&mut c, limit);
+    assert!(
+        got.is_empty() || got.starts_with("HTTP/1.1 4") || got.starts_with("HTTP/1.1 5"),
+        "{got:?}"
+    );
+    assert!(took < std::time::Duration::from_millis(300), "{took:?}");
     assert_eq!(sim.requests().await, before);
 
     // The admin plane has the same deadlines (loopback only, but a local process must not

@@ -26,10 +26,10 @@ use std::{
 use anyhow::{Context, Result, bail};
 use arc_swap::ArcSwap;
 use axum::{Router, body::Body, extract::ConnectInfo, http::Request, routing::future::RouteFuture};
-use hyper::body::Incoming;
+use hyper::{body::Incoming, server::conn::http1};
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
     service::TowerToHyperService,
 };
 use tokio::{
@@ -330,8 +330,10 @@ async fn next_config(
 /// Serves `current` (swappable) on `listener` until `until` completes, then lets the open
 /// requests finish.
 ///
-/// HTTP/1.1 (and HTTP/2 with prior knowledge) over hyper's connection API, with the
-/// connection timeouts of [`accept_loop`]. The body's deadline is step 2's
+/// HTTP/1.1 over hyper's connection API, with the connection timeouts of [`accept_loop`].
+/// Not HTTP/2: no OpenAI SDK or inference server speaks cleartext h2, and its flow control
+/// would let a client hold a stream, and the upstream request behind it, without ever
+/// blocking a socket write ([`SendTimeout`] would not see it). The body's deadline is step 2's
 /// (`dataplane::body_limit`).
 pub async fn serve(
     listener: TcpListener,
@@ -416,14 +418,10 @@ where
         // the previous was acknowledged (up to 40 ms with delayed ACKs).
         let _ = tcp.set_nodelay(true);
         let (timeouts, service) = connection(peer);
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
+        let conn = http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(timeouts.header);
-        let conn = builder
-            .serve_connection(TokioIo::new(SendTimeout::new(tcp, timeouts.send)), service)
-            .into_owned();
+            .header_read_timeout(timeouts.header)
+            .serve_connection(TokioIo::new(SendTimeout::new(tcp, timeouts.send)), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
