@@ -18,8 +18,13 @@ const CHAT: &str = "/v1/chat/completions";
 
 /// One pool over `sim`, model `chat` (upstream id `org/chat-upstream`); `extra` is appended.
 async fn start(sim: &Sim, extra: &str) -> Daemon {
+    start_with(sim, "", extra).await
+}
+
+/// [`start`] with `server` as the `[server]` section's extra keys.
+async fn start_with(sim: &Sim, server: &str, extra: &str) -> Daemon {
     let moat = Daemon::gateway(
-        "",
+        server,
         &format!(
             "[pools.gpu]\nhosts = [\"{}\"]\nhealth_interval_ms = 100\n\n\
              [models.chat]\npool = \"gpu\"\nupstream_model = \"org/chat-upstream\"\n\n{extra}\n",
@@ -310,16 +315,12 @@ async fn slow_clients_are_cut_off() {
     use std::io::Write;
     // 8 tokens at 8 a second: a stream of about a second, longer than either timeout.
     let sim = Sim::start(&["--tokens-per-sec", "8"]);
-    let moat = Daemon::gateway(
+    let moat = start_with(
+        &sim,
         "header_timeout_ms = 400\nbody_timeout_ms = 400\n",
-        &format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\n\n\
-             [pools.gpu]\nhosts = [\"{}\"]\nhealth_interval_ms = 100\n\n[models.chat]\npool = \"gpu\"\n",
-            sim.addr
-        ),
-        &[],
-    );
-    moat.wait_pools_ready().await;
+        "[admin]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .await;
     let limit = std::time::Duration::from_secs(5);
     let connect = || std::net::TcpStream::connect(moat.addr()).unwrap();
 
@@ -416,16 +417,8 @@ async fn a_client_that_stops_reading_is_cut_off() {
     use std::io::Write;
     // 300,000 events, ~50 MB: far more than the sockets on the way can buffer.
     let sim = Sim::start(&["--chunks", "300000"]);
-    let moat = Daemon::gateway(
-        "send_timeout_ms = 400\n",
-        &format!(
-            "[pools.gpu]\nhosts = [\"{}\"]\nhealth_interval_ms = 100\n\n\
-             [models.chat]\npool = \"gpu\"\nmax_tokens = 300000\n",
-            sim.addr
-        ),
-        &[],
-    );
-    moat.wait_pools_ready().await;
+    // `max_tokens` lands in `[models.chat]`, the table `start` ends with.
+    let moat = start_with(&sim, "send_timeout_ms = 400\n", "max_tokens = 300000").await;
     let mut body = chat("hi");
     body["stream"] = json!(true);
     body["max_tokens"] = json!(300000);

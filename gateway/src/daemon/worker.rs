@@ -201,17 +201,21 @@ pub fn run() -> Result<()> {
             let a = TcpListener::from_std(a)?;
             info!(listen = %a.local_addr()?, "admin plane listening");
             let cur = current.clone();
-            let server = current.load().state.config.server().clone();
+            // The data plane's body cap and deadline (those of the config at start).
+            let body_limit = {
+                let serving = current.load();
+                let server = serving.state.config.server();
+                body_limit::Layer::new(
+                    server.max_body_bytes,
+                    Duration::from_millis(server.body_timeout_ms),
+                )
+            };
             let router = crate::admin::router(
                 Arc::new(move || cur.load().state.clone()),
                 shared.identity.clone(),
                 shared.kernel.clone(),
             )
-            // The data plane's body cap and deadline (those of the config at start).
-            .layer(body_limit::Layer::new(
-                server.max_body_bytes,
-                Duration::from_millis(server.body_timeout_ms),
-            ));
+            .layer(body_limit);
             tokio::spawn(serve_admin(a, router, current.clone()));
         }
 
